@@ -1,0 +1,66 @@
+//! Time as a dependency: the only module that reads the wall clock or sleeps.
+//!
+//! Everything else receives a [`Clock`], so tests run on [`FakeClock`] and never wait.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+
+/// A source of "now" and a way to wait.
+pub trait Clock: Send + Sync {
+    fn now(&self) -> DateTime<Utc>;
+    /// Sleeps for at most `duration`; callers re-read [`Clock::now`] after every wake-up.
+    fn sleep(&self, duration: Duration);
+}
+
+/// The real wall clock.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SystemClock;
+
+impl Clock for SystemClock {
+    #[allow(clippy::disallowed_methods)] // the one sanctioned place
+    fn now(&self) -> DateTime<Utc> {
+        Utc::now()
+    }
+
+    #[allow(clippy::disallowed_methods)] // the one sanctioned place
+    fn sleep(&self, duration: Duration) {
+        std::thread::sleep(duration);
+    }
+}
+
+/// A clock that only moves when told to (or when someone sleeps on it).
+#[derive(Debug, Clone)]
+pub struct FakeClock {
+    now: Arc<Mutex<DateTime<Utc>>>,
+}
+
+impl FakeClock {
+    #[must_use]
+    pub fn new(start: DateTime<Utc>) -> Self {
+        Self {
+            now: Arc::new(Mutex::new(start)),
+        }
+    }
+
+    /// Moves time by `delta` (negative deltas model a clock stepped backwards).
+    pub fn advance(&self, delta: chrono::Duration) {
+        let mut now = self.now.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        *now += delta;
+    }
+
+    pub fn set(&self, to: DateTime<Utc>) {
+        *self.now.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = to;
+    }
+}
+
+impl Clock for FakeClock {
+    fn now(&self) -> DateTime<Utc> {
+        *self.now.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn sleep(&self, duration: Duration) {
+        self.advance(chrono::Duration::from_std(duration).unwrap_or(chrono::Duration::MAX));
+    }
+}

@@ -1,0 +1,1 @@
+//! `virtplan.toml`: defaults shared by a repository's plans.

@@ -1,0 +1,1 @@
+//! Reading and editing the domain XML `<clock>` element with an XML library.

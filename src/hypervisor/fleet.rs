@@ -1,0 +1,1 @@
+//! Generated test-driver node XML fleets, for fast tests and benchmarks.

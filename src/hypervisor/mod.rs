@@ -1,0 +1,123 @@
+//! The hypervisor boundary: a trait the planner and executor use, its libvirt implementation
+//! (the only code that touches the `virt` crate), domain-XML editing, and test-driver fleets.
+
+pub mod domain_xml;
+pub mod fleet;
+pub mod libvirt;
+
+use std::time::Duration;
+
+use crate::state::{DomainState, Kib};
+
+/// A domain as resolved from a plan's `vm:` entry: its real name and UUID.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct DomainId {
+    pub name: String,
+    pub uuid: String,
+}
+
+/// How libvirt failed, classified by its error code so callers can decide to retry or fail.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorKind {
+    /// No such domain (`VIR_ERR_NO_DOMAIN`).
+    NotFound,
+    /// The operation is not valid in the domain's current state (`VIR_ERR_OPERATION_INVALID`).
+    OperationInvalid,
+    /// A bad argument (`VIR_ERR_INVALID_ARG`): retrying cannot help.
+    InvalidArgument,
+    /// The connection broke, an RPC failed or timed out: reconnect and retry.
+    Transient,
+    /// The hypervisor does not support this operation.
+    Unsupported,
+    /// Anything else.
+    Other,
+}
+
+/// A libvirt failure with its classification and libvirt's own message.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{message}")]
+pub struct HvError {
+    pub kind: ErrorKind,
+    pub message: String,
+}
+
+impl HvError {
+    pub fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
+        Self {
+            kind,
+            message: message.into(),
+        }
+    }
+}
+
+pub type HvResult<T> = Result<T, HvError>;
+
+/// Which parts of a domain's definition a change touches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Scope {
+    /// The running domain (hotplug / balloon).
+    pub live: bool,
+    /// The persistent definition.
+    pub config: bool,
+}
+
+impl Scope {
+    pub const CONFIG: Self = Self {
+        live: false,
+        config: true,
+    };
+    pub const BOTH: Self = Self {
+        live: true,
+        config: true,
+    };
+}
+
+/// One connection to one hypervisor. Every call is synchronous; implementations must be
+/// usable from several threads (the executor runs domains concurrently).
+pub trait Hypervisor: Send + Sync {
+    /// The URI this connection was opened with.
+    fn uri(&self) -> &str;
+
+    /// Resolves a plan's `vm:` value, a domain name or a UUID string.
+    fn resolve(&self, name_or_uuid: &str) -> HvResult<DomainId>;
+
+    /// Reads one domain's state; `with_clock` also reads and parses the persistent XML.
+    fn observe(&self, uuid: &str, with_clock: bool) -> HvResult<DomainState>;
+
+    /// Reads several domains at once; implementations may use one bulk call.
+    fn observe_many(&self, uuids: &[String], with_clock: bool) -> HvResult<Vec<DomainState>> {
+        uuids.iter().map(|u| self.observe(u, with_clock)).collect()
+    }
+
+    /// The domain XML: `inactive` selects the persistent definition (what the next boot uses).
+    fn domain_xml(&self, uuid: &str, inactive: bool) -> HvResult<String>;
+
+    /// Number of physical CPUs on the host.
+    fn host_cpus(&self) -> HvResult<u32>;
+
+    /// Names of the domain's snapshots.
+    fn snapshot_names(&self, uuid: &str) -> HvResult<Vec<String>>;
+
+    fn start(&self, uuid: &str) -> HvResult<()>;
+    /// Asks the guest to shut down (ACPI); returns at once.
+    fn shutdown(&self, uuid: &str) -> HvResult<()>;
+    /// Pulls the plug.
+    fn destroy(&self, uuid: &str) -> HvResult<()>;
+    fn suspend(&self, uuid: &str) -> HvResult<()>;
+    fn resume(&self, uuid: &str) -> HvResult<()>;
+    fn set_memory(&self, uuid: &str, memory: Kib, scope: Scope) -> HvResult<()>;
+    /// Raises or lowers the maximum memory of the persistent definition.
+    fn set_max_memory(&self, uuid: &str, max: Kib) -> HvResult<()>;
+    fn set_vcpus(&self, uuid: &str, vcpus: u32, scope: Scope) -> HvResult<()>;
+    /// Sets the vCPU maximum of the persistent definition.
+    fn set_max_vcpus(&self, uuid: &str, max: u32) -> HvResult<()>;
+    /// Replaces the persistent definition (used for clock edits).
+    fn define_xml(&self, xml: &str) -> HvResult<()>;
+    fn set_autostart(&self, uuid: &str, on: bool) -> HvResult<()>;
+    fn set_title(&self, uuid: &str, title: &str) -> HvResult<()>;
+    fn set_description(&self, uuid: &str, description: &str) -> HvResult<()>;
+    fn create_snapshot(&self, uuid: &str, name: &str, description: Option<&str>) -> HvResult<()>;
+}
+
+/// How long a graceful shutdown may take before the executor decides what to do next.
+pub const DEFAULT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(120);

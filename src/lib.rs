@@ -1,0 +1,65 @@
+//! virtplan applies code-reviewed, scheduled changes to libvirt virtual machines.
+//!
+//! Data flows one way:
+//! plan file ([`plan_file`]) -> validated [`plan_file::PlanFile`] -> observed [`state`] read through a
+//! [`hypervisor::Hypervisor`] -> a [`planner::Plan`] value -> [`render`]ed for humans and machines,
+//! or executed by [`executor`], which records progress in a [`lockfile`].
+//!
+//! [`cli`] is the only module that knows about clap; [`commands`] are thin wrappers, one per
+//! subcommand; [`clock`] is the only place that reads the wall clock or sleeps.
+
+pub mod cli;
+pub mod clock;
+pub mod commands;
+pub mod config;
+pub mod hypervisor;
+pub mod plan_file;
+pub mod printer;
+pub mod state;
+
+use std::ffi::OsString;
+
+/// The process outcome, mapped to the exit codes of the product contract.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExitStatus {
+    /// 0: success (and, with `--detailed-exitcode`, no changes).
+    Success,
+    /// 1: bad input, libvirt unreachable, lock held, refused drift.
+    Error,
+    /// 2: `plan --detailed-exitcode` found changes.
+    Changes,
+    /// 3: `apply` ended with failed or missed steps.
+    StepsFailed,
+}
+
+impl ExitStatus {
+    #[must_use]
+    pub fn code(self) -> i32 {
+        match self {
+            Self::Success => 0,
+            Self::Error => 1,
+            Self::Changes => 2,
+            Self::StepsFailed => 3,
+        }
+    }
+}
+
+/// Parses the command line, runs the command, prints any error, and returns the exit status.
+pub fn run<I, T>(args: I) -> ExitStatus
+where
+    I: IntoIterator<Item = T>,
+    T: Into<OsString> + Clone,
+{
+    let cli = match cli::parse(args) {
+        Ok(cli) => cli,
+        Err(status) => return status,
+    };
+    let printer = printer::Printer::new(cli.color);
+    match commands::dispatch(cli, &printer) {
+        Ok(status) => status,
+        Err(err) => {
+            printer.error(&format!("{err:#}"));
+            ExitStatus::Error
+        }
+    }
+}
