@@ -1,1 +1,218 @@
-//! `virtplan.toml`: defaults shared by a repository's plans.
+//! `virtplan.toml`: defaults shared by a repository's plans (connection, named hosts, zone,
+//! grace, shutdown policy, parallelism), found beside the plan or in a parent folder.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use chrono_tz::Tz;
+use serde::Deserialize;
+
+use crate::plan_file::diag::{did_you_mean, Diagnostic, Diagnostics, Pos};
+use crate::plan_file::time::parse_zone;
+use crate::plan_file::units::parse_duration;
+use crate::plan_file::{ShutdownMode, ShutdownPolicy};
+
+/// The configuration file's name.
+pub const FILE_NAME: &str = "virtplan.toml";
+
+/// Default number of domains changed at the same time.
+pub const DEFAULT_PARALLELISM: usize = 8;
+
+/// Checked configuration. `Default` is what applies with no file.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    /// Where it was read from.
+    pub path: Option<PathBuf>,
+    pub connection: Option<String>,
+    pub hosts: BTreeMap<String, String>,
+    pub timezone: Option<Tz>,
+    pub grace: Option<Duration>,
+    pub shutdown: ShutdownPolicy,
+    pub parallelism: usize,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            path: None,
+            connection: None,
+            hosts: BTreeMap::new(),
+            timezone: None,
+            grace: None,
+            shutdown: ShutdownPolicy::default(),
+            parallelism: DEFAULT_PARALLELISM,
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    connection: Option<String>,
+    #[serde(default)]
+    hosts: BTreeMap<String, String>,
+    timezone: Option<toml::Spanned<String>>,
+    grace: Option<toml::Spanned<String>>,
+    shutdown: Option<RawShutdown>,
+    parallelism: Option<toml::Spanned<i64>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawShutdown {
+    mode: Option<toml::Spanned<String>>,
+    timeout: Option<toml::Spanned<String>>,
+    force_after_timeout: Option<bool>,
+}
+
+const KEYS: &[&str] = &[
+    "connection",
+    "hosts",
+    "timezone",
+    "grace",
+    "shutdown",
+    "parallelism",
+];
+
+/// Finds the configuration for a plan: `explicit` if given, else the nearest `virtplan.toml` in
+/// the plan's folder or its parents, else the user's config folder, else defaults.
+///
+/// # Errors
+/// A located diagnostic when the file found cannot be read or is invalid.
+pub fn discover(explicit: Option<&Path>, plan: Option<&Path>) -> Result<Config, Diagnostics> {
+    if let Some(path) = explicit {
+        return load(path);
+    }
+    let start = plan
+        .and_then(|p| std::path::absolute(p).ok())
+        .and_then(|p| p.parent().map(Path::to_path_buf));
+    let nearest = start
+        .iter()
+        .flat_map(|dir| dir.ancestors())
+        .map(|dir| dir.join(FILE_NAME))
+        .find(|candidate| candidate.is_file());
+    let user = std::env::var_os("XDG_CONFIG_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".config")))
+        .map(|dir| dir.join("virtplan").join(FILE_NAME))
+        .filter(|p| p.is_file());
+    nearest
+        .or(user)
+        .map_or_else(|| Ok(Config::default()), |p| load(&p))
+}
+
+/// Reads and checks one configuration file.
+///
+/// # Errors
+/// A located diagnostic for unreadable files, TOML errors, unknown keys and bad values.
+pub fn load(path: &Path) -> Result<Config, Diagnostics> {
+    let fail = |text: Option<String>, items: Vec<Diagnostic>| Diagnostics {
+        file: path.to_path_buf(),
+        text,
+        items,
+    };
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        fail(
+            None,
+            vec![Diagnostic::new(
+                path,
+                Pos::new(1, 1),
+                format!("cannot read the configuration: {e}"),
+            )
+            .with_help("check the path given to --config")],
+        )
+    })?;
+    let at = |span: std::ops::Range<usize>| Pos::of_offset(&text, span.start);
+    let raw: RawConfig = toml::from_str(&text).map_err(|e| {
+        let pos = e.span().map_or(Pos::new(1, 1), at);
+        let message = e.message().trim().to_owned();
+        let help = unknown_key_help(&message);
+        fail(
+            Some(text.clone()),
+            vec![
+                Diagnostic::new(path, pos, format!("invalid virtplan.toml: {message}"))
+                    .with_help(help),
+            ],
+        )
+    })?;
+    let mut diags = Vec::new();
+    let mut config = Config {
+        path: Some(path.to_path_buf()),
+        connection: raw.connection,
+        hosts: raw.hosts,
+        ..Config::default()
+    };
+    if let Some(tz) = raw.timezone {
+        match parse_zone(tz.get_ref()) {
+            Ok(zone) => config.timezone = Some(zone),
+            Err(e) => diags.push(Diagnostic::new(path, at(tz.span()), e.message).with_help(e.help)),
+        }
+    }
+    let duration = |value: toml::Spanned<String>, diags: &mut Vec<Diagnostic>| {
+        parse_duration(value.get_ref())
+            .map_err(|e| {
+                diags.push(Diagnostic::new(path, at(value.span()), e.message).with_help(e.help))
+            })
+            .ok()
+    };
+    if let Some(grace) = raw.grace {
+        config.grace = duration(grace, &mut diags);
+    }
+    if let Some(shutdown) = raw.shutdown {
+        if let Some(mode) = shutdown.mode {
+            match mode.get_ref().as_str() {
+                "graceful" => config.shutdown.mode = ShutdownMode::Graceful,
+                "force" => config.shutdown.mode = ShutdownMode::Force,
+                other => diags.push(
+                    Diagnostic::new(
+                        path,
+                        at(mode.span()),
+                        format!("shutdown mode must be `graceful` or `force`, found `{other}`"),
+                    )
+                    .with_help("`graceful` asks the guest and waits; `force` destroys at once"),
+                ),
+            }
+        }
+        if let Some(timeout) = shutdown.timeout.and_then(|t| duration(t, &mut diags)) {
+            config.shutdown.timeout = timeout;
+        }
+        if let Some(force) = shutdown.force_after_timeout {
+            config.shutdown.force_after_timeout = force;
+        }
+    }
+    if let Some(p) = raw.parallelism {
+        match usize::try_from(*p.get_ref()) {
+            Ok(n) if (1..=256).contains(&n) => config.parallelism = n,
+            _ => diags.push(
+                Diagnostic::new(
+                    path,
+                    at(p.span()),
+                    format!(
+                        "parallelism must be between 1 and 256, found {}",
+                        p.get_ref()
+                    ),
+                )
+                .with_help("how many domains virtplan changes at the same time, such as 8"),
+            ),
+        }
+    }
+    if diags.is_empty() {
+        Ok(config)
+    } else {
+        Err(fail(Some(text), diags))
+    }
+}
+
+fn unknown_key_help(message: &str) -> String {
+    let unknown = message
+        .strip_prefix("unknown field `")
+        .and_then(|rest| rest.split('`').next());
+    match unknown.and_then(|word| did_you_mean(word, KEYS)) {
+        Some(close) => format!("did you mean `{close}`?"),
+        None => format!(
+            "known keys: {}; `[hosts]` maps names to libvirt URIs",
+            KEYS.join(", ")
+        ),
+    }
+}

@@ -74,7 +74,9 @@ impl Printer {
     /// Prints to stdout. A closed pipe (`virtplan plan | head`) is not an error: output stops.
     pub fn out(&self, text: &str) {
         let mut stdout = std::io::stdout().lock();
-        let _ = stdout.write_all(text.as_bytes()).and_then(|()| stdout.flush());
+        let _ = stdout
+            .write_all(text.as_bytes())
+            .and_then(|()| stdout.flush());
     }
 
     /// Prints one line to stderr.

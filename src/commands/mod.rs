@@ -1,6 +1,9 @@
 //! One thin file per subcommand, each a wrapper over a core operation.
 
-use crate::cli::Cli;
+mod schema;
+mod validate;
+
+use crate::cli::{Cli, Command};
 use crate::printer::Printer;
 use crate::ExitStatus;
 
@@ -9,6 +12,14 @@ use crate::ExitStatus;
 /// # Errors
 /// Any failure the command could not turn into an exit status of its own.
 pub fn dispatch(cli: Cli, printer: &Printer) -> anyhow::Result<ExitStatus> {
-    let _ = (cli, printer);
-    Ok(ExitStatus::Success)
+    match cli.command {
+        Command::Validate { plans } => Ok(validate::run(&plans, cli.config.as_deref(), printer)),
+        Command::Schema => Ok(schema::run(printer)),
+        Command::Plan { .. }
+        | Command::Apply { .. }
+        | Command::Status { .. }
+        | Command::Watch { .. } => {
+            anyhow::bail!("this command is not available in this build yet")
+        }
+    }
 }

@@ -1,1 +1,349 @@
-//! The YAML plan file.
+//! The YAML plan file (format version 1): its validated model, and loading with located errors.
+//!
+//! [`load`] reads a file, refuses oversized or non-text input, parses YAML with positions
+//! (`marked-yaml`, which also refuses anchors, aliases and tags, so no YAML bomb gets through),
+//! and validates every key, collecting all problems with file:line:column before giving up.
+
+pub mod diag;
+pub mod schema;
+pub mod time;
+pub mod units;
+mod validate;
+mod yaml;
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use chrono_tz::Tz;
+use serde::{Deserialize, Serialize};
+
+pub use diag::{Diagnostic, Diagnostics, Pos};
+
+use crate::config::Config;
+use crate::state::{Kib, PowerState};
+
+/// Files larger than this are refused before parsing: a plan is a page of YAML, not a data set.
+pub const MAX_PLAN_BYTES: u64 = 4 * 1024 * 1024;
+
+/// The only plan format version this build understands.
+pub const FORMAT_VERSION: u64 = 1;
+
+/// A value together with where it was written, so later stages can point at it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Located<T> {
+    pub value: T,
+    pub pos: Pos,
+}
+
+/// A validated plan file.
+#[derive(Debug, Clone)]
+pub struct PlanFile {
+    pub path: PathBuf,
+    /// SHA-256 of the file's bytes, hex.
+    pub sha256: String,
+    /// The file's text (for diffs and saved plans).
+    pub source: String,
+    pub name: String,
+    /// Resolved default libvirt URI (plan, else config); `None` when neither sets one.
+    pub connection: Option<String>,
+    pub timezone: Option<Tz>,
+    pub window: Option<Window>,
+    pub grace: Duration,
+    pub on_failure: OnFailure,
+    pub steps: Vec<Step>,
+}
+
+/// The maintenance window: every step lies in `[start, end)`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Window {
+    pub start: DateTime<Utc>,
+    pub end: DateTime<Utc>,
+}
+
+/// What happens to a domain's later steps when one of its steps fails.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum OnFailure {
+    /// Skip that domain's later steps; other domains go on.
+    #[default]
+    SkipVm,
+    /// Stop the whole plan.
+    Abort,
+}
+
+/// How a domain is powered off.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShutdownPolicy {
+    pub mode: ShutdownMode,
+    /// How long a graceful shutdown may take.
+    #[serde(with = "humantime_serde_secs")]
+    pub timeout: Duration,
+    /// Pull the plug when the guest ignores the request for `timeout`.
+    pub force_after_timeout: bool,
+}
+
+impl Default for ShutdownPolicy {
+    fn default() -> Self {
+        Self {
+            mode: ShutdownMode::Graceful,
+            timeout: Duration::from_secs(120),
+            force_after_timeout: true,
+        }
+    }
+}
+
+/// Serde helper: durations as whole seconds in saved plans and lockfiles.
+mod humantime_serde_secs {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_u64(d.as_secs())
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        u64::deserialize(d).map(Duration::from_secs)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ShutdownMode {
+    /// Ask the guest (ACPI) and wait up to the timeout.
+    Graceful,
+    /// Destroy at once.
+    Force,
+}
+
+/// The power state a step asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PowerTarget {
+    Running,
+    Shutoff,
+    Paused,
+}
+
+impl PowerTarget {
+    /// Whether `state` already satisfies this target.
+    #[must_use]
+    pub fn satisfied_by(self, state: PowerState) -> bool {
+        matches!(
+            (self, state),
+            (Self::Running, PowerState::Running)
+                | (Self::Shutoff, PowerState::Shutoff)
+                | (Self::Paused, PowerState::Paused)
+        )
+    }
+
+    #[must_use]
+    pub fn as_state(self) -> PowerState {
+        match self {
+            Self::Running => PowerState::Running,
+            Self::Shutoff => PowerState::Shutoff,
+            Self::Paused => PowerState::Paused,
+        }
+    }
+}
+
+impl fmt::Display for PowerTarget {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(&self.as_state(), f)
+    }
+}
+
+/// `<clock offset=…>`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ClockOffset {
+    Utc,
+    Localtime,
+}
+
+/// `<timer name='rtc' track=…>`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RtcTrack {
+    Boot,
+    Guest,
+    Wall,
+    Realtime,
+}
+
+impl ClockOffset {
+    #[must_use]
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Utc => "utc",
+            Self::Localtime => "localtime",
+        }
+    }
+}
+
+impl RtcTrack {
+    #[must_use]
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Boot => "boot",
+            Self::Guest => "guest",
+            Self::Wall => "wall",
+            Self::Realtime => "realtime",
+        }
+    }
+}
+
+/// The clock a step asks for; unset fields are left as they are.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct ClockTarget {
+    pub offset: Option<ClockOffset>,
+    pub track: Option<RtcTrack>,
+}
+
+/// A snapshot a step takes (idempotent by name).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct SnapshotSpec {
+    pub name: String,
+    pub description: Option<String>,
+}
+
+/// The desired state a step asks for. Unset attributes are left alone.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Attributes {
+    pub power: Option<Located<PowerTarget>>,
+    pub memory: Option<Located<Kib>>,
+    pub max_memory: Option<Located<Kib>>,
+    pub vcpus: Option<Located<u32>>,
+    pub max_vcpus: Option<Located<u32>>,
+    pub clock: Option<Located<ClockTarget>>,
+    pub autostart: Option<Located<bool>>,
+    pub title: Option<Located<String>>,
+    pub description: Option<Located<String>>,
+    pub snapshot: Option<Located<SnapshotSpec>>,
+}
+
+/// One `vm`/`vms` entry: a domain name or UUID as written.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Target {
+    pub name_or_uuid: String,
+    pub pos: Pos,
+}
+
+/// One step of the plan.
+#[derive(Debug, Clone)]
+pub struct Step {
+    /// 1-based position in the file, as users count steps.
+    pub number: usize,
+    /// Where the step's mapping starts.
+    pub pos: Pos,
+    /// When the step is due; `None` runs as soon as `apply` starts.
+    pub at: Option<Located<DateTime<Utc>>>,
+    pub targets: Vec<Target>,
+    /// Resolved libvirt URI for this step (step, plan, then config).
+    pub connection: Option<String>,
+    pub shutdown: ShutdownPolicy,
+    pub attributes: Attributes,
+}
+
+/// Defaults a plan inherits from `virtplan.toml` and that validation needs.
+#[derive(Debug, Clone, Default)]
+pub struct LoadContext {
+    pub config: Config,
+}
+
+/// Reads and validates one plan file.
+///
+/// # Errors
+/// Every problem found, each located at file:line:column with a hint.
+pub fn load(path: &Path, ctx: &LoadContext) -> Result<PlanFile, Diagnostics> {
+    let text = read_text(path)?;
+    parse(path, text, ctx)
+}
+
+/// Validates plan text as if read from `path`.
+///
+/// # Errors
+/// Every problem found, each located at file:line:column with a hint.
+pub fn parse(path: &Path, text: String, ctx: &LoadContext) -> Result<PlanFile, Diagnostics> {
+    match validate::validate(path, &text, ctx) {
+        Ok(plan) => Ok(plan),
+        Err(mut items) => {
+            items.sort_by_key(|d| d.pos);
+            Err(Diagnostics {
+                file: path.to_path_buf(),
+                text: Some(text),
+                items,
+            })
+        }
+    }
+}
+
+/// Reads a file as UTF-8 text, refusing it before parsing when it is too large or binary.
+fn read_text(path: &Path) -> Result<String, Diagnostics> {
+    let fail = |pos: Pos, message: String, help: &str| Diagnostics {
+        file: path.to_path_buf(),
+        text: None,
+        items: vec![Diagnostic::new(path, pos, message).with_help(help)],
+    };
+    let start = Pos::new(1, 1);
+    let metadata = std::fs::metadata(path).map_err(|e| {
+        fail(
+            start,
+            format!("cannot read the plan file: {e}"),
+            "check the path and that you may read it",
+        )
+    })?;
+    if metadata.is_dir() {
+        return Err(fail(
+            start,
+            "this is a folder, not a plan file".to_owned(),
+            "name a .yaml plan file (use `virtplan watch DIR` for a folder of plans)",
+        ));
+    }
+    if metadata.len() > MAX_PLAN_BYTES {
+        return Err(fail(
+            start,
+            format!(
+                "the file is {} bytes; plans are limited to {MAX_PLAN_BYTES} bytes",
+                metadata.len()
+            ),
+            "split the plan into several files",
+        ));
+    }
+    let bytes = std::fs::read(path).map_err(|e| {
+        fail(
+            start,
+            format!("cannot read the plan file: {e}"),
+            "check the path and that you may read it",
+        )
+    })?;
+    String::from_utf8(bytes).map_err(|e| {
+        let valid = e.utf8_error().valid_up_to();
+        let text = String::from_utf8_lossy(&e.as_bytes()[..valid]).into_owned();
+        Diagnostics {
+            file: path.to_path_buf(),
+            items: vec![Diagnostic::new(
+                path,
+                Pos::of_offset(&text, valid),
+                "the file is not UTF-8 text (binary data?)",
+            )
+            .with_help("a plan file is YAML text in UTF-8; check that this is the right file")],
+            text: Some(text),
+        }
+    })
+}
+
+impl Step {
+    /// A short description for messages: `step 3 (web-01, web-02)`.
+    #[must_use]
+    pub fn label(&self) -> String {
+        let names: Vec<&str> = self
+            .targets
+            .iter()
+            .map(|t| t.name_or_uuid.as_str())
+            .collect();
+        format!("step {} ({})", self.number, names.join(", "))
+    }
+}

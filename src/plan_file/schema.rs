@@ -1,0 +1,142 @@
+//! The plan file's JSON Schema, generated from these types with `schemars`.
+//!
+//! These types mirror the YAML exactly and exist for the schema (editor completion through the
+//! `yaml-language-server` modeline, and `virtplan schema`). Validation itself walks the
+//! positioned YAML tree so that it can report every problem with its line and column; a test
+//! keeps the key lists of both in step.
+
+#![allow(dead_code)] // fields are read by the schema generator only
+
+use schemars::JsonSchema;
+
+const SIZE_PATTERN: &str = r"^[0-9]+(\.[0-9]+)?\s*(B|KiB|MiB|GiB|TiB)$";
+const DURATION_PATTERN: &str = r"^[0-9]+(\.[0-9]+)?\s*[a-z]+(\s*[0-9]+(\.[0-9]+)?\s*[a-z]+)*$";
+const AT_PATTERN: &str = r"^(\+.+|[0-9]{4}-[0-9]{2}-[0-9]{2}[ Tt][0-9]{2}:[0-9]{2}(:[0-9]{2}(\.[0-9]+)?)?([Zz]|[+-][0-9]{2}:[0-9]{2})?)$";
+
+/// A virtplan plan file (format version 1): timed steps that change libvirt domains.
+#[derive(JsonSchema)]
+#[schemars(title = "virtplan plan", deny_unknown_fields)]
+pub struct PlanSchema {
+    /// Plan format version. Always 1.
+    #[schemars(range(min = 1, max = 1))]
+    version: u32,
+    /// Plan name; defaults to the file's stem.
+    name: Option<String>,
+    /// Default libvirt URI (or a host named in virtplan.toml `[hosts]`) for every step.
+    connection: Option<String>,
+    /// IANA time zone for times written without an offset, such as America/Toronto.
+    timezone: Option<String>,
+    window: Option<WindowSchema>,
+    /// How late a step may still start (default 5m).
+    #[schemars(regex(pattern = DURATION_PATTERN))]
+    grace: Option<String>,
+    defaults: Option<DefaultsSchema>,
+    /// The steps, each applied at its time.
+    #[schemars(length(min = 1))]
+    steps: Vec<StepSchema>,
+}
+
+/// The maintenance window; every step must lie inside it.
+#[derive(JsonSchema)]
+#[schemars(deny_unknown_fields)]
+struct WindowSchema {
+    /// `YYYY-MM-DD HH:MM[:SS]` in the plan's zone, or RFC 3339 with an offset.
+    #[schemars(regex(pattern = AT_PATTERN))]
+    start: String,
+    /// `YYYY-MM-DD HH:MM[:SS]` in the plan's zone, or RFC 3339 with an offset.
+    #[schemars(regex(pattern = AT_PATTERN))]
+    end: String,
+}
+
+/// Defaults for every step.
+#[derive(JsonSchema)]
+#[schemars(deny_unknown_fields)]
+struct DefaultsSchema {
+    shutdown: Option<ShutdownSchema>,
+    /// `skip-vm` skips the failed domain's later steps (default); `abort` stops the plan.
+    #[schemars(extend("enum" = ["skip-vm", "abort"]))]
+    on_failure: Option<String>,
+}
+
+/// How a domain is powered off.
+#[derive(JsonSchema)]
+#[schemars(deny_unknown_fields)]
+struct ShutdownSchema {
+    /// `graceful` asks the guest (ACPI) and waits; `force` destroys at once.
+    #[schemars(extend("enum" = ["graceful", "force"]))]
+    mode: Option<String>,
+    /// How long a graceful shutdown may take (default 120s).
+    #[schemars(regex(pattern = DURATION_PATTERN))]
+    timeout: Option<String>,
+    /// Destroy the domain when the guest ignores the shutdown request (default true).
+    force_after_timeout: Option<bool>,
+}
+
+/// One step: when, which domains, and the desired state.
+#[derive(JsonSchema)]
+#[schemars(deny_unknown_fields)]
+struct StepSchema {
+    /// `YYYY-MM-DD HH:MM[:SS]`, RFC 3339 with an offset, or `+DURATION` from window.start.
+    /// Without `at` the step runs as soon as `apply` starts.
+    #[schemars(regex(pattern = AT_PATTERN))]
+    at: Option<String>,
+    /// One domain, by name or UUID.
+    vm: Option<String>,
+    /// Several domains, by name or UUID.
+    #[schemars(length(min = 1))]
+    vms: Option<Vec<String>>,
+    /// libvirt URI or virtplan.toml host for this step.
+    connection: Option<String>,
+    shutdown: Option<ShutdownSchema>,
+    /// Desired power state (aliases: on, poweredOn, off, poweredOff, suspended).
+    #[schemars(extend("enum" = ["running", "shutoff", "paused", "on", "off", "poweredOn", "poweredOff", "suspended"]))]
+    power: Option<String>,
+    /// Current memory, such as 3GiB (binary units).
+    #[schemars(regex(pattern = SIZE_PATTERN))]
+    memory: Option<String>,
+    /// Maximum memory, such as 4GiB; needs the domain off.
+    #[schemars(regex(pattern = SIZE_PATTERN))]
+    max_memory: Option<String>,
+    /// Virtual CPUs.
+    #[schemars(range(min = 1))]
+    vcpus: Option<u32>,
+    /// Maximum virtual CPUs; needs the domain off.
+    #[schemars(range(min = 1))]
+    max_vcpus: Option<u32>,
+    clock: Option<ClockSchema>,
+    /// Start the domain when the host boots.
+    autostart: Option<bool>,
+    /// One-line title (libvirt metadata).
+    title: Option<String>,
+    /// Description (libvirt metadata).
+    description: Option<String>,
+    snapshot: Option<SnapshotSchema>,
+}
+
+/// The domain clock; takes effect at the next boot.
+#[derive(JsonSchema)]
+#[schemars(deny_unknown_fields)]
+struct ClockSchema {
+    #[schemars(extend("enum" = ["utc", "localtime"]))]
+    offset: Option<String>,
+    /// What the RTC timer tracks.
+    #[schemars(extend("enum" = ["boot", "guest", "wall", "realtime"]))]
+    track: Option<String>,
+}
+
+/// A snapshot, idempotent by name.
+#[derive(JsonSchema)]
+#[schemars(deny_unknown_fields)]
+struct SnapshotSchema {
+    name: String,
+    description: Option<String>,
+}
+
+/// The plan file's JSON Schema, pretty-printed with a trailing newline.
+#[must_use]
+pub fn plan_schema_json() -> String {
+    let schema = schemars::schema_for!(PlanSchema);
+    let mut text = serde_json::to_string_pretty(&schema).unwrap_or_default();
+    text.push('\n');
+    text
+}

@@ -1,0 +1,156 @@
+//! Step and window times: local wall times in an explicit IANA zone, RFC 3339 instants, or
+//! offsets from `window.start`. A plan never falls back to the machine's local zone.
+
+use chrono::{DateTime, LocalResult, NaiveDateTime, TimeZone, Utc};
+use chrono_tz::Tz;
+
+use super::units::{parse_duration, ValueError};
+
+const NAIVE_FORMATS: [&str; 4] = [
+    "%Y-%m-%d %H:%M",
+    "%Y-%m-%d %H:%M:%S",
+    "%Y-%m-%dT%H:%M",
+    "%Y-%m-%dT%H:%M:%S",
+];
+
+const TIME_HELP: &str =
+    "write `YYYY-MM-DD HH:MM`, `YYYY-MM-DD HH:MM:SS`, an RFC 3339 time such as 2026-12-01T04:00:00-05:00, or `+DURATION` from window.start";
+
+/// Parses an IANA zone name such as `America/Toronto`.
+///
+/// # Errors
+/// When the name is not in the IANA database, with a close match when there is one.
+pub fn parse_zone(text: &str) -> Result<Tz, ValueError> {
+    text.parse::<Tz>().map_err(|_| {
+        let lower = text.to_ascii_lowercase();
+        let close = chrono_tz::TZ_VARIANTS
+            .iter()
+            .map(|tz| tz.name())
+            .find(|name| name.to_ascii_lowercase() == lower);
+        ValueError {
+            message: format!("`{text}` is not an IANA time zone"),
+            help: close.map_or_else(
+                || "use a zone name such as America/Toronto, Europe/Paris or UTC".to_owned(),
+                |name| format!("zone names are case-sensitive: write `{name}`"),
+            ),
+        }
+    })
+}
+
+/// Parses an absolute time (no `+DURATION`).
+///
+/// # Errors
+/// When the text is no supported form, has no offset and no zone is known, or names a local
+/// time that does not exist or happens twice in `zone` (a DST change).
+pub fn parse_instant(text: &str, zone: Option<Tz>) -> Result<DateTime<Utc>, ValueError> {
+    let text = text.trim();
+    if let Ok(t) = DateTime::parse_from_rfc3339(text) {
+        return Ok(t.with_timezone(&Utc));
+    }
+    let naive = NAIVE_FORMATS
+        .iter()
+        .find_map(|f| NaiveDateTime::parse_from_str(text, f).ok())
+        .ok_or_else(|| ValueError {
+            message: format!("`{text}` is not a time"),
+            help: TIME_HELP.to_owned(),
+        })?;
+    let Some(zone) = zone else {
+        return Err(ValueError {
+            message: format!("time `{text}` has no UTC offset and no time zone is set"),
+            help: "add `timezone: Area/City` (an IANA name) to the plan or virtplan.toml, or write an offset such as 2026-12-01T04:00:00-05:00; virtplan never assumes this machine's zone".to_owned(),
+        });
+    };
+    match zone.from_local_datetime(&naive) {
+        LocalResult::Single(t) => Ok(t.with_timezone(&Utc)),
+        LocalResult::None => Err(ValueError {
+            message: format!(
+                "`{text}` does not exist in {zone}: the clocks skip it (daylight saving time starts)"
+            ),
+            help: "pick a time outside the skipped hour, or write an explicit UTC offset".to_owned(),
+        }),
+        LocalResult::Ambiguous(early, late) => Err(ValueError {
+            message: format!(
+                "`{text}` happens twice in {zone}: the clocks go back (daylight saving time ends)"
+            ),
+            help: format!(
+                "write an explicit offset: `{}` (first) or `{}` (second)",
+                early.format("%Y-%m-%dT%H:%M:%S%:z"),
+                late.format("%Y-%m-%dT%H:%M:%S%:z")
+            ),
+        }),
+    }
+}
+
+/// Parses a step's `at`: an absolute time, or `+DURATION` after `window_start`.
+///
+/// # Errors
+/// As [`parse_instant`], and a relative time without a window.
+pub fn parse_at(
+    text: &str,
+    zone: Option<Tz>,
+    window_start: Option<DateTime<Utc>>,
+) -> Result<DateTime<Utc>, ValueError> {
+    let Some(relative) = text.trim().strip_prefix('+') else {
+        return parse_instant(text, zone);
+    };
+    let Some(start) = window_start else {
+        return Err(ValueError {
+            message: format!("relative time `{text}` needs a `window` to count from"),
+            help: "add `window: {start: ..., end: ...}` to the plan, or write an absolute time"
+                .to_owned(),
+        });
+    };
+    let offset = parse_duration(relative)?;
+    chrono::Duration::from_std(offset)
+        .ok()
+        .and_then(|d| start.checked_add_signed(d))
+        .ok_or_else(|| ValueError {
+            message: format!("relative time `{text}` is too far in the future"),
+            help: "use an offset shorter than the window".to_owned(),
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TORONTO: Option<Tz> = Some(chrono_tz::America::Toronto);
+
+    #[test]
+    fn local_times_use_the_plan_zone() {
+        let t = parse_instant("2026-12-01 04:00", TORONTO).unwrap();
+        assert_eq!(t.to_rfc3339(), "2026-12-01T09:00:00+00:00");
+        let t = parse_instant("2026-12-01 04:00:30", TORONTO).unwrap();
+        assert_eq!(t.to_rfc3339(), "2026-12-01T09:00:30+00:00");
+    }
+
+    #[test]
+    fn offsets_win_over_the_zone() {
+        let t = parse_instant("2026-12-01T04:00:00+01:00", TORONTO).unwrap();
+        assert_eq!(t.to_rfc3339(), "2026-12-01T03:00:00+00:00");
+    }
+
+    #[test]
+    fn dst_gaps_and_folds_are_errors() {
+        let gap = parse_instant("2026-03-08 02:30", TORONTO).unwrap_err();
+        assert!(gap.message.contains("does not exist"), "{gap:?}");
+        let fold = parse_instant("2026-11-01 01:30", TORONTO).unwrap_err();
+        assert!(
+            fold.help.contains("-04:00") && fold.help.contains("-05:00"),
+            "{fold:?}"
+        );
+    }
+
+    #[test]
+    fn naive_time_without_zone_is_refused() {
+        assert!(parse_instant("2026-12-01 04:00", None).is_err());
+    }
+
+    #[test]
+    fn relative_times_count_from_the_window() {
+        let start = parse_instant("2026-12-01 04:00", TORONTO).unwrap();
+        let t = parse_at("+5m", None, Some(start)).unwrap();
+        assert_eq!((t - start).num_minutes(), 5);
+        assert!(parse_at("+5m", None, None).is_err());
+    }
+}

@@ -1,0 +1,693 @@
+//! From a positioned YAML tree to a [`PlanFile`], collecting every problem with its location.
+
+use std::path::Path;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use chrono_tz::Tz;
+use marked_yaml::types::MarkedMappingNode;
+use marked_yaml::Node;
+use sha2::{Digest, Sha256};
+
+use super::diag::{did_you_mean, Diagnostic, Pos};
+use super::time::{parse_at, parse_instant, parse_zone};
+use super::units::{parse_duration, parse_size};
+use super::yaml::{self, pos, Checker};
+use super::{
+    Attributes, ClockOffset, ClockTarget, LoadContext, Located, OnFailure, PlanFile, PowerTarget,
+    RtcTrack, ShutdownMode, ShutdownPolicy, SnapshotSpec, Step, Target, Window, FORMAT_VERSION,
+};
+use crate::config::Config;
+
+pub const TOP_KEYS: &[&str] = &[
+    "version",
+    "name",
+    "connection",
+    "timezone",
+    "window",
+    "grace",
+    "defaults",
+    "steps",
+];
+pub const WINDOW_KEYS: &[&str] = &["start", "end"];
+pub const DEFAULTS_KEYS: &[&str] = &["shutdown", "on_failure"];
+pub const SHUTDOWN_KEYS: &[&str] = &["mode", "timeout", "force_after_timeout"];
+pub const CLOCK_KEYS: &[&str] = &["offset", "track"];
+pub const SNAPSHOT_KEYS: &[&str] = &["name", "description"];
+pub const ATTRIBUTE_KEYS: &[&str] = &[
+    "power",
+    "memory",
+    "max_memory",
+    "vcpus",
+    "max_vcpus",
+    "clock",
+    "autostart",
+    "title",
+    "description",
+    "snapshot",
+];
+pub const STEP_KEYS: &[&str] = &[
+    "at",
+    "vm",
+    "vms",
+    "connection",
+    "shutdown",
+    "power",
+    "memory",
+    "max_memory",
+    "vcpus",
+    "max_vcpus",
+    "clock",
+    "autostart",
+    "title",
+    "description",
+    "snapshot",
+];
+
+const DEFAULT_GRACE: Duration = Duration::from_secs(300);
+
+/// Plan-level settings steps inherit.
+struct Settings {
+    zone: Option<Tz>,
+    window: Option<Window>,
+    connection: Option<String>,
+    shutdown: ShutdownPolicy,
+}
+
+pub fn validate(path: &Path, text: &str, ctx: &LoadContext) -> Result<PlanFile, Vec<Diagnostic>> {
+    let root = yaml::parse(path, text).map_err(|d| vec![d])?;
+    let mut c = Checker::new(path);
+    let Some(map) = root.as_mapping() else {
+        c.error(
+            pos(&root),
+            "a plan must be a YAML mapping",
+            "start the file with `version: 1`",
+        );
+        return Err(c.diags);
+    };
+    if map.is_empty() {
+        c.error(
+            Pos::new(1, 1),
+            "the plan file is empty",
+            "a plan needs at least `version: 1` and a `steps:` list (see `virtplan schema`)",
+        );
+        return Err(c.diags);
+    }
+    c.known_keys(map, TOP_KEYS, "the plan");
+    let config = &ctx.config;
+
+    check_version(&mut c, map);
+    let name = match map.get_node("name") {
+        Some(node) => c
+            .text(node, "`name`", "name: web-tier-2026-12-01")
+            .map(str::to_owned),
+        None => Some(
+            path.file_stem()
+                .map_or_else(|| "plan".to_owned(), |s| s.to_string_lossy().into_owned()),
+        ),
+    };
+    let zone = match map.get_node("timezone") {
+        Some(node) => c
+            .text(node, "`timezone`", "timezone: America/Toronto")
+            .and_then(|t| {
+                parse_zone(t)
+                    .map_err(|e| c.error(pos(node), e.message, e.help))
+                    .ok()
+            }),
+        None => config.timezone,
+    };
+    let window = map
+        .get_node("window")
+        .and_then(|node| check_window(&mut c, node, zone));
+    let grace = match map.get_node("grace") {
+        Some(node) => duration(&mut c, node, "`grace`", "grace: 5m"),
+        None => Some(config.grace.unwrap_or(DEFAULT_GRACE)),
+    };
+    let connection = map
+        .get_node("connection")
+        .and_then(|node| connection(&mut c, node, config))
+        .or_else(|| config.connection.clone());
+    let (shutdown, on_failure) = match map.get_node("defaults") {
+        Some(node) => check_defaults(&mut c, node, config.shutdown),
+        None => (config.shutdown, OnFailure::default()),
+    };
+    let settings = Settings {
+        zone,
+        window,
+        connection,
+        shutdown,
+    };
+
+    let steps = match map.get_node("steps") {
+        None => {
+            c.error(
+                Pos::new(1, 1),
+                "the plan has no `steps`",
+                "add `steps:` with at least one step, such as `- {vm: web-01, power: shutoff}`",
+            );
+            Vec::new()
+        }
+        Some(node) => check_steps(&mut c, node, &settings, config),
+    };
+
+    match (name, grace) {
+        (Some(name), Some(grace)) if c.diags.is_empty() => Ok(PlanFile {
+            path: path.to_path_buf(),
+            sha256: hex(&Sha256::digest(text.as_bytes())),
+            source: text.to_owned(),
+            name,
+            connection: settings.connection,
+            timezone: zone,
+            window,
+            grace,
+            on_failure,
+            steps,
+        }),
+        _ => Err(c.diags),
+    }
+}
+
+/// Lower-case hex of a digest.
+pub fn hex(bytes: &[u8]) -> String {
+    use std::fmt::Write as _;
+    bytes.iter().fold(String::new(), |mut s, b| {
+        let _ = write!(s, "{b:02x}");
+        s
+    })
+}
+
+fn check_version(c: &mut Checker<'_>, map: &MarkedMappingNode) {
+    let Some(node) = map.get_node("version") else {
+        c.error(
+            Pos::new(1, 1),
+            "the plan has no `version`",
+            "add `version: 1` as the first line",
+        );
+        return;
+    };
+    if let Some(v) = c.count(node, "`version`", 1) {
+        if u64::from(v) != FORMAT_VERSION {
+            c.error(
+                pos(node),
+                format!("plan format version {v} is not supported; this virtplan reads version {FORMAT_VERSION}"),
+                if u64::from(v) > FORMAT_VERSION {
+                    "upgrade virtplan, or write the plan for version 1"
+                } else {
+                    "write `version: 1`"
+                },
+            );
+        }
+    }
+}
+
+fn duration(c: &mut Checker<'_>, node: &Node, what: &str, example: &str) -> Option<Duration> {
+    let text = c.text(node, what, example)?;
+    parse_duration(text)
+        .map_err(|e| c.error(pos(node), format!("{what}: {}", e.message), e.help))
+        .ok()
+}
+
+fn connection(c: &mut Checker<'_>, node: &Node, config: &Config) -> Option<String> {
+    let text = c.text(node, "`connection`", "connection: qemu:///system")?;
+    if text.contains(":/") {
+        return Some(text.to_owned());
+    }
+    if let Some(uri) = config.hosts.get(text) {
+        return Some(uri.clone());
+    }
+    let names: Vec<&str> = config.hosts.keys().map(String::as_str).collect();
+    let help = match (did_you_mean(text, &names), names.is_empty()) {
+        (Some(close), _) => format!("did you mean the host `{close}`?"),
+        (None, true) => "write a libvirt URI such as qemu:///system, or name a host from the `[hosts]` table of virtplan.toml".to_owned(),
+        (None, false) => format!("write a libvirt URI, or one of the hosts in virtplan.toml: {}", names.join(", ")),
+    };
+    c.error(
+        pos(node),
+        format!("connection `{text}` is neither a libvirt URI nor a host named in virtplan.toml"),
+        help,
+    );
+    None
+}
+
+fn check_window(c: &mut Checker<'_>, node: &Node, zone: Option<Tz>) -> Option<Window> {
+    let example = "window: {start: 2026-12-01 04:00, end: 2026-12-01 05:00}";
+    let map = c.mapping(node, "`window`", example)?;
+    c.known_keys(map, WINDOW_KEYS, "`window`");
+    let mut bound = |key: &str| -> Option<(DateTime<Utc>, Pos)> {
+        let Some(n) = map.get_node(key) else {
+            c.error(
+                pos(node),
+                format!("`window` has no `{key}`"),
+                format!("a window needs both ends: {example}"),
+            );
+            return None;
+        };
+        let text = c.text(n, &format!("`window.{key}`"), "2026-12-01 04:00")?;
+        if text.trim_start().starts_with('+') {
+            c.error(
+                pos(n),
+                format!("`window.{key}` must be an absolute time"),
+                "relative `+DURATION` times count from window.start, so the window itself needs absolute times",
+            );
+            return None;
+        }
+        parse_instant(text, zone)
+            .map_err(|e| c.error(pos(n), format!("`window.{key}`: {}", e.message), e.help))
+            .ok()
+            .map(|t| (t, pos(n)))
+    };
+    let start = bound("start");
+    let end = bound("end");
+    let ((start, _), (end, end_pos)) = (start?, end?);
+    if end <= start {
+        c.error(
+            end_pos,
+            "`window.end` must be after `window.start`",
+            "swap the two times, or move the end later",
+        );
+        return None;
+    }
+    Some(Window { start, end })
+}
+
+fn check_defaults(
+    c: &mut Checker<'_>,
+    node: &Node,
+    base: ShutdownPolicy,
+) -> (ShutdownPolicy, OnFailure) {
+    let fallback = (base, OnFailure::default());
+    let Some(map) = c.mapping(node, "`defaults`", "defaults: {on_failure: abort}") else {
+        return fallback;
+    };
+    c.known_keys(map, DEFAULTS_KEYS, "`defaults`");
+    let shutdown = map
+        .get_node("shutdown")
+        .map_or(base, |n| check_shutdown(c, n, base));
+    let on_failure = map
+        .get_node("on_failure")
+        .and_then(|n| {
+            c.choice(
+                n,
+                "`on_failure`",
+                &[("skip-vm", OnFailure::SkipVm), ("abort", OnFailure::Abort)],
+                "`skip-vm` or `abort`",
+                "`skip-vm` skips the failed domain's later steps; `abort` stops the whole plan",
+            )
+        })
+        .unwrap_or_default();
+    (shutdown, on_failure)
+}
+
+fn check_shutdown(c: &mut Checker<'_>, node: &Node, base: ShutdownPolicy) -> ShutdownPolicy {
+    let Some(map) = c.mapping(
+        node,
+        "`shutdown`",
+        "shutdown: {mode: graceful, timeout: 120s, force_after_timeout: true}",
+    ) else {
+        return base;
+    };
+    c.known_keys(map, SHUTDOWN_KEYS, "`shutdown`");
+    let mut policy = base;
+    if let Some(n) = map.get_node("mode") {
+        if let Some(mode) = c.choice(
+            n,
+            "`shutdown.mode`",
+            &[
+                ("graceful", ShutdownMode::Graceful),
+                ("force", ShutdownMode::Force),
+            ],
+            "`graceful` or `force`",
+            "`graceful` asks the guest and waits; `force` pulls the plug at once",
+        ) {
+            policy.mode = mode;
+        }
+    }
+    if let Some(n) = map.get_node("timeout") {
+        if let Some(d) = duration(c, n, "`shutdown.timeout`", "timeout: 120s") {
+            if d.is_zero() {
+                c.error(
+                    pos(n),
+                    "`shutdown.timeout` must be longer than zero",
+                    "give the guest time to shut down, such as 120s; use `mode: force` to skip waiting",
+                );
+            }
+            policy.timeout = d;
+        }
+    }
+    if let Some(n) = map.get_node("force_after_timeout") {
+        if let Some(b) = c.boolean(n, "`shutdown.force_after_timeout`") {
+            policy.force_after_timeout = b;
+        }
+    }
+    policy
+}
+
+fn check_steps(
+    c: &mut Checker<'_>,
+    node: &Node,
+    settings: &Settings,
+    config: &Config,
+) -> Vec<Step> {
+    let Some(seq) = c.sequence(node, "`steps`", "steps: [{vm: web-01, power: shutoff}]") else {
+        return Vec::new();
+    };
+    if seq.is_empty() {
+        c.error(
+            pos(node),
+            "`steps` is empty",
+            "add at least one step, such as `- {vm: web-01, power: shutoff}`",
+        );
+    }
+    seq.iter()
+        .enumerate()
+        .filter_map(|(i, n)| check_step(c, n, i + 1, settings, config))
+        .collect()
+}
+
+fn check_step(
+    c: &mut Checker<'_>,
+    node: &Node,
+    number: usize,
+    settings: &Settings,
+    config: &Config,
+) -> Option<Step> {
+    let what = format!("step {number}");
+    let map = c.mapping(
+        node,
+        &what,
+        "- {at: 2026-12-01 04:00, vm: web-01, power: shutoff}",
+    )?;
+    let errors_before = c.diags.len();
+    c.known_keys(map, STEP_KEYS, &what);
+    let has_unknown_keys = c.diags.len() > errors_before;
+
+    let at = map.get_node("at").and_then(|n| {
+        let text = c.text(n, "`at`", "at: 2026-12-01 04:00")?;
+        let t = parse_at(text, settings.zone, settings.window.map(|w| w.start))
+            .map_err(|e| c.error(pos(n), format!("`at`: {}", e.message), e.help))
+            .ok()?;
+        if let Some(w) = settings.window {
+            if t < w.start || t >= w.end {
+                c.error(
+                    pos(n),
+                    format!(
+                        "{what} at {} lies outside the window {} to {}",
+                        show_time(t, settings.zone),
+                        show_time(w.start, settings.zone),
+                        show_time(w.end, settings.zone)
+                    ),
+                    "move the step into the window (it must start before the window ends), or widen the window",
+                );
+                return None;
+            }
+        }
+        Some(Located { value: t, pos: pos(n) })
+    });
+
+    let targets = check_targets(c, map, node, &what);
+    let connection = map
+        .get_node("connection")
+        .and_then(|n| connection(c, n, config))
+        .or_else(|| settings.connection.clone());
+    let shutdown = map.get_node("shutdown").map_or(settings.shutdown, |n| {
+        check_shutdown(c, n, settings.shutdown)
+    });
+    let attributes = check_attributes(c, map);
+
+    if !has_unknown_keys && !ATTRIBUTE_KEYS.iter().any(|k| map.get_node(k).is_some()) {
+        c.error(
+            pos(node),
+            format!("{what} changes nothing"),
+            format!("give it at least one of: {}", ATTRIBUTE_KEYS.join(", ")),
+        );
+    }
+    (c.diags.len() == errors_before).then(|| Step {
+        number,
+        pos: pos(node),
+        at,
+        targets,
+        connection,
+        shutdown,
+        attributes,
+    })
+}
+
+fn check_targets(
+    c: &mut Checker<'_>,
+    map: &MarkedMappingNode,
+    node: &Node,
+    what: &str,
+) -> Vec<Target> {
+    let mut targets = Vec::new();
+    match (map.get_node("vm"), map.get_node("vms")) {
+        (Some(_), Some(vms)) => c.error(
+            pos(vms),
+            format!("{what} has both `vm` and `vms`"),
+            "use `vm: NAME` for one domain or `vms: [A, B]` for several, not both",
+        ),
+        (None, None) => c.error(
+            pos(node),
+            format!("{what} names no domain"),
+            "add `vm: NAME` (a domain name or UUID) or `vms: [A, B]`",
+        ),
+        (Some(vm), None) => {
+            if let Some(name) = c.text(vm, "`vm`", "vm: web-01") {
+                targets.push(Target {
+                    name_or_uuid: name.trim().to_owned(),
+                    pos: pos(vm),
+                });
+            }
+        }
+        (None, Some(vms)) => {
+            if let Some(seq) = c.sequence(vms, "`vms`", "vms: [web-01, web-02]") {
+                if seq.is_empty() {
+                    c.error(
+                        pos(vms),
+                        "`vms` is empty",
+                        "list at least one domain: `vms: [web-01, web-02]`",
+                    );
+                }
+                for item in seq.iter() {
+                    let Some(name) = c.text(item, "an entry of `vms`", "web-01") else {
+                        continue;
+                    };
+                    let name = name.trim();
+                    if targets.iter().any(|t: &Target| t.name_or_uuid == name) {
+                        c.error(
+                            pos(item),
+                            format!("`{name}` is listed twice in `vms`"),
+                            "remove the repeated entry; a step changes each domain once",
+                        );
+                        continue;
+                    }
+                    targets.push(Target {
+                        name_or_uuid: name.to_owned(),
+                        pos: pos(item),
+                    });
+                }
+            }
+        }
+    }
+    targets
+}
+
+fn check_attributes(c: &mut Checker<'_>, map: &MarkedMappingNode) -> Attributes {
+    let mut a = Attributes::default();
+    if let Some(n) = map.get_node("power") {
+        a.power = power(c, n).map(|v| located(n, v));
+    }
+    for (key, slot) in [("memory", &mut a.memory), ("max_memory", &mut a.max_memory)] {
+        if let Some(n) = map.get_node(key) {
+            *slot = size(c, n, key).map(|v| located(n, v));
+        }
+    }
+    for (key, slot) in [("vcpus", &mut a.vcpus), ("max_vcpus", &mut a.max_vcpus)] {
+        if let Some(n) = map.get_node(key) {
+            *slot = c.count(n, &format!("`{key}`"), 1).map(|v| located(n, v));
+        }
+    }
+    if let Some(n) = map.get_node("clock") {
+        a.clock = clock(c, n).map(|v| located(n, v));
+    }
+    if let Some(n) = map.get_node("autostart") {
+        a.autostart = c.boolean(n, "`autostart`").map(|v| located(n, v));
+    }
+    if let Some(n) = map.get_node("title") {
+        a.title = c.any_text(n, "`title`", "title: web server").and_then(|t| {
+            if t.contains('\n') {
+                c.error(
+                    pos(n),
+                    "`title` must be a single line",
+                    "libvirt titles are one line; put longer text in `description`",
+                );
+                return None;
+            }
+            Some(located(n, t.to_owned()))
+        });
+    }
+    if let Some(n) = map.get_node("description") {
+        a.description = c
+            .any_text(n, "`description`", "description: serves the shop")
+            .map(|t| located(n, t.to_owned()));
+    }
+    if let Some(n) = map.get_node("snapshot") {
+        a.snapshot = snapshot(c, n).map(|v| located(n, v));
+    }
+    check_limits(c, &a);
+    a
+}
+
+/// A step that sets both a value and its maximum must keep the value within the maximum.
+fn check_limits(c: &mut Checker<'_>, a: &Attributes) {
+    if let (Some(mem), Some(max)) = (&a.memory, &a.max_memory) {
+        if mem.value > max.value {
+            c.error(
+                mem.pos,
+                format!(
+                    "`memory` {} is above `max_memory` {} in the same step",
+                    mem.value, max.value
+                ),
+                "raise `max_memory` or lower `memory`",
+            );
+        }
+    }
+    if let (Some(n), Some(max)) = (&a.vcpus, &a.max_vcpus) {
+        if n.value > max.value {
+            c.error(
+                n.pos,
+                format!(
+                    "`vcpus` {} is above `max_vcpus` {} in the same step",
+                    n.value, max.value
+                ),
+                "raise `max_vcpus` or lower `vcpus`",
+            );
+        }
+    }
+}
+
+fn located<T>(node: &Node, value: T) -> Located<T> {
+    Located {
+        value,
+        pos: pos(node),
+    }
+}
+
+fn power(c: &mut Checker<'_>, node: &Node) -> Option<PowerTarget> {
+    c.choice(
+        node,
+        "`power`",
+        &[
+            ("running", PowerTarget::Running),
+            ("shutoff", PowerTarget::Shutoff),
+            ("paused", PowerTarget::Paused),
+            ("on", PowerTarget::Running),
+            ("poweredOn", PowerTarget::Running),
+            ("off", PowerTarget::Shutoff),
+            ("poweredOff", PowerTarget::Shutoff),
+            ("suspended", PowerTarget::Paused),
+        ],
+        "`running`, `shutoff` or `paused`",
+        "use `running` (alias `on`), `shutoff` (alias `off`) or `paused` (alias `suspended`)",
+    )
+}
+
+fn size(c: &mut Checker<'_>, node: &Node, key: &str) -> Option<crate::state::Kib> {
+    let text = c.text(node, &format!("`{key}`"), &format!("{key}: 3GiB"))?;
+    parse_size(text)
+        .map_err(|e| c.error(pos(node), format!("`{key}`: {}", e.message), e.help))
+        .ok()
+}
+
+fn clock(c: &mut Checker<'_>, node: &Node) -> Option<ClockTarget> {
+    let map = c.mapping(node, "`clock`", "clock: {offset: utc, track: guest}")?;
+    c.known_keys(map, CLOCK_KEYS, "`clock`");
+    let mut target = ClockTarget {
+        offset: None,
+        track: None,
+    };
+    let before = c.diags.len();
+    if let Some(n) = map.get_node("offset") {
+        target.offset = c.choice(
+            n,
+            "`clock.offset`",
+            &[
+                ("utc", ClockOffset::Utc),
+                ("localtime", ClockOffset::Localtime),
+            ],
+            "`utc` or `localtime`",
+            "Linux guests want `utc`; Windows guests usually want `localtime`",
+        );
+    }
+    if let Some(n) = map.get_node("track") {
+        target.track = c.choice(
+            n,
+            "`clock.track`",
+            &[
+                ("boot", RtcTrack::Boot),
+                ("guest", RtcTrack::Guest),
+                ("wall", RtcTrack::Wall),
+                ("realtime", RtcTrack::Realtime),
+            ],
+            "`boot`, `guest`, `wall` or `realtime`",
+            "the RTC timer tracks `boot`, `guest`, `wall` or `realtime` time",
+        );
+    }
+    if map.get_node("offset").is_none() && map.get_node("track").is_none() {
+        c.error(
+            pos(node),
+            "`clock` sets nothing",
+            "give `offset: utc|localtime`, `track: boot|guest|wall|realtime`, or both",
+        );
+    }
+    (c.diags.len() == before).then_some(target)
+}
+
+fn snapshot(c: &mut Checker<'_>, node: &Node) -> Option<SnapshotSpec> {
+    let example = "snapshot: {name: before-upgrade}";
+    let map = c.mapping(node, "`snapshot`", example)?;
+    c.known_keys(map, SNAPSHOT_KEYS, "`snapshot`");
+    let Some(name_node) = map.get_node("name") else {
+        c.error(
+            pos(node),
+            "`snapshot` has no `name`",
+            format!("for example `{example}`"),
+        );
+        return None;
+    };
+    let name = c
+        .text(name_node, "`snapshot.name`", "before-upgrade")?
+        .trim();
+    if name.contains('/') || name.starts_with('.') || name.chars().any(char::is_control) {
+        c.error(
+            pos(name_node),
+            format!(
+                "snapshot name `{name}` cannot contain `/` or control characters or start with `.`"
+            ),
+            "use letters, digits, `-`, `_` and `.`, such as `before-upgrade`",
+        );
+        return None;
+    }
+    let description = match map.get_node("description") {
+        Some(n) => Some(
+            c.any_text(n, "`snapshot.description`", "taken before the upgrade")?
+                .to_owned(),
+        ),
+        None => None,
+    };
+    Some(SnapshotSpec {
+        name: name.to_owned(),
+        description,
+    })
+}
+
+/// A time as the plan's readers wrote it: in the plan's zone when it has one, else UTC.
+pub fn show_time(t: DateTime<Utc>, zone: Option<Tz>) -> String {
+    zone.map_or_else(
+        || t.format("%Y-%m-%d %H:%M:%S UTC").to_string(),
+        |z| {
+            t.with_timezone(&z)
+                .format("%Y-%m-%d %H:%M:%S %Z")
+                .to_string()
+        },
+    )
+}

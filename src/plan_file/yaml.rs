@@ -1,0 +1,324 @@
+//! Typed access to a positioned YAML tree (`marked-yaml`), recording a located diagnostic for
+//! every value of the wrong shape instead of stopping at the first.
+
+use std::path::Path;
+
+use marked_yaml::types::{MarkedMappingNode, MarkedScalarNode, MarkedSequenceNode};
+use marked_yaml::{LoadError, LoaderOptions, Node, Span};
+
+use super::diag::{did_you_mean, Diagnostic, Pos};
+
+/// Parses text into a positioned tree: one mapping, no anchors, aliases, tags or duplicate keys.
+pub fn parse(file: &Path, text: &str) -> Result<Node, Diagnostic> {
+    if let Some((offset, c)) = text
+        .char_indices()
+        .find(|(_, c)| c.is_control() && !matches!(c, '\n' | '\r' | '\t'))
+    {
+        return Err(Diagnostic::new(
+            file,
+            Pos::of_offset(text, offset),
+            format!(
+                "the file contains the control character U+{:04X}",
+                u32::from(c)
+            ),
+        )
+        .with_help("a plan file is YAML text; check that this is the right file"));
+    }
+    if let Some(offset) = second_document(text) {
+        return Err(Diagnostic::new(
+            file,
+            Pos::of_offset(text, offset),
+            "a second YAML document starts here; a plan file holds exactly one",
+        )
+        .with_help("put each plan in its own file, or remove the `---` line"));
+    }
+    let options = LoaderOptions::default()
+        .error_on_duplicate_keys(true)
+        .prevent_coercion(true);
+    marked_yaml::parse_yaml_with_options(0, text, options).map_err(|e| load_error(file, text, &e))
+}
+
+/// The byte offset of a `---` that starts a second document, if any.
+fn second_document(text: &str) -> Option<usize> {
+    let mut offset = 0;
+    let mut seen_content = false;
+    for line in text.split_inclusive('\n') {
+        let trimmed = line.trim_end();
+        let is_marker = trimmed == "---" || trimmed.starts_with("--- ");
+        if is_marker && seen_content {
+            return Some(offset);
+        }
+        let t = trimmed.trim_start();
+        if !is_marker && !t.is_empty() && !t.starts_with('#') && !t.starts_with('%') && t != "..." {
+            seen_content = true;
+        }
+        offset += line.len();
+    }
+    None
+}
+
+fn load_error(file: &Path, text: &str, error: &LoadError) -> Diagnostic {
+    let at = |m: &marked_yaml::Marker| Pos::new(m.line(), m.column());
+    match error {
+        LoadError::TopLevelMustBeMapping(m) => Diagnostic::new(
+            file,
+            at(m),
+            "a plan must be a YAML mapping with `version` and `steps`",
+        )
+        .with_help("start the file with `version: 1` (see `virtplan schema`)"),
+        LoadError::TopLevelMustBeSequence(m) => {
+            Diagnostic::new(file, at(m), "unexpected top-level list")
+        }
+        LoadError::UnexpectedAnchor(m) => Diagnostic::new(
+            file,
+            at(m),
+            "YAML anchors and aliases (`&name`, `*name`) are not allowed in plans",
+        )
+        .with_help("write each value out in full; plans are reviewed, so explicit beats clever"),
+        LoadError::MappingKeyMustBeScalar(m) => {
+            Diagnostic::new(file, at(m), "a mapping key must be a plain word")
+                .with_help("keys are names such as `vm` or `memory`")
+        }
+        LoadError::UnexpectedTag(m) => Diagnostic::new(
+            file,
+            at(m),
+            "YAML tags (`!!str`, `!custom`) are not allowed in plans",
+        )
+        .with_help("remove the tag; quote the value if it must be text"),
+        LoadError::DuplicateKey(inner) => {
+            let first = inner
+                .prev_key
+                .span()
+                .start()
+                .map_or_else(|| "earlier".to_owned(), |m| format!("at line {}", m.line()));
+            Diagnostic::new(
+                file,
+                span_pos(inner.key.span()),
+                format!(
+                    "duplicate key `{}` (first written {first})",
+                    inner.key.as_str()
+                ),
+            )
+            .with_help("keep one of them; a later key would silently replace the earlier one")
+        }
+        LoadError::ScanError(m, scan) => {
+            let info = scan.info();
+            let pos = Pos::new(m.line(), m.column());
+            let line = text.lines().nth(m.line().saturating_sub(1)).unwrap_or("");
+            let help = if info.contains("tab") || line.starts_with('\t') {
+                "YAML does not allow tabs for indentation; indent with spaces"
+            } else if info.contains("recursion limit") {
+                "a plan needs only a few levels of nesting; check for unbalanced brackets"
+            } else {
+                "check the indentation and quoting near this position"
+            };
+            Diagnostic::new(file, pos, format!("invalid YAML: {info}")).with_help(help)
+        }
+    }
+}
+
+/// The 1-based start of a span (a blank span, which the loader never produces, maps to 1:1).
+pub fn span_pos(span: &Span) -> Pos {
+    span.start()
+        .map_or(Pos::new(1, 1), |m| Pos::new(m.line(), m.column()))
+}
+
+/// The position of a node.
+pub fn pos(node: &Node) -> Pos {
+    span_pos(node.span())
+}
+
+/// Whether a scalar is YAML null (`~`, `null` or nothing), which plans never mean on purpose.
+pub fn is_null(node: &Node) -> bool {
+    node.as_scalar().is_some_and(|s| {
+        s.may_coerce() && matches!(s.as_str(), "" | "~" | "null" | "Null" | "NULL")
+    })
+}
+
+/// How a node reads in a message: "a list", "a mapping", "`text`", "nothing".
+pub fn describe(node: &Node) -> String {
+    match node {
+        Node::Scalar(_) if is_null(node) => "nothing".to_owned(),
+        Node::Scalar(s) => format!("`{}`", s.as_str()),
+        Node::Mapping(_) => "a mapping".to_owned(),
+        Node::Sequence(_) => "a list".to_owned(),
+    }
+}
+
+/// Collects diagnostics for one file.
+pub struct Checker<'a> {
+    pub file: &'a Path,
+    pub diags: Vec<Diagnostic>,
+}
+
+impl<'a> Checker<'a> {
+    pub fn new(file: &'a Path) -> Self {
+        Self {
+            file,
+            diags: Vec::new(),
+        }
+    }
+
+    pub fn error(&mut self, pos: Pos, message: impl Into<String>, help: impl Into<String>) {
+        self.diags
+            .push(Diagnostic::new(self.file, pos, message).with_help(help));
+    }
+
+    fn wrong_type(&mut self, node: &Node, what: &str, expected: &str, example: &str) {
+        self.error(
+            pos(node),
+            format!("{what} must be {expected}, found {}", describe(node)),
+            format!("for example `{example}`"),
+        );
+    }
+
+    /// Checks every key of `map` against `allowed`, reporting unknown keys with a likely fix.
+    pub fn known_keys(&mut self, map: &MarkedMappingNode, allowed: &[&str], context: &str) {
+        for key in map.keys() {
+            if !allowed.contains(&key.as_str()) {
+                let help = did_you_mean(key.as_str(), allowed).map_or_else(
+                    || format!("known keys here: {}", allowed.join(", ")),
+                    |close| format!("did you mean `{close}`?"),
+                );
+                self.error(
+                    span_pos(key.span()),
+                    format!("unknown key `{}` in {context}", key.as_str()),
+                    help,
+                );
+            }
+        }
+    }
+
+    /// `node` as a mapping, or a diagnostic.
+    pub fn mapping<'n>(
+        &mut self,
+        node: &'n Node,
+        what: &str,
+        example: &str,
+    ) -> Option<&'n MarkedMappingNode> {
+        let map = node.as_mapping();
+        if map.is_none() {
+            self.wrong_type(node, what, "a mapping", example);
+        }
+        map
+    }
+
+    /// `node` as a list, or a diagnostic.
+    pub fn sequence<'n>(
+        &mut self,
+        node: &'n Node,
+        what: &str,
+        example: &str,
+    ) -> Option<&'n MarkedSequenceNode> {
+        let seq = node.as_sequence();
+        if seq.is_none() {
+            self.wrong_type(node, what, "a list", example);
+        }
+        seq
+    }
+
+    /// `node` as non-empty text, or a diagnostic.
+    pub fn text<'n>(&mut self, node: &'n Node, what: &str, example: &str) -> Option<&'n str> {
+        match node.as_scalar() {
+            Some(s) if !is_null(node) && !s.as_str().trim().is_empty() => Some(s.as_str()),
+            _ => {
+                self.wrong_type(node, what, "text", example);
+                None
+            }
+        }
+    }
+
+    /// `node` as text that may be empty (titles and descriptions can be cleared).
+    pub fn any_text<'n>(&mut self, node: &'n Node, what: &str, example: &str) -> Option<&'n str> {
+        match node.as_scalar() {
+            Some(s) if !is_null(node) || !s.may_coerce() => Some(s.as_str()),
+            Some(s) if s.as_str().is_empty() => Some(""),
+            _ => {
+                self.wrong_type(node, what, "text", example);
+                None
+            }
+        }
+    }
+
+    /// `node` as `true`/`false`, or a diagnostic.
+    pub fn boolean(&mut self, node: &Node, what: &str) -> Option<bool> {
+        match node.as_scalar().map(MarkedScalarNode::as_str) {
+            Some("true") => Some(true),
+            Some("false") => Some(false),
+            Some(other @ ("yes" | "no" | "on" | "off" | "True" | "False" | "TRUE" | "FALSE")) => {
+                let fixed = matches!(other, "yes" | "on" | "True" | "TRUE");
+                self.error(
+                    pos(node),
+                    format!("{what} must be `true` or `false`, found `{other}`"),
+                    format!("write `{fixed}`"),
+                );
+                None
+            }
+            _ => {
+                self.wrong_type(node, what, "`true` or `false`", "true");
+                None
+            }
+        }
+    }
+
+    /// `node` as a whole number at least `min`, or a diagnostic.
+    pub fn count(&mut self, node: &Node, what: &str, min: u32) -> Option<u32> {
+        let Some(s) = node.as_scalar().filter(|_| !is_null(node)) else {
+            self.wrong_type(node, what, "a whole number", "2");
+            return None;
+        };
+        match s.as_str().parse::<u32>() {
+            Ok(n) if n >= min && s.may_coerce() => Some(n),
+            Ok(n) if n >= min => {
+                self.error(
+                    pos(node),
+                    format!("{what} must be a number, found the quoted text \"{n}\""),
+                    format!("remove the quotes: `{n}`"),
+                );
+                None
+            }
+            _ => {
+                self.error(
+                    pos(node),
+                    format!(
+                        "{what} must be a whole number of at least {min}, found `{}`",
+                        s.as_str()
+                    ),
+                    format!("for example `{}`", min.max(2)),
+                );
+                None
+            }
+        }
+    }
+}
+
+impl Checker<'_> {
+    /// `node` as one of a fixed set of words. `expected` lists them for the message; a close
+    /// misspelling gets a "did you mean", anything else `help`.
+    pub fn choice<T: Copy>(
+        &mut self,
+        node: &Node,
+        what: &str,
+        options: &[(&str, T)],
+        expected: &str,
+        help: &str,
+    ) -> Option<T> {
+        let word = node.as_scalar().map_or("", MarkedScalarNode::as_str);
+        if let Some((_, value)) = options.iter().find(|(name, _)| *name == word) {
+            return Some(*value);
+        }
+        let names: Vec<&str> = options.iter().map(|(name, _)| *name).collect();
+        let help = did_you_mean(word, &names)
+            .filter(|_| !word.is_empty())
+            .map_or_else(
+                || help.to_owned(),
+                |close| format!("did you mean `{close}`?"),
+            );
+        self.error(
+            pos(node),
+            format!("{what} must be {expected}, found {}", describe(node)),
+            help,
+        );
+        None
+    }
+}
