@@ -152,7 +152,7 @@ pub fn load(path: &Path) -> Result<Config, Diagnostics> {
     let duration = |value: toml::Spanned<String>, diags: &mut Vec<Diagnostic>| {
         parse_duration(value.get_ref())
             .map_err(|e| {
-                diags.push(Diagnostic::new(path, at(value.span()), e.message).with_help(e.help))
+                diags.push(Diagnostic::new(path, at(value.span()), e.message).with_help(e.help));
             })
             .ok()
     };

@@ -135,7 +135,11 @@ struct SnapshotSchema {
 /// The plan file's JSON Schema, pretty-printed with a trailing newline.
 #[must_use]
 pub fn plan_schema_json() -> String {
-    let schema = schemars::schema_for!(PlanSchema);
+    // Plans never mean `null`: an optional key is left out, not set to nothing.
+    let generator = schemars::generate::SchemaSettings::draft2020_12()
+        .with(|s| s.option_add_null_type = false)
+        .into_generator();
+    let schema = generator.into_root_schema_for::<PlanSchema>();
     let mut text = serde_json::to_string_pretty(&schema).unwrap_or_default();
     text.push('\n');
     text
