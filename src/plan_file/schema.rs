@@ -135,12 +135,39 @@ struct SnapshotSchema {
 /// The plan file's JSON Schema, pretty-printed with a trailing newline.
 #[must_use]
 pub fn plan_schema_json() -> String {
-    // Plans never mean `null`: an optional key is left out, not set to nothing.
-    let generator = schemars::generate::SchemaSettings::draft2020_12()
-        .with(|s| s.option_add_null_type = false)
-        .into_generator();
-    let schema = generator.into_root_schema_for::<PlanSchema>();
+    let mut schema = schemars::schema_for!(PlanSchema).to_value();
+    strip_null(&mut schema);
     let mut text = serde_json::to_string_pretty(&schema).unwrap_or_default();
     text.push('\n');
     text
+}
+
+/// Plans never mean `null`: an optional key is left out, not set to nothing. schemars marks
+/// `Option` fields nullable; this takes `null` back out of every `type` and `anyOf`.
+fn strip_null(value: &mut serde_json::Value) {
+    use serde_json::Value;
+    match value {
+        Value::Object(map) => {
+            if let Some(Value::Array(types)) = map.get_mut("type") {
+                types.retain(|t| t != "null");
+                if types.len() == 1 {
+                    let only = types.remove(0);
+                    map.insert("type".to_owned(), only);
+                }
+            }
+            if let Some(Value::Array(any_of)) = map.get_mut("anyOf") {
+                any_of.retain(|s| s.get("type").is_none_or(|t| t != "null"));
+                if any_of.len() == 1 {
+                    let only = any_of.remove(0);
+                    map.remove("anyOf");
+                    if let Value::Object(inner) = only {
+                        map.extend(inner);
+                    }
+                }
+            }
+            map.values_mut().for_each(strip_null);
+        }
+        Value::Array(items) => items.iter_mut().for_each(strip_null),
+        _ => {}
+    }
 }
