@@ -14,7 +14,9 @@ pub mod commands;
 pub mod config;
 pub mod hypervisor;
 pub mod plan_file;
+pub mod planner;
 pub mod printer;
+pub mod render;
 pub mod state;
 
 use std::ffi::OsString;

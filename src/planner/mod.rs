@@ -1,0 +1,209 @@
+//! Projection of a plan's steps over observed domain state into a [`Plan`] value: every change
+//! with its before and after, how it will be applied, notes and warnings.
+//!
+//! `plan` renders this value, `plan --out` saves it, and `apply` executes it: nothing is
+//! planned twice in two different ways.
+
+mod project;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+use crate::hypervisor::{DomainId, HvError, Hypervisor};
+use crate::plan_file::{ClockTarget, PlanFile, Pos, ShutdownPolicy, SnapshotSpec};
+use crate::state::{DomainState, Kib};
+
+pub use project::project;
+
+/// Version of the JSON output and of saved plans.
+pub const FORMAT_VERSION: u32 = 1;
+
+/// Open hypervisor connections, one per URI.
+pub type Connections = BTreeMap<String, Arc<dyn Hypervisor>>;
+
+/// What a change does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ChangeAction {
+    /// The attribute will change.
+    Change,
+    /// Already as asked: nothing to do.
+    Noop,
+    /// The lockfile records this step as done.
+    Done,
+}
+
+/// One attribute of one domain at one step: the unit of `plan` output.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Change {
+    /// 1-based step number in the plan file.
+    pub step: usize,
+    pub step_id: String,
+    /// When the step is due; `None` when it runs as soon as `apply` starts.
+    pub at: Option<DateTime<Utc>>,
+    pub vm: String,
+    pub uuid: String,
+    pub connection: String,
+    pub attribute: String,
+    pub before: serde_json::Value,
+    pub after: serde_json::Value,
+    pub action: ChangeAction,
+    /// How it is applied: `live+config`, `config`, `graceful shutdown, force after 2m`, ...
+    pub method: Option<String>,
+    pub notes: Vec<String>,
+    /// Unified diff of the persistent domain XML, for XML-level changes (clock).
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub xml_diff: Option<String>,
+}
+
+/// One libvirt operation the executor performs, in order, for one step on one domain.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum Action {
+    /// Graceful shutdown (with the policy's timeout and force), or destroy for `force` mode.
+    PowerOff { policy: ShutdownPolicy },
+    Suspend,
+    Snapshot { spec: SnapshotSpec },
+    SetMaxMemory { max: Kib },
+    SetMemory { memory: Kib, live: bool },
+    SetMaxVcpus { max: u32 },
+    SetVcpus { vcpus: u32, live: bool },
+    SetClock { clock: ClockTarget },
+    SetAutostart { on: bool },
+    SetTitle { title: String },
+    SetDescription { description: String },
+    Start,
+    Resume,
+}
+
+/// One step applied to one domain: what the executor runs and what it verifies against.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PlannedStep {
+    pub step: usize,
+    pub step_id: String,
+    pub at: Option<DateTime<Utc>>,
+    pub domain: PlannedDomain,
+    pub connection: String,
+    /// The projected state before the step (what the reviewer saw).
+    pub before: DomainState,
+    /// The state the step must leave behind (verified after applying).
+    pub after: DomainState,
+    pub actions: Vec<Action>,
+    /// Recorded done in the lockfile: nothing to run.
+    pub done: bool,
+}
+
+/// A domain as resolved at plan time.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct PlannedDomain {
+    pub name: String,
+    pub uuid: String,
+}
+
+impl From<DomainId> for PlannedDomain {
+    fn from(id: DomainId) -> Self {
+        Self {
+            name: id.name,
+            uuid: id.uuid,
+        }
+    }
+}
+
+/// Identity of the plan file a [`Plan`] was made from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PlanMeta {
+    pub name: String,
+    pub file: String,
+    pub sha256: String,
+}
+
+/// Counts of changes by action.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Summary {
+    pub change: usize,
+    pub noop: usize,
+    pub done: usize,
+}
+
+/// The whole projected plan.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Plan {
+    pub meta: PlanMeta,
+    /// When the plan was made (the `now` it was projected at).
+    pub planned_at: DateTime<Utc>,
+    pub changes: Vec<Change>,
+    pub warnings: Vec<String>,
+    pub summary: Summary,
+    /// The executor's view, ordered by time then step.
+    pub steps: Vec<PlannedStep>,
+}
+
+impl Plan {
+    /// Whether anything would change.
+    #[must_use]
+    pub fn has_changes(&self) -> bool {
+        self.summary.change > 0
+    }
+}
+
+/// A step libvirt would refuse, found at plan time.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PlanProblem {
+    pub file: String,
+    pub pos: Pos,
+    pub step: usize,
+    pub vm: String,
+    pub message: String,
+    pub help: String,
+}
+
+impl std::fmt::Display for PlanProblem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{}:{}: step {} ({}): {} (help: {})",
+            self.file, self.pos, self.step, self.vm, self.message, self.help
+        )
+    }
+}
+
+/// Why a plan could not be made.
+#[derive(Debug, thiserror::Error)]
+pub enum PlanError {
+    #[error("{}", .0.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n"))]
+    Problems(Vec<PlanProblem>),
+    #[error("{context}: {source}")]
+    Libvirt {
+        context: String,
+        #[source]
+        source: HvError,
+    },
+}
+
+/// Where lockfile progress comes from, so `plan` shows done steps as done.
+pub trait Progress {
+    /// Whether step `step_id` is recorded done for the domain with `uuid`.
+    fn is_done(&self, step_id: &str, uuid: &str) -> bool;
+}
+
+/// No lockfile: nothing is done yet.
+pub struct NoProgress;
+
+impl Progress for NoProgress {
+    fn is_done(&self, _: &str, _: &str) -> bool {
+        false
+    }
+}
+
+/// Everything the planner needs besides the plan file.
+pub struct PlanInput<'a> {
+    pub file: &'a PlanFile,
+    pub connections: &'a Connections,
+    /// `--connect`, which overrides every step's connection.
+    pub connect_override: Option<&'a str>,
+    pub now: DateTime<Utc>,
+    pub progress: &'a dyn Progress,
+}

@@ -1,0 +1,675 @@
+//! Walks each domain's steps in time order over its observed state, so each step's
+//! before-state is what the previous steps leave, and records the operations and changes.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use chrono::{DateTime, Utc};
+use serde_json::{json, Value};
+
+use super::{
+    Action, Change, ChangeAction, Connections, Plan, PlanError, PlanInput, PlanMeta, PlanProblem,
+    PlannedDomain, PlannedStep, Summary,
+};
+use crate::hypervisor::{domain_xml, DomainId, ErrorKind, Hypervisor};
+use crate::plan_file::units::format_duration;
+use crate::plan_file::{
+    ClockTarget, Located, PlanFile, PowerTarget, ShutdownMode, ShutdownPolicy, Step,
+};
+use crate::state::{ClockState, DomainState, LiveFigures, PowerState};
+
+/// Projects the plan over live state read through `input.connections`.
+///
+/// # Errors
+/// [`PlanError::Problems`] for steps libvirt would refuse or domains that cannot be found,
+/// [`PlanError::Libvirt`] when reading state fails.
+pub fn project(input: &PlanInput<'_>) -> Result<Plan, PlanError> {
+    let file = input.file;
+    let mut problems = Vec::new();
+    let resolved = resolve_targets(input, &mut problems)?;
+
+    // Group each domain's steps, in time order (steps without `at` run first).
+    let mut per_domain: BTreeMap<(String, String), Vec<&Step>> = BTreeMap::new();
+    let mut ids: BTreeMap<(String, String), DomainId> = BTreeMap::new();
+    for (step, uri, id) in &resolved {
+        let key = (uri.clone(), id.uuid.clone());
+        per_domain.entry(key.clone()).or_default().push(step);
+        ids.insert(key, id.clone());
+    }
+    for steps in per_domain.values_mut() {
+        steps.sort_by_key(|s| (s.at.as_ref().map(|a| a.value), s.number));
+    }
+
+    let observed = observe(input.connections, &per_domain)?;
+    let mut out = Output::default();
+    for (key, steps) in &per_domain {
+        let (uri, _) = key;
+        let domain = &observed[key];
+        let ctx = DomainCtx {
+            file,
+            uri,
+            id: &ids[key],
+            input,
+            observed: domain,
+        };
+        ctx.project(steps, &mut out, &mut problems);
+    }
+    if !problems.is_empty() {
+        problems.sort_by_key(|p| (p.pos, p.vm.clone()));
+        return Err(PlanError::Problems(problems));
+    }
+    past_steps(input, &resolved, &mut out.warnings);
+
+    let order = |at: Option<DateTime<Utc>>, step: usize| (at, step);
+    out.changes
+        .sort_by(|a, b| order(a.at, a.step).cmp(&order(b.at, b.step)).then(a.vm.cmp(&b.vm)));
+    out.steps.sort_by(|a, b| {
+        order(a.at, a.step)
+            .cmp(&order(b.at, b.step))
+            .then(a.domain.name.cmp(&b.domain.name))
+    });
+    let mut summary = Summary::default();
+    for c in &out.changes {
+        match c.action {
+            ChangeAction::Change => summary.change += 1,
+            ChangeAction::Noop => summary.noop += 1,
+            ChangeAction::Done => summary.done += 1,
+        }
+    }
+    let mut seen = BTreeSet::new();
+    out.warnings.retain(|w| seen.insert(w.clone()));
+    Ok(Plan {
+        meta: PlanMeta {
+            name: file.name.clone(),
+            file: file.path.display().to_string(),
+            sha256: file.sha256.clone(),
+        },
+        planned_at: input.now,
+        changes: out.changes,
+        warnings: out.warnings,
+        summary,
+        steps: out.steps,
+    })
+}
+
+type Resolved<'a> = Vec<(&'a Step, String, DomainId)>;
+
+/// Resolves every step's domains, each name once per connection.
+fn resolve_targets<'a>(
+    input: &PlanInput<'a>,
+    problems: &mut Vec<PlanProblem>,
+) -> Result<Resolved<'a>, PlanError> {
+    let file = input.file;
+    let mut cache: BTreeMap<(String, String), Option<DomainId>> = BTreeMap::new();
+    let mut resolved = Vec::new();
+    for step in &file.steps {
+        let Some(uri) = input.connect_override.map(str::to_owned).or_else(|| step.connection.clone()) else {
+            problems.push(problem(file, step, step.pos, "-", "the step has no libvirt connection".to_owned(),
+                "add `connection: qemu:///system` to the plan, set `connection` in virtplan.toml, or pass --connect URI"));
+            continue;
+        };
+        let Some(hv) = input.connections.get(&uri) else {
+            return Err(PlanError::Libvirt {
+                context: format!("step {}", step.number),
+                source: crate::hypervisor::HvError::new(ErrorKind::Other, format!("no open connection to {uri}")),
+            });
+        };
+        for target in &step.targets {
+            let key = (uri.clone(), target.name_or_uuid.clone());
+            if !cache.contains_key(&key) {
+                let found = match hv.resolve(&target.name_or_uuid) {
+                    Ok(id) => Some(id),
+                    Err(e) if e.kind == ErrorKind::NotFound => None,
+                    Err(e) => {
+                        return Err(PlanError::Libvirt {
+                            context: format!("looking up `{}` on {uri}", target.name_or_uuid),
+                            source: e,
+                        })
+                    }
+                };
+                cache.insert(key.clone(), found);
+            }
+            match &cache[&key] {
+                Some(id) => resolved.push((step, uri.clone(), id.clone())),
+                None => problems.push(problem(
+                    file,
+                    step,
+                    target.pos,
+                    &target.name_or_uuid,
+                    format!("no domain named `{}` on {uri}", target.name_or_uuid),
+                    &format!("check the name or UUID with `virsh -c {uri} list --all`; virtplan never guesses"),
+                )),
+            }
+        }
+    }
+    Ok(resolved)
+}
+
+/// Reads every targeted domain: one bulk call per connection, the persistent XML only for
+/// domains with clock steps, snapshot names only for domains with snapshot steps.
+fn observe(
+    connections: &Connections,
+    per_domain: &BTreeMap<(String, String), Vec<&Step>>,
+) -> Result<BTreeMap<(String, String), Observed>, PlanError> {
+    let mut by_uri: BTreeMap<&str, Vec<String>> = BTreeMap::new();
+    for (uri, uuid) in per_domain.keys() {
+        by_uri.entry(uri).or_default().push(uuid.clone());
+    }
+    let mut result = BTreeMap::new();
+    for (uri, uuids) in by_uri {
+        let hv = &connections[uri];
+        let libvirt = |context: String| move |source| PlanError::Libvirt { context, source };
+        let states = hv
+            .observe_many(&uuids, false)
+            .map_err(libvirt(format!("reading domain state on {uri}")))?;
+        let needs_host_cpus = per_domain
+            .iter()
+            .filter(|((u, _), _)| u == uri)
+            .flat_map(|(_, steps)| steps.iter())
+            .any(|s| s.attributes.vcpus.is_some() || s.attributes.max_vcpus.is_some());
+        let host_cpus = if needs_host_cpus {
+            Some(hv.host_cpus().map_err(libvirt(format!("reading host CPUs of {uri}")))?)
+        } else {
+            None
+        };
+        for state in states {
+            let key = (uri.to_owned(), state.uuid.clone());
+            let steps = &per_domain[&key];
+            let mut obs = Observed {
+                state,
+                xml: None,
+                snapshots: BTreeSet::new(),
+                host_cpus,
+            };
+            if steps.iter().any(|s| s.attributes.clock.is_some()) {
+                let xml = hv
+                    .domain_xml(&key.1, true)
+                    .map_err(libvirt(format!("reading the definition of {}", obs.state.name)))?;
+                let clock = domain_xml::read_clock(&xml).map_err(|e| PlanError::Libvirt {
+                    context: format!("reading the clock of {}", obs.state.name),
+                    source: crate::hypervisor::HvError::new(ErrorKind::Other, e.to_string()),
+                })?;
+                obs.state.clock = Some(clock);
+                obs.xml = Some(xml);
+            }
+            if steps.iter().any(|s| s.attributes.snapshot.is_some()) {
+                obs.snapshots = snapshot_names(hv.as_ref(), &key.1)
+                    .map_err(libvirt(format!("listing snapshots of {}", obs.state.name)))?;
+            }
+            result.insert(key, obs);
+        }
+    }
+    Ok(result)
+}
+
+fn snapshot_names(
+    hv: &dyn Hypervisor,
+    uuid: &str,
+) -> Result<BTreeSet<String>, crate::hypervisor::HvError> {
+    Ok(hv.snapshot_names(uuid)?.into_iter().collect())
+}
+
+struct Observed {
+    state: DomainState,
+    xml: Option<String>,
+    snapshots: BTreeSet<String>,
+    host_cpus: Option<u32>,
+}
+
+#[derive(Default)]
+struct Output {
+    changes: Vec<Change>,
+    steps: Vec<PlannedStep>,
+    warnings: Vec<String>,
+}
+
+fn problem(
+    file: &PlanFile,
+    step: &Step,
+    pos: crate::plan_file::Pos,
+    vm: &str,
+    message: String,
+    help: &str,
+) -> PlanProblem {
+    PlanProblem {
+        file: file.path.display().to_string(),
+        pos,
+        step: step.number,
+        vm: vm.to_owned(),
+        message,
+        help: help.to_owned(),
+    }
+}
+
+fn past_steps(input: &PlanInput<'_>, resolved: &Resolved<'_>, warnings: &mut Vec<String>) {
+    let file = input.file;
+    let mut seen = BTreeSet::new();
+    for (step, _, id) in resolved {
+        let Some(at) = &step.at else { continue };
+        let deadline = chrono::Duration::from_std(file.grace)
+            .ok()
+            .and_then(|g| at.value.checked_add_signed(g))
+            .unwrap_or(at.value);
+        let deadline = file.window.map_or(deadline, |w| deadline.min(w.end));
+        if deadline < input.now
+            && seen.insert(step.number)
+            && !input.progress.is_done(&step.id(), &id.uuid)
+        {
+            warnings.push(format!(
+                "step {} ({}) was due at {} and its grace ({}) has passed: apply would record it as missed and not run it",
+                step.number,
+                id.name,
+                crate::render::show_time(at.value, file.timezone),
+                format_duration(file.grace)
+            ));
+        }
+    }
+}
+
+struct DomainCtx<'a> {
+    file: &'a PlanFile,
+    uri: &'a str,
+    id: &'a DomainId,
+    input: &'a PlanInput<'a>,
+    observed: &'a Observed,
+}
+
+/// Changes and actions of one step as they are worked out.
+struct StepBuild<'a> {
+    base: &'a DomainCtx<'a>,
+    step: &'a Step,
+    step_id: String,
+    changes: Vec<Change>,
+    actions: Vec<Action>,
+}
+
+impl StepBuild<'_> {
+    fn change(&mut self, attribute: &str, before: Value, after: Value, method: Option<String>, notes: Vec<String>) -> usize {
+        let action = if before == after {
+            ChangeAction::Noop
+        } else {
+            ChangeAction::Change
+        };
+        self.changes.push(Change {
+            step: self.step.number,
+            step_id: self.step_id.clone(),
+            at: self.step.at.as_ref().map(|a| a.value),
+            vm: self.base.id.name.clone(),
+            uuid: self.base.id.uuid.clone(),
+            connection: self.base.uri.to_owned(),
+            attribute: attribute.to_owned(),
+            before,
+            after,
+            action,
+            method,
+            notes,
+            xml_diff: None,
+        });
+        self.changes.len() - 1
+    }
+
+    fn problem(&self, pos: crate::plan_file::Pos, message: String, help: &str) -> PlanProblem {
+        problem(self.base.file, self.step, pos, &self.base.id.name, message, help)
+    }
+}
+
+/// Domain-wide facts carried from step to step.
+struct Carry {
+    state: DomainState,
+    xml: Option<String>,
+    snapshots: BTreeSet<String>,
+    /// A clock change waiting for a boot: (change index in output, step number).
+    pending_clock: Option<(usize, usize)>,
+}
+
+impl DomainCtx<'_> {
+    fn project(&self, steps: &[&Step], out: &mut Output, problems: &mut Vec<PlanProblem>) {
+        let mut carry = Carry {
+            state: self.observed.state.clone(),
+            xml: self.observed.xml.clone(),
+            snapshots: self.observed.snapshots.clone(),
+            pending_clock: None,
+        };
+        for step in steps {
+            let before = carry.state.clone();
+            let mut b = StepBuild {
+                base: self,
+                step,
+                step_id: step.id(),
+                changes: Vec::new(),
+                actions: Vec::new(),
+            };
+            let first_change = out.changes.len();
+            if let Err(p) = self.project_step(&mut b, &mut carry, out, first_change) {
+                problems.push(p);
+                continue;
+            }
+            let done = self.input.progress.is_done(&b.step_id, &self.id.uuid);
+            if done {
+                b.changes.iter_mut().for_each(|c| c.action = ChangeAction::Done);
+                b.actions.clear();
+            }
+            out.steps.push(PlannedStep {
+                step: step.number,
+                step_id: b.step_id.clone(),
+                at: step.at.as_ref().map(|a| a.value),
+                domain: PlannedDomain::from(self.id.clone()),
+                connection: self.uri.to_owned(),
+                before,
+                after: carry.state.clone(),
+                actions: b.actions,
+                done,
+            });
+            out.changes.extend(b.changes);
+        }
+        if let Some((index, number)) = carry.pending_clock {
+            let note = "takes effect at the next boot, and no later step of this plan boots the domain".to_owned();
+            if let Some(change) = out.changes.get_mut(index) {
+                change.notes.push(note);
+            }
+            out.warnings.push(format!(
+                "the clock change of {} in step {number} takes effect only at its next boot, which this plan does not include",
+                self.id.name
+            ));
+        }
+    }
+
+    fn project_step(
+        &self,
+        b: &mut StepBuild<'_>,
+        carry: &mut Carry,
+        out: &mut Output,
+        first_change: usize,
+    ) -> Result<(), PlanProblem> {
+        let step = b.step;
+        let a = &step.attributes;
+        let power = a.power.as_ref().map(|p| p.value);
+        settled(b, &carry.state, a.power.as_ref())?;
+
+        // 1. Power off (or pause a running domain) before anything else.
+        match power {
+            Some(PowerTarget::Shutoff) => {
+                let state = &mut carry.state;
+                let method = state.power.is_active().then(|| shutdown_method(step.shutdown));
+                if state.power.is_active() {
+                    b.actions.push(Action::PowerOff { policy: step.shutdown });
+                    if step.shutdown.mode == ShutdownMode::Graceful && !step.shutdown.force_after_timeout {
+                        out.warnings.push(format!(
+                            "step {} shuts {} down gracefully with force_after_timeout: false; a guest that ignores ACPI never stops, and the step fails after {}",
+                            step.number, self.id.name, format_duration(step.shutdown.timeout)
+                        ));
+                    }
+                }
+                b.change("power", json!(state.power.as_str()), json!("shutoff"), method, vec![]);
+                state.power = PowerState::Shutoff;
+                state.live = None;
+            }
+            Some(PowerTarget::Paused) if carry.state.power == PowerState::Running => {
+                b.actions.push(Action::Suspend);
+                b.change("power", json!("running"), json!("paused"), Some("suspend".into()), vec![]);
+                carry.state.power = PowerState::Paused;
+            }
+            _ => {}
+        }
+
+        // 2. Snapshot: after power-off (consistent), before configuration (captures the old state).
+        if let Some(snap) = &a.snapshot {
+            let name = &snap.value.name;
+            let exists = carry.snapshots.contains(name);
+            let notes = if exists { vec![format!("a snapshot named `{name}` exists: nothing to do")] } else { vec![] };
+            b.change("snapshot", json!(exists.then_some(name)), json!(name), Some("snapshot create".into()), notes);
+            if !exists {
+                b.actions.push(Action::Snapshot { spec: snap.value.clone() });
+                carry.snapshots.insert(name.clone());
+            }
+        }
+
+        // 3. Configuration.
+        self.memory_steps(b, &mut carry.state)?;
+        self.vcpu_steps(b, &mut carry.state, &mut out.warnings)?;
+        if let Some(clock) = &a.clock {
+            self.clock_step(b, carry, clock, first_change);
+        }
+        let state = &mut carry.state;
+        if let Some(on) = &a.autostart {
+            b.change("autostart", json!(state.autostart), json!(on.value), Some("set autostart".into()), vec![]);
+            if state.autostart != on.value {
+                b.actions.push(Action::SetAutostart { on: on.value });
+                state.autostart = on.value;
+            }
+        }
+        if let Some(title) = &a.title {
+            b.change("title", json!(state.title), json!(title.value), Some("metadata".into()), vec![]);
+            if state.title != title.value {
+                b.actions.push(Action::SetTitle { title: title.value.clone() });
+                state.title.clone_from(&title.value);
+            }
+        }
+        if let Some(description) = &a.description {
+            b.change("description", json!(state.description), json!(description.value), Some("metadata".into()), vec![]);
+            if state.description != description.value {
+                b.actions.push(Action::SetDescription { description: description.value.clone() });
+                state.description.clone_from(&description.value);
+            }
+        }
+
+        // 4. Power on last, so the new configuration boots.
+        let before_power = carry.state.power;
+        let boots = match power {
+            Some(PowerTarget::Running) => match before_power {
+                PowerState::Running => false,
+                PowerState::Paused => {
+                    b.actions.push(Action::Resume);
+                    false
+                }
+                _ => {
+                    b.actions.push(Action::Start);
+                    true
+                }
+            },
+            Some(PowerTarget::Paused) if !before_power.is_active() => {
+                b.actions.extend([Action::Start, Action::Suspend]);
+                true
+            }
+            _ => false,
+        };
+        if let Some(target) = power.filter(|p| *p != PowerTarget::Shutoff) {
+            if !(target == PowerTarget::Paused && b.changes.iter().any(|c| c.attribute == "power")) {
+                let method = match (before_power, boots) {
+                    (_, true) if target == PowerTarget::Paused => Some("start, then suspend".to_owned()),
+                    (_, true) => Some("start".to_owned()),
+                    (PowerState::Paused, false) if target == PowerTarget::Running => Some("resume".to_owned()),
+                    _ => None,
+                };
+                b.change("power", json!(before_power.as_str()), json!(target.to_string()), method, vec![]);
+            }
+            let state = &mut carry.state;
+            state.power = target.as_state();
+            if boots {
+                state.live = Some(LiveFigures { memory: state.memory, vcpus: state.vcpus });
+                if let Some((index, _)) = carry.pending_clock.take() {
+                    let note = format!("takes effect when step {} boots the domain", step.number);
+                    match out.changes.get_mut(index) {
+                        Some(change) => change.notes.push(note),
+                        None => {
+                            if let Some(change) = b.changes.get_mut(index - first_change) {
+                                change.notes.push(note);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn memory_steps(&self, b: &mut StepBuild<'_>, state: &mut DomainState) -> Result<(), PlanProblem> {
+        let a = &b.step.attributes;
+        let active = state.power.is_active();
+        let name = &self.id.name;
+        if let Some(max) = &a.max_memory {
+            if active {
+                return Err(b.problem(max.pos, format!("`max_memory` needs {name} off, but it is {} at this step", state.power),
+                    "add `power: shutoff` to this step (power-off is applied first) or to an earlier step"));
+            }
+            let mut notes = vec![];
+            if state.memory > max.value {
+                notes.push(format!("current memory is lowered from {} to {} with it", state.memory, max.value));
+                state.memory = max.value;
+            }
+            b.change("max_memory", json!(state.max_memory.0), json!(max.value.0), Some("config".into()), notes);
+            if state.max_memory != max.value {
+                b.actions.push(Action::SetMaxMemory { max: max.value });
+                state.max_memory = max.value;
+            }
+        }
+        if let Some(mem) = &a.memory {
+            let v = mem.value;
+            let mut notes = vec![];
+            if active {
+                if v > state.max_memory {
+                    return Err(b.problem(mem.pos,
+                        format!("`memory` {v} is above the maximum {} of {name}, which is {} at this step", state.max_memory, state.power),
+                        "a running domain cannot grow past its maximum: power it off in this step or an earlier one (the maximum is then raised), or raise `max_memory` while it is off"));
+                }
+                if state.memory != v {
+                    notes.push("the live balloon target is set too; a guest without a balloon driver keeps its current size until the next boot".to_owned());
+                }
+            } else if v > state.max_memory {
+                notes.push(format!("max memory is raised from {} to {v} first (the domain is off)", state.max_memory));
+            }
+            let method = if active { "live+config" } else { "config" };
+            b.change("memory", json!(state.memory.0), json!(v.0), Some(method.into()), notes);
+            if state.memory != v || (active && state.live.is_some_and(|l| l.memory != v)) {
+                if !active && v > state.max_memory {
+                    b.actions.push(Action::SetMaxMemory { max: v });
+                    state.max_memory = v;
+                }
+                b.actions.push(Action::SetMemory { memory: v, live: active });
+                state.memory = v;
+                if let Some(live) = state.live.as_mut() {
+                    live.memory = v;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn vcpu_steps(
+        &self,
+        b: &mut StepBuild<'_>,
+        state: &mut DomainState,
+        host_warnings: &mut Vec<String>,
+    ) -> Result<(), PlanProblem> {
+        let a = &b.step.attributes;
+        let active = state.power.is_active();
+        let name = &self.id.name;
+        let host_note = |n: u32| {
+            self.observed.host_cpus.filter(|h| n > *h).map(|h| {
+                format!("{n} vCPUs is more than the {h} CPUs of the host")
+            })
+        };
+        let mut warnings = vec![];
+        if let Some(max) = &a.max_vcpus {
+            if active {
+                return Err(b.problem(max.pos, format!("`max_vcpus` needs {name} off, but it is {} at this step", state.power),
+                    "add `power: shutoff` to this step (power-off is applied first) or to an earlier step"));
+            }
+            let mut notes: Vec<String> = host_note(max.value).into_iter().collect();
+            warnings.extend(notes.clone());
+            if state.vcpus > max.value {
+                notes.push(format!("current vCPUs are lowered from {} to {} with it", state.vcpus, max.value));
+                state.vcpus = max.value;
+            }
+            b.change("max_vcpus", json!(state.max_vcpus), json!(max.value), Some("config".into()), notes);
+            if state.max_vcpus != max.value {
+                b.actions.push(Action::SetMaxVcpus { max: max.value });
+                state.max_vcpus = max.value;
+            }
+        }
+        if let Some(n) = &a.vcpus {
+            let v = n.value;
+            let mut notes: Vec<String> = host_note(v).into_iter().collect();
+            warnings.extend(notes.clone());
+            if active {
+                if v > state.max_vcpus {
+                    return Err(b.problem(n.pos,
+                        format!("`vcpus` {v} is above the maximum {} of {name}, which is {} at this step", state.max_vcpus, state.power),
+                        "vCPUs can be hot-plugged only up to the maximum: power the domain off in this step or an earlier one (the maximum is then raised), or raise `max_vcpus` while it is off"));
+                }
+                if state.live.is_some_and(|l| v < l.vcpus) {
+                    notes.push("removing vCPUs from a running guest needs the guest to release them (hot-unplug)".to_owned());
+                }
+            } else if v > state.max_vcpus {
+                notes.push(format!("the vCPU maximum is raised from {} to {v} first (the domain is off)", state.max_vcpus));
+            }
+            let method = if active { "live (hotplug)+config" } else { "config" };
+            b.change("vcpus", json!(state.vcpus), json!(v), Some(method.into()), notes);
+            if state.vcpus != v || (active && state.live.is_some_and(|l| l.vcpus != v)) {
+                if !active && v > state.max_vcpus {
+                    b.actions.push(Action::SetMaxVcpus { max: v });
+                    state.max_vcpus = v;
+                }
+                b.actions.push(Action::SetVcpus { vcpus: v, live: active });
+                state.vcpus = v;
+                if let Some(live) = state.live.as_mut() {
+                    live.vcpus = v;
+                }
+            }
+        }
+        host_warnings.extend(
+            warnings
+                .into_iter()
+                .map(|w| format!("step {} ({name}): {w}", b.step.number)),
+        );
+        Ok(())
+    }
+
+    fn clock_step(&self, b: &mut StepBuild<'_>, carry: &mut Carry, clock: &Located<ClockTarget>, first_change: usize) {
+        let before = carry.state.clock.clone().unwrap_or_default();
+        let after = ClockState {
+            offset: clock.value.offset.map(|o| o.as_str().to_owned()).or_else(|| before.offset.clone()),
+            rtc_track: clock.value.track.map(|t| t.as_str().to_owned()).or_else(|| before.rtc_track.clone()),
+        };
+        let index = b.change("clock", clock_json(&before), clock_json(&after), Some("persistent XML, redefined".into()), vec![]);
+        if before == after {
+            return;
+        }
+        b.actions.push(Action::SetClock { clock: clock.value });
+        if let Some(xml) = &carry.xml {
+            if let Ok(new_xml) = domain_xml::set_clock(xml, after.offset.as_deref(), after.rtc_track.as_deref()) {
+                let diff = similar::TextDiff::from_lines(xml.as_str(), new_xml.as_str())
+                    .unified_diff()
+                    .context_radius(2)
+                    .header("before", "after")
+                    .to_string();
+                b.changes[index].xml_diff = Some(diff);
+                carry.xml = Some(new_xml);
+            }
+        }
+        carry.state.clock = Some(after);
+        carry.pending_clock = Some((first_change + index, b.step.number));
+    }
+}
+
+fn clock_json(c: &ClockState) -> Value {
+    json!({ "offset": c.offset, "track": c.rtc_track })
+}
+
+fn shutdown_method(p: ShutdownPolicy) -> String {
+    match (p.mode, p.force_after_timeout) {
+        (ShutdownMode::Force, _) => "force (destroy)".to_owned(),
+        (ShutdownMode::Graceful, true) => format!("graceful shutdown, force after {}", format_duration(p.timeout)),
+        (ShutdownMode::Graceful, false) => format!("graceful shutdown, wait up to {}, never force", format_duration(p.timeout)),
+    }
+}
+
+/// A power change from a transitional state (shutting down, pmsuspended) cannot be planned.
+fn settled(b: &StepBuild<'_>, state: &DomainState, power: Option<&Located<PowerTarget>>) -> Result<(), PlanProblem> {
+    let Some(power) = power else { return Ok(()) };
+    match state.power {
+        PowerState::Running | PowerState::Paused | PowerState::Shutoff | PowerState::Crashed => Ok(()),
+        other => Err(b.problem(power.pos,
+            format!("{} is {other}; virtplan cannot plan a power change from that state", b.base.id.name),
+            "wait until the domain is running, paused or shut off, then run `virtplan plan` again")),
+    }
+}
