@@ -173,7 +173,12 @@ fn write_domain(w: &mut Writer<Vec<u8>>, d: &FleetDomain) -> io::Result<()> {
     text_element(w, "memory", &d.max_memory.0.to_string(), &unit)?;
     text_element(w, "currentMemory", &d.memory.0.to_string(), &unit)?;
     let current = d.vcpus.to_string();
-    text_element(w, "vcpu", &d.max_vcpus.to_string(), &[("current", &current)])?;
+    text_element(
+        w,
+        "vcpu",
+        &d.max_vcpus.to_string(),
+        &[("current", &current)],
+    )?;
 
     w.write_event(Event::Start(BytesStart::new("os")))?;
     text_element(w, "type", "hvm", &[("arch", "x86_64")])?;
@@ -258,9 +263,14 @@ mod tests {
     fn node_xml_escapes_names_and_marks_shutoff_domains() {
         let xml = node_xml(&[
             FleetDomain::new("a<&>'\"b").title("x & y"),
-            FleetDomain::new("up").running(true).clock(None, Some("wall")),
+            FleetDomain::new("up")
+                .running(true)
+                .clock(None, Some("wall")),
         ]);
-        assert!(xml.contains("<name>a&lt;&amp;&gt;&apos;&quot;b</name>"), "{xml}");
+        assert!(
+            xml.contains("<name>a&lt;&amp;&gt;&apos;&quot;b</name>"),
+            "{xml}"
+        );
         assert!(xml.contains("<title>x &amp; y</title>"));
         assert_eq!(xml.matches("<test:runstate>5</test:runstate>").count(), 1);
         assert!(xml.contains(r#"<timer name="rtc" track="wall"/>"#));
