@@ -1,6 +1,626 @@
 //! libvirt through the `virt` crate: the only module that imports `virt`.
+//!
+//! Reading a domain (`observe`) takes the power state and live figures from the running domain
+//! and every configuration figure from the persistent definition (the inactive XML), because
+//! that is what survives a reboot and what the planner projects.
+//!
+//! `observe_many` makes one bulk `virConnectGetAllDomainStats` call (state, balloon, vCPU
+//! groups) and two domain listings (autostart, transient), then one `virDomainGetXMLDesc`
+//! (inactive) per domain for the persistent figures, title, description and clock. Only when
+//! the driver leaves the balloon/vCPU groups out (the test driver fills in `state` only) does it
+//! add one `virDomainGetInfo` per active domain for the live figures.
+
+use std::collections::{HashMap, HashSet};
+use std::ffi::CStr;
+use std::sync::Once;
+
+use quick_xml::events::{BytesEnd, BytesStart, BytesText, Event};
+use quick_xml::Writer;
+use virt::connect::Connect;
+use virt::domain::{Domain, DomainState as VirtState, DomainStateEnum};
+use virt::enumutil::Enum;
+use virt::error::{Error as VirtError, ErrorNumber};
+use virt::sys;
+
+use super::domain_xml::{self, DefinitionSummary};
+use super::{DomainId, ErrorKind, HvError, HvResult, Hypervisor, Scope};
+use crate::state::{DomainState, Kib, LiveFigures, PowerState};
 
 /// Stops libvirt from printing every handled error to stderr; call once before connecting.
 pub fn silence_stderr_printer() {
     virt::error::clear_error_callback();
+}
+
+static SILENCE: Once = Once::new();
+
+/// One libvirt connection.
+///
+/// `virt::connect::Connect` is `Send + Sync` (libvirt connections are thread-safe: every public
+/// API call takes the connection's lock), so `Libvirt` is too and may be shared through an `Arc`
+/// by the executor's worker threads. Each call keeps its own `Domain` handle.
+pub struct Libvirt {
+    uri: String,
+    conn: Connect,
+    /// The test driver refuses `VIR_DOMAIN_AFFECT_LIVE | VIR_DOMAIN_AFFECT_CONFIG` in one
+    /// memory call ("mutually exclusive"), so live+config memory changes go in two calls there.
+    split_memory_scope: bool,
+}
+
+impl std::fmt::Debug for Libvirt {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Libvirt").field("uri", &self.uri).finish()
+    }
+}
+
+impl Libvirt {
+    /// Opens a read-write connection to `uri` (`qemu:///system`, `test:///abs/node.xml`, ...).
+    ///
+    /// # Errors
+    ///
+    /// Fails with a message naming the URI and how to check it when libvirt cannot be reached.
+    pub fn connect(uri: &str) -> HvResult<Self> {
+        SILENCE.call_once(silence_stderr_printer);
+        let conn = Connect::open(Some(uri)).map_err(|e| {
+            let kind = classify(&e);
+            HvError::new(
+                kind,
+                format!(
+                    "cannot connect to libvirt at {uri}: {}; is libvirtd running and may this \
+                     user use it? try `virsh -c {uri} version`",
+                    e.message().trim_end()
+                ),
+            )
+        })?;
+        let split_memory_scope = conn
+            .driver_type()
+            .is_ok_and(|t| t.eq_ignore_ascii_case("test"));
+        Ok(Self {
+            uri: uri.to_owned(),
+            conn,
+            split_memory_scope,
+        })
+    }
+
+    fn lookup(&self, uuid: &str) -> HvResult<Domain> {
+        self.conn
+            .lookup_domain_by_uuid_string(uuid)
+            .map_err(|e| hv_error(&format!("domain {uuid}"), &e))
+    }
+
+    /// Title or description of the persistent definition (the live one for transient domains).
+    fn metadata_text(dom: &Domain, kind: u32, persistent: bool, uuid: &str) -> HvResult<String> {
+        let flags = if persistent {
+            sys::VIR_DOMAIN_AFFECT_CONFIG
+        } else {
+            sys::VIR_DOMAIN_AFFECT_CURRENT
+        };
+        match dom.metadata(metadata_kind(kind), None, flags) {
+            Ok(text) => Ok(text),
+            Err(e) if e.code() == Enum::Known(ErrorNumber::NoDomainMetadata) => Ok(String::new()),
+            Err(e) => Err(hv_error(&format!("read metadata of {uuid}"), &e)),
+        }
+    }
+
+    fn set_metadata_text(&self, uuid: &str, kind: u32, text: &str) -> HvResult<()> {
+        let dom = self.lookup(uuid)?;
+        let what = format!("set metadata of {uuid}");
+        let active = dom.is_active().map_err(|e| hv_error(&what, &e))?;
+        let persistent = dom.is_persistent().map_err(|e| hv_error(&what, &e))?;
+        let mut flags = 0;
+        if active {
+            flags |= sys::VIR_DOMAIN_AFFECT_LIVE;
+        }
+        if persistent {
+            flags |= sys::VIR_DOMAIN_AFFECT_CONFIG;
+        }
+        // An empty text removes the element rather than leaving `<title></title>`.
+        let text = (!text.is_empty()).then_some(text);
+        dom.set_metadata(metadata_kind(kind), text, None, None, flags)
+            .map_err(|e| hv_error(&what, &e))
+    }
+
+    fn inactive_summary(dom: &Domain, uuid: &str) -> HvResult<DefinitionSummary> {
+        let xml = dom
+            .xml_desc(sys::VIR_DOMAIN_XML_INACTIVE)
+            .map_err(|e| hv_error(&format!("read the definition of {uuid}"), &e))?;
+        domain_xml::summarize(&xml).map_err(|e| {
+            HvError::new(
+                ErrorKind::Other,
+                format!("cannot read the definition of {uuid}: {e}"),
+            )
+        })
+    }
+
+    /// UUIDs of the domains a listing with `flags` returns (lower-case, as libvirt writes them).
+    fn listed_uuids(&self, flags: sys::virConnectListAllDomainsFlags) -> HvResult<HashSet<String>> {
+        let domains = self
+            .conn
+            .list_all_domains(flags)
+            .map_err(|e| hv_error("list domains", &e))?;
+        domains
+            .iter()
+            .map(|d| d.uuid_string().map_err(|e| hv_error("list domains", &e)))
+            .collect()
+    }
+
+    fn with_domain<T>(
+        &self,
+        uuid: &str,
+        what: &str,
+        f: impl FnOnce(&Domain) -> Result<T, VirtError>,
+    ) -> HvResult<T> {
+        let dom = self.lookup(uuid)?;
+        f(&dom).map_err(|e| hv_error(&format!("{what} {uuid}"), &e))
+    }
+}
+
+impl Hypervisor for Libvirt {
+    fn uri(&self) -> &str {
+        &self.uri
+    }
+
+    fn resolve(&self, name_or_uuid: &str) -> HvResult<DomainId> {
+        let by_name = || {
+            self.conn
+                .lookup_domain_by_name(name_or_uuid)
+                .map_err(|e| hv_error(&format!("domain {name_or_uuid:?}"), &e))
+        };
+        let dom = if looks_like_uuid(name_or_uuid) {
+            match self.conn.lookup_domain_by_uuid_string(name_or_uuid) {
+                Ok(dom) => dom,
+                // A name may look like a UUID; try it as a name before giving up.
+                Err(e) if classify(&e) == ErrorKind::NotFound => by_name()?,
+                Err(e) => return Err(hv_error(&format!("domain {name_or_uuid}"), &e)),
+            }
+        } else {
+            by_name()?
+        };
+        let what = format!("domain {name_or_uuid:?}");
+        Ok(DomainId {
+            name: dom.name().map_err(|e| hv_error(&what, &e))?,
+            uuid: dom.uuid_string().map_err(|e| hv_error(&what, &e))?,
+        })
+    }
+
+    fn observe(&self, uuid: &str, with_clock: bool) -> HvResult<DomainState> {
+        let dom = self.lookup(uuid)?;
+        let what = format!("read domain {uuid}");
+        let err = |e: VirtError| hv_error(&what, &e);
+        // `info()` rather than `state()`: virt 0.5's `state()` ignores errors.
+        let info = dom.info().map_err(err)?;
+        let power = power_state(info.state);
+        let persistent = dom.is_persistent().map_err(err)?;
+        let autostart = dom.autostart().map_err(err)?;
+        let name = dom.name().map_err(err)?;
+        let summary = Self::inactive_summary(&dom, uuid)?;
+        let title = Self::metadata_text(&dom, sys::VIR_DOMAIN_METADATA_TITLE, persistent, uuid)?;
+        let description =
+            Self::metadata_text(&dom, sys::VIR_DOMAIN_METADATA_DESCRIPTION, persistent, uuid)?;
+        let live = power.is_active().then_some(LiveFigures {
+            memory: Kib(info.memory),
+            vcpus: info.nr_virt_cpu,
+        });
+        Ok(DomainState {
+            name,
+            uuid: dom.uuid_string().map_err(err)?,
+            power,
+            memory: summary.memory,
+            max_memory: summary.max_memory,
+            vcpus: summary.vcpus,
+            max_vcpus: summary.max_vcpus,
+            autostart,
+            persistent,
+            clock: with_clock.then_some(summary.clock),
+            title,
+            description,
+            live,
+        })
+    }
+
+    fn observe_many(&self, uuids: &[String], with_clock: bool) -> HvResult<Vec<DomainState>> {
+        if uuids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let records = all_domain_stats(
+            &self.conn,
+            sys::VIR_DOMAIN_STATS_STATE
+                | sys::VIR_DOMAIN_STATS_BALLOON
+                | sys::VIR_DOMAIN_STATS_VCPU,
+        )
+        .map_err(|e| hv_error("read domain statistics", &e))?;
+        let mut by_uuid: HashMap<String, StatsRecord> =
+            records.into_iter().map(|r| (r.uuid.clone(), r)).collect();
+        let autostart = self.listed_uuids(sys::VIR_CONNECT_LIST_DOMAINS_AUTOSTART)?;
+        let transient = self.listed_uuids(sys::VIR_CONNECT_LIST_DOMAINS_TRANSIENT)?;
+
+        uuids
+            .iter()
+            .map(|requested| {
+                let key = requested.to_ascii_lowercase();
+                let record = by_uuid.remove(&key).ok_or_else(|| {
+                    HvError::new(
+                        ErrorKind::NotFound,
+                        format!("domain {requested}: no domain with this UUID"),
+                    )
+                })?;
+                let what = format!("read domain {requested}");
+                let err = |e: VirtError| hv_error(&what, &e);
+                let dom = &record.domain;
+                let (power, info) = match record.state {
+                    Some(state) => (power_state(DomainStateEnum::from_raw(state)), None),
+                    None => {
+                        let info = dom.info().map_err(err)?;
+                        (power_state(info.state), Some(info))
+                    }
+                };
+                let live = if power.is_active() {
+                    Some(match (record.balloon_current, record.vcpu_current) {
+                        (Some(memory), Some(vcpus)) => LiveFigures {
+                            memory: Kib(memory),
+                            vcpus,
+                        },
+                        _ => {
+                            let info = match info {
+                                Some(info) => info,
+                                None => dom.info().map_err(err)?,
+                            };
+                            LiveFigures {
+                                memory: Kib(info.memory),
+                                vcpus: info.nr_virt_cpu,
+                            }
+                        }
+                    })
+                } else {
+                    None
+                };
+                let summary = Self::inactive_summary(dom, requested)?;
+                Ok(DomainState {
+                    name: dom.name().map_err(err)?,
+                    uuid: key.clone(),
+                    power,
+                    memory: summary.memory,
+                    max_memory: summary.max_memory,
+                    vcpus: summary.vcpus,
+                    max_vcpus: summary.max_vcpus,
+                    autostart: autostart.contains(&key),
+                    persistent: !transient.contains(&key),
+                    clock: with_clock.then_some(summary.clock),
+                    title: summary.title,
+                    description: summary.description,
+                    live,
+                })
+            })
+            .collect()
+    }
+
+    fn domain_xml(&self, uuid: &str, inactive: bool) -> HvResult<String> {
+        let flags = if inactive {
+            sys::VIR_DOMAIN_XML_INACTIVE
+        } else {
+            0
+        };
+        self.with_domain(uuid, "read the XML of", |d| d.xml_desc(flags))
+    }
+
+    fn host_cpus(&self) -> HvResult<u32> {
+        self.conn
+            .node_info()
+            .map(|n| n.cpus)
+            .map_err(|e| hv_error(&format!("read host information of {}", self.uri), &e))
+    }
+
+    fn snapshot_names(&self, uuid: &str) -> HvResult<Vec<String>> {
+        self.with_domain(uuid, "list snapshots of", |d| {
+            d.list_all_snapshots(0)?
+                .iter()
+                .map(virt::domain_snapshot::DomainSnapshot::name)
+                .collect()
+        })
+    }
+
+    fn start(&self, uuid: &str) -> HvResult<()> {
+        self.with_domain(uuid, "start", Domain::create)
+    }
+
+    fn shutdown(&self, uuid: &str) -> HvResult<()> {
+        self.with_domain(uuid, "shut down", Domain::shutdown)
+    }
+
+    fn destroy(&self, uuid: &str) -> HvResult<()> {
+        self.with_domain(uuid, "destroy", Domain::destroy)
+    }
+
+    fn suspend(&self, uuid: &str) -> HvResult<()> {
+        self.with_domain(uuid, "suspend", Domain::suspend)
+    }
+
+    fn resume(&self, uuid: &str) -> HvResult<()> {
+        self.with_domain(uuid, "resume", Domain::resume)
+    }
+
+    fn set_memory(&self, uuid: &str, memory: Kib, scope: Scope) -> HvResult<()> {
+        let what = format!("set memory to {memory} on");
+        if self.split_memory_scope && scope.live && scope.config {
+            // Config first: if the live change then fails, the next boot still gets it.
+            return self.with_domain(uuid, &what, |d| {
+                d.set_memory_flags(memory.0, sys::VIR_DOMAIN_MEM_CONFIG)?;
+                d.set_memory_flags(memory.0, sys::VIR_DOMAIN_MEM_LIVE)
+            });
+        }
+        let flags = impact(scope);
+        self.with_domain(uuid, &what, |d| d.set_memory_flags(memory.0, flags))
+    }
+
+    fn set_max_memory(&self, uuid: &str, max: Kib) -> HvResult<()> {
+        self.with_domain(uuid, &format!("set maximum memory to {max} on"), |d| {
+            d.set_memory_flags(
+                max.0,
+                sys::VIR_DOMAIN_MEM_MAXIMUM | sys::VIR_DOMAIN_MEM_CONFIG,
+            )
+        })
+    }
+
+    fn set_vcpus(&self, uuid: &str, vcpus: u32, scope: Scope) -> HvResult<()> {
+        let flags = impact(scope);
+        self.with_domain(uuid, &format!("set {vcpus} vCPUs on"), |d| {
+            d.set_vcpus_flags(vcpus, flags)
+        })
+    }
+
+    fn set_max_vcpus(&self, uuid: &str, max: u32) -> HvResult<()> {
+        self.with_domain(uuid, &format!("set a maximum of {max} vCPUs on"), |d| {
+            d.set_vcpus_flags(
+                max,
+                sys::VIR_DOMAIN_VCPU_MAXIMUM | sys::VIR_DOMAIN_VCPU_CONFIG,
+            )
+        })
+    }
+
+    fn define_xml(&self, xml: &str) -> HvResult<()> {
+        self.conn
+            .define_domain_xml(xml)
+            .map(drop)
+            .map_err(|e| hv_error("define domain", &e))
+    }
+
+    fn set_autostart(&self, uuid: &str, on: bool) -> HvResult<()> {
+        self.with_domain(uuid, "set autostart of", |d| d.set_autostart(on))
+    }
+
+    fn set_title(&self, uuid: &str, title: &str) -> HvResult<()> {
+        self.set_metadata_text(uuid, sys::VIR_DOMAIN_METADATA_TITLE, title)
+    }
+
+    fn set_description(&self, uuid: &str, description: &str) -> HvResult<()> {
+        self.set_metadata_text(uuid, sys::VIR_DOMAIN_METADATA_DESCRIPTION, description)
+    }
+
+    fn create_snapshot(&self, uuid: &str, name: &str, description: Option<&str>) -> HvResult<()> {
+        let xml = snapshot_xml(name, description);
+        self.with_domain(uuid, &format!("create snapshot {name:?} of"), |d| {
+            d.create_snapshot_xml(&xml, 0).map(drop)
+        })
+    }
+}
+
+/// `<domainsnapshot>` with a name and an optional description, escaped by the XML writer.
+fn snapshot_xml(name: &str, description: Option<&str>) -> String {
+    let mut w = Writer::new(Vec::new());
+    let text_element = |w: &mut Writer<Vec<u8>>, tag: &str, text: &str| {
+        // Writing into a Vec cannot fail.
+        let _ = w.write_event(Event::Start(BytesStart::new(tag)));
+        let _ = w.write_event(Event::Text(BytesText::new(text)));
+        let _ = w.write_event(Event::End(BytesEnd::new(tag)));
+    };
+    let _ = w.write_event(Event::Start(BytesStart::new("domainsnapshot")));
+    text_element(&mut w, "name", name);
+    if let Some(description) = description {
+        text_element(&mut w, "description", description);
+    }
+    let _ = w.write_event(Event::End(BytesEnd::new("domainsnapshot")));
+    String::from_utf8_lossy(&w.into_inner()).into_owned()
+}
+
+/// `VIR_DOMAIN_AFFECT_*` flags; with neither live nor config, libvirt's "current" state.
+/// The memory (`VIR_DOMAIN_MEM_*`) and vCPU (`VIR_DOMAIN_VCPU_*`) flags share these values.
+fn impact(scope: Scope) -> u32 {
+    let mut flags = sys::VIR_DOMAIN_AFFECT_CURRENT;
+    if scope.live {
+        flags |= sys::VIR_DOMAIN_AFFECT_LIVE;
+    }
+    if scope.config {
+        flags |= sys::VIR_DOMAIN_AFFECT_CONFIG;
+    }
+    flags
+}
+
+fn metadata_kind(kind: u32) -> i32 {
+    // The metadata kinds are 0..=2.
+    i32::try_from(kind).unwrap_or(i32::MAX)
+}
+
+/// Whether `s` is a UUID as libvirt parses them: 32 hex digits, optionally split by dashes.
+fn looks_like_uuid(s: &str) -> bool {
+    let canonical = s.len() == 36
+        && s.char_indices().all(|(i, c)| {
+            if matches!(i, 8 | 13 | 18 | 23) {
+                c == '-'
+            } else {
+                c.is_ascii_hexdigit()
+            }
+        });
+    let bare = s.len() == 32 && s.chars().all(|c| c.is_ascii_hexdigit());
+    canonical || bare
+}
+
+fn power_state(state: Enum<VirtState, sys::virDomainState>) -> PowerState {
+    match state {
+        Enum::Known(VirtState::Running | VirtState::Blocked) => PowerState::Running,
+        Enum::Known(VirtState::Paused) => PowerState::Paused,
+        Enum::Known(VirtState::Shutdown) => PowerState::ShuttingDown,
+        Enum::Known(VirtState::Shutoff) => PowerState::Shutoff,
+        Enum::Known(VirtState::Crashed) => PowerState::Crashed,
+        Enum::Known(VirtState::PMSuspended) => PowerState::PmSuspended,
+        Enum::Known(VirtState::NoState) | Enum::Unknown(_) => PowerState::NoState,
+    }
+}
+
+/// Classifies a libvirt error by its code, so callers can tell "retry" from "give up".
+fn classify(e: &VirtError) -> ErrorKind {
+    match e.code() {
+        Enum::Known(ErrorNumber::NoDomain) => ErrorKind::NotFound,
+        Enum::Known(ErrorNumber::OperationInvalid) => ErrorKind::OperationInvalid,
+        Enum::Known(ErrorNumber::InvalidArg) => ErrorKind::InvalidArgument,
+        Enum::Known(
+            ErrorNumber::Rpc
+            | ErrorNumber::SystemError
+            | ErrorNumber::NoConnect
+            | ErrorNumber::InvalidConn
+            | ErrorNumber::OperationTimeout
+            | ErrorNumber::AgentUnresponsive,
+        ) => ErrorKind::Transient,
+        Enum::Known(ErrorNumber::NoSupport | ErrorNumber::OperationUnsupported) => {
+            ErrorKind::Unsupported
+        }
+        _ => ErrorKind::Other,
+    }
+}
+
+fn hv_error(what: &str, e: &VirtError) -> HvError {
+    HvError::new(classify(e), format!("{what}: {}", e.message().trim_end()))
+}
+
+/// What one domain's record of a bulk statistics call holds. A group the driver does not
+/// support is simply absent (`None`).
+struct StatsRecord {
+    /// Our own reference, valid after the record list is freed.
+    domain: Domain,
+    uuid: String,
+    state: Option<sys::virDomainState>,
+    balloon_current: Option<u64>,
+    vcpu_current: Option<u32>,
+}
+
+/// Frees a record list returned by `virConnectGetAllDomainStats` when dropped.
+struct StatsList(*mut sys::virDomainStatsRecordPtr);
+
+impl Drop for StatsList {
+    fn drop(&mut self) {
+        // SAFETY: the pointer came from virConnectGetAllDomainStats (or is null, which the
+        // function accepts) and is freed exactly once, here.
+        unsafe { sys::virDomainStatsRecordListFree(self.0) };
+    }
+}
+
+/// One `virConnectGetAllDomainStats` call for every domain of the connection.
+///
+/// virt 0.5's `all_domain_stats` exposes raw record pointers and never frees the list, so
+/// this wraps the C call directly.
+fn all_domain_stats(conn: &Connect, stats: u32) -> Result<Vec<StatsRecord>, VirtError> {
+    let mut list: *mut sys::virDomainStatsRecordPtr = std::ptr::null_mut();
+    // SAFETY: the connection pointer stays valid while `conn` is borrowed; `list` is an
+    // out-parameter that libvirt sets to a NULL-terminated array it allocated.
+    let n = unsafe { sys::virConnectGetAllDomainStats(conn.as_ptr(), stats, &mut list, 0) };
+    let list = StatsList(list);
+    let Ok(n) = usize::try_from(n) else {
+        return Err(VirtError::last_error());
+    };
+    (0..n)
+        .map(|i| {
+            // SAFETY: libvirt returned `n` non-null record pointers in `list.0`, alive until
+            // `list` is dropped at the end of this function.
+            let record = unsafe { &**list.0.add(i) };
+            read_record(record)
+        })
+        .collect()
+}
+
+/// Copies what we need out of one stats record and takes a reference on its domain.
+fn read_record(record: &sys::virDomainStatsRecord) -> Result<StatsRecord, VirtError> {
+    // SAFETY: `record.dom` is a valid domain pointer while the record list lives. Taking a
+    // reference (virDomainRef) lets the `Domain` wrapper own it and free it on drop.
+    let domain = unsafe {
+        if sys::virDomainRef(record.dom) < 0 {
+            return Err(VirtError::last_error());
+        }
+        Domain::from_ptr(record.dom)
+    };
+    let uuid = domain.uuid_string()?;
+    let mut out = StatsRecord {
+        domain,
+        uuid,
+        state: None,
+        balloon_current: None,
+        vcpu_current: None,
+    };
+    for param in typed_params(record) {
+        let Some(value) = typed_param_u64(param) else {
+            continue;
+        };
+        // SAFETY: libvirt NUL-terminates the fixed-size field name.
+        let field = unsafe { CStr::from_ptr(param.field.as_ptr()) };
+        match field.to_bytes() {
+            b"state.state" => out.state = sys::virDomainState::try_from(value).ok(),
+            b"balloon.current" => out.balloon_current = Some(value),
+            b"vcpu.current" => out.vcpu_current = u32::try_from(value).ok(),
+            _ => {}
+        }
+    }
+    Ok(out)
+}
+
+fn typed_params(record: &sys::virDomainStatsRecord) -> &[sys::virTypedParameter] {
+    let len = usize::try_from(record.nparams).unwrap_or(0);
+    if record.params.is_null() || len == 0 {
+        return &[];
+    }
+    // SAFETY: libvirt guarantees `params` points at `nparams` initialised parameters that live
+    // as long as the record.
+    unsafe { std::slice::from_raw_parts(record.params, len) }
+}
+
+/// The value of an integer typed parameter; `None` for other types or negative values.
+fn typed_param_u64(param: &sys::virTypedParameter) -> Option<u64> {
+    let kind = u32::try_from(param.type_).ok()?;
+    // SAFETY: the union member read is the one `type_` says libvirt wrote.
+    unsafe {
+        match kind {
+            sys::VIR_TYPED_PARAM_INT => u64::try_from(param.value.i).ok(),
+            sys::VIR_TYPED_PARAM_UINT => Some(u64::from(param.value.ui)),
+            sys::VIR_TYPED_PARAM_LLONG => u64::try_from(param.value.l).ok(),
+            sys::VIR_TYPED_PARAM_ULLONG => Some(param.value.ul),
+            _ => None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn uuid_detection() {
+        assert!(looks_like_uuid("abf5f9ff-6d72-4ca1-a391-83b7c9ec2935"));
+        assert!(looks_like_uuid("ABF5F9FF6D724CA1A39183B7C9EC2935"));
+        assert!(!looks_like_uuid("web-01"));
+        assert!(!looks_like_uuid("abf5f9ff-6d72-4ca1-a391-83b7c9ec293z"));
+    }
+
+    #[test]
+    fn snapshot_xml_is_escaped() {
+        assert_eq!(
+            snapshot_xml("a<b", Some("x & y")),
+            "<domainsnapshot><name>a&lt;b</name><description>x &amp; y</description></domainsnapshot>"
+        );
+        assert_eq!(
+            snapshot_xml("s", None),
+            "<domainsnapshot><name>s</name></domainsnapshot>"
+        );
+    }
+
+    #[test]
+    fn scope_flags() {
+        assert_eq!(impact(Scope::BOTH), 3);
+        assert_eq!(impact(Scope::CONFIG), sys::VIR_DOMAIN_MEM_CONFIG);
+    }
 }

@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Runs virtplan's whole test suite against a real libvirtd: sets it up, then runs the tests with
+# VIRTPLAN_REQUIRE_QEMU=1 so that tests needing qemu:///system fail instead of skipping.
+set -euo pipefail
+
+cd "$(dirname "$0")/.."
+
+if [[ $(id -u) -eq 0 ]]; then
+    scripts/setup-libvirt.sh
+else
+    sudo scripts/setup-libvirt.sh
+fi
+
+export VIRTPLAN_REQUIRE_QEMU=1
+
+if cargo nextest --version >/dev/null 2>&1; then
+    cargo nextest run "$@"
+    # nextest does not run doctests.
+    cargo test --doc
+else
+    cargo test "$@"
+fi

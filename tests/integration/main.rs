@@ -1,0 +1,2 @@
+mod libvirt_adapter;
+mod support;

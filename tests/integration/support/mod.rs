@@ -1,0 +1,3 @@
+//! Shared test rigs.
+
+pub mod qemu;
