@@ -12,6 +12,7 @@ pub mod cli;
 pub mod clock;
 pub mod commands;
 pub mod config;
+pub mod fsutil;
 pub mod hypervisor;
 pub mod plan_file;
 pub mod planner;

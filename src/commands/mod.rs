@@ -1,5 +1,7 @@
 //! One thin file per subcommand, each a wrapper over a core operation.
 
+mod common;
+mod plan;
 mod schema;
 mod validate;
 
@@ -15,10 +17,25 @@ pub fn dispatch(cli: Cli, printer: &Printer) -> anyhow::Result<ExitStatus> {
     match cli.command {
         Command::Validate { plans } => Ok(validate::run(&plans, cli.config.as_deref(), printer)),
         Command::Schema => Ok(schema::run(printer)),
-        Command::Plan { .. }
-        | Command::Apply { .. }
-        | Command::Status { .. }
-        | Command::Watch { .. } => {
+        Command::Plan {
+            plan,
+            connect,
+            format,
+            out,
+            detailed_exitcode,
+        } => plan::run(
+            &plan::Args {
+                plan: &plan,
+                config: cli.config.as_deref(),
+                connect: connect.as_deref(),
+                format,
+                out: out.as_deref(),
+                detailed_exitcode,
+            },
+            &crate::clock::SystemClock,
+            printer,
+        ),
+        Command::Apply { .. } | Command::Status { .. } | Command::Watch { .. } => {
             anyhow::bail!("this command is not available in this build yet")
         }
     }

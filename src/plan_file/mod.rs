@@ -361,7 +361,10 @@ impl Step {
             canon,
             "at={:?};targets={:?};conn={:?};shutdown={:?};",
             self.at.as_ref().map(|a| a.value.to_rfc3339()),
-            self.targets.iter().map(|t| &t.name_or_uuid).collect::<Vec<_>>(),
+            self.targets
+                .iter()
+                .map(|t| &t.name_or_uuid)
+                .collect::<Vec<_>>(),
             self.connection,
             self.shutdown,
         );

@@ -18,6 +18,7 @@ use super::{
     RtcTrack, ShutdownMode, ShutdownPolicy, SnapshotSpec, Step, Target, Window, FORMAT_VERSION,
 };
 use crate::config::Config;
+use crate::render::show_time;
 
 pub const TOP_KEYS: &[&str] = &[
     "version",
@@ -678,16 +679,4 @@ fn snapshot(c: &mut Checker<'_>, node: &Node) -> Option<SnapshotSpec> {
         name: name.to_owned(),
         description,
     })
-}
-
-/// A time as the plan's readers wrote it: in the plan's zone when it has one, else UTC.
-pub fn show_time(t: DateTime<Utc>, zone: Option<Tz>) -> String {
-    zone.map_or_else(
-        || t.format("%Y-%m-%d %H:%M:%S UTC").to_string(),
-        |z| {
-            t.with_timezone(&z)
-                .format("%Y-%m-%d %H:%M:%S %Z")
-                .to_string()
-        },
-    )
 }

@@ -5,6 +5,7 @@
 //! planned twice in two different ways.
 
 mod project;
+pub mod saved;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -64,17 +65,39 @@ pub struct Change {
 #[serde(tag = "op", rename_all = "snake_case")]
 pub enum Action {
     /// Graceful shutdown (with the policy's timeout and force), or destroy for `force` mode.
-    PowerOff { policy: ShutdownPolicy },
+    PowerOff {
+        policy: ShutdownPolicy,
+    },
     Suspend,
-    Snapshot { spec: SnapshotSpec },
-    SetMaxMemory { max: Kib },
-    SetMemory { memory: Kib, live: bool },
-    SetMaxVcpus { max: u32 },
-    SetVcpus { vcpus: u32, live: bool },
-    SetClock { clock: ClockTarget },
-    SetAutostart { on: bool },
-    SetTitle { title: String },
-    SetDescription { description: String },
+    Snapshot {
+        spec: SnapshotSpec,
+    },
+    SetMaxMemory {
+        max: Kib,
+    },
+    SetMemory {
+        memory: Kib,
+        live: bool,
+    },
+    SetMaxVcpus {
+        max: u32,
+    },
+    SetVcpus {
+        vcpus: u32,
+        live: bool,
+    },
+    SetClock {
+        clock: ClockTarget,
+    },
+    SetAutostart {
+        on: bool,
+    },
+    SetTitle {
+        title: String,
+    },
+    SetDescription {
+        description: String,
+    },
     Start,
     Resume,
 }
@@ -118,6 +141,9 @@ pub struct PlanMeta {
     pub name: String,
     pub file: String,
     pub sha256: String,
+    /// The plan's IANA zone, for showing times as the plan's authors wrote them.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub timezone: Option<String>,
 }
 
 /// Counts of changes by action.

@@ -60,8 +60,11 @@ pub fn project(input: &PlanInput<'_>) -> Result<Plan, PlanError> {
     past_steps(input, &resolved, &mut out.warnings);
 
     let order = |at: Option<DateTime<Utc>>, step: usize| (at, step);
-    out.changes
-        .sort_by(|a, b| order(a.at, a.step).cmp(&order(b.at, b.step)).then(a.vm.cmp(&b.vm)));
+    out.changes.sort_by(|a, b| {
+        order(a.at, a.step)
+            .cmp(&order(b.at, b.step))
+            .then(a.vm.cmp(&b.vm))
+    });
     out.steps.sort_by(|a, b| {
         order(a.at, a.step)
             .cmp(&order(b.at, b.step))
@@ -82,6 +85,7 @@ pub fn project(input: &PlanInput<'_>) -> Result<Plan, PlanError> {
             name: file.name.clone(),
             file: file.path.display().to_string(),
             sha256: file.sha256.clone(),
+            timezone: file.timezone.map(|z| z.name().to_owned()),
         },
         planned_at: input.now,
         changes: out.changes,
@@ -102,7 +106,11 @@ fn resolve_targets<'a>(
     let mut cache: BTreeMap<(String, String), Option<DomainId>> = BTreeMap::new();
     let mut resolved = Vec::new();
     for step in &file.steps {
-        let Some(uri) = input.connect_override.map(str::to_owned).or_else(|| step.connection.clone()) else {
+        let Some(uri) = input
+            .connect_override
+            .map(str::to_owned)
+            .or_else(|| step.connection.clone())
+        else {
             problems.push(problem(file, step, step.pos, "-", "the step has no libvirt connection".to_owned(),
                 "add `connection: qemu:///system` to the plan, set `connection` in virtplan.toml, or pass --connect URI"));
             continue;
@@ -110,7 +118,10 @@ fn resolve_targets<'a>(
         let Some(hv) = input.connections.get(&uri) else {
             return Err(PlanError::Libvirt {
                 context: format!("step {}", step.number),
-                source: crate::hypervisor::HvError::new(ErrorKind::Other, format!("no open connection to {uri}")),
+                source: crate::hypervisor::HvError::new(
+                    ErrorKind::Other,
+                    format!("no open connection to {uri}"),
+                ),
             });
         };
         for target in &step.targets {
@@ -167,7 +178,10 @@ fn observe(
             .flat_map(|(_, steps)| steps.iter())
             .any(|s| s.attributes.vcpus.is_some() || s.attributes.max_vcpus.is_some());
         let host_cpus = if needs_host_cpus {
-            Some(hv.host_cpus().map_err(libvirt(format!("reading host CPUs of {uri}")))?)
+            Some(
+                hv.host_cpus()
+                    .map_err(libvirt(format!("reading host CPUs of {uri}")))?,
+            )
         } else {
             None
         };
@@ -181,9 +195,10 @@ fn observe(
                 host_cpus,
             };
             if steps.iter().any(|s| s.attributes.clock.is_some()) {
-                let xml = hv
-                    .domain_xml(&key.1, true)
-                    .map_err(libvirt(format!("reading the definition of {}", obs.state.name)))?;
+                let xml = hv.domain_xml(&key.1, true).map_err(libvirt(format!(
+                    "reading the definition of {}",
+                    obs.state.name
+                )))?;
                 let clock = domain_xml::read_clock(&xml).map_err(|e| PlanError::Libvirt {
                     context: format!("reading the clock of {}", obs.state.name),
                     source: crate::hypervisor::HvError::new(ErrorKind::Other, e.to_string()),
@@ -283,7 +298,14 @@ struct StepBuild<'a> {
 }
 
 impl StepBuild<'_> {
-    fn change(&mut self, attribute: &str, before: Value, after: Value, method: Option<String>, notes: Vec<String>) -> usize {
+    fn change(
+        &mut self,
+        attribute: &str,
+        before: Value,
+        after: Value,
+        method: Option<String>,
+        notes: Vec<String>,
+    ) -> usize {
         let action = if before == after {
             ChangeAction::Noop
         } else {
@@ -308,7 +330,14 @@ impl StepBuild<'_> {
     }
 
     fn problem(&self, pos: crate::plan_file::Pos, message: String, help: &str) -> PlanProblem {
-        problem(self.base.file, self.step, pos, &self.base.id.name, message, help)
+        problem(
+            self.base.file,
+            self.step,
+            pos,
+            &self.base.id.name,
+            message,
+            help,
+        )
     }
 }
 
@@ -345,7 +374,9 @@ impl DomainCtx<'_> {
             }
             let done = self.input.progress.is_done(&b.step_id, &self.id.uuid);
             if done {
-                b.changes.iter_mut().for_each(|c| c.action = ChangeAction::Done);
+                b.changes
+                    .iter_mut()
+                    .for_each(|c| c.action = ChangeAction::Done);
                 b.actions.clear();
             }
             out.steps.push(PlannedStep {
@@ -362,7 +393,9 @@ impl DomainCtx<'_> {
             out.changes.extend(b.changes);
         }
         if let Some((index, number)) = carry.pending_clock {
-            let note = "takes effect at the next boot, and no later step of this plan boots the domain".to_owned();
+            let note =
+                "takes effect at the next boot, and no later step of this plan boots the domain"
+                    .to_owned();
             if let Some(change) = out.changes.get_mut(index) {
                 change.notes.push(note);
             }
@@ -373,6 +406,8 @@ impl DomainCtx<'_> {
         }
     }
 
+    // One phase after another, in the documented order; splitting it would scatter the order.
+    #[allow(clippy::too_many_lines)]
     fn project_step(
         &self,
         b: &mut StepBuild<'_>,
@@ -389,23 +424,42 @@ impl DomainCtx<'_> {
         match power {
             Some(PowerTarget::Shutoff) => {
                 let state = &mut carry.state;
-                let method = state.power.is_active().then(|| shutdown_method(step.shutdown));
+                let method = state
+                    .power
+                    .is_active()
+                    .then(|| shutdown_method(step.shutdown));
                 if state.power.is_active() {
-                    b.actions.push(Action::PowerOff { policy: step.shutdown });
-                    if step.shutdown.mode == ShutdownMode::Graceful && !step.shutdown.force_after_timeout {
+                    b.actions.push(Action::PowerOff {
+                        policy: step.shutdown,
+                    });
+                    if step.shutdown.mode == ShutdownMode::Graceful
+                        && !step.shutdown.force_after_timeout
+                    {
                         out.warnings.push(format!(
                             "step {} shuts {} down gracefully with force_after_timeout: false; a guest that ignores ACPI never stops, and the step fails after {}",
                             step.number, self.id.name, format_duration(step.shutdown.timeout)
                         ));
                     }
                 }
-                b.change("power", json!(state.power.as_str()), json!("shutoff"), method, vec![]);
+                b.change(
+                    "power",
+                    json!(state.power.as_str()),
+                    json!("shutoff"),
+                    method,
+                    vec![],
+                );
                 state.power = PowerState::Shutoff;
                 state.live = None;
             }
             Some(PowerTarget::Paused) if carry.state.power == PowerState::Running => {
                 b.actions.push(Action::Suspend);
-                b.change("power", json!("running"), json!("paused"), Some("suspend".into()), vec![]);
+                b.change(
+                    "power",
+                    json!("running"),
+                    json!("paused"),
+                    Some("suspend".into()),
+                    vec![],
+                );
                 carry.state.power = PowerState::Paused;
             }
             _ => {}
@@ -415,10 +469,22 @@ impl DomainCtx<'_> {
         if let Some(snap) = &a.snapshot {
             let name = &snap.value.name;
             let exists = carry.snapshots.contains(name);
-            let notes = if exists { vec![format!("a snapshot named `{name}` exists: nothing to do")] } else { vec![] };
-            b.change("snapshot", json!(exists.then_some(name)), json!(name), Some("snapshot create".into()), notes);
+            let notes = if exists {
+                vec![format!("a snapshot named `{name}` exists: nothing to do")]
+            } else {
+                vec![]
+            };
+            b.change(
+                "snapshot",
+                json!(exists.then_some(name)),
+                json!(name),
+                Some("snapshot create".into()),
+                notes,
+            );
             if !exists {
-                b.actions.push(Action::Snapshot { spec: snap.value.clone() });
+                b.actions.push(Action::Snapshot {
+                    spec: snap.value.clone(),
+                });
                 carry.snapshots.insert(name.clone());
             }
         }
@@ -427,27 +493,49 @@ impl DomainCtx<'_> {
         self.memory_steps(b, &mut carry.state)?;
         self.vcpu_steps(b, &mut carry.state, &mut out.warnings)?;
         if let Some(clock) = &a.clock {
-            self.clock_step(b, carry, clock, first_change);
+            Self::clock_step(b, carry, clock, first_change);
         }
         let state = &mut carry.state;
         if let Some(on) = &a.autostart {
-            b.change("autostart", json!(state.autostart), json!(on.value), Some("set autostart".into()), vec![]);
+            b.change(
+                "autostart",
+                json!(state.autostart),
+                json!(on.value),
+                Some("set autostart".into()),
+                vec![],
+            );
             if state.autostart != on.value {
                 b.actions.push(Action::SetAutostart { on: on.value });
                 state.autostart = on.value;
             }
         }
         if let Some(title) = &a.title {
-            b.change("title", json!(state.title), json!(title.value), Some("metadata".into()), vec![]);
+            b.change(
+                "title",
+                json!(state.title),
+                json!(title.value),
+                Some("metadata".into()),
+                vec![],
+            );
             if state.title != title.value {
-                b.actions.push(Action::SetTitle { title: title.value.clone() });
+                b.actions.push(Action::SetTitle {
+                    title: title.value.clone(),
+                });
                 state.title.clone_from(&title.value);
             }
         }
         if let Some(description) = &a.description {
-            b.change("description", json!(state.description), json!(description.value), Some("metadata".into()), vec![]);
+            b.change(
+                "description",
+                json!(state.description),
+                json!(description.value),
+                Some("metadata".into()),
+                vec![],
+            );
             if state.description != description.value {
-                b.actions.push(Action::SetDescription { description: description.value.clone() });
+                b.actions.push(Action::SetDescription {
+                    description: description.value.clone(),
+                });
                 state.description.clone_from(&description.value);
             }
         }
@@ -473,19 +561,33 @@ impl DomainCtx<'_> {
             _ => false,
         };
         if let Some(target) = power.filter(|p| *p != PowerTarget::Shutoff) {
-            if !(target == PowerTarget::Paused && b.changes.iter().any(|c| c.attribute == "power")) {
+            if !(target == PowerTarget::Paused && b.changes.iter().any(|c| c.attribute == "power"))
+            {
                 let method = match (before_power, boots) {
-                    (_, true) if target == PowerTarget::Paused => Some("start, then suspend".to_owned()),
+                    (_, true) if target == PowerTarget::Paused => {
+                        Some("start, then suspend".to_owned())
+                    }
                     (_, true) => Some("start".to_owned()),
-                    (PowerState::Paused, false) if target == PowerTarget::Running => Some("resume".to_owned()),
+                    (PowerState::Paused, false) if target == PowerTarget::Running => {
+                        Some("resume".to_owned())
+                    }
                     _ => None,
                 };
-                b.change("power", json!(before_power.as_str()), json!(target.to_string()), method, vec![]);
+                b.change(
+                    "power",
+                    json!(before_power.as_str()),
+                    json!(target.to_string()),
+                    method,
+                    vec![],
+                );
             }
             let state = &mut carry.state;
             state.power = target.as_state();
             if boots {
-                state.live = Some(LiveFigures { memory: state.memory, vcpus: state.vcpus });
+                state.live = Some(LiveFigures {
+                    memory: state.memory,
+                    vcpus: state.vcpus,
+                });
                 if let Some((index, _)) = carry.pending_clock.take() {
                     let note = format!("takes effect when step {} boots the domain", step.number);
                     match out.changes.get_mut(index) {
@@ -502,7 +604,11 @@ impl DomainCtx<'_> {
         Ok(())
     }
 
-    fn memory_steps(&self, b: &mut StepBuild<'_>, state: &mut DomainState) -> Result<(), PlanProblem> {
+    fn memory_steps(
+        &self,
+        b: &mut StepBuild<'_>,
+        state: &mut DomainState,
+    ) -> Result<(), PlanProblem> {
         let a = &b.step.attributes;
         let active = state.power.is_active();
         let name = &self.id.name;
@@ -513,10 +619,19 @@ impl DomainCtx<'_> {
             }
             let mut notes = vec![];
             if state.memory > max.value {
-                notes.push(format!("current memory is lowered from {} to {} with it", state.memory, max.value));
+                notes.push(format!(
+                    "current memory is lowered from {} to {} with it",
+                    state.memory, max.value
+                ));
                 state.memory = max.value;
             }
-            b.change("max_memory", json!(state.max_memory.0), json!(max.value.0), Some("config".into()), notes);
+            b.change(
+                "max_memory",
+                json!(state.max_memory.0),
+                json!(max.value.0),
+                Some("config".into()),
+                notes,
+            );
             if state.max_memory != max.value {
                 b.actions.push(Action::SetMaxMemory { max: max.value });
                 state.max_memory = max.value;
@@ -535,16 +650,28 @@ impl DomainCtx<'_> {
                     notes.push("the live balloon target is set too; a guest without a balloon driver keeps its current size until the next boot".to_owned());
                 }
             } else if v > state.max_memory {
-                notes.push(format!("max memory is raised from {} to {v} first (the domain is off)", state.max_memory));
+                notes.push(format!(
+                    "max memory is raised from {} to {v} first (the domain is off)",
+                    state.max_memory
+                ));
             }
             let method = if active { "live+config" } else { "config" };
-            b.change("memory", json!(state.memory.0), json!(v.0), Some(method.into()), notes);
+            b.change(
+                "memory",
+                json!(state.memory.0),
+                json!(v.0),
+                Some(method.into()),
+                notes,
+            );
             if state.memory != v || (active && state.live.is_some_and(|l| l.memory != v)) {
                 if !active && v > state.max_memory {
                     b.actions.push(Action::SetMaxMemory { max: v });
                     state.max_memory = v;
                 }
-                b.actions.push(Action::SetMemory { memory: v, live: active });
+                b.actions.push(Action::SetMemory {
+                    memory: v,
+                    live: active,
+                });
                 state.memory = v;
                 if let Some(live) = state.live.as_mut() {
                     live.memory = v;
@@ -564,9 +691,10 @@ impl DomainCtx<'_> {
         let active = state.power.is_active();
         let name = &self.id.name;
         let host_note = |n: u32| {
-            self.observed.host_cpus.filter(|h| n > *h).map(|h| {
-                format!("{n} vCPUs is more than the {h} CPUs of the host")
-            })
+            self.observed
+                .host_cpus
+                .filter(|h| n > *h)
+                .map(|h| format!("{n} vCPUs is more than the {h} CPUs of the host"))
         };
         let mut warnings = vec![];
         if let Some(max) = &a.max_vcpus {
@@ -577,10 +705,19 @@ impl DomainCtx<'_> {
             let mut notes: Vec<String> = host_note(max.value).into_iter().collect();
             warnings.extend(notes.clone());
             if state.vcpus > max.value {
-                notes.push(format!("current vCPUs are lowered from {} to {} with it", state.vcpus, max.value));
+                notes.push(format!(
+                    "current vCPUs are lowered from {} to {} with it",
+                    state.vcpus, max.value
+                ));
                 state.vcpus = max.value;
             }
-            b.change("max_vcpus", json!(state.max_vcpus), json!(max.value), Some("config".into()), notes);
+            b.change(
+                "max_vcpus",
+                json!(state.max_vcpus),
+                json!(max.value),
+                Some("config".into()),
+                notes,
+            );
             if state.max_vcpus != max.value {
                 b.actions.push(Action::SetMaxVcpus { max: max.value });
                 state.max_vcpus = max.value;
@@ -600,16 +737,32 @@ impl DomainCtx<'_> {
                     notes.push("removing vCPUs from a running guest needs the guest to release them (hot-unplug)".to_owned());
                 }
             } else if v > state.max_vcpus {
-                notes.push(format!("the vCPU maximum is raised from {} to {v} first (the domain is off)", state.max_vcpus));
+                notes.push(format!(
+                    "the vCPU maximum is raised from {} to {v} first (the domain is off)",
+                    state.max_vcpus
+                ));
             }
-            let method = if active { "live (hotplug)+config" } else { "config" };
-            b.change("vcpus", json!(state.vcpus), json!(v), Some(method.into()), notes);
+            let method = if active {
+                "live (hotplug)+config"
+            } else {
+                "config"
+            };
+            b.change(
+                "vcpus",
+                json!(state.vcpus),
+                json!(v),
+                Some(method.into()),
+                notes,
+            );
             if state.vcpus != v || (active && state.live.is_some_and(|l| l.vcpus != v)) {
                 if !active && v > state.max_vcpus {
                     b.actions.push(Action::SetMaxVcpus { max: v });
                     state.max_vcpus = v;
                 }
-                b.actions.push(Action::SetVcpus { vcpus: v, live: active });
+                b.actions.push(Action::SetVcpus {
+                    vcpus: v,
+                    live: active,
+                });
                 state.vcpus = v;
                 if let Some(live) = state.live.as_mut() {
                     live.vcpus = v;
@@ -624,19 +777,40 @@ impl DomainCtx<'_> {
         Ok(())
     }
 
-    fn clock_step(&self, b: &mut StepBuild<'_>, carry: &mut Carry, clock: &Located<ClockTarget>, first_change: usize) {
+    fn clock_step(
+        b: &mut StepBuild<'_>,
+        carry: &mut Carry,
+        clock: &Located<ClockTarget>,
+        first_change: usize,
+    ) {
         let before = carry.state.clock.clone().unwrap_or_default();
         let after = ClockState {
-            offset: clock.value.offset.map(|o| o.as_str().to_owned()).or_else(|| before.offset.clone()),
-            rtc_track: clock.value.track.map(|t| t.as_str().to_owned()).or_else(|| before.rtc_track.clone()),
+            offset: clock
+                .value
+                .offset
+                .map(|o| o.as_str().to_owned())
+                .or_else(|| before.offset.clone()),
+            rtc_track: clock
+                .value
+                .track
+                .map(|t| t.as_str().to_owned())
+                .or_else(|| before.rtc_track.clone()),
         };
-        let index = b.change("clock", clock_json(&before), clock_json(&after), Some("persistent XML, redefined".into()), vec![]);
+        let index = b.change(
+            "clock",
+            clock_json(&before),
+            clock_json(&after),
+            Some("persistent XML, redefined".into()),
+            vec![],
+        );
         if before == after {
             return;
         }
         b.actions.push(Action::SetClock { clock: clock.value });
         if let Some(xml) = &carry.xml {
-            if let Ok(new_xml) = domain_xml::set_clock(xml, after.offset.as_deref(), after.rtc_track.as_deref()) {
+            if let Ok(new_xml) =
+                domain_xml::set_clock(xml, after.offset.as_deref(), after.rtc_track.as_deref())
+            {
                 let diff = similar::TextDiff::from_lines(xml.as_str(), new_xml.as_str())
                     .unified_diff()
                     .context_radius(2)
@@ -658,18 +832,35 @@ fn clock_json(c: &ClockState) -> Value {
 fn shutdown_method(p: ShutdownPolicy) -> String {
     match (p.mode, p.force_after_timeout) {
         (ShutdownMode::Force, _) => "force (destroy)".to_owned(),
-        (ShutdownMode::Graceful, true) => format!("graceful shutdown, force after {}", format_duration(p.timeout)),
-        (ShutdownMode::Graceful, false) => format!("graceful shutdown, wait up to {}, never force", format_duration(p.timeout)),
+        (ShutdownMode::Graceful, true) => format!(
+            "graceful shutdown, force after {}",
+            format_duration(p.timeout)
+        ),
+        (ShutdownMode::Graceful, false) => format!(
+            "graceful shutdown, wait up to {}, never force",
+            format_duration(p.timeout)
+        ),
     }
 }
 
 /// A power change from a transitional state (shutting down, pmsuspended) cannot be planned.
-fn settled(b: &StepBuild<'_>, state: &DomainState, power: Option<&Located<PowerTarget>>) -> Result<(), PlanProblem> {
+fn settled(
+    b: &StepBuild<'_>,
+    state: &DomainState,
+    power: Option<&Located<PowerTarget>>,
+) -> Result<(), PlanProblem> {
     let Some(power) = power else { return Ok(()) };
     match state.power {
-        PowerState::Running | PowerState::Paused | PowerState::Shutoff | PowerState::Crashed => Ok(()),
-        other => Err(b.problem(power.pos,
-            format!("{} is {other}; virtplan cannot plan a power change from that state", b.base.id.name),
-            "wait until the domain is running, paused or shut off, then run `virtplan plan` again")),
+        PowerState::Running | PowerState::Paused | PowerState::Shutoff | PowerState::Crashed => {
+            Ok(())
+        }
+        other => Err(b.problem(
+            power.pos,
+            format!(
+                "{} is {other}; virtplan cannot plan a power change from that state",
+                b.base.id.name
+            ),
+            "wait until the domain is running, paused or shut off, then run `virtplan plan` again",
+        )),
     }
 }

@@ -1,0 +1,76 @@
+//! Steps shared by the commands that read a plan and talk to libvirt.
+
+use std::collections::BTreeSet;
+use std::path::Path;
+use std::sync::Arc;
+
+use anyhow::Context as _;
+
+use crate::config::{self, Config};
+use crate::hypervisor::libvirt::Libvirt;
+use crate::plan_file::{self, LoadContext, PlanFile};
+use crate::planner::{Connections, PlanError};
+use crate::printer::Printer;
+
+/// Loads configuration and plan, printing located diagnostics; `None` when invalid.
+pub fn load_plan(
+    path: &Path,
+    config_path: Option<&Path>,
+    printer: &Printer,
+) -> Option<(Config, PlanFile)> {
+    let result = config::discover(config_path, Some(path)).and_then(|config| {
+        let plan = plan_file::load(
+            path,
+            &LoadContext {
+                config: config.clone(),
+            },
+        )?;
+        Ok((config, plan))
+    });
+    match result {
+        Ok(loaded) => Some(loaded),
+        Err(diags) => {
+            super::validate::report(printer, &diags);
+            None
+        }
+    }
+}
+
+/// Opens each connection the plan uses once (`--connect` replaces all of them).
+pub fn open_connections(file: &PlanFile, connect: Option<&str>) -> anyhow::Result<Connections> {
+    let uris: BTreeSet<String> = match connect {
+        Some(uri) => std::iter::once(uri.to_owned()).collect(),
+        None => file
+            .steps
+            .iter()
+            .filter_map(|s| s.connection.clone())
+            .collect(),
+    };
+    let mut connections = Connections::new();
+    for uri in uris {
+        let hv = Libvirt::connect(&uri).with_context(|| format!("plan {}", file.path.display()))?;
+        connections.insert(uri, Arc::new(hv));
+    }
+    Ok(connections)
+}
+
+/// Prints why a plan could not be made, with source lines for located problems.
+pub fn report_plan_error(printer: &Printer, file: &PlanFile, error: &PlanError) {
+    match error {
+        PlanError::Problems(problems) => {
+            for p in problems {
+                let diag = plan_file::Diagnostic::new(
+                    &file.path,
+                    p.pos,
+                    format!("step {} ({}): {}", p.step, p.vm, p.message),
+                )
+                .with_help(p.help.clone());
+                printer.error(&diag.render(Some(&file.source)));
+                printer.err_line("");
+            }
+        }
+        PlanError::Libvirt { context, source } => {
+            printer.error(&format!("{context}: {source}"));
+        }
+    }
+}

@@ -1,0 +1,64 @@
+//! `virtplan plan`: read live state, project the steps, show (and optionally save) the plan.
+
+use std::path::Path;
+
+use anyhow::Context as _;
+
+use super::common;
+use crate::cli::PlanFormat;
+use crate::clock::Clock;
+use crate::planner::saved::SavedPlan;
+use crate::planner::{self, NoProgress, PlanInput};
+use crate::printer::Printer;
+use crate::{render, ExitStatus};
+
+pub struct Args<'a> {
+    pub plan: &'a Path,
+    pub config: Option<&'a Path>,
+    pub connect: Option<&'a str>,
+    pub format: PlanFormat,
+    pub out: Option<&'a Path>,
+    pub detailed_exitcode: bool,
+}
+
+pub fn run(args: &Args<'_>, clock: &dyn Clock, printer: &Printer) -> anyhow::Result<ExitStatus> {
+    let Some((_config, file)) = common::load_plan(args.plan, args.config, printer) else {
+        return Ok(ExitStatus::Error);
+    };
+    let connections = common::open_connections(&file, args.connect)?;
+    let input = PlanInput {
+        file: &file,
+        connections: &connections,
+        connect_override: args.connect,
+        now: clock.now(),
+        progress: &NoProgress,
+    };
+    let plan = match planner::project(&input) {
+        Ok(plan) => plan,
+        Err(e) => {
+            common::report_plan_error(printer, &file, &e);
+            return Ok(ExitStatus::Error);
+        }
+    };
+    let text = match args.format {
+        PlanFormat::Human => render::human(&plan, printer),
+        PlanFormat::Json => render::json(&plan),
+        PlanFormat::Markdown => render::markdown(&plan),
+    };
+    printer.out(&text);
+    if let Some(out) = args.out {
+        SavedPlan::new(plan.clone(), file.source.clone())
+            .write(out)
+            .with_context(|| format!("cannot write the saved plan {}", out.display()))?;
+        printer.err_line(&format!(
+            "Saved the plan to {}; run `virtplan apply {}` to apply exactly this.",
+            out.display(),
+            out.display()
+        ));
+    }
+    Ok(if args.detailed_exitcode && plan.has_changes() {
+        ExitStatus::Changes
+    } else {
+        ExitStatus::Success
+    })
+}
