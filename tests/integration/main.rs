@@ -1,2 +1,3 @@
 mod libvirt_adapter;
+mod plan;
 mod support;
