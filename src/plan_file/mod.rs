@@ -11,6 +11,15 @@ pub mod units;
 mod validate;
 mod yaml;
 
+/// The keys each mapping of a plan allows. Public so a test can hold them equal to the JSON
+/// Schema's properties: the validator and the schema cannot drift apart.
+pub mod keys {
+    pub use super::validate::{
+        ATTRIBUTE_KEYS, CLOCK_KEYS, DEFAULTS_KEYS, SHUTDOWN_KEYS, SNAPSHOT_KEYS, STEP_KEYS,
+        TOP_KEYS, WINDOW_KEYS,
+    };
+}
+
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
