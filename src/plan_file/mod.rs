@@ -336,9 +336,12 @@ fn read_text(path: &Path) -> Result<String, Diagnostics> {
             items: vec![Diagnostic::new(
                 path,
                 Pos::of_offset(&text, valid),
-                "the file is not UTF-8 text (binary data?)",
+                format!(
+                    "the file is not UTF-8 text: byte 0x{:02X} here is not valid UTF-8",
+                    e.as_bytes().get(valid).copied().unwrap_or_default()
+                ),
             )
-            .with_help("a plan file is YAML text in UTF-8; check that this is the right file")],
+            .with_help("save the plan as UTF-8 (an editor may have used Latin-1), or check that this is the right file, not binary data")],
             text: Some(text),
         }
     })

@@ -88,7 +88,11 @@ pub fn validate(path: &Path, text: &str, ctx: &LoadContext) -> Result<PlanFile, 
     if map.is_empty() {
         c.error(
             Pos::new(1, 1),
-            "the plan file is empty",
+            if text.trim().is_empty() {
+                "the plan file is empty"
+            } else {
+                "the plan file holds only comments"
+            },
             "a plan needs at least `version: 1` and a `steps:` list (see `virtplan schema`)",
         );
         return Err(c.diags);
@@ -388,15 +392,23 @@ fn check_step(
             .ok()?;
         if let Some(w) = settings.window {
             if t < w.start || t >= w.end {
+                // A step due exactly at the window's end looks "inside" to a reader; say why not.
+                let why = if t < w.start {
+                    "it is before the start"
+                } else if t == w.end {
+                    "a step must start before the window ends, not at its end"
+                } else {
+                    "it is after the end"
+                };
                 c.error(
                     pos(n),
                     format!(
-                        "{what} at {} lies outside the window {} to {}",
+                        "{what} at {} is outside the window {} to {}: {why}",
                         show_time(t, settings.zone),
                         show_time(w.start, settings.zone),
                         show_time(w.end, settings.zone)
                     ),
-                    "move the step into the window (it must start before the window ends), or widen the window",
+                    "move the step into the window, or widen the window",
                 );
                 return None;
             }
@@ -600,12 +612,13 @@ fn size(c: &mut Checker<'_>, node: &Node, key: &str) -> Option<crate::state::Kib
 
 fn clock(c: &mut Checker<'_>, node: &Node) -> Option<ClockTarget> {
     let map = c.mapping(node, "`clock`", "clock: {offset: utc, track: guest}")?;
+    let before = c.diags.len();
     c.known_keys(map, CLOCK_KEYS, "`clock`");
+    let has_unknown_keys = c.diags.len() > before;
     let mut target = ClockTarget {
         offset: None,
         track: None,
     };
-    let before = c.diags.len();
     if let Some(n) = map.get_node("offset") {
         target.offset = c.choice(
             n,
@@ -632,7 +645,8 @@ fn clock(c: &mut Checker<'_>, node: &Node) -> Option<ClockTarget> {
             "the RTC timer tracks `boot`, `guest`, `wall` or `realtime` time",
         );
     }
-    if map.get_node("offset").is_none() && map.get_node("track").is_none() {
+    // A misspelt key already explains why nothing is set.
+    if !has_unknown_keys && map.get_node("offset").is_none() && map.get_node("track").is_none() {
         c.error(
             pos(node),
             "`clock` sets nothing",
