@@ -413,7 +413,10 @@ fn check_step(
                 return None;
             }
         }
-        Some(Located { value: t, pos: pos(n) })
+        Some(Located {
+            value: t,
+            pos: pos(n),
+        })
     });
 
     let targets = check_targets(c, map, node, &what);

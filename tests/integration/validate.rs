@@ -54,7 +54,10 @@ fn load_corpus_plan(plan: &Path) -> Diagnostics {
         config: corpus_config(plan),
     };
     match plan_file::load(plan, &ctx) {
-        Ok(_) => panic!("{} validated, but it is in the invalid corpus", plan.display()),
+        Ok(_) => panic!(
+            "{} validated, but it is in the invalid corpus",
+            plan.display()
+        ),
         Err(diags) => diags,
     }
 }
@@ -144,7 +147,11 @@ fn deeply_nested_brackets_are_refused_without_overflowing_the_stack() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("nested.yaml");
     let depth = 100_000;
-    let text = format!("version: 1\nsteps: {}{}\n", "[".repeat(depth), "]".repeat(depth));
+    let text = format!(
+        "version: 1\nsteps: {}{}\n",
+        "[".repeat(depth),
+        "]".repeat(depth)
+    );
     std::fs::write(&path, &text).unwrap();
     let diags = plan_file::parse(&path, text, &LoadContext::default()).unwrap_err();
     assert_eq!(diags.items.len(), 1, "{diags}");
@@ -231,6 +238,29 @@ fn validating_good_and_bad_files_together_reports_both_and_fails() {
         .stdout_contains("ok examples/named-host/db-autostart.yaml: plan `db-autostart`")
         .stderr_contains("--> tests/corpus/invalid/power-typo.yaml:9:12")
         .stderr_contains("1 of 3 plan files failed validation")
+        .stderr_lacks("classic-window")
+        .run();
+}
+
+#[test]
+fn the_config_beside_a_plan_is_found_from_its_own_folder() {
+    Cli::new()
+        .current_dir("examples/named-host")
+        .args(["validate", "db-autostart.yaml"])
+        .stdout_contains("ok db-autostart.yaml: plan `db-autostart`, 3 steps on 2 domains")
+        .run();
+}
+
+#[test]
+fn the_machine_time_zone_is_never_assumed() {
+    Cli::new()
+        .env("TZ", "America/Toronto")
+        .args([
+            "validate",
+            "tests/corpus/invalid/at-naive-without-timezone.yaml",
+        ])
+        .status(1)
+        .stderr_contains("has no UTC offset and no time zone is set")
         .run();
 }
 
@@ -288,7 +318,11 @@ fn validator_key_lists_match_the_schema_properties() {
     let step = resolve(&root, &property(&root, &root, "steps")["items"]);
     let objects = [
         ("the plan", &root, keys::TOP_KEYS),
-        ("window", property(&root, &root, "window"), keys::WINDOW_KEYS),
+        (
+            "window",
+            property(&root, &root, "window"),
+            keys::WINDOW_KEYS,
+        ),
         ("defaults", defaults, keys::DEFAULTS_KEYS),
         (
             "defaults.shutdown",
@@ -301,7 +335,11 @@ fn validator_key_lists_match_the_schema_properties() {
             property(&root, step, "shutdown"),
             keys::SHUTDOWN_KEYS,
         ),
-        ("step.clock", property(&root, step, "clock"), keys::CLOCK_KEYS),
+        (
+            "step.clock",
+            property(&root, step, "clock"),
+            keys::CLOCK_KEYS,
+        ),
         (
             "step.snapshot",
             property(&root, step, "snapshot"),
@@ -317,7 +355,10 @@ fn validator_key_lists_match_the_schema_properties() {
         );
     }
     for key in keys::ATTRIBUTE_KEYS {
-        assert!(keys::STEP_KEYS.contains(key), "attribute `{key}` is no step key");
+        assert!(
+            keys::STEP_KEYS.contains(key),
+            "attribute `{key}` is no step key"
+        );
     }
 }
 

@@ -95,9 +95,7 @@ impl Cli {
         let home = std::env::temp_dir().join("virtplan-tests-empty-home");
         std::fs::create_dir_all(&home).expect("create the empty home folder");
         let mut command = Command::new(env!("CARGO_BIN_EXE_virtplan"));
-        command
-            .args(&self.args)
-            .current_dir(&self.current_dir);
+        command.args(&self.args).current_dir(&self.current_dir);
         for (key, value) in &self.env {
             command.env(key, value);
         }
@@ -119,16 +117,28 @@ impl Cli {
         ran.check(!ran.stderr.contains("panicked"), "no panic");
         ran.check(!ran.stderr.contains("RUST_BACKTRACE"), "no panic");
         for text in &self.stdout_contains {
-            ran.check(ran.stdout.contains(text), &format!("stdout contains {text:?}"));
+            ran.check(
+                ran.stdout.contains(text),
+                &format!("stdout contains {text:?}"),
+            );
         }
         for text in &self.stderr_contains {
-            ran.check(ran.stderr.contains(text), &format!("stderr contains {text:?}"));
+            ran.check(
+                ran.stderr.contains(text),
+                &format!("stderr contains {text:?}"),
+            );
         }
         for text in &self.stdout_lacks {
-            ran.check(!ran.stdout.contains(text), &format!("stdout lacks {text:?}"));
+            ran.check(
+                !ran.stdout.contains(text),
+                &format!("stdout lacks {text:?}"),
+            );
         }
         for text in &self.stderr_lacks {
-            ran.check(!ran.stderr.contains(text), &format!("stderr lacks {text:?}"));
+            ran.check(
+                !ran.stderr.contains(text),
+                &format!("stderr lacks {text:?}"),
+            );
         }
         ran
     }
