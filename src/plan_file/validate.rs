@@ -70,6 +70,8 @@ const DEFAULT_GRACE: Duration = Duration::from_secs(300);
 struct Settings {
     zone: Option<Tz>,
     window: Option<Window>,
+    /// The plan has a `window` key, even if it did not validate.
+    window_written: bool,
     connection: Option<String>,
     shutdown: ShutdownPolicy,
 }
@@ -111,13 +113,16 @@ pub fn validate(path: &Path, text: &str, ctx: &LoadContext) -> Result<PlanFile, 
         ),
     };
     let zone = match map.get_node("timezone") {
+        // A zone that is written but wrong is reported once; checking the times in UTC (or the
+        // config's zone) meanwhile spares every local time a misleading "no time zone is set".
         Some(node) => c
             .text(node, "`timezone`", "timezone: America/Toronto")
             .and_then(|t| {
                 parse_zone(t)
                     .map_err(|e| c.error(pos(node), e.message, e.help))
                     .ok()
-            }),
+            })
+            .or(Some(config.timezone.unwrap_or(Tz::UTC))),
         None => config.timezone,
     };
     let window = map
@@ -138,6 +143,7 @@ pub fn validate(path: &Path, text: &str, ctx: &LoadContext) -> Result<PlanFile, 
     let settings = Settings {
         zone,
         window,
+        window_written: map.get_node("window").is_some(),
         connection,
         shutdown,
     };
@@ -236,9 +242,15 @@ fn connection(c: &mut Checker<'_>, node: &Node, config: &Config) -> Option<Strin
 fn check_window(c: &mut Checker<'_>, node: &Node, zone: Option<Tz>) -> Option<Window> {
     let example = "window: {start: 2026-12-01 04:00, end: 2026-12-01 05:00}";
     let map = c.mapping(node, "`window`", example)?;
+    let before = c.diags.len();
     c.known_keys(map, WINDOW_KEYS, "`window`");
+    // A misspelt key (`ned: ...`) already says what is missing; don't report it twice.
+    let has_unknown_keys = c.diags.len() > before;
     let mut bound = |key: &str| -> Option<(DateTime<Utc>, Pos)> {
         let Some(n) = map.get_node(key) else {
+            if has_unknown_keys {
+                return None;
+            }
             c.error(
                 pos(node),
                 format!("`window` has no `{key}`"),
@@ -387,6 +399,10 @@ fn check_step(
 
     let at = map.get_node("at").and_then(|n| {
         let text = c.text(n, "`at`", "at: 2026-12-01 04:00")?;
+        if settings.window.is_none() && settings.window_written && text.trim().starts_with('+') {
+            // The window's own error explains it; "needs a window" on every step would mislead.
+            return None;
+        }
         let t = parse_at(text, settings.zone, settings.window.map(|w| w.start))
             .map_err(|e| c.error(pos(n), format!("`at`: {}", e.message), e.help))
             .ok()?;
@@ -662,8 +678,13 @@ fn clock(c: &mut Checker<'_>, node: &Node) -> Option<ClockTarget> {
 fn snapshot(c: &mut Checker<'_>, node: &Node) -> Option<SnapshotSpec> {
     let example = "snapshot: {name: before-upgrade}";
     let map = c.mapping(node, "`snapshot`", example)?;
+    let before = c.diags.len();
     c.known_keys(map, SNAPSHOT_KEYS, "`snapshot`");
     let Some(name_node) = map.get_node("name") else {
+        // A misspelt `name` key already explains it.
+        if c.diags.len() > before {
+            return None;
+        }
         c.error(
             pos(node),
             "`snapshot` has no `name`",
