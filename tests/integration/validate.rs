@@ -414,14 +414,12 @@ fn apply(text: &str, m: &Mutation) -> String {
     match m {
         Mutation::Delete { at, len } => {
             let start = boundary(text, *at);
-            let end = boundary(text, start + len).max(start);
-            let end = if end < start + len && start + len <= text.len() {
-                boundary(text, start + len)
-            } else {
-                end.min(text.len())
-            };
+            let mut end = (start + len).min(text.len());
+            while !text.is_char_boundary(end) {
+                end += 1;
+            }
             let mut out = text.to_owned();
-            out.replace_range(start..end.max(start), "");
+            out.replace_range(start..end, "");
             return out;
         }
         Mutation::Insert { at, text: inserted } => {
