@@ -1,3 +1,6 @@
+//! The one integration test binary: every module shares the built CLI and the test rigs.
+
 mod libvirt_adapter;
 mod plan;
 mod support;
+mod validate;
