@@ -512,7 +512,9 @@ fn all_domain_stats(conn: &Connect, stats: u32) -> Result<Vec<StatsRecord>, Virt
     let mut list: *mut sys::virDomainStatsRecordPtr = std::ptr::null_mut();
     // SAFETY: the connection pointer stays valid while `conn` is borrowed; `list` is an
     // out-parameter that libvirt sets to a NULL-terminated array it allocated.
-    let n = unsafe { sys::virConnectGetAllDomainStats(conn.as_ptr(), stats, &mut list, 0) };
+    let n = unsafe {
+        sys::virConnectGetAllDomainStats(conn.as_ptr(), stats, std::ptr::addr_of_mut!(list), 0)
+    };
     let list = StatsList(list);
     let Ok(n) = usize::try_from(n) else {
         return Err(VirtError::last_error());
