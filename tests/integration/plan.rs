@@ -54,7 +54,7 @@ impl Fixture {
         path
     }
 
-    fn load(&self, path: &Path) -> PlanFile {
+    fn load(path: &Path) -> PlanFile {
         plan_file::load(
             path,
             &LoadContext {
@@ -81,13 +81,13 @@ impl Fixture {
 
     fn plan(&self, text: &str) -> Plan {
         let path = self.write_plan("plan.yaml", text);
-        let file = self.load(&path);
+        let file = Self::load(&path);
         self.project(&file).unwrap_or_else(|e| panic!("{e}"))
     }
 
     fn problems(&self, text: &str) -> String {
         let path = self.write_plan("plan.yaml", text);
-        let file = self.load(&path);
+        let file = Self::load(&path);
         match self.project(&file) {
             Ok(plan) => panic!("expected problems, got a plan: {plan:?}"),
             Err(e) => e
@@ -351,7 +351,7 @@ fn several_domains_and_connections_each_opened_once() {
             a.uri, b.uri
         ),
     );
-    let file = a.load(&path);
+    let file = Fixture::load(&path);
     let mut connections = Connections::new();
     for uri in [&a.uri, &b.uri] {
         connections.insert(uri.clone(), Arc::new(Libvirt::connect(uri).unwrap()));
