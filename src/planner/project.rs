@@ -43,7 +43,15 @@ pub fn project(input: &PlanInput<'_>) -> Result<Plan, PlanError> {
     let mut out = Output::default();
     for (key, steps) in &per_domain {
         let (uri, _) = key;
-        let domain = &observed[key];
+        let Some(domain) = observed.get(key) else {
+            return Err(PlanError::Libvirt {
+                context: format!("reading {} on {}", ids[key].name, key.0),
+                source: crate::hypervisor::HvError::new(
+                    ErrorKind::NotFound,
+                    "the domain disappeared while its state was read",
+                ),
+            });
+        };
         let ctx = DomainCtx {
             file,
             uri,
@@ -187,7 +195,9 @@ fn observe(
         };
         for state in states {
             let key = (uri.to_owned(), state.uuid.clone());
-            let steps = &per_domain[&key];
+            let Some(steps) = per_domain.get(&key) else {
+                continue;
+            };
             let mut obs = Observed {
                 state,
                 xml: None,
