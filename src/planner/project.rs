@@ -503,6 +503,15 @@ impl DomainCtx<'_> {
         self.memory_steps(b, &mut carry.state)?;
         self.vcpu_steps(b, &mut carry.state, &mut out.warnings)?;
         if let Some(clock) = &a.clock {
+            if clock.value.track == Some(crate::plan_file::RtcTrack::Boot)
+                && self.uri.starts_with("qemu")
+            {
+                return Err(b.problem(
+                    clock.pos,
+                    "QEMU refuses `track: boot` for the RTC timer (\"unsupported rtc timer track 'boot'\")".to_owned(),
+                    "use `track: guest` (the guest's own time) or `track: wall` (host time) on QEMU/KVM",
+                ));
+            }
             Self::clock_step(b, carry, clock, first_change);
         }
         let state = &mut carry.state;
