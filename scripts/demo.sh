@@ -22,7 +22,7 @@ if ! virsh -c "$URI" dominfo web-01 >/dev/null 2>&1; then
   <currentMemory unit='MiB'>1024</currentMemory>
   <vcpu placement='static' current='1'>2</vcpu>
   <os><type arch='x86_64' machine='pc'>hvm</type></os>
-  <clock offset='utc'><timer name='rtc' track='boot'/></clock>
+  <clock offset='utc'><timer name='rtc' track='wall'/></clock>
   <devices><emulator>/usr/bin/qemu-system-x86_64</emulator></devices>
 </domain>
 XML
