@@ -452,3 +452,150 @@ fn classic_window_against_a_real_qemu_domain() {
     );
     assert_eq!(plan.steps[0].before.uuid, dom.uuid);
 }
+
+mod cli {
+    //! `virtplan plan` through the binary: exit codes, colour, saved plans, errors.
+
+    use super::{classic, web, Fixture};
+    use crate::support::cli::Cli;
+
+    fn setup() -> (Fixture, std::path::PathBuf) {
+        let fx = Fixture::new(&[web("web-01")]);
+        let path = fx.write_plan("classic.yaml", &classic("web-01"));
+        (fx, path)
+    }
+
+    #[test]
+    fn detailed_exitcode_is_2_with_changes_and_0_without() {
+        let (fx, path) = setup();
+        Cli::new()
+            .args([
+                "plan",
+                path.to_str().unwrap(),
+                "--connect",
+                &fx.uri,
+                "--detailed-exitcode",
+            ])
+            .status(2)
+            .stdout_contains("Plan: 5 to change")
+            .run();
+        let noop = fx.write_plan(
+            "noop.yaml",
+            "version: 1\nsteps:\n  - vm: web-01\n    power: running\n",
+        );
+        Cli::new()
+            .args([
+                "plan",
+                noop.to_str().unwrap(),
+                "--connect",
+                &fx.uri,
+                "--detailed-exitcode",
+            ])
+            .status(0)
+            .stdout_contains("Plan: 0 to change, 1 unchanged")
+            .run();
+    }
+
+    #[test]
+    fn colour_only_when_asked_or_on_a_terminal() {
+        let (fx, path) = setup();
+        // Piped, NO_COLOR set by the builder: no escape codes.
+        Cli::new()
+            .args(["plan", path.to_str().unwrap(), "--connect", &fx.uri])
+            .status(0)
+            .stdout_lacks("\u{1b}[")
+            .run();
+        Cli::new()
+            .args([
+                "plan",
+                path.to_str().unwrap(),
+                "--connect",
+                &fx.uri,
+                "--color",
+                "always",
+            ])
+            .status(0)
+            .stdout_contains("\u{1b}[")
+            .run();
+    }
+
+    #[test]
+    fn out_writes_a_saved_plan_with_before_states() {
+        let (fx, path) = setup();
+        let saved = fx.dir.path().join("saved.json");
+        Cli::new()
+            .args([
+                "plan",
+                path.to_str().unwrap(),
+                "--connect",
+                &fx.uri,
+                "--format",
+                "markdown",
+                "--out",
+                saved.to_str().unwrap(),
+            ])
+            .status(0)
+            .stdout_contains("| When | Step | VM |")
+            .stderr_contains("Saved the plan to")
+            .run();
+        let saved: virtplan::planner::saved::SavedPlan =
+            serde_json::from_str(&std::fs::read_to_string(&saved).unwrap()).unwrap();
+        assert_eq!(saved.plan.steps.len(), 5);
+        assert_eq!(saved.plan.steps[0].before.power.as_str(), "running");
+        assert_eq!(saved.plan_source, std::fs::read_to_string(&path).unwrap());
+    }
+
+    #[test]
+    fn unreachable_libvirt_is_a_clear_error() {
+        let (fx, path) = setup();
+        Cli::new()
+            .args([
+                "plan",
+                path.to_str().unwrap(),
+                "--connect",
+                "test:///nonexistent/node.xml",
+            ])
+            .status(1)
+            .stderr_contains("cannot connect to libvirt at test:///nonexistent/node.xml")
+            .stderr_contains("virsh -c test:///nonexistent/node.xml version")
+            .run();
+        drop(fx);
+    }
+
+    #[test]
+    fn refused_steps_print_located_errors_and_exit_1() {
+        let fx = Fixture::new(&[web("web-01")]);
+        let path = fx.write_plan(
+            "bad.yaml",
+            "version: 1\nsteps:\n  - vm: web-01\n    memory: 3GiB\n",
+        );
+        Cli::new()
+            .args(["plan", path.to_str().unwrap(), "--connect", &fx.uri])
+            .status(1)
+            .stderr_contains("bad.yaml:4:13")
+            .stderr_contains("is above the maximum 2GiB")
+            .stderr_contains("= help:")
+            .run();
+    }
+
+    #[test]
+    fn invalid_plan_makes_no_libvirt_call() {
+        let fx = Fixture::new(&[web("web-01")]);
+        let path = fx.write_plan(
+            "typo.yaml",
+            "version: 1\nsteps:\n  - vm: web-01\n    memroy: 3GiB\n",
+        );
+        // An unreachable URI proves no connection is attempted: the error is the validation one.
+        Cli::new()
+            .args([
+                "plan",
+                path.to_str().unwrap(),
+                "--connect",
+                "test:///nonexistent/node.xml",
+            ])
+            .status(1)
+            .stderr_contains("unknown key `memroy`")
+            .stderr_lacks("cannot connect")
+            .run();
+    }
+}
