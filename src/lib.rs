@@ -14,6 +14,7 @@ pub mod commands;
 pub mod config;
 pub mod fsutil;
 pub mod hypervisor;
+pub mod lockfile;
 pub mod plan_file;
 pub mod planner;
 pub mod printer;
