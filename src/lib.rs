@@ -12,6 +12,7 @@ pub mod cli;
 pub mod clock;
 pub mod commands;
 pub mod config;
+pub mod executor;
 pub mod fsutil;
 pub mod hypervisor;
 pub mod lockfile;
