@@ -280,9 +280,6 @@ impl Run<'_> {
                         step.step, step.domain.name, result
                     ))
                 });
-                if self.ex.settings.on_failure == OnFailure::Abort {
-                    self.abort.store(true, Ordering::SeqCst);
-                }
             }
         }
     }
@@ -330,7 +327,12 @@ impl Run<'_> {
         self.abort.store(true, Ordering::SeqCst);
     }
 
+    /// Publishes a step's outcome. Under `on_failure: abort` a failure stops every other
+    /// domain here, before anyone hears of it.
     fn report(&self, step: &PlannedStep, status: StepStatus, message: String, earlier: bool) {
+        if status.is_failure() && self.ex.settings.on_failure == OnFailure::Abort {
+            self.abort.store(true, Ordering::SeqCst);
+        }
         let outcome = Outcome {
             step: step.step,
             step_id: step.step_id.clone(),
@@ -348,3 +350,6 @@ impl Run<'_> {
             .push(outcome);
     }
 }
+
+#[cfg(test)]
+mod tests;
