@@ -10,7 +10,7 @@ use super::{Permit, Run};
 use crate::hypervisor::{domain_xml, ErrorKind, HvError, HvResult, Hypervisor, Scope};
 use crate::lockfile::{Figures, StepStatus};
 use crate::plan_file::units::format_duration;
-use crate::plan_file::{ShutdownMode, ShutdownPolicy};
+use crate::plan_file::{ClockOffset, RtcTrack, ShutdownMode, ShutdownPolicy};
 use crate::planner::{Action, PlannedStep};
 use crate::state::DomainState;
 
@@ -359,7 +359,7 @@ impl Run<'_> {
 
         let after = match self.observe(hv, step) {
             Ok(s) => s,
-            Err(e) => return self.fail_with(step, e.into(), &notes, Some(&before), None),
+            Err(e) => return self.fail_with(step, e, &notes, Some(&before), None),
         };
         let missing = match self.mismatches(hv, step, &after, &step.after) {
             Ok(m) => m,
@@ -555,8 +555,8 @@ impl Run<'_> {
                 let xml = hv.domain_xml(uuid, true)?;
                 let edited = domain_xml::set_clock(
                     &xml,
-                    clock.offset.map(|o| o.as_str()),
-                    clock.track.map(|t| t.as_str()),
+                    clock.offset.map(ClockOffset::as_str),
+                    clock.track.map(RtcTrack::as_str),
                 )
                 .map_err(|e| HvError::new(ErrorKind::Other, e.to_string()))?;
                 hv.define_xml(&edited)

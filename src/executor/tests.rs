@@ -24,6 +24,8 @@ fn t(s: &str) -> DateTime<Utc> {
     DateTime::parse_from_rfc3339(s).unwrap().with_timezone(&Utc)
 }
 
+type SleepHook = Box<dyn FnMut(&FakeClock) + Send>;
+
 /// A fake clock whose sleeps can be held until a test opens the gate, so several domain
 /// threads sharing one fake time cannot race ahead of each other.
 struct GatedClock {
@@ -31,7 +33,7 @@ struct GatedClock {
     open: Mutex<bool>,
     cond: Condvar,
     /// Called with the time after each sleep (to model clock jumps).
-    on_sleep: Mutex<Box<dyn FnMut(&FakeClock) + Send>>,
+    on_sleep: Mutex<SleepHook>,
 }
 
 impl GatedClock {
@@ -225,8 +227,7 @@ fn classic_window_runs_every_step_at_its_time_and_never_before() {
         let step = lock
             .steps
             .iter()
-            .filter(|r| r.at.unwrap() <= call.at.unwrap())
-            .next_back()
+            .rfind(|r| r.at.unwrap() <= call.at.unwrap())
             .unwrap();
         assert!(call.at.unwrap() >= step.at.unwrap());
     }
@@ -537,7 +538,7 @@ fn a_running_step_not_at_target_is_reapplied_within_grace_only() {
         store.reconcile(&plan).unwrap();
         store
             .update(&plan.steps[0].step_id, A, |r| {
-                r.status = StepStatus::Running
+                r.status = StepStatus::Running;
             })
             .unwrap();
         drop(store);

@@ -3,6 +3,7 @@
 //! mutating call (with the time it was made, when given a clock).
 
 use std::collections::BTreeMap;
+use std::fmt::Write as _;
 use std::sync::{Arc, Mutex, PoisonError};
 
 use chrono::{DateTime, Utc};
@@ -303,12 +304,15 @@ fn xml_of(d: &FakeDomain) -> String {
     if let Some(c) = &s.clock {
         clock.push_str("  <clock");
         if let Some(offset) = &c.offset {
-            clock.push_str(&format!(" offset='{offset}'"));
+            let _ = write!(clock, " offset='{offset}'");
         }
         match &c.rtc_track {
-            Some(track) => clock.push_str(&format!(
-                ">\n    <timer name='rtc' track='{track}'/>\n  </clock>\n"
-            )),
+            Some(track) => {
+                let _ = write!(
+                    clock,
+                    ">\n    <timer name='rtc' track='{track}'/>\n  </clock>\n"
+                );
+            }
             None => clock.push_str("/>\n"),
         }
     }
@@ -546,14 +550,14 @@ impl Hypervisor for FakeHypervisor {
 
     fn set_title(&self, uuid: &str, title: &str) -> HvResult<()> {
         self.mutate("set_title", uuid, title.to_owned(), |d| {
-            d.state.title = title.to_owned();
+            title.clone_into(&mut d.state.title);
             Ok(())
         })
     }
 
     fn set_description(&self, uuid: &str, description: &str) -> HvResult<()> {
         self.mutate("set_description", uuid, description.to_owned(), |d| {
-            d.state.description = description.to_owned();
+            description.clone_into(&mut d.state.description);
             Ok(())
         })
     }
