@@ -2,6 +2,7 @@
 //! (the only code that touches the `virt` crate), domain-XML editing, and test-driver fleets.
 
 pub mod domain_xml;
+pub mod fake;
 pub mod fleet;
 // The bulk-stats FFI needs `unsafe`; it is confined to this module, each block with a SAFETY note.
 #[allow(unsafe_code)]

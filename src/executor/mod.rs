@@ -1,0 +1,355 @@
+//! Runs a [`Plan`]: each domain's steps in order, different domains concurrently (bounded),
+//! every step at its time and never outside its grace or window, recorded in the lockfile
+//! before and after each libvirt change.
+//!
+//! One thread per domain waits for that domain's next step; a semaphore bounds how many steps
+//! run at once. Time comes only from the [`Clock`], so tests run on a fake one.
+
+mod step;
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Condvar, Mutex, PoisonError};
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+
+use crate::clock::Clock;
+use crate::lockfile::{LockError, LockStore, StepStatus};
+use crate::plan_file::{OnFailure, PlanFile, Window};
+use crate::planner::{Connections, Plan, PlannedStep};
+
+/// How the executor behaves: the plan's timing and failure policy, and its own limits.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// How late a step may still start.
+    pub grace: Duration,
+    /// No step starts at or after `window.end`.
+    pub window: Option<Window>,
+    pub on_failure: OnFailure,
+    /// How many steps run at the same time.
+    pub parallelism: usize,
+    /// Attempts after a transient libvirt failure (connection lost, RPC timeout).
+    pub retries: u32,
+    /// First wait before a retry; doubled each time.
+    pub backoff: Duration,
+    /// How often a graceful shutdown is checked.
+    pub poll: Duration,
+    /// Test-only crash switch: `after-running:<step_id>` or `before-done:<step_id>` aborts
+    /// the process at that point.
+    pub failpoint: Option<String>,
+}
+
+impl Settings {
+    /// The plan file's grace, window and failure policy with default limits.
+    #[must_use]
+    pub fn for_plan(file: &PlanFile, parallelism: usize) -> Self {
+        Self {
+            grace: file.grace,
+            window: file.window,
+            on_failure: file.on_failure,
+            parallelism: parallelism.max(1),
+            retries: 3,
+            backoff: Duration::from_secs(1),
+            poll: Duration::from_millis(250),
+            failpoint: None,
+        }
+    }
+}
+
+/// What happened to one step on one domain during this run.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Outcome {
+    pub step: usize,
+    pub step_id: String,
+    pub vm: String,
+    pub uuid: String,
+    pub at: Option<DateTime<Utc>>,
+    pub status: StepStatus,
+    pub message: String,
+    /// Recorded done by an earlier run: nothing was done now.
+    pub earlier: bool,
+}
+
+/// The result of a run.
+#[derive(Debug, Default)]
+pub struct Report {
+    /// In plan order.
+    pub outcomes: Vec<Outcome>,
+    /// A signal stopped the run before every step was tried.
+    pub interrupted: bool,
+    /// Progress could not be recorded: the run stopped.
+    pub fatal: Option<String>,
+}
+
+impl Report {
+    /// Whether any step failed, was missed or skipped.
+    #[must_use]
+    pub fn any_failed(&self) -> bool {
+        self.outcomes.iter().any(|o| o.status.is_failure())
+    }
+}
+
+/// A counting semaphore: at most `n` steps in flight.
+struct Permits {
+    free: Mutex<usize>,
+    cond: Condvar,
+}
+
+struct Permit<'a>(&'a Permits);
+
+impl Permits {
+    fn new(n: usize) -> Self {
+        Self {
+            free: Mutex::new(n),
+            cond: Condvar::new(),
+        }
+    }
+
+    fn acquire(&self) -> Permit<'_> {
+        let mut free = self.free.lock().unwrap_or_else(PoisonError::into_inner);
+        while *free == 0 {
+            free = self.cond.wait(free).unwrap_or_else(PoisonError::into_inner);
+        }
+        *free -= 1;
+        Permit(self)
+    }
+}
+
+impl Drop for Permit<'_> {
+    fn drop(&mut self) {
+        *self.0.free.lock().unwrap_or_else(PoisonError::into_inner) += 1;
+        self.0.cond.notify_one();
+    }
+}
+
+/// Everything a run needs.
+pub struct Executor<'a> {
+    pub plan: &'a Plan,
+    pub connections: &'a Connections,
+    pub clock: &'a dyn Clock,
+    pub store: &'a LockStore,
+    pub settings: &'a Settings,
+    /// Set by SIGINT/SIGTERM: start nothing new.
+    pub stop: &'a AtomicBool,
+    /// Called as each step ends (for live progress output).
+    pub on_outcome: &'a (dyn Fn(&Outcome) + Sync),
+}
+
+/// Shared state of one run.
+struct Run<'a> {
+    ex: &'a Executor<'a>,
+    permits: Permits,
+    abort: AtomicBool,
+    fatal: Mutex<Option<String>>,
+    outcomes: Mutex<Vec<Outcome>>,
+    /// Attributes each (step id, uuid) changes, from the plan's changes.
+    touched: BTreeMap<(String, String), Vec<String>>,
+}
+
+/// Why a step ended the way it did, for the domain's later steps.
+enum Blocked {
+    /// The domain is gone: its later steps fail.
+    Gone(String),
+    /// An earlier step failed or was missed: later steps are skipped.
+    Earlier(String),
+}
+
+impl Executor<'_> {
+    /// Reconciles the lockfile with the plan, then runs every step.
+    ///
+    /// # Errors
+    /// The lockfile refuses the plan (edited done step, changed UUID) or cannot be written;
+    /// nothing has run then.
+    pub fn run(&self) -> Result<Report, LockError> {
+        self.store.reconcile(self.plan)?;
+        let mut touched: BTreeMap<(String, String), Vec<String>> = BTreeMap::new();
+        for c in &self.plan.changes {
+            touched
+                .entry((c.step_id.clone(), c.uuid.clone()))
+                .or_default()
+                .push(c.attribute.clone());
+        }
+        let run = Run {
+            ex: self,
+            permits: Permits::new(self.settings.parallelism.max(1)),
+            abort: AtomicBool::new(false),
+            fatal: Mutex::new(None),
+            outcomes: Mutex::new(Vec::new()),
+            touched,
+        };
+        // Each domain's steps in plan (time) order.
+        let mut domains: Vec<((String, String), Vec<&PlannedStep>)> = Vec::new();
+        for s in &self.plan.steps {
+            let key = (s.connection.clone(), s.domain.uuid.clone());
+            match domains.iter_mut().find(|(k, _)| *k == key) {
+                Some((_, steps)) => steps.push(s),
+                None => domains.push((key, vec![s])),
+            }
+        }
+        std::thread::scope(|scope| {
+            for (_, steps) in &domains {
+                let run = &run;
+                scope.spawn(move || run.domain(steps));
+            }
+        });
+        let mut outcomes = run
+            .outcomes
+            .into_inner()
+            .unwrap_or_else(PoisonError::into_inner);
+        let order: BTreeMap<(&str, &str), usize> = self
+            .plan
+            .steps
+            .iter()
+            .enumerate()
+            .map(|(i, s)| ((s.step_id.as_str(), s.domain.uuid.as_str()), i))
+            .collect();
+        outcomes.sort_by_key(|o| order.get(&(o.step_id.as_str(), o.uuid.as_str())).copied());
+        let fatal = run
+            .fatal
+            .into_inner()
+            .unwrap_or_else(PoisonError::into_inner);
+        let interrupted = self.stop.load(Ordering::SeqCst)
+            && outcomes.iter().any(|o| o.status == StepStatus::Cancelled);
+        Ok(Report {
+            outcomes,
+            interrupted,
+            fatal,
+        })
+    }
+}
+
+impl Run<'_> {
+    fn stopping(&self) -> bool {
+        self.ex.stop.load(Ordering::SeqCst) || self.abort.load(Ordering::SeqCst)
+    }
+
+    /// Runs one domain's steps in order.
+    fn domain(&self, steps: &[&PlannedStep]) {
+        let mut blocked: Option<Blocked> = None;
+        for step in steps {
+            let mut gone = false;
+            let recorded = self
+                .ex
+                .store
+                .snapshot()
+                .get(&step.step_id, &step.domain.uuid)
+                .map_or(StepStatus::Pending, |r| r.status);
+            let result = match (recorded, &blocked) {
+                (StepStatus::Done, _) => {
+                    self.report(
+                        step,
+                        StepStatus::Done,
+                        "done in an earlier run".to_owned(),
+                        true,
+                    );
+                    continue;
+                }
+                (StepStatus::Missed, _) => {
+                    let message = "missed in an earlier run; a missed step never runs".to_owned();
+                    self.report(step, StepStatus::Missed, message, true);
+                    StepStatus::Missed
+                }
+                (_, Some(b)) => {
+                    let (status, message) = match b {
+                        Blocked::Gone(m) => (StepStatus::Failed, m.clone()),
+                        Blocked::Earlier(m) => (StepStatus::Skipped, m.clone()),
+                    };
+                    self.finish(step, status, message);
+                    continue;
+                }
+                _ if self.stopping() => {
+                    self.cancel(step);
+                    continue;
+                }
+                _ => {
+                    let ended = self.step(step, recorded);
+                    gone = ended.gone;
+                    ended.status
+                }
+            };
+            if result.is_failure() {
+                blocked = Some(if gone {
+                    Blocked::Gone(format!(
+                        "domain {} ({}) no longer exists",
+                        step.domain.name, step.domain.uuid
+                    ))
+                } else {
+                    Blocked::Earlier(format!(
+                        "step {} of {} was {}",
+                        step.step, step.domain.name, result
+                    ))
+                });
+            }
+        }
+    }
+
+    /// Records a final status without running anything (skipped, failed because gone).
+    fn finish(&self, step: &PlannedStep, status: StepStatus, message: String) {
+        let now = self.ex.clock.now();
+        let write = self.ex.store.update(&step.step_id, &step.domain.uuid, |r| {
+            r.status = status;
+            r.finished_at = Some(now);
+            r.message.clone_from(&message);
+        });
+        if let Err(e) = write {
+            self.fail_hard(&e);
+        }
+        self.report(step, status, message, false);
+    }
+
+    fn cancel(&self, step: &PlannedStep) {
+        let message = if self.abort.load(Ordering::SeqCst) {
+            if self.fatal_set() {
+                "not started: progress could not be recorded".to_owned()
+            } else {
+                "not started: the plan was aborted after a failure (on_failure: abort)".to_owned()
+            }
+        } else {
+            "not started: interrupted by a signal; run `virtplan apply` again to resume".to_owned()
+        };
+        self.finish(step, StepStatus::Cancelled, message);
+    }
+
+    fn fatal_set(&self) -> bool {
+        self.fatal
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .is_some()
+    }
+
+    /// The lockfile cannot be written: nothing more may run, since nothing could be recorded.
+    fn fail_hard(&self, e: &LockError) {
+        self.fatal
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get_or_insert_with(|| e.to_string());
+        self.abort.store(true, Ordering::SeqCst);
+    }
+
+    /// Publishes a step's outcome. Under `on_failure: abort` a failure stops every other
+    /// domain here, before anyone hears of it.
+    fn report(&self, step: &PlannedStep, status: StepStatus, message: String, earlier: bool) {
+        if status.is_failure() && self.ex.settings.on_failure == OnFailure::Abort {
+            self.abort.store(true, Ordering::SeqCst);
+        }
+        let outcome = Outcome {
+            step: step.step,
+            step_id: step.step_id.clone(),
+            vm: step.domain.name.clone(),
+            uuid: step.domain.uuid.clone(),
+            at: step.at,
+            status,
+            message,
+            earlier,
+        };
+        (self.ex.on_outcome)(&outcome);
+        self.outcomes
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(outcome);
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,710 @@
+//! One step on one domain: wait for its time, record it `running`, check the live state
+//! against the reviewed one, apply its actions with error classification and retries, read
+//! the result back and verify it, record the outcome.
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+
+use super::{Permit, Run};
+use crate::hypervisor::{domain_xml, ErrorKind, HvError, HvResult, Hypervisor, Scope};
+use crate::lockfile::{Figures, StepStatus};
+use crate::plan_file::units::format_duration;
+use crate::plan_file::{ClockOffset, RtcTrack, ShutdownMode, ShutdownPolicy};
+use crate::planner::{Action, PlannedStep};
+use crate::state::DomainState;
+
+/// How a step ended, as far as the domain's later steps care.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Ended {
+    pub status: StepStatus,
+    /// The domain no longer exists.
+    pub gone: bool,
+}
+
+impl Ended {
+    fn with(status: StepStatus) -> Self {
+        Self {
+            status,
+            gone: false,
+        }
+    }
+}
+
+/// A step failure with what the operator needs to know.
+#[derive(Debug)]
+struct StepError {
+    message: String,
+    gone: bool,
+}
+
+impl StepError {
+    fn new(message: impl Into<String>) -> Self {
+        Self {
+            message: message.into(),
+            gone: false,
+        }
+    }
+}
+
+impl From<HvError> for StepError {
+    fn from(e: HvError) -> Self {
+        let kind = match e.kind {
+            ErrorKind::NotFound => "domain not found",
+            ErrorKind::OperationInvalid => "operation invalid",
+            ErrorKind::InvalidArgument => "invalid argument",
+            ErrorKind::Transient => "connection failure, retries exhausted",
+            ErrorKind::Unsupported => "unsupported",
+            ErrorKind::Other => "libvirt error",
+        };
+        Self {
+            message: format!("{kind}: {}", e.message),
+            gone: e.kind == ErrorKind::NotFound,
+        }
+    }
+}
+
+/// One figure of a domain that a step can touch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Fig {
+    Power,
+    Memory,
+    MaxMemory,
+    Vcpus,
+    MaxVcpus,
+    Clock,
+    Autostart,
+    Title,
+    Description,
+}
+
+impl Fig {
+    /// The figures an attribute depends on: memory and vCPU changes also depend on the power
+    /// state (live or config) and on their maximum.
+    fn of(attribute: &str) -> &'static [Self] {
+        match attribute {
+            "power" => &[Self::Power],
+            "memory" | "max_memory" => &[Self::Power, Self::Memory, Self::MaxMemory],
+            "vcpus" | "max_vcpus" => &[Self::Power, Self::Vcpus, Self::MaxVcpus],
+            "clock" => &[Self::Clock],
+            "autostart" => &[Self::Autostart],
+            "title" => &[Self::Title],
+            "description" => &[Self::Description],
+            _ => &[],
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Self::Power => "power",
+            Self::Memory => "memory",
+            Self::MaxMemory => "max_memory",
+            Self::Vcpus => "vcpus",
+            Self::MaxVcpus => "max_vcpus",
+            Self::Clock => "clock",
+            Self::Autostart => "autostart",
+            Self::Title => "title",
+            Self::Description => "description",
+        }
+    }
+
+    /// The figure's value; `None` when it was not read (the clock).
+    fn value(self, s: &DomainState) -> Option<String> {
+        Some(match self {
+            Self::Power => s.power.to_string(),
+            Self::Memory => s.memory.to_string(),
+            Self::MaxMemory => s.max_memory.to_string(),
+            Self::Vcpus => s.vcpus.to_string(),
+            Self::MaxVcpus => s.max_vcpus.to_string(),
+            Self::Clock => {
+                let c = s.clock.as_ref()?;
+                format!(
+                    "offset={} track={}",
+                    c.offset.as_deref().unwrap_or("-"),
+                    c.rtc_track.as_deref().unwrap_or("-")
+                )
+            }
+            Self::Autostart => s.autostart.to_string(),
+            Self::Title => format!("{:?}", s.title),
+            Self::Description => format!("{:?}", s.description),
+        })
+    }
+}
+
+/// Whether the live state already shows what `action` does.
+fn satisfied(action: &Action, s: &DomainState) -> bool {
+    use crate::state::PowerState;
+    match action {
+        Action::PowerOff { .. } => !s.power.is_active(),
+        Action::Suspend => s.power == PowerState::Paused,
+        Action::Start => s.power.is_active(),
+        Action::Resume => s.power == PowerState::Running,
+        Action::SetMaxMemory { max } => s.max_memory == *max,
+        Action::SetMemory { memory, .. } => s.memory == *memory,
+        Action::SetMaxVcpus { max } => s.max_vcpus == *max,
+        Action::SetVcpus { vcpus, .. } => s.vcpus == *vcpus,
+        Action::SetClock { clock } => s.clock.as_ref().is_some_and(|c| {
+            clock
+                .offset
+                .is_none_or(|o| c.offset.as_deref() == Some(o.as_str()))
+                && clock
+                    .track
+                    .is_none_or(|t| c.rtc_track.as_deref() == Some(t.as_str()))
+        }),
+        Action::SetAutostart { on } => s.autostart == *on,
+        Action::SetTitle { title } => s.title == *title,
+        Action::SetDescription { description } => s.description == *description,
+        Action::Snapshot { .. } => false,
+    }
+}
+
+fn show_time(t: DateTime<Utc>) -> String {
+    t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+}
+
+impl Run<'_> {
+    /// Runs `step`, whose lockfile status is `recorded`, and records how it ended.
+    pub(super) fn step(&self, step: &PlannedStep, recorded: StepStatus) -> Ended {
+        let resuming = recorded == StepStatus::Running;
+        let Some(hv) = self.ex.connections.get(&step.connection) else {
+            let message = format!("no open connection to {}", step.connection);
+            return self.end(step, StepStatus::Failed, message, None, None);
+        };
+        let hv = hv.as_ref();
+        let Some((now, _permit)) = self.start_time(step, resuming) else {
+            self.cancel(step);
+            return Ended::with(StepStatus::Cancelled);
+        };
+        let late = self.late(step, now);
+        if resuming {
+            return self.resume(hv, step, now, late);
+        }
+        if let Some(reason) = late {
+            return self.end(
+                step,
+                StepStatus::Missed,
+                format!("missed, not run: {reason}"),
+                None,
+                None,
+            );
+        }
+        self.apply(hv, step, now, false)
+    }
+
+    /// Waits until the step is due and a slot is free; `None` when stopped meanwhile.
+    /// The time returned is read after both, and is never before the step's `at`.
+    fn start_time(
+        &self,
+        step: &PlannedStep,
+        resuming: bool,
+    ) -> Option<(DateTime<Utc>, Permit<'_>)> {
+        loop {
+            if let (Some(at), false) = (step.at, resuming) {
+                self.wait_until(at)?;
+            }
+            let permit = self.permits.acquire();
+            if self.stopping() {
+                return None;
+            }
+            let now = self.ex.clock.now();
+            // The wall clock may have been stepped back while we waited for a slot.
+            if resuming || step.at.is_none_or(|at| now >= at) {
+                return Some((now, permit));
+            }
+        }
+    }
+
+    /// Sleeps in slices of at most a second, re-reading the clock after every wake-up, so a
+    /// clock jump or a suspended host can make a step neither early nor silently late.
+    fn wait_until(&self, at: DateTime<Utc>) -> Option<()> {
+        const SLICE: Duration = Duration::from_secs(1);
+        loop {
+            if self.stopping() {
+                return None;
+            }
+            let now = self.ex.clock.now();
+            if now >= at {
+                return Some(());
+            }
+            let left = (at - now).to_std().unwrap_or(Duration::ZERO);
+            self.ex.clock.sleep(left.min(SLICE));
+        }
+    }
+
+    /// Why a step starting at `now` would be too late, if it would.
+    fn late(&self, step: &PlannedStep, now: DateTime<Utc>) -> Option<String> {
+        let settings = self.ex.settings;
+        if let Some(w) = settings.window {
+            if now >= w.end {
+                return Some(format!(
+                    "the maintenance window closed at {} (now {})",
+                    show_time(w.end),
+                    show_time(now)
+                ));
+            }
+        }
+        let at = step.at?;
+        let grace = chrono::Duration::from_std(settings.grace).unwrap_or(chrono::Duration::MAX);
+        let deadline = at
+            .checked_add_signed(grace)
+            .unwrap_or(DateTime::<Utc>::MAX_UTC);
+        (now > deadline).then(|| {
+            format!(
+                "due at {}, it could not start by {} (grace {}; now {})",
+                show_time(at),
+                show_time(deadline),
+                format_duration(settings.grace),
+                show_time(now)
+            )
+        })
+    }
+
+    /// A step recorded `running` by an interrupted run: never blindly repeated.
+    fn resume(
+        &self,
+        hv: &dyn Hypervisor,
+        step: &PlannedStep,
+        now: DateTime<Utc>,
+        late: Option<String>,
+    ) -> Ended {
+        let live = match self.observe(hv, step) {
+            Ok(live) => live,
+            Err(e) => return self.fail(step, e, None),
+        };
+        let missing = match self.mismatches(hv, step, &live, &step.after) {
+            Ok(m) => m,
+            Err(e) => return self.fail(step, e, Some(&live)),
+        };
+        if missing.is_empty() {
+            return self.end(
+                step,
+                StepStatus::Done,
+                "an interrupted run had started this step; the domain is at its target, so nothing was called again".to_owned(),
+                None,
+                Some(&live),
+            );
+        }
+        if let Some(reason) = late {
+            return self.end(
+                step,
+                StepStatus::Failed,
+                format!(
+                    "an interrupted run had started this step and it is not at its target ({}); not re-applied because {reason}",
+                    missing.join("; ")
+                ),
+                None,
+                Some(&live),
+            );
+        }
+        self.apply(hv, step, now, true)
+    }
+
+    /// Records `running`, checks for drift, runs the actions, verifies, records the result.
+    fn apply(
+        &self,
+        hv: &dyn Hypervisor,
+        step: &PlannedStep,
+        now: DateTime<Utc>,
+        resuming: bool,
+    ) -> Ended {
+        let write = self.ex.store.update(&step.step_id, &step.domain.uuid, |r| {
+            r.status = StepStatus::Running;
+            if !resuming || r.started_at.is_none() {
+                r.started_at = Some(now);
+            }
+            r.finished_at = None;
+            r.message = if resuming {
+                format!("resumed at {} after an interrupted run", show_time(now))
+            } else {
+                String::new()
+            };
+        });
+        if let Err(e) = write {
+            // Nothing may touch libvirt that could not be recorded first.
+            self.fail_hard(&e);
+            let message = format!("not started: {e}");
+            self.report(step, StepStatus::Cancelled, message, false);
+            return Ended::with(StepStatus::Cancelled);
+        }
+        self.failpoint("after-running", step);
+
+        let before = match self.observe(hv, step) {
+            Ok(s) => s,
+            Err(e) => return self.fail(step, e, None),
+        };
+        if !resuming {
+            let drift = self.drift(step, &before);
+            if !drift.is_empty() {
+                let message = format!(
+                    "refused: the domain drifted from the reviewed state: {}; nothing was changed; run `virtplan plan` to review the current state",
+                    drift.join("; ")
+                );
+                return self.end(
+                    step,
+                    StepStatus::Failed,
+                    message,
+                    Some(&before),
+                    Some(&before),
+                );
+            }
+        }
+        let mut notes = Vec::new();
+        for action in &step.actions {
+            if let Err(e) = self.action(hv, step, action, resuming, &mut notes) {
+                let after = self.observe(hv, step).ok();
+                return self.fail_with(step, e, &notes, Some(&before), after.as_ref());
+            }
+        }
+        self.failpoint("before-done", step);
+
+        let after = match self.observe(hv, step) {
+            Ok(s) => s,
+            Err(e) => return self.fail_with(step, e, &notes, Some(&before), None),
+        };
+        let missing = match self.mismatches(hv, step, &after, &step.after) {
+            Ok(m) => m,
+            Err(e) => return self.fail_with(step, e, &notes, Some(&before), Some(&after)),
+        };
+        if !missing.is_empty() {
+            let e = StepError::new(format!(
+                "did not reach its desired state: {}",
+                missing.join("; ")
+            ));
+            return self.fail_with(step, e, &notes, Some(&before), Some(&after));
+        }
+        notes.extend(live_warnings(step, &after));
+        let message = if step.actions.is_empty() {
+            "already as asked: nothing to change".to_owned()
+        } else {
+            notes.join("; ")
+        };
+        self.end(step, StepStatus::Done, message, Some(&before), Some(&after))
+    }
+
+    /// Test-only crash switch (`VIRTPLAN_FAILPOINT`).
+    fn failpoint(&self, point: &str, step: &PlannedStep) {
+        if self.ex.settings.failpoint.as_deref().is_some_and(|f| {
+            f.strip_prefix(point).and_then(|r| r.strip_prefix(':')) == Some(step.step_id.as_str())
+        }) {
+            std::process::abort();
+        }
+    }
+
+    fn touched(&self, step: &PlannedStep) -> &[String] {
+        self.touched
+            .get(&(step.step_id.clone(), step.domain.uuid.clone()))
+            .map_or(&[], Vec::as_slice)
+    }
+
+    fn figs(&self, step: &PlannedStep) -> Vec<Fig> {
+        let mut figs: Vec<Fig> = self
+            .touched(step)
+            .iter()
+            .flat_map(|a| Fig::of(a).iter().copied())
+            .collect();
+        figs.sort();
+        figs.dedup();
+        figs
+    }
+
+    /// Differences between the live state and the reviewed before-state, on what the step touches.
+    fn drift(&self, step: &PlannedStep, live: &DomainState) -> Vec<String> {
+        self.figs(step)
+            .into_iter()
+            .filter_map(|f| match (f.value(&step.before), f.value(live)) {
+                (Some(planned), Some(now)) if planned != now => Some(format!(
+                    "{} was {planned} when planned, is {now} now",
+                    f.name()
+                )),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// Differences between `state` and `target` on what the step touches, snapshots included.
+    fn mismatches(
+        &self,
+        hv: &dyn Hypervisor,
+        step: &PlannedStep,
+        state: &DomainState,
+        target: &DomainState,
+    ) -> Result<Vec<String>, StepError> {
+        let mut out: Vec<String> = self
+            .figs(step)
+            .into_iter()
+            .filter_map(|f| match (f.value(target), f.value(state)) {
+                (Some(want), Some(is)) if want != is => {
+                    Some(format!("{} is {is}, expected {want}", f.name()))
+                }
+                _ => None,
+            })
+            .collect();
+        for action in &step.actions {
+            if let Action::Snapshot { spec } = action {
+                let names = self.retry(|| hv.snapshot_names(&step.domain.uuid))?;
+                if !names.contains(&spec.name) {
+                    out.push(format!("snapshot {:?} does not exist", spec.name));
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Reads the domain, with its clock when the step touches it, retrying transient failures.
+    fn observe(&self, hv: &dyn Hypervisor, step: &PlannedStep) -> Result<DomainState, StepError> {
+        let with_clock = self.touched(step).iter().any(|a| a == "clock");
+        Ok(self.retry(|| hv.observe(&step.domain.uuid, with_clock))?)
+    }
+
+    /// Calls `f`, retrying transient failures a bounded number of times with backoff. Every
+    /// call addresses the domain by UUID, so a retry finds the same domain or none.
+    fn retry<T>(&self, f: impl Fn() -> HvResult<T>) -> HvResult<T> {
+        let settings = self.ex.settings;
+        let mut wait = settings.backoff;
+        let mut attempt = 0;
+        loop {
+            match f() {
+                Err(e) if e.kind == ErrorKind::Transient && attempt < settings.retries => {
+                    attempt += 1;
+                    self.ex.clock.sleep(wait);
+                    wait = wait.saturating_mul(2);
+                }
+                result => return result,
+            }
+        }
+    }
+
+    /// Runs one libvirt change for `action`: skipped when a resumed step finds it done,
+    /// retried when transient, accepted when libvirt calls it invalid but the state is there.
+    fn call(
+        &self,
+        hv: &dyn Hypervisor,
+        step: &PlannedStep,
+        action: &Action,
+        resuming: bool,
+        f: impl Fn() -> HvResult<()>,
+    ) -> Result<(), StepError> {
+        if resuming && satisfied(action, &self.observe(hv, step)?) {
+            return Ok(());
+        }
+        match self.retry(f) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind == ErrorKind::OperationInvalid => {
+                if satisfied(action, &self.observe(hv, step)?) {
+                    Ok(())
+                } else {
+                    Err(e.into())
+                }
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    fn action(
+        &self,
+        hv: &dyn Hypervisor,
+        step: &PlannedStep,
+        action: &Action,
+        resuming: bool,
+        notes: &mut Vec<String>,
+    ) -> Result<(), StepError> {
+        let uuid = step.domain.uuid.as_str();
+        let scope = |planned_live: bool| -> Result<Scope, StepError> {
+            // A resumed step asks libvirt, since the interrupted run may have changed power.
+            let live = if resuming {
+                self.observe(hv, step)?.power.is_active()
+            } else {
+                planned_live
+            };
+            Ok(if live { Scope::BOTH } else { Scope::CONFIG })
+        };
+        match action {
+            Action::PowerOff { policy } => self.power_off(hv, step, *policy, resuming, notes),
+            Action::Suspend => self.call(hv, step, action, resuming, || hv.suspend(uuid)),
+            Action::Resume => self.call(hv, step, action, resuming, || hv.resume(uuid)),
+            Action::Start => self.call(hv, step, action, resuming, || hv.start(uuid)),
+            Action::Snapshot { spec } => {
+                let names = self.retry(|| hv.snapshot_names(uuid))?;
+                if names.contains(&spec.name) {
+                    notes.push(format!("snapshot {:?} exists already", spec.name));
+                    return Ok(());
+                }
+                self.call(hv, step, action, false, || {
+                    hv.create_snapshot(uuid, &spec.name, spec.description.as_deref())
+                })
+            }
+            Action::SetMaxMemory { max } => {
+                self.call(hv, step, action, resuming, || hv.set_max_memory(uuid, *max))
+            }
+            Action::SetMemory { memory, live } => {
+                let scope = scope(*live)?;
+                self.call(hv, step, action, resuming, || {
+                    hv.set_memory(uuid, *memory, scope)
+                })
+            }
+            Action::SetMaxVcpus { max } => {
+                self.call(hv, step, action, resuming, || hv.set_max_vcpus(uuid, *max))
+            }
+            Action::SetVcpus { vcpus, live } => {
+                let scope = scope(*live)?;
+                self.call(hv, step, action, resuming, || {
+                    hv.set_vcpus(uuid, *vcpus, scope)
+                })
+            }
+            Action::SetClock { clock } => self.call(hv, step, action, resuming, || {
+                let xml = hv.domain_xml(uuid, true)?;
+                let edited = domain_xml::set_clock(
+                    &xml,
+                    clock.offset.map(ClockOffset::as_str),
+                    clock.track.map(RtcTrack::as_str),
+                )
+                .map_err(|e| HvError::new(ErrorKind::Other, e.to_string()))?;
+                hv.define_xml(&edited)
+            }),
+            Action::SetAutostart { on } => {
+                self.call(hv, step, action, resuming, || hv.set_autostart(uuid, *on))
+            }
+            Action::SetTitle { title } => {
+                self.call(hv, step, action, resuming, || hv.set_title(uuid, title))
+            }
+            Action::SetDescription { description } => self.call(hv, step, action, resuming, || {
+                hv.set_description(uuid, description)
+            }),
+        }
+    }
+
+    /// Graceful shutdown, polled through the clock until shut off or the timeout, then
+    /// destroy when the policy allows it; `force` destroys at once.
+    fn power_off(
+        &self,
+        hv: &dyn Hypervisor,
+        step: &PlannedStep,
+        policy: ShutdownPolicy,
+        resuming: bool,
+        notes: &mut Vec<String>,
+    ) -> Result<(), StepError> {
+        let uuid = step.domain.uuid.as_str();
+        let action = Action::PowerOff { policy };
+        if resuming && satisfied(&action, &self.observe(hv, step)?) {
+            return Ok(());
+        }
+        if policy.mode == ShutdownMode::Force {
+            notes.push("forced off (destroy)".to_owned());
+            return self.call(hv, step, &action, false, || hv.destroy(uuid));
+        }
+        match self.retry(|| hv.shutdown(uuid)) {
+            Ok(()) => {}
+            // Already shutting down or off: wait for it like for our own request.
+            Err(e) if e.kind == ErrorKind::OperationInvalid => {}
+            Err(e) => return Err(e.into()),
+        }
+        let clock = self.ex.clock;
+        let timeout = chrono::Duration::from_std(policy.timeout).unwrap_or(chrono::Duration::MAX);
+        let deadline = clock
+            .now()
+            .checked_add_signed(timeout)
+            .unwrap_or(DateTime::<Utc>::MAX_UTC);
+        let mut power = self.observe(hv, step)?.power;
+        loop {
+            if !power.is_active() {
+                notes.push("shut down gracefully".to_owned());
+                return Ok(());
+            }
+            let now = clock.now();
+            if now >= deadline {
+                break;
+            }
+            let left = (deadline - now).to_std().unwrap_or(Duration::ZERO);
+            clock.sleep(left.min(self.ex.settings.poll));
+            power = self.observe(hv, step)?.power;
+        }
+        if !policy.force_after_timeout {
+            return Err(StepError::new(format!(
+                "{} did not shut down within {} and force_after_timeout is false: it is still {power}; shut it down by hand or allow forcing",
+                step.domain.name,
+                format_duration(policy.timeout)
+            )));
+        }
+        notes.push(format!(
+            "the guest ignored the shutdown request for {}: forced off (destroy)",
+            format_duration(policy.timeout)
+        ));
+        self.call(hv, step, &action, false, || hv.destroy(uuid))
+    }
+
+    fn fail(&self, step: &PlannedStep, e: StepError, before: Option<&DomainState>) -> Ended {
+        self.fail_with(step, e, &[], before, None)
+    }
+
+    fn fail_with(
+        &self,
+        step: &PlannedStep,
+        e: StepError,
+        notes: &[String],
+        before: Option<&DomainState>,
+        after: Option<&DomainState>,
+    ) -> Ended {
+        let mut message = e.message;
+        if !notes.is_empty() {
+            message = format!("{message} (after: {})", notes.join("; "));
+        }
+        let mut ended = self.end(step, StepStatus::Failed, message, before, after);
+        ended.gone = e.gone;
+        ended
+    }
+
+    /// Records the step's final status with the observed figures, and reports it.
+    fn end(
+        &self,
+        step: &PlannedStep,
+        status: StepStatus,
+        message: String,
+        before: Option<&DomainState>,
+        after: Option<&DomainState>,
+    ) -> Ended {
+        let now = self.ex.clock.now();
+        let write = self.ex.store.update(&step.step_id, &step.domain.uuid, |r| {
+            r.status = status;
+            r.finished_at = Some(now);
+            r.message.clone_from(&message);
+            if let Some(b) = before {
+                r.before = Some(Figures::from(b));
+            }
+            if let Some(a) = after {
+                r.after = Some(Figures::from(a));
+            }
+        });
+        let message = match write {
+            Ok(()) => message,
+            Err(e) => {
+                self.fail_hard(&e);
+                format!("{message} (NOT RECORDED: {e})")
+            }
+        };
+        self.report(step, status, message, false);
+        Ended::with(status)
+    }
+}
+
+/// For a running domain the config is authoritative; the live figures are reported when a
+/// guest did not follow (no balloon driver, vCPUs not released): a warning, not a failure.
+fn live_warnings(step: &PlannedStep, after: &DomainState) -> Vec<String> {
+    let Some(live) = after.live else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for action in &step.actions {
+        match action {
+            Action::SetMemory { memory, live: true } if live.memory != *memory => out.push(format!(
+                "warning: the guest's live memory is {} (target {memory}); a guest without a balloon driver keeps its size until the next boot",
+                live.memory
+            )),
+            Action::SetVcpus { vcpus, live: true } if live.vcpus != *vcpus => out.push(format!(
+                "warning: the guest has {} vCPUs online (target {vcpus}) until it releases them or reboots",
+                live.vcpus
+            )),
+            _ => {}
+        }
+    }
+    out
+}

@@ -1,0 +1,689 @@
+//! Executor tests on the fake hypervisor and a fake clock: no test waits for real time.
+
+use std::path::PathBuf;
+use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+
+use super::{Executor, Outcome, Report, Settings};
+use crate::clock::{Clock, FakeClock};
+use crate::hypervisor::fake::{FakeDomain, FakeHypervisor};
+use crate::hypervisor::{ErrorKind, Hypervisor};
+use crate::lockfile::{LockError, LockStore, Lockfile, StepStatus};
+use crate::plan_file::{self, LoadContext, PlanFile};
+use crate::planner::{self, Connections, Plan, PlanInput};
+use crate::state::{Kib, PowerState};
+
+const URI: &str = "test:///fake";
+const A: &str = "00000000-0000-0000-0000-00000000000a";
+const B: &str = "00000000-0000-0000-0000-00000000000b";
+
+fn t(s: &str) -> DateTime<Utc> {
+    DateTime::parse_from_rfc3339(s).unwrap().with_timezone(&Utc)
+}
+
+type SleepHook = Box<dyn FnMut(&FakeClock) + Send>;
+
+/// A fake clock whose sleeps can be held until a test opens the gate, so several domain
+/// threads sharing one fake time cannot race ahead of each other.
+struct GatedClock {
+    inner: FakeClock,
+    open: Mutex<bool>,
+    cond: Condvar,
+    /// Called with the time after each sleep (to model clock jumps).
+    on_sleep: Mutex<SleepHook>,
+}
+
+impl GatedClock {
+    fn new(start: DateTime<Utc>) -> Arc<Self> {
+        Arc::new(Self {
+            inner: FakeClock::new(start),
+            open: Mutex::new(true),
+            cond: Condvar::new(),
+            on_sleep: Mutex::new(Box::new(|_| {})),
+        })
+    }
+
+    fn set_open(&self, open: bool) {
+        *self.open.lock().unwrap() = open;
+        self.cond.notify_all();
+    }
+}
+
+impl Clock for GatedClock {
+    fn now(&self) -> DateTime<Utc> {
+        self.inner.now()
+    }
+
+    fn sleep(&self, duration: Duration) {
+        let mut open = self.open.lock().unwrap();
+        while !*open {
+            open = self.cond.wait(open).unwrap();
+        }
+        drop(open);
+        self.inner.sleep(duration);
+        (self.on_sleep.lock().unwrap())(&self.inner);
+    }
+}
+
+struct Rig {
+    clock: Arc<GatedClock>,
+    hv: Arc<FakeHypervisor>,
+    connections: Connections,
+    file: PlanFile,
+    _dir: tempfile::TempDir,
+    lock_path: PathBuf,
+}
+
+impl Rig {
+    fn new(steps: &str, extra: &str, domains: Vec<FakeDomain>, start: &str) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("plan.yaml");
+        let text = format!("version: 1\nconnection: {URI}\n{extra}steps:\n{steps}");
+        std::fs::write(&path, &text).unwrap();
+        let file = plan_file::parse(&path, text, &LoadContext::default()).unwrap_or_else(|d| {
+            panic!(
+                "{}",
+                d.items
+                    .iter()
+                    .map(|i| i.render(None))
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            )
+        });
+        let clock = GatedClock::new(t(start));
+        let hv = Arc::new(FakeHypervisor::new(URI, domains).with_clock(clock.clone()));
+        let mut connections = Connections::new();
+        connections.insert(URI.to_owned(), hv.clone() as Arc<dyn Hypervisor>);
+        Self {
+            clock,
+            hv,
+            connections,
+            file,
+            lock_path: dir.path().join("plan.lock"),
+            _dir: dir,
+        }
+    }
+
+    fn plan(&self, store: &LockStore) -> Plan {
+        planner::project(&PlanInput {
+            file: &self.file,
+            connections: &self.connections,
+            connect_override: None,
+            now: self.clock.now(),
+            progress: store,
+        })
+        .unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    fn settings(&self) -> Settings {
+        Settings::for_plan(&self.file, 4)
+    }
+
+    fn run(&self) -> Report {
+        self.run_with(&self.settings(), &|_| {})
+    }
+
+    fn run_with(&self, settings: &Settings, on: &(dyn Fn(&Outcome) + Sync)) -> Report {
+        let store = LockStore::open(&self.lock_path, &self.file.sha256).unwrap();
+        let plan = self.plan(&store);
+        self.run_plan(&plan, settings, on).unwrap()
+    }
+
+    fn run_plan(
+        &self,
+        plan: &Plan,
+        settings: &Settings,
+        on: &(dyn Fn(&Outcome) + Sync),
+    ) -> Result<Report, LockError> {
+        let store = LockStore::open(&self.lock_path, &self.file.sha256)?;
+        let stop = AtomicBool::new(false);
+        Executor {
+            plan,
+            connections: &self.connections,
+            clock: self.clock.as_ref(),
+            store: &store,
+            settings,
+            stop: &stop,
+            on_outcome: on,
+        }
+        .run()
+    }
+
+    fn lock(&self) -> Lockfile {
+        LockStore::read(&self.lock_path).unwrap()
+    }
+
+    fn statuses(&self) -> Vec<(usize, String, StepStatus)> {
+        self.lock()
+            .steps
+            .iter()
+            .map(|r| (r.step, r.vm.clone(), r.status))
+            .collect()
+    }
+
+    fn ops(&self) -> Vec<&'static str> {
+        self.hv.successful_calls().iter().map(|c| c.op).collect()
+    }
+}
+
+fn web() -> FakeDomain {
+    FakeDomain::new("web", A).running()
+}
+
+const CLASSIC: &str = "  - at: 2026-12-01T04:00:00Z
+    vm: web
+    power: shutoff
+    shutdown: { mode: graceful, timeout: 30s, force_after_timeout: true }
+  - at: 2026-12-01T04:05:00Z
+    vm: web
+    memory: 2GiB
+  - at: 2026-12-01T04:06:00Z
+    vm: web
+    vcpus: 2
+  - at: 2026-12-01T04:07:00Z
+    vm: web
+    clock: { track: guest }
+  - at: 2026-12-01T04:10:00Z
+    vm: web
+    power: running
+";
+
+#[test]
+fn classic_window_runs_every_step_at_its_time_and_never_before() {
+    let rig = Rig::new(CLASSIC, "", vec![web().stubborn()], "2026-12-01T03:59:00Z");
+    let report = rig.run();
+    assert!(!report.any_failed(), "{report:#?}");
+    assert_eq!(
+        rig.ops(),
+        [
+            "shutdown",
+            "destroy",
+            "set_memory",
+            "set_vcpus",
+            "define_xml",
+            "start"
+        ]
+    );
+    let state = rig.hv.state(A);
+    assert_eq!(state.power, PowerState::Running);
+    assert_eq!(state.memory, Kib::from_mib(2048));
+    assert_eq!(state.vcpus, 2);
+    assert_eq!(state.clock.unwrap().rtc_track.as_deref(), Some("guest"));
+    // No change before its step's time, and each step started within a second of it.
+    let lock = rig.lock();
+    for r in &lock.steps {
+        let (at, started) = (r.at.unwrap(), r.started_at.unwrap());
+        assert!(
+            started >= at && started - at < chrono::Duration::seconds(1),
+            "{r:?}"
+        );
+        assert_eq!(r.status, StepStatus::Done);
+        assert!(r.before.is_some() && r.after.is_some());
+    }
+    for call in rig.hv.calls() {
+        let step = lock
+            .steps
+            .iter()
+            .rfind(|r| r.at.unwrap() <= call.at.unwrap())
+            .unwrap();
+        assert!(call.at.unwrap() >= step.at.unwrap());
+    }
+    let forced = &lock.steps[0].message;
+    assert!(forced.contains("forced off"), "{forced}");
+}
+
+#[test]
+fn a_clock_stepped_back_cannot_make_a_step_early() {
+    let steps = "  - at: 2026-12-01T04:00:00Z\n    vm: web\n    memory: 2GiB\n";
+    let rig = Rig::new(steps, "", vec![web()], "2026-12-01T03:59:58Z");
+    let jumped = Arc::new(AtomicBool::new(false));
+    let flag = jumped.clone();
+    *rig.clock.on_sleep.lock().unwrap() = Box::new(move |c: &FakeClock| {
+        // The first time the step's time is reached, NTP steps the clock back a minute.
+        if c.now() >= t("2026-12-01T04:00:00Z")
+            && !flag.swap(true, std::sync::atomic::Ordering::SeqCst)
+        {
+            c.advance(chrono::Duration::seconds(-60));
+        }
+    });
+    rig.run();
+    assert!(jumped.load(std::sync::atomic::Ordering::SeqCst));
+    let call = &rig.hv.successful_calls()[0];
+    assert!(call.at.unwrap() >= t("2026-12-01T04:00:00Z"), "{call:?}");
+}
+
+#[test]
+fn a_step_past_its_grace_is_missed_and_later_steps_skipped() {
+    let rig = Rig::new(CLASSIC, "grace: 2m\n", vec![web()], "2026-12-01T04:02:01Z");
+    let report = rig.run();
+    assert!(report.any_failed());
+    assert!(rig.hv.calls().is_empty(), "{:?}", rig.hv.calls());
+    let statuses: Vec<StepStatus> = rig.statuses().into_iter().map(|s| s.2).collect();
+    assert_eq!(statuses[0], StepStatus::Missed);
+    assert!(
+        statuses[1..].iter().all(|s| *s == StepStatus::Skipped),
+        "{statuses:?}"
+    );
+    let lock = rig.lock();
+    assert!(
+        lock.steps[0].message.contains("could not start by"),
+        "{}",
+        lock.steps[0].message
+    );
+    assert!(lock.steps[0].started_at.is_none());
+}
+
+#[test]
+fn a_step_after_the_window_closed_is_missed() {
+    let steps = "  - at: 2026-12-01T04:00:00Z\n    vm: web\n    memory: 2GiB\n";
+    let window = "window: { start: 2026-12-01T04:00:00Z, end: 2026-12-01T04:01:00Z }\ngrace: 1h\n";
+    let rig = Rig::new(steps, window, vec![web()], "2026-12-01T04:01:00Z");
+    rig.run();
+    assert_eq!(rig.statuses()[0].2, StepStatus::Missed);
+    assert!(rig.hv.calls().is_empty());
+}
+
+#[test]
+fn a_guest_that_ignores_shutdown_without_force_fails_the_step() {
+    let steps = "  - at: 2026-12-01T04:00:00Z
+    vm: web
+    power: shutoff
+    shutdown: { mode: graceful, timeout: 10s, force_after_timeout: false }
+  - at: 2026-12-01T04:05:00Z
+    vm: web
+    memory: 2GiB
+";
+    let rig = Rig::new(steps, "", vec![web().stubborn()], "2026-12-01T04:00:00Z");
+    rig.run();
+    assert_eq!(rig.ops(), ["shutdown"]);
+    let lock = rig.lock();
+    assert_eq!(lock.steps[0].status, StepStatus::Failed);
+    assert!(lock.steps[0]
+        .message
+        .contains("did not shut down within 10s"));
+    assert_eq!(lock.steps[1].status, StepStatus::Skipped);
+    assert_eq!(rig.hv.state(A).power, PowerState::Running);
+}
+
+#[test]
+fn force_mode_destroys_at_once() {
+    let steps = "  - vm: web\n    power: shutoff\n    shutdown: { mode: force }\n";
+    let rig = Rig::new(steps, "", vec![web()], "2026-12-01T04:00:00Z");
+    rig.run();
+    assert_eq!(rig.ops(), ["destroy"]);
+    assert_eq!(rig.statuses()[0].2, StepStatus::Done);
+}
+
+#[test]
+fn transient_failures_are_retried_with_backoff() {
+    let steps = "  - at: 2026-12-01T04:00:00Z\n    vm: web\n    memory: 2GiB\n";
+    let rig = Rig::new(steps, "", vec![web()], "2026-12-01T04:00:00Z");
+    rig.hv.fail("set_memory", 1, 2, ErrorKind::Transient);
+    rig.run();
+    let calls: Vec<bool> = rig.hv.calls().iter().map(|c| c.ok).collect();
+    assert_eq!(calls, [false, false, true]);
+    assert_eq!(rig.statuses()[0].2, StepStatus::Done);
+    assert_eq!(rig.hv.state(A).memory, Kib::from_mib(2048));
+}
+
+#[test]
+fn transient_failures_give_up_after_the_retries() {
+    let steps = "  - at: 2026-12-01T04:00:00Z\n    vm: web\n    memory: 2GiB\n";
+    let rig = Rig::new(steps, "", vec![web()], "2026-12-01T04:00:00Z");
+    rig.hv.fail("set_memory", 1, 100, ErrorKind::Transient);
+    rig.run();
+    assert_eq!(rig.hv.calls().len(), 4);
+    let lock = rig.lock();
+    assert_eq!(lock.steps[0].status, StepStatus::Failed);
+    assert!(lock.steps[0].message.contains("retries exhausted"));
+}
+
+#[test]
+fn invalid_argument_fails_without_retry() {
+    let steps = "  - at: 2026-12-01T04:00:00Z\n    vm: web\n    memory: 2GiB\n";
+    let rig = Rig::new(steps, "", vec![web()], "2026-12-01T04:00:00Z");
+    rig.hv
+        .fail("set_memory", 1, 100, ErrorKind::InvalidArgument);
+    rig.run();
+    assert_eq!(rig.hv.calls().len(), 1);
+    assert_eq!(rig.statuses()[0].2, StepStatus::Failed);
+}
+
+#[test]
+fn operation_invalid_with_the_change_made_counts_as_done() {
+    let steps = "  - at: 2026-12-01T04:00:00Z\n    vm: web\n    memory: 2GiB\n";
+    let rig = Rig::new(steps, "", vec![web()], "2026-12-01T04:00:00Z");
+    rig.hv
+        .fail_after_effect("set_memory", 1, ErrorKind::OperationInvalid);
+    rig.run();
+    assert_eq!(rig.hv.calls().len(), 1);
+    assert_eq!(rig.statuses()[0].2, StepStatus::Done);
+}
+
+#[test]
+fn a_domain_that_vanished_fails_its_steps_only() {
+    let steps = "  - at: 2026-12-01T04:00:00Z
+    vms: [web, db]
+    memory: 2GiB
+  - at: 2026-12-01T04:05:00Z
+    vms: [web, db]
+    vcpus: 2
+";
+    let db = FakeDomain::new("db", B).running();
+    let rig = Rig::new(steps, "", vec![web(), db], "2026-12-01T04:00:00Z");
+    let store = LockStore::open(&rig.lock_path, &rig.file.sha256).unwrap();
+    let plan = rig.plan(&store);
+    drop(store);
+    rig.hv.remove(A);
+    let report = rig.run_plan(&plan, &rig.settings(), &|_| {}).unwrap();
+    assert!(report.any_failed());
+    let lock = rig.lock();
+    let of = |uuid: &str| -> Vec<StepStatus> {
+        lock.steps
+            .iter()
+            .filter(|r| r.uuid == uuid)
+            .map(|r| r.status)
+            .collect()
+    };
+    assert_eq!(of(A), [StepStatus::Failed, StepStatus::Failed]);
+    assert_eq!(of(B), [StepStatus::Done, StepStatus::Done]);
+    let gone = &lock
+        .steps
+        .iter()
+        .find(|r| r.uuid == A && r.step == 2)
+        .unwrap()
+        .message;
+    assert!(gone.contains("no longer exists"), "{gone}");
+}
+
+/// `web` fails at 04:00; `db` has a step at 04:30. Sleeping is held until `web`'s failure is
+/// reported, so `db` cannot run first.
+fn failure_policy_rig(policy: &str) -> (Rig, Report) {
+    let steps = "  - at: 2026-12-01T04:00:00Z
+    vm: web
+    memory: 2GiB
+  - at: 2026-12-01T04:30:00Z
+    vm: web
+    vcpus: 2
+  - at: 2026-12-01T04:30:00Z
+    vm: db
+    vcpus: 2
+";
+    let db = FakeDomain::new("db", B).running();
+    let extra = format!("defaults: {{ on_failure: {policy} }}\n");
+    let rig = Rig::new(steps, &extra, vec![web(), db], "2026-12-01T04:00:00Z");
+    rig.hv.fail("set_memory", 1, 1, ErrorKind::InvalidArgument);
+    rig.clock.set_open(false);
+    let clock = rig.clock.clone();
+    let report = rig.run_with(&rig.settings(), &move |o: &Outcome| {
+        if o.step == 1 {
+            clock.set_open(true);
+        }
+    });
+    (rig, report)
+}
+
+#[test]
+fn skip_vm_skips_the_failed_domain_and_goes_on_with_others() {
+    let (rig, report) = failure_policy_rig("skip-vm");
+    assert!(report.any_failed());
+    assert_eq!(
+        rig.statuses(),
+        [
+            (1, "web".into(), StepStatus::Failed),
+            (2, "web".into(), StepStatus::Skipped),
+            (3, "db".into(), StepStatus::Done),
+        ]
+    );
+}
+
+#[test]
+fn abort_cancels_every_remaining_step() {
+    let (rig, _) = failure_policy_rig("abort");
+    assert_eq!(
+        rig.statuses(),
+        [
+            (1, "web".into(), StepStatus::Failed),
+            (2, "web".into(), StepStatus::Skipped),
+            (3, "db".into(), StepStatus::Cancelled),
+        ]
+    );
+    assert!(rig.hv.successful_calls().is_empty());
+}
+
+#[test]
+fn drift_from_the_reviewed_state_is_refused_and_named() {
+    let steps = "  - at: 2026-12-01T04:00:00Z\n    vm: web\n    memory: 2GiB\n";
+    let rig = Rig::new(steps, "", vec![web()], "2026-12-01T03:00:00Z");
+    let store = LockStore::open(&rig.lock_path, &rig.file.sha256).unwrap();
+    let plan = rig.plan(&store);
+    drop(store);
+    rig.hv.edit(A, |d| d.state.memory = Kib::from_mib(1536));
+    rig.run_plan(&plan, &rig.settings(), &|_| {}).unwrap();
+    assert!(rig.hv.calls().is_empty());
+    let lock = rig.lock();
+    assert_eq!(lock.steps[0].status, StepStatus::Failed);
+    assert!(
+        lock.steps[0]
+            .message
+            .contains("memory was 1GiB when planned, is 1536MiB now"),
+        "{}",
+        lock.steps[0].message
+    );
+}
+
+#[test]
+fn a_done_step_is_never_run_again() {
+    let rig = Rig::new(CLASSIC, "", vec![web()], "2026-12-01T03:59:00Z");
+    rig.run();
+    let before = rig.hv.calls().len();
+    // Undo by hand: a second apply must not redo done steps.
+    rig.hv.edit(A, |d| d.state.memory = Kib::from_mib(1024));
+    let report = rig.run();
+    assert_eq!(rig.hv.calls().len(), before);
+    assert!(report
+        .outcomes
+        .iter()
+        .all(|o| o.earlier && o.status == StepStatus::Done));
+}
+
+#[test]
+fn a_running_step_already_at_its_target_is_done_without_a_call() {
+    let steps = "  - at: 2026-12-01T04:00:00Z\n    vm: web\n    memory: 2GiB\n";
+    let rig = Rig::new(steps, "", vec![web()], "2026-12-01T04:00:10Z");
+    // A crashed run recorded `running` and had made the change.
+    let store = LockStore::open(&rig.lock_path, &rig.file.sha256).unwrap();
+    let plan = rig.plan(&store);
+    store.reconcile(&plan).unwrap();
+    let id = plan.steps[0].step_id.clone();
+    store
+        .update(&id, A, |r| {
+            r.status = StepStatus::Running;
+            r.started_at = Some(t("2026-12-01T04:00:00Z"));
+        })
+        .unwrap();
+    rig.hv.edit(A, |d| d.state.memory = Kib::from_mib(2048));
+    drop(store);
+    // The saved plan still says 1GiB -> 2GiB.
+    rig.run_plan(&plan, &rig.settings(), &|_| {}).unwrap();
+    assert!(rig.hv.calls().is_empty(), "{:?}", rig.hv.calls());
+    let lock = rig.lock();
+    assert_eq!(lock.steps[0].status, StepStatus::Done);
+    assert_eq!(lock.steps[0].started_at, Some(t("2026-12-01T04:00:00Z")));
+}
+
+#[test]
+fn a_running_step_not_at_target_is_reapplied_within_grace_only() {
+    let steps = "  - at: 2026-12-01T04:00:00Z
+    vm: web
+    power: shutoff
+    memory: 2GiB
+";
+    for (now, expect) in [
+        ("2026-12-01T04:01:00Z", StepStatus::Done),
+        ("2026-12-01T04:06:00Z", StepStatus::Failed),
+    ] {
+        let rig = Rig::new(steps, "", vec![web()], now);
+        let store = LockStore::open(&rig.lock_path, &rig.file.sha256).unwrap();
+        let plan = {
+            let clock_now = rig.clock.now();
+            rig.clock.inner.set(t("2026-12-01T03:00:00Z"));
+            let plan = rig.plan(&store);
+            rig.clock.inner.set(clock_now);
+            plan
+        };
+        store.reconcile(&plan).unwrap();
+        store
+            .update(&plan.steps[0].step_id, A, |r| {
+                r.status = StepStatus::Running;
+            })
+            .unwrap();
+        drop(store);
+        // The interrupted run had powered the domain off but not resized it.
+        rig.hv.edit(A, |d| {
+            d.state.power = PowerState::Shutoff;
+            d.state.live = None;
+        });
+        rig.run_plan(&plan, &rig.settings(), &|_| {}).unwrap();
+        assert_eq!(
+            rig.lock().steps[0].status,
+            expect,
+            "{now}: {}",
+            rig.lock().steps[0].message
+        );
+        // Power-off was never repeated.
+        let ops = rig.ops();
+        assert!(
+            !ops.contains(&"shutdown") && !ops.contains(&"destroy"),
+            "{ops:?}"
+        );
+        if expect == StepStatus::Done {
+            assert_eq!(ops, ["set_memory"]);
+        } else {
+            assert!(ops.is_empty());
+        }
+    }
+}
+
+#[test]
+fn an_edited_done_step_is_refused() {
+    let steps = "  - at: 2026-12-01T04:00:00Z\n    vm: web\n    memory: 2GiB\n";
+    let rig = Rig::new(steps, "", vec![web()], "2026-12-01T04:00:00Z");
+    rig.run();
+    let edited = Rig::new(
+        "  - at: 2026-12-01T04:00:00Z\n    vm: web\n    memory: 3GiB\n",
+        "",
+        vec![web()],
+        "2026-12-01T04:00:00Z",
+    );
+    std::fs::copy(&rig.lock_path, &edited.lock_path).unwrap();
+    let store = LockStore::open(&edited.lock_path, &edited.file.sha256).unwrap();
+    let plan = edited.plan(&store);
+    drop(store);
+    let err = edited
+        .run_plan(&plan, &edited.settings(), &|_| {})
+        .unwrap_err();
+    assert!(
+        matches!(err, LockError::DoneStepChanged { step: 1, .. }),
+        "{err}"
+    );
+    assert!(err.to_string().contains("restore the step"), "{err}");
+    assert!(edited.hv.calls().is_empty());
+}
+
+#[test]
+fn an_edited_pending_step_is_accepted() {
+    let steps = "  - at: 2026-12-01T04:00:00Z\n    vm: web\n    memory: 2GiB\n";
+    let later = "  - at: 2026-12-01T05:00:00Z\n    vm: web\n    vcpus: 2\n";
+    let rig = Rig::new(steps, "", vec![web()], "2026-12-01T04:00:00Z");
+    rig.run();
+    let edited = Rig::new(
+        &format!("{steps}{later}"),
+        "",
+        vec![web()],
+        "2026-12-01T04:00:00Z",
+    );
+    std::fs::copy(&rig.lock_path, &edited.lock_path).unwrap();
+    let report = edited.run();
+    assert!(!report.any_failed(), "{report:#?}");
+    assert_eq!(edited.ops(), ["set_vcpus"]);
+    assert_eq!(edited.lock().plan_sha256, edited.file.sha256);
+}
+
+#[test]
+fn a_recreated_domain_with_another_uuid_is_refused() {
+    let steps = "  - at: 2026-12-01T04:00:00Z\n    vm: web\n    memory: 2GiB\n";
+    let rig = Rig::new(steps, "", vec![web()], "2026-12-01T04:00:00Z");
+    rig.run();
+    let recreated = Rig::new(
+        steps,
+        "",
+        vec![FakeDomain::new("web", B).running()],
+        "2026-12-01T04:00:00Z",
+    );
+    std::fs::copy(&rig.lock_path, &recreated.lock_path).unwrap();
+    let store = LockStore::open(&recreated.lock_path, &recreated.file.sha256).unwrap();
+    let plan = recreated.plan(&store);
+    drop(store);
+    let err = recreated
+        .run_plan(&plan, &recreated.settings(), &|_| {})
+        .unwrap_err();
+    assert!(matches!(err, LockError::UuidChanged { .. }), "{err}");
+    assert!(recreated.hv.calls().is_empty());
+}
+
+#[test]
+fn a_corrupt_lockfile_is_refused_before_anything_runs() {
+    let steps = "  - vm: web\n    memory: 2GiB\n";
+    let rig = Rig::new(steps, "", vec![web()], "2026-12-01T04:00:00Z");
+    std::fs::write(&rig.lock_path, "this is = = not toml").unwrap();
+    let err = LockStore::open(&rig.lock_path, &rig.file.sha256).unwrap_err();
+    assert!(matches!(err, LockError::Corrupt { .. }));
+    assert_eq!(
+        std::fs::read_to_string(&rig.lock_path).unwrap(),
+        "this is = = not toml"
+    );
+}
+
+#[test]
+fn a_stop_request_starts_nothing_new() {
+    let rig = Rig::new(CLASSIC, "", vec![web()], "2026-12-01T03:59:00Z");
+    let store = LockStore::open(&rig.lock_path, &rig.file.sha256).unwrap();
+    let plan = rig.plan(&store);
+    let stop = AtomicBool::new(true);
+    let report = Executor {
+        plan: &plan,
+        connections: &rig.connections,
+        clock: rig.clock.as_ref(),
+        store: &store,
+        settings: &rig.settings(),
+        stop: &stop,
+        on_outcome: &|_| {},
+    }
+    .run()
+    .unwrap();
+    assert!(report.interrupted);
+    assert!(rig.hv.calls().is_empty());
+    assert!(rig.statuses().iter().all(|s| s.2 == StepStatus::Cancelled));
+    // Cancelled steps run on the next apply.
+    drop(store);
+    rig.run();
+    assert!(rig.statuses().iter().all(|s| s.2 == StepStatus::Done));
+}
+
+#[test]
+fn snapshots_are_idempotent_by_name() {
+    let steps = "  - vm: web\n    snapshot: { name: before-resize }\n";
+    let rig = Rig::new(steps, "", vec![web()], "2026-12-01T04:00:00Z");
+    let store = LockStore::open(&rig.lock_path, &rig.file.sha256).unwrap();
+    let plan = rig.plan(&store);
+    drop(store);
+    // Someone took it between plan and apply: not taken twice, and the step is done.
+    rig.hv.edit(A, |d| d.snapshots.push("before-resize".into()));
+    rig.run_plan(&plan, &rig.settings(), &|_| {}).unwrap();
+    assert!(rig.hv.calls().is_empty());
+    assert_eq!(rig.statuses()[0].2, StepStatus::Done);
+}

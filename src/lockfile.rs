@@ -1,0 +1,704 @@
+//! The progress file `<plan stem>.lock` (versioned TOML, replaced atomically) and the exclusive
+//! OS lock `<plan stem>.lock.pid` that keeps a second executor off the same plan.
+//!
+//! The progress file is what makes `apply` resumable: a step is recorded `running` durably
+//! before libvirt is called, and `done` only after its result was read back and verified.
+//! The OS lock lives on a separate file that is never renamed: locking the progress file itself
+//! would not work, because every atomic replace puts a new, unlocked inode at its path.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Seek, Write};
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, PoisonError};
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+use crate::planner::{Plan, Progress};
+use crate::state::DomainState;
+
+/// The lockfile format this build reads and writes.
+pub const LOCKFILE_VERSION: u32 = 1;
+
+/// Where a step is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StepStatus {
+    /// Not started yet.
+    Pending,
+    /// Recorded before the first libvirt call; still `running` after a crash.
+    Running,
+    /// Applied (or found already applied) and verified.
+    Done,
+    /// Did not reach its desired state.
+    Failed,
+    /// Not run because an earlier step of the same domain failed or was missed.
+    Skipped,
+    /// Could not start by `at + grace` or before the window closed; never run.
+    Missed,
+    /// Not run because the plan was aborted or the executor was interrupted.
+    Cancelled,
+}
+
+impl StepStatus {
+    #[must_use]
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Pending => "pending",
+            Self::Running => "running",
+            Self::Done => "done",
+            Self::Failed => "failed",
+            Self::Skipped => "skipped",
+            Self::Missed => "missed",
+            Self::Cancelled => "cancelled",
+        }
+    }
+
+    /// Failed, missed or skipped: the plan did not complete as reviewed.
+    #[must_use]
+    pub fn is_failure(self) -> bool {
+        matches!(self, Self::Failed | Self::Missed | Self::Skipped)
+    }
+}
+
+impl fmt::Display for StepStatus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The figures of a domain recorded before and after a step: compact, for humans and audits.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Figures {
+    pub power: String,
+    pub memory_kib: u64,
+    pub max_memory_kib: u64,
+    pub vcpus: u32,
+    pub max_vcpus: u32,
+    pub autostart: bool,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub live_memory_kib: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub live_vcpus: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub clock_offset: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub rtc_track: Option<String>,
+}
+
+impl From<&DomainState> for Figures {
+    fn from(s: &DomainState) -> Self {
+        Self {
+            power: s.power.as_str().to_owned(),
+            memory_kib: s.memory.0,
+            max_memory_kib: s.max_memory.0,
+            vcpus: s.vcpus,
+            max_vcpus: s.max_vcpus,
+            autostart: s.autostart,
+            live_memory_kib: s.live.map(|l| l.memory.0),
+            live_vcpus: s.live.map(|l| l.vcpus),
+            clock_offset: s.clock.as_ref().and_then(|c| c.offset.clone()),
+            rtc_track: s.clock.as_ref().and_then(|c| c.rtc_track.clone()),
+        }
+    }
+}
+
+/// One step on one domain.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StepRecord {
+    /// 1-based step number in the plan file (informative: ids are what count).
+    pub step: usize,
+    pub step_id: String,
+    pub vm: String,
+    pub uuid: String,
+    /// What the step changes, in one line.
+    #[serde(default)]
+    pub what: String,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub at: Option<DateTime<Utc>>,
+    pub status: StepStatus,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub started_at: Option<DateTime<Utc>>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub finished_at: Option<DateTime<Utc>>,
+    #[serde(skip_serializing_if = "String::is_empty", default)]
+    pub message: String,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub before: Option<Figures>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub after: Option<Figures>,
+}
+
+/// The whole progress file.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Lockfile {
+    pub version: u32,
+    /// SHA-256 of the plan file the recorded progress belongs to.
+    pub plan_sha256: String,
+    /// Sorted by time, step number, domain name and UUID.
+    #[serde(default, rename = "step")]
+    pub steps: Vec<StepRecord>,
+}
+
+impl Lockfile {
+    #[must_use]
+    pub fn new(plan_sha256: impl Into<String>) -> Self {
+        Self {
+            version: LOCKFILE_VERSION,
+            plan_sha256: plan_sha256.into(),
+            steps: Vec::new(),
+        }
+    }
+
+    /// The record of `step_id` on the domain `uuid`.
+    #[must_use]
+    pub fn get(&self, step_id: &str, uuid: &str) -> Option<&StepRecord> {
+        self.steps
+            .iter()
+            .find(|r| r.step_id == step_id && r.uuid == uuid)
+    }
+
+    fn get_mut(&mut self, step_id: &str, uuid: &str) -> Option<&mut StepRecord> {
+        self.steps
+            .iter_mut()
+            .find(|r| r.step_id == step_id && r.uuid == uuid)
+    }
+
+    /// Sorts records deterministically, so the same progress always reads the same.
+    pub fn sort(&mut self) {
+        self.steps.sort_by(|a, b| {
+            (a.at, a.step, &a.vm, &a.uuid, &a.step_id)
+                .cmp(&(b.at, b.step, &b.vm, &b.uuid, &b.step_id))
+        });
+    }
+
+    /// The TOML text (deterministic order).
+    ///
+    /// # Errors
+    /// Only if a value cannot be written as TOML, which the types rule out.
+    pub fn to_toml(&self) -> Result<String, LockError> {
+        let mut sorted = self.clone();
+        sorted.sort();
+        let body =
+            toml::to_string_pretty(&sorted).map_err(|e| LockError::Serialize(e.to_string()))?;
+        Ok(format!(
+            "# virtplan progress file: written by `virtplan apply`, read by `virtplan status`.\n\
+             # Do not edit by hand; move it aside to start the plan over.\n{body}"
+        ))
+    }
+
+    /// Parses a lockfile's text, refusing newer formats.
+    ///
+    /// # Errors
+    /// [`LockError::Corrupt`] or [`LockError::NewerVersion`], both naming `path`.
+    pub fn parse(path: &Path, text: &str) -> Result<Self, LockError> {
+        let lock: Self = toml::from_str(text).map_err(|e| LockError::Corrupt {
+            path: path.to_path_buf(),
+            reason: e.message().trim().to_owned(),
+        })?;
+        if lock.version > LOCKFILE_VERSION {
+            return Err(LockError::NewerVersion {
+                path: path.to_path_buf(),
+                version: lock.version,
+            });
+        }
+        if lock.version == 0 {
+            return Err(LockError::Corrupt {
+                path: path.to_path_buf(),
+                reason: "version 0 is not a lockfile version".to_owned(),
+            });
+        }
+        Ok(lock)
+    }
+
+    /// Checks recorded progress against `plan` before anything runs, and brings the records in
+    /// line with it: new steps become `pending`, records of removed steps that never ran are
+    /// dropped.
+    ///
+    /// # Errors
+    /// A done (or interrupted) step that is no longer in the plan, or a domain whose UUID
+    /// differs from the recorded one.
+    pub fn reconcile(&mut self, path: &Path, plan: &Plan) -> Result<(), LockError> {
+        let planned: BTreeSet<(&str, &str)> = plan
+            .steps
+            .iter()
+            .map(|s| (s.step_id.as_str(), s.domain.uuid.as_str()))
+            .collect();
+        // Same name, other UUID: the domain was deleted and re-created (or renamed over).
+        let mut recorded_uuid: BTreeMap<&str, &str> = BTreeMap::new();
+        for r in &self.steps {
+            recorded_uuid.insert(r.vm.as_str(), r.uuid.as_str());
+        }
+        for s in &plan.steps {
+            if let Some(old) = recorded_uuid.get(s.domain.name.as_str()) {
+                if *old != s.domain.uuid {
+                    return Err(LockError::UuidChanged {
+                        path: path.to_path_buf(),
+                        vm: s.domain.name.clone(),
+                        recorded: (*old).to_owned(),
+                        now: s.domain.uuid.clone(),
+                    });
+                }
+            }
+        }
+        if self.plan_sha256 != plan.meta.sha256 {
+            let lost: Vec<&StepRecord> = self
+                .steps
+                .iter()
+                .filter(|r| matches!(r.status, StepStatus::Done | StepStatus::Running))
+                .filter(|r| !planned.contains(&(r.step_id.as_str(), r.uuid.as_str())))
+                .collect();
+            if let Some(r) = lost.first() {
+                return Err(LockError::DoneStepChanged {
+                    path: path.to_path_buf(),
+                    step: r.step,
+                    step_id: r.step_id.clone(),
+                    vm: r.vm.clone(),
+                    status: r.status,
+                    count: lost.len(),
+                });
+            }
+            self.plan_sha256.clone_from(&plan.meta.sha256);
+        }
+        self.steps
+            .retain(|r| planned.contains(&(r.step_id.as_str(), r.uuid.as_str())));
+        for s in &plan.steps {
+            match self.get_mut(&s.step_id, &s.domain.uuid) {
+                Some(r) => {
+                    r.step = s.step;
+                    r.vm.clone_from(&s.domain.name);
+                    r.at = s.at;
+                    r.what = describe(plan, &s.step_id, &s.domain.uuid);
+                }
+                None => self.steps.push(StepRecord {
+                    step: s.step,
+                    step_id: s.step_id.clone(),
+                    vm: s.domain.name.clone(),
+                    uuid: s.domain.uuid.clone(),
+                    what: describe(plan, &s.step_id, &s.domain.uuid),
+                    at: s.at,
+                    status: StepStatus::Pending,
+                    started_at: None,
+                    finished_at: None,
+                    message: String::new(),
+                    before: None,
+                    after: None,
+                }),
+            }
+        }
+        self.sort();
+        Ok(())
+    }
+}
+
+/// `power running → shutoff; memory 128MiB → 3GiB` for one step on one domain.
+fn describe(plan: &Plan, step_id: &str, uuid: &str) -> String {
+    let show = |v: &serde_json::Value| match v {
+        serde_json::Value::String(s) => s.clone(),
+        serde_json::Value::Null => "-".to_owned(),
+        other => other.to_string(),
+    };
+    let parts: Vec<String> = plan
+        .changes
+        .iter()
+        .filter(|c| c.step_id == step_id && c.uuid == uuid)
+        .map(|c| {
+            let (before, after) = if c.attribute.contains("memory") {
+                let kib = |v: &serde_json::Value| {
+                    v.as_u64()
+                        .map_or_else(|| show(v), |n| crate::state::Kib(n).to_string())
+                };
+                (kib(&c.before), kib(&c.after))
+            } else {
+                (show(&c.before), show(&c.after))
+            };
+            if before == after {
+                format!("{} {after} (no change)", c.attribute)
+            } else {
+                format!("{} {before} → {after}", c.attribute)
+            }
+        })
+        .collect();
+    parts.join("; ")
+}
+
+/// Why the lockfile or the executor lock could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum LockError {
+    #[error("cannot read the lockfile {}: {source}", path.display())]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot write the lockfile {}: {source}", path.display())]
+    Write {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the lockfile {} is corrupt ({reason}); virtplan will not overwrite it: inspect it, and if the progress it recorded is known, move it aside (e.g. `mv {0} {0}.bad`) and run `virtplan plan` to see what still needs doing", path.display())]
+    Corrupt { path: PathBuf, reason: String },
+    #[error("the lockfile {} has format version {version}, newer than this virtplan understands ({LOCKFILE_VERSION}); upgrade virtplan", path.display())]
+    NewerVersion { path: PathBuf, version: u32 },
+    #[error("cannot serialize the lockfile: {0}")]
+    Serialize(String),
+    #[error("step {step} ({vm}, id {step_id}) is recorded {status} in {} but is no longer in the plan ({count} such step(s)): a step that ran cannot be edited; restore the step as it was, or move the lockfile aside to treat the plan as new", path.display())]
+    DoneStepChanged {
+        path: PathBuf,
+        step: usize,
+        step_id: String,
+        vm: String,
+        status: StepStatus,
+        count: usize,
+    },
+    #[error("domain {vm} now has UUID {now}, but {} recorded UUID {recorded}: it is not the same domain; check it with `virsh dominfo {vm}`, and move the lockfile aside if the new domain is intended", path.display())]
+    UuidChanged {
+        path: PathBuf,
+        vm: String,
+        recorded: String,
+        now: String,
+    },
+    #[error("cannot lock {}: {source}", path.display())]
+    Lock {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("another virtplan is applying this plan: {holder} holds {}; wait for it to finish (check with `virtplan status`), or stop that process", path.display())]
+    Held { path: PathBuf, holder: String },
+}
+
+/// `plans/web.yaml` -> `plans/web.lock`.
+#[must_use]
+pub fn lock_path(plan: &Path) -> PathBuf {
+    plan.with_extension("lock")
+}
+
+/// `plans/web.yaml` -> `plans/web.lock.pid`.
+#[must_use]
+pub fn pid_path(plan: &Path) -> PathBuf {
+    plan.with_extension("lock.pid")
+}
+
+/// The progress file on disk, shared by the executor's threads. Every update is written
+/// through at once, atomically, with mode 0600.
+#[derive(Debug)]
+pub struct LockStore {
+    path: PathBuf,
+    data: Mutex<Lockfile>,
+}
+
+impl LockStore {
+    /// Reads `path`, or starts empty progress for `plan_sha256` when it does not exist.
+    ///
+    /// # Errors
+    /// Unreadable, corrupt or newer-format files: never overwritten.
+    pub fn open(path: &Path, plan_sha256: &str) -> Result<Self, LockError> {
+        let data = match std::fs::read_to_string(path) {
+            Ok(text) => Lockfile::parse(path, &text)?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Lockfile::new(plan_sha256),
+            Err(e) if e.kind() == std::io::ErrorKind::InvalidData => {
+                return Err(LockError::Corrupt {
+                    path: path.to_path_buf(),
+                    reason: "not UTF-8 text".to_owned(),
+                })
+            }
+            Err(source) => {
+                return Err(LockError::Read {
+                    path: path.to_path_buf(),
+                    source,
+                })
+            }
+        };
+        Ok(Self {
+            path: path.to_path_buf(),
+            data: Mutex::new(data),
+        })
+    }
+
+    /// Reads an existing lockfile without the intent to write it (`status`).
+    ///
+    /// # Errors
+    /// As [`LockStore::open`]; a missing file is an error too.
+    pub fn read(path: &Path) -> Result<Lockfile, LockError> {
+        let text = std::fs::read_to_string(path).map_err(|source| LockError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Lockfile::parse(path, &text)
+    }
+
+    #[must_use]
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// A copy of the current progress.
+    #[must_use]
+    pub fn snapshot(&self) -> Lockfile {
+        self.lock().clone()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Lockfile> {
+        self.data.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Reconciles with `plan` (see [`Lockfile::reconcile`]) and writes the result.
+    ///
+    /// # Errors
+    /// Refusals from reconciling; write failures.
+    pub fn reconcile(&self, plan: &Plan) -> Result<(), LockError> {
+        let mut data = self.lock();
+        let mut next = data.clone();
+        next.reconcile(&self.path, plan)?;
+        self.write(&next)?;
+        *data = next;
+        Ok(())
+    }
+
+    /// Applies `f` to the record of (`step_id`, `uuid`) and writes the file before returning.
+    /// The in-memory copy changes only when the write succeeded.
+    ///
+    /// # Errors
+    /// The record does not exist, or the file could not be written.
+    pub fn update(
+        &self,
+        step_id: &str,
+        uuid: &str,
+        f: impl FnOnce(&mut StepRecord),
+    ) -> Result<(), LockError> {
+        let mut data = self.lock();
+        let mut next = data.clone();
+        let Some(record) = next.get_mut(step_id, uuid) else {
+            return Err(LockError::Write {
+                path: self.path.clone(),
+                source: std::io::Error::other(format!("no record of step {step_id} on {uuid}")),
+            });
+        };
+        f(record);
+        self.write(&next)?;
+        *data = next;
+        Ok(())
+    }
+
+    fn write(&self, lock: &Lockfile) -> Result<(), LockError> {
+        let text = lock.to_toml()?;
+        crate::fsutil::write_atomic(&self.path, text.as_bytes(), 0o600).map_err(|source| {
+            LockError::Write {
+                path: self.path.clone(),
+                source,
+            }
+        })
+    }
+}
+
+impl Progress for LockStore {
+    fn is_done(&self, step_id: &str, uuid: &str) -> bool {
+        self.lock()
+            .get(step_id, uuid)
+            .is_some_and(|r| r.status == StepStatus::Done)
+    }
+}
+
+impl Progress for Lockfile {
+    fn is_done(&self, step_id: &str, uuid: &str) -> bool {
+        self.get(step_id, uuid)
+            .is_some_and(|r| r.status == StepStatus::Done)
+    }
+}
+
+/// The exclusive executor lock, held for as long as this value lives. The kernel releases it
+/// when the process dies, however it dies.
+#[derive(Debug)]
+pub struct ExecutorLock {
+    _file: File,
+    path: PathBuf,
+}
+
+impl ExecutorLock {
+    /// Takes the lock on `path` (created if needed, never renamed), or says who holds it.
+    ///
+    /// # Errors
+    /// [`LockError::Held`] naming pid, host and since; I/O failures.
+    pub fn acquire(path: &Path, now: DateTime<Utc>) -> Result<Self, LockError> {
+        use fs4::fs_std::FileExt as _;
+        use std::os::unix::fs::OpenOptionsExt as _;
+        let lock_err = |source| LockError::Lock {
+            path: path.to_path_buf(),
+            source,
+        };
+        let mut file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .open(path)
+            .map_err(lock_err)?;
+        if !file.try_lock_exclusive().map_err(lock_err)? {
+            let mut holder = String::new();
+            let _ = file.read_to_string(&mut holder);
+            let holder = holder.split_whitespace().collect::<Vec<_>>().join(" ");
+            let holder = if holder.is_empty() {
+                "a process that has not written its details yet".to_owned()
+            } else {
+                holder
+            };
+            return Err(LockError::Held {
+                path: path.to_path_buf(),
+                holder,
+            });
+        }
+        let host = gethostname::gethostname().to_string_lossy().into_owned();
+        let info = format!(
+            "pid={} host={host} since={}\n",
+            std::process::id(),
+            now.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+        );
+        file.set_len(0)
+            .and_then(|()| file.rewind())
+            .and_then(|()| file.write_all(info.as_bytes()))
+            .and_then(|()| file.sync_all())
+            .map_err(lock_err)?;
+        Ok(Self {
+            _file: file,
+            path: path.to_path_buf(),
+        })
+    }
+
+    #[must_use]
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn t(s: &str) -> DateTime<Utc> {
+        DateTime::parse_from_rfc3339(s).unwrap().with_timezone(&Utc)
+    }
+
+    fn record(step: usize, id: &str, vm: &str, status: StepStatus) -> StepRecord {
+        StepRecord {
+            step,
+            step_id: id.to_owned(),
+            vm: vm.to_owned(),
+            uuid: format!("uuid-{vm}"),
+            what: "memory 1GiB → 2GiB".to_owned(),
+            at: Some(t("2026-12-01T09:00:00Z")),
+            status,
+            started_at: None,
+            finished_at: None,
+            message: String::new(),
+            before: None,
+            after: None,
+        }
+    }
+
+    fn sample() -> Lockfile {
+        let mut lock = Lockfile::new("abc123");
+        let mut done = record(2, "s2", "web-01", StepStatus::Done);
+        done.started_at = Some(t("2026-12-01T09:00:00.012Z"));
+        done.finished_at = Some(t("2026-12-01T09:00:01Z"));
+        done.message = "applied; live balloon still 1GiB".to_owned();
+        done.before = Some(Figures {
+            power: "running".into(),
+            memory_kib: 1 << 20,
+            max_memory_kib: 4 << 20,
+            vcpus: 1,
+            max_vcpus: 2,
+            autostart: false,
+            live_memory_kib: Some(1 << 20),
+            live_vcpus: Some(1),
+            clock_offset: Some("utc".into()),
+            rtc_track: None,
+        });
+        lock.steps.push(done);
+        lock.steps
+            .push(record(1, "s1", "web-02", StepStatus::Pending));
+        lock.steps
+            .push(record(1, "s1", "web-01", StepStatus::Missed));
+        lock
+    }
+
+    #[test]
+    fn round_trip_is_lossless_and_deterministic() {
+        let lock = sample();
+        let text = lock.to_toml().unwrap();
+        let back = Lockfile::parse(Path::new("x.lock"), &text).unwrap();
+        let mut sorted = lock.clone();
+        sorted.sort();
+        assert_eq!(back, sorted);
+        assert_eq!(back.to_toml().unwrap(), text);
+        // Same-time records come out in step, then domain order.
+        let order: Vec<_> = back.steps.iter().map(|r| (r.step, r.vm.as_str())).collect();
+        assert_eq!(order, [(1, "web-01"), (1, "web-02"), (2, "web-01")]);
+        assert!(text.contains("version = 1"));
+        assert!(text.contains("status = \"done\""));
+    }
+
+    #[test]
+    fn corrupt_lockfile_is_refused_and_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("p.lock");
+        std::fs::write(&path, "version = 1\nplan_sha256 = \n[[step").unwrap();
+        let err = LockStore::open(&path, "x").unwrap_err();
+        assert!(matches!(err, LockError::Corrupt { .. }), "{err}");
+        assert!(err.to_string().contains("move it aside"), "{err}");
+        assert_eq!(
+            std::fs::read_to_string(&path).unwrap(),
+            "version = 1\nplan_sha256 = \n[[step"
+        );
+    }
+
+    #[test]
+    fn newer_lockfile_is_refused() {
+        let err =
+            Lockfile::parse(Path::new("p.lock"), "version = 2\nplan_sha256 = \"x\"\n").unwrap_err();
+        assert!(matches!(err, LockError::NewerVersion { version: 2, .. }));
+        assert!(err.to_string().contains("upgrade virtplan"));
+    }
+
+    #[test]
+    fn updates_are_written_through_with_mode_0600() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("p.lock");
+        let store = LockStore::open(&path, "abc").unwrap();
+        {
+            let mut data = store.lock();
+            data.steps.push(record(1, "s1", "a", StepStatus::Pending));
+        }
+        store
+            .update("s1", "uuid-a", |r| r.status = StepStatus::Running)
+            .unwrap();
+        let on_disk = LockStore::read(&path).unwrap();
+        assert_eq!(on_disk.steps[0].status, StepStatus::Running);
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        assert!(store.is_done("s1", "uuid-a").eq(&false));
+    }
+
+    #[test]
+    fn second_executor_lock_names_the_holder() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("p.lock.pid");
+        let now = t("2026-12-01T09:00:00Z");
+        let first = ExecutorLock::acquire(&path, now).unwrap();
+        let err = ExecutorLock::acquire(&path, now).unwrap_err();
+        let text = err.to_string();
+        assert!(
+            text.contains(&format!("pid={}", std::process::id())),
+            "{text}"
+        );
+        assert!(text.contains("since=2026-12-01T09:00:00Z"), "{text}");
+        drop(first);
+        ExecutorLock::acquire(&path, now).unwrap();
+    }
+}
