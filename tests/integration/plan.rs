@@ -599,3 +599,43 @@ mod cli {
             .run();
     }
 }
+
+#[test]
+fn steps_done_in_the_lockfile_show_as_done_not_as_changes() {
+    use virtplan::lockfile::{lock_path, Lockfile, StepRecord, StepStatus};
+    let fx = Fixture::new(&[web("web-01")]);
+    let path = fx.write_plan("classic.yaml", &classic("web-01"));
+    let file = Fixture::load(&path);
+    let plan = fx.project(&file).unwrap();
+    let mut lock = Lockfile::new(file.sha256.clone());
+    let first = &plan.steps[0];
+    lock.steps.push(StepRecord {
+        step: first.step,
+        step_id: first.step_id.clone(),
+        vm: first.domain.name.clone(),
+        uuid: first.domain.uuid.clone(),
+        what: "power shutoff".to_owned(),
+        at: first.at,
+        status: StepStatus::Done,
+        started_at: first.at,
+        finished_at: first.at,
+        message: String::new(),
+        before: None,
+        after: None,
+    });
+    std::fs::write(lock_path(&path), lock.to_toml().unwrap()).unwrap();
+    crate::support::cli::Cli::new()
+        .args([
+            "plan",
+            path.to_str().unwrap(),
+            "--connect",
+            &fx.uri,
+            "--format",
+            "json",
+        ])
+        .status(0)
+        .stdout_contains("\"action\": \"done\"")
+        .stdout_contains("\"done\": 1")
+        .stdout_contains("\"change\": 4")
+        .run();
+}
