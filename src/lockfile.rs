@@ -311,6 +311,11 @@ fn describe(plan: &Plan, step_id: &str, uuid: &str) -> String {
     let show = |v: &serde_json::Value| match v {
         serde_json::Value::String(s) => s.clone(),
         serde_json::Value::Null => "-".to_owned(),
+        serde_json::Value::Object(map) => map
+            .iter()
+            .map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or("-")))
+            .collect::<Vec<_>>()
+            .join(" "),
         other => other.to_string(),
     };
     let parts: Vec<String> = plan
