@@ -23,7 +23,19 @@ use crate::state::DomainState;
 pub const LOCKFILE_VERSION: u32 = 1;
 
 /// Where a step is in its life.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    PartialOrd,
+    Ord,
+    Hash,
+    Serialize,
+    Deserialize,
+    schemars::JsonSchema,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum StepStatus {
     /// Not started yet.
@@ -299,6 +311,11 @@ fn describe(plan: &Plan, step_id: &str, uuid: &str) -> String {
     let show = |v: &serde_json::Value| match v {
         serde_json::Value::String(s) => s.clone(),
         serde_json::Value::Null => "-".to_owned(),
+        serde_json::Value::Object(map) => map
+            .iter()
+            .map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or("-")))
+            .collect::<Vec<_>>()
+            .join(" "),
         other => other.to_string(),
     };
     let parts: Vec<String> = plan

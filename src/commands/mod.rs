@@ -1,8 +1,10 @@
 //! One thin file per subcommand, each a wrapper over a core operation.
 
+mod apply;
 mod common;
 mod plan;
 mod schema;
+pub mod status;
 mod validate;
 
 use crate::cli::{Cli, Command};
@@ -35,7 +37,24 @@ pub fn dispatch(cli: Cli, printer: &Printer) -> anyhow::Result<ExitStatus> {
             &crate::clock::SystemClock,
             printer,
         ),
-        Command::Apply { .. } | Command::Status { .. } | Command::Watch { .. } => {
+        Command::Apply {
+            plan,
+            auto_approve,
+            watch,
+            connect,
+        } => apply::run(
+            &apply::Args {
+                plan: &plan,
+                config: cli.config.as_deref(),
+                connect: connect.as_deref(),
+                auto_approve,
+                watch,
+            },
+            &crate::clock::SystemClock,
+            printer,
+        ),
+        Command::Status { plan, format } => status::run(&plan, format, printer),
+        Command::Watch { .. } => {
             anyhow::bail!("this command is not available in this build yet")
         }
     }

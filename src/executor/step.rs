@@ -592,18 +592,19 @@ impl Run<'_> {
             notes.push("forced off (destroy)".to_owned());
             return self.call(hv, step, &action, false, || hv.destroy(uuid));
         }
+        let clock = self.ex.clock;
+        let timeout = chrono::Duration::from_std(policy.timeout).unwrap_or(chrono::Duration::MAX);
+        // The timeout counts from the request, however long libvirt takes to deliver it.
+        let deadline = clock
+            .now()
+            .checked_add_signed(timeout)
+            .unwrap_or(DateTime::<Utc>::MAX_UTC);
         match self.retry(|| hv.shutdown(uuid)) {
             Ok(()) => {}
             // Already shutting down or off: wait for it like for our own request.
             Err(e) if e.kind == ErrorKind::OperationInvalid => {}
             Err(e) => return Err(e.into()),
         }
-        let clock = self.ex.clock;
-        let timeout = chrono::Duration::from_std(policy.timeout).unwrap_or(chrono::Duration::MAX);
-        let deadline = clock
-            .now()
-            .checked_add_signed(timeout)
-            .unwrap_or(DateTime::<Utc>::MAX_UTC);
         let mut power = self.observe(hv, step)?.power;
         loop {
             if !power.is_active() {

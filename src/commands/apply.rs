@@ -1,0 +1,208 @@
+//! `virtplan apply PLAN|SAVED`: plan (or load the reviewed plan), confirm, take the executor
+//! lock, run every step at its time, and summarize.
+
+use std::collections::BTreeSet;
+use std::io::{BufRead as _, IsTerminal as _};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+
+use anyhow::Context as _;
+
+use super::common;
+use crate::clock::Clock;
+use crate::executor::{Executor, Outcome, Settings};
+use crate::hypervisor::libvirt::Libvirt;
+use crate::lockfile::{self, ExecutorLock, LockStore, StepStatus};
+use crate::planner::saved::SavedPlan;
+use crate::planner::{self, Connections, Plan, PlanInput};
+use crate::printer::{Printer, Tone};
+use crate::{render, ExitStatus};
+
+/// Test-only crash switch: `after-running:<step id>` or `before-done:<step id>` aborts the
+/// process at that point, to test that a resumed run applies nothing twice.
+pub const FAILPOINT_ENV: &str = "VIRTPLAN_FAILPOINT";
+
+pub struct Args<'a> {
+    pub plan: &'a Path,
+    pub config: Option<&'a Path>,
+    pub connect: Option<&'a str>,
+    pub auto_approve: bool,
+    pub watch: bool,
+}
+
+// One linear procedure, each stage a few lines; splitting it would hide the order of checks.
+#[allow(clippy::too_many_lines)]
+pub fn run(args: &Args<'_>, clock: &dyn Clock, printer: &Printer) -> anyhow::Result<ExitStatus> {
+    if args.watch {
+        anyhow::bail!(
+            "`apply --watch` is not available in this build; run `virtplan apply` without it"
+        );
+    }
+    let saved = SavedPlan::read(args.plan)
+        .with_context(|| format!("cannot read {}", args.plan.display()))?;
+    let interactive = std::io::stdin().is_terminal();
+    // A saved plan was reviewed when it was made; anything else needs a yes or the flag.
+    if saved.is_none() && !args.auto_approve && !interactive {
+        printer.error(&format!(
+            "refusing to apply {} without confirmation: there is no terminal to ask on; review it with `virtplan plan {}` and pass --auto-approve, or apply a saved plan (`virtplan plan {} --out FILE`)",
+            args.plan.display(),
+            args.plan.display(),
+            args.plan.display()
+        ));
+        return Ok(ExitStatus::Error);
+    }
+    if saved.is_some() && args.connect.is_some() {
+        anyhow::bail!(
+            "{} is a saved plan and carries its connections; drop --connect",
+            args.plan.display()
+        );
+    }
+    let plan_path = saved
+        .as_ref()
+        .map_or_else(|| args.plan.to_path_buf(), |s| PathBuf::from(&s.plan_file));
+    let Some((config, file)) = common::load_plan(&plan_path, args.config, printer) else {
+        return Ok(ExitStatus::Error);
+    };
+    if let Some(saved) = &saved {
+        if file.sha256 != saved.plan.meta.sha256 {
+            anyhow::bail!(
+                "{} changed since the saved plan {} was made from it (sha256 {} then, {} now); nothing was applied: run `virtplan plan {} --out {}` again and review it",
+                plan_path.display(),
+                args.plan.display(),
+                short(&saved.plan.meta.sha256),
+                short(&file.sha256),
+                plan_path.display(),
+                args.plan.display()
+            );
+        }
+    }
+
+    let _lock = ExecutorLock::acquire(&lockfile::pid_path(&file.path), clock.now())?;
+    let store = LockStore::open(&lockfile::lock_path(&file.path), &file.sha256)?;
+    let (plan, connections) = if let Some(saved) = saved {
+        let connections = open_uris(saved.plan.steps.iter().map(|s| s.connection.clone()))?;
+        (saved.plan, connections)
+    } else {
+        let connections = common::open_connections(&file, args.connect)?;
+        let input = PlanInput {
+            file: &file,
+            connections: &connections,
+            connect_override: args.connect,
+            now: clock.now(),
+            progress: &store,
+        };
+        match planner::project(&input) {
+            Ok(plan) => (plan, connections),
+            Err(e) => {
+                common::report_plan_error(printer, &file, &e);
+                return Ok(ExitStatus::Error);
+            }
+        }
+    };
+    // Refuse an edited done step or a recreated domain before asking anything.
+    store.reconcile(&plan)?;
+    printer.out(&render::human(&plan, printer));
+    if !args.auto_approve && interactive && !confirm(&plan, printer)? {
+        printer.err_line("Nothing applied.");
+        return Ok(ExitStatus::Error);
+    }
+
+    let stop = Arc::new(AtomicBool::new(false));
+    for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        // The second signal exits at once: every lockfile write is atomic, so it stays whole.
+        signal_hook::flag::register_conditional_shutdown(signal, 1, Arc::clone(&stop))?;
+        signal_hook::flag::register(signal, Arc::clone(&stop))?;
+    }
+    let mut settings = Settings::for_plan(&file, config.parallelism);
+    settings.failpoint = std::env::var(FAILPOINT_ENV).ok().filter(|f| !f.is_empty());
+    let on_outcome = |o: &Outcome| {
+        if !o.earlier {
+            printer.err_line(&progress_line(o, clock, printer));
+        }
+    };
+    let pending = plan.steps.len();
+    printer.err_line(&format!(
+        "Applying {pending} step(s); progress is recorded in {} (Ctrl-C stops after the step in flight).",
+        store.path().display()
+    ));
+    let report = Executor {
+        plan: &plan,
+        connections: &connections,
+        clock,
+        store: &store,
+        settings: &settings,
+        stop: &stop,
+        on_outcome: &on_outcome,
+    }
+    .run()?;
+
+    let lock = store.snapshot();
+    let doc = super::status::StatusDoc::from(&lock);
+    printer.out(&format!(
+        "\n{}\n{}",
+        printer.paint(Tone::Heading, "Result:"),
+        super::status::human(&doc, printer)
+    ));
+    if let Some(fatal) = report.fatal {
+        printer.error(&format!(
+            "stopped: progress could not be recorded: {fatal}; fix that, then run `virtplan apply` again"
+        ));
+        return Ok(ExitStatus::Error);
+    }
+    if report.any_failed() {
+        return Ok(ExitStatus::StepsFailed);
+    }
+    if report.interrupted {
+        printer.error("interrupted: the step in flight was finished and recorded; run `virtplan apply` again to resume");
+        return Ok(ExitStatus::Error);
+    }
+    Ok(ExitStatus::Success)
+}
+
+fn short(hash: &str) -> &str {
+    hash.get(..12).unwrap_or(hash)
+}
+
+/// Opens each URI once.
+fn open_uris(uris: impl Iterator<Item = String>) -> anyhow::Result<Connections> {
+    let mut connections = Connections::new();
+    for uri in uris.collect::<BTreeSet<_>>() {
+        let hv = Libvirt::connect(&uri)?;
+        connections.insert(uri, Arc::new(hv));
+    }
+    Ok(connections)
+}
+
+/// Asks on the terminal; only `yes` goes on.
+fn confirm(plan: &Plan, printer: &Printer) -> anyhow::Result<bool> {
+    let domains: BTreeSet<&str> = plan.steps.iter().map(|s| s.domain.uuid.as_str()).collect();
+    printer.out(&format!(
+        "\nApply {} step(s) to {} domain(s), each at its time? Only `yes` is accepted: ",
+        plan.steps.iter().filter(|s| !s.done).count(),
+        domains.len()
+    ));
+    let mut answer = String::new();
+    std::io::stdin().lock().read_line(&mut answer)?;
+    Ok(answer.trim() == "yes")
+}
+
+fn progress_line(o: &Outcome, clock: &dyn Clock, printer: &Printer) -> String {
+    let tone = match o.status {
+        StepStatus::Done => Tone::Added,
+        StepStatus::Failed | StepStatus::Missed => Tone::Removed,
+        _ => Tone::Changed,
+    };
+    let mut line = format!(
+        "{} step {} {}: {}",
+        clock.now().format("%H:%M:%S%.3f"),
+        o.step,
+        o.vm,
+        printer.paint(tone, o.status.as_str())
+    );
+    if !o.message.is_empty() {
+        line.push_str(" - ");
+        line.push_str(&o.message);
+    }
+    line
+}

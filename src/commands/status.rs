@@ -1,0 +1,194 @@
+//! `virtplan status PLAN`: each step's progress from the lockfile, like a change-request list.
+
+use std::path::{Path, PathBuf};
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+
+use crate::cli::StatusFormat;
+use crate::lockfile::{self, LockError, LockStore, Lockfile, StepStatus};
+use crate::planner::saved::SavedPlan;
+use crate::printer::{Printer, Tone};
+use crate::ExitStatus;
+
+/// `status --format json`: its schema is `schemas/status.schema.json`.
+#[derive(Debug, Serialize, schemars::JsonSchema)]
+pub struct StatusDoc {
+    /// One entry per step and domain, in time order.
+    pub steps: Vec<StatusStep>,
+}
+
+/// One step on one domain.
+#[derive(Debug, Serialize, schemars::JsonSchema)]
+pub struct StatusStep {
+    /// Stable step id (a hash of what the step asks for).
+    pub id: String,
+    /// 1-based step number in the plan file.
+    pub step: usize,
+    /// When the step is due (RFC 3339); null when it runs as soon as apply starts.
+    pub at: Option<DateTime<Utc>>,
+    pub vm: String,
+    pub uuid: String,
+    /// What the step changes.
+    pub what: String,
+    pub status: StepStatus,
+    /// When it started (RFC 3339).
+    pub started_at: Option<DateTime<Utc>>,
+    /// When it ended (RFC 3339).
+    pub finished_at: Option<DateTime<Utc>>,
+    pub message: String,
+}
+
+impl From<&Lockfile> for StatusDoc {
+    fn from(lock: &Lockfile) -> Self {
+        let mut lock = lock.clone();
+        lock.sort();
+        Self {
+            steps: lock
+                .steps
+                .into_iter()
+                .map(|r| StatusStep {
+                    id: r.step_id,
+                    step: r.step,
+                    at: r.at,
+                    vm: r.vm,
+                    uuid: r.uuid,
+                    what: r.what,
+                    status: r.status,
+                    started_at: r.started_at,
+                    finished_at: r.finished_at,
+                    message: r.message,
+                })
+                .collect(),
+        }
+    }
+}
+
+/// The JSON Schema of [`StatusDoc`], pretty-printed with a trailing newline.
+#[must_use]
+pub fn json_schema() -> String {
+    let schema = schemars::schema_for!(StatusDoc);
+    let mut text = serde_json::to_string_pretty(&schema).unwrap_or_default();
+    text.push('\n');
+    text
+}
+
+/// The plan file whose lockfile `path` refers to (a saved plan points at its plan file).
+pub fn plan_file_of(path: &Path) -> anyhow::Result<PathBuf> {
+    Ok(match SavedPlan::read(path)? {
+        Some(saved) => PathBuf::from(saved.plan_file),
+        None => path.to_path_buf(),
+    })
+}
+
+pub fn run(plan: &Path, format: StatusFormat, printer: &Printer) -> anyhow::Result<ExitStatus> {
+    if !plan.exists() {
+        anyhow::bail!("{}: no such plan file", plan.display());
+    }
+    let plan = plan_file_of(plan)?;
+    let lock_path = lockfile::lock_path(&plan);
+    let lock = match LockStore::read(&lock_path) {
+        Ok(lock) => lock,
+        Err(LockError::Read { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
+            printer.err_line(&format!(
+                "No progress recorded for {}: `virtplan apply` has not run it ({} does not exist).",
+                plan.display(),
+                lock_path.display()
+            ));
+            Lockfile::new("")
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let doc = StatusDoc::from(&lock);
+    let text = match format {
+        StatusFormat::Json => {
+            let mut text = serde_json::to_string_pretty(&doc)?;
+            text.push('\n');
+            text
+        }
+        StatusFormat::Human => human(&doc, printer),
+    };
+    printer.out(&text);
+    Ok(ExitStatus::Success)
+}
+
+fn time(t: Option<DateTime<Utc>>) -> String {
+    t.map_or_else(
+        || "-".to_owned(),
+        |t| t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+    )
+}
+
+/// One block per step: status, step, domain and time; then what, timings and message.
+pub fn human(doc: &StatusDoc, printer: &Printer) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::new();
+    for s in &doc.steps {
+        let tone = match s.status {
+            StepStatus::Done => Tone::Added,
+            StepStatus::Failed | StepStatus::Missed => Tone::Removed,
+            StepStatus::Running | StepStatus::Skipped | StepStatus::Cancelled => Tone::Changed,
+            StepStatus::Pending => Tone::Dim,
+        };
+        let status = format!("{:<9}", s.status.as_str());
+        let _ = writeln!(
+            out,
+            "{} step {} {} at {}",
+            printer.paint(tone, &status),
+            s.step,
+            printer.paint(Tone::Heading, &s.vm),
+            s.at.map_or_else(
+                || "apply start".to_owned(),
+                |t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+            ),
+        );
+        if !s.what.is_empty() {
+            let _ = writeln!(out, "          {}", s.what);
+        }
+        if s.started_at.is_some() || s.finished_at.is_some() {
+            let took = match (s.started_at, s.finished_at) {
+                (Some(a), Some(b)) => format!(" ({:.1}s)", (b - a).as_seconds_f64()),
+                _ => String::new(),
+            };
+            let _ = writeln!(
+                out,
+                "          started {}, finished {}{took}",
+                time(s.started_at),
+                time(s.finished_at)
+            );
+        }
+        if !s.message.is_empty() {
+            let _ = writeln!(out, "          {}", printer.paint(Tone::Dim, &s.message));
+        }
+    }
+    let count = |st: StepStatus| doc.steps.iter().filter(|s| s.status == st).count();
+    let _ = writeln!(
+        out,
+        "{} done, {} failed, {} missed, {} skipped, {} cancelled, {} running, {} pending",
+        count(StepStatus::Done),
+        count(StepStatus::Failed),
+        count(StepStatus::Missed),
+        count(StepStatus::Skipped),
+        count(StepStatus::Cancelled),
+        count(StepStatus::Running),
+        count(StepStatus::Pending),
+    );
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn checked_in_status_schema_is_current() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/schemas/status.schema.json");
+        let current = super::json_schema();
+        if std::env::var_os("UPDATE_SCHEMAS").is_some() {
+            std::fs::write(path, &current).unwrap();
+        }
+        let checked_in = std::fs::read_to_string(path).unwrap_or_default();
+        assert!(
+            checked_in == current,
+            "schemas/status.schema.json is out of date; regenerate it with `UPDATE_SCHEMAS=1 cargo test --lib checked_in_status_schema_is_current`"
+        );
+    }
+}
