@@ -1,2 +1,3 @@
+mod apply;
 mod libvirt_adapter;
 mod support;
