@@ -146,7 +146,11 @@ steps:
         );
     }
     // The guest has no OS: it ignored the shutdown request and was forced off.
-    assert!(lock.steps[0].message.contains("forced off"), "{:?}", lock.steps[0]);
+    assert!(
+        lock.steps[0].message.contains("forced off"),
+        "{:?}",
+        lock.steps[0]
+    );
 
     let state = hv.observe(&dom.uuid, true).unwrap();
     assert_eq!(state.power, PowerState::Running);
@@ -293,11 +297,17 @@ fn a_missed_step_never_runs() {
 fn a_saved_plan_refuses_drift_and_an_edited_plan_file() {
     let dir = tempfile::tempdir().unwrap();
     let uri = fleet(dir.path(), 128);
-    let body = format!("version: 1\nconnection: {uri}\nsteps:\n  - vm: vm-01\n    memory: 256MiB\n");
+    let body =
+        format!("version: 1\nconnection: {uri}\nsteps:\n  - vm: vm-01\n    memory: 256MiB\n");
     let plan = write_plan(dir.path(), &body);
     let saved = dir.path().join("saved.json");
     let out = virtplan(
-        &["plan", plan.to_str().unwrap(), "--out", saved.to_str().unwrap()],
+        &[
+            "plan",
+            plan.to_str().unwrap(),
+            "--out",
+            saved.to_str().unwrap(),
+        ],
         &[],
     );
     assert!(out.status.success(), "{}", text(&out));
@@ -355,7 +365,10 @@ fn a_crash_at_each_step_boundary_then_resume_applies_nothing_twice() {
     let out = apply(&format!("before-done:{}", ids[0]));
     assert_eq!(out.status.code(), None, "expected an abort: {}", text(&out));
     assert_eq!(lock_of(&plan).steps[0].status, StepStatus::Running);
-    assert_eq!(hv.observe(&dom.uuid, false).unwrap().memory, Kib::from_mib(192));
+    assert_eq!(
+        hv.observe(&dom.uuid, false).unwrap().memory,
+        Kib::from_mib(192)
+    );
 
     // Resume; crash after step 2 is recorded running, before any libvirt call.
     let out = apply(&format!("after-running:{}", ids[1]));
@@ -374,7 +387,10 @@ fn a_crash_at_each_step_boundary_then_resume_applies_nothing_twice() {
     let out = apply("");
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));
     let lock = lock_of(&plan);
-    assert!(lock.steps.iter().all(|r| r.status == StepStatus::Done), "{lock:?}");
+    assert!(
+        lock.steps.iter().all(|r| r.status == StepStatus::Done),
+        "{lock:?}"
+    );
     let state = hv.observe(&dom.uuid, false).unwrap();
     assert_eq!(state.memory, Kib::from_mib(192));
     assert_eq!(state.vcpus, 2);
