@@ -45,6 +45,14 @@ pub enum PlanFormat {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum SchemaKind {
+    /// The plan file (YAML).
+    Plan,
+    /// `plan --format json` output.
+    PlanOutput,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum StatusFormat {
     Human,
     Json,
@@ -108,8 +116,11 @@ pub enum Command {
         #[arg(long, value_enum, default_value_t = LogFormat::Human)]
         log_format: LogFormat,
     },
-    /// Print the plan file's JSON Schema.
-    Schema,
+    /// Print the plan file's JSON Schema (or that of another document virtplan writes).
+    Schema {
+        #[arg(value_enum, default_value_t = SchemaKind::Plan)]
+        which: SchemaKind,
+    },
 }
 
 /// Parses arguments; on `--help`, `--version` or a usage error prints clap's message and

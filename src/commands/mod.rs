@@ -18,7 +18,7 @@ use crate::ExitStatus;
 pub fn dispatch(cli: Cli, printer: &Printer) -> anyhow::Result<ExitStatus> {
     match cli.command {
         Command::Validate { plans } => Ok(validate::run(&plans, cli.config.as_deref(), printer)),
-        Command::Schema => Ok(schema::run(printer)),
+        Command::Schema { which } => Ok(schema::run(which, printer)),
         Command::Plan {
             plan,
             connect,

@@ -7,8 +7,9 @@ use anyhow::Context as _;
 use super::common;
 use crate::cli::PlanFormat;
 use crate::clock::Clock;
+use crate::lockfile::{self, LockStore};
 use crate::planner::saved::SavedPlan;
-use crate::planner::{self, NoProgress, PlanInput};
+use crate::planner::{self, NoProgress, PlanInput, Progress};
 use crate::printer::Printer;
 use crate::{render, ExitStatus};
 
@@ -25,13 +26,23 @@ pub fn run(args: &Args<'_>, clock: &dyn Clock, printer: &Printer) -> anyhow::Res
     let Some((_config, file)) = common::load_plan(args.plan, args.config, printer) else {
         return Ok(ExitStatus::Error);
     };
+    // With a lockfile beside the plan, done steps are shown as done rather than as changes.
+    let lock_path = lockfile::lock_path(args.plan);
+    let progress: Box<dyn Progress> = if lock_path.exists() {
+        Box::new(
+            LockStore::read(&lock_path)
+                .with_context(|| format!("cannot use the progress file {}", lock_path.display()))?,
+        )
+    } else {
+        Box::new(NoProgress)
+    };
     let connections = common::open_connections(&file, args.connect)?;
     let input = PlanInput {
         file: &file,
         connections: &connections,
         connect_override: args.connect,
         now: clock.now(),
-        progress: &NoProgress,
+        progress: progress.as_ref(),
     };
     let plan = match planner::project(&input) {
         Ok(plan) => plan,

@@ -1,9 +1,14 @@
-//! `virtplan schema`: print the plan file's JSON Schema.
+//! `virtplan schema`: print the plan file's JSON Schema (or the `plan --format json` one).
 
+use crate::cli::SchemaKind;
 use crate::printer::Printer;
 use crate::ExitStatus;
 
-pub fn run(printer: &Printer) -> ExitStatus {
-    printer.out(&crate::plan_file::schema::plan_schema_json());
+pub fn run(which: SchemaKind, printer: &Printer) -> ExitStatus {
+    let text = match which {
+        SchemaKind::Plan => crate::plan_file::schema::plan_schema_json(),
+        SchemaKind::PlanOutput => crate::render::json_schema(),
+    };
+    printer.out(&text);
     ExitStatus::Success
 }

@@ -158,15 +158,11 @@ fn scan(xml: &str) -> Result<RawSummary, XmlError> {
                     path.push(name);
                 }
             }
-            Event::Text(ref t) => {
-                if text_target.is_some() {
-                    text.push_str(&t.unescape().map_err(|e| syntax(&reader, e))?);
-                }
+            Event::Text(ref t) if text_target.is_some() => {
+                text.push_str(&t.unescape().map_err(|e| syntax(&reader, e))?);
             }
-            Event::CData(ref c) => {
-                if text_target.is_some() {
-                    text.push_str(&String::from_utf8_lossy(c));
-                }
+            Event::CData(ref c) if text_target.is_some() => {
+                text.push_str(&String::from_utf8_lossy(c));
             }
             Event::End(_) => {
                 let closed = path.pop();
@@ -310,16 +306,7 @@ pub fn set_clock(
                 if depth == 1 && name == "clock" && !seen_clock {
                     seen_clock = true;
                     let start = edit_attr(&e, "offset", offset)?;
-                    match rtc_track {
-                        None => write(&mut writer, Event::Empty(start))?,
-                        Some(track) => {
-                            let indent = last_ws.clone();
-                            write(&mut writer, Event::Start(start))?;
-                            write_rtc_timer(&mut writer, &indent, track)?;
-                            write_ws(&mut writer, newline_indent(&indent, 0).as_deref())?;
-                            write(&mut writer, Event::End(BytesEnd::new("clock")))?;
-                        }
-                    }
+                    write_clock(&mut writer, start, &last_ws, rtc_track)?;
                 } else if in_clock && depth == 2 && name == "timer" && is_rtc(&e)? {
                     seen_rtc = true;
                     flush(&mut writer, &mut held)?;
@@ -343,27 +330,7 @@ pub fn set_clock(
                     flush(&mut writer, &mut held)?;
                 } else if depth == 0 && seen_root && !seen_clock {
                     // No `<clock>` at all: add one as the last child of `<domain>`.
-                    let child_indent = last_ws.clone();
-                    let child = newline_indent(&child_indent, 1);
-                    write_ws(
-                        &mut writer,
-                        child.as_deref().map(|s| s.trim_start_matches('\n')),
-                    )?;
-                    let mut clock = BytesStart::new("clock");
-                    if let Some(offset) = offset {
-                        clock.push_attribute(("offset", offset));
-                    }
-                    let clock_ws = child.unwrap_or_default();
-                    match rtc_track {
-                        None => write(&mut writer, Event::Empty(clock))?,
-                        Some(track) => {
-                            write(&mut writer, Event::Start(clock))?;
-                            write_rtc_timer(&mut writer, &clock_ws, track)?;
-                            write_ws(&mut writer, Some(&clock_ws))?;
-                            write(&mut writer, Event::End(BytesEnd::new("clock")))?;
-                        }
-                    }
-                    write_ws(&mut writer, Some(&child_indent))?;
+                    write_new_clock(&mut writer, &last_ws, offset, rtc_track)?;
                     seen_clock = true;
                 }
                 flush(&mut writer, &mut held)?;
@@ -381,6 +348,43 @@ pub fn set_clock(
     }
     String::from_utf8(writer.into_inner())
         .map_err(|e| XmlError::Invalid(format!("rewritten XML is not UTF-8: {e}")))
+}
+
+/// Writes `start` (a `<clock>` tag) as a self-closing element, or, with a track, as an element
+/// holding one rtc timer. `ws` is the whitespace before the clock tag.
+fn write_clock(
+    writer: &mut Writer<Vec<u8>>,
+    start: BytesStart<'_>,
+    ws: &str,
+    rtc_track: Option<&str>,
+) -> Result<(), XmlError> {
+    match rtc_track {
+        None => write(writer, Event::Empty(start)),
+        Some(track) => {
+            write(writer, Event::Start(start))?;
+            write_rtc_timer(writer, ws, track)?;
+            write_ws(writer, newline_indent(ws, 0).as_deref())?;
+            write(writer, Event::End(BytesEnd::new("clock")))
+        }
+    }
+}
+
+/// Adds a `<clock>` before `</domain>`; `last_ws` is the whitespace already written before it.
+fn write_new_clock(
+    writer: &mut Writer<Vec<u8>>,
+    last_ws: &str,
+    offset: Option<&str>,
+    rtc_track: Option<&str>,
+) -> Result<(), XmlError> {
+    let child = newline_indent(last_ws, 1);
+    // The newline before `</domain>` is already written: indent, clock, then a newline again.
+    write_ws(writer, child.as_deref().map(|s| s.trim_start_matches('\n')))?;
+    let mut clock = BytesStart::new("clock");
+    if let Some(offset) = offset {
+        clock.push_attribute(("offset", offset));
+    }
+    write_clock(writer, clock, &child.unwrap_or_default(), rtc_track)?;
+    write_ws(writer, Some(last_ws))
 }
 
 /// Writes `<timer name="rtc" track=".."/>` indented one level below `parent_ws` (the whitespace

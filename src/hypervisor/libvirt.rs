@@ -4,11 +4,14 @@
 //! and every configuration figure from the persistent definition (the inactive XML), because
 //! that is what survives a reboot and what the planner projects.
 //!
-//! `observe_many` makes one bulk `virConnectGetAllDomainStats` call (state, balloon, vCPU
-//! groups) and two domain listings (autostart, transient), then one `virDomainGetXMLDesc`
-//! (inactive) per domain for the persistent figures, title, description and clock. Only when
-//! the driver leaves the balloon/vCPU groups out (the test driver fills in `state` only) does it
-//! add one `virDomainGetInfo` per active domain for the live figures.
+//! `observe_many` makes one bulk `virConnectGetAllDomainStats` call for the power state of every
+//! domain and two domain listings (autostart, transient), then per domain one
+//! `virDomainGetXMLDesc` (inactive: persistent figures, title, description, clock) and, for
+//! active domains only, one `virDomainGetInfo` (live balloon and vCPU figures). The bulk call
+//! asks for the `state` group only: on QEMU the `balloon` and `vcpu` groups query every running
+//! domain's monitor (per-vCPU KVM statistics included) and made the bulk path slower than
+//! per-domain reads (54 domains, 4 running: 85-140 ms against 60-70 ms; with `state` only,
+//! 18-28 ms). The test driver fills in `state` only anyway.
 
 use std::collections::{HashMap, HashSet};
 use std::ffi::CStr;
@@ -48,11 +51,62 @@ pub struct Libvirt {
 
 impl std::fmt::Debug for Libvirt {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Libvirt").field("uri", &self.uri).finish()
+        f.debug_struct("Libvirt")
+            .field("uri", &self.uri)
+            .finish_non_exhaustive()
     }
 }
 
 impl Libvirt {
+    /// One domain's state from its bulk-stats record plus its inactive XML.
+    fn state_from_record(
+        requested: &str,
+        key: &str,
+        record: &StatsRecord,
+        autostart: &HashSet<String>,
+        transient: &HashSet<String>,
+        with_clock: bool,
+    ) -> HvResult<DomainState> {
+        let what = format!("read domain {requested}");
+        let err = |e: VirtError| hv_error(&what, &e);
+        let dom = &record.domain;
+        let (power, info) = if let Some(state) = record.state {
+            (power_state(DomainStateEnum::from_raw(state)), None)
+        } else {
+            let info = dom.info().map_err(err)?;
+            (power_state(info.state), Some(info))
+        };
+        let live = if power.is_active() {
+            let info = if let Some(info) = info {
+                info
+            } else {
+                dom.info().map_err(err)?
+            };
+            Some(LiveFigures {
+                memory: Kib(info.memory),
+                vcpus: info.nr_virt_cpu,
+            })
+        } else {
+            None
+        };
+        let summary = Self::inactive_summary(dom, requested)?;
+        Ok(DomainState {
+            name: dom.name().map_err(err)?,
+            uuid: key.to_owned(),
+            power,
+            memory: summary.memory,
+            max_memory: summary.max_memory,
+            vcpus: summary.vcpus,
+            max_vcpus: summary.max_vcpus,
+            autostart: autostart.contains(key),
+            persistent: !transient.contains(key),
+            clock: with_clock.then_some(summary.clock),
+            title: summary.title,
+            description: summary.description,
+            live,
+        })
+    }
+
     /// Opens a read-write connection to `uri` (`qemu:///system`, `test:///abs/node.xml`, ...).
     ///
     /// # Errors
@@ -221,76 +275,53 @@ impl Hypervisor for Libvirt {
         if uuids.is_empty() {
             return Ok(Vec::new());
         }
-        let records = all_domain_stats(
-            &self.conn,
-            sys::VIR_DOMAIN_STATS_STATE
-                | sys::VIR_DOMAIN_STATS_BALLOON
-                | sys::VIR_DOMAIN_STATS_VCPU,
-        )
-        .map_err(|e| hv_error("read domain statistics", &e))?;
+        let records = all_domain_stats(&self.conn, sys::VIR_DOMAIN_STATS_STATE)
+            .map_err(|e| hv_error("read domain statistics", &e))?;
         let mut by_uuid: HashMap<String, StatsRecord> =
             records.into_iter().map(|r| (r.uuid.clone(), r)).collect();
         let autostart = self.listed_uuids(sys::VIR_CONNECT_LIST_DOMAINS_AUTOSTART)?;
         let transient = self.listed_uuids(sys::VIR_CONNECT_LIST_DOMAINS_TRANSIENT)?;
 
-        uuids
+        let records = uuids
             .iter()
             .map(|requested| {
                 let key = requested.to_ascii_lowercase();
-                let record = by_uuid.remove(&key).ok_or_else(|| {
-                    HvError::new(
-                        ErrorKind::NotFound,
-                        format!("domain {requested}: no domain with this UUID"),
-                    )
-                })?;
-                let what = format!("read domain {requested}");
-                let err = |e: VirtError| hv_error(&what, &e);
-                let dom = &record.domain;
-                let (power, info) = match record.state {
-                    Some(state) => (power_state(DomainStateEnum::from_raw(state)), None),
-                    None => {
-                        let info = dom.info().map_err(err)?;
-                        (power_state(info.state), Some(info))
-                    }
-                };
-                let live = if power.is_active() {
-                    Some(match (record.balloon_current, record.vcpu_current) {
-                        (Some(memory), Some(vcpus)) => LiveFigures {
-                            memory: Kib(memory),
-                            vcpus,
-                        },
-                        _ => {
-                            let info = match info {
-                                Some(info) => info,
-                                None => dom.info().map_err(err)?,
-                            };
-                            LiveFigures {
-                                memory: Kib(info.memory),
-                                vcpus: info.nr_virt_cpu,
-                            }
-                        }
+                by_uuid
+                    .remove(&key)
+                    .map(|r| (requested, key, r))
+                    .ok_or_else(|| {
+                        HvError::new(
+                            ErrorKind::NotFound,
+                            format!("domain {requested}: no domain with this UUID"),
+                        )
                     })
-                } else {
-                    None
-                };
-                let summary = Self::inactive_summary(dom, requested)?;
-                Ok(DomainState {
-                    name: dom.name().map_err(err)?,
-                    uuid: key.clone(),
-                    power,
-                    memory: summary.memory,
-                    max_memory: summary.max_memory,
-                    vcpus: summary.vcpus,
-                    max_vcpus: summary.max_vcpus,
-                    autostart: autostart.contains(&key),
-                    persistent: !transient.contains(&key),
-                    clock: with_clock.then_some(summary.clock),
-                    title: summary.title,
-                    description: summary.description,
-                    live,
-                })
             })
-            .collect()
+            .collect::<HvResult<Vec<_>>>()?;
+        // The per-domain XML reads are independent round trips: a few threads keep several in
+        // flight on the (thread-safe) connection, which roughly halves `plan` on large fleets.
+        let workers = std::thread::available_parallelism()
+            .map_or(2, |n| n.get() * 2)
+            .min(8);
+        let chunk = records.len().div_ceil(workers).max(1);
+        let read = |(requested, key, record): &(&String, String, StatsRecord)| {
+            Self::state_from_record(requested, key, record, &autostart, &transient, with_clock)
+        };
+        std::thread::scope(|scope| {
+            let handles: Vec<_> = records
+                .chunks(chunk)
+                .map(|part| scope.spawn(move || part.iter().map(read).collect::<Vec<_>>()))
+                .collect();
+            let mut states = Vec::with_capacity(uuids.len());
+            for handle in handles {
+                let part = handle.join().map_err(|_| {
+                    HvError::new(ErrorKind::Other, "a domain-state reader thread panicked")
+                })?;
+                for state in part {
+                    states.push(state?);
+                }
+            }
+            Ok(states)
+        })
     }
 
     fn domain_xml(&self, uuid: &str, inactive: bool) -> HvResult<String> {
@@ -490,21 +521,20 @@ fn hv_error(what: &str, e: &VirtError) -> HvError {
     HvError::new(classify(e), format!("{what}: {}", e.message().trim_end()))
 }
 
-/// What one domain's record of a bulk statistics call holds. A group the driver does not
-/// support is simply absent (`None`).
+/// What one domain's record of a bulk `state` statistics call holds.
 struct StatsRecord {
     /// Our own reference, valid after the record list is freed.
     domain: Domain,
     uuid: String,
+    /// `state.state`; `None` if the driver left it out.
     state: Option<sys::virDomainState>,
-    balloon_current: Option<u64>,
-    vcpu_current: Option<u32>,
 }
 
 /// Frees a record list returned by `virConnectGetAllDomainStats` when dropped.
 struct StatsList(*mut sys::virDomainStatsRecordPtr);
 
 impl Drop for StatsList {
+    #[allow(unsafe_code)] // frees the C list; see SAFETY
     fn drop(&mut self) {
         // SAFETY: the pointer came from virConnectGetAllDomainStats (or is null, which the
         // function accepts) and is freed exactly once, here.
@@ -516,11 +546,14 @@ impl Drop for StatsList {
 ///
 /// virt 0.5's `all_domain_stats` exposes raw record pointers and never frees the list, so
 /// this wraps the C call directly.
+#[allow(unsafe_code)] // raw libvirt FFI; each block states its SAFETY
 fn all_domain_stats(conn: &Connect, stats: u32) -> Result<Vec<StatsRecord>, VirtError> {
     let mut list: *mut sys::virDomainStatsRecordPtr = std::ptr::null_mut();
     // SAFETY: the connection pointer stays valid while `conn` is borrowed; `list` is an
     // out-parameter that libvirt sets to a NULL-terminated array it allocated.
-    let n = unsafe { sys::virConnectGetAllDomainStats(conn.as_ptr(), stats, &mut list, 0) };
+    let n = unsafe {
+        sys::virConnectGetAllDomainStats(conn.as_ptr(), stats, std::ptr::addr_of_mut!(list), 0)
+    };
     let list = StatsList(list);
     let Ok(n) = usize::try_from(n) else {
         return Err(VirtError::last_error());
@@ -536,6 +569,7 @@ fn all_domain_stats(conn: &Connect, stats: u32) -> Result<Vec<StatsRecord>, Virt
 }
 
 /// Copies what we need out of one stats record and takes a reference on its domain.
+#[allow(unsafe_code)] // raw libvirt FFI; each block states its SAFETY
 fn read_record(record: &sys::virDomainStatsRecord) -> Result<StatsRecord, VirtError> {
     // SAFETY: `record.dom` is a valid domain pointer while the record list lives. Taking a
     // reference (virDomainRef) lets the `Domain` wrapper own it and free it on drop.
@@ -550,8 +584,6 @@ fn read_record(record: &sys::virDomainStatsRecord) -> Result<StatsRecord, VirtEr
         domain,
         uuid,
         state: None,
-        balloon_current: None,
-        vcpu_current: None,
     };
     for param in typed_params(record) {
         let Some(value) = typed_param_u64(param) else {
@@ -559,16 +591,14 @@ fn read_record(record: &sys::virDomainStatsRecord) -> Result<StatsRecord, VirtEr
         };
         // SAFETY: libvirt NUL-terminates the fixed-size field name.
         let field = unsafe { CStr::from_ptr(param.field.as_ptr()) };
-        match field.to_bytes() {
-            b"state.state" => out.state = sys::virDomainState::try_from(value).ok(),
-            b"balloon.current" => out.balloon_current = Some(value),
-            b"vcpu.current" => out.vcpu_current = u32::try_from(value).ok(),
-            _ => {}
+        if field.to_bytes() == b"state.state" {
+            out.state = sys::virDomainState::try_from(value).ok();
         }
     }
     Ok(out)
 }
 
+#[allow(unsafe_code)] // raw libvirt FFI; each block states its SAFETY
 fn typed_params(record: &sys::virDomainStatsRecord) -> &[sys::virTypedParameter] {
     let len = usize::try_from(record.nparams).unwrap_or(0);
     if record.params.is_null() || len == 0 {
@@ -580,6 +610,7 @@ fn typed_params(record: &sys::virDomainStatsRecord) -> &[sys::virTypedParameter]
 }
 
 /// The value of an integer typed parameter; `None` for other types or negative values.
+#[allow(unsafe_code)] // raw libvirt FFI; each block states its SAFETY
 fn typed_param_u64(param: &sys::virTypedParameter) -> Option<u64> {
     let kind = u32::try_from(param.type_).ok()?;
     // SAFETY: the union member read is the one `type_` says libvirt wrote.

@@ -136,10 +136,14 @@ impl fmt::Display for Diagnostics {
 /// The closest candidate to a mistyped word, when it is close enough to be a likely typo.
 #[must_use]
 pub fn did_you_mean<'a>(word: &str, candidates: &[&'a str]) -> Option<&'a str> {
+    let word = word.to_ascii_lowercase();
+    // Jaro-Winkler misses short words with swapped letters (`ned` for `end`); one edit or swap
+    // catches those.
+    let one_edit = |c: &str| word.len() >= 3 && strsim::osa_distance(&word, c) <= 1;
     candidates
         .iter()
-        .map(|c| (strsim::jaro_winkler(&word.to_ascii_lowercase(), c), *c))
-        .filter(|(score, _)| *score > 0.8)
+        .map(|c| (strsim::jaro_winkler(&word, c), *c))
+        .filter(|(score, c)| *score > 0.8 || one_edit(c))
         .max_by(|a, b| a.0.total_cmp(&b.0))
         .map(|(_, c)| c)
 }

@@ -11,6 +11,15 @@ pub mod units;
 mod validate;
 mod yaml;
 
+/// The keys each mapping of a plan allows. Public so a test can hold them equal to the JSON
+/// Schema's properties: the validator and the schema cannot drift apart.
+pub mod keys {
+    pub use super::validate::{
+        ATTRIBUTE_KEYS, CLOCK_KEYS, DEFAULTS_KEYS, SHUTDOWN_KEYS, SNAPSHOT_KEYS, STEP_KEYS,
+        TOP_KEYS, WINDOW_KEYS,
+    };
+}
+
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -327,9 +336,12 @@ fn read_text(path: &Path) -> Result<String, Diagnostics> {
             items: vec![Diagnostic::new(
                 path,
                 Pos::of_offset(&text, valid),
-                "the file is not UTF-8 text (binary data?)",
+                format!(
+                    "the file is not UTF-8 text: byte 0x{:02X} here is not valid UTF-8",
+                    e.as_bytes().get(valid).copied().unwrap_or_default()
+                ),
             )
-            .with_help("a plan file is YAML text in UTF-8; check that this is the right file")],
+            .with_help("save the plan as UTF-8 (an editor may have used Latin-1), or check that this is the right file, not binary data")],
             text: Some(text),
         }
     })

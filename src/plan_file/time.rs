@@ -4,6 +4,7 @@
 use chrono::{DateTime, LocalResult, NaiveDateTime, TimeZone, Utc};
 use chrono_tz::Tz;
 
+use super::diag::did_you_mean;
 use super::units::{parse_duration, ValueError};
 
 const NAIVE_FORMATS: [&str; 4] = [
@@ -27,12 +28,17 @@ pub fn parse_zone(text: &str) -> Result<Tz, ValueError> {
             .iter()
             .map(|tz| tz.name())
             .find(|name| name.to_ascii_lowercase() == lower);
+        let names: Vec<&str> = chrono_tz::TZ_VARIANTS.iter().map(|tz| tz.name()).collect();
+        let help = match (close, did_you_mean(text, &names)) {
+            (Some(name), _) => format!("zone names are case-sensitive: write `{name}`"),
+            (None, Some(name)) => format!("did you mean `{name}`?"),
+            (None, None) => {
+                "use a zone name such as America/Toronto, Europe/Paris or UTC".to_owned()
+            }
+        };
         ValueError {
             message: format!("`{text}` is not an IANA time zone"),
-            help: close.map_or_else(
-                || "use a zone name such as America/Toronto, Europe/Paris or UTC".to_owned(),
-                |name| format!("zone names are case-sensitive: write `{name}`"),
-            ),
+            help,
         }
     })
 }

@@ -49,7 +49,9 @@ pub fn parse_size(text: &str) -> Result<Kib, ValueError> {
     if unit.is_empty() {
         return Err(ValueError::new(
             format!("size `{text}` has no unit"),
-            format!("a bare number is ambiguous; write `{number}MiB` or `{number}GiB`"),
+            format!(
+                "a bare number is ambiguous; write the unit, such as `{number}MiB`, or `{number}KiB` if it is a number virsh printed (virsh counts in KiB)"
+            ),
         ));
     }
     let parsed_unit = Unit::parse_str(unit, false, true).map_err(|_| {
@@ -101,8 +103,17 @@ pub fn parse_duration(text: &str) -> Result<Duration, ValueError> {
             format!("write `{text}s` for seconds or `{text}m` for minutes"),
         ));
     }
-    humantime::parse_duration(text)
-        .map_err(|e| ValueError::new(format!("`{text}` is not a duration: {e}"), DURATION_HELP))
+    humantime::parse_duration(text).map_err(|e| {
+        // humantime's own wording ("expected number at 0") speaks of byte offsets; say it plainly.
+        let why = match e {
+            humantime::DurationError::UnknownUnit { unit, .. } if !unit.is_empty() => {
+                format!(": unknown unit `{unit}`")
+            }
+            humantime::DurationError::NumberOverflow => ": the number is too large".to_owned(),
+            _ => String::new(),
+        };
+        ValueError::new(format!("`{text}` is not a duration{why}"), DURATION_HELP)
+    })
 }
 
 /// The short human form of a duration (`5m`, `2m 30s`), as `humantime` prints it.

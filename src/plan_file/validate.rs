@@ -71,6 +71,8 @@ const DEFAULT_GRACE: Duration = Duration::from_secs(300);
 struct Settings {
     zone: Option<Tz>,
     window: Option<Window>,
+    /// The plan has a `window` key, even if it did not validate.
+    window_written: bool,
     connection: Option<String>,
     shutdown: ShutdownPolicy,
 }
@@ -89,7 +91,11 @@ pub fn validate(path: &Path, text: &str, ctx: &LoadContext) -> Result<PlanFile, 
     if map.is_empty() {
         c.error(
             Pos::new(1, 1),
-            "the plan file is empty",
+            if text.trim().is_empty() {
+                "the plan file is empty"
+            } else {
+                "the plan file holds only comments"
+            },
             "a plan needs at least `version: 1` and a `steps:` list (see `virtplan schema`)",
         );
         return Err(c.diags);
@@ -108,13 +114,16 @@ pub fn validate(path: &Path, text: &str, ctx: &LoadContext) -> Result<PlanFile, 
         ),
     };
     let zone = match map.get_node("timezone") {
+        // A zone that is written but wrong is reported once; checking the times in UTC (or the
+        // config's zone) meanwhile spares every local time a misleading "no time zone is set".
         Some(node) => c
             .text(node, "`timezone`", "timezone: America/Toronto")
             .and_then(|t| {
                 parse_zone(t)
                     .map_err(|e| c.error(pos(node), e.message, e.help))
                     .ok()
-            }),
+            })
+            .or(Some(config.timezone.unwrap_or(Tz::UTC))),
         None => config.timezone,
     };
     let window = map
@@ -135,6 +144,7 @@ pub fn validate(path: &Path, text: &str, ctx: &LoadContext) -> Result<PlanFile, 
     let settings = Settings {
         zone,
         window,
+        window_written: map.get_node("window").is_some(),
         connection,
         shutdown,
     };
@@ -233,9 +243,15 @@ fn connection(c: &mut Checker<'_>, node: &Node, config: &Config) -> Option<Strin
 fn check_window(c: &mut Checker<'_>, node: &Node, zone: Option<Tz>) -> Option<Window> {
     let example = "window: {start: 2026-12-01 04:00, end: 2026-12-01 05:00}";
     let map = c.mapping(node, "`window`", example)?;
+    let before = c.diags.len();
     c.known_keys(map, WINDOW_KEYS, "`window`");
+    // A misspelt key (`ned: ...`) already says what is missing; don't report it twice.
+    let has_unknown_keys = c.diags.len() > before;
     let mut bound = |key: &str| -> Option<(DateTime<Utc>, Pos)> {
         let Some(n) = map.get_node(key) else {
+            if has_unknown_keys {
+                return None;
+            }
             c.error(
                 pos(node),
                 format!("`window` has no `{key}`"),
@@ -384,25 +400,40 @@ fn check_step(
 
     let at = map.get_node("at").and_then(|n| {
         let text = c.text(n, "`at`", "at: 2026-12-01 04:00")?;
+        if settings.window.is_none() && settings.window_written && text.trim().starts_with('+') {
+            // The window's own error explains it; "needs a window" on every step would mislead.
+            return None;
+        }
         let t = parse_at(text, settings.zone, settings.window.map(|w| w.start))
             .map_err(|e| c.error(pos(n), format!("`at`: {}", e.message), e.help))
             .ok()?;
         if let Some(w) = settings.window {
             if t < w.start || t >= w.end {
+                // A step due exactly at the window's end looks "inside" to a reader; say why not.
+                let why = if t < w.start {
+                    "it is before the start"
+                } else if t == w.end {
+                    "a step must start before the window ends, not at its end"
+                } else {
+                    "it is after the end"
+                };
                 c.error(
                     pos(n),
                     format!(
-                        "{what} at {} lies outside the window {} to {}",
+                        "{what} at {} is outside the window {} to {}: {why}",
                         show_time(t, settings.zone),
                         show_time(w.start, settings.zone),
                         show_time(w.end, settings.zone)
                     ),
-                    "move the step into the window (it must start before the window ends), or widen the window",
+                    "move the step into the window, or widen the window",
                 );
                 return None;
             }
         }
-        Some(Located { value: t, pos: pos(n) })
+        Some(Located {
+            value: t,
+            pos: pos(n),
+        })
     });
 
     let targets = check_targets(c, map, node, &what);
@@ -601,12 +632,13 @@ fn size(c: &mut Checker<'_>, node: &Node, key: &str) -> Option<crate::state::Kib
 
 fn clock(c: &mut Checker<'_>, node: &Node) -> Option<ClockTarget> {
     let map = c.mapping(node, "`clock`", "clock: {offset: utc, track: guest}")?;
+    let before = c.diags.len();
     c.known_keys(map, CLOCK_KEYS, "`clock`");
+    let has_unknown_keys = c.diags.len() > before;
     let mut target = ClockTarget {
         offset: None,
         track: None,
     };
-    let before = c.diags.len();
     if let Some(n) = map.get_node("offset") {
         target.offset = c.choice(
             n,
@@ -633,7 +665,8 @@ fn clock(c: &mut Checker<'_>, node: &Node) -> Option<ClockTarget> {
             "the RTC timer tracks `boot`, `guest`, `wall` or `realtime` time",
         );
     }
-    if map.get_node("offset").is_none() && map.get_node("track").is_none() {
+    // A misspelt key already explains why nothing is set.
+    if !has_unknown_keys && map.get_node("offset").is_none() && map.get_node("track").is_none() {
         c.error(
             pos(node),
             "`clock` sets nothing",
@@ -646,8 +679,13 @@ fn clock(c: &mut Checker<'_>, node: &Node) -> Option<ClockTarget> {
 fn snapshot(c: &mut Checker<'_>, node: &Node) -> Option<SnapshotSpec> {
     let example = "snapshot: {name: before-upgrade}";
     let map = c.mapping(node, "`snapshot`", example)?;
+    let before = c.diags.len();
     c.known_keys(map, SNAPSHOT_KEYS, "`snapshot`");
     let Some(name_node) = map.get_node("name") else {
+        // A misspelt `name` key already explains it.
+        if c.diags.len() > before {
+            return None;
+        }
         c.error(
             pos(node),
             "`snapshot` has no `name`",

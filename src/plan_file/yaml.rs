@@ -71,7 +71,7 @@ fn load_error(file: &Path, text: &str, error: &LoadError) -> Diagnostic {
         }
         LoadError::UnexpectedAnchor(m) => Diagnostic::new(
             file,
-            at(m),
+            back_to_sigil(text, at(m), &['&', '*']),
             "YAML anchors and aliases (`&name`, `*name`) are not allowed in plans",
         )
         .with_help("write each value out in full; plans are reviewed, so explicit beats clever"),
@@ -81,7 +81,7 @@ fn load_error(file: &Path, text: &str, error: &LoadError) -> Diagnostic {
         }
         LoadError::UnexpectedTag(m) => Diagnostic::new(
             file,
-            at(m),
+            back_to_sigil(text, at(m), &['!']),
             "YAML tags (`!!str`, `!custom`) are not allowed in plans",
         )
         .with_help("remove the tag; quote the value if it must be text"),
@@ -103,9 +103,13 @@ fn load_error(file: &Path, text: &str, error: &LoadError) -> Diagnostic {
         }
         LoadError::ScanError(m, scan) => {
             let info = scan.info();
-            let pos = Pos::new(m.line(), m.column());
+            let mut pos = Pos::new(m.line(), m.column());
             let line = text.lines().nth(m.line().saturating_sub(1)).unwrap_or("");
             let help = if info.contains("tab") || line.starts_with('\t') {
+                // The scanner names where the scalar or token began, often a line above the tab.
+                if let Some(tab) = first_tab_from_line(text, m.line()) {
+                    pos = tab;
+                }
                 "YAML does not allow tabs for indentation; indent with spaces"
             } else if info.contains("recursion limit") {
                 "a plan needs only a few levels of nesting; check for unbalanced brackets"
@@ -117,15 +121,52 @@ fn load_error(file: &Path, text: &str, error: &LoadError) -> Diagnostic {
     }
 }
 
+/// The loader places an anchor, alias or tag error at the value after it; move back to the
+/// `&`, `*` or `!` that starts it on the same line, so the caret lands on what to remove.
+fn back_to_sigil(text: &str, at: Pos, sigils: &[char]) -> Pos {
+    let Some(line) = text.lines().nth(at.line.saturating_sub(1)) else {
+        return at;
+    };
+    let before: Vec<char> = line.chars().take(at.column.saturating_sub(1)).collect();
+    let Some(mut i) = before.iter().rposition(|c| sigils.contains(c)) else {
+        return at;
+    };
+    // Back to the start of the token, so `!!str` is shown from its first `!`.
+    while i > 0 && !before[i - 1].is_whitespace() && !"[{,".contains(before[i - 1]) {
+        i -= 1;
+    }
+    Pos::new(at.line, i + 1)
+}
+
+/// The first tab on or after 1-based line `line`.
+fn first_tab_from_line(text: &str, line: usize) -> Option<Pos> {
+    let start: usize = text
+        .split_inclusive('\n')
+        .take(line.saturating_sub(1))
+        .map(str::len)
+        .sum();
+    text.get(start..)?
+        .find('\t')
+        .map(|i| Pos::of_offset(text, start + i))
+}
+
 /// The 1-based start of a span (a blank span, which the loader never produces, maps to 1:1).
 pub fn span_pos(span: &Span) -> Pos {
     span.start()
         .map_or(Pos::new(1, 1), |m| Pos::new(m.line(), m.column()))
 }
 
-/// The position of a node.
+/// The position of a node. A block mapping's span starts at its first `:`, so a mapping is
+/// placed at its first key (or its `{`, whichever comes first) where a reader would look.
 pub fn pos(node: &Node) -> Pos {
-    span_pos(node.span())
+    let own = span_pos(node.span());
+    match node {
+        Node::Mapping(map) => map
+            .keys()
+            .next()
+            .map_or(own, |key| own.min(span_pos(key.span()))),
+        _ => own,
+    }
 }
 
 /// Whether a scalar is YAML null (`~`, `null` or nothing), which plans never mean on purpose.
@@ -274,6 +315,14 @@ impl<'a> Checker<'a> {
                     pos(node),
                     format!("{what} must be a number, found the quoted text \"{n}\""),
                     format!("remove the quotes: `{n}`"),
+                );
+                None
+            }
+            Err(e) if *e.kind() == std::num::IntErrorKind::PosOverflow => {
+                self.error(
+                    pos(node),
+                    format!("{what} `{}` is too large", s.as_str()),
+                    format!("write a whole number from {min} to {}", u32::MAX),
                 );
                 None
             }

@@ -43,7 +43,15 @@ pub fn project(input: &PlanInput<'_>) -> Result<Plan, PlanError> {
     let mut out = Output::default();
     for (key, steps) in &per_domain {
         let (uri, _) = key;
-        let domain = &observed[key];
+        let Some(domain) = observed.get(key) else {
+            return Err(PlanError::Libvirt {
+                context: format!("reading {} on {}", ids[key].name, key.0),
+                source: crate::hypervisor::HvError::new(
+                    ErrorKind::NotFound,
+                    "the domain disappeared while its state was read",
+                ),
+            });
+        };
         let ctx = DomainCtx {
             file,
             uri,
@@ -187,7 +195,9 @@ fn observe(
         };
         for state in states {
             let key = (uri.to_owned(), state.uuid.clone());
-            let steps = &per_domain[&key];
+            let Some(steps) = per_domain.get(&key) else {
+                continue;
+            };
             let mut obs = Observed {
                 state,
                 xml: None,
@@ -493,6 +503,15 @@ impl DomainCtx<'_> {
         self.memory_steps(b, &mut carry.state)?;
         self.vcpu_steps(b, &mut carry.state, &mut out.warnings)?;
         if let Some(clock) = &a.clock {
+            if clock.value.track == Some(crate::plan_file::RtcTrack::Boot)
+                && self.uri.starts_with("qemu")
+            {
+                return Err(b.problem(
+                    clock.pos,
+                    "QEMU refuses `track: boot` for the RTC timer (\"unsupported rtc timer track 'boot'\")".to_owned(),
+                    "use `track: guest` (the guest's own time) or `track: wall` (host time) on QEMU/KVM",
+                ));
+            }
             Self::clock_step(b, carry, clock, first_change);
         }
         let state = &mut carry.state;

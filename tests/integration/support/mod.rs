@@ -1,3 +1,4 @@
 //! Shared test rigs.
 
+pub mod cli;
 pub mod qemu;
