@@ -1,5 +1,6 @@
 //! The one integration test binary: every module shares the built CLI and the test rigs.
 
+mod apply;
 mod libvirt_adapter;
 mod plan;
 mod support;

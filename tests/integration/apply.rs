@@ -1,0 +1,397 @@
+//! `virtplan apply` and `status` through the CLI binary: the classic window on a real QEMU
+//! domain in real time, the executor lock, confirmation, missed steps, drift of a saved plan,
+//! and crashes at step boundaries followed by a resume.
+
+use std::io::{BufRead as _, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
+use virtplan::clock::{Clock, SystemClock};
+use virtplan::hypervisor::domain_xml;
+use virtplan::hypervisor::fleet::{write_fleet, FleetDomain};
+use virtplan::hypervisor::libvirt::Libvirt;
+use virtplan::hypervisor::Hypervisor;
+use virtplan::lockfile::{LockStore, Lockfile, StepStatus};
+use virtplan::state::{Kib, PowerState};
+
+use crate::support::qemu::{qemu_uri, TestDomain};
+
+const BIN: &str = env!("CARGO_BIN_EXE_virtplan");
+
+fn now() -> DateTime<Utc> {
+    SystemClock.now()
+}
+
+/// `now + secs` in RFC 3339, whole seconds.
+fn at(base: DateTime<Utc>, secs: i64) -> String {
+    (base + chrono::Duration::seconds(secs)).to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+}
+
+fn write_plan(dir: &Path, body: &str) -> PathBuf {
+    let path = dir.join("plan.yaml");
+    std::fs::write(&path, body).expect("write plan");
+    path
+}
+
+/// Runs the CLI with no terminal on stdin.
+fn virtplan(args: &[&str], env: &[(&str, &str)]) -> Output {
+    Command::new(BIN)
+        .args(args)
+        .envs(env.iter().copied())
+        .env("NO_COLOR", "1")
+        .stdin(Stdio::null())
+        .output()
+        .expect("run virtplan")
+}
+
+fn text(out: &Output) -> String {
+    format!(
+        "status {:?}\n--- stdout\n{}\n--- stderr\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+fn lock_of(plan: &Path) -> Lockfile {
+    LockStore::read(&plan.with_extension("lock")).expect("lockfile")
+}
+
+/// Step ids by step number, from `plan --format json`.
+fn step_ids(plan: &Path) -> Vec<String> {
+    let out = virtplan(&["plan", plan.to_str().unwrap(), "--format", "json"], &[]);
+    assert!(out.status.success(), "{}", text(&out));
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let mut ids: Vec<(u64, String)> = json["changes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| {
+            (
+                c["step"].as_u64().unwrap(),
+                c["step_id"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    ids.sort();
+    ids.dedup();
+    ids.into_iter().map(|(_, id)| id).collect()
+}
+
+/// Sets the persistent RTC track of a QEMU test domain (TestDomain starts with `guest`).
+fn set_track(hv: &Libvirt, uuid: &str, track: &str) {
+    let xml = hv.domain_xml(uuid, true).unwrap();
+    let edited = domain_xml::set_clock(&xml, None, Some(track)).unwrap();
+    hv.define_xml(&edited).unwrap();
+}
+
+#[test]
+fn classic_window_on_a_real_qemu_domain() {
+    let Some(uri) = qemu_uri() else { return };
+    let dom = TestDomain::define(&uri, "apply-classic");
+    let hv = Libvirt::connect(&uri).unwrap();
+    set_track(&hv, &dom.uuid, "wall");
+    dom.start();
+    let dir = tempfile::tempdir().unwrap();
+    let t0 = now();
+    let vm = &dom.name;
+    let plan = write_plan(
+        dir.path(),
+        &format!(
+            "version: 1
+connection: {uri}
+grace: 1m
+steps:
+  - at: {}
+    vm: {vm}
+    power: shutoff
+    shutdown: {{ mode: graceful, timeout: 3s, force_after_timeout: true }}
+  - at: {}
+    vm: {vm}
+    memory: 384MiB
+  - at: {}
+    vm: {vm}
+    vcpus: 2
+  - at: {}
+    vm: {vm}
+    clock: {{ track: guest }}
+  - at: {}
+    vm: {vm}
+    power: running
+",
+            at(t0, 3),
+            at(t0, 8),
+            at(t0, 9),
+            at(t0, 10),
+            at(t0, 12)
+        ),
+    );
+    let out = virtplan(&["apply", plan.to_str().unwrap(), "--auto-approve"], &[]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+
+    let lock = lock_of(&plan);
+    assert_eq!(lock.steps.len(), 5);
+    for r in &lock.steps {
+        assert_eq!(r.status, StepStatus::Done, "{r:?}");
+        let (due, started) = (r.at.unwrap(), r.started_at.unwrap());
+        assert!(started >= due, "step {} started early: {r:?}", r.step);
+        assert!(
+            started - due < chrono::Duration::seconds(1),
+            "step {} started {} after its time",
+            r.step,
+            started - due
+        );
+    }
+    // The guest has no OS: it ignored the shutdown request and was forced off.
+    assert!(
+        lock.steps[0].message.contains("forced off"),
+        "{:?}",
+        lock.steps[0]
+    );
+
+    let state = hv.observe(&dom.uuid, true).unwrap();
+    assert_eq!(state.power, PowerState::Running);
+    assert_eq!(state.memory, Kib::from_mib(384));
+    assert!(state.max_memory >= Kib::from_mib(384));
+    assert_eq!(state.vcpus, 2);
+    assert_eq!(
+        state.clock.unwrap().rtc_track.as_deref(),
+        Some("guest"),
+        "persistent clock"
+    );
+    let live = domain_xml::read_clock(&hv.domain_xml(&dom.uuid, false).unwrap()).unwrap();
+    assert_eq!(live.rtc_track.as_deref(), Some("guest"), "live clock");
+
+    // `status` reads the same progress.
+    let out = virtplan(&["status", plan.to_str().unwrap(), "--format", "json"], &[]);
+    assert!(out.status.success(), "{}", text(&out));
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let steps = json["steps"].as_array().unwrap();
+    assert_eq!(steps.len(), 5);
+    assert!(steps.iter().all(|s| s["status"] == "done"));
+    assert!(steps[0]["started_at"].as_str().unwrap().ends_with('Z'));
+}
+
+/// A test-driver fleet with one shut-off domain `vm-01`.
+fn fleet(dir: &Path, memory_mib: u64) -> String {
+    write_fleet(
+        dir,
+        &[FleetDomain::new("vm-01")
+            .uuid("5d1c2a34-52a5-4c41-9d0c-2f6c3c8b0001")
+            .memory(Kib::from_mib(memory_mib), Kib::from_mib(512))],
+    )
+    .unwrap()
+}
+
+#[test]
+fn a_second_executor_is_refused_and_sigterm_stops_the_first_cleanly() {
+    let dir = tempfile::tempdir().unwrap();
+    let uri = fleet(dir.path(), 128);
+    let plan = write_plan(
+        dir.path(),
+        &format!(
+            "version: 1\nconnection: {uri}\nsteps:\n  - at: {}\n    vm: vm-01\n    memory: 256MiB\n",
+            at(now(), 60)
+        ),
+    );
+    let mut first = Command::new(BIN)
+        .args(["apply", plan.to_str().unwrap(), "--auto-approve"])
+        .env("NO_COLOR", "1")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (tx, rx) = mpsc::channel();
+    let stderr = first.stderr.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let line = rx
+            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+            .expect("the first apply never started waiting");
+        if line.starts_with("Applying") {
+            break;
+        }
+    }
+
+    let before = std::fs::read_to_string(plan.with_extension("lock")).unwrap();
+    let second = virtplan(&["apply", plan.to_str().unwrap(), "--auto-approve"], &[]);
+    assert_eq!(second.status.code(), Some(1), "{}", text(&second));
+    let err = String::from_utf8_lossy(&second.stderr);
+    assert!(err.contains(&format!("pid={}", first.id())), "{err}");
+    assert!(err.contains("host=") && err.contains("since="), "{err}");
+    assert_eq!(
+        std::fs::read_to_string(plan.with_extension("lock")).unwrap(),
+        before,
+        "the refused executor wrote the lockfile"
+    );
+
+    let killed = Command::new("kill")
+        .args(["-TERM", &first.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let status = first.wait().unwrap();
+    assert_eq!(status.code(), Some(1), "interrupted run exits 1");
+    let lock = lock_of(&plan);
+    assert_eq!(lock.steps[0].status, StepStatus::Cancelled);
+    // The lock died with the process: a new executor may take it.
+    let out = virtplan(&["status", plan.to_str().unwrap()], &[]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("cancelled"));
+}
+
+#[test]
+fn without_a_terminal_apply_needs_auto_approve_and_touches_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let uri = fleet(dir.path(), 128);
+    let plan = write_plan(
+        dir.path(),
+        &format!("version: 1\nconnection: {uri}\nsteps:\n  - vm: vm-01\n    memory: 256MiB\n"),
+    );
+    let out = virtplan(&["apply", plan.to_str().unwrap()], &[]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--auto-approve"));
+    assert!(!plan.with_extension("lock").exists());
+    assert!(!plan.with_extension("lock.pid").exists());
+}
+
+#[test]
+fn a_missed_step_never_runs() {
+    let Some(uri) = qemu_uri() else { return };
+    let dom = TestDomain::define(&uri, "apply-missed");
+    let dir = tempfile::tempdir().unwrap();
+    let plan = write_plan(
+        dir.path(),
+        &format!(
+            "version: 1\nconnection: {uri}\ngrace: 1m\nsteps:\n  - at: {}\n    vm: {}\n    memory: 192MiB\n  - at: {}\n    vm: {}\n    vcpus: 2\n",
+            at(now(), -600),
+            dom.name,
+            at(now(), 1),
+            dom.name
+        ),
+    );
+    let out = virtplan(&["apply", plan.to_str().unwrap(), "--auto-approve"], &[]);
+    assert_eq!(out.status.code(), Some(3), "{}", text(&out));
+    let lock = lock_of(&plan);
+    assert_eq!(lock.steps[0].status, StepStatus::Missed);
+    assert!(lock.steps[0].started_at.is_none());
+    assert_eq!(lock.steps[1].status, StepStatus::Skipped);
+    let state = Libvirt::connect(&uri)
+        .unwrap()
+        .observe(&dom.uuid, false)
+        .unwrap();
+    assert_eq!(state.memory, Kib::from_mib(128));
+    assert_eq!(state.vcpus, 1);
+}
+
+#[test]
+fn a_saved_plan_refuses_drift_and_an_edited_plan_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let uri = fleet(dir.path(), 128);
+    let body =
+        format!("version: 1\nconnection: {uri}\nsteps:\n  - vm: vm-01\n    memory: 256MiB\n");
+    let plan = write_plan(dir.path(), &body);
+    let saved = dir.path().join("saved.json");
+    let out = virtplan(
+        &[
+            "plan",
+            plan.to_str().unwrap(),
+            "--out",
+            saved.to_str().unwrap(),
+        ],
+        &[],
+    );
+    assert!(out.status.success(), "{}", text(&out));
+
+    // Someone resized the domain after the review (the test driver rereads its node file).
+    fleet(dir.path(), 192);
+    let out = virtplan(&["apply", saved.to_str().unwrap()], &[]);
+    assert_eq!(out.status.code(), Some(3), "{}", text(&out));
+    let lock = lock_of(&plan);
+    assert_eq!(lock.steps[0].status, StepStatus::Failed);
+    assert!(
+        lock.steps[0]
+            .message
+            .contains("memory was 128MiB when planned, is 192MiB now"),
+        "{}",
+        lock.steps[0].message
+    );
+
+    // The plan file changed after it was saved: nothing is applied.
+    std::fs::write(&plan, body.replace("256MiB", "384MiB")).unwrap();
+    let out = virtplan(&["apply", saved.to_str().unwrap()], &[]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("changed since the saved plan"),
+        "{}",
+        text(&out)
+    );
+}
+
+#[test]
+fn a_crash_at_each_step_boundary_then_resume_applies_nothing_twice() {
+    let Some(uri) = qemu_uri() else { return };
+    let dom = TestDomain::define(&uri, "apply-crash");
+    let dir = tempfile::tempdir().unwrap();
+    let t0 = now();
+    let plan = write_plan(
+        dir.path(),
+        &format!(
+            "version: 1\nconnection: {uri}\nsteps:\n  - at: {}\n    vm: {vm}\n    memory: 192MiB\n  - at: {}\n    vm: {vm}\n    vcpus: 2\n",
+            at(t0, 1),
+            at(t0, 2),
+            vm = dom.name
+        ),
+    );
+    let ids = step_ids(&plan);
+    let apply = |failpoint: &str| {
+        virtplan(
+            &["apply", plan.to_str().unwrap(), "--auto-approve"],
+            &[("VIRTPLAN_FAILPOINT", failpoint)],
+        )
+    };
+    let hv = Libvirt::connect(&uri).unwrap();
+
+    // Crash after step 1 changed the domain but before it was recorded done.
+    let out = apply(&format!("before-done:{}", ids[0]));
+    assert_eq!(out.status.code(), None, "expected an abort: {}", text(&out));
+    assert_eq!(lock_of(&plan).steps[0].status, StepStatus::Running);
+    assert_eq!(
+        hv.observe(&dom.uuid, false).unwrap().memory,
+        Kib::from_mib(192)
+    );
+
+    // Resume; crash after step 2 is recorded running, before any libvirt call.
+    let out = apply(&format!("after-running:{}", ids[1]));
+    assert_eq!(out.status.code(), None, "expected an abort: {}", text(&out));
+    let lock = lock_of(&plan);
+    assert_eq!(lock.steps[0].status, StepStatus::Done);
+    assert!(
+        lock.steps[0].message.contains("nothing was called again"),
+        "{}",
+        lock.steps[0].message
+    );
+    assert_eq!(lock.steps[1].status, StepStatus::Running);
+    assert_eq!(hv.observe(&dom.uuid, false).unwrap().vcpus, 1);
+
+    // Resume again: step 2 is re-applied (still within its grace), step 1 is left alone.
+    let out = apply("");
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let lock = lock_of(&plan);
+    assert!(
+        lock.steps.iter().all(|r| r.status == StepStatus::Done),
+        "{lock:?}"
+    );
+    let state = hv.observe(&dom.uuid, false).unwrap();
+    assert_eq!(state.memory, Kib::from_mib(192));
+    assert_eq!(state.vcpus, 2);
+}
