@@ -11,7 +11,7 @@ use std::fmt;
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, Write};
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, PoisonError};
+use std::sync::{Condvar, Mutex, MutexGuard, PoisonError};
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
@@ -401,12 +401,29 @@ pub fn pid_path(plan: &Path) -> PathBuf {
     plan.with_extension("lock.pid")
 }
 
-/// The progress file on disk, shared by the executor's threads. Every update is written
-/// through at once, atomically, with mode 0600.
+/// The progress file on disk, shared by the executor's threads.
+///
+/// Every update returns only once a version of the file that contains it is durable (written
+/// atomically, mode 0600). Updates from several threads share writes (group commit): while
+/// one thread writes, the others queue their changes, and the next write carries them all.
 #[derive(Debug)]
 pub struct LockStore {
     path: PathBuf,
-    data: Mutex<Lockfile>,
+    shared: Mutex<Shared>,
+    flushed: Condvar,
+}
+
+#[derive(Debug)]
+struct Shared {
+    data: Lockfile,
+    /// Number of the latest change.
+    seq: u64,
+    /// Every change up to this number is on disk.
+    durable: u64,
+    /// A thread is writing the file.
+    flushing: bool,
+    /// The last write failed: changes up to this number may not be on disk.
+    failed: Option<(u64, String)>,
 }
 
 impl LockStore {
@@ -433,7 +450,14 @@ impl LockStore {
         };
         Ok(Self {
             path: path.to_path_buf(),
-            data: Mutex::new(data),
+            shared: Mutex::new(Shared {
+                data,
+                seq: 0,
+                durable: 0,
+                flushing: false,
+                failed: None,
+            }),
+            flushed: Condvar::new(),
         })
     }
 
@@ -457,28 +481,28 @@ impl LockStore {
     /// A copy of the current progress.
     #[must_use]
     pub fn snapshot(&self) -> Lockfile {
-        self.lock().clone()
+        self.lock().data.clone()
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Lockfile> {
-        self.data.lock().unwrap_or_else(PoisonError::into_inner)
+    fn lock(&self) -> MutexGuard<'_, Shared> {
+        self.shared.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// Reconciles with `plan` (see [`Lockfile::reconcile`]) and writes the result.
     ///
     /// # Errors
-    /// Refusals from reconciling; write failures.
+    /// Refusals from reconciling (nothing is written then); write failures.
     pub fn reconcile(&self, plan: &Plan) -> Result<(), LockError> {
-        let mut data = self.lock();
-        let mut next = data.clone();
+        let mut shared = self.lock();
+        let mut next = shared.data.clone();
         next.reconcile(&self.path, plan)?;
-        self.write(&next)?;
-        *data = next;
-        Ok(())
+        shared.data = next;
+        shared.seq += 1;
+        let seq = shared.seq;
+        self.commit(shared, seq)
     }
 
-    /// Applies `f` to the record of (`step_id`, `uuid`) and writes the file before returning.
-    /// The in-memory copy changes only when the write succeeded.
+    /// Applies `f` to the record of (`step_id`, `uuid`) and returns once that is on disk.
     ///
     /// # Errors
     /// The record does not exist, or the file could not be written.
@@ -488,18 +512,54 @@ impl LockStore {
         uuid: &str,
         f: impl FnOnce(&mut StepRecord),
     ) -> Result<(), LockError> {
-        let mut data = self.lock();
-        let mut next = data.clone();
-        let Some(record) = next.get_mut(step_id, uuid) else {
+        let mut shared = self.lock();
+        let Some(record) = shared.data.get_mut(step_id, uuid) else {
             return Err(LockError::Write {
                 path: self.path.clone(),
                 source: std::io::Error::other(format!("no record of step {step_id} on {uuid}")),
             });
         };
         f(record);
-        self.write(&next)?;
-        *data = next;
-        Ok(())
+        shared.seq += 1;
+        let seq = shared.seq;
+        self.commit(shared, seq)
+    }
+
+    /// Waits until change `seq` is on disk, writing the file itself when no one else is.
+    fn commit<'a>(&'a self, mut shared: MutexGuard<'a, Shared>, seq: u64) -> Result<(), LockError> {
+        loop {
+            if shared.durable >= seq {
+                return Ok(());
+            }
+            if let Some((upto, message)) = &shared.failed {
+                if *upto >= seq {
+                    return Err(LockError::Write {
+                        path: self.path.clone(),
+                        source: std::io::Error::other(message.clone()),
+                    });
+                }
+            }
+            if shared.flushing {
+                shared = self
+                    .flushed
+                    .wait(shared)
+                    .unwrap_or_else(PoisonError::into_inner);
+                continue;
+            }
+            shared.flushing = true;
+            let upto = shared.seq;
+            let snapshot = shared.data.clone();
+            drop(shared);
+            let result = self.write(&snapshot);
+            shared = self.lock();
+            shared.flushing = false;
+            match &result {
+                Ok(()) => shared.durable = upto,
+                Err(e) => shared.failed = Some((upto, e.to_string())),
+            }
+            self.flushed.notify_all();
+            result?;
+        }
     }
 
     fn write(&self, lock: &Lockfile) -> Result<(), LockError> {
@@ -516,6 +576,7 @@ impl LockStore {
 impl Progress for LockStore {
     fn is_done(&self, step_id: &str, uuid: &str) -> bool {
         self.lock()
+            .data
             .get(step_id, uuid)
             .is_some_and(|r| r.status == StepStatus::Done)
     }
@@ -689,8 +750,11 @@ mod tests {
         let path = dir.path().join("p.lock");
         let store = LockStore::open(&path, "abc").unwrap();
         {
-            let mut data = store.lock();
-            data.steps.push(record(1, "s1", "a", StepStatus::Pending));
+            let mut shared = store.lock();
+            shared
+                .data
+                .steps
+                .push(record(1, "s1", "a", StepStatus::Pending));
         }
         store
             .update("s1", "uuid-a", |r| r.status = StepStatus::Running)
