@@ -6,7 +6,7 @@
 //! The OS lock lives on a separate file that is never renamed: locking the progress file itself
 //! would not work, because every atomic replace puts a new, unlocked inode at its path.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, Write};
@@ -194,11 +194,28 @@ impl Lockfile {
     pub fn to_toml(&self) -> Result<String, LockError> {
         let mut sorted = self.clone();
         sorted.sort();
-        let body =
-            toml::to_string_pretty(&sorted).map_err(|e| LockError::Serialize(e.to_string()))?;
+        let mut text = sorted.header_toml()?;
+        for r in &sorted.steps {
+            text.push_str(&record_toml(r)?);
+        }
+        Ok(text)
+    }
+
+    /// The comment, `version` and `plan_sha256`.
+    fn header_toml(&self) -> Result<String, LockError> {
+        #[derive(Serialize)]
+        struct Header<'a> {
+            version: u32,
+            plan_sha256: &'a str,
+        }
+        let header = toml::to_string(&Header {
+            version: self.version,
+            plan_sha256: &self.plan_sha256,
+        })
+        .map_err(|e| LockError::Serialize(e.to_string()))?;
         Ok(format!(
             "# virtplan progress file: written by `virtplan apply`, read by `virtplan status`.\n\
-             # Do not edit by hand; move it aside to start the plan over.\n{body}"
+             # Do not edit by hand; move it aside to start the plan over.\n{header}"
         ))
     }
 
@@ -304,6 +321,18 @@ impl Lockfile {
         self.sort();
         Ok(())
     }
+}
+
+/// One `[[step]]` table. Records are written one by one so the store can keep the text of
+/// records that did not change (serializing TOML is the costly part of a write).
+fn record_toml(r: &StepRecord) -> Result<String, LockError> {
+    #[derive(Serialize)]
+    struct One<'a> {
+        step: [&'a StepRecord; 1],
+    }
+    let text =
+        toml::to_string(&One { step: [r] }).map_err(|e| LockError::Serialize(e.to_string()))?;
+    Ok(format!("\n{text}"))
 }
 
 /// `power running → shutoff; memory 128MiB → 3GiB` for one step on one domain.
@@ -424,6 +453,26 @@ struct Shared {
     flushing: bool,
     /// The last write failed: changes up to this number may not be on disk.
     failed: Option<(u64, String)>,
+    /// TOML text of records unchanged since the last write, by (step id, uuid).
+    rendered: HashMap<(String, String), String>,
+}
+
+impl Shared {
+    /// The whole file, re-serializing only records that changed.
+    fn render(&mut self) -> Result<String, LockError> {
+        let mut text = self.data.header_toml()?;
+        for r in &self.data.steps {
+            let key = (r.step_id.clone(), r.uuid.clone());
+            if let Some(cached) = self.rendered.get(&key) {
+                text.push_str(cached);
+            } else {
+                let fresh = record_toml(r)?;
+                text.push_str(&fresh);
+                self.rendered.insert(key, fresh);
+            }
+        }
+        Ok(text)
+    }
 }
 
 impl LockStore {
@@ -456,6 +505,7 @@ impl LockStore {
                 durable: 0,
                 flushing: false,
                 failed: None,
+                rendered: HashMap::new(),
             }),
             flushed: Condvar::new(),
         })
@@ -497,6 +547,7 @@ impl LockStore {
         let mut next = shared.data.clone();
         next.reconcile(&self.path, plan)?;
         shared.data = next;
+        shared.rendered.clear();
         shared.seq += 1;
         let seq = shared.seq;
         self.commit(shared, seq)
@@ -520,6 +571,9 @@ impl LockStore {
             });
         };
         f(record);
+        shared
+            .rendered
+            .remove(&(step_id.to_owned(), uuid.to_owned()));
         shared.seq += 1;
         let seq = shared.seq;
         self.commit(shared, seq)
@@ -546,11 +600,11 @@ impl LockStore {
                     .unwrap_or_else(PoisonError::into_inner);
                 continue;
             }
-            shared.flushing = true;
             let upto = shared.seq;
-            let snapshot = shared.data.clone();
+            let text = shared.render();
+            shared.flushing = true;
             drop(shared);
-            let result = self.write(&snapshot);
+            let result = text.and_then(|text| self.write(&text));
             shared = self.lock();
             shared.flushing = false;
             match &result {
@@ -562,8 +616,7 @@ impl LockStore {
         }
     }
 
-    fn write(&self, lock: &Lockfile) -> Result<(), LockError> {
-        let text = lock.to_toml()?;
+    fn write(&self, text: &str) -> Result<(), LockError> {
         crate::fsutil::write_atomic(&self.path, text.as_bytes(), 0o600).map_err(|source| {
             LockError::Write {
                 path: self.path.clone(),
