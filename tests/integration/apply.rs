@@ -434,14 +434,10 @@ fn bench_500_steps_due_in_the_same_second() {
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));
     let lock = lock_of(&plan);
     assert_eq!(lock.steps.len(), N);
-    let mut late: Vec<i64> = lock
+    let mut late: Vec<Duration> = lock
         .steps
         .iter()
-        .map(|r| {
-            (r.started_at.unwrap() - r.at.unwrap())
-                .num_microseconds()
-                .unwrap()
-        })
+        .map(|r| (r.started_at.unwrap() - r.at.unwrap()).to_std().unwrap())
         .collect();
     late.sort_unstable();
     let finished = lock
@@ -450,13 +446,14 @@ fn bench_500_steps_due_in_the_same_second() {
         .map(|r| r.finished_at.unwrap())
         .max()
         .unwrap();
-    let pct = |p: usize| late[(late.len() * p / 100).min(late.len() - 1)] as f64 / 1000.0;
+    let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+    let pct = |p: usize| ms(late[(late.len() * p / 100).min(late.len() - 1)]);
     eprintln!(
         "bench: {N} steps, parallelism {parallelism}: start lateness p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms; last step finished {:.1} ms after the due time; whole process {:.2} s",
         pct(50),
         pct(99),
-        late[late.len() - 1] as f64 / 1000.0,
-        (finished - lock.steps[0].at.unwrap()).num_microseconds().unwrap() as f64 / 1000.0,
+        ms(late[late.len() - 1]),
+        ms((finished - lock.steps[0].at.unwrap()).to_std().unwrap()),
         total.as_secs_f64()
     );
 }
