@@ -6,13 +6,12 @@
 //! The OS lock lives on a separate file that is never renamed: locking the progress file itself
 //! would not work, because every atomic replace puts a new, unlocked inode at its path.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, Write};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Mutex, PoisonError};
+use std::sync::{Condvar, Mutex, MutexGuard, PoisonError};
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
@@ -193,52 +192,30 @@ impl Lockfile {
     /// # Errors
     /// Only if a value cannot be written as TOML, which the types rule out.
     pub fn to_toml(&self) -> Result<String, LockError> {
-        self.to_toml_cached(&mut RenderCache::default())
+        let mut sorted = self.clone();
+        sorted.sort();
+        let mut text = sorted.header_toml()?;
+        for r in &sorted.steps {
+            text.push_str(&record_toml(r)?);
+        }
+        Ok(text)
     }
 
-    /// [`Lockfile::to_toml`], reusing the text of records that did not change since the last
-    /// call with the same cache: the executor rewrites the whole file on every step change, and
-    /// re-serializing hundreds of unchanged records each time would dominate a busy window.
-    ///
-    /// # Errors
-    /// As [`Lockfile::to_toml`].
-    pub fn to_toml_cached(&self, cache: &mut RenderCache) -> Result<String, LockError> {
+    /// The comment, `version` and `plan_sha256`.
+    fn header_toml(&self) -> Result<String, LockError> {
         #[derive(Serialize)]
         struct Header<'a> {
             version: u32,
             plan_sha256: &'a str,
         }
-        #[derive(Serialize)]
-        struct One<'a> {
-            step: &'a [StepRecord],
-        }
-        let ser = |e: toml::ser::Error| LockError::Serialize(e.to_string());
-        let mut sorted = self.clone();
-        sorted.sort();
-        let records = std::mem::take(&mut sorted.steps);
-        let header = Header {
-            version: sorted.version,
-            plan_sha256: &sorted.plan_sha256,
-        };
-        let mut body = toml::to_string_pretty(&header).map_err(ser)?;
-        let mut fresh = std::collections::HashMap::with_capacity(records.len());
-        for record in &records {
-            let key = (record.step_id.clone(), record.uuid.clone());
-            let text = match cache.0.remove(&key) {
-                Some((cached, text)) if cached == *record => text,
-                _ => toml::to_string_pretty(&One {
-                    step: std::slice::from_ref(record),
-                })
-                .map_err(ser)?,
-            };
-            body.push('\n');
-            body.push_str(&text);
-            fresh.insert(key, (record.clone(), text));
-        }
-        cache.0 = fresh;
+        let header = toml::to_string(&Header {
+            version: self.version,
+            plan_sha256: &self.plan_sha256,
+        })
+        .map_err(|e| LockError::Serialize(e.to_string()))?;
         Ok(format!(
             "# virtplan progress file: written by `virtplan apply`, read by `virtplan status`.\n\
-             # Do not edit by hand; move it aside to start the plan over.\n{body}"
+             # Do not edit by hand; move it aside to start the plan over.\n{header}"
         ))
     }
 
@@ -346,6 +323,18 @@ impl Lockfile {
     }
 }
 
+/// One `[[step]]` table. Records are written one by one so the store can keep the text of
+/// records that did not change (serializing TOML is the costly part of a write).
+fn record_toml(r: &StepRecord) -> Result<String, LockError> {
+    #[derive(Serialize)]
+    struct One<'a> {
+        step: [&'a StepRecord; 1],
+    }
+    let text =
+        toml::to_string(&One { step: [r] }).map_err(|e| LockError::Serialize(e.to_string()))?;
+    Ok(format!("\n{text}"))
+}
+
 /// `power running → shutoff; memory 128MiB → 3GiB` for one step on one domain.
 fn describe(plan: &Plan, step_id: &str, uuid: &str) -> String {
     let show = |v: &serde_json::Value| match v {
@@ -441,32 +430,49 @@ pub fn pid_path(plan: &Path) -> PathBuf {
     plan.with_extension("lock.pid")
 }
 
-/// Serialized text of lockfile records, keyed by (step id, uuid); see [`Lockfile::to_toml_cached`].
-#[derive(Debug, Default)]
-pub struct RenderCache(std::collections::HashMap<(String, String), (StepRecord, String)>);
-
-/// The progress file on disk, shared by the executor's threads. Every update is durable
-/// (written atomically, mode 0600) before [`LockStore::update`] returns.
+/// The progress file on disk, shared by the executor's threads.
 ///
-/// Writes are group-committed: while one thread writes the file, the updates of the others
-/// accumulate, and the next writer puts all of them on disk at once. Each caller still returns
-/// only after a write containing its own change has completed, but 500 steps due in the same
-/// second cost a few dozen file replacements instead of a thousand.
+/// Every update returns only once a version of the file that contains it is durable (written
+/// atomically, mode 0600). Updates from several threads share writes (group commit): while
+/// one thread writes, the others queue their changes, and the next write carries them all.
 #[derive(Debug)]
 pub struct LockStore {
     path: PathBuf,
-    data: Mutex<Lockfile>,
-    /// Bumped under the `data` lock by every change: the version of the in-memory progress.
-    generation: AtomicU64,
-    /// Held while writing; records the last version on disk, or why writing stopped working.
-    writer: Mutex<Written>,
+    shared: Mutex<Shared>,
+    flushed: Condvar,
 }
 
-#[derive(Debug, Default)]
-struct Written {
-    generation: u64,
-    failed: Option<String>,
-    cache: RenderCache,
+#[derive(Debug)]
+struct Shared {
+    data: Lockfile,
+    /// Number of the latest change.
+    seq: u64,
+    /// Every change up to this number is on disk.
+    durable: u64,
+    /// A thread is writing the file.
+    flushing: bool,
+    /// The last write failed: changes up to this number may not be on disk.
+    failed: Option<(u64, String)>,
+    /// TOML text of records unchanged since the last write, by (step id, uuid).
+    rendered: HashMap<(String, String), String>,
+}
+
+impl Shared {
+    /// The whole file, re-serializing only records that changed.
+    fn render(&mut self) -> Result<String, LockError> {
+        let mut text = self.data.header_toml()?;
+        for r in &self.data.steps {
+            let key = (r.step_id.clone(), r.uuid.clone());
+            if let Some(cached) = self.rendered.get(&key) {
+                text.push_str(cached);
+            } else {
+                let fresh = record_toml(r)?;
+                text.push_str(&fresh);
+                self.rendered.insert(key, fresh);
+            }
+        }
+        Ok(text)
+    }
 }
 
 impl LockStore {
@@ -493,9 +499,15 @@ impl LockStore {
         };
         Ok(Self {
             path: path.to_path_buf(),
-            data: Mutex::new(data),
-            generation: AtomicU64::new(0),
-            writer: Mutex::new(Written::default()),
+            shared: Mutex::new(Shared {
+                data,
+                seq: 0,
+                durable: 0,
+                flushing: false,
+                failed: None,
+                rendered: HashMap::new(),
+            }),
+            flushed: Condvar::new(),
         })
     }
 
@@ -519,31 +531,29 @@ impl LockStore {
     /// A copy of the current progress.
     #[must_use]
     pub fn snapshot(&self) -> Lockfile {
-        self.lock().clone()
+        self.lock().data.clone()
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Lockfile> {
-        self.data.lock().unwrap_or_else(PoisonError::into_inner)
+    fn lock(&self) -> MutexGuard<'_, Shared> {
+        self.shared.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// Reconciles with `plan` (see [`Lockfile::reconcile`]) and writes the result.
     ///
     /// # Errors
-    /// Refusals from reconciling; write failures.
+    /// Refusals from reconciling (nothing is written then); write failures.
     pub fn reconcile(&self, plan: &Plan) -> Result<(), LockError> {
-        let generation = {
-            let mut data = self.lock();
-            let mut next = data.clone();
-            next.reconcile(&self.path, plan)?;
-            *data = next;
-            self.generation.fetch_add(1, Ordering::SeqCst) + 1
-        };
-        self.commit(generation)
+        let mut shared = self.lock();
+        let mut next = shared.data.clone();
+        next.reconcile(&self.path, plan)?;
+        shared.data = next;
+        shared.rendered.clear();
+        shared.seq += 1;
+        let seq = shared.seq;
+        self.commit(shared, seq)
     }
 
-    /// Applies `f` to the record of (`step_id`, `uuid`) and returns once a write containing the
-    /// change is on disk. When writing fails, this and every later update fail: the executor
-    /// stops rather than run steps it cannot record.
+    /// Applies `f` to the record of (`step_id`, `uuid`) and returns once that is on disk.
     ///
     /// # Errors
     /// The record does not exist, or the file could not be written.
@@ -553,53 +563,60 @@ impl LockStore {
         uuid: &str,
         f: impl FnOnce(&mut StepRecord),
     ) -> Result<(), LockError> {
-        let generation = {
-            let mut data = self.lock();
-            let Some(record) = data.get_mut(step_id, uuid) else {
-                return Err(LockError::Write {
-                    path: self.path.clone(),
-                    source: std::io::Error::other(format!("no record of step {step_id} on {uuid}")),
-                });
-            };
-            f(record);
-            self.generation.fetch_add(1, Ordering::SeqCst) + 1
-        };
-        self.commit(generation)
-    }
-
-    /// Makes sure version `generation` of the progress (or a later one) is on disk.
-    fn commit(&self, generation: u64) -> Result<(), LockError> {
-        let mut written = self.writer.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some(reason) = &written.failed {
+        let mut shared = self.lock();
+        let Some(record) = shared.data.get_mut(step_id, uuid) else {
             return Err(LockError::Write {
                 path: self.path.clone(),
-                source: std::io::Error::other(format!("an earlier write failed: {reason}")),
+                source: std::io::Error::other(format!("no record of step {step_id} on {uuid}")),
             });
-        }
-        if written.generation >= generation {
-            return Ok(()); // another thread's write carried this change
-        }
-        let (snapshot, latest) = {
-            let data = self.lock();
-            (data.clone(), self.generation.load(Ordering::SeqCst))
         };
-        let written_ref = &mut *written;
-        let result = snapshot
-            .to_toml_cached(&mut written_ref.cache)
-            .and_then(|text| self.write_text(&text));
-        match result {
-            Ok(()) => {
-                written.generation = latest;
-                Ok(())
+        f(record);
+        shared
+            .rendered
+            .remove(&(step_id.to_owned(), uuid.to_owned()));
+        shared.seq += 1;
+        let seq = shared.seq;
+        self.commit(shared, seq)
+    }
+
+    /// Waits until change `seq` is on disk, writing the file itself when no one else is.
+    fn commit<'a>(&'a self, mut shared: MutexGuard<'a, Shared>, seq: u64) -> Result<(), LockError> {
+        loop {
+            if shared.durable >= seq {
+                return Ok(());
             }
-            Err(e) => {
-                written.failed = Some(e.to_string());
-                Err(e)
+            if let Some((upto, message)) = &shared.failed {
+                if *upto >= seq {
+                    return Err(LockError::Write {
+                        path: self.path.clone(),
+                        source: std::io::Error::other(message.clone()),
+                    });
+                }
             }
+            if shared.flushing {
+                shared = self
+                    .flushed
+                    .wait(shared)
+                    .unwrap_or_else(PoisonError::into_inner);
+                continue;
+            }
+            let upto = shared.seq;
+            let text = shared.render();
+            shared.flushing = true;
+            drop(shared);
+            let result = text.and_then(|text| self.write(&text));
+            shared = self.lock();
+            shared.flushing = false;
+            match &result {
+                Ok(()) => shared.durable = upto,
+                Err(e) => shared.failed = Some((upto, e.to_string())),
+            }
+            self.flushed.notify_all();
+            result?;
         }
     }
 
-    fn write_text(&self, text: &str) -> Result<(), LockError> {
+    fn write(&self, text: &str) -> Result<(), LockError> {
         crate::fsutil::write_atomic(&self.path, text.as_bytes(), 0o600).map_err(|source| {
             LockError::Write {
                 path: self.path.clone(),
@@ -612,6 +629,7 @@ impl LockStore {
 impl Progress for LockStore {
     fn is_done(&self, step_id: &str, uuid: &str) -> bool {
         self.lock()
+            .data
             .get(step_id, uuid)
             .is_some_and(|r| r.status == StepStatus::Done)
     }
@@ -785,8 +803,11 @@ mod tests {
         let path = dir.path().join("p.lock");
         let store = LockStore::open(&path, "abc").unwrap();
         {
-            let mut data = store.lock();
-            data.steps.push(record(1, "s1", "a", StepStatus::Pending));
+            let mut shared = store.lock();
+            shared
+                .data
+                .steps
+                .push(record(1, "s1", "a", StepStatus::Pending));
         }
         store
             .update("s1", "uuid-a", |r| r.status = StepStatus::Running)

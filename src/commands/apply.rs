@@ -13,6 +13,7 @@ use super::common;
 use crate::clock::Clock;
 use crate::executor::{Executor, Outcome, Settings};
 use crate::hypervisor::libvirt::Libvirt;
+use crate::hypervisor::Hypervisor;
 use crate::lockfile::{self, ExecutorLock, LockStore, StepStatus};
 use crate::planner::saved::SavedPlan;
 use crate::planner::{self, Connections, Plan, PlanInput};
@@ -134,6 +135,9 @@ pub fn run(args: &Args<'_>, clock: &dyn Clock, printer: &Printer) -> anyhow::Res
         settings: &settings,
         stop: &stop,
         on_outcome: &on_outcome,
+        reconnect: Some(&|uri: &str| {
+            Libvirt::connect(uri).map(|hv| Arc::new(hv) as Arc<dyn Hypervisor>)
+        }),
     }
     .run()?;
 

@@ -9,12 +9,13 @@ mod step;
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Condvar, Mutex, PoisonError};
+use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 
 use crate::clock::Clock;
+use crate::hypervisor::{ErrorKind, HvError, HvResult, Hypervisor};
 use crate::lockfile::{LockError, LockStore, StepStatus};
 use crate::plan_file::{OnFailure, PlanFile, Window};
 use crate::planner::{Connections, Plan, PlannedStep};
@@ -134,7 +135,12 @@ pub struct Executor<'a> {
     pub stop: &'a AtomicBool,
     /// Called as each step ends (for live progress output).
     pub on_outcome: &'a (dyn Fn(&Outcome) + Sync),
+    /// Opens a fresh connection to a URI after a transient failure (connection lost).
+    pub reconnect: Option<&'a Reconnect<'a>>,
 }
+
+/// Opens a new connection to a URI.
+pub type Reconnect<'a> = dyn Fn(&str) -> HvResult<Arc<dyn Hypervisor>> + Sync + 'a;
 
 /// Shared state of one run.
 struct Run<'a> {
@@ -143,6 +149,8 @@ struct Run<'a> {
     abort: AtomicBool,
     fatal: Mutex<Option<String>>,
     outcomes: Mutex<Vec<Outcome>>,
+    /// The connections in use: replaced when a lost one is reopened.
+    conns: Mutex<BTreeMap<String, Arc<dyn Hypervisor>>>,
     /// Attributes each (step id, uuid) changes, from the plan's changes.
     touched: BTreeMap<(String, String), Vec<String>>,
 }
@@ -176,6 +184,7 @@ impl Executor<'_> {
             abort: AtomicBool::new(false),
             fatal: Mutex::new(None),
             outcomes: Mutex::new(Vec::new()),
+            conns: Mutex::new(self.connections.clone()),
             touched,
         };
         // Each domain's steps in plan (time) order.
@@ -220,6 +229,30 @@ impl Executor<'_> {
 }
 
 impl Run<'_> {
+    /// The current connection to `uri`.
+    fn connection(&self, uri: &str) -> HvResult<Arc<dyn Hypervisor>> {
+        self.conns
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(uri)
+            .cloned()
+            .ok_or_else(|| HvError::new(ErrorKind::Other, format!("no open connection to {uri}")))
+    }
+
+    /// Replaces the connection `failed` to `uri` by a fresh one, once, however many threads
+    /// saw it fail. A failed reconnect leaves the old one: the next retry tries again.
+    fn reconnect(&self, uri: &str, failed: &Arc<dyn Hypervisor>) {
+        let Some(open) = self.ex.reconnect else {
+            return;
+        };
+        let mut conns = self.conns.lock().unwrap_or_else(PoisonError::into_inner);
+        if conns.get(uri).is_some_and(|c| Arc::ptr_eq(c, failed)) {
+            if let Ok(fresh) = open(uri) {
+                conns.insert(uri.to_owned(), fresh);
+            }
+        }
+    }
+
     fn stopping(&self) -> bool {
         self.ex.stop.load(Ordering::SeqCst) || self.abort.load(Ordering::SeqCst)
     }

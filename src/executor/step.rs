@@ -166,18 +166,17 @@ impl Run<'_> {
     /// Runs `step`, whose lockfile status is `recorded`, and records how it ended.
     pub(super) fn step(&self, step: &PlannedStep, recorded: StepStatus) -> Ended {
         let resuming = recorded == StepStatus::Running;
-        let Some(hv) = self.ex.connections.get(&step.connection) else {
+        if !self.ex.connections.contains_key(&step.connection) {
             let message = format!("no open connection to {}", step.connection);
             return self.end(step, StepStatus::Failed, message, None, None);
-        };
-        let hv = hv.as_ref();
+        }
         let Some((now, _permit)) = self.start_time(step, resuming) else {
             self.cancel(step);
             return Ended::with(StepStatus::Cancelled);
         };
         let late = self.late(step, now);
         if resuming {
-            return self.resume(hv, step, now, late);
+            return self.resume(step, now, late);
         }
         if let Some(reason) = late {
             return self.end(
@@ -188,7 +187,7 @@ impl Run<'_> {
                 None,
             );
         }
-        self.apply(hv, step, now, false)
+        self.apply(step, now, false)
     }
 
     /// Waits until the step is due and a slot is free; `None` when stopped meanwhile.
@@ -260,18 +259,12 @@ impl Run<'_> {
     }
 
     /// A step recorded `running` by an interrupted run: never blindly repeated.
-    fn resume(
-        &self,
-        hv: &dyn Hypervisor,
-        step: &PlannedStep,
-        now: DateTime<Utc>,
-        late: Option<String>,
-    ) -> Ended {
-        let live = match self.observe(hv, step) {
+    fn resume(&self, step: &PlannedStep, now: DateTime<Utc>, late: Option<String>) -> Ended {
+        let live = match self.observe(step) {
             Ok(live) => live,
             Err(e) => return self.fail(step, e, None),
         };
-        let missing = match self.mismatches(hv, step, &live, &step.after) {
+        let missing = match self.mismatches(step, &live, &step.after) {
             Ok(m) => m,
             Err(e) => return self.fail(step, e, Some(&live)),
         };
@@ -296,17 +289,11 @@ impl Run<'_> {
                 Some(&live),
             );
         }
-        self.apply(hv, step, now, true)
+        self.apply(step, now, true)
     }
 
     /// Records `running`, checks for drift, runs the actions, verifies, records the result.
-    fn apply(
-        &self,
-        hv: &dyn Hypervisor,
-        step: &PlannedStep,
-        now: DateTime<Utc>,
-        resuming: bool,
-    ) -> Ended {
+    fn apply(&self, step: &PlannedStep, now: DateTime<Utc>, resuming: bool) -> Ended {
         let write = self.ex.store.update(&step.step_id, &step.domain.uuid, |r| {
             r.status = StepStatus::Running;
             if !resuming || r.started_at.is_none() {
@@ -328,7 +315,7 @@ impl Run<'_> {
         }
         self.failpoint("after-running", step);
 
-        let before = match self.observe(hv, step) {
+        let before = match self.observe(step) {
             Ok(s) => s,
             Err(e) => return self.fail(step, e, None),
         };
@@ -350,18 +337,18 @@ impl Run<'_> {
         }
         let mut notes = Vec::new();
         for action in &step.actions {
-            if let Err(e) = self.action(hv, step, action, resuming, &mut notes) {
-                let after = self.observe(hv, step).ok();
+            if let Err(e) = self.action(step, action, resuming, &mut notes) {
+                let after = self.observe(step).ok();
                 return self.fail_with(step, e, &notes, Some(&before), after.as_ref());
             }
         }
         self.failpoint("before-done", step);
 
-        let after = match self.observe(hv, step) {
+        let after = match self.observe(step) {
             Ok(s) => s,
             Err(e) => return self.fail_with(step, e, &notes, Some(&before), None),
         };
-        let missing = match self.mismatches(hv, step, &after, &step.after) {
+        let missing = match self.mismatches(step, &after, &step.after) {
             Ok(m) => m,
             Err(e) => return self.fail_with(step, e, &notes, Some(&before), Some(&after)),
         };
@@ -424,7 +411,6 @@ impl Run<'_> {
     /// Differences between `state` and `target` on what the step touches, snapshots included.
     fn mismatches(
         &self,
-        hv: &dyn Hypervisor,
         step: &PlannedStep,
         state: &DomainState,
         target: &DomainState,
@@ -441,7 +427,8 @@ impl Run<'_> {
             .collect();
         for action in &step.actions {
             if let Action::Snapshot { spec } = action {
-                let names = self.retry(|| hv.snapshot_names(&step.domain.uuid))?;
+                let names =
+                    self.retry(&step.connection, |hv| hv.snapshot_names(&step.domain.uuid))?;
                 if !names.contains(&spec.name) {
                     out.push(format!("snapshot {:?} does not exist", spec.name));
                 }
@@ -451,23 +438,27 @@ impl Run<'_> {
     }
 
     /// Reads the domain, with its clock when the step touches it, retrying transient failures.
-    fn observe(&self, hv: &dyn Hypervisor, step: &PlannedStep) -> Result<DomainState, StepError> {
+    fn observe(&self, step: &PlannedStep) -> Result<DomainState, StepError> {
         let with_clock = self.touched(step).iter().any(|a| a == "clock");
-        Ok(self.retry(|| hv.observe(&step.domain.uuid, with_clock))?)
+        Ok(self.retry(&step.connection, |hv| {
+            hv.observe(&step.domain.uuid, with_clock)
+        })?)
     }
 
     /// Calls `f`, retrying transient failures a bounded number of times with backoff. Every
     /// call addresses the domain by UUID, so a retry finds the same domain or none.
-    fn retry<T>(&self, f: impl Fn() -> HvResult<T>) -> HvResult<T> {
+    fn retry<T>(&self, uri: &str, f: impl Fn(&dyn Hypervisor) -> HvResult<T>) -> HvResult<T> {
         let settings = self.ex.settings;
         let mut wait = settings.backoff;
         let mut attempt = 0;
         loop {
-            match f() {
+            let hv = self.connection(uri)?;
+            match f(hv.as_ref()) {
                 Err(e) if e.kind == ErrorKind::Transient && attempt < settings.retries => {
                     attempt += 1;
                     self.ex.clock.sleep(wait);
                     wait = wait.saturating_mul(2);
+                    self.reconnect(uri, &hv);
                 }
                 result => return result,
             }
@@ -478,19 +469,18 @@ impl Run<'_> {
     /// retried when transient, accepted when libvirt calls it invalid but the state is there.
     fn call(
         &self,
-        hv: &dyn Hypervisor,
         step: &PlannedStep,
         action: &Action,
         resuming: bool,
-        f: impl Fn() -> HvResult<()>,
+        f: impl Fn(&dyn Hypervisor) -> HvResult<()>,
     ) -> Result<(), StepError> {
-        if resuming && satisfied(action, &self.observe(hv, step)?) {
+        if resuming && satisfied(action, &self.observe(step)?) {
             return Ok(());
         }
-        match self.retry(f) {
+        match self.retry(&step.connection, f) {
             Ok(()) => Ok(()),
             Err(e) if e.kind == ErrorKind::OperationInvalid => {
-                if satisfied(action, &self.observe(hv, step)?) {
+                if satisfied(action, &self.observe(step)?) {
                     Ok(())
                 } else {
                     Err(e.into())
@@ -502,7 +492,6 @@ impl Run<'_> {
 
     fn action(
         &self,
-        hv: &dyn Hypervisor,
         step: &PlannedStep,
         action: &Action,
         resuming: bool,
@@ -512,46 +501,46 @@ impl Run<'_> {
         let scope = |planned_live: bool| -> Result<Scope, StepError> {
             // A resumed step asks libvirt, since the interrupted run may have changed power.
             let live = if resuming {
-                self.observe(hv, step)?.power.is_active()
+                self.observe(step)?.power.is_active()
             } else {
                 planned_live
             };
             Ok(if live { Scope::BOTH } else { Scope::CONFIG })
         };
         match action {
-            Action::PowerOff { policy } => self.power_off(hv, step, *policy, resuming, notes),
-            Action::Suspend => self.call(hv, step, action, resuming, || hv.suspend(uuid)),
-            Action::Resume => self.call(hv, step, action, resuming, || hv.resume(uuid)),
-            Action::Start => self.call(hv, step, action, resuming, || hv.start(uuid)),
+            Action::PowerOff { policy } => self.power_off(step, *policy, resuming, notes),
+            Action::Suspend => self.call(step, action, resuming, |hv| hv.suspend(uuid)),
+            Action::Resume => self.call(step, action, resuming, |hv| hv.resume(uuid)),
+            Action::Start => self.call(step, action, resuming, |hv| hv.start(uuid)),
             Action::Snapshot { spec } => {
-                let names = self.retry(|| hv.snapshot_names(uuid))?;
+                let names = self.retry(&step.connection, |hv| hv.snapshot_names(uuid))?;
                 if names.contains(&spec.name) {
                     notes.push(format!("snapshot {:?} exists already", spec.name));
                     return Ok(());
                 }
-                self.call(hv, step, action, false, || {
+                self.call(step, action, false, |hv| {
                     hv.create_snapshot(uuid, &spec.name, spec.description.as_deref())
                 })
             }
             Action::SetMaxMemory { max } => {
-                self.call(hv, step, action, resuming, || hv.set_max_memory(uuid, *max))
+                self.call(step, action, resuming, |hv| hv.set_max_memory(uuid, *max))
             }
             Action::SetMemory { memory, live } => {
                 let scope = scope(*live)?;
-                self.call(hv, step, action, resuming, || {
+                self.call(step, action, resuming, |hv| {
                     hv.set_memory(uuid, *memory, scope)
                 })
             }
             Action::SetMaxVcpus { max } => {
-                self.call(hv, step, action, resuming, || hv.set_max_vcpus(uuid, *max))
+                self.call(step, action, resuming, |hv| hv.set_max_vcpus(uuid, *max))
             }
             Action::SetVcpus { vcpus, live } => {
                 let scope = scope(*live)?;
-                self.call(hv, step, action, resuming, || {
+                self.call(step, action, resuming, |hv| {
                     hv.set_vcpus(uuid, *vcpus, scope)
                 })
             }
-            Action::SetClock { clock } => self.call(hv, step, action, resuming, || {
+            Action::SetClock { clock } => self.call(step, action, resuming, |hv| {
                 let xml = hv.domain_xml(uuid, true)?;
                 let edited = domain_xml::set_clock(
                     &xml,
@@ -562,12 +551,12 @@ impl Run<'_> {
                 hv.define_xml(&edited)
             }),
             Action::SetAutostart { on } => {
-                self.call(hv, step, action, resuming, || hv.set_autostart(uuid, *on))
+                self.call(step, action, resuming, |hv| hv.set_autostart(uuid, *on))
             }
             Action::SetTitle { title } => {
-                self.call(hv, step, action, resuming, || hv.set_title(uuid, title))
+                self.call(step, action, resuming, |hv| hv.set_title(uuid, title))
             }
-            Action::SetDescription { description } => self.call(hv, step, action, resuming, || {
+            Action::SetDescription { description } => self.call(step, action, resuming, |hv| {
                 hv.set_description(uuid, description)
             }),
         }
@@ -577,7 +566,6 @@ impl Run<'_> {
     /// destroy when the policy allows it; `force` destroys at once.
     fn power_off(
         &self,
-        hv: &dyn Hypervisor,
         step: &PlannedStep,
         policy: ShutdownPolicy,
         resuming: bool,
@@ -585,12 +573,12 @@ impl Run<'_> {
     ) -> Result<(), StepError> {
         let uuid = step.domain.uuid.as_str();
         let action = Action::PowerOff { policy };
-        if resuming && satisfied(&action, &self.observe(hv, step)?) {
+        if resuming && satisfied(&action, &self.observe(step)?) {
             return Ok(());
         }
         if policy.mode == ShutdownMode::Force {
             notes.push("forced off (destroy)".to_owned());
-            return self.call(hv, step, &action, false, || hv.destroy(uuid));
+            return self.call(step, &action, false, |hv| hv.destroy(uuid));
         }
         let clock = self.ex.clock;
         let timeout = chrono::Duration::from_std(policy.timeout).unwrap_or(chrono::Duration::MAX);
@@ -599,13 +587,13 @@ impl Run<'_> {
             .now()
             .checked_add_signed(timeout)
             .unwrap_or(DateTime::<Utc>::MAX_UTC);
-        match self.retry(|| hv.shutdown(uuid)) {
+        match self.retry(&step.connection, |hv| hv.shutdown(uuid)) {
             Ok(()) => {}
             // Already shutting down or off: wait for it like for our own request.
             Err(e) if e.kind == ErrorKind::OperationInvalid => {}
             Err(e) => return Err(e.into()),
         }
-        let mut power = self.observe(hv, step)?.power;
+        let mut power = self.observe(step)?.power;
         loop {
             if !power.is_active() {
                 notes.push("shut down gracefully".to_owned());
@@ -617,7 +605,7 @@ impl Run<'_> {
             }
             let left = (deadline - now).to_std().unwrap_or(Duration::ZERO);
             clock.sleep(left.min(self.ex.settings.poll));
-            power = self.observe(hv, step)?.power;
+            power = self.observe(step)?.power;
         }
         if !policy.force_after_timeout {
             return Err(StepError::new(format!(
@@ -630,7 +618,7 @@ impl Run<'_> {
             "the guest ignored the shutdown request for {}: forced off (destroy)",
             format_duration(policy.timeout)
         ));
-        self.call(hv, step, &action, false, || hv.destroy(uuid))
+        self.call(step, &action, false, |hv| hv.destroy(uuid))
     }
 
     fn fail(&self, step: &PlannedStep, e: StepError, before: Option<&DomainState>) -> Ended {

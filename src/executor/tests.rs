@@ -148,6 +148,7 @@ impl Rig {
             settings,
             stop: &stop,
             on_outcome: on,
+            reconnect: None,
         }
         .run()
     }
@@ -339,6 +340,41 @@ fn transient_failures_give_up_after_the_retries() {
     let lock = rig.lock();
     assert_eq!(lock.steps[0].status, StepStatus::Failed);
     assert!(lock.steps[0].message.contains("retries exhausted"));
+}
+
+#[test]
+fn a_lost_connection_is_reopened_and_the_call_retried() {
+    let steps = "  - at: 2026-12-01T04:00:00Z\n    vm: web\n    memory: 2GiB\n";
+    let rig = Rig::new(steps, "", vec![web()], "2026-12-01T04:00:00Z");
+    // The connection is dead: every call fails until it is reopened.
+    rig.hv.fail("set_memory", 1, 1000, ErrorKind::Transient);
+    let store = LockStore::open(&rig.lock_path, &rig.file.sha256).unwrap();
+    let plan = rig.plan(&store);
+    let reopened = std::sync::atomic::AtomicUsize::new(0);
+    let hv = rig.hv.clone();
+    let reconnect = |uri: &str| {
+        assert_eq!(uri, URI);
+        reopened.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        hv.clear_faults();
+        Ok(hv.clone() as Arc<dyn Hypervisor>)
+    };
+    let stop = AtomicBool::new(false);
+    Executor {
+        plan: &plan,
+        connections: &rig.connections,
+        clock: rig.clock.as_ref(),
+        store: &store,
+        settings: &rig.settings(),
+        stop: &stop,
+        on_outcome: &|_| {},
+        reconnect: Some(&reconnect),
+    }
+    .run()
+    .unwrap();
+    assert_eq!(reopened.load(std::sync::atomic::Ordering::SeqCst), 1);
+    let ok: Vec<bool> = rig.hv.calls().iter().map(|c| c.ok).collect();
+    assert_eq!(ok, [false, true]);
+    assert_eq!(rig.statuses()[0].2, StepStatus::Done);
 }
 
 #[test]
@@ -662,6 +698,7 @@ fn a_stop_request_starts_nothing_new() {
         settings: &rig.settings(),
         stop: &stop,
         on_outcome: &|_| {},
+        reconnect: None,
     }
     .run()
     .unwrap();

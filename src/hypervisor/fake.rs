@@ -165,6 +165,11 @@ impl FakeHypervisor {
         });
     }
 
+    /// Removes every injected failure (a reconnect that cures a lost connection).
+    pub fn clear_faults(&self) {
+        self.inner().faults.clear();
+    }
+
     /// Every mutating call so far, in order.
     #[must_use]
     pub fn calls(&self) -> Vec<Call> {

@@ -395,3 +395,65 @@ fn a_crash_at_each_step_boundary_then_resume_applies_nothing_twice() {
     assert_eq!(state.memory, Kib::from_mib(192));
     assert_eq!(state.vcpus, 2);
 }
+
+/// Benchmark: 500 steps on 500 test-driver domains, all due in the same second. Reports the
+/// p50/p99 lateness of step starts (lockfile `started_at - at`) and the total time.
+///
+/// `cargo test --release --test integration bench_500 -- --ignored --nocapture`
+#[test]
+#[ignore = "benchmark; run explicitly"]
+fn bench_500_steps_due_in_the_same_second() {
+    const N: usize = 500;
+    let dir = tempfile::tempdir().unwrap();
+    let domains: Vec<FleetDomain> = (0..N)
+        .map(|i| {
+            FleetDomain::new(format!("bench-{i:03}"))
+                .uuid(format!("6d1c2a34-52a5-4c41-9d0c-2f6c3c8b{i:04}"))
+        })
+        .collect();
+    let uri = write_fleet(dir.path(), &domains).unwrap();
+    let parallelism = std::env::var("BENCH_PARALLELISM").unwrap_or_else(|_| "64".to_owned());
+    std::fs::write(
+        dir.path().join("virtplan.toml"),
+        format!("parallelism = {parallelism}\n"),
+    )
+    .unwrap();
+    let names: Vec<String> = (0..N).map(|i| format!("bench-{i:03}")).collect();
+    let due = now() + chrono::Duration::seconds(4);
+    let plan = write_plan(
+        dir.path(),
+        &format!(
+            "version: 1\nconnection: {uri}\nsteps:\n  - at: {}\n    vms: [{}]\n    memory: 192MiB\n",
+            due.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+            names.join(", ")
+        ),
+    );
+    let start = Instant::now();
+    let out = virtplan(&["apply", plan.to_str().unwrap(), "--auto-approve"], &[]);
+    let total = start.elapsed();
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let lock = lock_of(&plan);
+    assert_eq!(lock.steps.len(), N);
+    let mut late: Vec<Duration> = lock
+        .steps
+        .iter()
+        .map(|r| (r.started_at.unwrap() - r.at.unwrap()).to_std().unwrap())
+        .collect();
+    late.sort_unstable();
+    let finished = lock
+        .steps
+        .iter()
+        .map(|r| r.finished_at.unwrap())
+        .max()
+        .unwrap();
+    let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+    let pct = |p: usize| ms(late[(late.len() * p / 100).min(late.len() - 1)]);
+    eprintln!(
+        "bench: {N} steps, parallelism {parallelism}: start lateness p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms; last step finished {:.1} ms after the due time; whole process {:.2} s",
+        pct(50),
+        pct(99),
+        ms(late[late.len() - 1]),
+        ms((finished - lock.steps[0].at.unwrap()).to_std().unwrap()),
+        total.as_secs_f64()
+    );
+}
