@@ -109,10 +109,17 @@ pub enum Command {
         #[arg(long, value_enum, default_value_t = StatusFormat::Human)]
         format: StatusFormat,
     },
-    /// Reconcile every plan in a directory, picking up changes.
+    /// Reconcile every plan in a directory, picking up changes (no confirmation asked).
+    ///
+    /// Runs every `*.yaml` directly in DIR (not in its subfolders), each with its own lockfile
+    /// and executor lock; picks up new plans, re-plans edited ones (done steps cannot change),
+    /// keeps the version in force running when an edit is invalid, and records the steps of a
+    /// removed plan as cancelled. Stops cleanly on SIGTERM/SIGINT.
     Watch {
+        /// The folder of plans (non-recursive).
         #[arg(value_name = "DIR")]
         dir: PathBuf,
+        /// Log lines for people, or JSON lines (ts, level, plan, event, message).
         #[arg(long, value_enum, default_value_t = LogFormat::Human)]
         log_format: LogFormat,
     },

@@ -6,7 +6,8 @@
 //! or executed by [`executor`], which records progress in a [`lockfile`].
 //!
 //! [`cli`] is the only module that knows about clap; [`commands`] are thin wrappers, one per
-//! subcommand; [`clock`] is the only place that reads the wall clock or sleeps.
+//! subcommand; [`clock`] is the only place that reads the wall clock or sleeps. [`reconciler`]
+//! keeps executors running while plan files change (`apply --watch`, `watch DIR`).
 
 pub mod cli;
 pub mod clock;
@@ -19,6 +20,7 @@ pub mod lockfile;
 pub mod plan_file;
 pub mod planner;
 pub mod printer;
+pub mod reconciler;
 pub mod render;
 pub mod state;
 

@@ -71,6 +71,12 @@ impl Printer {
         paint(self.stdout_color, tone, text)
     }
 
+    /// Like [`Printer::paint`], for text bound for stderr.
+    #[must_use]
+    pub fn paint_err(&self, tone: Tone, text: &str) -> String {
+        paint(self.stderr_color, tone, text)
+    }
+
     /// Prints to stdout. A closed pipe (`virtplan plan | head`) is not an error: output stops.
     pub fn out(&self, text: &str) {
         let mut stdout = std::io::stdout().lock();

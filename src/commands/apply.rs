@@ -35,13 +35,14 @@ pub struct Args<'a> {
 // One linear procedure, each stage a few lines; splitting it would hide the order of checks.
 #[allow(clippy::too_many_lines)]
 pub fn run(args: &Args<'_>, clock: &dyn Clock, printer: &Printer) -> anyhow::Result<ExitStatus> {
-    if args.watch {
-        anyhow::bail!(
-            "`apply --watch` is not available in this build; run `virtplan apply` without it"
-        );
-    }
     let saved = SavedPlan::read(args.plan)
         .with_context(|| format!("cannot read {}", args.plan.display()))?;
+    if saved.is_some() && args.watch {
+        anyhow::bail!(
+            "{} is a saved plan, applied exactly as reviewed, so there are no edits to follow: drop --watch, or apply the plan file itself with --watch",
+            args.plan.display()
+        );
+    }
     let interactive = std::io::stdin().is_terminal();
     // A saved plan was reviewed when it was made; anything else needs a yes or the flag.
     if saved.is_none() && !args.auto_approve && !interactive {
@@ -80,7 +81,10 @@ pub fn run(args: &Args<'_>, clock: &dyn Clock, printer: &Printer) -> anyhow::Res
     }
 
     let _lock = ExecutorLock::acquire(&lockfile::pid_path(&file.path), clock.now())?;
-    let store = LockStore::open(&lockfile::lock_path(&file.path), &file.sha256)?;
+    let store = Arc::new(LockStore::open(
+        &lockfile::lock_path(&file.path),
+        &file.sha256,
+    )?);
     let (plan, connections) = if let Some(saved) = saved {
         let connections = open_uris(saved.plan.steps.iter().map(|s| s.connection.clone()))?;
         (saved.plan, connections)
@@ -91,7 +95,7 @@ pub fn run(args: &Args<'_>, clock: &dyn Clock, printer: &Printer) -> anyhow::Res
             connections: &connections,
             connect_override: args.connect,
             now: clock.now(),
-            progress: &store,
+            progress: &*store,
         };
         match planner::project(&input) {
             Ok(plan) => (plan, connections),
@@ -127,19 +131,37 @@ pub fn run(args: &Args<'_>, clock: &dyn Clock, printer: &Printer) -> anyhow::Res
         "Applying {pending} step(s); progress is recorded in {} (Ctrl-C stops after the step in flight).",
         store.path().display()
     ));
-    let report = Executor {
-        plan: &plan,
-        connections: &connections,
-        clock,
-        store: &store,
-        settings: &settings,
-        stop: &stop,
-        on_outcome: &on_outcome,
-        reconnect: Some(&|uri: &str| {
-            Libvirt::connect(uri).map(|hv| Arc::new(hv) as Arc<dyn Hypervisor>)
-        }),
-    }
-    .run()?;
+    let report = if args.watch {
+        printer.err_line(&format!(
+            "Watching {} for edits: a valid edit is re-planned, an invalid one is reported and ignored.",
+            file.path.display()
+        ));
+        watch(
+            args,
+            config,
+            file,
+            plan,
+            connections,
+            &store,
+            &stop,
+            clock,
+            printer,
+        )?
+    } else {
+        Executor {
+            plan: &plan,
+            connections: &connections,
+            clock,
+            store: &store,
+            settings: &settings,
+            stop: &stop,
+            on_outcome: &on_outcome,
+            reconnect: Some(&|uri: &str| {
+                Libvirt::connect(uri).map(|hv| Arc::new(hv) as Arc<dyn Hypervisor>)
+            }),
+        }
+        .run()?
+    };
 
     let lock = store.snapshot();
     let doc = super::status::StatusDoc::from(&lock);
@@ -162,6 +184,43 @@ pub fn run(args: &Args<'_>, clock: &dyn Clock, printer: &Printer) -> anyhow::Res
         return Ok(ExitStatus::Error);
     }
     Ok(ExitStatus::Success)
+}
+
+/// `--watch`: the reconciler runs the plan and follows edits of its file.
+#[allow(clippy::too_many_arguments)] // the pieces apply has already checked, handed over
+fn watch(
+    args: &Args<'_>,
+    config: crate::config::Config,
+    file: crate::plan_file::PlanFile,
+    plan: Plan,
+    connections: Connections,
+    store: &Arc<LockStore>,
+    stop: &AtomicBool,
+    clock: &dyn Clock,
+    printer: &Printer,
+) -> anyhow::Result<crate::executor::Report> {
+    use crate::reconciler::{self, log};
+    let log = log::Log {
+        format: log::LogFormat::Human,
+        stream: log::Stream::Stderr,
+        printer: printer.clone(),
+        clock,
+    };
+    let env = reconciler::Env {
+        clock,
+        log: &log,
+        config: args.config,
+        connect: args.connect,
+        failpoint: std::env::var(FAILPOINT_ENV).ok().filter(|f| !f.is_empty()),
+        pool: reconciler::Pool::with(connections),
+    };
+    let applying = reconciler::Applying {
+        config,
+        file,
+        plan,
+        store: Arc::clone(store),
+    };
+    reconciler::apply_watch(&env, applying, stop)
 }
 
 fn short(hash: &str) -> &str {

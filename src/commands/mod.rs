@@ -6,6 +6,7 @@ mod plan;
 mod schema;
 pub mod status;
 mod validate;
+mod watch;
 
 use crate::cli::{Cli, Command};
 use crate::printer::Printer;
@@ -54,8 +55,14 @@ pub fn dispatch(cli: Cli, printer: &Printer) -> anyhow::Result<ExitStatus> {
             printer,
         ),
         Command::Status { plan, format } => status::run(&plan, format, printer),
-        Command::Watch { .. } => {
-            anyhow::bail!("this command is not available in this build yet")
-        }
+        Command::Watch { dir, log_format } => watch::run(
+            &watch::Args {
+                dir: &dir,
+                config: cli.config.as_deref(),
+                log_format,
+            },
+            &crate::clock::SystemClock,
+            printer,
+        ),
     }
 }

@@ -37,7 +37,7 @@ fn zone_of(meta: &PlanMeta) -> Option<Tz> {
 }
 
 /// A before/after value for people: memory in binary units, clocks as `offset=… track=…`.
-fn show_value(attribute: &str, value: &Value) -> String {
+pub fn show_value(attribute: &str, value: &Value) -> String {
     match (attribute, value) {
         (_, Value::Null) => "(none)".to_owned(),
         ("memory" | "max_memory", Value::Number(n)) => n

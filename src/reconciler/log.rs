@@ -1,0 +1,147 @@
+//! The reconciler's log: one line per event, human by default or JSON lines for machines.
+//!
+//! JSON lines carry `ts`, `level`, `plan` (the plan's file name, or null), `event` and
+//! `message`; step events add `step`, `vm` and `status`.
+
+use chrono::SecondsFormat;
+use serde_json::json;
+
+use crate::clock::Clock;
+use crate::executor::Outcome;
+use crate::lockfile::StepStatus;
+use crate::printer::{Printer, Tone};
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Human,
+    Json,
+}
+
+/// Where log lines go.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stream {
+    /// `virtplan watch`: the log is the command's output.
+    Stdout,
+    /// `apply --watch`: beside apply's own progress lines.
+    Stderr,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Level {
+    Info,
+    Warn,
+    Error,
+}
+
+impl Level {
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Info => "info",
+            Self::Warn => "warn",
+            Self::Error => "error",
+        }
+    }
+}
+
+/// Writes log lines through the printer; safe to share between threads (each line is one write).
+pub struct Log<'a> {
+    pub format: LogFormat,
+    pub stream: Stream,
+    pub printer: Printer,
+    pub clock: &'a dyn Clock,
+}
+
+impl Log<'_> {
+    /// One event. `plan` names the plan file; `message` may span lines (human) and is escaped
+    /// into one line (JSON).
+    pub fn event(&self, level: Level, plan: Option<&str>, event: &str, message: &str) {
+        self.write(level, plan, event, message, None);
+    }
+
+    pub fn info(&self, plan: Option<&str>, event: &str, message: &str) {
+        self.event(Level::Info, plan, event, message);
+    }
+
+    pub fn warn(&self, plan: Option<&str>, event: &str, message: &str) {
+        self.event(Level::Warn, plan, event, message);
+    }
+
+    pub fn error(&self, plan: Option<&str>, event: &str, message: &str) {
+        self.event(Level::Error, plan, event, message);
+    }
+
+    /// A step ended.
+    pub fn step(&self, plan: &str, o: &Outcome) {
+        let level = if o.status.is_failure() {
+            Level::Error
+        } else if o.status == StepStatus::Cancelled {
+            Level::Warn
+        } else {
+            Level::Info
+        };
+        let mut message = format!("step {} {}: {}", o.step, o.vm, o.status);
+        if !o.message.is_empty() {
+            message.push_str(" - ");
+            message.push_str(&o.message);
+        }
+        self.write(level, Some(plan), "step", &message, Some(o));
+    }
+
+    fn write(
+        &self,
+        level: Level,
+        plan: Option<&str>,
+        event: &str,
+        message: &str,
+        step: Option<&Outcome>,
+    ) {
+        let ts = self
+            .clock
+            .now()
+            .to_rfc3339_opts(SecondsFormat::Millis, true);
+        let line = match self.format {
+            LogFormat::Json => {
+                let mut doc = json!({
+                    "ts": ts,
+                    "level": level.as_str(),
+                    "plan": plan,
+                    "event": event,
+                    "message": message,
+                });
+                if let (Some(o), Some(map)) = (step, doc.as_object_mut()) {
+                    map.insert("step".into(), json!(o.step));
+                    map.insert("vm".into(), json!(o.vm));
+                    map.insert("status".into(), json!(o.status.as_str()));
+                }
+                doc.to_string()
+            }
+            LogFormat::Human => {
+                let tone = match level {
+                    Level::Info => Tone::Dim,
+                    Level::Warn => Tone::Warning,
+                    Level::Error => Tone::Error,
+                };
+                let level = self.paint(tone, &format!("{:<5}", level.as_str()));
+                match plan {
+                    Some(plan) => format!("{ts} {level} {plan}: {message}"),
+                    None => format!("{ts} {level} {message}"),
+                }
+            }
+        };
+        match self.stream {
+            Stream::Stdout => self.printer.out(&format!("{line}\n")),
+            Stream::Stderr => self.printer.err_line(&line),
+        }
+    }
+
+    /// Colours `text` when the log's stream is coloured (never in JSON).
+    #[must_use]
+    pub fn paint(&self, tone: Tone, text: &str) -> String {
+        match (self.format, self.stream) {
+            (LogFormat::Json, _) => text.to_owned(),
+            (LogFormat::Human, Stream::Stdout) => self.printer.paint(tone, text),
+            (LogFormat::Human, Stream::Stderr) => self.printer.paint_err(tone, text),
+        }
+    }
+}
