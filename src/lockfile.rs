@@ -300,7 +300,11 @@ impl Lockfile {
                     r.step = s.step;
                     r.vm.clone_from(&s.domain.name);
                     r.at = s.at;
-                    r.what = describe(plan, &s.step_id, &s.domain.uuid);
+                    // A done step's description says what it changed; projected again over
+                    // the state it left, it would read "no change".
+                    if r.status != StepStatus::Done {
+                        r.what = describe(plan, &s.step_id, &s.domain.uuid);
+                    }
                 }
                 None => self.steps.push(StepRecord {
                     step: s.step,

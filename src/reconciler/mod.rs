@@ -483,7 +483,7 @@ impl<'scope, 'env> Reconciler<'scope, 'env> {
                 log.error(
                     label,
                     "invalid",
-                    &format!("{diags}; {keep}\n{}", self.located(&diags)),
+                    &self.located(&diags, &format!("; {keep}")),
                 );
                 return;
             }
@@ -511,11 +511,11 @@ impl<'scope, 'env> Reconciler<'scope, 'env> {
             Ok(projected) => projected,
             Err(e) => {
                 let keep = if slot.in_force().is_some() {
-                    "; the version in force keeps running"
+                    " (the version in force keeps running)"
                 } else {
                     ""
                 };
-                log.error(label, "plan-error", &format!("{e}{keep}"));
+                log.error(label, "plan-error", &format!("cannot plan it{keep}: {e}"));
                 return;
             }
         };
@@ -636,21 +636,26 @@ impl<'scope, 'env> Reconciler<'scope, 'env> {
                             })
                             .collect(),
                     };
-                    return Err(format!("{diags}\n{}", self.located(&diags)));
+                    return Err(self.located(&diags, ""));
                 }
                 Err(e) => return Err(e.to_string()),
             }
         }
     }
 
-    /// Source-line renderings for people; JSON lines already carry the one-line forms.
-    fn located(&self, diags: &Diagnostics) -> String {
+    /// Located problems followed by `tail`: with source lines for people, one line per
+    /// problem (`file:line:column: message (help: ...)`) in JSON.
+    fn located(&self, diags: &Diagnostics, tail: &str) -> String {
+        let count = diags.items.len();
         match self.log().format {
-            LogFormat::Human => diags.render(),
-            LogFormat::Json => String::new(),
+            LogFormat::Human => format!(
+                "{} has {count} problem{}{tail}\n{}",
+                diags.file.display(),
+                if count == 1 { "" } else { "s" },
+                diags.render().trim_end()
+            ),
+            LogFormat::Json => format!("{diags}{tail}"),
         }
-        .trim_end()
-        .to_owned()
     }
 
     /// Starts an executor on `plan`, which was projected from `loaded` and checked.

@@ -5,3 +5,4 @@ mod libvirt_adapter;
 mod plan;
 mod support;
 mod validate;
+mod watch;
