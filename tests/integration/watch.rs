@@ -4,6 +4,7 @@
 //!
 //! Steps are a few seconds apart and every wait is on a log line, never a fixed sleep.
 
+use std::fmt::Write as _;
 use std::io::{BufRead as _, BufReader, Read};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -109,8 +110,8 @@ impl Proc {
                         return line;
                     }
                 }
-                Err(_) => panic!(
-                    "no log line {what} within {PATIENCE:?}; seen:\n{}",
+                Err(e) => panic!(
+                    "no log line {what} within {PATIENCE:?} ({e}); seen:\n{}",
                     self.seen.join("\n")
                 ),
             }
@@ -150,10 +151,13 @@ impl Proc {
             }
             match self.lines.recv_timeout(Duration::from_millis(50)) {
                 Ok(line) => self.seen.push(line),
-                Err(_) if Instant::now() > deadline => {
-                    panic!("virtplan did not exit; seen:\n{}", self.seen.join("\n"))
+                Err(e) if Instant::now() > deadline => {
+                    panic!(
+                        "virtplan did not exit ({e}); seen:\n{}",
+                        self.seen.join("\n")
+                    )
                 }
-                Err(_) => {}
+                Err(mpsc::RecvTimeoutError::Timeout | mpsc::RecvTimeoutError::Disconnected) => {}
             }
         };
         // The readers end with the process; collect what is left.
@@ -192,7 +196,7 @@ fn assert_json_lines(lines: &[String]) {
 fn plan_body(uri: &str, steps: &[(String, &str, &str)]) -> String {
     let mut body = format!("version: 1\nconnection: {uri}\ngrace: 1m\nsteps:\n");
     for (when, vm, attribute) in steps {
-        body.push_str(&format!("  - at: {when}\n    vm: {vm}\n    {attribute}\n"));
+        let _ = write!(body, "  - at: {when}\n    vm: {vm}\n    {attribute}\n");
     }
     body
 }
