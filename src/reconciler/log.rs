@@ -96,11 +96,27 @@ impl Log<'_> {
         message: &str,
         step: Option<&Outcome>,
     ) {
+        let line = self.line(level, plan, event, message, step);
+        match self.stream {
+            Stream::Stdout => self.printer.out(&format!("{line}\n")),
+            Stream::Stderr => self.printer.err_line(&line),
+        }
+    }
+
+    /// One log line, without its newline.
+    fn line(
+        &self,
+        level: Level,
+        plan: Option<&str>,
+        event: &str,
+        message: &str,
+        step: Option<&Outcome>,
+    ) -> String {
         let ts = self
             .clock
             .now()
             .to_rfc3339_opts(SecondsFormat::Millis, true);
-        let line = match self.format {
+        match self.format {
             LogFormat::Json => {
                 let mut doc = json!({
                     "ts": ts,
@@ -128,10 +144,6 @@ impl Log<'_> {
                     None => format!("{ts} {level} {message}"),
                 }
             }
-        };
-        match self.stream {
-            Stream::Stdout => self.printer.out(&format!("{line}\n")),
-            Stream::Stderr => self.printer.err_line(&line),
         }
     }
 
@@ -143,5 +155,74 @@ impl Log<'_> {
             (LogFormat::Human, Stream::Stdout) => self.printer.paint(tone, text),
             (LogFormat::Human, Stream::Stderr) => self.printer.paint_err(tone, text),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::clock::FakeClock;
+
+    fn log(format: LogFormat, clock: &FakeClock) -> Log<'_> {
+        Log {
+            format,
+            stream: Stream::Stdout,
+            printer: Printer::plain(),
+            clock,
+        }
+    }
+
+    fn outcome() -> Outcome {
+        Outcome {
+            step: 2,
+            step_id: "s1".into(),
+            vm: "web-01".into(),
+            uuid: "u".into(),
+            at: None,
+            status: StepStatus::Done,
+            message: "applied".into(),
+            earlier: false,
+        }
+    }
+
+    #[test]
+    fn json_lines_carry_the_documented_keys_and_step_fields() {
+        let clock = FakeClock::new("2026-12-01T04:00:00.012Z".parse().unwrap());
+        let log = log(LogFormat::Json, &clock);
+        let line = log.line(
+            Level::Info,
+            Some("web.yaml"),
+            "step",
+            "x\ny",
+            Some(&outcome()),
+        );
+        assert!(!line.contains('\n'), "{line}");
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+        assert_eq!(v["ts"], "2026-12-01T04:00:00.012Z");
+        assert_eq!(v["level"], "info");
+        assert_eq!(v["plan"], "web.yaml");
+        assert_eq!(v["event"], "step");
+        assert_eq!(v["message"], "x\ny");
+        assert_eq!(v["step"], 2);
+        assert_eq!(v["vm"], "web-01");
+        assert_eq!(v["status"], "done");
+        let folder = log.line(Level::Warn, None, "stopping", "m", None);
+        let v: serde_json::Value = serde_json::from_str(&folder).unwrap();
+        assert!(v["plan"].is_null());
+        assert!(v.get("step").is_none());
+    }
+
+    #[test]
+    fn human_lines_name_the_plan_and_level() {
+        let clock = FakeClock::new("2026-12-01T04:00:00Z".parse().unwrap());
+        let log = log(LogFormat::Human, &clock);
+        assert_eq!(
+            log.line(Level::Error, Some("web.yaml"), "invalid", "bad", None),
+            "2026-12-01T04:00:00.000Z error web.yaml: bad"
+        );
+        assert_eq!(
+            log.line(Level::Info, None, "started", "watching", None),
+            "2026-12-01T04:00:00.000Z info  watching"
+        );
     }
 }

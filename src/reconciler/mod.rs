@@ -408,7 +408,10 @@ impl<'scope, 'env> Reconciler<'scope, 'env> {
         for slot in self.slots.values_mut() {
             if let Some(run) = &slot.run {
                 run.stop();
-                slot.next = Next::Shutdown;
+                // A removed plan still has its steps recorded as cancelled for the removal.
+                if !matches!(slot.next, Next::Remove) {
+                    slot.next = Next::Shutdown;
+                }
             }
         }
     }
