@@ -864,16 +864,20 @@ mod state_machine {
         });
     }
 
+    // One scenario read top to bottom: setup, runs with crashes, then every invariant.
+    #[allow(clippy::too_many_lines)]
     fn check(s: &Scenario) -> Result<(), TestCaseError> {
+        use std::fmt::Write as _;
         let base = t("2026-12-01T04:00:00Z");
         let mut steps = String::new();
         for (i, a) in s.steps.iter().enumerate() {
             let at = base + chrono::Duration::seconds(60 * i64::try_from(i).unwrap());
-            steps.push_str(&format!(
-                "  - at: {}\n    vm: web\n    {}\n",
+            let _ = writeln!(
+                steps,
+                "  - at: {}\n    vm: web\n    {}",
                 at.to_rfc3339(),
                 a.yaml()
-            ));
+            );
         }
         let mut dom = FakeDomain::new("web", A);
         if s.running {
