@@ -300,7 +300,10 @@ impl Lockfile {
                     r.step = s.step;
                     r.vm.clone_from(&s.domain.name);
                     r.at = s.at;
-                    r.what = describe(plan, &s.step_id, &s.domain.uuid);
+                    // A step that ran keeps the description of what it did.
+                    if r.status == StepStatus::Pending || r.what.is_empty() {
+                        r.what = describe(plan, &s.step_id, &s.domain.uuid);
+                    }
                 }
                 None => self.steps.push(StepRecord {
                     step: s.step,
