@@ -360,20 +360,36 @@ fn a_crash_at_each_step_boundary_then_resume_applies_nothing_twice() {
         )
     };
     let hv = Libvirt::connect(&uri).unwrap();
+    let crash = |failpoint: String| {
+        let out = apply(&failpoint);
+        assert_eq!(
+            out.status.code(),
+            None,
+            "expected an abort at {failpoint}: {}",
+            text(&out)
+        );
+        lock_of(&plan)
+    };
 
-    // Crash after step 1 changed the domain but before it was recorded done.
-    let out = apply(&format!("before-done:{}", ids[0]));
-    assert_eq!(out.status.code(), None, "expected an abort: {}", text(&out));
-    assert_eq!(lock_of(&plan).steps[0].status, StepStatus::Running);
+    // Killed after step 1 is recorded running, before any libvirt call.
+    let lock = crash(format!("after-running:{}", ids[0]));
+    assert_eq!(lock.steps[0].status, StepStatus::Running);
+    assert_eq!(
+        hv.observe(&dom.uuid, false).unwrap().memory,
+        Kib::from_mib(128)
+    );
+
+    // Resumed: step 1 is not at its target and within its grace, so it is re-applied; killed
+    // after the change, before it is recorded done.
+    let lock = crash(format!("before-done:{}", ids[0]));
+    assert_eq!(lock.steps[0].status, StepStatus::Running);
     assert_eq!(
         hv.observe(&dom.uuid, false).unwrap().memory,
         Kib::from_mib(192)
     );
 
-    // Resume; crash after step 2 is recorded running, before any libvirt call.
-    let out = apply(&format!("after-running:{}", ids[1]));
-    assert_eq!(out.status.code(), None, "expected an abort: {}", text(&out));
-    let lock = lock_of(&plan);
+    // Resumed: step 1 is found at its target (no call); killed after step 2 is recorded running.
+    let lock = crash(format!("after-running:{}", ids[1]));
     assert_eq!(lock.steps[0].status, StepStatus::Done);
     assert!(
         lock.steps[0].message.contains("nothing was called again"),
@@ -383,7 +399,12 @@ fn a_crash_at_each_step_boundary_then_resume_applies_nothing_twice() {
     assert_eq!(lock.steps[1].status, StepStatus::Running);
     assert_eq!(hv.observe(&dom.uuid, false).unwrap().vcpus, 1);
 
-    // Resume again: step 2 is re-applied (still within its grace), step 1 is left alone.
+    // Resumed: step 2 re-applied, killed before it is recorded done.
+    let lock = crash(format!("before-done:{}", ids[1]));
+    assert_eq!(lock.steps[1].status, StepStatus::Running);
+    assert_eq!(hv.observe(&dom.uuid, false).unwrap().vcpus, 2);
+
+    // Resumed: step 2 is at its target; everything done, step 1 untouched since.
     let out = apply("");
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));
     let lock = lock_of(&plan);
@@ -391,9 +412,72 @@ fn a_crash_at_each_step_boundary_then_resume_applies_nothing_twice() {
         lock.steps.iter().all(|r| r.status == StepStatus::Done),
         "{lock:?}"
     );
+    assert!(lock.steps[1].message.contains("nothing was called again"));
     let state = hv.observe(&dom.uuid, false).unwrap();
     assert_eq!(state.memory, Kib::from_mib(192));
     assert_eq!(state.vcpus, 2);
+}
+
+#[test]
+fn kill_9_inside_a_graceful_shutdown_then_resume_finishes_the_step() {
+    let Some(uri) = qemu_uri() else { return };
+    let dom = TestDomain::define(&uri, "apply-kill");
+    dom.start();
+    let dir = tempfile::tempdir().unwrap();
+    let plan = write_plan(
+        dir.path(),
+        &format!(
+            "version: 1\nconnection: {uri}\nsteps:\n  - vm: {}\n    power: shutoff\n    shutdown: {{ mode: graceful, timeout: 4s, force_after_timeout: true }}\n",
+            dom.name
+        ),
+    );
+    let mut first = Command::new(BIN)
+        .args(["apply", plan.to_str().unwrap(), "--auto-approve"])
+        .env("NO_COLOR", "1")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    // Wait until the step is recorded running: the executor is then waiting for the guest.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let running = LockStore::read(&plan.with_extension("lock"))
+            .ok()
+            .is_some_and(|l| {
+                l.steps
+                    .first()
+                    .is_some_and(|r| r.status == StepStatus::Running)
+            });
+        if running {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the step never started");
+        SystemClock.sleep(Duration::from_millis(20));
+    }
+    SystemClock.sleep(Duration::from_millis(500));
+    first.kill().unwrap(); // SIGKILL
+    first.wait().unwrap();
+    let hv = Libvirt::connect(&uri).unwrap();
+    assert_eq!(
+        hv.observe(&dom.uuid, false).unwrap().power,
+        PowerState::Running
+    );
+
+    // The kernel freed the lock with the process: the resume starts at once and finishes.
+    let out = virtplan(&["apply", plan.to_str().unwrap(), "--auto-approve"], &[]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let lock = lock_of(&plan);
+    assert_eq!(lock.steps[0].status, StepStatus::Done);
+    assert!(
+        lock.steps[0].message.contains("forced off"),
+        "{}",
+        lock.steps[0].message
+    );
+    assert_eq!(
+        hv.observe(&dom.uuid, false).unwrap().power,
+        PowerState::Shutoff
+    );
 }
 
 /// Benchmark: 500 steps on 500 test-driver domains, all due in the same second. Reports the
