@@ -537,6 +537,12 @@ impl LockStore {
         self.lock().data.clone()
     }
 
+    /// The recorded status of `step_id` on `uuid`.
+    #[must_use]
+    pub fn status(&self, step_id: &str, uuid: &str) -> Option<StepStatus> {
+        self.lock().data.get(step_id, uuid).map(|r| r.status)
+    }
+
     fn lock(&self) -> MutexGuard<'_, Shared> {
         self.shared.lock().unwrap_or_else(PoisonError::into_inner)
     }
