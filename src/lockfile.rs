@@ -746,7 +746,7 @@ mod tests {
         let mut done = record(2, "s2", "web-01", StepStatus::Done);
         done.started_at = Some(t("2026-12-01T09:00:00.012Z"));
         done.finished_at = Some(t("2026-12-01T09:00:01Z"));
-        done.message = "applied; live balloon still 1GiB".to_owned();
+        done.message = "applied; \"quoted\" 'single'\nsecond line\ttab \\ backslash".to_owned();
         done.before = Some(Figures {
             power: "running".into(),
             memory_kib: 1 << 20,
