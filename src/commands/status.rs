@@ -191,7 +191,9 @@ mod tests {
     use crate::printer::Printer;
 
     fn t(s: &str) -> Option<DateTime<Utc>> {
-        Some(DateTime::parse_from_rfc3339(s).unwrap().with_timezone(&Utc))
+        DateTime::parse_from_rfc3339(s)
+            .ok()
+            .map(|t| t.with_timezone(&Utc))
     }
 
     fn sample() -> Lockfile {
