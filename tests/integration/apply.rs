@@ -222,6 +222,11 @@ fn a_second_executor_is_refused_and_sigterm_stops_the_first_cleanly() {
         }
     }
 
+    // The executor writes the lockfile as it starts.
+    while !plan.with_extension("lock").exists() {
+        assert!(Instant::now() < deadline, "no lockfile");
+        SystemClock.sleep(Duration::from_millis(10));
+    }
     let before = std::fs::read_to_string(plan.with_extension("lock")).unwrap();
     let second = virtplan(&["apply", plan.to_str().unwrap(), "--auto-approve"], &[]);
     assert_eq!(second.status.code(), Some(1), "{}", text(&second));
