@@ -643,3 +643,13 @@ fn steps_done_in_the_lockfile_show_as_done_not_as_changes() {
         .stdout_contains("\"change\": 4")
         .run();
 }
+
+#[test]
+fn checked_in_plan_output_schema_is_current() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("schemas/plan-output.schema.json");
+    let checked_in = std::fs::read_to_string(&path).unwrap();
+    assert!(
+        checked_in == render::json_schema(),
+        "schemas/plan-output.schema.json is stale; run `cargo run -- schema plan-output > schemas/plan-output.schema.json`"
+    );
+}
