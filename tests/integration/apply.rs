@@ -484,3 +484,36 @@ fn kill_9_inside_a_graceful_shutdown_then_resume_finishes_the_step() {
         PowerState::Shutoff
     );
 }
+
+#[test]
+fn memory_of_a_running_guest_without_balloon_driver_is_done_with_a_warning() {
+    let Some(uri) = qemu_uri() else { return };
+    let dom = TestDomain::define(&uri, "apply-balloon");
+    dom.start();
+    let dir = tempfile::tempdir().unwrap();
+    let plan = write_plan(
+        dir.path(),
+        &format!(
+            "version: 1\nconnection: {uri}\nsteps:\n  - vm: {}\n    memory: 192MiB\n",
+            dom.name
+        ),
+    );
+    let out = virtplan(&["apply", plan.to_str().unwrap(), "--auto-approve"], &[]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let lock = lock_of(&plan);
+    let r = &lock.steps[0];
+    assert_eq!(r.status, StepStatus::Done);
+    // The configuration is authoritative and verified; the guest keeps its size.
+    assert_eq!(r.after.as_ref().unwrap().memory_kib, 192 * 1024);
+    assert!(
+        r.message.contains("warning: the guest's live memory is"),
+        "{}",
+        r.message
+    );
+    let state = Libvirt::connect(&uri)
+        .unwrap()
+        .observe(&dom.uuid, false)
+        .unwrap();
+    assert_eq!(state.memory, Kib::from_mib(192));
+    assert_eq!(state.power, PowerState::Running);
+}
