@@ -423,28 +423,20 @@ fn a_crash_at_each_step_boundary_then_resume_applies_nothing_twice() {
     assert_eq!(state.vcpus, 2);
 }
 
-#[test]
-fn kill_9_inside_a_graceful_shutdown_then_resume_finishes_the_step() {
-    let Some(uri) = qemu_uri() else { return };
-    let dom = TestDomain::define(&uri, "apply-kill");
-    dom.start();
-    let dir = tempfile::tempdir().unwrap();
-    let plan = write_plan(
-        dir.path(),
-        &format!(
-            "version: 1\nconnection: {uri}\nsteps:\n  - vm: {}\n    power: shutoff\n    shutdown: {{ mode: graceful, timeout: 4s, force_after_timeout: true }}\n",
-            dom.name
-        ),
-    );
-    let mut first = Command::new(BIN)
+/// Starts `apply --auto-approve` in the background, output discarded.
+fn spawn_apply(plan: &Path) -> std::process::Child {
+    Command::new(BIN)
         .args(["apply", plan.to_str().unwrap(), "--auto-approve"])
         .env("NO_COLOR", "1")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
-        .unwrap();
-    // Wait until the step is recorded running: the executor is then waiting for the guest.
+        .unwrap()
+}
+
+/// Waits until the plan's first step is recorded running.
+fn wait_until_running(plan: &Path) {
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         let running = LockStore::read(&plan.with_extension("lock"))
@@ -455,11 +447,65 @@ fn kill_9_inside_a_graceful_shutdown_then_resume_finishes_the_step() {
                     .is_some_and(|r| r.status == StepStatus::Running)
             });
         if running {
-            break;
+            return;
         }
         assert!(Instant::now() < deadline, "the step never started");
         SystemClock.sleep(Duration::from_millis(20));
     }
+}
+
+/// A running diskless guest and a plan that shuts it down gracefully with `timeout`.
+fn graceful_shutdown_plan(
+    uri: &str,
+    test: &str,
+    timeout: &str,
+) -> (TestDomain, tempfile::TempDir, PathBuf) {
+    let dom = TestDomain::define(uri, test);
+    dom.start();
+    let dir = tempfile::tempdir().unwrap();
+    let plan = write_plan(
+        dir.path(),
+        &format!(
+            "version: 1\nconnection: {uri}\nsteps:\n  - vm: {}\n    power: shutoff\n    shutdown: {{ mode: graceful, timeout: {timeout}, force_after_timeout: true }}\n",
+            dom.name
+        ),
+    );
+    (dom, dir, plan)
+}
+
+#[test]
+fn a_second_signal_exits_at_once_leaving_a_whole_lockfile() {
+    let Some(uri) = qemu_uri() else { return };
+    let (_dom, _dir, plan) = graceful_shutdown_plan(&uri, "apply-sig2", "60s");
+    let mut child = spawn_apply(&plan);
+    wait_until_running(&plan);
+    let pid = child.id().to_string();
+    let term = || {
+        let ok = Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+        assert!(ok.success());
+    };
+    term();
+    SystemClock.sleep(Duration::from_millis(300));
+    // The first signal lets the 60 s graceful shutdown go on; the second one ends it now.
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "exited on the first signal"
+    );
+    let started = Instant::now();
+    term();
+    let status = child.wait().unwrap();
+    assert!(started.elapsed() < Duration::from_secs(5));
+    assert_eq!(status.code(), Some(1));
+    let lock = lock_of(&plan);
+    assert_eq!(lock.steps[0].status, StepStatus::Running, "{lock:?}");
+}
+
+#[test]
+fn kill_9_inside_a_graceful_shutdown_then_resume_finishes_the_step() {
+    let Some(uri) = qemu_uri() else { return };
+    let (dom, _dir, plan) = graceful_shutdown_plan(&uri, "apply-kill", "4s");
+    let mut first = spawn_apply(&plan);
+    wait_until_running(&plan);
     SystemClock.sleep(Duration::from_millis(500));
     first.kill().unwrap(); // SIGKILL
     first.wait().unwrap();
