@@ -256,13 +256,15 @@ impl Lockfile {
             .iter()
             .map(|s| (s.step_id.as_str(), s.domain.uuid.as_str()))
             .collect();
-        // Same name, other UUID: the domain was deleted and re-created (or renamed over).
-        let mut recorded_uuid: BTreeMap<&str, &str> = BTreeMap::new();
+        // Same step, same name, other UUID: the domain was deleted and re-created (or another
+        // was renamed over it). Keyed by step too, since hosts of one plan may share names.
+        let mut recorded_uuid: BTreeMap<(&str, &str), &str> = BTreeMap::new();
         for r in &self.steps {
-            recorded_uuid.insert(r.vm.as_str(), r.uuid.as_str());
+            recorded_uuid.insert((r.step_id.as_str(), r.vm.as_str()), r.uuid.as_str());
         }
         for s in &plan.steps {
-            if let Some(old) = recorded_uuid.get(s.domain.name.as_str()) {
+            let key = (s.step_id.as_str(), s.domain.name.as_str());
+            if let Some(old) = recorded_uuid.get(&key) {
                 if *old != s.domain.uuid {
                     return Err(LockError::UuidChanged {
                         path: path.to_path_buf(),
