@@ -288,6 +288,17 @@ fn a_step_after_the_window_closed_is_missed() {
 }
 
 #[test]
+fn a_step_without_a_time_waits_for_the_window_to_open() {
+    let steps = "  - vm: web\n    memory: 2GiB\n";
+    let window = "window: { start: 2026-12-01T04:00:00Z, end: 2026-12-01T05:00:00Z }\n";
+    let rig = Rig::new(steps, window, vec![web()], "2026-12-01T03:59:30Z");
+    rig.run();
+    let call = &rig.hv.successful_calls()[0];
+    assert!(call.at.unwrap() >= t("2026-12-01T04:00:00Z"), "{call:?}");
+    assert_eq!(rig.statuses()[0].2, StepStatus::Done);
+}
+
+#[test]
 fn a_guest_that_ignores_shutdown_without_force_fails_the_step() {
     let steps = "  - at: 2026-12-01T04:00:00Z
     vm: web
