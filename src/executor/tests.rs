@@ -833,6 +833,8 @@ mod state_machine {
         jumps: Vec<(usize, i64)>,
         /// Seconds before the first step at which apply starts (negative: late).
         lead: i64,
+        /// The maintenance window closes this many seconds after the first step.
+        window_end: Option<i64>,
     }
 
     fn scenario() -> impl Strategy<Value = Scenario> {
@@ -844,9 +846,10 @@ mod state_machine {
             prop::collection::vec((1usize..25, any::<bool>()), 0..=3),
             prop::collection::vec((1usize..40, -200i64..=400), 0..=2),
             -400i64..=30,
+            prop::option::of(181i64..=600),
         )
             .prop_map(
-                |(steps, running, acpi, faults, crashes, jumps, lead)| Scenario {
+                |(steps, running, acpi, faults, crashes, jumps, lead, window_end)| Scenario {
                     steps,
                     running,
                     acpi,
@@ -854,6 +857,7 @@ mod state_machine {
                     crashes,
                     jumps,
                     lead,
+                    window_end,
                 },
             )
     }
@@ -896,7 +900,18 @@ mod state_machine {
         }
         dom.acpi = s.acpi;
         let start = base - chrono::Duration::seconds(s.lead);
-        let rig = Rig::new(&steps, "grace: 5m\n", vec![dom], &start.to_rfc3339());
+        let window_end = s
+            .window_end
+            .map(|secs| base + chrono::Duration::seconds(secs));
+        let extra = match window_end {
+            Some(end) => format!(
+                "grace: 5m\nwindow: {{ start: {}, end: {} }}\n",
+                base.to_rfc3339(),
+                end.to_rfc3339()
+            ),
+            None => "grace: 5m\n".to_owned(),
+        };
+        let rig = Rig::new(&steps, &extra, vec![dom], &start.to_rfc3339());
 
         // The plan as first reviewed; libvirt would refuse some random plans: nothing to test.
         let initial = {
@@ -1000,6 +1015,10 @@ mod state_machine {
             if let (Some(at), Some(started)) = (r.at, r.started_at) {
                 prop_assert!(started >= at, "early: {r:?}");
                 prop_assert!(started <= at + chrono::Duration::minutes(5), "late: {r:?}");
+                prop_assert!(
+                    window_end.is_none_or(|end| started < end),
+                    "after the window: {r:?}"
+                );
             }
         }
         // When everything was done, the domain is where the reviewed plan said.
