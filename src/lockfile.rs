@@ -256,13 +256,15 @@ impl Lockfile {
             .iter()
             .map(|s| (s.step_id.as_str(), s.domain.uuid.as_str()))
             .collect();
-        // Same name, other UUID: the domain was deleted and re-created (or renamed over).
-        let mut recorded_uuid: BTreeMap<&str, &str> = BTreeMap::new();
+        // Same step, same name, other UUID: the domain was deleted and re-created (or another
+        // was renamed over it). Keyed by step too, since hosts of one plan may share names.
+        let mut recorded_uuid: BTreeMap<(&str, &str), &str> = BTreeMap::new();
         for r in &self.steps {
-            recorded_uuid.insert(r.vm.as_str(), r.uuid.as_str());
+            recorded_uuid.insert((r.step_id.as_str(), r.vm.as_str()), r.uuid.as_str());
         }
         for s in &plan.steps {
-            if let Some(old) = recorded_uuid.get(s.domain.name.as_str()) {
+            let key = (s.step_id.as_str(), s.domain.name.as_str());
+            if let Some(old) = recorded_uuid.get(&key) {
                 if *old != s.domain.uuid {
                     return Err(LockError::UuidChanged {
                         path: path.to_path_buf(),
@@ -300,9 +302,8 @@ impl Lockfile {
                     r.step = s.step;
                     r.vm.clone_from(&s.domain.name);
                     r.at = s.at;
-                    // A done step's description says what it changed; projected again over
-                    // the state it left, it would read "no change".
-                    if r.status != StepStatus::Done {
+                    // A step that ran keeps the description of what it did.
+                    if r.status == StepStatus::Pending || r.what.is_empty() {
                         r.what = describe(plan, &s.step_id, &s.domain.uuid);
                     }
                 }
@@ -538,6 +539,12 @@ impl LockStore {
         self.lock().data.clone()
     }
 
+    /// The recorded status of `step_id` on `uuid`.
+    #[must_use]
+    pub fn status(&self, step_id: &str, uuid: &str) -> Option<StepStatus> {
+        self.lock().data.get(step_id, uuid).map(|r| r.status)
+    }
+
     fn lock(&self) -> MutexGuard<'_, Shared> {
         self.shared.lock().unwrap_or_else(PoisonError::into_inner)
     }
@@ -741,7 +748,7 @@ mod tests {
         let mut done = record(2, "s2", "web-01", StepStatus::Done);
         done.started_at = Some(t("2026-12-01T09:00:00.012Z"));
         done.finished_at = Some(t("2026-12-01T09:00:01Z"));
-        done.message = "applied; live balloon still 1GiB".to_owned();
+        done.message = "applied; \"quoted\" 'single'\nsecond line\ttab \\ backslash".to_owned();
         done.before = Some(Figures {
             power: "running".into(),
             memory_kib: 1 << 20,

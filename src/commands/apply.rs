@@ -105,8 +105,9 @@ pub fn run(args: &Args<'_>, clock: &dyn Clock, printer: &Printer) -> anyhow::Res
             }
         }
     };
-    // Refuse an edited done step or a recreated domain before asking anything.
-    store.reconcile(&plan)?;
+    // Refuse an edited done step or a recreated domain before asking anything (and write
+    // nothing yet: a declined prompt leaves the lockfile as it was).
+    store.snapshot().reconcile(store.path(), &plan)?;
     printer.out(&render::human(&plan, printer));
     if !args.auto_approve && interactive && !confirm(&plan, printer)? {
         printer.err_line("Nothing applied.");

@@ -145,17 +145,23 @@ pub fn human(doc: &StatusDoc, printer: &Printer) -> String {
         if !s.what.is_empty() {
             let _ = writeln!(out, "          {}", s.what);
         }
-        if s.started_at.is_some() || s.finished_at.is_some() {
-            let took = match (s.started_at, s.finished_at) {
-                (Some(a), Some(b)) => format!(" ({:.1}s)", (b - a).as_seconds_f64()),
-                _ => String::new(),
-            };
-            let _ = writeln!(
-                out,
-                "          started {}, finished {}{took}",
-                time(s.started_at),
-                time(s.finished_at)
-            );
+        match (s.started_at, s.finished_at) {
+            (Some(a), Some(b)) => {
+                let took = (b - a).as_seconds_f64();
+                let _ = writeln!(
+                    out,
+                    "          started {}, finished {} ({took:.1}s)",
+                    time(Some(a)),
+                    time(Some(b))
+                );
+            }
+            (Some(a), None) => {
+                let _ = writeln!(out, "          started {}", time(Some(a)));
+            }
+            (None, Some(b)) => {
+                let _ = writeln!(out, "          recorded {}", time(Some(b)));
+            }
+            (None, None) => {}
         }
         if !s.message.is_empty() {
             let _ = writeln!(out, "          {}", printer.paint(Tone::Dim, &s.message));
@@ -178,6 +184,60 @@ pub fn human(doc: &StatusDoc, printer: &Printer) -> String {
 
 #[cfg(test)]
 mod tests {
+    use chrono::{DateTime, Utc};
+
+    use super::StatusDoc;
+    use crate::lockfile::{Lockfile, StepRecord, StepStatus};
+    use crate::printer::Printer;
+
+    fn t(s: &str) -> Option<DateTime<Utc>> {
+        DateTime::parse_from_rfc3339(s)
+            .ok()
+            .map(|t| t.with_timezone(&Utc))
+    }
+
+    fn sample() -> Lockfile {
+        let record = |step: usize, vm: &str, status: StepStatus| StepRecord {
+            step,
+            step_id: format!("s00000000{step}"),
+            vm: vm.to_owned(),
+            uuid: format!("uuid-{vm}"),
+            what: "memory 1GiB → 2GiB".to_owned(),
+            at: t("2026-12-01T09:00:00Z"),
+            status,
+            started_at: None,
+            finished_at: None,
+            message: String::new(),
+            before: None,
+            after: None,
+        };
+        let mut lock = Lockfile::new("abc");
+        let mut done = record(1, "web-01", StepStatus::Done);
+        done.started_at = t("2026-12-01T09:00:00.012Z");
+        done.finished_at = t("2026-12-01T09:00:04.512Z");
+        done.message = "the guest ignored the shutdown request for 3s: forced off (destroy)".into();
+        lock.steps.push(done);
+        let mut missed = record(1, "web-02", StepStatus::Missed);
+        missed.finished_at = t("2026-12-01T09:06:00Z");
+        missed.message = "missed, not run: due at 09:00, it could not start by 09:05".into();
+        lock.steps.push(missed);
+        lock.steps.push(record(2, "web-02", StepStatus::Skipped));
+        lock.steps.push(record(3, "web-01", StepStatus::Pending));
+        lock
+    }
+
+    #[test]
+    fn status_human() {
+        let doc = StatusDoc::from(&sample());
+        insta::assert_snapshot!(super::human(&doc, &Printer::plain()));
+    }
+
+    #[test]
+    fn status_json() {
+        let doc = StatusDoc::from(&sample());
+        insta::assert_json_snapshot!(doc);
+    }
+
     #[test]
     fn checked_in_status_schema_is_current() {
         let path = concat!(env!("CARGO_MANIFEST_DIR"), "/schemas/status.schema.json");

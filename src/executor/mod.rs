@@ -265,9 +265,8 @@ impl Run<'_> {
             let recorded = self
                 .ex
                 .store
-                .snapshot()
-                .get(&step.step_id, &step.domain.uuid)
-                .map_or(StepStatus::Pending, |r| r.status);
+                .status(&step.step_id, &step.domain.uuid)
+                .unwrap_or(StepStatus::Pending);
             let result = match (recorded, &blocked) {
                 (StepStatus::Done, _) => {
                     self.report(

@@ -191,15 +191,18 @@ impl Run<'_> {
     }
 
     /// Waits until the step is due and a slot is free; `None` when stopped meanwhile.
-    /// The time returned is read after both, and is never before the step's `at`.
+    /// The time returned is read after both, and is never before the step's `at` (or, for a
+    /// step without one, the window's start).
     fn start_time(
         &self,
         step: &PlannedStep,
         resuming: bool,
     ) -> Option<(DateTime<Utc>, Permit<'_>)> {
+        // A step without `at` runs when apply starts, but never before the window opens.
+        let due = step.at.or_else(|| self.ex.settings.window.map(|w| w.start));
         loop {
-            if let (Some(at), false) = (step.at, resuming) {
-                self.wait_until(at)?;
+            if let (Some(due), false) = (due, resuming) {
+                self.wait_until(due)?;
             }
             let permit = self.permits.acquire();
             if self.stopping() {
@@ -207,7 +210,7 @@ impl Run<'_> {
             }
             let now = self.ex.clock.now();
             // The wall clock may have been stepped back while we waited for a slot.
-            if resuming || step.at.is_none_or(|at| now >= at) {
+            if resuming || due.is_none_or(|due| now >= due) {
                 return Some((now, permit));
             }
         }

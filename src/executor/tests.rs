@@ -288,6 +288,17 @@ fn a_step_after_the_window_closed_is_missed() {
 }
 
 #[test]
+fn a_step_without_a_time_waits_for_the_window_to_open() {
+    let steps = "  - vm: web\n    memory: 2GiB\n";
+    let window = "window: { start: 2026-12-01T04:00:00Z, end: 2026-12-01T05:00:00Z }\n";
+    let rig = Rig::new(steps, window, vec![web()], "2026-12-01T03:59:30Z");
+    rig.run();
+    let call = &rig.hv.successful_calls()[0];
+    assert!(call.at.unwrap() >= t("2026-12-01T04:00:00Z"), "{call:?}");
+    assert_eq!(rig.statuses()[0].2, StepStatus::Done);
+}
+
+#[test]
 fn a_guest_that_ignores_shutdown_without_force_fails_the_step() {
     let steps = "  - at: 2026-12-01T04:00:00Z
     vm: web
@@ -723,4 +734,314 @@ fn snapshots_are_idempotent_by_name() {
     rig.run_plan(&plan, &rig.settings(), &|_| {}).unwrap();
     assert!(rig.hv.calls().is_empty());
     assert_eq!(rig.statuses()[0].2, StepStatus::Done);
+}
+
+/// State-machine property test: random plans on one domain, run through random sequences of
+/// crashes (a panic at some libvirt call, before or after its change), restarts, clock jumps
+/// and injected libvirt errors.
+mod state_machine {
+    use std::panic::{catch_unwind, AssertUnwindSafe};
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Once;
+
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::hypervisor::fake::{Crash, SimulatedCrash};
+
+    #[derive(Debug, Clone)]
+    enum Attr {
+        Off,
+        On,
+        Memory(u64),
+        MaxMemory(u64),
+        Vcpus(u32),
+        Track(&'static str),
+    }
+
+    impl Attr {
+        fn yaml(&self) -> String {
+            match self {
+                Self::Off => "power: shutoff\n    shutdown: { mode: graceful, timeout: 20s, force_after_timeout: true }".to_owned(),
+                Self::On => "power: running".to_owned(),
+                Self::Memory(mib) => format!("memory: {mib}MiB"),
+                Self::MaxMemory(mib) => format!("max_memory: {mib}MiB"),
+                Self::Vcpus(n) => format!("vcpus: {n}"),
+                Self::Track(t) => format!("clock: {{ track: {t} }}"),
+            }
+        }
+    }
+
+    fn attr() -> impl Strategy<Value = Attr> {
+        prop_oneof![
+            Just(Attr::Off),
+            Just(Attr::On),
+            (1u64..=6).prop_map(|n| Attr::Memory(n * 512)),
+            (4u64..=8).prop_map(|n| Attr::MaxMemory(n * 512)),
+            (1u32..=4).prop_map(Attr::Vcpus),
+            prop::sample::select(vec!["guest", "wall"]).prop_map(Attr::Track),
+        ]
+    }
+
+    #[derive(Debug, Clone)]
+    struct Fault {
+        op: &'static str,
+        from: usize,
+        count: usize,
+        kind: ErrorKind,
+        after_effect: bool,
+    }
+
+    fn fault() -> impl Strategy<Value = Fault> {
+        (
+            prop::sample::select(vec![
+                "shutdown",
+                "destroy",
+                "start",
+                "set_memory",
+                "set_max_memory",
+                "set_vcpus",
+                "define_xml",
+            ]),
+            1usize..3,
+            1usize..5,
+            prop::sample::select(vec![
+                ErrorKind::Transient,
+                ErrorKind::OperationInvalid,
+                ErrorKind::InvalidArgument,
+            ]),
+            any::<bool>(),
+        )
+            .prop_map(|(op, from, count, kind, after_effect)| Fault {
+                op,
+                from,
+                count,
+                kind,
+                after_effect,
+            })
+    }
+
+    #[derive(Debug, Clone)]
+    struct Scenario {
+        steps: Vec<Attr>,
+        running: bool,
+        acpi: bool,
+        faults: Vec<Fault>,
+        /// Per run: the call that crashes it (relative to the run's first call).
+        crashes: Vec<(usize, bool)>,
+        /// (n-th sleep, seconds to jump).
+        jumps: Vec<(usize, i64)>,
+        /// Seconds before the first step at which apply starts (negative: late).
+        lead: i64,
+        /// The maintenance window closes this many seconds after the first step.
+        window_end: Option<i64>,
+    }
+
+    fn scenario() -> impl Strategy<Value = Scenario> {
+        (
+            prop::collection::vec(attr(), 1..=4),
+            any::<bool>(),
+            any::<bool>(),
+            prop::collection::vec(fault(), 0..=2),
+            prop::collection::vec((1usize..25, any::<bool>()), 0..=3),
+            prop::collection::vec((1usize..40, -200i64..=400), 0..=2),
+            -400i64..=30,
+            prop::option::of(181i64..=600),
+        )
+            .prop_map(
+                |(steps, running, acpi, faults, crashes, jumps, lead, window_end)| Scenario {
+                    steps,
+                    running,
+                    acpi,
+                    faults,
+                    crashes,
+                    jumps,
+                    lead,
+                    window_end,
+                },
+            )
+    }
+
+    /// Simulated crashes are expected panics: keep them out of the test output.
+    fn quiet_simulated_crashes() {
+        static ONCE: Once = Once::new();
+        ONCE.call_once(|| {
+            let default = std::panic::take_hook();
+            std::panic::set_hook(Box::new(move |info| {
+                // A scope re-raises a thread's panic with this message; the thread's own panic
+                // was shown already unless it was a simulated crash.
+                let rethrown =
+                    info.payload().downcast_ref::<&str>() == Some(&"a scoped thread panicked");
+                if info.payload().downcast_ref::<SimulatedCrash>().is_none() && !rethrown {
+                    default(info);
+                }
+            }));
+        });
+    }
+
+    // One scenario read top to bottom: setup, runs with crashes, then every invariant.
+    #[allow(clippy::too_many_lines)]
+    fn check(s: &Scenario) -> Result<(), TestCaseError> {
+        use std::fmt::Write as _;
+        let base = t("2026-12-01T04:00:00Z");
+        let mut steps = String::new();
+        for (i, a) in s.steps.iter().enumerate() {
+            let at = base + chrono::Duration::seconds(60 * i64::try_from(i).unwrap());
+            let _ = writeln!(
+                steps,
+                "  - at: {}\n    vm: web\n    {}",
+                at.to_rfc3339(),
+                a.yaml()
+            );
+        }
+        let mut dom = FakeDomain::new("web", A);
+        if s.running {
+            dom = dom.running();
+        }
+        dom.acpi = s.acpi;
+        let start = base - chrono::Duration::seconds(s.lead);
+        let window_end = s
+            .window_end
+            .map(|secs| base + chrono::Duration::seconds(secs));
+        let extra = match window_end {
+            Some(end) => format!(
+                "grace: 5m\nwindow: {{ start: {}, end: {} }}\n",
+                base.to_rfc3339(),
+                end.to_rfc3339()
+            ),
+            None => "grace: 5m\n".to_owned(),
+        };
+        let rig = Rig::new(&steps, &extra, vec![dom], &start.to_rfc3339());
+
+        // The plan as first reviewed; libvirt would refuse some random plans: nothing to test.
+        let initial = {
+            let store = LockStore::open(&rig.lock_path, &rig.file.sha256).unwrap();
+            match planner::project(&PlanInput {
+                file: &rig.file,
+                connections: &rig.connections,
+                connect_override: None,
+                now: rig.clock.now(),
+                progress: &store,
+            }) {
+                Ok(plan) => plan,
+                Err(_) => return Ok(()),
+            }
+        };
+        let planned_actions: usize = initial.steps.iter().map(|st| st.actions.len()).sum();
+
+        for f in &s.faults {
+            if f.after_effect {
+                rig.hv.fail_after_effect(f.op, f.from, f.kind);
+            } else {
+                rig.hv.fail(f.op, f.from, f.count, f.kind);
+            }
+        }
+        let sleeps = Arc::new(AtomicUsize::new(0));
+        let jumps = s.jumps.clone();
+        let counter = sleeps.clone();
+        *rig.clock.on_sleep.lock().unwrap() = Box::new(move |c: &FakeClock| {
+            let n = counter.fetch_add(1, Ordering::SeqCst) + 1;
+            for (at, secs) in &jumps {
+                if *at == n {
+                    c.advance(chrono::Duration::seconds(*secs));
+                }
+            }
+        });
+
+        let mut settings = rig.settings();
+        settings.poll = Duration::from_secs(2);
+        let runs = s
+            .crashes
+            .iter()
+            .map(|c| Some(*c))
+            .chain(std::iter::once(None));
+        for crash in runs {
+            let Ok(store) = LockStore::open(&rig.lock_path, &rig.file.sha256) else {
+                return Err(TestCaseError::fail("the lockfile became unreadable"));
+            };
+            let plan = match planner::project(&PlanInput {
+                file: &rig.file,
+                connections: &rig.connections,
+                connect_override: None,
+                now: rig.clock.now(),
+                progress: &store,
+            }) {
+                Ok(plan) => plan,
+                Err(e) => return Err(TestCaseError::fail(format!("cannot plan the restart: {e}"))),
+            };
+            rig.hv
+                .crash(crash.map(|(at, after_effect)| Crash { at, after_effect }));
+            let stop = AtomicBool::new(false);
+            let result = catch_unwind(AssertUnwindSafe(|| {
+                Executor {
+                    plan: &plan,
+                    connections: &rig.connections,
+                    clock: rig.clock.as_ref(),
+                    store: &store,
+                    settings: &settings,
+                    stop: &stop,
+                    on_outcome: &|_| {},
+                    reconnect: None,
+                }
+                .run()
+            }));
+            rig.hv.crash(None);
+            if let Ok(Err(e)) = result {
+                return Err(TestCaseError::fail(format!("refused to resume: {e}")));
+            }
+            // Restarting takes a while.
+            rig.clock.inner.advance(chrono::Duration::seconds(5));
+        }
+
+        let calls = rig.hv.calls();
+        // libvirt never saw a configuration change it forbids (the fake enforces its rules).
+        for c in &calls {
+            let config_op = matches!(
+                c.op,
+                "set_memory" | "set_max_memory" | "set_vcpus" | "set_max_vcpus"
+            );
+            prop_assert!(c.ok || c.injected || !config_op, "forbidden call {c:?}");
+        }
+        // At most one effective change per planned action: nothing applied twice.
+        let changes = calls.iter().filter(|c| c.changed).count();
+        prop_assert!(
+            changes <= planned_actions,
+            "{changes} changes for {planned_actions} planned actions: {calls:#?}"
+        );
+        // No step started outside its time.
+        let lock = rig.lock();
+        for r in &lock.steps {
+            prop_assert!(r.status != StepStatus::Running, "left running: {r:?}");
+            if let (Some(at), Some(started)) = (r.at, r.started_at) {
+                prop_assert!(started >= at, "early: {r:?}");
+                prop_assert!(started <= at + chrono::Duration::minutes(5), "late: {r:?}");
+                prop_assert!(
+                    window_end.is_none_or(|end| started < end),
+                    "after the window: {r:?}"
+                );
+            }
+        }
+        // When everything was done, the domain is where the reviewed plan said.
+        if lock.steps.iter().all(|r| r.status == StepStatus::Done) {
+            let last = &initial.steps[initial.steps.len() - 1].after;
+            let now = rig.hv.state(A);
+            prop_assert_eq!(now.power, last.power);
+            prop_assert_eq!(now.memory, last.memory);
+            prop_assert_eq!(now.max_memory, last.max_memory);
+            prop_assert_eq!(now.vcpus, last.vcpus);
+            if let Some(clock) = &last.clock {
+                prop_assert_eq!(&now.clock.unwrap().rtc_track, &clock.rtc_track);
+            }
+        }
+        Ok(())
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+        #[test]
+        fn crashes_restarts_clock_jumps_and_errors_never_apply_twice_or_out_of_time(s in scenario()) {
+            quiet_simulated_crashes();
+            check(&s)?;
+        }
+    }
 }

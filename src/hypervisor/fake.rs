@@ -78,7 +78,23 @@ pub struct Call {
     pub at: Option<DateTime<Utc>>,
     /// Whether it succeeded.
     pub ok: bool,
+    /// Whether it changed the domain (a repeated identical call does not).
+    pub changed: bool,
+    /// The failure was injected, not a rule of libvirt's.
+    pub injected: bool,
 }
+
+/// A simulated process death: the call counted `at` (1-based, every call on this hypervisor)
+/// panics, before or after making its change.
+#[derive(Debug, Clone, Copy)]
+pub struct Crash {
+    pub at: usize,
+    pub after_effect: bool,
+}
+
+/// The panic payload of a simulated crash.
+#[derive(Debug)]
+pub struct SimulatedCrash;
 
 /// An injected failure: calls number `from ..= from + count - 1` of `op` (1-based, counted per
 /// operation name, reads included) fail with `kind`.
@@ -98,6 +114,9 @@ struct Inner {
     calls: Vec<Call>,
     counts: BTreeMap<&'static str, usize>,
     faults: Vec<Fault>,
+    /// Calls so far, all operations together (for crashes).
+    total: usize,
+    crash: Option<Crash>,
 }
 
 /// See the module documentation.
@@ -163,6 +182,24 @@ impl FakeHypervisor {
             kind,
             effect_first: true,
         });
+    }
+
+    /// Makes a call panic with [`SimulatedCrash`], as if the process died there.
+    pub fn crash(&self, crash: Option<Crash>) {
+        let mut inner = self.inner();
+        inner.crash = crash.map(|c| Crash {
+            at: inner.total + c.at,
+            ..c
+        });
+    }
+
+    /// Counts a call; `Some(after_effect)` when it is the one that crashes.
+    fn crash_point(inner: &mut Inner) -> Option<bool> {
+        inner.total += 1;
+        inner
+            .crash
+            .filter(|c| c.at == inner.total)
+            .map(|c| c.after_effect)
     }
 
     /// Removes every injected failure (a reconnect that cures a lost connection).
@@ -234,6 +271,10 @@ impl FakeHypervisor {
         f: impl FnOnce(&FakeDomain) -> T,
     ) -> HvResult<T> {
         let mut inner = self.inner();
+        if Self::crash_point(&mut inner).is_some() {
+            drop(inner);
+            std::panic::panic_any(SimulatedCrash);
+        }
         if let Some(fault) = Self::fault(&mut inner, op) {
             return Err(HvError::new(fault.kind, format!("injected {op} failure")));
         }
@@ -254,7 +295,17 @@ impl FakeHypervisor {
     ) -> HvResult<()> {
         let at = self.clock.as_ref().map(|c| c.now());
         let mut inner = self.inner();
+        let crash = Self::crash_point(&mut inner);
+        if crash == Some(false) {
+            drop(inner);
+            std::panic::panic_any(SimulatedCrash);
+        }
         let fault = Self::fault(&mut inner, op);
+        let injected = fault.is_some();
+        let before = inner
+            .domains
+            .get(uuid)
+            .map(|d| (d.state.clone(), d.snapshots.clone()));
         let result = match &fault {
             Some(fault) if !fault.effect_first => {
                 Err(HvError::new(fault.kind, format!("injected {op} failure")))
@@ -273,13 +324,23 @@ impl FakeHypervisor {
                 }
             }
         };
+        let after = inner
+            .domains
+            .get(uuid)
+            .map(|d| (d.state.clone(), d.snapshots.clone()));
         inner.calls.push(Call {
             op,
             uuid: uuid.to_owned(),
             arg,
             at,
             ok: result.is_ok(),
+            changed: before != after,
+            injected,
         });
+        if crash == Some(true) {
+            drop(inner);
+            std::panic::panic_any(SimulatedCrash);
+        }
         result
     }
 }

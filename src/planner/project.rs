@@ -378,16 +378,27 @@ impl DomainCtx<'_> {
                 actions: Vec::new(),
             };
             let first_change = out.changes.len();
-            if let Err(p) = self.project_step(&mut b, &mut carry, out, first_change) {
-                problems.push(p);
-                continue;
-            }
             let done = self.input.progress.is_done(&b.step_id, &self.id.uuid);
             if done {
+                // The observed state already includes a done step's effect: project it on a
+                // scratch copy, for display only, so it neither moves the state later steps
+                // start from (a done power-off must not make a running domain look off) nor
+                // is refused for the state it left behind (a done `max_memory` on a domain
+                // that a later done step booted).
+                let mut scratch = Carry {
+                    state: carry.state.clone(),
+                    xml: carry.xml.clone(),
+                    snapshots: carry.snapshots.clone(),
+                    pending_clock: None,
+                };
+                let _ = self.project_step(&mut b, &mut scratch, out, first_change);
                 b.changes
                     .iter_mut()
                     .for_each(|c| c.action = ChangeAction::Done);
                 b.actions.clear();
+            } else if let Err(p) = self.project_step(&mut b, &mut carry, out, first_change) {
+                problems.push(p);
+                continue;
             }
             out.steps.push(PlannedStep {
                 step: step.number,

@@ -222,6 +222,11 @@ fn a_second_executor_is_refused_and_sigterm_stops_the_first_cleanly() {
         }
     }
 
+    // The executor writes the lockfile as it starts.
+    while !plan.with_extension("lock").exists() {
+        assert!(Instant::now() < deadline, "no lockfile");
+        SystemClock.sleep(Duration::from_millis(10));
+    }
     let before = std::fs::read_to_string(plan.with_extension("lock")).unwrap();
     let second = virtplan(&["apply", plan.to_str().unwrap(), "--auto-approve"], &[]);
     assert_eq!(second.status.code(), Some(1), "{}", text(&second));
@@ -360,20 +365,36 @@ fn a_crash_at_each_step_boundary_then_resume_applies_nothing_twice() {
         )
     };
     let hv = Libvirt::connect(&uri).unwrap();
+    let crash = |failpoint: String| {
+        let out = apply(&failpoint);
+        assert_eq!(
+            out.status.code(),
+            None,
+            "expected an abort at {failpoint}: {}",
+            text(&out)
+        );
+        lock_of(&plan)
+    };
 
-    // Crash after step 1 changed the domain but before it was recorded done.
-    let out = apply(&format!("before-done:{}", ids[0]));
-    assert_eq!(out.status.code(), None, "expected an abort: {}", text(&out));
-    assert_eq!(lock_of(&plan).steps[0].status, StepStatus::Running);
+    // Killed after step 1 is recorded running, before any libvirt call.
+    let lock = crash(format!("after-running:{}", ids[0]));
+    assert_eq!(lock.steps[0].status, StepStatus::Running);
+    assert_eq!(
+        hv.observe(&dom.uuid, false).unwrap().memory,
+        Kib::from_mib(128)
+    );
+
+    // Resumed: step 1 is not at its target and within its grace, so it is re-applied; killed
+    // after the change, before it is recorded done.
+    let lock = crash(format!("before-done:{}", ids[0]));
+    assert_eq!(lock.steps[0].status, StepStatus::Running);
     assert_eq!(
         hv.observe(&dom.uuid, false).unwrap().memory,
         Kib::from_mib(192)
     );
 
-    // Resume; crash after step 2 is recorded running, before any libvirt call.
-    let out = apply(&format!("after-running:{}", ids[1]));
-    assert_eq!(out.status.code(), None, "expected an abort: {}", text(&out));
-    let lock = lock_of(&plan);
+    // Resumed: step 1 is found at its target (no call); killed after step 2 is recorded running.
+    let lock = crash(format!("after-running:{}", ids[1]));
     assert_eq!(lock.steps[0].status, StepStatus::Done);
     assert!(
         lock.steps[0].message.contains("nothing was called again"),
@@ -383,7 +404,12 @@ fn a_crash_at_each_step_boundary_then_resume_applies_nothing_twice() {
     assert_eq!(lock.steps[1].status, StepStatus::Running);
     assert_eq!(hv.observe(&dom.uuid, false).unwrap().vcpus, 1);
 
-    // Resume again: step 2 is re-applied (still within its grace), step 1 is left alone.
+    // Resumed: step 2 re-applied, killed before it is recorded done.
+    let lock = crash(format!("before-done:{}", ids[1]));
+    assert_eq!(lock.steps[1].status, StepStatus::Running);
+    assert_eq!(hv.observe(&dom.uuid, false).unwrap().vcpus, 2);
+
+    // Resumed: step 2 is at its target; everything done, step 1 untouched since.
     let out = apply("");
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));
     let lock = lock_of(&plan);
@@ -391,7 +417,149 @@ fn a_crash_at_each_step_boundary_then_resume_applies_nothing_twice() {
         lock.steps.iter().all(|r| r.status == StepStatus::Done),
         "{lock:?}"
     );
+    assert!(lock.steps[1].message.contains("nothing was called again"));
     let state = hv.observe(&dom.uuid, false).unwrap();
     assert_eq!(state.memory, Kib::from_mib(192));
     assert_eq!(state.vcpus, 2);
+}
+
+/// Starts `apply --auto-approve` in the background, output discarded.
+fn spawn_apply(plan: &Path) -> std::process::Child {
+    Command::new(BIN)
+        .args(["apply", plan.to_str().unwrap(), "--auto-approve"])
+        .env("NO_COLOR", "1")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
+/// Waits until the plan's first step is recorded running.
+fn wait_until_running(plan: &Path) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let running = LockStore::read(&plan.with_extension("lock"))
+            .ok()
+            .is_some_and(|l| {
+                l.steps
+                    .first()
+                    .is_some_and(|r| r.status == StepStatus::Running)
+            });
+        if running {
+            return;
+        }
+        assert!(Instant::now() < deadline, "the step never started");
+        SystemClock.sleep(Duration::from_millis(20));
+    }
+}
+
+/// A running diskless guest and a plan that shuts it down gracefully with `timeout`.
+fn graceful_shutdown_plan(
+    uri: &str,
+    test: &str,
+    timeout: &str,
+) -> (TestDomain, tempfile::TempDir, PathBuf) {
+    let dom = TestDomain::define(uri, test);
+    dom.start();
+    let dir = tempfile::tempdir().unwrap();
+    let plan = write_plan(
+        dir.path(),
+        &format!(
+            "version: 1\nconnection: {uri}\nsteps:\n  - vm: {}\n    power: shutoff\n    shutdown: {{ mode: graceful, timeout: {timeout}, force_after_timeout: true }}\n",
+            dom.name
+        ),
+    );
+    (dom, dir, plan)
+}
+
+#[test]
+fn a_second_signal_exits_at_once_leaving_a_whole_lockfile() {
+    let Some(uri) = qemu_uri() else { return };
+    let (_dom, _dir, plan) = graceful_shutdown_plan(&uri, "apply-sig2", "60s");
+    let mut child = spawn_apply(&plan);
+    wait_until_running(&plan);
+    let pid = child.id().to_string();
+    let term = || {
+        let ok = Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+        assert!(ok.success());
+    };
+    term();
+    SystemClock.sleep(Duration::from_millis(300));
+    // The first signal lets the 60 s graceful shutdown go on; the second one ends it now.
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "exited on the first signal"
+    );
+    let started = Instant::now();
+    term();
+    let status = child.wait().unwrap();
+    assert!(started.elapsed() < Duration::from_secs(5));
+    assert_eq!(status.code(), Some(1));
+    let lock = lock_of(&plan);
+    assert_eq!(lock.steps[0].status, StepStatus::Running, "{lock:?}");
+}
+
+#[test]
+fn kill_9_inside_a_graceful_shutdown_then_resume_finishes_the_step() {
+    let Some(uri) = qemu_uri() else { return };
+    let (dom, _dir, plan) = graceful_shutdown_plan(&uri, "apply-kill", "4s");
+    let mut first = spawn_apply(&plan);
+    wait_until_running(&plan);
+    SystemClock.sleep(Duration::from_millis(500));
+    first.kill().unwrap(); // SIGKILL
+    first.wait().unwrap();
+    let hv = Libvirt::connect(&uri).unwrap();
+    assert_eq!(
+        hv.observe(&dom.uuid, false).unwrap().power,
+        PowerState::Running
+    );
+
+    // The kernel freed the lock with the process: the resume starts at once and finishes.
+    let out = virtplan(&["apply", plan.to_str().unwrap(), "--auto-approve"], &[]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let lock = lock_of(&plan);
+    assert_eq!(lock.steps[0].status, StepStatus::Done);
+    assert!(
+        lock.steps[0].message.contains("forced off"),
+        "{}",
+        lock.steps[0].message
+    );
+    assert_eq!(
+        hv.observe(&dom.uuid, false).unwrap().power,
+        PowerState::Shutoff
+    );
+}
+
+#[test]
+fn memory_of_a_running_guest_without_balloon_driver_is_done_with_a_warning() {
+    let Some(uri) = qemu_uri() else { return };
+    let dom = TestDomain::define(&uri, "apply-balloon");
+    dom.start();
+    let dir = tempfile::tempdir().unwrap();
+    let plan = write_plan(
+        dir.path(),
+        &format!(
+            "version: 1\nconnection: {uri}\nsteps:\n  - vm: {}\n    memory: 192MiB\n",
+            dom.name
+        ),
+    );
+    let out = virtplan(&["apply", plan.to_str().unwrap(), "--auto-approve"], &[]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let lock = lock_of(&plan);
+    let r = &lock.steps[0];
+    assert_eq!(r.status, StepStatus::Done);
+    // The configuration is authoritative and verified; the guest keeps its size.
+    assert_eq!(r.after.as_ref().unwrap().memory_kib, 192 * 1024);
+    assert!(
+        r.message.contains("warning: the guest's live memory is"),
+        "{}",
+        r.message
+    );
+    let state = Libvirt::connect(&uri)
+        .unwrap()
+        .observe(&dom.uuid, false)
+        .unwrap();
+    assert_eq!(state.memory, Kib::from_mib(192));
+    assert_eq!(state.power, PowerState::Running);
 }

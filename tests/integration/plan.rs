@@ -604,7 +604,10 @@ mod cli {
 fn steps_done_in_the_lockfile_show_as_done_not_as_changes() {
     use virtplan::lockfile::{lock_path, Lockfile, StepRecord, StepStatus};
     // The test driver invents a new UUID per connection unless the node file fixes one.
-    let fx = Fixture::new(&[web("web-01").uuid("6c1b1b8e-3f0e-4a57-9d7e-0b5a4a1f0c01")]);
+    // Shut off, as the done power-off step left it: done steps are not projected again.
+    let fx = Fixture::new(&[web("web-01")
+        .uuid("6c1b1b8e-3f0e-4a57-9d7e-0b5a4a1f0c01")
+        .running(false)]);
     let path = fx.write_plan("classic.yaml", &classic("web-01"));
     let file = Fixture::load(&path);
     let plan = fx.project(&file).unwrap();
