@@ -275,25 +275,25 @@ impl Lockfile {
                 }
             }
         }
-        if self.plan_sha256 != plan.meta.sha256 {
-            let lost: Vec<&StepRecord> = self
-                .steps
-                .iter()
-                .filter(|r| matches!(r.status, StepStatus::Done | StepStatus::Running))
-                .filter(|r| !planned.contains(&(r.step_id.as_str(), r.uuid.as_str())))
-                .collect();
-            if let Some(r) = lost.first() {
-                return Err(LockError::DoneStepChanged {
-                    path: path.to_path_buf(),
-                    step: r.step,
-                    step_id: r.step_id.clone(),
-                    vm: r.vm.clone(),
-                    status: r.status,
-                    count: lost.len(),
-                });
-            }
-            self.plan_sha256.clone_from(&plan.meta.sha256);
+        // Checked whatever the plan's hash: a virtplan.toml change (time zone, host alias) can
+        // move or re-target steps, and so change their ids, without touching the plan file.
+        let lost: Vec<&StepRecord> = self
+            .steps
+            .iter()
+            .filter(|r| matches!(r.status, StepStatus::Done | StepStatus::Running))
+            .filter(|r| !planned.contains(&(r.step_id.as_str(), r.uuid.as_str())))
+            .collect();
+        if let Some(r) = lost.first() {
+            return Err(LockError::DoneStepChanged {
+                path: path.to_path_buf(),
+                step: r.step,
+                step_id: r.step_id.clone(),
+                vm: r.vm.clone(),
+                status: r.status,
+                count: lost.len(),
+            });
         }
+        self.plan_sha256.clone_from(&plan.meta.sha256);
         self.steps
             .retain(|r| planned.contains(&(r.step_id.as_str(), r.uuid.as_str())));
         for s in &plan.steps {
@@ -783,6 +783,29 @@ mod tests {
         assert_eq!(order, [(1, "web-01"), (1, "web-02"), (2, "web-01")]);
         assert!(text.contains("version = 1"));
         assert!(text.contains("status = \"done\""));
+    }
+
+    /// Regression: done records were only checked when the plan file's hash changed, so a
+    /// virtplan.toml edit that moved step times (new ids) silently dropped them.
+    #[test]
+    fn done_step_missing_from_the_plan_is_refused_even_with_the_same_plan_hash() {
+        let mut lock = sample();
+        let plan = Plan {
+            meta: crate::planner::PlanMeta {
+                name: "p".into(),
+                file: "p.yaml".into(),
+                sha256: lock.plan_sha256.clone(),
+                timezone: None,
+            },
+            planned_at: t("2026-11-30T00:00:00Z"),
+            changes: Vec::new(),
+            warnings: Vec::new(),
+            summary: crate::planner::Summary::default(),
+            steps: Vec::new(),
+        };
+        let err = lock.reconcile(Path::new("p.lock"), &plan).unwrap_err();
+        assert!(matches!(err, LockError::DoneStepChanged { .. }), "{err}");
+        assert_eq!(lock.steps.len(), 3, "nothing was dropped");
     }
 
     #[test]
