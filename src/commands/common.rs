@@ -1,6 +1,5 @@
 //! Steps shared by the commands that read a plan and talk to libvirt.
 
-use std::collections::BTreeSet;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -38,14 +37,7 @@ pub fn load_plan(
 
 /// Opens each connection the plan uses once (`--connect` replaces all of them).
 pub fn open_connections(file: &PlanFile, connect: Option<&str>) -> anyhow::Result<Connections> {
-    let uris: BTreeSet<String> = match connect {
-        Some(uri) => std::iter::once(uri.to_owned()).collect(),
-        None => file
-            .steps
-            .iter()
-            .filter_map(|s| s.connection.clone())
-            .collect(),
-    };
+    let uris = file.connection_uris(connect);
     let mut connections = Connections::new();
     for uri in uris {
         let hv = Libvirt::connect(&uri).with_context(|| format!("plan {}", file.path.display()))?;

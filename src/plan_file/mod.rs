@@ -347,6 +347,28 @@ fn read_text(path: &Path) -> Result<String, Diagnostics> {
     })
 }
 
+impl PlanFile {
+    /// The libvirt URIs the steps use; `--connect` (`connect`) replaces all of them.
+    #[must_use]
+    pub fn connection_uris(&self, connect: Option<&str>) -> std::collections::BTreeSet<String> {
+        match connect {
+            Some(uri) => std::iter::once(uri.to_owned()).collect(),
+            None => self
+                .steps
+                .iter()
+                .filter_map(|s| s.connection.clone())
+                .collect(),
+        }
+    }
+}
+
+/// Lower-case hex SHA-256 of `bytes`, the form plans, saved plans and lockfiles record.
+#[must_use]
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::{Digest, Sha256};
+    validate::hex(&Sha256::digest(bytes))
+}
+
 impl Step {
     /// A short description for messages: `step 3 (web-01, web-02)`.
     #[must_use]

@@ -7,7 +7,6 @@ use chrono::{DateTime, Utc};
 use chrono_tz::Tz;
 use marked_yaml::types::MarkedMappingNode;
 use marked_yaml::Node;
-use sha2::{Digest, Sha256};
 
 use super::diag::{did_you_mean, Diagnostic, Pos};
 use super::time::{parse_at, parse_instant, parse_zone};
@@ -164,7 +163,7 @@ pub fn validate(path: &Path, text: &str, ctx: &LoadContext) -> Result<PlanFile, 
     match (name, grace) {
         (Some(name), Some(grace)) if c.diags.is_empty() => Ok(PlanFile {
             path: path.to_path_buf(),
-            sha256: hex(&Sha256::digest(text.as_bytes())),
+            sha256: super::sha256_hex(text.as_bytes()),
             source: text.to_owned(),
             name,
             connection: settings.connection,

@@ -15,14 +15,12 @@ pub mod diff;
 pub mod log;
 mod runner;
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::Scope;
 use std::time::{Duration, Instant};
-
-use sha2::{Digest as _, Sha256};
 
 use crate::clock::Clock;
 use crate::config::{self, Config};
@@ -71,14 +69,7 @@ impl Pool {
 
     /// The connections `file`'s steps use, opening those not open yet.
     fn for_file(&self, file: &PlanFile, connect: Option<&str>) -> Result<Connections, String> {
-        let uris: BTreeSet<String> = match connect {
-            Some(uri) => std::iter::once(uri.to_owned()).collect(),
-            None => file
-                .steps
-                .iter()
-                .filter_map(|s| s.connection.clone())
-                .collect(),
-        };
+        let uris = file.connection_uris(connect);
         let mut pool = self.0.lock().unwrap_or_else(PoisonError::into_inner);
         let mut out = Connections::new();
         for uri in uris {
@@ -451,7 +442,7 @@ impl<'scope, 'env> Reconciler<'scope, 'env> {
 
     fn inputs(&self, path: &Path) -> Inputs {
         let sha256 = match std::fs::read(path) {
-            Ok(bytes) => hex(&Sha256::digest(&bytes)),
+            Ok(bytes) => crate::plan_file::sha256_hex(&bytes),
             Err(e) => format!("unreadable: {e}"),
         };
         let config = config::discover(self.env.config, Some(path)).map_err(|d| d.to_string());
@@ -921,37 +912,7 @@ impl<'scope, 'env> Reconciler<'scope, 'env> {
 
 /// Whether `plan` may replace what the lockfile records: a done (or running) step must still be
 /// in it, whatever changed (the plan file or only its configuration), and the domains must be
-/// the same ones.
+/// the same ones. Checked on a copy: nothing is written.
 fn check(store: &LockStore, plan: &Plan) -> Result<(), LockError> {
-    let mut lock = store.snapshot();
-    let planned: BTreeSet<(&str, &str)> = plan
-        .steps
-        .iter()
-        .map(|s| (s.step_id.as_str(), s.domain.uuid.as_str()))
-        .collect();
-    let lost: Vec<_> = lock
-        .steps
-        .iter()
-        .filter(|r| matches!(r.status, StepStatus::Done | StepStatus::Running))
-        .filter(|r| !planned.contains(&(r.step_id.as_str(), r.uuid.as_str())))
-        .collect();
-    if let Some(r) = lost.first() {
-        return Err(LockError::DoneStepChanged {
-            path: store.path().to_path_buf(),
-            step: r.step,
-            step_id: r.step_id.clone(),
-            vm: r.vm.clone(),
-            status: r.status,
-            count: lost.len(),
-        });
-    }
-    lock.reconcile(store.path(), plan)
-}
-
-fn hex(bytes: &[u8]) -> String {
-    use std::fmt::Write as _;
-    bytes.iter().fold(String::new(), |mut s, b| {
-        let _ = write!(s, "{b:02x}");
-        s
-    })
+    store.snapshot().reconcile(store.path(), plan)
 }
