@@ -143,6 +143,35 @@ pub struct StepRecord {
     pub after: Option<Figures>,
 }
 
+impl StepRecord {
+    /// A record with no times, message or observed figures yet.
+    #[must_use]
+    pub fn new(
+        step: usize,
+        step_id: impl Into<String>,
+        vm: impl Into<String>,
+        uuid: impl Into<String>,
+        what: impl Into<String>,
+        at: Option<DateTime<Utc>>,
+        status: StepStatus,
+    ) -> Self {
+        Self {
+            step,
+            step_id: step_id.into(),
+            vm: vm.into(),
+            uuid: uuid.into(),
+            what: what.into(),
+            at,
+            status,
+            started_at: None,
+            finished_at: None,
+            message: String::new(),
+            before: None,
+            after: None,
+        }
+    }
+}
+
 /// The whole progress file.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -307,20 +336,15 @@ impl Lockfile {
                         r.what = describe(plan, &s.step_id, &s.domain.uuid);
                     }
                 }
-                None => self.steps.push(StepRecord {
-                    step: s.step,
-                    step_id: s.step_id.clone(),
-                    vm: s.domain.name.clone(),
-                    uuid: s.domain.uuid.clone(),
-                    what: describe(plan, &s.step_id, &s.domain.uuid),
-                    at: s.at,
-                    status: StepStatus::Pending,
-                    started_at: None,
-                    finished_at: None,
-                    message: String::new(),
-                    before: None,
-                    after: None,
-                }),
+                None => self.steps.push(StepRecord::new(
+                    s.step,
+                    &s.step_id,
+                    &s.domain.name,
+                    &s.domain.uuid,
+                    describe(plan, &s.step_id, &s.domain.uuid),
+                    s.at,
+                    StepStatus::Pending,
+                )),
             }
         }
         self.sort();
@@ -727,20 +751,16 @@ mod tests {
     }
 
     fn record(step: usize, id: &str, vm: &str, status: StepStatus) -> StepRecord {
-        StepRecord {
+        let at = Some(t("2026-12-01T09:00:00Z"));
+        StepRecord::new(
             step,
-            step_id: id.to_owned(),
-            vm: vm.to_owned(),
-            uuid: format!("uuid-{vm}"),
-            what: "memory 1GiB → 2GiB".to_owned(),
-            at: Some(t("2026-12-01T09:00:00Z")),
+            id,
+            vm,
+            format!("uuid-{vm}"),
+            "memory 1GiB → 2GiB",
+            at,
             status,
-            started_at: None,
-            finished_at: None,
-            message: String::new(),
-            before: None,
-            after: None,
-        }
+        )
     }
 
     fn sample() -> Lockfile {

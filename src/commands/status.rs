@@ -197,19 +197,10 @@ mod tests {
     }
 
     fn sample() -> Lockfile {
-        let record = |step: usize, vm: &str, status: StepStatus| StepRecord {
-            step,
-            step_id: format!("s00000000{step}"),
-            vm: vm.to_owned(),
-            uuid: format!("uuid-{vm}"),
-            what: "memory 1GiB → 2GiB".to_owned(),
-            at: t("2026-12-01T09:00:00Z"),
-            status,
-            started_at: None,
-            finished_at: None,
-            message: String::new(),
-            before: None,
-            after: None,
+        let record = |step: usize, vm: &str, status: StepStatus| {
+            let (id, uuid) = (format!("s00000000{step}"), format!("uuid-{vm}"));
+            let at = t("2026-12-01T09:00:00Z");
+            StepRecord::new(step, id, vm, uuid, "memory 1GiB → 2GiB", at, status)
         };
         let mut lock = Lockfile::new("abc");
         let mut done = record(1, "web-01", StepStatus::Done);

@@ -613,20 +613,18 @@ fn steps_done_in_the_lockfile_show_as_done_not_as_changes() {
     let plan = fx.project(&file).unwrap();
     let mut lock = Lockfile::new(file.sha256.clone());
     let first = &plan.steps[0];
-    lock.steps.push(StepRecord {
-        step: first.step,
-        step_id: first.step_id.clone(),
-        vm: first.domain.name.clone(),
-        uuid: first.domain.uuid.clone(),
-        what: "power shutoff".to_owned(),
-        at: first.at,
-        status: StepStatus::Done,
-        started_at: first.at,
-        finished_at: first.at,
-        message: String::new(),
-        before: None,
-        after: None,
-    });
+    let mut record = StepRecord::new(
+        first.step,
+        &first.step_id,
+        &first.domain.name,
+        &first.domain.uuid,
+        "power shutoff",
+        first.at,
+        StepStatus::Done,
+    );
+    record.started_at = first.at;
+    record.finished_at = first.at;
+    lock.steps.push(record);
     std::fs::write(lock_path(&path), lock.to_toml().unwrap()).unwrap();
     crate::support::cli::Cli::new()
         .args([
