@@ -357,7 +357,10 @@ struct Carry {
     xml: Option<String>,
     snapshots: BTreeSet<String>,
     /// A clock change waiting for a boot: (change index in output, step number).
-    pending_clock: Option<(usize, usize)>,
+    pending_clock: Option<usize>,
+    /// Notes for clock changes, by the step number that made them, added once all steps are
+    /// projected (a later step decides whether and when the change takes effect).
+    clock_notes: Vec<(usize, String)>,
 }
 
 impl DomainCtx<'_> {
@@ -367,6 +370,7 @@ impl DomainCtx<'_> {
             xml: self.observed.xml.clone(),
             snapshots: self.observed.snapshots.clone(),
             pending_clock: None,
+            clock_notes: Vec::new(),
         };
         for step in steps {
             let before = carry.state.clone();
@@ -377,7 +381,6 @@ impl DomainCtx<'_> {
                 changes: Vec::new(),
                 actions: Vec::new(),
             };
-            let first_change = out.changes.len();
             let done = self.input.progress.is_done(&b.step_id, &self.id.uuid);
             if done {
                 // The observed state already includes a done step's effect: project it on a
@@ -385,18 +388,20 @@ impl DomainCtx<'_> {
                 // start from (a done power-off must not make a running domain look off) nor
                 // is refused for the state it left behind (a done `max_memory` on a domain
                 // that a later done step booted).
+                // Its warnings and refusals are moot too: it already ran.
                 let mut scratch = Carry {
                     state: carry.state.clone(),
                     xml: carry.xml.clone(),
                     snapshots: carry.snapshots.clone(),
                     pending_clock: None,
+                    clock_notes: Vec::new(),
                 };
-                let _ = self.project_step(&mut b, &mut scratch, out, first_change);
+                let _moot = self.project_step(&mut b, &mut scratch, &mut Output::default());
                 b.changes
                     .iter_mut()
                     .for_each(|c| c.action = ChangeAction::Done);
                 b.actions.clear();
-            } else if let Err(p) = self.project_step(&mut b, &mut carry, out, first_change) {
+            } else if let Err(p) = self.project_step(&mut b, &mut carry, out) {
                 problems.push(p);
                 continue;
             }
@@ -413,17 +418,25 @@ impl DomainCtx<'_> {
             });
             out.changes.extend(b.changes);
         }
-        if let Some((index, number)) = carry.pending_clock {
-            let note =
+        if let Some(number) = carry.pending_clock {
+            carry.clock_notes.push((
+                number,
                 "takes effect at the next boot, and no later step of this plan boots the domain"
-                    .to_owned();
-            if let Some(change) = out.changes.get_mut(index) {
-                change.notes.push(note);
-            }
+                    .to_owned(),
+            ));
             out.warnings.push(format!(
                 "the clock change of {} in step {number} takes effect only at its next boot, which this plan does not include",
                 self.id.name
             ));
+        }
+        for (number, note) in carry.clock_notes {
+            let change = out
+                .changes
+                .iter_mut()
+                .find(|c| c.step == number && c.uuid == self.id.uuid && c.attribute == "clock");
+            if let Some(change) = change {
+                change.notes.push(note);
+            }
         }
     }
 
@@ -434,7 +447,6 @@ impl DomainCtx<'_> {
         b: &mut StepBuild<'_>,
         carry: &mut Carry,
         out: &mut Output,
-        first_change: usize,
     ) -> Result<(), PlanProblem> {
         let step = b.step;
         let a = &step.attributes;
@@ -523,7 +535,7 @@ impl DomainCtx<'_> {
                     "use `track: guest` (the guest's own time) or `track: wall` (host time) on QEMU/KVM",
                 ));
             }
-            Self::clock_step(b, carry, clock, first_change);
+            Self::clock_step(b, carry, clock)?;
         }
         let state = &mut carry.state;
         if let Some(on) = &a.autostart {
@@ -591,8 +603,9 @@ impl DomainCtx<'_> {
             _ => false,
         };
         if let Some(target) = power.filter(|p| *p != PowerTarget::Shutoff) {
-            if !(target == PowerTarget::Paused && b.changes.iter().any(|c| c.attribute == "power"))
-            {
+            // Pausing a running domain was already recorded with the power-off phase.
+            let recorded = b.changes.iter().any(|c| c.attribute == "power");
+            if !recorded {
                 let method = match (before_power, boots) {
                     (_, true) if target == PowerTarget::Paused => {
                         Some("start, then suspend".to_owned())
@@ -618,16 +631,9 @@ impl DomainCtx<'_> {
                     memory: state.memory,
                     vcpus: state.vcpus,
                 });
-                if let Some((index, _)) = carry.pending_clock.take() {
+                if let Some(number) = carry.pending_clock.take() {
                     let note = format!("takes effect when step {} boots the domain", step.number);
-                    match out.changes.get_mut(index) {
-                        Some(change) => change.notes.push(note),
-                        None => {
-                            if let Some(change) = b.changes.get_mut(index - first_change) {
-                                change.notes.push(note);
-                            }
-                        }
-                    }
+                    carry.clock_notes.push((number, note));
                 }
             }
         }
@@ -811,8 +817,7 @@ impl DomainCtx<'_> {
         b: &mut StepBuild<'_>,
         carry: &mut Carry,
         clock: &Located<ClockTarget>,
-        first_change: usize,
-    ) {
+    ) -> Result<(), PlanProblem> {
         let before = carry.state.clock.clone().unwrap_or_default();
         let after = ClockState {
             offset: clock
@@ -834,24 +839,31 @@ impl DomainCtx<'_> {
             vec![],
         );
         if before == after {
-            return;
+            return Ok(());
         }
         b.actions.push(Action::SetClock { clock: clock.value });
         if let Some(xml) = &carry.xml {
-            if let Ok(new_xml) =
+            // The executor makes the same edit at 4 a.m.: if it cannot be made now, say so now.
+            let new_xml =
                 domain_xml::set_clock(xml, after.offset.as_deref(), after.rtc_track.as_deref())
-            {
-                let diff = similar::TextDiff::from_lines(xml.as_str(), new_xml.as_str())
-                    .unified_diff()
-                    .context_radius(2)
-                    .header("before", "after")
-                    .to_string();
-                b.changes[index].xml_diff = Some(diff);
-                carry.xml = Some(new_xml);
-            }
+                    .map_err(|e| {
+                        b.problem(
+                            clock.pos,
+                            format!("the domain XML of {} cannot be edited: {e}", b.base.id.name),
+                            "check the domain's definition with `virsh dumpxml --inactive`",
+                        )
+                    })?;
+            let diff = similar::TextDiff::from_lines(xml.as_str(), new_xml.as_str())
+                .unified_diff()
+                .context_radius(2)
+                .header("before", "after")
+                .to_string();
+            b.changes[index].xml_diff = Some(diff);
+            carry.xml = Some(new_xml);
         }
         carry.state.clock = Some(after);
-        carry.pending_clock = Some((first_change + index, b.step.number));
+        carry.pending_clock = Some(b.step.number);
+        Ok(())
     }
 }
 

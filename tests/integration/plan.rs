@@ -651,3 +651,43 @@ fn checked_in_plan_output_schema_is_current() {
         "schemas/plan-output.schema.json is stale; run `cargo run -- schema plan-output > schemas/plan-output.schema.json`"
     );
 }
+
+/// Regression: a done step was re-projected with the plan's warnings machinery, so a resumed
+/// plan kept warning about steps that had long run (here: more vCPUs than the host has).
+#[test]
+fn done_steps_raise_no_warnings() {
+    struct FirstDone(String);
+    impl virtplan::planner::Progress for FirstDone {
+        fn is_done(&self, step_id: &str, _: &str) -> bool {
+            step_id == self.0
+        }
+    }
+    let fx = Fixture::new(&[web("web-01").running(false)]);
+    let path = fx.write_plan(
+        "p.yaml",
+        "version: 1\nsteps:\n  - vm: web-01\n    max_vcpus: 64\n  - vm: web-01\n    title: resized\n",
+    );
+    let file = Fixture::load(&path);
+    let mut connections = Connections::new();
+    connections.insert(fx.uri.clone(), Arc::new(Libvirt::connect(&fx.uri).unwrap()));
+    let input = |progress: &dyn virtplan::planner::Progress| {
+        planner::project(&PlanInput {
+            file: &file,
+            connections: &connections,
+            connect_override: Some(&fx.uri),
+            now: now(),
+            progress,
+        })
+        .unwrap()
+    };
+    let pending = input(&NoProgress);
+    assert!(
+        pending.warnings.iter().any(|w| w.contains("64 vCPUs")),
+        "{:?}",
+        pending.warnings
+    );
+    let first_id = file.steps[0].id();
+    let plan = input(&FirstDone(first_id));
+    assert_eq!(plan.changes[0].action, ChangeAction::Done);
+    assert!(plan.warnings.is_empty(), "{:?}", plan.warnings);
+}
