@@ -44,16 +44,6 @@ pub fn run(args: &Args<'_>, clock: &dyn Clock, printer: &Printer) -> anyhow::Res
         );
     }
     let interactive = std::io::stdin().is_terminal();
-    // A saved plan was reviewed when it was made; anything else needs a yes or the flag.
-    if saved.is_none() && !args.auto_approve && !interactive {
-        printer.error(&format!(
-            "refusing to apply {} without confirmation: there is no terminal to ask on; review it with `virtplan plan {}` and pass --auto-approve, or apply a saved plan (`virtplan plan {} --out FILE`)",
-            args.plan.display(),
-            args.plan.display(),
-            args.plan.display()
-        ));
-        return Ok(ExitStatus::Error);
-    }
     if saved.is_some() && args.connect.is_some() {
         anyhow::bail!(
             "{} is a saved plan and carries its connections; drop --connect",
@@ -80,13 +70,25 @@ pub fn run(args: &Args<'_>, clock: &dyn Clock, printer: &Printer) -> anyhow::Res
         }
     }
 
+    // A saved plan was reviewed when it was made; anything else needs a yes or the flag. Asked
+    // after loading, so a mistyped path or a broken plan is reported as what it is.
+    if saved.is_none() && !args.auto_approve && !interactive {
+        printer.error(&format!(
+            "refusing to apply {} without confirmation: there is no terminal to ask on; review it with `virtplan plan {}` and pass --auto-approve, or apply a saved plan (`virtplan plan {} --out FILE`)",
+            args.plan.display(),
+            args.plan.display(),
+            args.plan.display()
+        ));
+        return Ok(ExitStatus::Error);
+    }
+
     let _lock = ExecutorLock::acquire(&lockfile::pid_path(&file.path), clock.now())?;
     let store = Arc::new(LockStore::open(
         &lockfile::lock_path(&file.path),
         &file.sha256,
     )?);
     let (plan, connections) = if let Some(saved) = saved {
-        let connections = open_uris(saved.plan.steps.iter().map(|s| s.connection.clone()))?;
+        let connections = common::open_uris(saved.plan.steps.iter().map(|s| s.connection.clone()))?;
         (saved.plan, connections)
     } else {
         let connections = common::open_connections(&file, args.connect)?;
@@ -229,15 +231,6 @@ fn short(hash: &str) -> &str {
 }
 
 /// Opens each URI once.
-fn open_uris(uris: impl Iterator<Item = String>) -> anyhow::Result<Connections> {
-    let mut connections = Connections::new();
-    for uri in uris.collect::<BTreeSet<_>>() {
-        let hv = Libvirt::connect(&uri)?;
-        connections.insert(uri, Arc::new(hv));
-    }
-    Ok(connections)
-}
-
 /// Asks on the terminal; only `yes` goes on.
 fn confirm(plan: &Plan, printer: &Printer) -> anyhow::Result<bool> {
     let domains: BTreeSet<&str> = plan.steps.iter().map(|s| s.domain.uuid.as_str()).collect();

@@ -37,10 +37,15 @@ pub fn load_plan(
 
 /// Opens each connection the plan uses once (`--connect` replaces all of them).
 pub fn open_connections(file: &PlanFile, connect: Option<&str>) -> anyhow::Result<Connections> {
-    let uris = file.connection_uris(connect);
+    open_uris(file.connection_uris(connect))
+        .with_context(|| format!("plan {}", file.path.display()))
+}
+
+/// Opens each of `uris` once.
+pub fn open_uris(uris: impl IntoIterator<Item = String>) -> anyhow::Result<Connections> {
     let mut connections = Connections::new();
-    for uri in uris {
-        let hv = Libvirt::connect(&uri).with_context(|| format!("plan {}", file.path.display()))?;
+    for uri in uris.into_iter().collect::<std::collections::BTreeSet<_>>() {
+        let hv = Libvirt::connect(&uri)?;
         connections.insert(uri, Arc::new(hv));
     }
     Ok(connections)

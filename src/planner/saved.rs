@@ -40,9 +40,20 @@ impl SavedPlan {
     }
 
     /// Reads a saved plan; `Ok(None)` when the file is not one (a YAML plan file).
+    ///
+    /// A file that cannot be read, or is not JSON, is left to the plan-file loader, which
+    /// reports it with its location and a fix.
     pub fn read(path: &Path) -> anyhow::Result<Option<Self>> {
-        let text = std::fs::read_to_string(path)?;
-        if !text.trim_start().starts_with('{') || !text.contains(KIND) {
+        let Ok(bytes) = std::fs::read(path) else {
+            return Ok(None);
+        };
+        if bytes.trim_ascii_start().first() != Some(&b'{') {
+            return Ok(None);
+        }
+        let Ok(text) = String::from_utf8(bytes) else {
+            return Ok(None);
+        };
+        if !text.contains(KIND) {
             return Ok(None);
         }
         let saved: Self = serde_json::from_str(&text).map_err(|e| {

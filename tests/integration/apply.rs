@@ -563,3 +563,30 @@ fn memory_of_a_running_guest_without_balloon_driver_is_done_with_a_warning() {
     assert_eq!(state.memory, Kib::from_mib(192));
     assert_eq!(state.power, PowerState::Running);
 }
+
+/// Regression: `apply` refused for want of a terminal, or printed a bare I/O error, before it
+/// had looked at the plan, so a mistyped path or a binary file was never reported as such.
+#[test]
+fn a_missing_or_binary_plan_is_reported_with_its_location_before_anything_else() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("missing.yaml");
+    crate::support::cli::Cli::new()
+        .args(["apply".as_ref(), missing.as_os_str()])
+        .status(1)
+        .stderr_contains("cannot read the plan file")
+        .stderr_contains(format!("--> {}:1:1", missing.display()))
+        .stderr_lacks("without confirmation")
+        .run();
+    let binary = dir.path().join("binary.yaml");
+    std::fs::write(&binary, [0xd3, 0x00, 0xff, 0x7b]).unwrap();
+    crate::support::cli::Cli::new()
+        .args([
+            "apply".as_ref(),
+            binary.as_os_str(),
+            "--auto-approve".as_ref(),
+        ])
+        .status(1)
+        .stderr_contains("is not UTF-8 text")
+        .stderr_lacks("stream did not contain")
+        .run();
+}
