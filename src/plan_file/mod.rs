@@ -8,6 +8,7 @@ pub mod diag;
 pub mod schema;
 pub mod time;
 pub mod units;
+mod step_id;
 mod validate;
 mod yaml;
 
