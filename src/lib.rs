@@ -9,6 +9,7 @@
 //! subcommand; [`clock`] is the only place that reads the wall clock or sleeps. [`reconciler`]
 //! keeps executors running while plan files change (`apply --watch`, `watch DIR`).
 
+pub mod cancel;
 pub mod cli;
 pub mod clock;
 pub mod commands;
@@ -17,6 +18,7 @@ pub mod executor;
 pub mod fsutil;
 pub mod hypervisor;
 pub mod lockfile;
+pub mod overview;
 pub mod plan_file;
 pub mod planner;
 pub mod printer;

@@ -7,6 +7,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 
 use super::{Permit, Run};
+use crate::cancel::Gate;
 use crate::hypervisor::{domain_xml, ErrorKind, HvError, HvResult, Hypervisor, Scope};
 use crate::lockfile::{Figures, StepStatus};
 use crate::plan_file::units::format_duration;
@@ -178,6 +179,26 @@ impl Run<'_> {
         if resuming {
             return self.resume(step, now, late);
         }
+        // An operator's cancel is checked last thing before the start, and none can land
+        // until the step is recorded `running` (the gate is dropped in `apply`).
+        let gate = match self.ex.store_cancels().gate(&step.step_id) {
+            Ok((_, Some(record))) => {
+                let zone = self
+                    .ex
+                    .plan
+                    .meta
+                    .timezone
+                    .as_deref()
+                    .and_then(|z| z.parse().ok());
+                let message = format!("not run: {}", record.describe(zone));
+                return self.end(step, StepStatus::Cancelled, message, None, None);
+            }
+            Ok((gate, None)) => gate,
+            Err(e) => {
+                let message = format!("not started: operator cancellations cannot be checked: {e}");
+                return self.end(step, StepStatus::Failed, message, None, None);
+            }
+        };
         if let Some(reason) = late {
             return self.end(
                 step,
@@ -187,7 +208,7 @@ impl Run<'_> {
                 None,
             );
         }
-        self.apply(step, now, false)
+        self.apply(step, now, Some(gate))
     }
 
     /// Waits until the step is due and a slot is free; `None` when stopped meanwhile.
@@ -292,11 +313,14 @@ impl Run<'_> {
                 Some(&live),
             );
         }
-        self.apply(step, now, true)
+        self.apply(step, now, None)
     }
 
     /// Records `running`, checks for drift, runs the actions, verifies, records the result.
-    fn apply(&self, step: &PlannedStep, now: DateTime<Utc>, resuming: bool) -> Ended {
+    /// `gate` (held by a fresh start, `None` when resuming) keeps cancels out until `running`
+    /// is on disk.
+    fn apply(&self, step: &PlannedStep, now: DateTime<Utc>, gate: Option<Gate>) -> Ended {
+        let resuming = gate.is_none();
         let write = self.ex.store.update(&step.step_id, &step.domain.uuid, |r| {
             r.status = StepStatus::Running;
             if !resuming || r.started_at.is_none() {
@@ -309,6 +333,7 @@ impl Run<'_> {
                 String::new()
             };
         });
+        drop(gate);
         if let Err(e) = write {
             // Nothing may touch libvirt that could not be recorded first.
             self.fail_hard(&e);
