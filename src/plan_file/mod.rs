@@ -15,8 +15,8 @@ mod yaml;
 /// Schema's properties: the validator and the schema cannot drift apart.
 pub mod keys {
     pub use super::validate::{
-        ATTRIBUTE_KEYS, CHECK_KEYS, CLOCK_KEYS, DEFAULTS_KEYS, SHUTDOWN_KEYS, SNAPSHOT_KEYS, STEP_KEYS,
-        TOP_KEYS, WINDOW_KEYS,
+        ATTRIBUTE_KEYS, CHECK_KEYS, CLOCK_KEYS, DEFAULTS_KEYS, SHUTDOWN_KEYS, SNAPSHOT_KEYS,
+        STEP_KEYS, TOP_KEYS, WINDOW_KEYS,
     };
 }
 
@@ -524,7 +524,8 @@ struct ClockIdForm(ClockTarget);
 impl fmt::Debug for ClockIdForm {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let mut d = f.debug_struct("ClockTarget");
-        d.field("offset", &self.0.offset).field("track", &self.0.track);
+        d.field("offset", &self.0.offset)
+            .field("track", &self.0.track);
         if self.0.sync {
             d.field("sync", &true);
         }

@@ -13,8 +13,9 @@ use super::time::{parse_at, parse_instant, parse_zone};
 use super::units::{self, parse_duration, parse_size};
 use super::yaml::{self, pos, Checker};
 use super::{
-    Attributes, CheckSpec, ClockOffset, ClockTarget, LoadContext, Located, OnFailure, PlanFile, PowerTarget,
-    RtcTrack, ShutdownMode, ShutdownPolicy, SnapshotSpec, Step, Target, Window, FORMAT_VERSION,
+    Attributes, CheckSpec, ClockOffset, ClockTarget, LoadContext, Located, OnFailure, PlanFile,
+    PowerTarget, RtcTrack, ShutdownMode, ShutdownPolicy, SnapshotSpec, Step, Target, Window,
+    FORMAT_VERSION,
 };
 use crate::config::Config;
 use crate::render::show_time;
@@ -735,7 +736,11 @@ fn check_gate(c: &mut Checker<'_>, node: &Node) -> Option<CheckSpec> {
     }
     if let Some(n) = map.get_node("command") {
         spec.command = c
-            .text(n, "`check.command`", "command: curl -fsS http://$VIRTPLAN_VM/health")
+            .text(
+                n,
+                "`check.command`",
+                "command: curl -fsS http://$VIRTPLAN_VM/health",
+            )
             .map(str::to_owned);
     }
     let positive = |c: &mut Checker<'_>, key: &str, example: &str| -> Option<(Duration, Pos)> {
