@@ -596,7 +596,10 @@ mod tests {
         assert!(!has_agent_channel(spice).unwrap());
         let misplaced = "<domain><metadata><devices><channel><target type='virtio' name='org.qemu.guest_agent.0'/></channel></devices></metadata></domain>";
         assert!(!has_agent_channel(misplaced).unwrap());
-        assert!(has_agent_channel("<domain><devices>").is_err() || !has_agent_channel("<domain><devices>").unwrap());
+        assert!(
+            has_agent_channel("<domain><devices>").is_err()
+                || !has_agent_channel("<domain><devices>").unwrap()
+        );
     }
 
     #[test]
