@@ -6,6 +6,7 @@
 
 pub mod diag;
 pub mod schema;
+pub mod step_id;
 pub mod time;
 pub mod units;
 mod validate;
@@ -470,65 +471,9 @@ impl Step {
 }
 
 impl Step {
-    /// A stable identity for the lockfile: a hash of everything the step asks for (time,
-    /// domains, connection, shutdown policy, attributes) but not of where it sits in the file,
-    /// so reordering or inserting steps keeps ids, and editing a step gives it a new id.
+    /// A stable identity for the lockfile: see [`step_id`].
     #[must_use]
     pub fn id(&self) -> String {
-        use sha2::{Digest, Sha256};
-        use std::fmt::Write as _;
-        let mut canon = String::new();
-        let _ = write!(
-            canon,
-            "at={:?};targets={:?};conn={:?};shutdown={:?};",
-            self.at.as_ref().map(|a| a.value.to_rfc3339()),
-            self.targets
-                .iter()
-                .map(|t| &t.name_or_uuid)
-                .collect::<Vec<_>>(),
-            self.connection,
-            self.shutdown,
-        );
-        let a = &self.attributes;
-        let _ = write!(
-            canon,
-            "power={:?};memory={:?};max_memory={:?};vcpus={:?};max_vcpus={:?};clock={:?};autostart={:?};title={:?};description={:?};snapshot={:?}",
-            a.power.as_ref().map(|l| l.value),
-            a.memory.as_ref().map(|l| l.value),
-            a.max_memory.as_ref().map(|l| l.value),
-            a.vcpus.as_ref().map(|l| l.value),
-            a.max_vcpus.as_ref().map(|l| l.value),
-            a.clock.as_ref().map(|l| ClockIdForm(l.value)),
-            a.autostart.as_ref().map(|l| l.value),
-            a.title.as_ref().map(|l| &l.value),
-            a.description.as_ref().map(|l| &l.value),
-            a.snapshot.as_ref().map(|l| &l.value),
-        );
-        // Appended only when set, so steps written before these keys existed keep their ids
-        // (and their lockfile records).
-        if let Some(check) = &self.check {
-            let _ = write!(canon, ";check={:?}", check.value);
-        }
-        if self.always {
-            canon.push_str(";always");
-        }
-        let digest = Sha256::digest(canon.as_bytes());
-        format!("s{}", &validate::hex(&digest)[..10])
-    }
-}
-
-/// A clock target as step ids have always hashed it: `sync` appears only when set, so adding
-/// the field did not change the id of any existing clock step.
-struct ClockIdForm(ClockTarget);
-
-impl fmt::Debug for ClockIdForm {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let mut d = f.debug_struct("ClockTarget");
-        d.field("offset", &self.0.offset)
-            .field("track", &self.0.track);
-        if self.0.sync {
-            d.field("sync", &true);
-        }
-        d.finish()
+        step_id::StepIdentity::of(self).id()
     }
 }
