@@ -57,8 +57,7 @@ fn apply(plan: &Path, env: &[(&str, &str)]) -> Output {
 /// domain's log at every start (names are unique per test run, so the log is ours).
 fn starts(name: &str) -> usize {
     std::fs::read_to_string(format!("/var/log/libvirt/qemu/{name}.log"))
-        .map(|log| log.matches("starting up").count())
-        .unwrap_or(0)
+        .map_or(0, |log| log.matches("starting up").count())
 }
 
 fn run_id(hv: &Libvirt, uuid: &str) -> Option<u32> {
@@ -229,9 +228,9 @@ fn qemu_kill_9_in_the_middle_of_a_reboot_then_resume_reboots_exactly_once() {
     let (_dir, plan) = reboot_plan(&uri, &dom, "3s");
     let mut child = spawn_apply(&plan);
     let deadline = Instant::now() + Duration::from_secs(20);
-    while !LockStore::read(&plan.with_extension("lock"))
+    while LockStore::read(&plan.with_extension("lock"))
         .ok()
-        .is_some_and(|l| l.steps[0].reboot_from.is_some())
+        .is_none_or(|l| l.steps[0].reboot_from.is_none())
     {
         assert!(Instant::now() < deadline, "the reboot never started");
         SystemClock.sleep(Duration::from_millis(20));
