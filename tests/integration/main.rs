@@ -3,6 +3,7 @@
 mod apply;
 mod guest;
 mod libvirt_adapter;
+mod ops;
 mod plan;
 mod support;
 mod validate;
