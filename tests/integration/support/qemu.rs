@@ -63,6 +63,16 @@ impl TestDomain {
     ///
     /// When libvirt refuses the definition, e.g. because the name is taken.
     pub fn define(uri: &str, test: &str) -> Self {
+        Self::define_with_devices(uri, test, "")
+    }
+
+    /// Like [`TestDomain::define`], with `devices` (trusted XML from the test) added inside
+    /// `<devices>`, such as a guest agent channel.
+    ///
+    /// # Panics
+    ///
+    /// When libvirt refuses the definition.
+    pub fn define_with_devices(uri: &str, test: &str, devices: &str) -> Self {
         Self::define_with(uri, test, |name| {
             format!(
                 "<domain type='{kind}'>
@@ -81,6 +91,7 @@ impl TestDomain {
   <on_crash>destroy</on_crash>
   <devices>
     <memballoon model='virtio'/>
+{devices}
   </devices>
 </domain>
 ",
