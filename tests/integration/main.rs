@@ -5,6 +5,7 @@ mod guest;
 mod libvirt_adapter;
 mod ops;
 mod plan;
+mod safe_windows;
 mod support;
 mod validate;
 mod watch;
