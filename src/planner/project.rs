@@ -4,16 +4,16 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use chrono::{DateTime, Utc};
-use serde_json::{json, Value};
 
 use super::{
     Action, Change, ChangeAction, Connections, Plan, PlanError, PlanInput, PlanMeta, PlanProblem,
     PlannedDomain, PlannedStep, Summary,
 };
+use crate::attr::{Attr, Figure};
 use crate::hypervisor::{domain_xml, DomainId, ErrorKind, Hypervisor};
 use crate::plan_file::units::format_duration;
 use crate::plan_file::{
-    ClockTarget, Located, PlanFile, PowerTarget, ShutdownMode, ShutdownPolicy, Step,
+    Attributes, ClockTarget, Located, PlanFile, PowerTarget, ShutdownMode, ShutdownPolicy, Step,
 };
 use crate::state::{ClockState, DomainState, LiveFigures, PowerState};
 
@@ -184,7 +184,7 @@ fn observe(
             .iter()
             .filter(|((u, _), _)| u == uri)
             .flat_map(|(_, steps)| steps.iter())
-            .any(|s| s.attributes.vcpus.is_some() || s.attributes.max_vcpus.is_some());
+            .any(|s| s.attributes.has(Attr::Vcpus) || s.attributes.has(Attr::MaxVcpus));
         let host_cpus = if needs_host_cpus {
             Some(
                 hv.host_cpus()
@@ -204,7 +204,7 @@ fn observe(
                 snapshots: BTreeSet::new(),
                 host_cpus,
             };
-            if steps.iter().any(|s| s.attributes.clock.is_some()) {
+            if steps.iter().any(|s| s.attributes.has(Attr::Clock)) {
                 let xml = hv.domain_xml(&key.1, true).map_err(libvirt(format!(
                     "reading the definition of {}",
                     obs.state.name
@@ -216,7 +216,7 @@ fn observe(
                 obs.state.clock = Some(clock);
                 obs.xml = Some(xml);
             }
-            if steps.iter().any(|s| s.attributes.snapshot.is_some()) {
+            if steps.iter().any(|s| s.attributes.has(Attr::Snapshot)) {
                 obs.snapshots = snapshot_names(hv.as_ref(), &key.1)
                     .map_err(libvirt(format!("listing snapshots of {}", obs.state.name)))?;
             }
@@ -310,9 +310,9 @@ struct StepBuild<'a> {
 impl StepBuild<'_> {
     fn change(
         &mut self,
-        attribute: &str,
-        before: Value,
-        after: Value,
+        attribute: Attr,
+        before: Figure,
+        after: Figure,
         method: Option<String>,
         notes: Vec<String>,
     ) -> usize {
@@ -328,7 +328,7 @@ impl StepBuild<'_> {
             vm: self.base.id.name.clone(),
             uuid: self.base.id.uuid.clone(),
             connection: self.base.uri.to_owned(),
-            attribute: attribute.to_owned(),
+            attribute,
             before,
             after,
             action,
@@ -433,7 +433,7 @@ impl DomainCtx<'_> {
             let change = out
                 .changes
                 .iter_mut()
-                .find(|c| c.step == number && c.uuid == self.id.uuid && c.attribute == "clock");
+                .find(|c| c.step == number && c.uuid == self.id.uuid && c.attribute == Attr::Clock);
             if let Some(change) = change {
                 change.notes.push(note);
             }
@@ -450,6 +450,20 @@ impl DomainCtx<'_> {
     ) -> Result<(), PlanProblem> {
         let step = b.step;
         let a = &step.attributes;
+        // Every attribute is projected below, in its phase; listed without `..` so a new
+        // attribute does not compile until it has a phase here.
+        let Attributes {
+            power: _,
+            memory: _,
+            max_memory: _,
+            vcpus: _,
+            max_vcpus: _,
+            clock: _,
+            autostart: _,
+            title: _,
+            description: _,
+            snapshot: _,
+        } = a;
         let power = a.power.as_ref().map(|p| p.value);
         settled(b, &carry.state, a.power.as_ref())?;
 
@@ -475,9 +489,9 @@ impl DomainCtx<'_> {
                     }
                 }
                 b.change(
-                    "power",
-                    json!(state.power.as_str()),
-                    json!("shutoff"),
+                    Attr::Power,
+                    Figure::Power(state.power),
+                    Figure::Power(PowerState::Shutoff),
                     method,
                     vec![],
                 );
@@ -487,9 +501,9 @@ impl DomainCtx<'_> {
             Some(PowerTarget::Paused) if carry.state.power == PowerState::Running => {
                 b.actions.push(Action::Suspend);
                 b.change(
-                    "power",
-                    json!("running"),
-                    json!("paused"),
+                    Attr::Power,
+                    Figure::Power(PowerState::Running),
+                    Figure::Power(PowerState::Paused),
                     Some("suspend".into()),
                     vec![],
                 );
@@ -508,9 +522,13 @@ impl DomainCtx<'_> {
                 vec![]
             };
             b.change(
-                "snapshot",
-                json!(exists.then_some(name)),
-                json!(name),
+                Attr::Snapshot,
+                if exists {
+                    Figure::Text(name.clone())
+                } else {
+                    Figure::None
+                },
+                Figure::Text(name.clone()),
                 Some("snapshot create".into()),
                 notes,
             );
@@ -540,9 +558,9 @@ impl DomainCtx<'_> {
         let state = &mut carry.state;
         if let Some(on) = &a.autostart {
             b.change(
-                "autostart",
-                json!(state.autostart),
-                json!(on.value),
+                Attr::Autostart,
+                Figure::Flag(state.autostart),
+                Figure::Flag(on.value),
                 Some("set autostart".into()),
                 vec![],
             );
@@ -553,9 +571,9 @@ impl DomainCtx<'_> {
         }
         if let Some(title) = &a.title {
             b.change(
-                "title",
-                json!(state.title),
-                json!(title.value),
+                Attr::Title,
+                Figure::Text(state.title.clone()),
+                Figure::Text(title.value.clone()),
                 Some("metadata".into()),
                 vec![],
             );
@@ -568,9 +586,9 @@ impl DomainCtx<'_> {
         }
         if let Some(description) = &a.description {
             b.change(
-                "description",
-                json!(state.description),
-                json!(description.value),
+                Attr::Description,
+                Figure::Text(state.description.clone()),
+                Figure::Text(description.value.clone()),
                 Some("metadata".into()),
                 vec![],
             );
@@ -604,7 +622,7 @@ impl DomainCtx<'_> {
         };
         if let Some(target) = power.filter(|p| *p != PowerTarget::Shutoff) {
             // Pausing a running domain was already recorded with the power-off phase.
-            let recorded = b.changes.iter().any(|c| c.attribute == "power");
+            let recorded = b.changes.iter().any(|c| c.attribute == Attr::Power);
             if !recorded {
                 let method = match (before_power, boots) {
                     (_, true) if target == PowerTarget::Paused => {
@@ -617,9 +635,9 @@ impl DomainCtx<'_> {
                     _ => None,
                 };
                 b.change(
-                    "power",
-                    json!(before_power.as_str()),
-                    json!(target.to_string()),
+                    Attr::Power,
+                    Figure::Power(before_power),
+                    Figure::Power(target.as_state()),
                     method,
                     vec![],
                 );
@@ -662,9 +680,9 @@ impl DomainCtx<'_> {
                 state.memory = max.value;
             }
             b.change(
-                "max_memory",
-                json!(state.max_memory.0),
-                json!(max.value.0),
+                Attr::MaxMemory,
+                Figure::Memory(state.max_memory),
+                Figure::Memory(max.value),
                 Some("config".into()),
                 notes,
             );
@@ -693,9 +711,9 @@ impl DomainCtx<'_> {
             }
             let method = if active { "live+config" } else { "config" };
             b.change(
-                "memory",
-                json!(state.memory.0),
-                json!(v.0),
+                Attr::Memory,
+                Figure::Memory(state.memory),
+                Figure::Memory(v),
                 Some(method.into()),
                 notes,
             );
@@ -748,9 +766,9 @@ impl DomainCtx<'_> {
                 state.vcpus = max.value;
             }
             b.change(
-                "max_vcpus",
-                json!(state.max_vcpus),
-                json!(max.value),
+                Attr::MaxVcpus,
+                Figure::Count(state.max_vcpus),
+                Figure::Count(max.value),
                 Some("config".into()),
                 notes,
             );
@@ -784,9 +802,9 @@ impl DomainCtx<'_> {
                 "config"
             };
             b.change(
-                "vcpus",
-                json!(state.vcpus),
-                json!(v),
+                Attr::Vcpus,
+                Figure::Count(state.vcpus),
+                Figure::Count(v),
                 Some(method.into()),
                 notes,
             );
@@ -832,9 +850,9 @@ impl DomainCtx<'_> {
                 .or_else(|| before.rtc_track.clone()),
         };
         let index = b.change(
-            "clock",
-            clock_json(&before),
-            clock_json(&after),
+            Attr::Clock,
+            Figure::Clock(before.clone()),
+            Figure::Clock(after.clone()),
             Some("persistent XML, redefined".into()),
             vec![],
         );
@@ -865,10 +883,6 @@ impl DomainCtx<'_> {
         carry.pending_clock = Some(b.step.number);
         Ok(())
     }
-}
-
-fn clock_json(c: &ClockState) -> Value {
-    json!({ "offset": c.offset, "track": c.rtc_track })
 }
 
 fn shutdown_method(p: ShutdownPolicy) -> String {
