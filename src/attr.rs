@@ -38,11 +38,29 @@ pub enum Attr {
     Title,
     Description,
     Snapshot,
+    /// The guest's clock set from the host through the agent (`clock: {sync: true}`): an
+    /// action shown as its own line, not a key of its own in the plan file.
+    GuestTime,
 }
 
 impl Attr {
-    /// Every attribute, in the order the plan file documents them.
-    pub const ALL: [Self; 10] = [
+    /// Every attribute a plan's `plan` output can show.
+    pub const ALL: [Self; 11] = [
+        Self::Power,
+        Self::Memory,
+        Self::MaxMemory,
+        Self::Vcpus,
+        Self::MaxVcpus,
+        Self::Clock,
+        Self::Autostart,
+        Self::Title,
+        Self::Description,
+        Self::Snapshot,
+        Self::GuestTime,
+    ];
+
+    /// The attributes that are keys of a step, in the order the plan file documents them.
+    pub const KEYS: [Self; 10] = [
         Self::Power,
         Self::Memory,
         Self::MaxMemory,
@@ -69,10 +87,11 @@ impl Attr {
             Self::Title => "title",
             Self::Description => "description",
             Self::Snapshot => "snapshot",
+            Self::GuestTime => "guest_time",
         }
     }
 
-    /// The attribute whose plan-file key is `key`.
+    /// The attribute whose `plan` output name is `key`.
     #[must_use]
     pub fn from_key(key: &str) -> Option<Self> {
         Self::ALL.into_iter().find(|a| a.key() == key)
@@ -91,7 +110,8 @@ impl Attr {
             Self::Autostart => &[Self::Autostart],
             Self::Title => &[Self::Title],
             Self::Description => &[Self::Description],
-            Self::Snapshot => &[],
+            // Verified by their own action: a snapshot by name, the guest time by the agent.
+            Self::Snapshot | Self::GuestTime => &[],
         }
     }
 
@@ -108,7 +128,8 @@ impl Attr {
             | Self::Autostart
             | Self::Title
             | Self::Description
-            | Self::Snapshot => false,
+            | Self::Snapshot
+            | Self::GuestTime => false,
         }
     }
 
@@ -126,7 +147,7 @@ impl Attr {
             Self::Autostart => Figure::Flag(s.autostart),
             Self::Title => Figure::Text(s.title.clone()),
             Self::Description => Figure::Text(s.description.clone()),
-            Self::Snapshot => return None,
+            Self::Snapshot | Self::GuestTime => return None,
         })
     }
 
@@ -174,7 +195,9 @@ impl Attr {
                 }))
             }
             Self::Autostart => value.as_bool().map(Figure::Flag).ok_or_else(wrong),
-            Self::Title | Self::Description | Self::Snapshot => text().map(Figure::Text),
+            Self::Title | Self::Description | Self::Snapshot | Self::GuestTime => {
+                text().map(Figure::Text)
+            }
         }
     }
 }
