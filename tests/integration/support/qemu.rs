@@ -63,6 +63,15 @@ impl TestDomain {
     ///
     /// When libvirt refuses the definition, e.g. because the name is taken.
     pub fn define(uri: &str, test: &str) -> Self {
+        Self::define_with(uri, test, |xml| xml)
+    }
+
+    /// As [`TestDomain::define`], with the domain XML passed through `edit` first.
+    ///
+    /// # Panics
+    ///
+    /// When libvirt refuses the definition.
+    pub fn define_with(uri: &str, test: &str, edit: impl FnOnce(String) -> String) -> Self {
         static COUNTER: AtomicUsize = AtomicUsize::new(0);
         let n = COUNTER.fetch_add(1, Ordering::Relaxed);
         // Only [a-z0-9-] from the test name, so the XML below needs no escaping.
@@ -100,6 +109,7 @@ impl TestDomain {
 ",
             kind = domain_type()
         );
+        let xml = edit(xml);
         // Without a <uuid>, defining never replaces an existing domain: a taken name fails.
         let dom = conn
             .define_domain_xml(&xml)
