@@ -35,6 +35,29 @@ pub fn load_plan(
     }
 }
 
+/// `--connect` as a URI: a host alias from virtplan.toml `[hosts]` resolves like the plan's.
+pub fn connect_uri(config: &Config, connect: Option<&str>) -> anyhow::Result<Option<String>> {
+    let Some(name) = connect else {
+        return Ok(None);
+    };
+    if let Some(uri) = config.resolve_connection(name) {
+        return Ok(Some(uri));
+    }
+    let hosts: Vec<&str> = config.hosts.keys().map(String::as_str).collect();
+    anyhow::bail!(
+        "--connect {name}: neither a libvirt URI (such as qemu:///system) nor a host in the [hosts] table of {}{}",
+        config.path.as_ref().map_or_else(
+            || "virtplan.toml (none was found)".to_owned(),
+            |p| p.display().to_string()
+        ),
+        if hosts.is_empty() {
+            String::new()
+        } else {
+            format!(" (hosts: {})", hosts.join(", "))
+        }
+    )
+}
+
 /// Opens each connection the plan uses once (`--connect` replaces all of them).
 pub fn open_connections(file: &PlanFile, connect: Option<&str>) -> anyhow::Result<Connections> {
     open_uris(file.connection_uris(connect))

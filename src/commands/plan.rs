@@ -23,9 +23,10 @@ pub struct Args<'a> {
 }
 
 pub fn run(args: &Args<'_>, clock: &dyn Clock, printer: &Printer) -> anyhow::Result<ExitStatus> {
-    let Some((_config, file)) = common::load_plan(args.plan, args.config, printer) else {
+    let Some((config, file)) = common::load_plan(args.plan, args.config, printer) else {
         return Ok(ExitStatus::Error);
     };
+    let connect = common::connect_uri(&config, args.connect)?;
     // With a lockfile beside the plan, done steps are shown as done rather than as changes.
     let lock_path = lockfile::lock_path(args.plan);
     let progress: Box<dyn Progress> = if lock_path.exists() {
@@ -36,11 +37,11 @@ pub fn run(args: &Args<'_>, clock: &dyn Clock, printer: &Printer) -> anyhow::Res
     } else {
         Box::new(NoProgress)
     };
-    let connections = common::open_connections(&file, args.connect)?;
+    let connections = common::open_connections(&file, connect.as_deref())?;
     let input = PlanInput {
         file: &file,
         connections: &connections,
-        connect_override: args.connect,
+        connect_override: connect.as_deref(),
         now: clock.now(),
         progress: progress.as_ref(),
     };
@@ -61,7 +62,7 @@ pub fn run(args: &Args<'_>, clock: &dyn Clock, printer: &Printer) -> anyhow::Res
         SavedPlan::new(plan.clone(), file.source.clone())
             .write(out)
             .with_context(|| format!("cannot write the saved plan {}", out.display()))?;
-        printer.err_line(&format!(
+        printer.info(&format!(
             "Saved the plan to {}; run `virtplan apply {}` to apply exactly this.",
             out.display(),
             out.display()

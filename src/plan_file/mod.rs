@@ -6,6 +6,7 @@
 
 pub mod diag;
 pub mod schema;
+pub mod step_id;
 pub mod time;
 pub mod units;
 mod validate;
@@ -383,41 +384,9 @@ impl Step {
 }
 
 impl Step {
-    /// A stable identity for the lockfile: a hash of everything the step asks for (time,
-    /// domains, connection, shutdown policy, attributes) but not of where it sits in the file,
-    /// so reordering or inserting steps keeps ids, and editing a step gives it a new id.
+    /// A stable identity for the lockfile: see [`step_id`].
     #[must_use]
     pub fn id(&self) -> String {
-        use sha2::{Digest, Sha256};
-        use std::fmt::Write as _;
-        let mut canon = String::new();
-        let _ = write!(
-            canon,
-            "at={:?};targets={:?};conn={:?};shutdown={:?};",
-            self.at.as_ref().map(|a| a.value.to_rfc3339()),
-            self.targets
-                .iter()
-                .map(|t| &t.name_or_uuid)
-                .collect::<Vec<_>>(),
-            self.connection,
-            self.shutdown,
-        );
-        let a = &self.attributes;
-        let _ = write!(
-            canon,
-            "power={:?};memory={:?};max_memory={:?};vcpus={:?};max_vcpus={:?};clock={:?};autostart={:?};title={:?};description={:?};snapshot={:?}",
-            a.power.as_ref().map(|l| l.value),
-            a.memory.as_ref().map(|l| l.value),
-            a.max_memory.as_ref().map(|l| l.value),
-            a.vcpus.as_ref().map(|l| l.value),
-            a.max_vcpus.as_ref().map(|l| l.value),
-            a.clock.as_ref().map(|l| l.value),
-            a.autostart.as_ref().map(|l| l.value),
-            a.title.as_ref().map(|l| &l.value),
-            a.description.as_ref().map(|l| &l.value),
-            a.snapshot.as_ref().map(|l| &l.value),
-        );
-        let digest = Sha256::digest(canon.as_bytes());
-        format!("s{}", &validate::hex(&digest)[..10])
+        step_id::StepIdentity::of(self).id()
     }
 }
