@@ -46,6 +46,26 @@ pub struct StepIdentity<'a> {
     pub description: Option<&'a str>,
     #[serde(rename = "snapshot")]
     pub snapshot: Option<SnapshotId<'a>>,
+    // Left out when unset, so steps written before these keys existed keep their ids.
+    #[serde(rename = "check", skip_serializing_if = "Option::is_none")]
+    pub check: Option<CheckId<'a>>,
+    #[serde(rename = "always", skip_serializing_if = "std::ops::Not::not")]
+    pub always: bool,
+}
+
+#[derive(serde::Serialize)]
+#[serde(rename = "CheckSpec")]
+pub struct CheckId<'a> {
+    #[serde(rename = "state")]
+    state: Option<PowerTarget>,
+    #[serde(rename = "guest_agent")]
+    guest_agent: bool,
+    #[serde(rename = "command")]
+    command: Option<&'a str>,
+    #[serde(rename = "timeout")]
+    timeout: DurationId,
+    #[serde(rename = "interval")]
+    interval: DurationId,
 }
 
 #[derive(serde::Serialize)]
@@ -70,6 +90,8 @@ pub struct ClockId {
     offset: Option<ClockOffset>,
     #[serde(rename = "track")]
     track: Option<RtcTrack>,
+    #[serde(rename = "sync", skip_serializing_if = "std::ops::Not::not")]
+    sync: bool,
 }
 
 #[derive(serde::Serialize)]
@@ -120,6 +142,7 @@ impl<'a> StepIdentity<'a> {
             clock: a.clock.as_ref().map(|l| ClockId {
                 offset: l.value.offset,
                 track: l.value.track,
+                sync: l.value.sync,
             }),
             autostart: a.autostart.as_ref().map(|l| l.value),
             title: a.title.as_ref().map(|l| l.value.as_str()),
@@ -128,6 +151,14 @@ impl<'a> StepIdentity<'a> {
                 name: &l.value.name,
                 description: l.value.description.as_deref(),
             }),
+            check: step.check.as_ref().map(|l| CheckId {
+                state: l.value.state,
+                guest_agent: l.value.guest_agent,
+                command: l.value.command.as_deref(),
+                timeout: DurationId(l.value.timeout),
+                interval: DurationId(l.value.interval),
+            }),
+            always: step.always,
         }
     }
 
@@ -553,5 +584,36 @@ steps:
                 "sd0ad222910"
             ]
         );
+    }
+
+    #[test]
+    fn reboot_check_always_and_sync_are_in_the_notation_only_when_set() {
+        let text = "version: 1
+connection: qemu:///system
+steps:
+  - at: 2026-12-01T04:00:00Z
+    vm: web-01
+    power: reboot
+    clock: { sync: true }
+    check: { state: running, guest_agent: true, command: \"curl -fsS http://$VIRTPLAN_VM/\", timeout: 2m, interval: 500ms }
+    always: true
+";
+        let file = parse(
+            Path::new("pin.yaml"),
+            text.to_owned(),
+            &LoadContext::default(),
+        )
+        .unwrap_or_else(|d| panic!("{d}"));
+        assert_eq!(
+            super::notation(&super::StepIdentity::of(&file.steps[0])),
+            "at=Some(\"2026-12-01T04:00:00+00:00\");targets=[\"web-01\"];conn=Some(\"qemu:///system\");\
+             shutdown=ShutdownPolicy { mode: Graceful, timeout: 120s, force_after_timeout: true };\
+             power=Some(Reboot);memory=None;max_memory=None;vcpus=None;max_vcpus=None;\
+             clock=Some(ClockTarget { offset: None, track: None, sync: true });autostart=None;\
+             title=None;description=None;snapshot=None;\
+             check=Some(CheckSpec { state: Some(Running), guest_agent: true, command: Some(\"curl -fsS http://$VIRTPLAN_VM/\"), timeout: 120s, interval: 500ms });\
+             always=true"
+        );
+        assert_eq!(file.steps[0].id(), "s47872aaa3c");
     }
 }

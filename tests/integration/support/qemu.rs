@@ -63,15 +63,31 @@ impl TestDomain {
     ///
     /// When libvirt refuses the definition, e.g. because the name is taken.
     pub fn define(uri: &str, test: &str) -> Self {
-        Self::define_with(uri, test, |xml| xml)
+        Self::define_with_devices(uri, test, "")
     }
 
-    /// As [`TestDomain::define`], with the domain XML passed through `edit` first.
+    /// Like [`TestDomain::define`], with `devices` (trusted XML from the test) added inside
+    /// `<devices>`, such as a guest agent channel.
     ///
     /// # Panics
     ///
     /// When libvirt refuses the definition.
-    pub fn define_with(uri: &str, test: &str, edit: impl FnOnce(String) -> String) -> Self {
+    pub fn define_with_devices(uri: &str, test: &str, devices: &str) -> Self {
+        Self::define_with(uri, test, devices, |xml| xml)
+    }
+
+    /// Like [`TestDomain::define_with_devices`], with the whole domain XML passed through
+    /// `edit` before it is defined.
+    ///
+    /// # Panics
+    ///
+    /// When libvirt refuses the definition.
+    pub fn define_with(
+        uri: &str,
+        test: &str,
+        devices: &str,
+        edit: impl FnOnce(String) -> String,
+    ) -> Self {
         static COUNTER: AtomicUsize = AtomicUsize::new(0);
         let n = COUNTER.fetch_add(1, Ordering::Relaxed);
         // Only [a-z0-9-] from the test name, so the XML below needs no escaping.
@@ -104,6 +120,7 @@ impl TestDomain {
   <on_crash>destroy</on_crash>
   <devices>
     <memballoon model='virtio'/>
+{devices}
   </devices>
 </domain>
 ",
