@@ -4,6 +4,7 @@ mod apply;
 mod libvirt_adapter;
 mod ops;
 mod plan;
+mod safe_windows;
 mod support;
 mod validate;
 mod watch;
