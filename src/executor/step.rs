@@ -440,7 +440,10 @@ impl Run<'_> {
         }
         self.failpoint("before-done", step);
 
-        let after = match self.observe(step) {
+        let after = match self
+            .observe(step)
+            .and_then(|after| self.settle_live(step, after))
+        {
             Ok(s) => s,
             Err(e) => return self.fail_with(step, e, &notes, Some(&before), None),
         };
@@ -489,6 +492,35 @@ impl Run<'_> {
         }
         let message = notes.join("; ");
         self.end(step, StepStatus::Done, message, Some(&before), Some(&after))
+    }
+
+    /// A running guest follows a live memory or vCPU change at its own pace: its balloon
+    /// driver inflates or deflates page by page (a 64 MiB cut takes about a second under TCG).
+    /// Reading the live figures at once would call a guest that is still ballooning one without
+    /// a balloon driver; so while they differ from the targets, read them again every poll as
+    /// long as they keep moving, for at most [`LIVE_SETTLE`], giving up after [`LIVE_STALL`]
+    /// without any movement (a guest without a driver never moves).
+    fn settle_live(
+        &self,
+        step: &PlannedStep,
+        mut after: DomainState,
+    ) -> Result<DomainState, StepError> {
+        let clock = self.ex.clock;
+        let started = clock.now();
+        let mut moved = started;
+        while !live_warnings(step, &after).is_empty() {
+            let now = clock.now();
+            if now - started >= LIVE_SETTLE || now - moved >= LIVE_STALL {
+                break;
+            }
+            clock.sleep(self.ex.settings.poll);
+            let next = self.observe(step)?;
+            if next.live != after.live {
+                moved = clock.now();
+            }
+            after = next;
+        }
+        Ok(after)
     }
 
     /// For a reboot of a running domain: the id it runs under before the reboot, recorded
@@ -921,6 +953,11 @@ impl Run<'_> {
         Ended::with(status)
     }
 }
+
+/// The longest a step waits for a running guest to follow a live memory or vCPU change.
+const LIVE_SETTLE: chrono::TimeDelta = chrono::TimeDelta::seconds(30);
+/// How long live figures that stopped moving are given before the step stops waiting.
+const LIVE_STALL: chrono::TimeDelta = chrono::TimeDelta::seconds(2);
 
 /// For a running domain the config is authoritative; the live figures are reported when a
 /// guest did not follow (no balloon driver, vCPUs not released): a warning, not a failure.

@@ -399,19 +399,23 @@ fn qemu_observe_defined_then_running_domain() {
 fn qemu_bulk_read_agrees_with_the_per_domain_read() {
     let Some(uri) = qemu_uri() else { return };
     let hv = Libvirt::connect(&uri).unwrap();
-    let plain = TestDomain::define(&uri, "bulk");
-    let no_balloon = TestDomain::define_with(&uri, "bulk", "", |x| {
-        x.replace("<memballoon model='virtio'/>", "<memballoon model='none'/>")
-    });
-    let full = TestDomain::define_with(&uri, "bulk", "", |x| {
-        x.replace(
-            "<currentMemory unit='KiB'>131072",
-            "<currentMemory unit='KiB'>262144",
-        )
-    });
-    let titled = TestDomain::define_with(&uri, "bulk", "", |x| {
-        x.replace("<os>", "<title>Web &amp; mail</title><os>")
-    });
+    // A shut-off diskless domain: memory `current` of 256 MiB, a balloon `model`, extra XML.
+    let define = |current_kib: u32, model: &str, extra: &str| {
+        let (model, extra) = (model.to_owned(), extra.to_owned());
+        TestDomain::define_with(&uri, "bulk", move |name| {
+            format!(
+                "<domain type='{kind}'><name>{name}</name>{extra}
+  <memory unit='KiB'>262144</memory><currentMemory unit='KiB'>{current_kib}</currentMemory>
+  <vcpu placement='static' current='1'>2</vcpu><os><type arch='x86_64'>hvm</type></os>
+  <devices><memballoon model='{model}'/></devices></domain>",
+                kind = crate::support::qemu::domain_type()
+            )
+        })
+    };
+    let plain = define(131_072, "virtio", "");
+    let no_balloon = define(131_072, "none", "");
+    let full = define(262_144, "virtio", "");
+    let titled = define(131_072, "virtio", "<title>Web &amp; mail</title>");
     let running = TestDomain::define(&uri, "bulk");
     hv.set_autostart(&titled.uuid, true).unwrap();
     running.start();
