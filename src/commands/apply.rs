@@ -86,16 +86,15 @@ pub fn run(args: &Args<'_>, clock: &dyn Clock, printer: &Printer) -> anyhow::Res
         return Ok(ExitStatus::Error);
     }
 
-    let _lock = acquire_lock(
-        &lockfile::pid_path(&file.path),
-        args.lock_timeout,
-        clock,
-        printer,
-    )?;
-    let store = Arc::new(LockStore::open(
-        &lockfile::lock_path(&file.path),
-        &file.sha256,
-    )?);
+    let paths = crate::overview::StatePaths::of(&file.path, config.state_dir.as_deref());
+    paths.prepare().with_context(|| {
+        format!(
+            "cannot create the state folder {} (state_dir in virtplan.toml)",
+            paths.lockfile.parent().unwrap_or(Path::new(".")).display()
+        )
+    })?;
+    let _lock = acquire_lock(&paths.pid, args.lock_timeout, clock, printer)?;
+    let store = Arc::new(LockStore::open(&paths.lockfile, &file.sha256)?);
     let (plan, connections) = if let Some(saved) = saved {
         let connections = common::open_uris(saved.plan.steps.iter().map(|s| s.connection.clone()))?;
         (saved.plan, connections)

@@ -39,13 +39,10 @@ pub fn run(
         anyhow::bail!("{}: no such plan file", plan.display());
     }
     let plan = plan_file_of(plan)?;
-    let paths = overview::StatePaths::of(&plan);
     // The plan gives the zone times are shown in, and the steps of a plan never applied; a
     // plan that no longer validates still has its recorded progress shown.
-    let file = crate::config::discover(config, Some(&plan))
-        .and_then(|c| crate::plan_file::load(&plan, &crate::plan_file::LoadContext { config: c }))
-        .ok();
-    let zone = file.as_ref().and_then(|f| f.timezone);
+    let inspected = overview::Inspected::of(&plan, config);
+    let (paths, zone, file) = (&inspected.paths, inspected.zone(), inspected.file.as_ref());
     let lock = paths.read_lock()?;
     if lock.is_none() {
         printer.info(&format!(
@@ -56,7 +53,7 @@ pub fn run(
     }
     let cancels = paths.cancels.read()?;
     let doc = StatusDoc {
-        steps: overview::rows(file.as_ref(), lock.as_ref(), &cancels, zone),
+        steps: overview::rows(file, lock.as_ref(), &cancels, zone),
     };
     let text = match format {
         StatusFormat::Json => {
