@@ -4,6 +4,7 @@
 //! `plan` renders this value, `plan --out` saves it, and `apply` executes it: nothing is
 //! planned twice in two different ways.
 
+pub mod overlap;
 mod project;
 pub mod saved;
 
