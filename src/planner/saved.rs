@@ -15,6 +15,14 @@ const KIND: &str = "virtplan-saved-plan";
 /// plan file nor virtplan.toml to run as reviewed; format 1 did not, and is refused.
 pub const SAVED_FORMAT_VERSION: u32 = 2;
 
+/// The fields every saved-plan format has.
+#[derive(Deserialize)]
+struct Header {
+    format_version: u32,
+    #[serde(default)]
+    plan_file: String,
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SavedPlan {
     pub kind: String,
@@ -70,12 +78,6 @@ impl SavedPlan {
         };
         // The version first: an older or newer format is refused for what it is, not for
         // the fields it lacks.
-        #[derive(Deserialize)]
-        struct Header {
-            format_version: u32,
-            #[serde(default)]
-            plan_file: String,
-        }
         let header: Header = serde_json::from_str(&text).map_err(|e| unreadable(&e))?;
         if header.format_version > SAVED_FORMAT_VERSION {
             anyhow::bail!(
