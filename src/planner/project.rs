@@ -4,16 +4,16 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use chrono::{DateTime, Utc};
-use serde_json::{json, Value};
 
 use super::{
     Action, Change, ChangeAction, Connections, Plan, PlanError, PlanInput, PlanMeta, PlanProblem,
     PlannedDomain, PlannedStep, Summary,
 };
-use crate::hypervisor::{domain_xml, DomainId, ErrorKind, Hypervisor};
+use crate::attr::{Attr, Figure};
+use crate::hypervisor::{domain_xml, DomainId, ErrorKind, Hypervisor, Observation, Want};
 use crate::plan_file::units::format_duration;
 use crate::plan_file::{
-    ClockTarget, Located, PlanFile, PowerTarget, ShutdownMode, ShutdownPolicy, Step,
+    Attributes, ClockTarget, Located, PlanFile, PowerTarget, ShutdownMode, ShutdownPolicy, Step,
 };
 use crate::state::{ClockState, DomainState, LiveFigures, PowerState};
 
@@ -105,14 +105,16 @@ pub fn project(input: &PlanInput<'_>) -> Result<Plan, PlanError> {
 
 type Resolved<'a> = Vec<(&'a Step, String, DomainId)>;
 
-/// Resolves every step's domains, each name once per connection.
+/// Resolves every step's domains: each name once per connection, all of a connection's names
+/// in one bulk call.
 fn resolve_targets<'a>(
     input: &PlanInput<'a>,
     problems: &mut Vec<PlanProblem>,
 ) -> Result<Resolved<'a>, PlanError> {
     let file = input.file;
-    let mut cache: BTreeMap<(String, String), Option<DomainId>> = BTreeMap::new();
-    let mut resolved = Vec::new();
+    // First every step's connection and names, so each connection resolves its names at once.
+    let mut steps: Vec<(&Step, String)> = Vec::with_capacity(file.steps.len());
+    let mut wanted: BTreeMap<String, BTreeSet<&str>> = BTreeMap::new();
     for step in &file.steps {
         let Some(uri) = input
             .connect_override
@@ -123,7 +125,7 @@ fn resolve_targets<'a>(
                 "add `connection: qemu:///system` to the plan, set `connection` in virtplan.toml, or pass --connect URI"));
             continue;
         };
-        let Some(hv) = input.connections.get(&uri) else {
+        if !input.connections.contains_key(&uri) {
             return Err(PlanError::Libvirt {
                 context: format!("step {}", step.number),
                 source: crate::hypervisor::HvError::new(
@@ -131,23 +133,28 @@ fn resolve_targets<'a>(
                     format!("no open connection to {uri}"),
                 ),
             });
-        };
+        }
+        let names = wanted.entry(uri.clone()).or_default();
+        names.extend(step.targets.iter().map(|t| t.name_or_uuid.as_str()));
+        steps.push((step, uri));
+    }
+    let mut cache: BTreeMap<(String, String), Option<DomainId>> = BTreeMap::new();
+    for (uri, names) in wanted {
+        let names: Vec<String> = names.into_iter().map(str::to_owned).collect();
+        let found = input.connections[&uri]
+            .resolve_many(&names)
+            .map_err(|source| PlanError::Libvirt {
+                context: format!("looking up the plan's domains on {uri}"),
+                source,
+            })?;
+        for (name, id) in names.into_iter().zip(found) {
+            cache.insert((uri.clone(), name), id);
+        }
+    }
+    let mut resolved = Vec::new();
+    for (step, uri) in steps {
         for target in &step.targets {
-            let key = (uri.clone(), target.name_or_uuid.clone());
-            if !cache.contains_key(&key) {
-                let found = match hv.resolve(&target.name_or_uuid) {
-                    Ok(id) => Some(id),
-                    Err(e) if e.kind == ErrorKind::NotFound => None,
-                    Err(e) => {
-                        return Err(PlanError::Libvirt {
-                            context: format!("looking up `{}` on {uri}", target.name_or_uuid),
-                            source: e,
-                        })
-                    }
-                };
-                cache.insert(key.clone(), found);
-            }
-            match &cache[&key] {
+            match cache.get(&(uri.clone(), target.name_or_uuid.clone())).and_then(Option::as_ref) {
                 Some(id) => resolved.push((step, uri.clone(), id.clone())),
                 None => problems.push(problem(
                     file,
@@ -163,28 +170,34 @@ fn resolve_targets<'a>(
     Ok(resolved)
 }
 
-/// Reads every targeted domain: one bulk call per connection, the persistent XML only for
-/// domains with clock steps, snapshot names only for domains with snapshot steps.
+/// Reads every targeted domain: one bulk read per connection, in which the persistent XML is
+/// read only where a step needs it (clock, reboot, agent check, title, description) or the domain runs (its
+/// configuration figures live only there), snapshot names only for domains with snapshot steps.
 fn observe(
     connections: &Connections,
     per_domain: &BTreeMap<(String, String), Vec<&Step>>,
 ) -> Result<BTreeMap<(String, String), Observed>, PlanError> {
-    let mut by_uri: BTreeMap<&str, Vec<String>> = BTreeMap::new();
-    for (uri, uuid) in per_domain.keys() {
-        by_uri.entry(uri).or_default().push(uuid.clone());
+    let mut by_uri: BTreeMap<&str, Vec<Want>> = BTreeMap::new();
+    for ((uri, uuid), steps) in per_domain {
+        let any = |f: fn(&Step) -> bool| steps.iter().any(|s| f(s));
+        by_uri.entry(uri).or_default().push(Want {
+            uuid: uuid.clone(),
+            clock: any(needs_xml),
+            metadata: any(|s| s.attributes.has(Attr::Title) || s.attributes.has(Attr::Description)),
+        });
     }
     let mut result = BTreeMap::new();
-    for (uri, uuids) in by_uri {
+    for (uri, wants) in by_uri {
         let hv = &connections[uri];
         let libvirt = |context: String| move |source| PlanError::Libvirt { context, source };
-        let states = hv
-            .observe_many(&uuids, false)
+        let observations = hv
+            .observe_wanted(&wants)
             .map_err(libvirt(format!("reading domain state on {uri}")))?;
         let needs_host_cpus = per_domain
             .iter()
             .filter(|((u, _), _)| u == uri)
             .flat_map(|(_, steps)| steps.iter())
-            .any(|s| s.attributes.vcpus.is_some() || s.attributes.max_vcpus.is_some());
+            .any(|s| s.attributes.has(Attr::Vcpus) || s.attributes.has(Attr::MaxVcpus));
         let host_cpus = if needs_host_cpus {
             Some(
                 hv.host_cpus()
@@ -193,30 +206,18 @@ fn observe(
         } else {
             None
         };
-        for state in states {
+        for Observation { state, definition } in observations {
             let key = (uri.to_owned(), state.uuid.clone());
             let Some(steps) = per_domain.get(&key) else {
                 continue;
             };
             let mut obs = Observed {
                 state,
-                xml: None,
+                xml: definition,
                 snapshots: BTreeSet::new(),
                 host_cpus,
             };
-            if steps.iter().any(|s| needs_xml(s)) {
-                let xml = hv.domain_xml(&key.1, true).map_err(libvirt(format!(
-                    "reading the definition of {}",
-                    obs.state.name
-                )))?;
-                let clock = domain_xml::read_clock(&xml).map_err(|e| PlanError::Libvirt {
-                    context: format!("reading the clock of {}", obs.state.name),
-                    source: crate::hypervisor::HvError::new(ErrorKind::Other, e.to_string()),
-                })?;
-                obs.state.clock = Some(clock);
-                obs.xml = Some(xml);
-            }
-            if steps.iter().any(|s| s.attributes.snapshot.is_some()) {
+            if steps.iter().any(|s| s.attributes.has(Attr::Snapshot)) {
                 obs.snapshots = snapshot_names(hv.as_ref(), &key.1)
                     .map_err(libvirt(format!("listing snapshots of {}", obs.state.name)))?;
             }
@@ -321,9 +322,9 @@ struct StepBuild<'a> {
 impl StepBuild<'_> {
     fn change(
         &mut self,
-        attribute: &str,
-        before: Value,
-        after: Value,
+        attribute: Attr,
+        before: Figure,
+        after: Figure,
         method: Option<String>,
         notes: Vec<String>,
     ) -> usize {
@@ -339,7 +340,7 @@ impl StepBuild<'_> {
             vm: self.base.id.name.clone(),
             uuid: self.base.id.uuid.clone(),
             connection: self.base.uri.to_owned(),
-            attribute: attribute.to_owned(),
+            attribute,
             before,
             after,
             action,
@@ -376,6 +377,7 @@ struct Carry {
 
 impl DomainCtx<'_> {
     fn project(&self, steps: &[&Step], out: &mut Output, problems: &mut Vec<PlanProblem>) {
+        let first = out.changes.len();
         let mut carry = Carry {
             state: self.observed.state.clone(),
             xml: self.observed.xml.clone(),
@@ -462,11 +464,12 @@ impl DomainCtx<'_> {
                 self.id.name
             ));
         }
+        // Only this domain's changes, appended since `first`: a scan of every change of the
+        // plan per clock note made plans with many clock steps quadratic.
         for (number, note) in carry.clock_notes {
-            let change = out
-                .changes
+            let change = out.changes[first..]
                 .iter_mut()
-                .find(|c| c.step == number && c.uuid == self.id.uuid && c.attribute == "clock");
+                .find(|c| c.step == number && c.uuid == self.id.uuid && c.attribute == Attr::Clock);
             if let Some(change) = change {
                 change.notes.push(note);
             }
@@ -483,6 +486,20 @@ impl DomainCtx<'_> {
     ) -> Result<(), PlanProblem> {
         let step = b.step;
         let a = &step.attributes;
+        // Every attribute is projected below, in its phase; listed without `..` so a new
+        // attribute does not compile until it has a phase here.
+        let Attributes {
+            power: _,
+            memory: _,
+            max_memory: _,
+            vcpus: _,
+            max_vcpus: _,
+            clock: _,
+            autostart: _,
+            title: _,
+            description: _,
+            snapshot: _,
+        } = a;
         let power = a.power.as_ref().map(|p| p.value);
         settled(b, &carry.state, a.power.as_ref())?;
 
@@ -508,9 +525,9 @@ impl DomainCtx<'_> {
                     }
                 }
                 b.change(
-                    "power",
-                    json!(state.power.as_str()),
-                    json!("shutoff"),
+                    Attr::Power,
+                    Figure::Power(state.power),
+                    Figure::Power(PowerState::Shutoff),
                     method,
                     vec![],
                 );
@@ -542,9 +559,9 @@ impl DomainCtx<'_> {
             Some(PowerTarget::Paused) if carry.state.power == PowerState::Running => {
                 b.actions.push(Action::Suspend);
                 b.change(
-                    "power",
-                    json!("running"),
-                    json!("paused"),
+                    Attr::Power,
+                    Figure::Power(PowerState::Running),
+                    Figure::Power(PowerState::Paused),
                     Some("suspend".into()),
                     vec![],
                 );
@@ -563,9 +580,13 @@ impl DomainCtx<'_> {
                 vec![]
             };
             b.change(
-                "snapshot",
-                json!(exists.then_some(name)),
-                json!(name),
+                Attr::Snapshot,
+                if exists {
+                    Figure::Text(name.clone())
+                } else {
+                    Figure::None
+                },
+                Figure::Text(name.clone()),
                 Some("snapshot create".into()),
                 notes,
             );
@@ -594,8 +615,11 @@ impl DomainCtx<'_> {
                 Self::clock_step(b, carry, clock)?;
                 let has_agent = carry.xml.as_deref().is_some_and(agent_channel);
                 if has_agent && !clock.value.sync && carry.state.power.is_active() {
-                    if let Some(change) =
-                        b.changes.iter_mut().rev().find(|c| c.attribute == "clock")
+                    if let Some(change) = b
+                        .changes
+                        .iter_mut()
+                        .rev()
+                        .find(|c| c.attribute == Attr::Clock)
                     {
                         change.notes.push("the domain has a guest agent: `sync: true` on the step that boots it sets the guest's time from the host".to_owned());
                     }
@@ -605,9 +629,9 @@ impl DomainCtx<'_> {
         let state = &mut carry.state;
         if let Some(on) = &a.autostart {
             b.change(
-                "autostart",
-                json!(state.autostart),
-                json!(on.value),
+                Attr::Autostart,
+                Figure::Flag(state.autostart),
+                Figure::Flag(on.value),
                 Some("set autostart".into()),
                 vec![],
             );
@@ -618,9 +642,9 @@ impl DomainCtx<'_> {
         }
         if let Some(title) = &a.title {
             b.change(
-                "title",
-                json!(state.title),
-                json!(title.value),
+                Attr::Title,
+                Figure::Text(state.title.clone()),
+                Figure::Text(title.value.clone()),
                 Some("metadata".into()),
                 vec![],
             );
@@ -633,9 +657,9 @@ impl DomainCtx<'_> {
         }
         if let Some(description) = &a.description {
             b.change(
-                "description",
-                json!(state.description),
-                json!(description.value),
+                Attr::Description,
+                Figure::Text(state.description.clone()),
+                Figure::Text(description.value.clone()),
                 Some("metadata".into()),
                 vec![],
             );
@@ -679,7 +703,7 @@ impl DomainCtx<'_> {
                 .any(|a| matches!(a, Action::PowerOff { .. }));
             let (before, method) = if was_running {
                 (
-                    "running",
+                    PowerState::Running,
                     format!(
                         "reboot: {}, then start",
                         ladder_method(step.shutdown, carry.xml.as_deref())
@@ -687,14 +711,14 @@ impl DomainCtx<'_> {
                 )
             } else {
                 (
-                    before_power.as_str(),
+                    before_power,
                     "the domain is off at this step: the reboot starts it".to_owned(),
                 )
             };
             let index = b.change(
-                "power",
-                json!(before),
-                json!("running"),
+                Attr::Power,
+                Figure::Power(before),
+                Figure::Power(PowerState::Running),
                 Some(method),
                 vec![],
             );
@@ -704,7 +728,7 @@ impl DomainCtx<'_> {
             power.filter(|p| !matches!(p, PowerTarget::Shutoff | PowerTarget::Reboot))
         {
             // Pausing a running domain was already recorded with the power-off phase.
-            let recorded = b.changes.iter().any(|c| c.attribute == "power");
+            let recorded = b.changes.iter().any(|c| c.attribute == Attr::Power);
             if !recorded {
                 let method = match (before_power, boots) {
                     (_, true) if target == PowerTarget::Paused => {
@@ -717,9 +741,9 @@ impl DomainCtx<'_> {
                     _ => None,
                 };
                 b.change(
-                    "power",
-                    json!(before_power.as_str()),
-                    json!(target.to_string()),
+                    Attr::Power,
+                    Figure::Power(before_power),
+                    Figure::Power(target.as_state()),
                     method,
                     vec![],
                 );
@@ -766,9 +790,9 @@ impl DomainCtx<'_> {
             ));
         }
         b.change(
-            "guest_time",
-            Value::Null,
-            json!("host time"),
+            Attr::GuestTime,
+            Figure::None,
+            Figure::Text("host time".to_owned()),
             Some("set through the guest agent once it answers".into()),
             vec![],
         );
@@ -830,9 +854,9 @@ impl DomainCtx<'_> {
                 state.memory = max.value;
             }
             b.change(
-                "max_memory",
-                json!(state.max_memory.0),
-                json!(max.value.0),
+                Attr::MaxMemory,
+                Figure::Memory(state.max_memory),
+                Figure::Memory(max.value),
                 Some("config".into()),
                 notes,
             );
@@ -861,9 +885,9 @@ impl DomainCtx<'_> {
             }
             let method = if active { "live+config" } else { "config" };
             b.change(
-                "memory",
-                json!(state.memory.0),
-                json!(v.0),
+                Attr::Memory,
+                Figure::Memory(state.memory),
+                Figure::Memory(v),
                 Some(method.into()),
                 notes,
             );
@@ -916,9 +940,9 @@ impl DomainCtx<'_> {
                 state.vcpus = max.value;
             }
             b.change(
-                "max_vcpus",
-                json!(state.max_vcpus),
-                json!(max.value),
+                Attr::MaxVcpus,
+                Figure::Count(state.max_vcpus),
+                Figure::Count(max.value),
                 Some("config".into()),
                 notes,
             );
@@ -952,9 +976,9 @@ impl DomainCtx<'_> {
                 "config"
             };
             b.change(
-                "vcpus",
-                json!(state.vcpus),
-                json!(v),
+                Attr::Vcpus,
+                Figure::Count(state.vcpus),
+                Figure::Count(v),
                 Some(method.into()),
                 notes,
             );
@@ -1000,9 +1024,9 @@ impl DomainCtx<'_> {
                 .or_else(|| before.rtc_track.clone()),
         };
         let index = b.change(
-            "clock",
-            clock_json(&before),
-            clock_json(&after),
+            Attr::Clock,
+            Figure::Clock(before.clone()),
+            Figure::Clock(after.clone()),
             Some("persistent XML, redefined".into()),
             vec![],
         );
@@ -1033,10 +1057,6 @@ impl DomainCtx<'_> {
         carry.pending_clock = Some(b.step.number);
         Ok(())
     }
-}
-
-fn clock_json(c: &ClockState) -> Value {
-    json!({ "offset": c.offset, "track": c.rtc_track })
 }
 
 fn agent_channel(xml: &str) -> bool {
