@@ -11,7 +11,8 @@ QEMU_CONF=/etc/libvirt/qemu.conf
 LOG_DIR=/var/log/libvirt
 RUN_DIR=/var/run/libvirt
 LIBVIRTD_LOG="$LOG_DIR/libvirtd.log"
-PACKAGES=(libvirt-dev pkg-config libvirt-clients libvirt-daemon libvirt-daemon-driver-qemu qemu-system-x86)
+PACKAGES=(libvirt-dev pkg-config libvirt-clients libvirt-daemon libvirt-daemon-driver-qemu qemu-system-x86
+          libssl-dev python3-aiosmtpd) # notify: TLS for webhooks/SMTP; a real SMTP server for its tests
 
 say() { printf 'setup-libvirt: %s\n' "$*"; }
 

@@ -50,6 +50,8 @@ pub enum SchemaKind {
     Plan,
     /// `plan --format json` output.
     PlanOutput,
+    /// The notification event sent to webhooks and commands.
+    NotifyEvent,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

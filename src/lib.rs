@@ -17,6 +17,7 @@ pub mod executor;
 pub mod fsutil;
 pub mod hypervisor;
 pub mod lockfile;
+pub mod notify;
 pub mod plan_file;
 pub mod planner;
 pub mod printer;

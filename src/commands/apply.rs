@@ -15,6 +15,8 @@ use crate::executor::{Executor, Outcome, Settings};
 use crate::hypervisor::libvirt::Libvirt;
 use crate::hypervisor::Hypervisor;
 use crate::lockfile::{self, ExecutorLock, LockStore, StepStatus};
+use crate::notify::event::PlanRef;
+use crate::notify::{Notifier, Retry, RunInfo};
 use crate::planner::saved::SavedPlan;
 use crate::planner::{self, Connections, Plan, PlanInput};
 use crate::printer::{Printer, Tone};
@@ -111,6 +113,7 @@ pub fn run(args: &Args<'_>, clock: &dyn Clock, printer: &Printer) -> anyhow::Res
     // nothing yet: a declined prompt leaves the lockfile as it was).
     store.snapshot().reconcile(store.path(), &plan)?;
     printer.out(&render::human(&plan, printer));
+    printer.out(&crate::notify::describe_targets(&file.notify));
     if !args.auto_approve && interactive && !confirm(&plan, printer)? {
         printer.err_line("Nothing applied.");
         return Ok(ExitStatus::Error);
@@ -129,6 +132,10 @@ pub fn run(args: &Args<'_>, clock: &dyn Clock, printer: &Printer) -> anyhow::Res
             printer.err_line(&progress_line(o, clock, printer));
         }
     };
+    let notifier = start_notifier(&file, &plan, &store, printer);
+    if let Some(n) = &notifier {
+        n.plan_started(clock.now())?;
+    }
     let pending = plan.steps.len();
     printer.err_line(&format!(
         "Applying {pending} step(s); progress is recorded in {} (Ctrl-C stops after the step in flight).",
@@ -166,6 +173,9 @@ pub fn run(args: &Args<'_>, clock: &dyn Clock, printer: &Printer) -> anyhow::Res
         .run()?
     };
 
+    if let Some(n) = &notifier {
+        finish_notifier(n, &report, &store, clock, printer);
+    }
     let lock = store.snapshot();
     let doc = super::status::StatusDoc::from(&lock);
     printer.out(&format!(
@@ -224,6 +234,76 @@ fn watch(
         store: Arc::clone(store),
     };
     reconciler::apply_watch(&env, applying, stop)
+}
+
+/// How long `apply` waits at exit for notifications still being delivered.
+const NOTIFY_FLUSH: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Starts delivering notifications when the plan has targets (re-sending what an earlier run
+/// left undelivered).
+fn start_notifier(
+    file: &crate::plan_file::PlanFile,
+    plan: &Plan,
+    store: &Arc<LockStore>,
+    printer: &Printer,
+) -> Option<Arc<Notifier>> {
+    if file.notify.is_empty() {
+        return None;
+    }
+    let info = RunInfo {
+        plan: PlanRef {
+            name: plan.meta.name.clone(),
+            file: plan.meta.file.clone(),
+            sha256: plan.meta.sha256.clone(),
+        },
+        connections: plan
+            .steps
+            .iter()
+            .map(|s| {
+                (
+                    (s.step_id.clone(), s.domain.uuid.clone()),
+                    s.connection.clone(),
+                )
+            })
+            .collect(),
+    };
+    let log_printer = printer.clone();
+    let log = Box::new(move |m: &str| log_printer.warning(&format!("notify: {m}")));
+    Some(Notifier::start(
+        file.notify.clone(),
+        info,
+        store,
+        log,
+        Retry::default(),
+    ))
+}
+
+/// Records `plan-finished` and waits (a bounded time) for deliveries to finish.
+fn finish_notifier(
+    notifier: &Notifier,
+    report: &crate::executor::Report,
+    store: &LockStore,
+    clock: &dyn Clock,
+    printer: &Printer,
+) {
+    let message = match (&report.fatal, report.interrupted) {
+        (Some(fatal), _) => format!("stopped: progress could not be recorded: {fatal}"),
+        (None, true) => "interrupted; run `virtplan apply` again to resume".to_owned(),
+        (None, false) => String::new(),
+    };
+    if let Err(e) = notifier.plan_finished(clock.now(), message) {
+        printer.warning(&format!(
+            "cannot record the plan-finished notification: {e}"
+        ));
+    }
+    let left = notifier.flush(NOTIFY_FLUSH);
+    if left > 0 {
+        printer.warning(&format!(
+            "{left} notification delivery(ies) not done within {}s; they stay pending in {} and go out with the next `virtplan apply`",
+            NOTIFY_FLUSH.as_secs(),
+            store.path().display()
+        ));
+    }
 }
 
 fn short(hash: &str) -> &str {

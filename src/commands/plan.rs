@@ -57,8 +57,11 @@ pub fn run(args: &Args<'_>, clock: &dyn Clock, printer: &Printer) -> anyhow::Res
         PlanFormat::Markdown => render::markdown(&plan),
     };
     printer.out(&text);
+    if args.format != PlanFormat::Json {
+        printer.out(&crate::notify::describe_targets(&file.notify));
+    }
     if let Some(out) = args.out {
-        SavedPlan::new(plan.clone(), file.source.clone())
+        SavedPlan::new(plan.clone(), crate::notify::redact_source(&file))
             .write(out)
             .with_context(|| format!("cannot write the saved plan {}", out.display()))?;
         printer.err_line(&format!(

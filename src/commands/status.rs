@@ -16,6 +16,25 @@ use crate::ExitStatus;
 pub struct StatusDoc {
     /// One entry per step and domain, in time order.
     pub steps: Vec<StatusStep>,
+    /// Notification events not delivered to every target yet (absent when there are none).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub notifications: Vec<StatusNotification>,
+}
+
+/// A notification event that some target has not taken.
+#[derive(Debug, Serialize, schemars::JsonSchema)]
+pub struct StatusNotification {
+    /// The event's stable id.
+    pub id: String,
+    /// `step-failed`, `plan-finished`, ...
+    pub event: String,
+    pub step: Option<usize>,
+    pub vm: Option<String>,
+    /// `pending` (not tried to the end yet) or `failed` (refused after every retry); the next
+    /// `apply` sends both again.
+    pub delivery: lockfile::Delivery,
+    /// The last failure, with the target redacted.
+    pub error: String,
 }
 
 /// One step on one domain.
@@ -58,6 +77,19 @@ impl From<&Lockfile> for StatusDoc {
                     started_at: r.started_at,
                     finished_at: r.finished_at,
                     message: r.message,
+                })
+                .collect(),
+            notifications: lock
+                .events
+                .into_iter()
+                .filter(|e| e.delivery != lockfile::Delivery::Sent)
+                .map(|e| StatusNotification {
+                    id: e.id,
+                    event: e.event,
+                    step: e.step,
+                    vm: e.vm,
+                    delivery: e.delivery,
+                    error: e.error,
                 })
                 .collect(),
         }
@@ -179,6 +211,34 @@ pub fn human(doc: &StatusDoc, printer: &Printer) -> String {
         count(StepStatus::Running),
         count(StepStatus::Pending),
     );
+    if !doc.notifications.is_empty() {
+        let _ = writeln!(
+            out,
+            "{} notification(s) not delivered (the next `virtplan apply` sends them again):",
+            doc.notifications.len()
+        );
+        for n in &doc.notifications {
+            let about = match (n.step, &n.vm) {
+                (Some(step), Some(vm)) => format!(" step {step} {vm}"),
+                _ => String::new(),
+            };
+            let _ = writeln!(
+                out,
+                "  {} {}{about} ({}){}",
+                printer.paint(
+                    Tone::Removed,
+                    &format!("{:<7}", format!("{:?}", n.delivery).to_lowercase())
+                ),
+                n.event,
+                n.id,
+                if n.error.is_empty() {
+                    String::new()
+                } else {
+                    format!(": {}", n.error)
+                }
+            );
+        }
+    }
     out
 }
 

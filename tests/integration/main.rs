@@ -2,6 +2,7 @@
 
 mod apply;
 mod libvirt_adapter;
+mod notify;
 mod plan;
 mod support;
 mod validate;
