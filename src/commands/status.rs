@@ -122,7 +122,7 @@ pub fn run(plan: &Path, format: StatusFormat, printer: &Printer) -> anyhow::Resu
     let lock = match LockStore::read(&lock_path) {
         Ok(lock) => lock,
         Err(LockError::Read { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
-            printer.err_line(&format!(
+            printer.info(&format!(
                 "No progress recorded for {}: `virtplan apply` has not run it ({} does not exist).",
                 plan.display(),
                 lock_path.display()
