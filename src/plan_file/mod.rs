@@ -65,6 +65,8 @@ pub struct PlanFile {
     pub window: Option<Window>,
     pub grace: Duration,
     pub on_failure: OnFailure,
+    /// How many steps may run at once (virtplan.toml `parallelism`).
+    pub parallelism: usize,
     pub steps: Vec<Step>,
     /// Notification targets in effect: the plan's `notify`, else virtplan.toml's `[[notify]]`.
     pub notify: Vec<crate::notify::Target>,
