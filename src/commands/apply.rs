@@ -76,6 +76,12 @@ pub fn run(args: &Args<'_>, clock: &dyn Clock, printer: &Printer) -> anyhow::Res
         (None, None) => return Ok(ExitStatus::Error),
     };
 
+    let targets = match (&saved, &loaded) {
+        (_, Some((_, file))) => file.notify.clone(),
+        (Some(_), None) => saved_plan_targets(&plan_path, args.config, printer),
+        (None, None) => Vec::new(),
+    };
+
     // A saved plan was reviewed when it was made; anything else needs a yes or the flag. Asked
     // after loading, so a mistyped path or a broken plan is reported as what it is.
     if saved.is_none() && !args.auto_approve && !interactive {
@@ -126,7 +132,7 @@ pub fn run(args: &Args<'_>, clock: &dyn Clock, printer: &Printer) -> anyhow::Res
     // nothing yet: a declined prompt leaves the lockfile as it was).
     store.snapshot().reconcile(store.path(), &plan)?;
     printer.out(&render::human(&plan, printer));
-    printer.out(&crate::notify::describe_targets(&file.notify));
+    printer.out(&crate::notify::describe_targets(&targets));
     if !args.auto_approve && interactive && !confirm(&plan, printer)? {
         printer.info("Nothing applied.");
         return Ok(ExitStatus::Error);
@@ -147,7 +153,7 @@ pub fn run(args: &Args<'_>, clock: &dyn Clock, printer: &Printer) -> anyhow::Res
             printer.err_line(&progress_line(o, clock, printer));
         }
     };
-    let notifier = start_notifier(&file, &plan, &store, printer);
+    let notifier = start_notifier(targets, &plan, &store, printer);
     if let Some(n) = &notifier {
         n.plan_started(clock.now())?;
     }
@@ -259,12 +265,12 @@ const NOTIFY_FLUSH: std::time::Duration = std::time::Duration::from_secs(30);
 /// Starts delivering notifications when the plan has targets (re-sending what an earlier run
 /// left undelivered).
 fn start_notifier(
-    file: &crate::plan_file::PlanFile,
+    targets: Vec<crate::notify::Target>,
     plan: &Plan,
     store: &Arc<LockStore>,
     printer: &Printer,
 ) -> Option<Arc<Notifier>> {
-    if file.notify.is_empty() {
+    if targets.is_empty() {
         return None;
     }
     let info = RunInfo {
@@ -286,13 +292,30 @@ fn start_notifier(
     };
     let log_printer = printer.clone();
     let log = Box::new(move |m: &str| log_printer.warning(&format!("notify: {m}")));
-    Some(Notifier::start(
-        file.notify.clone(),
-        info,
-        store,
-        log,
-        Retry::default(),
-    ))
+    Some(Notifier::start(targets, info, store, log, Retry::default()))
+}
+
+/// A saved plan carries no notification targets (webhook URLs and SMTP settings are secrets,
+/// and a saved plan is not): they come from its plan file, whose sha256 was just checked, and
+/// that file's virtplan.toml. When those no longer load, the run goes on without notifications.
+fn saved_plan_targets(
+    plan_path: &Path,
+    config: Option<&Path>,
+    printer: &Printer,
+) -> Vec<crate::notify::Target> {
+    let loaded = crate::config::discover(config, Some(plan_path)).and_then(|config| {
+        crate::plan_file::load(plan_path, &crate::plan_file::LoadContext { config })
+    });
+    match loaded {
+        Ok(file) => file.notify,
+        Err(diags) => {
+            printer.warning(&format!(
+                "no notifications for this run: their targets come from {}, which does not load now ({diags})",
+                plan_path.display()
+            ));
+            Vec::new()
+        }
+    }
 }
 
 /// Records `plan-finished` and waits (a bounded time) for deliveries to finish.
