@@ -16,7 +16,6 @@ use crate::executor::{Executor, Outcome, Settings};
 use crate::hypervisor::libvirt::Libvirt;
 use crate::hypervisor::Hypervisor;
 use crate::lockfile::{self, ExecutorLock, LockStore, StepStatus};
-use crate::notify::event::PlanRef;
 use crate::notify::{Notifier, Retry, RunInfo};
 use crate::planner::saved::SavedPlan;
 use crate::planner::{self, Connections, Plan, PlanInput};
@@ -169,6 +168,7 @@ pub fn run(args: &Args<'_>, clock: &dyn Clock, printer: &Printer) -> anyhow::Res
         ));
         watch(
             args,
+            notifier.clone(),
             connect.as_deref(),
             config,
             file,
@@ -225,6 +225,7 @@ pub fn run(args: &Args<'_>, clock: &dyn Clock, printer: &Printer) -> anyhow::Res
 #[allow(clippy::too_many_arguments)] // the pieces apply has already checked, handed over
 fn watch(
     args: &Args<'_>,
+    notifier: Option<Arc<Notifier>>,
     connect: Option<&str>,
     config: crate::config::Config,
     file: crate::plan_file::PlanFile,
@@ -255,6 +256,7 @@ fn watch(
         file,
         plan,
         store: Arc::clone(store),
+        notifier,
     };
     reconciler::apply_watch(&env, applying, stop)
 }
@@ -273,23 +275,7 @@ fn start_notifier(
     if targets.is_empty() {
         return None;
     }
-    let info = RunInfo {
-        plan: PlanRef {
-            name: plan.meta.name.clone(),
-            file: plan.meta.file.clone(),
-            sha256: plan.meta.sha256.clone(),
-        },
-        connections: plan
-            .steps
-            .iter()
-            .map(|s| {
-                (
-                    (s.step_id.clone(), s.domain.uuid.clone()),
-                    s.connection.clone(),
-                )
-            })
-            .collect(),
-    };
+    let info = RunInfo::of(plan);
     let log_printer = printer.clone();
     let log = Box::new(move |m: &str| log_printer.warning(&format!("notify: {m}")));
     Some(Notifier::start(targets, info, store, log, Retry::default()))

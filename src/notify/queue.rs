@@ -50,8 +50,12 @@ pub struct Notifier {
 
 struct Inner {
     plan: PlanRef,
-    /// Redacted libvirt URI of each (step id, domain UUID).
-    connections: BTreeMap<(String, String), String>,
+    /// Redacted libvirt URI of each (step id, domain UUID); replaced when a watched plan is
+    /// re-planned.
+    connections: Mutex<BTreeMap<(String, String), String>>,
+    /// A stop for a re-plan is under way: the steps it leaves unstarted run under the new
+    /// version, so their `cancelled` is no news.
+    quiet_cancellations: std::sync::atomic::AtomicBool,
     targets: Vec<Target>,
     keys: Vec<String>,
     queues: Vec<Queue>,
@@ -86,6 +90,35 @@ pub struct RunInfo {
     pub connections: BTreeMap<(String, String), String>,
 }
 
+impl RunInfo {
+    /// The plan's identity and each step's connection, from a projected plan.
+    #[must_use]
+    pub fn of(plan: &crate::planner::Plan) -> Self {
+        Self {
+            plan: PlanRef {
+                name: plan.meta.name.clone(),
+                file: plan.meta.file.clone(),
+                sha256: plan.meta.sha256.clone(),
+            },
+            connections: step_connections(plan),
+        }
+    }
+}
+
+/// The libvirt URI of each (step id, domain UUID) of `plan`.
+#[must_use]
+pub fn step_connections(plan: &crate::planner::Plan) -> BTreeMap<(String, String), String> {
+    plan.steps
+        .iter()
+        .map(|s| {
+            (
+                (s.step_id.clone(), s.domain.uuid.clone()),
+                s.connection.clone(),
+            )
+        })
+        .collect()
+}
+
 impl Notifier {
     /// Starts one delivery thread per target and makes `store` record events for step changes.
     /// Events a previous run left undelivered are queued first.
@@ -106,11 +139,8 @@ impl Notifier {
             .collect();
         let inner = Arc::new(Inner {
             plan: info.plan,
-            connections: info
-                .connections
-                .into_iter()
-                .map(|(k, uri)| (k, redact_uri(&uri)))
-                .collect(),
+            connections: Mutex::new(redact_all(info.connections)),
+            quiet_cancellations: std::sync::atomic::AtomicBool::new(false),
             targets,
             keys,
             queues,
@@ -135,6 +165,23 @@ impl Notifier {
         }
         store.observe(Arc::clone(&notifier) as Arc<dyn Observer>);
         notifier
+    }
+
+    /// The libvirt URI of each (step id, domain UUID) of a new version of the plan.
+    pub fn set_connections(&self, connections: BTreeMap<(String, String), String>) {
+        *self
+            .inner
+            .connections
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = redact_all(connections);
+    }
+
+    /// While on, a step recorded `cancelled` raises no event: set while a watched plan's
+    /// executor stops for a re-plan, whose steps then run under the new version.
+    pub fn quiet_cancellations(&self, on: bool) {
+        self.inner
+            .quiet_cancellations
+            .store(on, std::sync::atomic::Ordering::SeqCst);
     }
 
     /// Records and queues `plan-started`.
@@ -241,6 +288,13 @@ impl Observer for Notifier {
     ) -> Option<EventRecord> {
         let kind = EventKind::of_transition(before, after.status)?;
         let inner = &self.inner;
+        if kind == EventKind::StepCancelled
+            && inner
+                .quiet_cancellations
+                .load(std::sync::atomic::Ordering::SeqCst)
+        {
+            return None;
+        }
         let targets = inner.wanting(kind);
         if targets.is_empty() {
             return None;
@@ -266,6 +320,8 @@ impl Observer for Notifier {
             uuid: Some(after.uuid.clone()),
             connection: inner
                 .connections
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
                 .get(&(after.step_id.clone(), after.uuid.clone()))
                 .cloned(),
             at: after.at,
@@ -425,6 +481,15 @@ impl Inner {
                 .0;
         }
     }
+}
+
+fn redact_all(
+    connections: BTreeMap<(String, String), String>,
+) -> BTreeMap<(String, String), String> {
+    connections
+        .into_iter()
+        .map(|(k, uri)| (k, redact_uri(&uri)))
+        .collect()
 }
 
 /// A libvirt URI with any password replaced by `***`.

@@ -814,3 +814,85 @@ fn a_hanging_command_is_killed_after_its_timeout() {
     assert!(started.elapsed() < Duration::from_secs(10));
     assert!(err.0.contains("killed after its timeout of 1s"), "{err}");
 }
+
+/// `watch DIR`: a watched plan announces its start, steps and end; an edit that re-plans stops
+/// the executor, whose unstarted steps then run under the new version: no `step-cancelled`.
+#[test]
+fn a_watched_plan_notifies_and_a_replan_is_not_a_cancellation() {
+    let dir = tempfile::tempdir().unwrap();
+    let uri = fleet(dir.path());
+    let hooks = WebhookServer::start();
+    let plan = dir.path().join("plan.yaml");
+    let body = |second: &str| {
+        format!(
+            "version: 1
+connection: {uri}
+grace: 1m
+notify:
+  - webhook: {}
+steps:
+  - vm: web-01
+    memory: 256MiB
+  - at: {second}
+    vm: web-01
+    vcpus: 1
+",
+            hooks.url(&format!("/hooks/{TOKEN}"))
+        )
+    };
+    let later = |secs: i64| {
+        (SystemClock.now() + chrono::Duration::seconds(secs))
+            .to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+    };
+    std::fs::write(&plan, body(&later(3600))).unwrap();
+    let mut watch = Command::new(BIN)
+        .args([
+            "watch",
+            dir.path().to_str().unwrap(),
+            "--log-format",
+            "json",
+        ])
+        .env("NO_COLOR", "1")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let wait_for = |what: &str, n: usize| {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let got = kinds(&hooks.bodies(&format!("/hooks/{TOKEN}")));
+            if got.iter().filter(|k| k.starts_with(what)).count() >= n {
+                return got;
+            }
+            assert!(Instant::now() < deadline, "no {what} (x{n}): {got:?}");
+            sleep_ms(50);
+        }
+    };
+    wait_for("step-done", 1);
+    // Move step 2 to now: the executor stops (step 2 unstarted) and starts on the new version.
+    let tmp = dir.path().join(".plan.yaml.swp");
+    std::fs::write(&tmp, body(&later(2))).unwrap();
+    std::fs::rename(&tmp, &plan).unwrap();
+    let got = wait_for("plan-finished", 1);
+    let _ = Command::new("kill")
+        .args(["-TERM", &watch.id().to_string()])
+        .status();
+    let status = watch.wait().unwrap();
+    assert_eq!(status.code(), Some(0));
+    assert_eq!(
+        got,
+        [
+            "plan-started",
+            "step-started web-01",
+            "step-done web-01",
+            "step-started web-01",
+            "step-done web-01",
+            "plan-finished"
+        ],
+        "a re-plan is no cancellation"
+    );
+    let finished = &hooks.bodies(&format!("/hooks/{TOKEN}"))[5];
+    assert_eq!(finished["summary"]["done"], 2, "{finished}");
+    assert_eq!(finished["status"], "done");
+}
