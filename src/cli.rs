@@ -117,6 +117,8 @@ pub enum SchemaKind {
     Status,
     /// `ls --format json` output.
     Ls,
+    /// The notification event sent to webhooks and commands.
+    NotifyEvent,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

@@ -11,6 +11,7 @@ pub fn run(which: SchemaKind, printer: &Printer) -> ExitStatus {
         SchemaKind::PlanOutput => crate::render::json_schema(),
         SchemaKind::Status => super::status::json_schema(),
         SchemaKind::Ls => crate::overview::ls_schema(),
+        SchemaKind::NotifyEvent => crate::notify::event::json_schema(),
     };
     printer.out(&text);
     ExitStatus::Success
