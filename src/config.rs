@@ -12,6 +12,7 @@ use crate::plan_file::diag::{did_you_mean, Diagnostic, Diagnostics, Pos};
 use crate::plan_file::time::parse_zone;
 use crate::plan_file::units::parse_duration;
 use crate::plan_file::{ShutdownMode, ShutdownPolicy};
+use crate::uri::Uri;
 
 /// The configuration file's name.
 pub const FILE_NAME: &str = "virtplan.toml";
@@ -24,8 +25,9 @@ pub const DEFAULT_PARALLELISM: usize = 8;
 pub struct Config {
     /// Where it was read from.
     pub path: Option<PathBuf>,
-    pub connection: Option<String>,
-    pub hosts: BTreeMap<String, String>,
+    /// The default connection, a host alias already resolved.
+    pub connection: Option<Uri>,
+    pub hosts: BTreeMap<String, Uri>,
     pub timezone: Option<Tz>,
     pub grace: Option<Duration>,
     pub shutdown: ShutdownPolicy,
@@ -49,7 +51,7 @@ impl Default for Config {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawConfig {
-    connection: Option<String>,
+    connection: Option<toml::Spanned<String>>,
     #[serde(default)]
     hosts: BTreeMap<String, String>,
     timezone: Option<toml::Spanned<String>>,
@@ -91,12 +93,14 @@ pub fn discover(explicit: Option<&Path>, plan: Option<&Path>) -> Result<Config, 
         .iter()
         .flat_map(|dir| dir.ancestors())
         .map(|dir| dir.join(FILE_NAME))
-        .find(|candidate| candidate.is_file());
+        // Whatever is there counts, so a folder or FIFO named virtplan.toml is reported by
+        // `load` rather than silently skipped.
+        .find(|candidate| candidate.symlink_metadata().is_ok());
     let user = std::env::var_os("XDG_CONFIG_HOME")
         .map(PathBuf::from)
         .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".config")))
         .map(|dir| dir.join("virtplan").join(FILE_NAME))
-        .filter(|p| p.is_file());
+        .filter(|p| p.symlink_metadata().is_ok());
     nearest
         .or(user)
         .map_or_else(|| Ok(Config::default()), |p| load(&p))
@@ -112,17 +116,7 @@ pub fn load(path: &Path) -> Result<Config, Diagnostics> {
         text,
         items,
     };
-    let text = std::fs::read_to_string(path).map_err(|e| {
-        fail(
-            None,
-            vec![Diagnostic::new(
-                path,
-                Pos::new(1, 1),
-                format!("cannot read the configuration: {e}"),
-            )
-            .with_help("check the path given to --config")],
-        )
-    })?;
+    let text = read(path).map_err(|item| fail(None, vec![item]))?;
     let at = |span: std::ops::Range<usize>| Pos::of_offset(&text, span.start);
     let raw: RawConfig = toml::from_str(&text).map_err(|e| {
         let pos = e.span().map_or(Pos::new(1, 1), at);
@@ -139,10 +133,24 @@ pub fn load(path: &Path) -> Result<Config, Diagnostics> {
     let mut diags = Vec::new();
     let mut config = Config {
         path: Some(path.to_path_buf()),
-        connection: raw.connection,
-        hosts: raw.hosts,
+        hosts: raw
+            .hosts
+            .into_iter()
+            .map(|(name, uri)| (name, Uri::new(uri)))
+            .collect(),
         ..Config::default()
     };
+    if let Some(connection) = raw.connection {
+        match config.resolve_connection(connection.get_ref()) {
+            Some(uri) => config.connection = Some(uri),
+            None => diags.push(unknown_connection(
+                &config,
+                path,
+                at(connection.span()),
+                connection.get_ref(),
+            )),
+        }
+    }
     if let Some(tz) = raw.timezone {
         match parse_zone(tz.get_ref()) {
             Ok(zone) => config.timezone = Some(zone),
@@ -202,6 +210,64 @@ pub fn load(path: &Path) -> Result<Config, Diagnostics> {
     } else {
         Err(fail(Some(text), diags))
     }
+}
+
+impl Config {
+    /// A connection as written in a plan, virtplan.toml or `--connect`: a libvirt URI (it has
+    /// `:/`) as is, else the URI of the host alias of that name; `None` when it is neither.
+    #[must_use]
+    pub fn resolve_connection(&self, text: &str) -> Option<Uri> {
+        if text.contains(":/") {
+            return Some(Uri::new(text));
+        }
+        self.hosts.get(text).cloned()
+    }
+
+    /// How to fix a connection that is neither a URI nor a known host.
+    #[must_use]
+    pub fn hosts_help(&self) -> String {
+        if self.hosts.is_empty() {
+            "write a libvirt URI such as qemu:///system, or name a host from the `[hosts]` table of virtplan.toml".to_owned()
+        } else {
+            let names: Vec<&str> = self.hosts.keys().map(String::as_str).collect();
+            format!(
+                "write a libvirt URI, or one of the hosts in virtplan.toml: {}",
+                names.join(", ")
+            )
+        }
+    }
+}
+
+/// Configuration files are small; anything larger is not one.
+const MAX_CONFIG_BYTES: u64 = 1024 * 1024;
+
+/// The file's text: a regular file (a folder named virtplan.toml is an error, not skipped),
+/// bounded, without a byte-order mark.
+fn read(path: &Path) -> Result<String, Diagnostic> {
+    let text = crate::fsutil::read_regular_text(path, MAX_CONFIG_BYTES).map_err(|e| {
+        Diagnostic::new(
+            path,
+            Pos::new(1, 1),
+            format!("cannot read the configuration: {e}"),
+        )
+        .with_help("virtplan.toml must be a regular TOML file; fix or remove it, or name another with --config")
+    })?;
+    Ok(match text.strip_prefix('\u{feff}') {
+        Some(rest) => rest.to_owned(),
+        None => text,
+    })
+}
+
+fn unknown_connection(config: &Config, path: &Path, pos: Pos, text: &str) -> Diagnostic {
+    Diagnostic::new(
+        path,
+        pos,
+        format!(
+            "connection `{}` is neither a libvirt URI nor a host of `[hosts]`",
+            crate::printer::escape(text)
+        ),
+    )
+    .with_help(config.hosts_help())
 }
 
 fn unknown_key_help(message: &str) -> String {

@@ -38,6 +38,8 @@ impl Tone {
 pub struct Printer {
     stdout_color: bool,
     stderr_color: bool,
+    /// The first stdout write error other than a closed pipe (a full disk): the run fails.
+    stdout_error: std::sync::Arc<std::sync::Mutex<Option<String>>>,
 }
 
 impl Printer {
@@ -53,6 +55,7 @@ impl Printer {
         Self {
             stdout_color: decide(std::io::stdout().is_terminal()),
             stderr_color: decide(std::io::stderr().is_terminal()),
+            stdout_error: std::sync::Arc::default(),
         }
     }
 
@@ -62,6 +65,7 @@ impl Printer {
         Self {
             stdout_color: false,
             stderr_color: false,
+            stdout_error: std::sync::Arc::default(),
         }
     }
 
@@ -78,11 +82,31 @@ impl Printer {
     }
 
     /// Prints to stdout. A closed pipe (`virtplan plan | head`) is not an error: output stops.
+    /// Any other failure (a full disk behind `> plan.txt`) is kept for [`Printer::stdout_error`],
+    /// so the run exits non-zero instead of leaving a truncated file that looks complete.
     pub fn out(&self, text: &str) {
         let mut stdout = std::io::stdout().lock();
-        let _ = stdout
+        let result = stdout
             .write_all(text.as_bytes())
             .and_then(|()| stdout.flush());
+        if let Err(e) = result {
+            if e.kind() != std::io::ErrorKind::BrokenPipe {
+                let mut slot = self
+                    .stdout_error
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                slot.get_or_insert_with(|| e.to_string());
+            }
+        }
+    }
+
+    /// The first stdout write failure other than a closed pipe, if any.
+    #[must_use]
+    pub fn stdout_error(&self) -> Option<String> {
+        self.stdout_error
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
     }
 
     /// Prints one line to stderr.
@@ -116,4 +140,29 @@ fn paint(enabled: bool, tone: Tone, text: &str) -> String {
     } else {
         text.to_owned()
     }
+}
+
+/// `text` with every character a terminal could act on shown as an escape (`\u{1b}`, `\n`):
+/// C0 and C1 controls, DEL, and the bidirectional overrides that reorder what a reviewer sees.
+/// Every piece of user text (titles, descriptions, names, messages) printed for a human goes
+/// through here, so a plan cannot drive the reviewer's terminal.
+#[must_use]
+pub fn escape(text: &str) -> std::borrow::Cow<'_, str> {
+    if !text.chars().any(needs_escape) {
+        return std::borrow::Cow::Borrowed(text);
+    }
+    let mut out = String::with_capacity(text.len() + 8);
+    for c in text.chars() {
+        if needs_escape(c) {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    std::borrow::Cow::Owned(out)
+}
+
+fn needs_escape(c: char) -> bool {
+    c.is_control()
+        || matches!(c, '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
 }

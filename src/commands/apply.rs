@@ -18,6 +18,7 @@ use crate::lockfile::{self, ExecutorLock, LockStore, StepStatus};
 use crate::planner::saved::SavedPlan;
 use crate::planner::{self, Connections, Plan, PlanInput};
 use crate::printer::{Printer, Tone};
+use crate::uri::Uri;
 use crate::{render, ExitStatus};
 
 /// Test-only crash switch: `after-running:<step id>` or `before-done:<step id>` aborts the
@@ -56,6 +57,7 @@ pub fn run(args: &Args<'_>, clock: &dyn Clock, printer: &Printer) -> anyhow::Res
     let Some((config, file)) = common::load_plan(&plan_path, args.config, printer) else {
         return Ok(ExitStatus::Error);
     };
+    let connect = common::resolve_connect(&config, args.connect)?;
     if let Some(saved) = &saved {
         if file.sha256 != saved.plan.meta.sha256 {
             anyhow::bail!(
@@ -88,14 +90,16 @@ pub fn run(args: &Args<'_>, clock: &dyn Clock, printer: &Printer) -> anyhow::Res
         &file.sha256,
     )?);
     let (plan, connections) = if let Some(saved) = saved {
-        let connections = common::open_uris(saved.plan.steps.iter().map(|s| s.connection.clone()))?;
-        (saved.plan, connections)
+        let mut plan = saved.plan;
+        restore_credentials(&mut plan, &file, &config)?;
+        let connections = common::open_uris(plan.steps.iter().map(|s| s.connection.clone()))?;
+        (plan, connections)
     } else {
-        let connections = common::open_connections(&file, args.connect)?;
+        let connections = common::open_connections(&file, connect.as_ref())?;
         let input = PlanInput {
             file: &file,
             connections: &connections,
-            connect_override: args.connect,
+            connect_override: connect.as_ref(),
             now: clock.now(),
             progress: &*store,
         };
@@ -141,6 +145,7 @@ pub fn run(args: &Args<'_>, clock: &dyn Clock, printer: &Printer) -> anyhow::Res
         ));
         watch(
             args,
+            connect.as_ref(),
             config,
             file,
             plan,
@@ -159,7 +164,7 @@ pub fn run(args: &Args<'_>, clock: &dyn Clock, printer: &Printer) -> anyhow::Res
             settings: &settings,
             stop: &stop,
             on_outcome: &on_outcome,
-            reconnect: Some(&|uri: &str| {
+            reconnect: Some(&|uri: &Uri| {
                 Libvirt::connect(uri).map(|hv| Arc::new(hv) as Arc<dyn Hypervisor>)
             }),
         }
@@ -193,6 +198,7 @@ pub fn run(args: &Args<'_>, clock: &dyn Clock, printer: &Printer) -> anyhow::Res
 #[allow(clippy::too_many_arguments)] // the pieces apply has already checked, handed over
 fn watch(
     args: &Args<'_>,
+    connect: Option<&Uri>,
     config: crate::config::Config,
     file: crate::plan_file::PlanFile,
     plan: Plan,
@@ -213,7 +219,7 @@ fn watch(
         clock,
         log: &log,
         config: args.config,
-        connect: args.connect,
+        connect,
         failpoint: std::env::var(FAILPOINT_ENV).ok().filter(|f| !f.is_empty()),
         pool: reconciler::Pool::with(connections),
     };
@@ -224,6 +230,42 @@ fn watch(
         store: Arc::clone(store),
     };
     reconciler::apply_watch(&env, applying, stop)
+}
+
+/// Saved plans hold redacted connections: give each back its credentials from the plan file or
+/// virtplan.toml (the plan file's hash was checked, so they are the reviewed ones).
+fn restore_credentials(
+    plan: &mut Plan,
+    file: &crate::plan_file::PlanFile,
+    config: &crate::config::Config,
+) -> anyhow::Result<()> {
+    let known: Vec<Uri> = file
+        .connection_uris(None)
+        .into_iter()
+        .chain(config.hosts.values().cloned())
+        .chain(config.connection.clone())
+        .collect();
+    let restore = |saved: &Uri| -> anyhow::Result<Uri> {
+        if let Some(real) = known
+            .iter()
+            .find(|k| *k == saved || k.redacted() == saved.expose())
+        {
+            return Ok(real.clone());
+        }
+        if saved.expose().contains(crate::uri::MASK) {
+            anyhow::bail!(
+                "the saved plan's connection {saved} had credentials, which saved plans never store, and neither the plan file nor virtplan.toml names it; name the URI in the plan or in virtplan.toml `[hosts]` (or keep the password in libvirt's auth.conf) and run `virtplan plan --out` again"
+            );
+        }
+        Ok(saved.clone())
+    };
+    for step in &mut plan.steps {
+        step.connection = restore(&step.connection)?;
+    }
+    for change in &mut plan.changes {
+        change.connection = restore(&change.connection)?;
+    }
+    Ok(())
 }
 
 fn short(hash: &str) -> &str {

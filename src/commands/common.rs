@@ -10,6 +10,7 @@ use crate::hypervisor::libvirt::Libvirt;
 use crate::plan_file::{self, LoadContext, PlanFile};
 use crate::planner::{Connections, PlanError};
 use crate::printer::Printer;
+use crate::uri::Uri;
 
 /// Loads configuration and plan, printing located diagnostics; `None` when invalid.
 pub fn load_plan(
@@ -35,14 +36,33 @@ pub fn load_plan(
     }
 }
 
+/// `--connect` resolved like any connection: a libvirt URI, or a host alias of virtplan.toml.
+pub fn resolve_connect(config: &Config, connect: Option<&str>) -> anyhow::Result<Option<Uri>> {
+    let Some(text) = connect else {
+        return Ok(None);
+    };
+    config.resolve_connection(text).map(Some).ok_or_else(|| {
+        anyhow::anyhow!(
+            "--connect `{}` is neither a libvirt URI nor a host of virtplan.toml{}: {}",
+            crate::printer::escape(text),
+            config
+                .path
+                .as_ref()
+                .map(|p| format!(" ({})", p.display()))
+                .unwrap_or_default(),
+            config.hosts_help()
+        )
+    })
+}
+
 /// Opens each connection the plan uses once (`--connect` replaces all of them).
-pub fn open_connections(file: &PlanFile, connect: Option<&str>) -> anyhow::Result<Connections> {
+pub fn open_connections(file: &PlanFile, connect: Option<&Uri>) -> anyhow::Result<Connections> {
     open_uris(file.connection_uris(connect))
         .with_context(|| format!("plan {}", file.path.display()))
 }
 
 /// Opens each of `uris` once.
-pub fn open_uris(uris: impl IntoIterator<Item = String>) -> anyhow::Result<Connections> {
+pub fn open_uris(uris: impl IntoIterator<Item = Uri>) -> anyhow::Result<Connections> {
     let mut connections = Connections::new();
     for uri in uris.into_iter().collect::<std::collections::BTreeSet<_>>() {
         let hv = Libvirt::connect(&uri)?;

@@ -54,7 +54,9 @@ pub fn dispatch(cli: Cli, printer: &Printer) -> anyhow::Result<ExitStatus> {
             &crate::clock::SystemClock,
             printer,
         ),
-        Command::Status { plan, format } => status::run(&plan, format, printer),
+        Command::Status { plan, format } => {
+            status::run(&plan, cli.config.as_deref(), format, printer)
+        }
         Command::Watch { dir, log_format } => watch::run(
             &watch::Args {
                 dir: &dir,

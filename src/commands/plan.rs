@@ -23,9 +23,10 @@ pub struct Args<'a> {
 }
 
 pub fn run(args: &Args<'_>, clock: &dyn Clock, printer: &Printer) -> anyhow::Result<ExitStatus> {
-    let Some((_config, file)) = common::load_plan(args.plan, args.config, printer) else {
+    let Some((config, file)) = common::load_plan(args.plan, args.config, printer) else {
         return Ok(ExitStatus::Error);
     };
+    let connect = common::resolve_connect(&config, args.connect)?;
     // With a lockfile beside the plan, done steps are shown as done rather than as changes.
     let lock_path = lockfile::lock_path(args.plan);
     let progress: Box<dyn Progress> = if lock_path.exists() {
@@ -36,11 +37,11 @@ pub fn run(args: &Args<'_>, clock: &dyn Clock, printer: &Printer) -> anyhow::Res
     } else {
         Box::new(NoProgress)
     };
-    let connections = common::open_connections(&file, args.connect)?;
+    let connections = common::open_connections(&file, connect.as_ref())?;
     let input = PlanInput {
         file: &file,
         connections: &connections,
-        connect_override: args.connect,
+        connect_override: connect.as_ref(),
         now: clock.now(),
         progress: progress.as_ref(),
     };
@@ -58,7 +59,15 @@ pub fn run(args: &Args<'_>, clock: &dyn Clock, printer: &Printer) -> anyhow::Res
     };
     printer.out(&text);
     if let Some(out) = args.out {
-        SavedPlan::new(plan.clone(), file.source.clone())
+        // The plan text keeps no credentials either (the connections inside are redacted).
+        let source = crate::uri::redact_in(
+            &file.source,
+            file.connection_uris(None)
+                .iter()
+                .chain(config.hosts.values())
+                .chain(connect.as_ref()),
+        );
+        SavedPlan::new(plan.clone(), source)
             .write(out)
             .with_context(|| format!("cannot write the saved plan {}", out.display()))?;
         printer.err_line(&format!(

@@ -8,7 +8,7 @@ use serde::Serialize;
 use crate::cli::StatusFormat;
 use crate::lockfile::{self, LockError, LockStore, Lockfile, StepStatus};
 use crate::planner::saved::SavedPlan;
-use crate::printer::{Printer, Tone};
+use crate::printer::{escape, Printer, Tone};
 use crate::ExitStatus;
 
 /// `status --format json`: its schema is `schemas/status.schema.json`.
@@ -81,21 +81,49 @@ pub fn plan_file_of(path: &Path) -> anyhow::Result<PathBuf> {
     })
 }
 
-pub fn run(plan: &Path, format: StatusFormat, printer: &Printer) -> anyhow::Result<ExitStatus> {
-    if !plan.exists() {
-        anyhow::bail!("{}: no such plan file", plan.display());
-    }
-    let plan = plan_file_of(plan)?;
+pub fn run(
+    plan: &Path,
+    config: Option<&Path>,
+    format: StatusFormat,
+    printer: &Printer,
+) -> anyhow::Result<ExitStatus> {
+    let plan_exists = plan.symlink_metadata().is_ok();
+    let plan = if plan_exists {
+        plan_file_of(plan)?
+    } else {
+        plan.to_path_buf()
+    };
     let lock_path = lockfile::lock_path(&plan);
     let lock = match LockStore::read(&lock_path) {
-        Ok(lock) => lock,
-        Err(LockError::Read { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
+        Ok(lock) => {
+            if !plan_exists {
+                printer.err_line(&format!(
+                    "The plan file {} is gone; showing the progress its lockfile {} recorded.",
+                    plan.display(),
+                    lock_path.display()
+                ));
+            }
+            lock
+        }
+        Err(LockError::Read { source, .. })
+            if source.io_kind() == Some(std::io::ErrorKind::NotFound) =>
+        {
+            if !plan_exists {
+                anyhow::bail!(
+                    "{}: no such plan file, and no lockfile {} either",
+                    plan.display(),
+                    lock_path.display()
+                );
+            }
+            let Some((_, file)) = super::common::load_plan(&plan, config, printer) else {
+                return Ok(ExitStatus::Error);
+            };
             printer.err_line(&format!(
-                "No progress recorded for {}: `virtplan apply` has not run it ({} does not exist).",
+                "No progress recorded for {}: `virtplan apply` has not run it ({} does not exist); every step is pending.",
                 plan.display(),
                 lock_path.display()
             ));
-            Lockfile::new("")
+            never_applied(&file)
         }
         Err(e) => return Err(e.into()),
     };
@@ -110,6 +138,42 @@ pub fn run(plan: &Path, format: StatusFormat, printer: &Printer) -> anyhow::Resu
     };
     printer.out(&text);
     Ok(ExitStatus::Success)
+}
+
+/// The progress of a plan that never ran: each step on each domain it names, pending. UUIDs
+/// are unknown until `plan` or `apply` asks libvirt.
+fn never_applied(file: &crate::plan_file::PlanFile) -> Lockfile {
+    let mut lock = Lockfile::new(file.sha256.clone());
+    for step in &file.steps {
+        let a = &step.attributes;
+        let keys: Vec<&str> = [
+            ("power", a.power.is_some()),
+            ("snapshot", a.snapshot.is_some()),
+            ("max_memory", a.max_memory.is_some()),
+            ("memory", a.memory.is_some()),
+            ("max_vcpus", a.max_vcpus.is_some()),
+            ("vcpus", a.vcpus.is_some()),
+            ("clock", a.clock.is_some()),
+            ("autostart", a.autostart.is_some()),
+            ("title", a.title.is_some()),
+            ("description", a.description.is_some()),
+        ]
+        .into_iter()
+        .filter_map(|(key, set)| set.then_some(key))
+        .collect();
+        for target in &step.targets {
+            lock.steps.push(lockfile::StepRecord::new(
+                step.number,
+                step.id(),
+                target.name_or_uuid.clone(),
+                "-",
+                keys.join(", "),
+                step.at.as_ref().map(|a| a.value),
+                StepStatus::Pending,
+            ));
+        }
+    }
+    lock
 }
 
 fn time(t: Option<DateTime<Utc>>) -> String {
@@ -136,14 +200,14 @@ pub fn human(doc: &StatusDoc, printer: &Printer) -> String {
             "{} step {} {} at {}",
             printer.paint(tone, &status),
             s.step,
-            printer.paint(Tone::Heading, &s.vm),
+            printer.paint(Tone::Heading, &escape(&s.vm)),
             s.at.map_or_else(
                 || "apply start".to_owned(),
                 |t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
             ),
         );
         if !s.what.is_empty() {
-            let _ = writeln!(out, "          {}", s.what);
+            let _ = writeln!(out, "          {}", escape(&s.what));
         }
         match (s.started_at, s.finished_at) {
             (Some(a), Some(b)) => {
@@ -164,7 +228,11 @@ pub fn human(doc: &StatusDoc, printer: &Printer) -> String {
             (None, None) => {}
         }
         if !s.message.is_empty() {
-            let _ = writeln!(out, "          {}", printer.paint(Tone::Dim, &s.message));
+            let _ = writeln!(
+                out,
+                "          {}",
+                printer.paint(Tone::Dim, &escape(&s.message))
+            );
         }
     }
     let count = |st: StepStatus| doc.steps.iter().filter(|s| s.status == st).count();

@@ -28,6 +28,7 @@ use virt::sys;
 use super::domain_xml::{self, DefinitionSummary};
 use super::{DomainId, ErrorKind, HvError, HvResult, Hypervisor, Scope};
 use crate::state::{DomainState, Kib, LiveFigures, PowerState};
+use crate::uri::Uri;
 
 /// Stops libvirt from printing every handled error to stderr; call once before connecting.
 pub fn silence_stderr_printer() {
@@ -42,7 +43,7 @@ static SILENCE: Once = Once::new();
 /// API call takes the connection's lock), so `Libvirt` is too and may be shared through an `Arc`
 /// by the executor's worker threads. Each call keeps its own `Domain` handle.
 pub struct Libvirt {
-    uri: String,
+    uri: Uri,
     conn: Connect,
     /// The test driver refuses `VIR_DOMAIN_AFFECT_LIVE | VIR_DOMAIN_AFFECT_CONFIG` in one
     /// memory call ("mutually exclusive"), so live+config memory changes go in two calls there.
@@ -112,16 +113,18 @@ impl Libvirt {
     /// # Errors
     ///
     /// Fails with a message naming the URI and how to check it when libvirt cannot be reached.
-    pub fn connect(uri: &str) -> HvResult<Self> {
+    pub fn connect(uri: impl Into<Uri>) -> HvResult<Self> {
+        let uri = &uri.into();
         SILENCE.call_once(silence_stderr_printer);
-        let conn = Connect::open(Some(uri)).map_err(|e| {
+        // libvirt may quote the URI in its message: redact the message as well.
+        let conn = Connect::open(Some(uri.expose())).map_err(|e| {
             let kind = classify(&e);
             HvError::new(
                 kind,
                 format!(
                     "cannot connect to libvirt at {uri}: {}; is libvirtd running and may this \
                      user use it? try `virsh -c {uri} version`",
-                    e.message().trim_end()
+                    redact_message(e.message().trim_end(), uri)
                 ),
             )
         })?;
@@ -129,7 +132,7 @@ impl Libvirt {
             .driver_type()
             .is_ok_and(|t| t.eq_ignore_ascii_case("test"));
         Ok(Self {
-            uri: uri.to_owned(),
+            uri: uri.clone(),
             conn,
             split_memory_scope,
         })
@@ -209,7 +212,7 @@ impl Libvirt {
 }
 
 impl Hypervisor for Libvirt {
-    fn uri(&self) -> &str {
+    fn uri(&self) -> &Uri {
         &self.uri
     }
 
@@ -519,6 +522,22 @@ fn classify(e: &VirtError) -> ErrorKind {
 
 fn hv_error(what: &str, e: &VirtError) -> HvError {
     HvError::new(classify(e), format!("{what}: {}", e.message().trim_end()))
+}
+
+/// A libvirt message with the URI's secrets masked, in case libvirt quoted the URI or a part.
+fn redact_message(message: &str, uri: &Uri) -> String {
+    let mut out = crate::uri::redact_in(message, [uri]);
+    if let Ok(url) = url::Url::parse(uri.expose()) {
+        if let Some(password) = url.password().filter(|p| p.len() > 2) {
+            out = out.replace(password, crate::uri::MASK);
+        }
+        for (key, value) in url.query_pairs() {
+            if crate::uri::is_secret_key(&key) && value.len() > 2 {
+                out = out.replace(&*value, crate::uri::MASK);
+            }
+        }
+    }
+    out
 }
 
 /// What one domain's record of a bulk `state` statistics call holds.

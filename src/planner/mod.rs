@@ -16,6 +16,7 @@ use serde::{Deserialize, Serialize};
 use crate::hypervisor::{DomainId, HvError, Hypervisor};
 use crate::plan_file::{ClockTarget, PlanFile, Pos, ShutdownPolicy, SnapshotSpec};
 use crate::state::{DomainState, Kib};
+use crate::uri::Uri;
 
 pub use project::project;
 
@@ -23,7 +24,7 @@ pub use project::project;
 pub const FORMAT_VERSION: u32 = 1;
 
 /// Open hypervisor connections, one per URI.
-pub type Connections = BTreeMap<String, Arc<dyn Hypervisor>>;
+pub type Connections = BTreeMap<Uri, Arc<dyn Hypervisor>>;
 
 /// What a change does.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -47,7 +48,7 @@ pub struct Change {
     pub at: Option<DateTime<Utc>>,
     pub vm: String,
     pub uuid: String,
-    pub connection: String,
+    pub connection: Uri,
     pub attribute: String,
     pub before: serde_json::Value,
     pub after: serde_json::Value,
@@ -109,7 +110,7 @@ pub struct PlannedStep {
     pub step_id: String,
     pub at: Option<DateTime<Utc>>,
     pub domain: PlannedDomain,
-    pub connection: String,
+    pub connection: Uri,
     /// The projected state before the step (what the reviewer saw).
     pub before: DomainState,
     /// The state the step must leave behind (verified after applying).
@@ -229,7 +230,7 @@ pub struct PlanInput<'a> {
     pub file: &'a PlanFile,
     pub connections: &'a Connections,
     /// `--connect`, which overrides every step's connection.
-    pub connect_override: Option<&'a str>,
+    pub connect_override: Option<&'a Uri>,
     pub now: DateTime<Utc>,
     pub progress: &'a dyn Progress,
 }

@@ -16,6 +16,7 @@ use crate::plan_file::{
     ClockTarget, Located, PlanFile, PowerTarget, ShutdownMode, ShutdownPolicy, Step,
 };
 use crate::state::{ClockState, DomainState, LiveFigures, PowerState};
+use crate::uri::Uri;
 
 /// Projects the plan over live state read through `input.connections`.
 ///
@@ -28,8 +29,8 @@ pub fn project(input: &PlanInput<'_>) -> Result<Plan, PlanError> {
     let resolved = resolve_targets(input, &mut problems)?;
 
     // Group each domain's steps, in time order (steps without `at` run first).
-    let mut per_domain: BTreeMap<(String, String), Vec<&Step>> = BTreeMap::new();
-    let mut ids: BTreeMap<(String, String), DomainId> = BTreeMap::new();
+    let mut per_domain: BTreeMap<(Uri, String), Vec<&Step>> = BTreeMap::new();
+    let mut ids: BTreeMap<(Uri, String), DomainId> = BTreeMap::new();
     for (step, uri, id) in &resolved {
         let key = (uri.clone(), id.uuid.clone());
         per_domain.entry(key.clone()).or_default().push(step);
@@ -103,7 +104,7 @@ pub fn project(input: &PlanInput<'_>) -> Result<Plan, PlanError> {
     })
 }
 
-type Resolved<'a> = Vec<(&'a Step, String, DomainId)>;
+type Resolved<'a> = Vec<(&'a Step, Uri, DomainId)>;
 
 /// Resolves every step's domains, each name once per connection.
 fn resolve_targets<'a>(
@@ -111,12 +112,12 @@ fn resolve_targets<'a>(
     problems: &mut Vec<PlanProblem>,
 ) -> Result<Resolved<'a>, PlanError> {
     let file = input.file;
-    let mut cache: BTreeMap<(String, String), Option<DomainId>> = BTreeMap::new();
+    let mut cache: BTreeMap<(Uri, String), Option<DomainId>> = BTreeMap::new();
     let mut resolved = Vec::new();
     for step in &file.steps {
         let Some(uri) = input
             .connect_override
-            .map(str::to_owned)
+            .cloned()
             .or_else(|| step.connection.clone())
         else {
             problems.push(problem(file, step, step.pos, "-", "the step has no libvirt connection".to_owned(),
@@ -167,9 +168,9 @@ fn resolve_targets<'a>(
 /// domains with clock steps, snapshot names only for domains with snapshot steps.
 fn observe(
     connections: &Connections,
-    per_domain: &BTreeMap<(String, String), Vec<&Step>>,
-) -> Result<BTreeMap<(String, String), Observed>, PlanError> {
-    let mut by_uri: BTreeMap<&str, Vec<String>> = BTreeMap::new();
+    per_domain: &BTreeMap<(Uri, String), Vec<&Step>>,
+) -> Result<BTreeMap<(Uri, String), Observed>, PlanError> {
+    let mut by_uri: BTreeMap<&Uri, Vec<String>> = BTreeMap::new();
     for (uri, uuid) in per_domain.keys() {
         by_uri.entry(uri).or_default().push(uuid.clone());
     }
@@ -194,7 +195,7 @@ fn observe(
             None
         };
         for state in states {
-            let key = (uri.to_owned(), state.uuid.clone());
+            let key = (uri.clone(), state.uuid.clone());
             let Some(steps) = per_domain.get(&key) else {
                 continue;
             };
@@ -292,7 +293,7 @@ fn past_steps(input: &PlanInput<'_>, resolved: &Resolved<'_>, warnings: &mut Vec
 
 struct DomainCtx<'a> {
     file: &'a PlanFile,
-    uri: &'a str,
+    uri: &'a Uri,
     id: &'a DomainId,
     input: &'a PlanInput<'a>,
     observed: &'a Observed,
@@ -327,7 +328,7 @@ impl StepBuild<'_> {
             at: self.step.at.as_ref().map(|a| a.value),
             vm: self.base.id.name.clone(),
             uuid: self.base.id.uuid.clone(),
-            connection: self.base.uri.to_owned(),
+            connection: self.base.uri.clone(),
             attribute: attribute.to_owned(),
             before,
             after,
@@ -410,7 +411,7 @@ impl DomainCtx<'_> {
                 step_id: b.step_id.clone(),
                 at: step.at.as_ref().map(|a| a.value),
                 domain: PlannedDomain::from(self.id.clone()),
-                connection: self.uri.to_owned(),
+                connection: self.uri.clone(),
                 before,
                 after: carry.state.clone(),
                 actions: b.actions,
@@ -527,7 +528,7 @@ impl DomainCtx<'_> {
         self.vcpu_steps(b, &mut carry.state, &mut out.warnings)?;
         if let Some(clock) = &a.clock {
             if clock.value.track == Some(crate::plan_file::RtcTrack::Boot)
-                && self.uri.starts_with("qemu")
+                && self.uri.expose().starts_with("qemu")
             {
                 return Err(b.problem(
                     clock.pos,
