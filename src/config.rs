@@ -53,7 +53,7 @@ impl Default for Config {
 struct RawConfig {
     connection: Option<toml::Spanned<String>>,
     #[serde(default)]
-    hosts: BTreeMap<String, String>,
+    hosts: BTreeMap<String, toml::Spanned<String>>,
     timezone: Option<toml::Spanned<String>>,
     grace: Option<toml::Spanned<String>>,
     shutdown: Option<RawShutdown>,
@@ -133,24 +133,15 @@ pub fn load(path: &Path) -> Result<Config, Diagnostics> {
     let mut diags = Vec::new();
     let mut config = Config {
         path: Some(path.to_path_buf()),
-        hosts: raw
-            .hosts
-            .into_iter()
-            .map(|(name, uri)| (name, Uri::new(uri)))
-            .collect(),
         ..Config::default()
     };
-    if let Some(connection) = raw.connection {
-        match config.resolve_connection(connection.get_ref()) {
-            Some(uri) => config.connection = Some(uri),
-            None => diags.push(unknown_connection(
-                &config,
-                path,
-                at(connection.span()),
-                connection.get_ref(),
-            )),
-        }
-    }
+    diags.extend(connections(
+        &mut config,
+        raw.hosts,
+        raw.connection,
+        path,
+        &text,
+    ));
     if let Some(tz) = raw.timezone {
         match parse_zone(tz.get_ref()) {
             Ok(zone) => config.timezone = Some(zone),
@@ -217,6 +208,9 @@ impl Config {
     /// `:/`) as is, else the URI of the host alias of that name; `None` when it is neither.
     #[must_use]
     pub fn resolve_connection(&self, text: &str) -> Option<Uri> {
+        if text.chars().any(char::is_control) {
+            return None;
+        }
         if text.contains(":/") {
             return Some(Uri::new(text));
         }
@@ -236,6 +230,49 @@ impl Config {
             )
         }
     }
+}
+
+/// The `[hosts]` table and the default `connection`, resolved through it.
+fn connections(
+    config: &mut Config,
+    hosts: BTreeMap<String, toml::Spanned<String>>,
+    connection: Option<toml::Spanned<String>>,
+    path: &Path,
+    text: &str,
+) -> Vec<Diagnostic> {
+    let at = |span: std::ops::Range<usize>| Pos::of_offset(text, span.start);
+    let mut diags = Vec::new();
+    for (name, uri) in hosts {
+        match uri.get_ref().chars().find(|c| c.is_control()) {
+            Some(c) => diags.push(
+                Diagnostic::new(
+                    path,
+                    at(uri.span()),
+                    format!(
+                        "host `{}` has a URI with the control character U+{:04X}",
+                        crate::printer::escape(&name),
+                        u32::from(c)
+                    ),
+                )
+                .with_help("write the libvirt URI as plain text, such as qemu+ssh://hv1/system"),
+            ),
+            None => {
+                config.hosts.insert(name, Uri::new(uri.into_inner()));
+            }
+        }
+    }
+    if let Some(connection) = connection {
+        match config.resolve_connection(connection.get_ref()) {
+            Some(uri) => config.connection = Some(uri),
+            None => diags.push(unknown_connection(
+                config,
+                path,
+                at(connection.span()),
+                connection.get_ref(),
+            )),
+        }
+    }
+    diags
 }
 
 /// Configuration files are small; anything larger is not one.

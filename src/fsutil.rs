@@ -20,8 +20,9 @@ pub enum FileError {
     /// A directory, FIFO, socket or device.
     #[error("it is {0}, not a regular file")]
     NotRegular(&'static str),
+    /// `size` when the file system reported it, `None` when the reader counted past `limit`.
     #[error("it is larger than {limit} bytes")]
-    TooLarge { limit: u64 },
+    TooLarge { limit: u64, size: Option<u64> },
 }
 
 impl FileError {
@@ -103,14 +104,17 @@ pub fn read_regular(path: &Path, limit: u64) -> Result<Vec<u8>, FileError> {
         return Err(FileError::NotRegular(kind_name(meta.file_type())));
     }
     if meta.len() > limit {
-        return Err(FileError::TooLarge { limit });
+        return Err(FileError::TooLarge {
+            limit,
+            size: Some(meta.len()),
+        });
     }
     let mut bytes = Vec::new();
     file.take(limit + 1)
         .read_to_end(&mut bytes)
         .map_err(FileError::Io)?;
     if bytes.len() as u64 > limit {
-        return Err(FileError::TooLarge { limit });
+        return Err(FileError::TooLarge { limit, size: None });
     }
     Ok(bytes)
 }
@@ -215,7 +219,7 @@ mod tests {
         std::fs::write(&path, vec![b'a'; 101]).unwrap();
         assert!(matches!(
             read_regular(&path, 100),
-            Err(FileError::TooLarge { limit: 100 })
+            Err(FileError::TooLarge { limit: 100, .. })
         ));
         assert_eq!(read_regular(&path, 101).unwrap().len(), 101);
     }

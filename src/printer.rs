@@ -114,16 +114,17 @@ impl Printer {
         let _ = writeln!(std::io::stderr().lock(), "{text}");
     }
 
-    /// Prints an error, prefixed with `error:`.
+    /// Prints an error, prefixed with `error:`. Messages quote user text (names, paths,
+    /// libvirt's words), so every control character but the line breaks is escaped.
     pub fn error(&self, message: &str) {
         let prefix = paint(self.stderr_color, Tone::Error, "error:");
-        self.err_line(&format!("{prefix} {message}"));
+        self.err_line(&format!("{prefix} {}", escape_lines(message)));
     }
 
-    /// Prints a warning, prefixed with `warning:`.
+    /// Prints a warning, prefixed with `warning:`; escaped like [`Printer::error`].
     pub fn warning(&self, message: &str) {
         let prefix = paint(self.stderr_color, Tone::Warning, "warning:");
-        self.err_line(&format!("{prefix} {message}"));
+        self.err_line(&format!("{prefix} {}", escape_lines(message)));
     }
 
     /// Whether stderr is coloured (for diagnostics rendering).
@@ -160,6 +161,13 @@ pub fn escape(text: &str) -> std::borrow::Cow<'_, str> {
         }
     }
     std::borrow::Cow::Owned(out)
+}
+
+/// [`escape`] for multi-line text of our own making: line breaks stay, everything else that a
+/// terminal could act on is escaped.
+#[must_use]
+pub fn escape_lines(text: &str) -> String {
+    text.split('\n').map(escape).collect::<Vec<_>>().join("\n")
 }
 
 fn needs_escape(c: char) -> bool {

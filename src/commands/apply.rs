@@ -296,12 +296,12 @@ fn progress_line(o: &Outcome, clock: &dyn Clock, printer: &Printer) -> String {
         "{} step {} {}: {}",
         clock.now().format("%H:%M:%S%.3f"),
         o.step,
-        o.vm,
+        crate::printer::escape(&o.vm),
         printer.paint(tone, o.status.as_str())
     );
     if !o.message.is_empty() {
         line.push_str(" - ");
-        line.push_str(&o.message);
+        line.push_str(&crate::printer::escape(&o.message));
     }
     line
 }

@@ -116,6 +116,8 @@ impl Libvirt {
     pub fn connect(uri: impl Into<Uri>) -> HvResult<Self> {
         let uri = &uri.into();
         SILENCE.call_once(silence_stderr_printer);
+        // virt 0.5 turns an `Option<&str>` into a C string with `unwrap`: a NUL would panic.
+        no_nul(&format!("connect to {uri}"), uri.expose())?;
         // libvirt may quote the URI in its message: redact the message as well.
         let conn = Connect::open(Some(uri.expose())).map_err(|e| {
             let kind = classify(&e);
@@ -170,6 +172,8 @@ impl Libvirt {
         if persistent {
             flags |= sys::VIR_DOMAIN_AFFECT_CONFIG;
         }
+        // virt 0.5 converts this `Option<&str>` with `unwrap`: a NUL would panic mid-step.
+        no_nul(&what, text)?;
         // An empty text removes the element rather than leaving `<title></title>`.
         let text = (!text.is_empty()).then_some(text);
         dom.set_metadata(metadata_kind(kind), text, None, None, flags)
@@ -522,6 +526,17 @@ fn classify(e: &VirtError) -> ErrorKind {
 
 fn hv_error(what: &str, e: &VirtError) -> HvError {
     HvError::new(classify(e), format!("{what}: {}", e.message().trim_end()))
+}
+
+/// Refuses text with a NUL before it reaches a `virt` call that would panic converting it.
+fn no_nul(what: &str, text: &str) -> HvResult<()> {
+    if text.contains('\0') {
+        return Err(HvError::new(
+            ErrorKind::InvalidArgument,
+            format!("{what}: the text contains a NUL character, which libvirt cannot take"),
+        ));
+    }
+    Ok(())
 }
 
 /// A libvirt message with the URI's secrets masked, in case libvirt quoted the URI or a part.

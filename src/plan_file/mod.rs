@@ -311,9 +311,14 @@ fn read_text(path: &Path) -> Result<String, Diagnostics> {
             format!("this is {kind}, not a plan file"),
             "name a regular .yaml file; virtplan reads plans only from regular files",
         ),
-        crate::fsutil::FileError::TooLarge { limit } => fail(
+        crate::fsutil::FileError::TooLarge { limit, size } => fail(
             start,
-            format!("the file is larger than {limit} bytes, the limit for plans"),
+            match size {
+                Some(size) => {
+                    format!("the file is {size} bytes; plans are limited to {limit} bytes")
+                }
+                None => format!("the file is larger than {limit} bytes, the limit for plans"),
+            },
             "split the plan into several files",
         ),
         other => fail(

@@ -49,7 +49,8 @@ pub fn show_value(attribute: &str, value: &Value) -> String {
             .collect::<Vec<_>>()
             .join(" "),
         (_, Value::String(s)) if s.is_empty() => "\"\"".to_owned(),
-        (_, Value::String(s)) => s.clone(),
+        // Titles, descriptions and snapshot names are user text: never raw on a terminal.
+        (_, Value::String(s)) => crate::printer::escape(s).into_owned(),
         (_, other) => other.to_string(),
     }
 }

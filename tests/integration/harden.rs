@@ -333,3 +333,115 @@ fn regression_io_error_cause_printed_twice() {
     let ran = Cli::new().args(["plan", s(&plan)]).status(1).run();
     assert_eq!(ran.stderr.matches("folder").count(), 1, "{}", ran.stderr);
 }
+
+// ---- control characters (item 5) ----
+
+#[test]
+fn regression_nul_in_title_passes_validate_and_panics_apply() {
+    let (dir, uri) = fleet();
+    let plan = write(
+        dir.path(),
+        "p.yaml",
+        &format!("version: 1\nconnection: {uri}\nsteps:\n  - vm: vm1\n    title: \"a\\0b\"\n"),
+    );
+    Cli::new()
+        .args(["validate", s(&plan)])
+        .status(1)
+        .stderr_contains("`title` contains the control character U+0000")
+        .stderr_contains("p.yaml:5:")
+        .run();
+    Cli::new()
+        .args(["apply", s(&plan), "--auto-approve"])
+        .status(1)
+        .stderr_contains("U+0000")
+        .run();
+    assert!(!dir.path().join("p.lock").exists(), "nothing was recorded");
+}
+
+#[test]
+fn regression_esc_in_description_printed_raw_by_plan() {
+    let (dir, uri) = fleet();
+    let plan = write(
+        dir.path(),
+        "p.yaml",
+        &format!(
+            "version: 1\nconnection: {uri}\nsteps:\n  - vm: vm1\n    description: \"x\\e]0;pwned\\a\"\n"
+        ),
+    );
+    Cli::new()
+        .args(["validate", s(&plan)])
+        .status(1)
+        .stderr_contains("`description` contains the control character U+001B")
+        .stderr_lacks("\u{1b}]0")
+        .run();
+    // Tab and line feed stay allowed in a description, and are shown escaped.
+    let plan = write(
+        dir.path(),
+        "q.yaml",
+        &format!(
+            "version: 1\nconnection: {uri}\nsteps:\n  - vm: vm1\n    description: \"one\\ttwo\\nthree\"\n"
+        ),
+    );
+    Cli::new()
+        .args(["plan", s(&plan)])
+        .stdout_contains("one\\ttwo\\nthree")
+        .run();
+}
+
+#[test]
+fn regression_c1_and_bidi_controls_in_live_title_printed_raw_by_plan() {
+    let dir = tempfile::tempdir().unwrap();
+    // XML cannot carry ESC, but it can carry the C1 control CSI (U+009B, ESC [ on 8-bit
+    // terminals) and a right-to-left override that reorders what the reviewer reads.
+    let evil = FleetDomain::new("vm1")
+        .running(false)
+        .title("\u{9b}2J\u{202e}evil");
+    let uri = write_fleet(dir.path(), &[evil]).unwrap();
+    let plan = write(
+        dir.path(),
+        "p.yaml",
+        &format!("version: 1\nconnection: {uri}\nsteps:\n  - {{vm: vm1, title: clean}}\n"),
+    );
+    for format in ["human", "markdown"] {
+        let ran = Cli::new()
+            .args(["plan", s(&plan), "--format", format])
+            .stdout_contains("\\u{9b}2J\\u{202e}evil")
+            .run();
+        assert!(!ran.stdout.contains('\u{9b}'), "{}", ran.stdout);
+        assert!(!ran.stdout.contains('\u{202e}'), "{}", ran.stdout);
+    }
+}
+
+#[test]
+fn regression_nul_in_config_host_uri_panics_connect() {
+    let dir = tempfile::tempdir().unwrap();
+    write(
+        dir.path(),
+        "virtplan.toml",
+        "[hosts]\nh = \"test:///default\\u0000x\"\n",
+    );
+    let plan = write(
+        dir.path(),
+        "p.yaml",
+        "version: 1\nconnection: h\nsteps:\n  - {vm: test, title: hello}\n",
+    );
+    Cli::new()
+        .args(["plan", s(&plan)])
+        .status(1)
+        .stderr_contains("control character U+0000")
+        .run();
+}
+
+#[test]
+fn regression_nul_reaching_virt_metadata_call_panics() {
+    use virtplan::hypervisor::libvirt::Libvirt;
+    use virtplan::hypervisor::Hypervisor as _;
+    let (_dir, uri) = fleet();
+    let hv = Libvirt::connect(&uri).unwrap();
+    let id = hv.resolve("vm1").unwrap();
+    let err = hv.set_title(&id.uuid, "a\0b").unwrap_err();
+    assert!(err.to_string().contains("NUL"), "{err}");
+    let err = hv.set_description(&id.uuid, "a\0b").unwrap_err();
+    assert!(err.to_string().contains("NUL"), "{err}");
+    assert!(Libvirt::connect("test:///default\0x").is_err());
+}
