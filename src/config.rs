@@ -77,12 +77,28 @@ const KEYS: &[&str] = &[
     "parallelism",
 ];
 
+/// libvirt's own default connection, used (as virsh does) when nothing else names one.
+pub const LIBVIRT_DEFAULT_URI: &str = "LIBVIRT_DEFAULT_URI";
+
 /// Finds the configuration for a plan: `explicit` if given, else the nearest `virtplan.toml` in
 /// the plan's folder or its parents, else the user's config folder, else defaults.
+/// `LIBVIRT_DEFAULT_URI` is the connection when none of them sets one: the lowest precedence
+/// (`--connect` > step > plan > virtplan.toml > `LIBVIRT_DEFAULT_URI`).
 ///
 /// # Errors
 /// A located diagnostic when the file found cannot be read or is invalid.
 pub fn discover(explicit: Option<&Path>, plan: Option<&Path>) -> Result<Config, Diagnostics> {
+    let mut config = discover_file(explicit, plan)?;
+    if config.connection.is_none() {
+        config.connection = std::env::var(LIBVIRT_DEFAULT_URI)
+            .ok()
+            .filter(|uri| !uri.trim().is_empty())
+            .map(Uri::new);
+    }
+    Ok(config)
+}
+
+fn discover_file(explicit: Option<&Path>, plan: Option<&Path>) -> Result<Config, Diagnostics> {
     if let Some(path) = explicit {
         return load(path);
     }
@@ -181,25 +197,31 @@ pub fn load(path: &Path) -> Result<Config, Diagnostics> {
         }
     }
     if let Some(p) = raw.parallelism {
-        match usize::try_from(*p.get_ref()) {
-            Ok(n) if (1..=256).contains(&n) => config.parallelism = n,
-            _ => diags.push(
-                Diagnostic::new(
-                    path,
-                    at(p.span()),
-                    format!(
-                        "parallelism must be between 1 and 256, found {}",
-                        p.get_ref()
-                    ),
-                )
-                .with_help("how many domains virtplan changes at the same time, such as 8"),
-            ),
+        match parallelism(path, &p, at(p.span())) {
+            Ok(n) => config.parallelism = n,
+            Err(d) => diags.push(d),
         }
     }
     if diags.is_empty() {
         Ok(config)
     } else {
         Err(fail(Some(text), diags))
+    }
+}
+
+/// `parallelism`: 1 to 256.
+fn parallelism(path: &Path, p: &toml::Spanned<i64>, pos: Pos) -> Result<usize, Diagnostic> {
+    match usize::try_from(*p.get_ref()) {
+        Ok(n) if (1..=256).contains(&n) => Ok(n),
+        _ => Err(Diagnostic::new(
+            path,
+            pos,
+            format!(
+                "parallelism must be between 1 and 256, found {}",
+                p.get_ref()
+            ),
+        )
+        .with_help("how many domains virtplan changes at the same time, such as 8")),
     }
 }
 

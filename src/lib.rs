@@ -62,7 +62,7 @@ where
         Ok(cli) => cli,
         Err(status) => return status,
     };
-    let printer = printer::Printer::new(cli.color);
+    let printer = printer::Printer::new(cli.color_choice(), cli.verbosity());
     let status = match commands::dispatch(cli, &printer) {
         Ok(status) => status,
         Err(err) => {

@@ -141,6 +141,11 @@ pub struct StepRecord {
     pub before: Option<Figures>,
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub after: Option<Figures>,
+    /// `power: reboot`: libvirt's id of the running domain before the reboot began, recorded
+    /// before the shutdown request, so a resumed run can tell a finished reboot (a new id)
+    /// from one that never happened (the same id).
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub reboot_from: Option<u32>,
 }
 
 impl StepRecord {
@@ -168,6 +173,7 @@ impl StepRecord {
             message: String::new(),
             before: None,
             after: None,
+            reboot_from: None,
         }
     }
 }
@@ -592,6 +598,12 @@ impl LockStore {
     #[must_use]
     pub fn snapshot(&self) -> Lockfile {
         self.lock().data.clone()
+    }
+
+    /// A copy of the record of `step_id` on `uuid`.
+    #[must_use]
+    pub fn record(&self, step_id: &str, uuid: &str) -> Option<StepRecord> {
+        self.lock().data.get(step_id, uuid).cloned()
     }
 
     /// The recorded status of `step_id` on `uuid`.

@@ -5,6 +5,7 @@ use std::io::{IsTerminal, Write};
 use anstyle::{AnsiColor, Style};
 
 use crate::cli::ColorChoice;
+pub use crate::cli::Verbosity;
 
 /// Named styles, so renderers say what a piece of text is, not which colour it gets.
 #[derive(Debug, Clone, Copy)]
@@ -40,12 +41,14 @@ pub struct Printer {
     stderr_color: bool,
     /// The first stdout write error other than a closed pipe (a full disk): the run fails.
     stdout_error: std::sync::Arc<std::sync::Mutex<Option<String>>>,
+    verbosity: Verbosity,
+    stderr_tty: bool,
 }
 
 impl Printer {
     /// `Auto` colours a stream only when it is a terminal and `NO_COLOR` is unset.
     #[must_use]
-    pub fn new(choice: ColorChoice) -> Self {
+    pub fn new(choice: ColorChoice, verbosity: Verbosity) -> Self {
         let no_color = std::env::var_os("NO_COLOR").is_some_and(|v| !v.is_empty());
         let decide = |is_tty: bool| match choice {
             ColorChoice::Always => true,
@@ -56,7 +59,28 @@ impl Printer {
             stdout_color: decide(std::io::stdout().is_terminal()),
             stderr_color: decide(std::io::stderr().is_terminal()),
             stdout_error: std::sync::Arc::default(),
+            verbosity,
+            stderr_tty: std::io::stderr().is_terminal(),
         }
+    }
+
+    /// The same printer saying more or less.
+    #[must_use]
+    pub fn with_verbosity(mut self, verbosity: Verbosity) -> Self {
+        self.verbosity = verbosity;
+        self
+    }
+
+    /// How much is printed besides results and errors.
+    #[must_use]
+    pub fn verbosity(&self) -> Verbosity {
+        self.verbosity
+    }
+
+    /// Whether stderr is a terminal, where a live line may be redrawn in place.
+    #[must_use]
+    pub fn stderr_is_terminal(&self) -> bool {
+        self.stderr_tty
     }
 
     /// A printer that never colours (tests, files).
@@ -66,6 +90,8 @@ impl Printer {
             stdout_color: false,
             stderr_color: false,
             stdout_error: std::sync::Arc::default(),
+            verbosity: Verbosity::Normal,
+            stderr_tty: false,
         }
     }
 
@@ -114,6 +140,28 @@ impl Printer {
         let _ = writeln!(std::io::stderr().lock(), "{text}");
     }
 
+    /// A status or progress message on stderr; `-q` silences it.
+    pub fn info(&self, text: &str) {
+        if self.verbosity >= Verbosity::Normal {
+            self.err_line(text);
+        }
+    }
+
+    /// A detail only `-v` shows.
+    pub fn detail(&self, text: &str) {
+        if self.verbosity >= Verbosity::Verbose {
+            self.err_line(text);
+        }
+    }
+
+    /// Writes `text` to stderr without a newline (a live line redrawn with `\r`).
+    pub fn err_raw(&self, text: &str) {
+        let mut stderr = std::io::stderr().lock();
+        let _ = stderr
+            .write_all(text.as_bytes())
+            .and_then(|()| stderr.flush());
+    }
+
     /// Prints an error, prefixed with `error:`. Messages quote user text (names, paths,
     /// libvirt's words), so every control character but the line breaks is escaped.
     pub fn error(&self, message: &str) {
@@ -121,7 +169,8 @@ impl Printer {
         self.err_line(&format!("{prefix} {}", escape_lines(message)));
     }
 
-    /// Prints a warning, prefixed with `warning:`; escaped like [`Printer::error`].
+    /// Prints a warning, prefixed with `warning:` (also under `-q`: warnings are results);
+    /// escaped like [`Printer::error`].
     pub fn warning(&self, message: &str) {
         let prefix = paint(self.stderr_color, Tone::Warning, "warning:");
         self.err_line(&format!("{prefix} {}", escape_lines(message)));

@@ -6,6 +6,7 @@ use std::io::{BufRead as _, IsTerminal as _};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context as _;
 
@@ -31,6 +32,8 @@ pub struct Args<'a> {
     pub connect: Option<&'a str>,
     pub auto_approve: bool,
     pub watch: bool,
+    /// How long to wait for another executor to release the plan.
+    pub lock_timeout: Option<Duration>,
 }
 
 // One linear procedure, each stage a few lines; splitting it would hide the order of checks.
@@ -84,7 +87,12 @@ pub fn run(args: &Args<'_>, clock: &dyn Clock, printer: &Printer) -> anyhow::Res
         return Ok(ExitStatus::Error);
     }
 
-    let _lock = ExecutorLock::acquire(&lockfile::pid_path(&file.path), clock.now())?;
+    let _lock = acquire_lock(
+        &lockfile::pid_path(&file.path),
+        args.lock_timeout,
+        clock,
+        printer,
+    )?;
     let store = Arc::new(LockStore::open(
         &lockfile::lock_path(&file.path),
         &file.sha256,
@@ -116,7 +124,7 @@ pub fn run(args: &Args<'_>, clock: &dyn Clock, printer: &Printer) -> anyhow::Res
     store.snapshot().reconcile(store.path(), &plan)?;
     printer.out(&render::human(&plan, printer));
     if !args.auto_approve && interactive && !confirm(&plan, printer)? {
-        printer.err_line("Nothing applied.");
+        printer.info("Nothing applied.");
         return Ok(ExitStatus::Error);
     }
 
@@ -134,12 +142,12 @@ pub fn run(args: &Args<'_>, clock: &dyn Clock, printer: &Printer) -> anyhow::Res
         }
     };
     let pending = plan.steps.len();
-    printer.err_line(&format!(
+    printer.info(&format!(
         "Applying {pending} step(s); progress is recorded in {} (Ctrl-C stops after the step in flight).",
         store.path().display()
     ));
     let report = if args.watch {
-        printer.err_line(&format!(
+        printer.info(&format!(
             "Watching {} for edits: a valid edit is re-planned, an invalid one is reported and ignored.",
             file.path.display()
         ));
@@ -266,6 +274,50 @@ fn restore_credentials(
         change.connection = restore(&change.connection)?;
     }
     Ok(())
+}
+
+/// Takes the executor lock, waiting up to `timeout` for its holder to let go (polling: a held
+/// `flock` cannot be waited on with a deadline).
+fn acquire_lock(
+    path: &Path,
+    timeout: Option<Duration>,
+    clock: &dyn Clock,
+    printer: &Printer,
+) -> anyhow::Result<ExecutorLock> {
+    let start = clock.now();
+    let mut told = false;
+    loop {
+        match ExecutorLock::acquire(path, clock.now()) {
+            Ok(lock) => return Ok(lock),
+            Err(err @ lockfile::LockError::Held { .. }) => {
+                let Some(timeout) = timeout else {
+                    return Err(anyhow::Error::new(err).context(
+                        "pass --lock-timeout DURATION (e.g. 10m) to wait for it instead",
+                    ));
+                };
+                let waited = (clock.now() - start).to_std().unwrap_or_default();
+                if waited >= timeout {
+                    return Err(anyhow::Error::new(err).context(format!(
+                        "still held after waiting {} (--lock-timeout)",
+                        crate::plan_file::units::format_duration(timeout)
+                    )));
+                }
+                if !told {
+                    printer.info(&format!(
+                        "Waiting up to {} for the executor lock: {err}",
+                        crate::plan_file::units::format_duration(timeout)
+                    ));
+                    told = true;
+                }
+                clock.sleep(
+                    timeout
+                        .saturating_sub(waited)
+                        .min(Duration::from_millis(250)),
+                );
+            }
+            Err(err) => return Err(err.into()),
+        }
+    }
 }
 
 fn short(hash: &str) -> &str {

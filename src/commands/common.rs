@@ -71,6 +71,28 @@ pub fn open_uris(uris: impl IntoIterator<Item = Uri>) -> anyhow::Result<Connecti
     Ok(connections)
 }
 
+/// Prints a lockfile refusal (apply's message) located at the step it names, when the plan
+/// still has a step with that number; else at the top of the file.
+pub fn report_lock_refusal(printer: &Printer, file: &PlanFile, error: &crate::lockfile::LockError) {
+    use crate::lockfile::LockError;
+    let pos = match error {
+        LockError::DoneStepChanged { step, .. } => {
+            file.steps.iter().find(|s| s.number == *step).map(|s| s.pos)
+        }
+        LockError::UuidChanged { vm, .. } => file
+            .steps
+            .iter()
+            .flat_map(|s| s.targets.iter())
+            .find(|t| t.name_or_uuid == *vm)
+            .map(|t| t.pos),
+        _ => None,
+    }
+    .unwrap_or(plan_file::Pos::new(1, 1));
+    let diag = plan_file::Diagnostic::new(&file.path, pos, error.to_string());
+    printer.error(&diag.render(Some(&file.source)));
+    printer.err_line("");
+}
+
 /// Prints why a plan could not be made, with source lines for located problems.
 pub fn report_plan_error(printer: &Printer, file: &PlanFile, error: &PlanError) {
     match error {

@@ -2,6 +2,8 @@
 
 mod apply;
 mod common;
+mod completions;
+mod man;
 mod plan;
 mod schema;
 pub mod status;
@@ -20,6 +22,8 @@ pub fn dispatch(cli: Cli, printer: &Printer) -> anyhow::Result<ExitStatus> {
     match cli.command {
         Command::Validate { plans } => Ok(validate::run(&plans, cli.config.as_deref(), printer)),
         Command::Schema { which } => Ok(schema::run(which, printer)),
+        Command::Completions { shell } => Ok(completions::run(shell, printer)),
+        Command::Man { out_dir } => man::run(out_dir.as_deref(), printer),
         Command::Plan {
             plan,
             connect,
@@ -43,6 +47,7 @@ pub fn dispatch(cli: Cli, printer: &Printer) -> anyhow::Result<ExitStatus> {
             auto_approve,
             watch,
             connect,
+            lock_timeout,
         } => apply::run(
             &apply::Args {
                 plan: &plan,
@@ -50,6 +55,7 @@ pub fn dispatch(cli: Cli, printer: &Printer) -> anyhow::Result<ExitStatus> {
                 connect: connect.as_deref(),
                 auto_approve,
                 watch,
+                lock_timeout,
             },
             &crate::clock::SystemClock,
             printer,

@@ -29,13 +29,17 @@ pub fn run(args: &Args<'_>, clock: &dyn Clock, printer: &Printer) -> anyhow::Res
     let connect = common::resolve_connect(&config, args.connect)?;
     // With a lockfile beside the plan, done steps are shown as done rather than as changes.
     let lock_path = lockfile::lock_path(args.plan);
-    let progress: Box<dyn Progress> = if lock_path.exists() {
-        Box::new(
+    let recorded = if lock_path.exists() {
+        Some(
             LockStore::read(&lock_path)
                 .with_context(|| format!("cannot use the progress file {}", lock_path.display()))?,
         )
     } else {
-        Box::new(NoProgress)
+        None
+    };
+    let progress: &dyn Progress = match &recorded {
+        Some(lock) => lock,
+        None => &NoProgress,
     };
     let connections = common::open_connections(&file, connect.as_ref())?;
     let input = PlanInput {
@@ -43,7 +47,7 @@ pub fn run(args: &Args<'_>, clock: &dyn Clock, printer: &Printer) -> anyhow::Res
         connections: &connections,
         connect_override: connect.as_ref(),
         now: clock.now(),
-        progress: progress.as_ref(),
+        progress,
     };
     let plan = match planner::project(&input) {
         Ok(plan) => plan,
@@ -52,6 +56,14 @@ pub fn run(args: &Args<'_>, clock: &dyn Clock, printer: &Printer) -> anyhow::Res
             return Ok(ExitStatus::Error);
         }
     };
+    // What apply would refuse (an edited or removed done step, a recreated domain) is
+    // refused here too, with apply's own message: a green plan cannot fail at apply for it.
+    if let Some(lock) = &recorded {
+        if let Err(e) = lock.clone().reconcile(&lock_path, &plan) {
+            common::report_lock_refusal(printer, &file, &e);
+            return Ok(ExitStatus::Error);
+        }
+    }
     let text = match args.format {
         PlanFormat::Human => render::human(&plan, printer),
         PlanFormat::Json => render::json(&plan),
@@ -70,7 +82,7 @@ pub fn run(args: &Args<'_>, clock: &dyn Clock, printer: &Printer) -> anyhow::Res
         SavedPlan::new(plan.clone(), source)
             .write(out)
             .with_context(|| format!("cannot write the saved plan {}", out.display()))?;
-        printer.err_line(&format!(
+        printer.info(&format!(
             "Saved the plan to {}; run `virtplan apply {}` to apply exactly this.",
             out.display(),
             out.display()

@@ -97,7 +97,7 @@ pub fn run(
     let lock = match LockStore::read(&lock_path) {
         Ok(lock) => {
             if !plan_exists {
-                printer.err_line(&format!(
+                printer.info(&format!(
                     "The plan file {} is gone; showing the progress its lockfile {} recorded.",
                     plan.display(),
                     lock_path.display()
@@ -118,7 +118,7 @@ pub fn run(
             let Some((_, file)) = super::common::load_plan(&plan, config, printer) else {
                 return Ok(ExitStatus::Error);
             };
-            printer.err_line(&format!(
+            printer.info(&format!(
                 "No progress recorded for {}: `virtplan apply` has not run it ({} does not exist); every step is pending.",
                 plan.display(),
                 lock_path.display()

@@ -5,7 +5,10 @@
 //! One thread per domain waits for that domain's next step; a semaphore bounds how many steps
 //! run at once. Time comes only from the [`Clock`], so tests run on a fake one.
 
+mod gate;
 mod step;
+
+pub use gate::redact_uri;
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -283,6 +286,17 @@ impl Run<'_> {
                     self.report(step, StepStatus::Missed, message, true);
                     StepStatus::Missed
                 }
+                // An `always` step runs whatever happened before it (but never twice, and
+                // never after a signal).
+                _ if step.always && !self.ex.stop.load(Ordering::SeqCst) => {
+                    let ended = self.step(
+                        step,
+                        recorded,
+                        blocked.is_some() || self.abort.load(Ordering::SeqCst),
+                    );
+                    gone = ended.gone;
+                    ended.status
+                }
                 (_, Some(b)) => {
                     let (status, message) = match b {
                         Blocked::Gone(m) => (StepStatus::Failed, m.clone()),
@@ -296,7 +310,7 @@ impl Run<'_> {
                     continue;
                 }
                 _ => {
-                    let ended = self.step(step, recorded);
+                    let ended = self.step(step, recorded, false);
                     gone = ended.gone;
                     ended.status
                 }

@@ -78,6 +78,47 @@ pub fn read_config_figures(xml: &str) -> Result<ConfigFigures, XmlError> {
     })
 }
 
+/// The channel name QEMU's guest agent listens on.
+pub const AGENT_CHANNEL: &str = "org.qemu.guest_agent.0";
+
+/// Whether a domain definition has a QEMU guest agent channel: a `<devices><channel>` whose
+/// `<target type='virtio'>` is named [`AGENT_CHANNEL`].
+///
+/// # Errors
+///
+/// Returns [`XmlError`] when the XML is not well-formed.
+pub fn has_agent_channel(xml: &str) -> Result<bool, XmlError> {
+    let mut reader = Reader::from_str(xml);
+    let mut path: Vec<String> = Vec::new();
+    loop {
+        let event = reader.read_event().map_err(|e| syntax(&reader, e))?;
+        match event {
+            Event::Start(ref e) | Event::Empty(ref e) => {
+                let name = element_name(e);
+                let in_channel = path.len() == 3
+                    && path[0] == "domain"
+                    && path[1] == "devices"
+                    && path[2] == "channel";
+                if in_channel
+                    && name == "target"
+                    && attribute(e, "type")?.as_deref() == Some("virtio")
+                    && attribute(e, "name")?.as_deref() == Some(AGENT_CHANNEL)
+                {
+                    return Ok(true);
+                }
+                if matches!(event, Event::Start(_)) {
+                    path.push(name);
+                }
+            }
+            Event::End(_) => {
+                path.pop();
+            }
+            Event::Eof => return Ok(false),
+            _ => {}
+        }
+    }
+}
+
 /// Reads everything [`DefinitionSummary`] holds in one pass over the XML.
 ///
 /// # Errors
@@ -545,6 +586,20 @@ mod tests {
             .map(|s| (*s).to_owned())
             .collect();
         (removed, added)
+    }
+
+    #[test]
+    fn agent_channel_is_a_virtio_channel_target_under_devices() {
+        let with = "<domain><devices><channel type='unix'><source mode='bind'/><target type='virtio' name='org.qemu.guest_agent.0' state='connected'/></channel></devices></domain>";
+        assert!(has_agent_channel(with).unwrap());
+        let spice = "<domain><devices><channel type='spicevmc'><target type='virtio' name='com.redhat.spice.0'/></channel></devices></domain>";
+        assert!(!has_agent_channel(spice).unwrap());
+        let misplaced = "<domain><metadata><devices><channel><target type='virtio' name='org.qemu.guest_agent.0'/></channel></devices></metadata></domain>";
+        assert!(!has_agent_channel(misplaced).unwrap());
+        assert!(
+            has_agent_channel("<domain><devices>").is_err()
+                || !has_agent_channel("<domain><devices>").unwrap()
+        );
     }
 
     #[test]

@@ -439,6 +439,37 @@ impl Hypervisor for Libvirt {
             d.create_snapshot_xml(&xml, 0).map(drop)
         })
     }
+
+    fn run_id(&self, uuid: &str) -> HvResult<Option<u32>> {
+        let dom = self.lookup(uuid)?;
+        let active = dom
+            .is_active()
+            .map_err(|e| hv_error(&format!("read the state of {uuid}"), &e))?;
+        // virDomainGetID answers -1 for an inactive domain, and for an error: ask first.
+        Ok(if active { dom.id() } else { None })
+    }
+
+    fn agent_shutdown(&self, uuid: &str) -> HvResult<()> {
+        self.with_domain(uuid, "shut down (guest agent)", |d| {
+            d.shutdown_flags(sys::VIR_DOMAIN_SHUTDOWN_GUEST_AGENT)
+        })
+    }
+
+    fn agent_ping(&self, uuid: &str, timeout: std::time::Duration) -> HvResult<()> {
+        // libvirt takes whole seconds; 0 would mean "do not wait at all".
+        let seconds = i32::try_from(timeout.as_secs().max(1)).unwrap_or(i32::MAX);
+        self.with_domain(uuid, "ping the guest agent of", |d| {
+            d.qemu_agent_command(r#"{"execute":"guest-ping"}"#, seconds, 0)
+                .map(drop)
+        })
+    }
+
+    fn set_guest_time(&self, uuid: &str, time: chrono::DateTime<chrono::Utc>) -> HvResult<()> {
+        let nanos = i32::try_from(time.timestamp_subsec_nanos()).unwrap_or(0);
+        self.with_domain(uuid, "set the guest time of", |d| {
+            d.set_time(time.timestamp(), nanos, 0)
+        })
+    }
 }
 
 /// `<domainsnapshot>` with a name and an optional description, escaped by the XML writer.

@@ -10,6 +10,8 @@ pub mod libvirt;
 
 use std::time::Duration;
 
+use chrono::{DateTime, Utc};
+
 use crate::state::{DomainState, Kib};
 
 /// A domain as resolved from a plan's `vm:` entry: its real name and UUID.
@@ -120,6 +122,31 @@ pub trait Hypervisor: Send + Sync {
     fn set_title(&self, uuid: &str, title: &str) -> HvResult<()>;
     fn set_description(&self, uuid: &str, description: &str) -> HvResult<()>;
     fn create_snapshot(&self, uuid: &str, name: &str, description: Option<&str>) -> HvResult<()>;
+
+    /// libvirt's id of the running domain, new at every start (a reboot shows as a new id);
+    /// `None` when the domain is not running.
+    fn run_id(&self, uuid: &str) -> HvResult<Option<u32>>;
+
+    /// Whether the domain's definition has a QEMU guest agent channel
+    /// (`<channel><target type='virtio' name='org.qemu.guest_agent.0'/>`).
+    fn has_agent_channel(&self, uuid: &str) -> HvResult<bool> {
+        let xml = self.domain_xml(uuid, false)?;
+        domain_xml::has_agent_channel(&xml).map_err(|e| {
+            HvError::new(
+                ErrorKind::Other,
+                format!("cannot read the definition of {uuid}: {e}"),
+            )
+        })
+    }
+
+    /// Asks the guest agent to shut the guest down; returns at once, like [`Self::shutdown`].
+    fn agent_shutdown(&self, uuid: &str) -> HvResult<()>;
+
+    /// Pings the guest agent (`guest-ping`), waiting at most `timeout` for the answer.
+    fn agent_ping(&self, uuid: &str, timeout: Duration) -> HvResult<()>;
+
+    /// Sets the guest's clock to `time` (libvirt's domain time API, through the guest agent).
+    fn set_guest_time(&self, uuid: &str, time: DateTime<Utc>) -> HvResult<()>;
 }
 
 /// How long a graceful shutdown may take before the executor decides what to do next.

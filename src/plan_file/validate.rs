@@ -10,11 +10,12 @@ use marked_yaml::Node;
 
 use super::diag::{did_you_mean, Diagnostic, Pos};
 use super::time::{parse_at, parse_instant, parse_zone};
-use super::units::{parse_duration, parse_size};
+use super::units::{self, parse_duration, parse_size};
 use super::yaml::{self, pos, Checker};
 use super::{
-    Attributes, ClockOffset, ClockTarget, LoadContext, Located, OnFailure, PlanFile, PowerTarget,
-    RtcTrack, ShutdownMode, ShutdownPolicy, SnapshotSpec, Step, Target, Window, FORMAT_VERSION,
+    Attributes, CheckSpec, ClockOffset, ClockTarget, LoadContext, Located, OnFailure, PlanFile,
+    PowerTarget, RtcTrack, ShutdownMode, ShutdownPolicy, SnapshotSpec, Step, Target, Window,
+    FORMAT_VERSION,
 };
 use crate::config::Config;
 use crate::render::show_time;
@@ -33,7 +34,8 @@ pub const TOP_KEYS: &[&str] = &[
 pub const WINDOW_KEYS: &[&str] = &["start", "end"];
 pub const DEFAULTS_KEYS: &[&str] = &["shutdown", "on_failure"];
 pub const SHUTDOWN_KEYS: &[&str] = &["mode", "timeout", "force_after_timeout"];
-pub const CLOCK_KEYS: &[&str] = &["offset", "track"];
+pub const CLOCK_KEYS: &[&str] = &["offset", "track", "sync"];
+pub const CHECK_KEYS: &[&str] = &["state", "guest_agent", "command", "timeout", "interval"];
 pub const SNAPSHOT_KEYS: &[&str] = &["name", "description"];
 pub const ATTRIBUTE_KEYS: &[&str] = &[
     "power",
@@ -63,6 +65,8 @@ pub const STEP_KEYS: &[&str] = &[
     "title",
     "description",
     "snapshot",
+    "check",
+    "always",
 ];
 
 const DEFAULT_GRACE: Duration = Duration::from_secs(300);
@@ -445,6 +449,13 @@ fn check_step(
         check_shutdown(c, n, settings.shutdown)
     });
     let attributes = check_attributes(c, map);
+    let check = map
+        .get_node("check")
+        .and_then(|n| check_gate(c, n).map(|v| located(n, v)));
+    let always = map
+        .get_node("always")
+        .and_then(|n| c.boolean(n, "`always`"))
+        .unwrap_or(false);
 
     if !has_unknown_keys && !ATTRIBUTE_KEYS.iter().any(|k| map.get_node(k).is_some()) {
         c.error(
@@ -461,6 +472,8 @@ fn check_step(
         connection,
         shutdown,
         attributes,
+        check,
+        always,
     })
 }
 
@@ -612,14 +625,15 @@ fn power(c: &mut Checker<'_>, node: &Node) -> Option<PowerTarget> {
             ("running", PowerTarget::Running),
             ("shutoff", PowerTarget::Shutoff),
             ("paused", PowerTarget::Paused),
+            ("reboot", PowerTarget::Reboot),
             ("on", PowerTarget::Running),
             ("poweredOn", PowerTarget::Running),
             ("off", PowerTarget::Shutoff),
             ("poweredOff", PowerTarget::Shutoff),
             ("suspended", PowerTarget::Paused),
         ],
-        "`running`, `shutoff` or `paused`",
-        "use `running` (alias `on`), `shutoff` (alias `off`) or `paused` (alias `suspended`)",
+        "`running`, `shutoff`, `paused` or `reboot`",
+        "use `running` (alias `on`), `shutoff` (alias `off`), `paused` (alias `suspended`) or `reboot`",
     )
 }
 
@@ -638,6 +652,7 @@ fn clock(c: &mut Checker<'_>, node: &Node) -> Option<ClockTarget> {
     let mut target = ClockTarget {
         offset: None,
         track: None,
+        sync: false,
     };
     if let Some(n) = map.get_node("offset") {
         target.offset = c.choice(
@@ -652,6 +667,14 @@ fn clock(c: &mut Checker<'_>, node: &Node) -> Option<ClockTarget> {
         );
     }
     if let Some(n) = map.get_node("track") {
+        if n.as_scalar().is_some_and(|s| s.as_str() == "host") {
+            c.error(
+                pos(n),
+                "`clock.track: host` is not a libvirt value",
+                "libvirt calls a clock that follows the host `wall`: write `track: wall` (`host` is ZStack's spelling)",
+            );
+            return None;
+        }
         target.track = c.choice(
             n,
             "`clock.track`",
@@ -665,15 +688,105 @@ fn clock(c: &mut Checker<'_>, node: &Node) -> Option<ClockTarget> {
             "the RTC timer tracks `boot`, `guest`, `wall` or `realtime` time",
         );
     }
+    if let Some(n) = map.get_node("sync") {
+        target.sync = c.boolean(n, "`clock.sync`").unwrap_or(false);
+    }
     // A misspelt key already explains why nothing is set.
-    if !has_unknown_keys && map.get_node("offset").is_none() && map.get_node("track").is_none() {
+    if !has_unknown_keys && !target.edits_xml() && !target.sync && c.diags.len() == before {
         c.error(
             pos(node),
             "`clock` sets nothing",
-            "give `offset: utc|localtime`, `track: boot|guest|wall|realtime`, or both",
+            "give `offset: utc|localtime`, `track: boot|guest|wall|realtime`, `sync: true`, or several",
         );
     }
     (c.diags.len() == before).then_some(target)
+}
+
+/// `check: {state, guest_agent, command, timeout, interval}`.
+fn check_gate(c: &mut Checker<'_>, node: &Node) -> Option<CheckSpec> {
+    let example = "check: {state: running, guest_agent: true, timeout: 5m, interval: 5s}";
+    let map = c.mapping(node, "`check`", example)?;
+    let before = c.diags.len();
+    c.known_keys(map, CHECK_KEYS, "`check`");
+    let has_unknown_keys = c.diags.len() > before;
+    let mut spec = CheckSpec {
+        state: None,
+        guest_agent: false,
+        command: None,
+        timeout: CheckSpec::DEFAULT_TIMEOUT,
+        interval: CheckSpec::DEFAULT_INTERVAL,
+    };
+    if let Some(n) = map.get_node("state") {
+        spec.state = c.choice(
+            n,
+            "`check.state`",
+            &[
+                ("running", PowerTarget::Running),
+                ("shutoff", PowerTarget::Shutoff),
+                ("paused", PowerTarget::Paused),
+                ("on", PowerTarget::Running),
+                ("off", PowerTarget::Shutoff),
+                ("suspended", PowerTarget::Paused),
+            ],
+            "`running`, `shutoff` or `paused`",
+            "a check waits for a libvirt state: `running`, `shutoff` or `paused` (a reboot is an action, not a state)",
+        );
+    }
+    if let Some(n) = map.get_node("guest_agent") {
+        spec.guest_agent = c.boolean(n, "`check.guest_agent`").unwrap_or(false);
+    }
+    if let Some(n) = map.get_node("command") {
+        spec.command = c
+            .text(
+                n,
+                "`check.command`",
+                "command: curl -fsS http://$VIRTPLAN_VM/health",
+            )
+            .map(str::to_owned);
+    }
+    let positive = |c: &mut Checker<'_>, key: &str, example: &str| -> Option<(Duration, Pos)> {
+        let n = map.get_node(key)?;
+        let d = duration(c, n, &format!("`check.{key}`"), example)?;
+        if d.is_zero() {
+            c.error(
+                pos(n),
+                format!("`check.{key}` must be longer than zero"),
+                format!("for example `{example}`"),
+            );
+            return None;
+        }
+        Some((d, pos(n)))
+    };
+    if let Some((d, _)) = positive(c, "timeout", "timeout: 5m") {
+        spec.timeout = d;
+    }
+    if let Some((d, at)) = positive(c, "interval", "interval: 5s") {
+        spec.interval = d;
+        if d > spec.timeout {
+            c.error(
+                at,
+                format!(
+                    "`check.interval` {} is longer than `check.timeout` {}: the check would be tried once",
+                    units::format_duration(d),
+                    units::format_duration(spec.timeout)
+                ),
+                "poll more often than the timeout, such as `interval: 5s`",
+            );
+        }
+    }
+    if !has_unknown_keys
+        && c.diags.len() == before
+        && spec.state.is_none()
+        && !spec.guest_agent
+        && spec.command.is_none()
+    {
+        c.error(
+            pos(node),
+            "`check` waits for nothing",
+            "give at least one of `state: running`, `guest_agent: true`, `command: ...`",
+        );
+    }
+    (c.diags.len() == before).then_some(spec)
 }
 
 fn snapshot(c: &mut Checker<'_>, node: &Node) -> Option<SnapshotSpec> {

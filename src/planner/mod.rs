@@ -14,7 +14,7 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
 use crate::hypervisor::{DomainId, HvError, Hypervisor};
-use crate::plan_file::{ClockTarget, PlanFile, Pos, ShutdownPolicy, SnapshotSpec};
+use crate::plan_file::{CheckSpec, ClockTarget, PlanFile, Pos, ShutdownPolicy, SnapshotSpec};
 use crate::state::{DomainState, Kib};
 use crate::uri::Uri;
 
@@ -101,6 +101,9 @@ pub enum Action {
     },
     Start,
     Resume,
+    /// Sets the guest's clock from the host through the guest agent (`clock: {sync: true}`),
+    /// once the guest runs and its agent answers.
+    SyncGuestTime,
 }
 
 /// One step applied to one domain: what the executor runs and what it verifies against.
@@ -118,6 +121,20 @@ pub struct PlannedStep {
     pub actions: Vec<Action>,
     /// Recorded done in the lockfile: nothing to run.
     pub done: bool,
+    /// `power: reboot`: the `PowerOff` and `Start` actions are one reboot, recorded done once
+    /// and finished, never repeated, by a resumed run.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub reboot: bool,
+    /// A gate after the step's changes: done only when it passes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub check: Option<CheckSpec>,
+    /// Runs even after an earlier step of its domain failed, was skipped or missed, or the
+    /// plan was aborted.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub always: bool,
+    /// The plan file, for the check command's `VIRTPLAN_PLAN`.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub plan_file: String,
 }
 
 /// A domain as resolved at plan time.

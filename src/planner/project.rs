@@ -205,7 +205,7 @@ fn observe(
                 snapshots: BTreeSet::new(),
                 host_cpus,
             };
-            if steps.iter().any(|s| s.attributes.clock.is_some()) {
+            if steps.iter().any(|s| needs_xml(s)) {
                 let xml = hv.domain_xml(&key.1, true).map_err(libvirt(format!(
                     "reading the definition of {}",
                     obs.state.name
@@ -225,6 +225,17 @@ fn observe(
         }
     }
     Ok(result)
+}
+
+/// Steps whose projection reads the persistent XML: clock edits, and whatever depends on a
+/// guest agent channel (a reboot's ladder, `clock.sync`, a `guest_agent` check).
+fn needs_xml(s: &Step) -> bool {
+    s.attributes.clock.is_some()
+        || s.attributes
+            .power
+            .as_ref()
+            .is_some_and(|p| p.value == PowerTarget::Reboot)
+        || s.check.as_ref().is_some_and(|c| c.value.guest_agent)
 }
 
 fn snapshot_names(
@@ -405,6 +416,20 @@ impl DomainCtx<'_> {
             } else if let Err(p) = self.project_step(&mut b, &mut carry, out) {
                 problems.push(p);
                 continue;
+            } else if let Err(p) = self.gate(&b, &carry) {
+                problems.push(p);
+                continue;
+            }
+            if let Some(last) = b.changes.last_mut() {
+                if let Some(check) = &step.check {
+                    last.notes.push(format!(
+                        "then waits for the check: {}; the step fails if it does not pass",
+                        check.value.describe()
+                    ));
+                }
+                if step.always {
+                    last.notes.push("always: runs even after an earlier step of this domain failed, was skipped or missed, or the plan was aborted".to_owned());
+                }
             }
             out.steps.push(PlannedStep {
                 step: step.number,
@@ -416,6 +441,14 @@ impl DomainCtx<'_> {
                 after: carry.state.clone(),
                 actions: b.actions,
                 done,
+                reboot: step
+                    .attributes
+                    .power
+                    .as_ref()
+                    .is_some_and(|p| p.value == PowerTarget::Reboot),
+                check: step.check.as_ref().map(|c| c.value.clone()),
+                always: step.always,
+                plan_file: self.file.path.display().to_string(),
             });
             out.changes.extend(b.changes);
         }
@@ -485,6 +518,28 @@ impl DomainCtx<'_> {
                 state.power = PowerState::Shutoff;
                 state.live = None;
             }
+            Some(PowerTarget::Reboot) if carry.state.power == PowerState::Paused => {
+                return Err(b.problem(
+                    a.power.as_ref().map_or(step.pos, |p| p.pos),
+                    format!("{} is paused at this step: a paused guest cannot shut down to reboot", self.id.name),
+                    "resume it first (`power: running` in an earlier step), or power it off and on in two steps",
+                ));
+            }
+            Some(PowerTarget::Reboot) if carry.state.power.is_active() => {
+                b.actions.push(Action::PowerOff {
+                    policy: step.shutdown,
+                });
+                if step.shutdown.mode == ShutdownMode::Graceful
+                    && !step.shutdown.force_after_timeout
+                {
+                    out.warnings.push(format!(
+                        "step {} reboots {} gracefully with force_after_timeout: false; a guest that ignores the shutdown request never stops, and the step fails after {}",
+                        step.number, self.id.name, format_duration(step.shutdown.timeout)
+                    ));
+                }
+                carry.state.power = PowerState::Shutoff;
+                carry.state.live = None;
+            }
             Some(PowerTarget::Paused) if carry.state.power == PowerState::Running => {
                 b.actions.push(Action::Suspend);
                 b.change(
@@ -536,7 +591,17 @@ impl DomainCtx<'_> {
                     "use `track: guest` (the guest's own time) or `track: wall` (host time) on QEMU/KVM",
                 ));
             }
-            Self::clock_step(b, carry, clock)?;
+            if clock.value.edits_xml() {
+                Self::clock_step(b, carry, clock)?;
+                let has_agent = carry.xml.as_deref().is_some_and(agent_channel);
+                if has_agent && !clock.value.sync && carry.state.power.is_active() {
+                    if let Some(change) =
+                        b.changes.iter_mut().rev().find(|c| c.attribute == "clock")
+                    {
+                        change.notes.push("the domain has a guest agent: `sync: true` on the step that boots it sets the guest's time from the host".to_owned());
+                    }
+                }
+            }
         }
         let state = &mut carry.state;
         if let Some(on) = &a.autostart {
@@ -601,9 +666,44 @@ impl DomainCtx<'_> {
                 b.actions.extend([Action::Start, Action::Suspend]);
                 true
             }
+            Some(PowerTarget::Reboot) => {
+                b.actions.push(Action::Start);
+                true
+            }
             _ => false,
         };
-        if let Some(target) = power.filter(|p| *p != PowerTarget::Shutoff) {
+        if power == Some(PowerTarget::Reboot) {
+            // An action, never "unchanged": it runs even though running → running.
+            let was_running = b
+                .actions
+                .iter()
+                .any(|a| matches!(a, Action::PowerOff { .. }));
+            let (before, method) = if was_running {
+                (
+                    "running",
+                    format!(
+                        "reboot: {}, then start",
+                        ladder_method(step.shutdown, carry.xml.as_deref())
+                    ),
+                )
+            } else {
+                (
+                    before_power.as_str(),
+                    "the domain is off at this step: the reboot starts it".to_owned(),
+                )
+            };
+            let index = b.change(
+                "power",
+                json!(before),
+                json!("running"),
+                Some(method),
+                vec![],
+            );
+            b.changes[index].action = ChangeAction::Change;
+        }
+        if let Some(target) =
+            power.filter(|p| !matches!(p, PowerTarget::Shutoff | PowerTarget::Reboot))
+        {
             // Pausing a running domain was already recorded with the power-off phase.
             let recorded = b.changes.iter().any(|c| c.attribute == "power");
             if !recorded {
@@ -625,17 +725,85 @@ impl DomainCtx<'_> {
                     vec![],
                 );
             }
+            carry.state.power = target.as_state();
+        }
+        if boots {
             let state = &mut carry.state;
-            state.power = target.as_state();
-            if boots {
-                state.live = Some(LiveFigures {
-                    memory: state.memory,
-                    vcpus: state.vcpus,
-                });
-                if let Some(number) = carry.pending_clock.take() {
-                    let note = format!("takes effect when step {} boots the domain", step.number);
-                    carry.clock_notes.push((number, note));
-                }
+            state.power = power.map_or(state.power, PowerTarget::as_state);
+            state.live = Some(LiveFigures {
+                memory: state.memory,
+                vcpus: state.vcpus,
+            });
+            if let Some(number) = carry.pending_clock.take() {
+                let note = format!("takes effect when step {} boots the domain", step.number);
+                carry.clock_notes.push((number, note));
+            }
+        }
+        if a.clock.as_ref().is_some_and(|c| c.value.sync) {
+            self.sync_step(b, carry)?;
+        }
+        Ok(())
+    }
+
+    /// `clock: {sync: true}`: needs a guest that runs after the step's changes, with an agent
+    /// channel, or apply could only fail.
+    fn sync_step(&self, b: &mut StepBuild<'_>, carry: &Carry) -> Result<(), PlanProblem> {
+        let Some(clock) = &b.step.attributes.clock else {
+            return Ok(());
+        };
+        let name = &self.id.name;
+        if carry.state.power != PowerState::Running {
+            return Err(b.problem(
+                clock.pos,
+                format!("`clock.sync` sets the guest's time through its agent, but {name} is {} after this step", carry.state.power),
+                "put `sync: true` on the step that powers the domain on (`power: running` or `power: reboot`), or on a later step while it runs",
+            ));
+        }
+        if !carry.xml.as_deref().is_some_and(agent_channel) {
+            return Err(b.problem(
+                clock.pos,
+                format!("`clock.sync` needs a guest agent, and {name} has no guest agent channel"),
+                "add `<channel type='unix'><target type='virtio' name='org.qemu.guest_agent.0'/></channel>` to the domain and run qemu-guest-agent in the guest, or drop `sync`",
+            ));
+        }
+        b.change(
+            "guest_time",
+            Value::Null,
+            json!("host time"),
+            Some("set through the guest agent once it answers".into()),
+            vec![],
+        );
+        b.actions.push(Action::SyncGuestTime);
+        Ok(())
+    }
+
+    /// A `check` that can never pass is refused now, not at 4 a.m.
+    fn gate(&self, b: &StepBuild<'_>, carry: &Carry) -> Result<(), PlanProblem> {
+        let Some(check) = &b.step.check else {
+            return Ok(());
+        };
+        let name = &self.id.name;
+        if check.value.guest_agent && !carry.xml.as_deref().is_some_and(agent_channel) {
+            return Err(b.problem(
+                check.pos,
+                format!("the check waits for the guest agent, and {name} has no guest agent channel: it could never pass"),
+                "add a guest agent channel (org.qemu.guest_agent.0) to the domain, or drop `guest_agent: true`",
+            ));
+        }
+        if check.value.guest_agent && carry.state.power != PowerState::Running {
+            return Err(b.problem(
+                check.pos,
+                format!("the check waits for the guest agent, but {name} is {} after this step: it could never pass", carry.state.power),
+                "check the agent on a step that leaves the domain running",
+            ));
+        }
+        if let Some(want) = check.value.state {
+            if want.as_state() != carry.state.power {
+                return Err(b.problem(
+                    check.pos,
+                    format!("the check waits for {name} to be {want}, but this step leaves it {}", carry.state.power),
+                    "check for the state the step leaves (`state: running` after a power-on or reboot)",
+                ));
             }
         }
         Ok(())
@@ -870,6 +1038,23 @@ impl DomainCtx<'_> {
 
 fn clock_json(c: &ClockState) -> Value {
     json!({ "offset": c.offset, "track": c.rtc_track })
+}
+
+fn agent_channel(xml: &str) -> bool {
+    domain_xml::has_agent_channel(xml).unwrap_or(false)
+}
+
+/// How a reboot shuts the guest down: through its agent when it has a channel, else ACPI.
+fn ladder_method(p: ShutdownPolicy, xml: Option<&str>) -> String {
+    if p.mode == ShutdownMode::Force {
+        return shutdown_method(p);
+    }
+    let by = if xml.is_some_and(agent_channel) {
+        "guest agent"
+    } else {
+        "ACPI"
+    };
+    format!("{by} {}", shutdown_method(p))
 }
 
 fn shutdown_method(p: ShutdownPolicy) -> String {

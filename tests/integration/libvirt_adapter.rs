@@ -518,3 +518,97 @@ fn qemu_observe_many_timing() {
     eprintln!("54 QEMU domains (best of 3): observe_many {bulk:?}, 54 x observe {single:?}");
     assert_eq!(many, one);
 }
+
+// ---- guest agent, domain ids and guest time (issue 11) ---------------------------------------
+
+/// A guest agent channel; libvirt picks the socket path.
+pub const AGENT_CHANNEL_XML: &str =
+    "<channel type='unix'><target type='virtio' name='org.qemu.guest_agent.0'/></channel>";
+
+#[test]
+fn test_driver_run_id_changes_at_every_start_and_guest_time_is_settable() {
+    let (_dir, hv) = two_domain_fleet();
+    assert_eq!(
+        hv.run_id(OFF_UUID).unwrap(),
+        None,
+        "an off domain has no id"
+    );
+    let first = hv
+        .run_id(ON_UUID)
+        .unwrap()
+        .expect("a running domain has an id");
+    hv.destroy(ON_UUID).unwrap();
+    assert_eq!(hv.run_id(ON_UUID).unwrap(), None);
+    hv.start(ON_UUID).unwrap();
+    let second = hv.run_id(ON_UUID).unwrap().expect("id after the restart");
+    assert_ne!(first, second, "a restart shows as a new domain id");
+
+    // The test driver accepts virDomainSetTime (it has no agent to refuse it).
+    let now = SystemClock.now();
+    hv.set_guest_time(ON_UUID, now).unwrap();
+    // It has no guest agent: no channel in its XML, and the agent command is not supported.
+    assert!(!hv.has_agent_channel(ON_UUID).unwrap());
+    let err = hv.agent_ping(ON_UUID, Duration::from_secs(1)).unwrap_err();
+    assert_eq!(err.kind, ErrorKind::Unsupported, "{err}");
+    let err = hv.agent_shutdown(ON_UUID).unwrap_err();
+    assert!(err.message.contains("shut down (guest agent)"), "{err}");
+    assert_eq!(
+        hv.run_id("0b0e7a34-52a5-4c41-9d0c-2f6c3c8b00ff")
+            .unwrap_err()
+            .kind,
+        ErrorKind::NotFound
+    );
+}
+
+#[test]
+fn qemu_agent_channel_detected_but_no_agent_answers_a_diskless_guest() {
+    let Some(uri) = qemu_uri() else { return };
+    let hv = Libvirt::connect(&uri).unwrap();
+    let plain = TestDomain::define(&uri, "no-agent");
+    let dom = TestDomain::define_with_devices(&uri, "agent-channel", AGENT_CHANNEL_XML);
+    assert!(!hv.has_agent_channel(&plain.uuid).unwrap());
+    assert!(
+        hv.has_agent_channel(&dom.uuid).unwrap(),
+        "inactive definition"
+    );
+    hv.start(&dom.uuid).unwrap();
+    assert!(hv.has_agent_channel(&dom.uuid).unwrap(), "live definition");
+
+    // Nothing runs in a diskless guest: the agent never connects, and libvirt says so at
+    // once instead of hanging for the timeout.
+    let started = Instant::now();
+    let err = hv
+        .agent_ping(&dom.uuid, Duration::from_secs(2))
+        .unwrap_err();
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        started.elapsed()
+    );
+    assert!(err.message.contains("agent"), "{err}");
+    assert_eq!(err.kind, ErrorKind::Transient, "{err}");
+    let err = hv.agent_shutdown(&dom.uuid).unwrap_err();
+    assert!(err.message.contains("agent"), "{err}");
+    let err = hv.set_guest_time(&dom.uuid, SystemClock.now()).unwrap_err();
+    assert!(err.message.contains("agent"), "{err}");
+    assert_eq!(
+        hv.observe(&dom.uuid, false).unwrap().power,
+        PowerState::Running,
+        "a failed agent shutdown leaves the domain running"
+    );
+}
+
+#[test]
+fn qemu_run_id_is_new_after_a_restart() {
+    let Some(uri) = qemu_uri() else { return };
+    let hv = Libvirt::connect(&uri).unwrap();
+    let dom = TestDomain::define(&uri, "run-id");
+    assert_eq!(hv.run_id(&dom.uuid).unwrap(), None);
+    hv.start(&dom.uuid).unwrap();
+    let first = hv.run_id(&dom.uuid).unwrap().expect("running: an id");
+    hv.destroy(&dom.uuid).unwrap();
+    assert_eq!(hv.run_id(&dom.uuid).unwrap(), None);
+    hv.start(&dom.uuid).unwrap();
+    let second = hv.run_id(&dom.uuid).unwrap().expect("running again: an id");
+    assert_ne!(first, second);
+}

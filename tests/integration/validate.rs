@@ -345,6 +345,11 @@ fn validator_key_lists_match_the_schema_properties() {
             property(&root, step, "snapshot"),
             keys::SNAPSHOT_KEYS,
         ),
+        (
+            "step.check",
+            property(&root, step, "check"),
+            keys::CHECK_KEYS,
+        ),
     ];
     for (what, object, keys) in objects {
         assert_eq!(property_names(object), sorted(keys), "keys of {what}");

@@ -95,7 +95,11 @@ impl Cli {
         let home = std::env::temp_dir().join("virtplan-tests-empty-home");
         std::fs::create_dir_all(&home).expect("create the empty home folder");
         let mut command = Command::new(env!("CARGO_BIN_EXE_virtplan"));
-        command.args(&self.args).current_dir(&self.current_dir);
+        command
+            .args(&self.args)
+            .current_dir(&self.current_dir)
+            .env_remove("LIBVIRT_DEFAULT_URI")
+            .stdin(std::process::Stdio::null());
         for (key, value) in &self.env {
             command.env(key, value);
         }
