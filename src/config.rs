@@ -241,11 +241,14 @@ impl Config {
 
     /// How to fix a connection that is neither a URI nor a known host.
     #[must_use]
-    pub fn hosts_help(&self) -> String {
+    pub fn hosts_help(&self, text: &str) -> String {
+        let names: Vec<&str> = self.hosts.keys().map(String::as_str).collect();
+        if let Some(close) = did_you_mean(text, &names) {
+            return format!("did you mean the host `{close}`?");
+        }
         if self.hosts.is_empty() {
             "write a libvirt URI such as qemu:///system, or name a host from the `[hosts]` table of virtplan.toml".to_owned()
         } else {
-            let names: Vec<&str> = self.hosts.keys().map(String::as_str).collect();
             format!(
                 "write a libvirt URI, or one of the hosts in virtplan.toml: {}",
                 names.join(", ")
@@ -322,11 +325,11 @@ fn unknown_connection(config: &Config, path: &Path, pos: Pos, text: &str) -> Dia
         path,
         pos,
         format!(
-            "connection `{}` is neither a libvirt URI nor a host of `[hosts]`",
+            "connection `{}` is neither a libvirt URI nor a host in [hosts]",
             crate::printer::escape(text)
         ),
     )
-    .with_help(config.hosts_help())
+    .with_help(config.hosts_help(text))
 }
 
 fn unknown_key_help(message: &str) -> String {

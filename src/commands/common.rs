@@ -42,15 +42,19 @@ pub fn resolve_connect(config: &Config, connect: Option<&str>) -> anyhow::Result
         return Ok(None);
     };
     config.resolve_connection(text).map(Some).ok_or_else(|| {
+        let hosts: Vec<&str> = config.hosts.keys().map(String::as_str).collect();
         anyhow::anyhow!(
-            "--connect `{}` is neither a libvirt URI nor a host of virtplan.toml{}: {}",
+            "--connect {}: neither a libvirt URI (such as qemu:///system) nor a host in the [hosts] table of {}{}",
             crate::printer::escape(text),
-            config
-                .path
-                .as_ref()
-                .map(|p| format!(" ({})", p.display()))
-                .unwrap_or_default(),
-            config.hosts_help()
+            config.path.as_ref().map_or_else(
+                || "virtplan.toml (none was found)".to_owned(),
+                |p| p.display().to_string()
+            ),
+            if hosts.is_empty() {
+                String::new()
+            } else {
+                format!(" (hosts: {})", hosts.join(", "))
+            }
         )
     })
 }
