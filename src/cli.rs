@@ -154,9 +154,10 @@ pub enum Command {
     },
     /// Read live libvirt state and show what each step would change.
     Plan {
-        /// The plan file (YAML).
-        #[arg(value_name = "PLAN")]
-        plan: PathBuf,
+        /// The plan file (YAML); several plans are planned together and refused when two of
+        /// them change one domain at overlapping times.
+        #[arg(value_name = "PLAN", required = true, num_args = 1..)]
+        plan: Vec<PathBuf>,
         /// libvirt URI for every step (overrides the plan and the config).
         #[arg(long, value_name = "URI")]
         connect: Option<String>,

@@ -9,6 +9,7 @@
 //! subcommand; [`clock`] is the only place that reads the wall clock or sleeps. [`reconciler`]
 //! keeps executors running while plan files change (`apply --watch`, `watch DIR`).
 
+pub mod attr;
 pub mod cli;
 pub mod clock;
 pub mod commands;

@@ -32,7 +32,7 @@ pub fn dispatch(cli: Cli, printer: &Printer) -> anyhow::Result<ExitStatus> {
             detailed_exitcode,
         } => plan::run(
             &plan::Args {
-                plan: &plan,
+                plans: &plan,
                 config: cli.config.as_deref(),
                 connect: connect.as_deref(),
                 format,

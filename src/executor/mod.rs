@@ -17,6 +17,7 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 
+use crate::attr::Attr;
 use crate::clock::Clock;
 use crate::hypervisor::{ErrorKind, HvError, HvResult, Hypervisor};
 use crate::lockfile::{LockError, LockStore, StepStatus};
@@ -156,7 +157,7 @@ struct Run<'a> {
     /// The connections in use: replaced when a lost one is reopened.
     conns: Mutex<BTreeMap<Uri, Arc<dyn Hypervisor>>>,
     /// Attributes each (step id, uuid) changes, from the plan's changes.
-    touched: BTreeMap<(String, String), Vec<String>>,
+    touched: BTreeMap<(String, String), Vec<Attr>>,
 }
 
 /// Why a step ended the way it did, for the domain's later steps.
@@ -175,12 +176,12 @@ impl Executor<'_> {
     /// nothing has run then.
     pub fn run(&self) -> Result<Report, LockError> {
         self.store.reconcile(self.plan)?;
-        let mut touched: BTreeMap<(String, String), Vec<String>> = BTreeMap::new();
+        let mut touched: BTreeMap<(String, String), Vec<Attr>> = BTreeMap::new();
         for c in &self.plan.changes {
             touched
                 .entry((c.step_id.clone(), c.uuid.clone()))
                 .or_default()
-                .push(c.attribute.clone());
+                .push(c.attribute);
         }
         let run = Run {
             ex: self,

@@ -7,6 +7,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 
 use super::{Permit, Run};
+use crate::attr::Attr;
 use crate::hypervisor::{domain_xml, ErrorKind, HvError, HvResult, Hypervisor, Scope};
 use crate::lockfile::{Figures, StepStatus};
 use crate::plan_file::units::format_duration;
@@ -62,73 +63,6 @@ impl From<HvError> for StepError {
             message: format!("{kind}: {}", e.message),
             gone: e.kind == ErrorKind::NotFound,
         }
-    }
-}
-
-/// One figure of a domain that a step can touch.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-enum Fig {
-    Power,
-    Memory,
-    MaxMemory,
-    Vcpus,
-    MaxVcpus,
-    Clock,
-    Autostart,
-    Title,
-    Description,
-}
-
-impl Fig {
-    /// The figures an attribute depends on: memory and vCPU changes also depend on the power
-    /// state (live or config) and on their maximum.
-    fn of(attribute: &str) -> &'static [Self] {
-        match attribute {
-            "power" => &[Self::Power],
-            "memory" | "max_memory" => &[Self::Power, Self::Memory, Self::MaxMemory],
-            "vcpus" | "max_vcpus" => &[Self::Power, Self::Vcpus, Self::MaxVcpus],
-            "clock" => &[Self::Clock],
-            "autostart" => &[Self::Autostart],
-            "title" => &[Self::Title],
-            "description" => &[Self::Description],
-            _ => &[],
-        }
-    }
-
-    fn name(self) -> &'static str {
-        match self {
-            Self::Power => "power",
-            Self::Memory => "memory",
-            Self::MaxMemory => "max_memory",
-            Self::Vcpus => "vcpus",
-            Self::MaxVcpus => "max_vcpus",
-            Self::Clock => "clock",
-            Self::Autostart => "autostart",
-            Self::Title => "title",
-            Self::Description => "description",
-        }
-    }
-
-    /// The figure's value; `None` when it was not read (the clock).
-    fn value(self, s: &DomainState) -> Option<String> {
-        Some(match self {
-            Self::Power => s.power.to_string(),
-            Self::Memory => s.memory.to_string(),
-            Self::MaxMemory => s.max_memory.to_string(),
-            Self::Vcpus => s.vcpus.to_string(),
-            Self::MaxVcpus => s.max_vcpus.to_string(),
-            Self::Clock => {
-                let c = s.clock.as_ref()?;
-                format!(
-                    "offset={} track={}",
-                    c.offset.as_deref().unwrap_or("-"),
-                    c.rtc_track.as_deref().unwrap_or("-")
-                )
-            }
-            Self::Autostart => s.autostart.to_string(),
-            Self::Title => format!("{:?}", s.title),
-            Self::Description => format!("{:?}", s.description),
-        })
     }
 }
 
@@ -602,17 +536,18 @@ impl Run<'_> {
         }
     }
 
-    fn touched(&self, step: &PlannedStep) -> &[String] {
+    fn touched(&self, step: &PlannedStep) -> &[Attr] {
         self.touched
             .get(&(step.step_id.clone(), step.domain.uuid.clone()))
             .map_or(&[], Vec::as_slice)
     }
 
-    fn figs(&self, step: &PlannedStep) -> Vec<Fig> {
-        let mut figs: Vec<Fig> = self
+    /// The figures a step depends on: what it changes, and what those changes depend on.
+    fn figs(&self, step: &PlannedStep) -> Vec<Attr> {
+        let mut figs: Vec<Attr> = self
             .touched(step)
             .iter()
-            .flat_map(|a| Fig::of(a).iter().copied())
+            .flat_map(|a| a.depends_on().iter().copied())
             .collect();
         figs.sort();
         figs.dedup();
@@ -623,11 +558,10 @@ impl Run<'_> {
     fn drift(&self, step: &PlannedStep, live: &DomainState) -> Vec<String> {
         self.figs(step)
             .into_iter()
-            .filter_map(|f| match (f.value(&step.before), f.value(live)) {
-                (Some(planned), Some(now)) if planned != now => Some(format!(
-                    "{} was {planned} when planned, is {now} now",
-                    f.name()
-                )),
+            .filter_map(|f| match (f.figure(&step.before), f.figure(live)) {
+                (Some(planned), Some(now)) if planned != now => {
+                    Some(format!("{f} was {planned} when planned, is {now} now"))
+                }
                 _ => None,
             })
             .collect()
@@ -643,9 +577,9 @@ impl Run<'_> {
         let mut out: Vec<String> = self
             .figs(step)
             .into_iter()
-            .filter_map(|f| match (f.value(target), f.value(state)) {
+            .filter_map(|f| match (f.figure(target), f.figure(state)) {
                 (Some(want), Some(is)) if want != is => {
-                    Some(format!("{} is {is}, expected {want}", f.name()))
+                    Some(format!("{f} is {is}, expected {want}"))
                 }
                 _ => None,
             })
@@ -664,7 +598,7 @@ impl Run<'_> {
 
     /// Reads the domain, with its clock when the step touches it, retrying transient failures.
     fn observe(&self, step: &PlannedStep) -> Result<DomainState, StepError> {
-        let with_clock = self.touched(step).iter().any(|a| a == "clock");
+        let with_clock = self.touched(step).iter().any(|a| a.needs_xml());
         Ok(self.retry(&step.connection, |hv| {
             hv.observe(&step.domain.uuid, with_clock)
         })?)

@@ -31,6 +31,7 @@ use serde::{Deserialize, Serialize};
 
 pub use diag::{Diagnostic, Diagnostics, Pos};
 
+use crate::attr::Attr;
 use crate::config::Config;
 use crate::state::{Kib, PowerState};
 use crate::uri::Uri;
@@ -315,6 +316,47 @@ pub struct Attributes {
     pub title: Option<Located<String>>,
     pub description: Option<Located<String>>,
     pub snapshot: Option<Located<SnapshotSpec>>,
+}
+
+impl Attributes {
+    /// The attributes the step sets, each with where it was written.
+    #[must_use]
+    pub fn set(&self) -> Vec<(Attr, Pos)> {
+        // Destructured without `..`: a new field must be listed here, and so in `Attr`.
+        let Self {
+            power,
+            memory,
+            max_memory,
+            vcpus,
+            max_vcpus,
+            clock,
+            autostart,
+            title,
+            description,
+            snapshot,
+        } = self;
+        [
+            (Attr::Power, power.as_ref().map(|l| l.pos)),
+            (Attr::Memory, memory.as_ref().map(|l| l.pos)),
+            (Attr::MaxMemory, max_memory.as_ref().map(|l| l.pos)),
+            (Attr::Vcpus, vcpus.as_ref().map(|l| l.pos)),
+            (Attr::MaxVcpus, max_vcpus.as_ref().map(|l| l.pos)),
+            (Attr::Clock, clock.as_ref().map(|l| l.pos)),
+            (Attr::Autostart, autostart.as_ref().map(|l| l.pos)),
+            (Attr::Title, title.as_ref().map(|l| l.pos)),
+            (Attr::Description, description.as_ref().map(|l| l.pos)),
+            (Attr::Snapshot, snapshot.as_ref().map(|l| l.pos)),
+        ]
+        .into_iter()
+        .filter_map(|(attr, pos)| Some((attr, pos?)))
+        .collect()
+    }
+
+    /// Whether the step sets `attr`.
+    #[must_use]
+    pub fn has(&self, attr: Attr) -> bool {
+        self.set().iter().any(|(a, _)| *a == attr)
+    }
 }
 
 /// One `vm`/`vms` entry: a domain name or UUID as written.

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use serde::ser::{self, Serialize};
 
-use super::{ClockOffset, PowerTarget, RtcTrack, ShutdownMode, Step};
+use super::{Attributes, ClockOffset, PowerTarget, RtcTrack, ShutdownMode, Step};
 
 /// Everything a step asks for, and nothing about where it sits in the file: reordering or
 /// inserting steps keeps ids, editing a step gives it a new id.
@@ -120,7 +120,20 @@ impl Serialize for DurationId {
 impl<'a> StepIdentity<'a> {
     #[must_use]
     pub fn of(step: &'a Step) -> Self {
-        let a = &step.attributes;
+        // Destructured without `..`: a new attribute must be added to the identity. Give its
+        // field `skip_serializing_if = "Option::is_none"`, so the ids of steps without it stay.
+        let Attributes {
+            power,
+            memory,
+            max_memory,
+            vcpus,
+            max_vcpus,
+            clock,
+            autostart,
+            title,
+            description,
+            snapshot,
+        } = &step.attributes;
         Self {
             at: step.at.as_ref().map(|a| a.value.to_rfc3339()),
             targets: step
@@ -134,20 +147,20 @@ impl<'a> StepIdentity<'a> {
                 timeout: DurationId(step.shutdown.timeout),
                 force_after_timeout: step.shutdown.force_after_timeout,
             },
-            power: a.power.as_ref().map(|l| l.value),
-            memory: a.memory.as_ref().map(|l| KibId(l.value.0)),
-            max_memory: a.max_memory.as_ref().map(|l| KibId(l.value.0)),
-            vcpus: a.vcpus.as_ref().map(|l| l.value),
-            max_vcpus: a.max_vcpus.as_ref().map(|l| l.value),
-            clock: a.clock.as_ref().map(|l| ClockId {
+            power: power.as_ref().map(|l| l.value),
+            memory: memory.as_ref().map(|l| KibId(l.value.0)),
+            max_memory: max_memory.as_ref().map(|l| KibId(l.value.0)),
+            vcpus: vcpus.as_ref().map(|l| l.value),
+            max_vcpus: max_vcpus.as_ref().map(|l| l.value),
+            clock: clock.as_ref().map(|l| ClockId {
                 offset: l.value.offset,
                 track: l.value.track,
                 sync: l.value.sync,
             }),
-            autostart: a.autostart.as_ref().map(|l| l.value),
-            title: a.title.as_ref().map(|l| l.value.as_str()),
-            description: a.description.as_ref().map(|l| l.value.as_str()),
-            snapshot: a.snapshot.as_ref().map(|l| SnapshotId {
+            autostart: autostart.as_ref().map(|l| l.value),
+            title: title.as_ref().map(|l| l.value.as_str()),
+            description: description.as_ref().map(|l| l.value.as_str()),
+            snapshot: snapshot.as_ref().map(|l| SnapshotId {
                 name: &l.value.name,
                 description: l.value.description.as_deref(),
             }),

@@ -17,6 +17,7 @@ use super::{
     PowerTarget, RtcTrack, ShutdownMode, ShutdownPolicy, SnapshotSpec, Step, Target, Window,
     FORMAT_VERSION,
 };
+use crate::attr::Attr;
 use crate::config::Config;
 use crate::render::show_time;
 use crate::uri::Uri;
@@ -37,37 +38,38 @@ pub const SHUTDOWN_KEYS: &[&str] = &["mode", "timeout", "force_after_timeout"];
 pub const CLOCK_KEYS: &[&str] = &["offset", "track", "sync"];
 pub const CHECK_KEYS: &[&str] = &["state", "guest_agent", "command", "timeout", "interval"];
 pub const SNAPSHOT_KEYS: &[&str] = &["name", "description"];
-pub const ATTRIBUTE_KEYS: &[&str] = &[
-    "power",
-    "memory",
-    "max_memory",
-    "vcpus",
-    "max_vcpus",
-    "clock",
-    "autostart",
-    "title",
-    "description",
-    "snapshot",
-];
-pub const STEP_KEYS: &[&str] = &[
-    "at",
-    "vm",
-    "vms",
-    "connection",
-    "shutdown",
-    "power",
-    "memory",
-    "max_memory",
-    "vcpus",
-    "max_vcpus",
-    "clock",
-    "autostart",
-    "title",
-    "description",
-    "snapshot",
-    "check",
-    "always",
-];
+/// The attribute keys, as [`Attr`] spells them.
+pub const ATTRIBUTE_KEYS: [&str; Attr::KEYS.len()] = {
+    let mut keys = [""; Attr::KEYS.len()];
+    let mut i = 0;
+    while i < keys.len() {
+        keys[i] = Attr::KEYS[i].key();
+        i += 1;
+    }
+    keys
+};
+/// A step's own keys, before its attributes.
+const STEP_OWN_KEYS: [&str; 5] = ["at", "vm", "vms", "connection", "shutdown"];
+/// A step's keys after its attributes: how it is gated and when it runs.
+const STEP_GATE_KEYS: [&str; 2] = ["check", "always"];
+/// Every key a step allows: its own, the attributes, then the gates.
+pub const STEP_KEYS: [&str; STEP_OWN_KEYS.len() + ATTRIBUTE_KEYS.len() + STEP_GATE_KEYS.len()] = {
+    let mut keys = [""; STEP_OWN_KEYS.len() + ATTRIBUTE_KEYS.len() + STEP_GATE_KEYS.len()];
+    let own = STEP_OWN_KEYS.len();
+    let attrs = own + ATTRIBUTE_KEYS.len();
+    let mut i = 0;
+    while i < keys.len() {
+        keys[i] = if i < own {
+            STEP_OWN_KEYS[i]
+        } else if i < attrs {
+            ATTRIBUTE_KEYS[i - own]
+        } else {
+            STEP_GATE_KEYS[i - attrs]
+        };
+        i += 1;
+    }
+    keys
+};
 
 const DEFAULT_GRACE: Duration = Duration::from_secs(300);
 
@@ -399,7 +401,7 @@ fn check_step(
         "- {at: 2026-12-01 04:00, vm: web-01, power: shutoff}",
     )?;
     let errors_before = c.diags.len();
-    c.known_keys(map, STEP_KEYS, &what);
+    c.known_keys(map, &STEP_KEYS, &what);
     let has_unknown_keys = c.diags.len() > errors_before;
 
     let at = map.get_node("at").and_then(|n| {
@@ -538,45 +540,41 @@ fn check_targets(
 
 fn check_attributes(c: &mut Checker<'_>, map: &MarkedMappingNode) -> Attributes {
     let mut a = Attributes::default();
-    if let Some(n) = map.get_node("power") {
-        a.power = power(c, n).map(|v| located(n, v));
-    }
-    for (key, slot) in [("memory", &mut a.memory), ("max_memory", &mut a.max_memory)] {
-        if let Some(n) = map.get_node(key) {
-            *slot = size(c, n, key).map(|v| located(n, v));
-        }
-    }
-    for (key, slot) in [("vcpus", &mut a.vcpus), ("max_vcpus", &mut a.max_vcpus)] {
-        if let Some(n) = map.get_node(key) {
-            *slot = c.count(n, &format!("`{key}`"), 1).map(|v| located(n, v));
-        }
-    }
-    if let Some(n) = map.get_node("clock") {
-        a.clock = clock(c, n).map(|v| located(n, v));
-    }
-    if let Some(n) = map.get_node("autostart") {
-        a.autostart = c.boolean(n, "`autostart`").map(|v| located(n, v));
-    }
-    if let Some(n) = map.get_node("title") {
-        a.title = c.any_text(n, "`title`", "title: web server").and_then(|t| {
-            if t.contains('\n') {
-                c.error(
-                    pos(n),
-                    "`title` must be a single line",
-                    "libvirt titles are one line; put longer text in `description`",
-                );
-                return None;
+    for attr in Attr::KEYS {
+        let Some(n) = map.get_node(attr.key()) else {
+            continue;
+        };
+        let key = attr.key();
+        match attr {
+            Attr::Power => a.power = power(c, n).map(|v| located(n, v)),
+            Attr::Memory => a.memory = size(c, n, key).map(|v| located(n, v)),
+            Attr::MaxMemory => a.max_memory = size(c, n, key).map(|v| located(n, v)),
+            Attr::Vcpus => a.vcpus = c.count(n, "`vcpus`", 1).map(|v| located(n, v)),
+            Attr::MaxVcpus => a.max_vcpus = c.count(n, "`max_vcpus`", 1).map(|v| located(n, v)),
+            Attr::Clock => a.clock = clock(c, n).map(|v| located(n, v)),
+            Attr::Autostart => a.autostart = c.boolean(n, "`autostart`").map(|v| located(n, v)),
+            Attr::Title => {
+                a.title = c.any_text(n, "`title`", "title: web server").and_then(|t| {
+                    if t.contains('\n') {
+                        c.error(
+                            pos(n),
+                            "`title` must be a single line",
+                            "libvirt titles are one line; put longer text in `description`",
+                        );
+                        return None;
+                    }
+                    Some(located(n, t.to_owned()))
+                });
             }
-            Some(located(n, t.to_owned()))
-        });
-    }
-    if let Some(n) = map.get_node("description") {
-        a.description = c
-            .any_text(n, "`description`", "description: serves the shop")
-            .map(|t| located(n, t.to_owned()));
-    }
-    if let Some(n) = map.get_node("snapshot") {
-        a.snapshot = snapshot(c, n).map(|v| located(n, v));
+            Attr::Description => {
+                a.description = c
+                    .any_text(n, "`description`", "description: serves the shop")
+                    .map(|t| located(n, t.to_owned()));
+            }
+            Attr::Snapshot => a.snapshot = snapshot(c, n).map(|v| located(n, v)),
+            // Not a key: `clock: {sync: true}` asks for it.
+            Attr::GuestTime => {}
+        }
     }
     check_limits(c, &a);
     a

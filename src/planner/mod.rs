@@ -4,6 +4,7 @@
 //! `plan` renders this value, `plan --out` saves it, and `apply` executes it: nothing is
 //! planned twice in two different ways.
 
+pub mod overlap;
 mod project;
 pub mod saved;
 
@@ -13,6 +14,7 @@ use std::sync::Arc;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
+use crate::attr::{Attr, Figure};
 use crate::hypervisor::{DomainId, HvError, Hypervisor};
 use crate::plan_file::{CheckSpec, ClockTarget, PlanFile, Pos, ShutdownPolicy, SnapshotSpec};
 use crate::state::{DomainState, Kib};
@@ -40,6 +42,7 @@ pub enum ChangeAction {
 
 /// One attribute of one domain at one step: the unit of `plan` output.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(try_from = "ChangeRepr")]
 pub struct Change {
     /// 1-based step number in the plan file.
     pub step: usize,
@@ -49,9 +52,9 @@ pub struct Change {
     pub vm: String,
     pub uuid: String,
     pub connection: Uri,
-    pub attribute: String,
-    pub before: serde_json::Value,
-    pub after: serde_json::Value,
+    pub attribute: Attr,
+    pub before: Figure,
+    pub after: Figure,
     pub action: ChangeAction,
     /// How it is applied: `live+config`, `config`, `graceful shutdown, force after 2m`, ...
     pub method: Option<String>,
@@ -59,6 +62,59 @@ pub struct Change {
     /// Unified diff of the persistent domain XML, for XML-level changes (clock).
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub xml_diff: Option<String>,
+}
+
+/// [`Change`] as read back from JSON: its figures are read by their attribute.
+#[derive(Deserialize)]
+struct ChangeRepr {
+    step: usize,
+    step_id: String,
+    at: Option<DateTime<Utc>>,
+    vm: String,
+    uuid: String,
+    connection: Uri,
+    attribute: Attr,
+    before: serde_json::Value,
+    after: serde_json::Value,
+    action: ChangeAction,
+    method: Option<String>,
+    notes: Vec<String>,
+    #[serde(default)]
+    xml_diff: Option<String>,
+}
+
+impl TryFrom<ChangeRepr> for Change {
+    type Error = String;
+
+    fn try_from(r: ChangeRepr) -> Result<Self, String> {
+        Ok(Self {
+            before: r.attribute.figure_from_json(&r.before)?,
+            after: r.attribute.figure_from_json(&r.after)?,
+            step: r.step,
+            step_id: r.step_id,
+            at: r.at,
+            vm: r.vm,
+            uuid: r.uuid,
+            connection: r.connection,
+            attribute: r.attribute,
+            action: r.action,
+            method: r.method,
+            notes: r.notes,
+            xml_diff: r.xml_diff,
+        })
+    }
+}
+
+impl Change {
+    /// `memory 128MiB → 3GiB`, or `memory 3GiB (no change)`.
+    #[must_use]
+    pub fn describe(&self) -> String {
+        if self.before == self.after {
+            format!("{} {} (no change)", self.attribute, self.after)
+        } else {
+            format!("{} {} → {}", self.attribute, self.before, self.after)
+        }
+    }
 }
 
 /// One libvirt operation the executor performs, in order, for one step on one domain.
@@ -186,6 +242,26 @@ pub struct Plan {
 }
 
 impl Plan {
+    /// What a step does to one domain, in one line: `power running → shutoff; memory 128MiB → 3GiB`.
+    #[must_use]
+    pub fn describe(&self, step_id: &str, uuid: &str) -> String {
+        self.changes
+            .iter()
+            .filter(|c| c.step_id == step_id && c.uuid == uuid)
+            .map(Change::describe)
+            .collect::<Vec<_>>()
+            .join("; ")
+    }
+
+    /// The attributes a step changes (or checks) on one domain.
+    pub fn attributes(&self, step_id: &str, uuid: &str) -> impl Iterator<Item = Attr> + '_ {
+        let (step_id, uuid) = (step_id.to_owned(), uuid.to_owned());
+        self.changes
+            .iter()
+            .filter(move |c| c.step_id == step_id && c.uuid == uuid)
+            .map(|c| c.attribute)
+    }
+
     /// Whether anything would change.
     #[must_use]
     pub fn has_changes(&self) -> bool {

@@ -4,16 +4,16 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use chrono::{DateTime, Utc};
-use serde_json::{json, Value};
 
 use super::{
     Action, Change, ChangeAction, Connections, Plan, PlanError, PlanInput, PlanMeta, PlanProblem,
     PlannedDomain, PlannedStep, Summary,
 };
+use crate::attr::{Attr, Figure};
 use crate::hypervisor::{domain_xml, DomainId, ErrorKind, Hypervisor};
 use crate::plan_file::units::format_duration;
 use crate::plan_file::{
-    ClockTarget, Located, PlanFile, PowerTarget, ShutdownMode, ShutdownPolicy, Step,
+    Attributes, ClockTarget, Located, PlanFile, PowerTarget, ShutdownMode, ShutdownPolicy, Step,
 };
 use crate::state::{ClockState, DomainState, LiveFigures, PowerState};
 use crate::uri::Uri;
@@ -185,7 +185,7 @@ fn observe(
             .iter()
             .filter(|((u, _), _)| u == uri)
             .flat_map(|(_, steps)| steps.iter())
-            .any(|s| s.attributes.vcpus.is_some() || s.attributes.max_vcpus.is_some());
+            .any(|s| s.attributes.has(Attr::Vcpus) || s.attributes.has(Attr::MaxVcpus));
         let host_cpus = if needs_host_cpus {
             Some(
                 hv.host_cpus()
@@ -217,7 +217,7 @@ fn observe(
                 obs.state.clock = Some(clock);
                 obs.xml = Some(xml);
             }
-            if steps.iter().any(|s| s.attributes.snapshot.is_some()) {
+            if steps.iter().any(|s| s.attributes.has(Attr::Snapshot)) {
                 obs.snapshots = snapshot_names(hv.as_ref(), &key.1)
                     .map_err(libvirt(format!("listing snapshots of {}", obs.state.name)))?;
             }
@@ -322,9 +322,9 @@ struct StepBuild<'a> {
 impl StepBuild<'_> {
     fn change(
         &mut self,
-        attribute: &str,
-        before: Value,
-        after: Value,
+        attribute: Attr,
+        before: Figure,
+        after: Figure,
         method: Option<String>,
         notes: Vec<String>,
     ) -> usize {
@@ -340,7 +340,7 @@ impl StepBuild<'_> {
             vm: self.base.id.name.clone(),
             uuid: self.base.id.uuid.clone(),
             connection: self.base.uri.clone(),
-            attribute: attribute.to_owned(),
+            attribute,
             before,
             after,
             action,
@@ -467,7 +467,7 @@ impl DomainCtx<'_> {
             let change = out
                 .changes
                 .iter_mut()
-                .find(|c| c.step == number && c.uuid == self.id.uuid && c.attribute == "clock");
+                .find(|c| c.step == number && c.uuid == self.id.uuid && c.attribute == Attr::Clock);
             if let Some(change) = change {
                 change.notes.push(note);
             }
@@ -484,6 +484,20 @@ impl DomainCtx<'_> {
     ) -> Result<(), PlanProblem> {
         let step = b.step;
         let a = &step.attributes;
+        // Every attribute is projected below, in its phase; listed without `..` so a new
+        // attribute does not compile until it has a phase here.
+        let Attributes {
+            power: _,
+            memory: _,
+            max_memory: _,
+            vcpus: _,
+            max_vcpus: _,
+            clock: _,
+            autostart: _,
+            title: _,
+            description: _,
+            snapshot: _,
+        } = a;
         let power = a.power.as_ref().map(|p| p.value);
         settled(b, &carry.state, a.power.as_ref())?;
 
@@ -509,9 +523,9 @@ impl DomainCtx<'_> {
                     }
                 }
                 b.change(
-                    "power",
-                    json!(state.power.as_str()),
-                    json!("shutoff"),
+                    Attr::Power,
+                    Figure::Power(state.power),
+                    Figure::Power(PowerState::Shutoff),
                     method,
                     vec![],
                 );
@@ -543,9 +557,9 @@ impl DomainCtx<'_> {
             Some(PowerTarget::Paused) if carry.state.power == PowerState::Running => {
                 b.actions.push(Action::Suspend);
                 b.change(
-                    "power",
-                    json!("running"),
-                    json!("paused"),
+                    Attr::Power,
+                    Figure::Power(PowerState::Running),
+                    Figure::Power(PowerState::Paused),
                     Some("suspend".into()),
                     vec![],
                 );
@@ -564,9 +578,13 @@ impl DomainCtx<'_> {
                 vec![]
             };
             b.change(
-                "snapshot",
-                json!(exists.then_some(name)),
-                json!(name),
+                Attr::Snapshot,
+                if exists {
+                    Figure::Text(name.clone())
+                } else {
+                    Figure::None
+                },
+                Figure::Text(name.clone()),
                 Some("snapshot create".into()),
                 notes,
             );
@@ -595,8 +613,11 @@ impl DomainCtx<'_> {
                 Self::clock_step(b, carry, clock)?;
                 let has_agent = carry.xml.as_deref().is_some_and(agent_channel);
                 if has_agent && !clock.value.sync && carry.state.power.is_active() {
-                    if let Some(change) =
-                        b.changes.iter_mut().rev().find(|c| c.attribute == "clock")
+                    if let Some(change) = b
+                        .changes
+                        .iter_mut()
+                        .rev()
+                        .find(|c| c.attribute == Attr::Clock)
                     {
                         change.notes.push("the domain has a guest agent: `sync: true` on the step that boots it sets the guest's time from the host".to_owned());
                     }
@@ -606,9 +627,9 @@ impl DomainCtx<'_> {
         let state = &mut carry.state;
         if let Some(on) = &a.autostart {
             b.change(
-                "autostart",
-                json!(state.autostart),
-                json!(on.value),
+                Attr::Autostart,
+                Figure::Flag(state.autostart),
+                Figure::Flag(on.value),
                 Some("set autostart".into()),
                 vec![],
             );
@@ -619,9 +640,9 @@ impl DomainCtx<'_> {
         }
         if let Some(title) = &a.title {
             b.change(
-                "title",
-                json!(state.title),
-                json!(title.value),
+                Attr::Title,
+                Figure::Text(state.title.clone()),
+                Figure::Text(title.value.clone()),
                 Some("metadata".into()),
                 vec![],
             );
@@ -634,9 +655,9 @@ impl DomainCtx<'_> {
         }
         if let Some(description) = &a.description {
             b.change(
-                "description",
-                json!(state.description),
-                json!(description.value),
+                Attr::Description,
+                Figure::Text(state.description.clone()),
+                Figure::Text(description.value.clone()),
                 Some("metadata".into()),
                 vec![],
             );
@@ -680,7 +701,7 @@ impl DomainCtx<'_> {
                 .any(|a| matches!(a, Action::PowerOff { .. }));
             let (before, method) = if was_running {
                 (
-                    "running",
+                    PowerState::Running,
                     format!(
                         "reboot: {}, then start",
                         ladder_method(step.shutdown, carry.xml.as_deref())
@@ -688,14 +709,14 @@ impl DomainCtx<'_> {
                 )
             } else {
                 (
-                    before_power.as_str(),
+                    before_power,
                     "the domain is off at this step: the reboot starts it".to_owned(),
                 )
             };
             let index = b.change(
-                "power",
-                json!(before),
-                json!("running"),
+                Attr::Power,
+                Figure::Power(before),
+                Figure::Power(PowerState::Running),
                 Some(method),
                 vec![],
             );
@@ -705,7 +726,7 @@ impl DomainCtx<'_> {
             power.filter(|p| !matches!(p, PowerTarget::Shutoff | PowerTarget::Reboot))
         {
             // Pausing a running domain was already recorded with the power-off phase.
-            let recorded = b.changes.iter().any(|c| c.attribute == "power");
+            let recorded = b.changes.iter().any(|c| c.attribute == Attr::Power);
             if !recorded {
                 let method = match (before_power, boots) {
                     (_, true) if target == PowerTarget::Paused => {
@@ -718,9 +739,9 @@ impl DomainCtx<'_> {
                     _ => None,
                 };
                 b.change(
-                    "power",
-                    json!(before_power.as_str()),
-                    json!(target.to_string()),
+                    Attr::Power,
+                    Figure::Power(before_power),
+                    Figure::Power(target.as_state()),
                     method,
                     vec![],
                 );
@@ -767,9 +788,9 @@ impl DomainCtx<'_> {
             ));
         }
         b.change(
-            "guest_time",
-            Value::Null,
-            json!("host time"),
+            Attr::GuestTime,
+            Figure::None,
+            Figure::Text("host time".to_owned()),
             Some("set through the guest agent once it answers".into()),
             vec![],
         );
@@ -831,9 +852,9 @@ impl DomainCtx<'_> {
                 state.memory = max.value;
             }
             b.change(
-                "max_memory",
-                json!(state.max_memory.0),
-                json!(max.value.0),
+                Attr::MaxMemory,
+                Figure::Memory(state.max_memory),
+                Figure::Memory(max.value),
                 Some("config".into()),
                 notes,
             );
@@ -862,9 +883,9 @@ impl DomainCtx<'_> {
             }
             let method = if active { "live+config" } else { "config" };
             b.change(
-                "memory",
-                json!(state.memory.0),
-                json!(v.0),
+                Attr::Memory,
+                Figure::Memory(state.memory),
+                Figure::Memory(v),
                 Some(method.into()),
                 notes,
             );
@@ -917,9 +938,9 @@ impl DomainCtx<'_> {
                 state.vcpus = max.value;
             }
             b.change(
-                "max_vcpus",
-                json!(state.max_vcpus),
-                json!(max.value),
+                Attr::MaxVcpus,
+                Figure::Count(state.max_vcpus),
+                Figure::Count(max.value),
                 Some("config".into()),
                 notes,
             );
@@ -953,9 +974,9 @@ impl DomainCtx<'_> {
                 "config"
             };
             b.change(
-                "vcpus",
-                json!(state.vcpus),
-                json!(v),
+                Attr::Vcpus,
+                Figure::Count(state.vcpus),
+                Figure::Count(v),
                 Some(method.into()),
                 notes,
             );
@@ -1001,9 +1022,9 @@ impl DomainCtx<'_> {
                 .or_else(|| before.rtc_track.clone()),
         };
         let index = b.change(
-            "clock",
-            clock_json(&before),
-            clock_json(&after),
+            Attr::Clock,
+            Figure::Clock(before.clone()),
+            Figure::Clock(after.clone()),
             Some("persistent XML, redefined".into()),
             vec![],
         );
@@ -1034,10 +1055,6 @@ impl DomainCtx<'_> {
         carry.pending_clock = Some(b.step.number);
         Ok(())
     }
-}
-
-fn clock_json(c: &ClockState) -> Value {
-    json!({ "offset": c.offset, "track": c.rtc_track })
 }
 
 fn agent_channel(xml: &str) -> bool {

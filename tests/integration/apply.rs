@@ -550,7 +550,10 @@ fn memory_of_a_running_guest_without_balloon_driver_is_done_with_a_warning() {
     let r = &lock.steps[0];
     assert_eq!(r.status, StepStatus::Done);
     // The configuration is authoritative and verified; the guest keeps its size.
-    assert_eq!(r.after.as_ref().unwrap().memory_kib, 192 * 1024);
+    assert_eq!(
+        r.after.as_ref().unwrap().memory_kib,
+        virtplan::state::Kib(192 * 1024)
+    );
     assert!(
         r.message.contains("warning: the guest's live memory is"),
         "{}",

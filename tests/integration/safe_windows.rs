@@ -314,3 +314,65 @@ fn plan_refuses_an_edited_done_step_with_applys_message() {
         "no plan shown"
     );
 }
+
+#[test]
+fn plan_of_two_files_refuses_overlapping_changes_of_one_domain_and_accepts_apart_ones() {
+    let dir = tempfile::tempdir().unwrap();
+    let uri = virtplan::hypervisor::fleet::write_fleet(
+        dir.path(),
+        // A fixed UUID: the test driver makes up a new one per connection otherwise.
+        &[virtplan::hypervisor::fleet::FleetDomain::new("web-01")
+            .uuid("5a1e0000-0000-4000-8000-000000000001")
+            .running(true)],
+    )
+    .unwrap();
+    let write = |name: &str, at: &str, change: &str| {
+        let path = dir.path().join(name);
+        std::fs::write(
+            &path,
+            format!("version: 1\nconnection: {uri}\ngrace: 5m\nsteps:\n  - at: {at}\n    vm: web-01\n    {change}\n"),
+        )
+        .unwrap();
+        path
+    };
+    let a = write("a.yaml", "2030-01-01T04:00:00Z", "power: shutoff");
+    let b = write("b.yaml", "2030-01-01T04:03:00Z", "title: resized");
+    let c = write("c.yaml", "2030-01-01T04:10:00Z", "title: resized");
+    let both = virtplan(&["plan", a.to_str().unwrap(), b.to_str().unwrap()], &[]);
+    assert_eq!(both.status.code(), Some(1), "{}", text(&both));
+    let err = String::from_utf8_lossy(&both.stderr);
+    assert!(err.contains(&format!("{}:5:9", b.display())), "{err}");
+    assert!(
+        err.contains("between 2030-01-01 04:03:00 UTC and 2030-01-01 04:08:00 UTC")
+            || err.contains("between"),
+        "{err}"
+    );
+    assert!(
+        err.contains("two plans would change one domain at the same time"),
+        "{err}"
+    );
+    assert!(String::from_utf8_lossy(&both.stdout).is_empty());
+
+    // Ten minutes apart with five minutes of grace: both are shown, green.
+    let apart = virtplan(&["plan", a.to_str().unwrap(), c.to_str().unwrap()], &[]);
+    assert_eq!(apart.status.code(), Some(0), "{}", text(&apart));
+    let out = String::from_utf8_lossy(&apart.stdout);
+    assert!(
+        out.contains("a.yaml") || out.matches("web-01").count() >= 2,
+        "{out}"
+    );
+
+    // One saved plan at a time.
+    let saved = dir.path().join("saved.json");
+    let refused = virtplan(
+        &[
+            "plan",
+            a.to_str().unwrap(),
+            c.to_str().unwrap(),
+            "--out",
+            saved.to_str().unwrap(),
+        ],
+        &[],
+    );
+    assert_eq!(refused.status.code(), Some(1), "{}", text(&refused));
+}
