@@ -26,6 +26,17 @@ pub enum FileError {
 }
 
 impl FileError {
+    /// An `io::ErrorKind` for every case, so callers written against `io::Error` keep working:
+    /// `NotFound` only for a missing file.
+    #[must_use]
+    pub fn kind(&self) -> io::ErrorKind {
+        match self {
+            Self::Io(e) => e.kind(),
+            Self::Symlink | Self::NotRegular(_) => io::ErrorKind::InvalidInput,
+            Self::TooLarge { .. } => io::ErrorKind::InvalidData,
+        }
+    }
+
     /// The `std::io::ErrorKind` behind an I/O failure (`NotFound` callers treat specially).
     #[must_use]
     pub fn io_kind(&self) -> Option<io::ErrorKind> {

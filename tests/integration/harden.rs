@@ -446,3 +446,30 @@ fn regression_nul_reaching_virt_metadata_call_panics() {
     assert!(err.to_string().contains("NUL"), "{err}");
     assert!(Libvirt::connect("test:///default\0x").is_err());
 }
+
+#[test]
+fn regression_status_of_removed_plan_says_no_such_plan_file() {
+    let (dir, uri) = fleet();
+    let plan = write(
+        dir.path(),
+        "p.yaml",
+        &format!("version: 1\nconnection: {uri}\nsteps:\n  - {{vm: vm1, title: hello}}\n"),
+    );
+    Cli::new()
+        .args(["status", s(&plan)])
+        .stdout_contains("pending")
+        .run();
+    Cli::new().args(["apply", s(&plan), "--auto-approve"]).run();
+    std::fs::remove_file(&plan).unwrap();
+    Cli::new()
+        .args(["status", s(&plan)])
+        .stdout_contains("done")
+        .stderr_contains("is gone")
+        .run();
+    std::fs::remove_file(dir.path().join("p.lock")).unwrap();
+    Cli::new()
+        .args(["status", s(&plan)])
+        .status(1)
+        .stderr_contains("no such plan file, and no lockfile")
+        .run();
+}
