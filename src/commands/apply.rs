@@ -54,26 +54,26 @@ pub fn run(args: &Args<'_>, clock: &dyn Clock, printer: &Printer) -> anyhow::Res
             args.plan.display()
         );
     }
-    let plan_path = saved
-        .as_ref()
-        .map_or_else(|| args.plan.to_path_buf(), |s| PathBuf::from(&s.plan_file));
-    let Some((config, file)) = common::load_plan(&plan_path, args.config, printer) else {
-        return Ok(ExitStatus::Error);
-    };
-    let connect = common::resolve_connect(&config, args.connect)?;
-    if let Some(saved) = &saved {
-        if file.sha256 != saved.plan.meta.sha256 {
-            anyhow::bail!(
-                "{} changed since the saved plan {} was made from it (sha256 {} then, {} now); nothing was applied: run `virtplan plan {} --out {}` again and review it",
-                plan_path.display(),
-                args.plan.display(),
-                short(&saved.plan.meta.sha256),
-                short(&file.sha256),
-                plan_path.display(),
-                args.plan.display()
-            );
+    // A saved plan runs from itself alone: its policy and connections were reviewed with it,
+    // so neither the plan file's validation nor virtplan.toml is read again.
+    let loaded = match &saved {
+        Some(saved) => {
+            unchanged_since_review(saved, args.plan)?;
+            None
         }
-    }
+        None => match common::load_plan(args.plan, args.config, printer) {
+            Some(loaded) => Some(loaded),
+            None => return Ok(ExitStatus::Error),
+        },
+    };
+    let (plan_path, plan_sha256) = match (&saved, &loaded) {
+        (Some(saved), _) => (
+            PathBuf::from(&saved.plan_file),
+            saved.plan.meta.sha256.clone(),
+        ),
+        (None, Some((_, file))) => (file.path.clone(), file.sha256.clone()),
+        (None, None) => return Ok(ExitStatus::Error),
+    };
 
     // A saved plan was reviewed when it was made; anything else needs a yes or the flag. Asked
     // after loading, so a mistyped path or a broken plan is reported as what it is.
@@ -88,21 +88,25 @@ pub fn run(args: &Args<'_>, clock: &dyn Clock, printer: &Printer) -> anyhow::Res
     }
 
     let _lock = acquire_lock(
-        &lockfile::pid_path(&file.path),
+        &lockfile::pid_path(&plan_path),
         args.lock_timeout,
         clock,
         printer,
     )?;
     let store = Arc::new(LockStore::open(
-        &lockfile::lock_path(&file.path),
-        &file.sha256,
+        &lockfile::lock_path(&plan_path),
+        &plan_sha256,
     )?);
-    let (plan, connections) = if let Some(saved) = saved {
+    let (plan, connections, loaded) = if let Some(saved) = saved {
         let mut plan = saved.plan;
-        restore_credentials(&mut plan, &file, &config)?;
-        let connections = common::open_uris(plan.steps.iter().map(|s| s.connection.clone()))?;
-        (plan, connections)
+        restore_credentials(&mut plan, args.config)?;
+        let connections = common::open_uris(plan.policy.connections.iter().cloned())?;
+        (plan, connections, None)
     } else {
+        let Some((config, file)) = loaded else {
+            return Ok(ExitStatus::Error);
+        };
+        let connect = common::resolve_connect(&config, args.connect)?;
         let connections = common::open_connections(&file, connect.as_ref())?;
         let input = PlanInput {
             file: &file,
@@ -112,7 +116,7 @@ pub fn run(args: &Args<'_>, clock: &dyn Clock, printer: &Printer) -> anyhow::Res
             progress: &*store,
         };
         match planner::project(&input) {
-            Ok(plan) => (plan, connections),
+            Ok(plan) => (plan, connections, Some((config, file, connect))),
             Err(e) => {
                 common::report_plan_error(printer, &file, &e);
                 return Ok(ExitStatus::Error);
@@ -134,8 +138,9 @@ pub fn run(args: &Args<'_>, clock: &dyn Clock, printer: &Printer) -> anyhow::Res
         signal_hook::flag::register_conditional_shutdown(signal, 1, Arc::clone(&stop))?;
         signal_hook::flag::register(signal, Arc::clone(&stop))?;
     }
-    let file_zone = file.timezone;
-    let mut settings = Settings::for_plan(&file, config.parallelism);
+    let file_zone: Option<chrono_tz::Tz> =
+        plan.meta.timezone.as_deref().and_then(|z| z.parse().ok());
+    let mut settings = Settings::for_plan(&plan);
     settings.failpoint = std::env::var(FAILPOINT_ENV).ok().filter(|f| !f.is_empty());
     let on_outcome = |o: &Outcome| {
         if !o.earlier {
@@ -147,7 +152,7 @@ pub fn run(args: &Args<'_>, clock: &dyn Clock, printer: &Printer) -> anyhow::Res
         "Applying {pending} step(s); progress is recorded in {} (Ctrl-C stops after the step in flight).",
         store.path().display()
     ));
-    let report = if args.watch {
+    let report = if let (true, Some((config, file, connect))) = (args.watch, loaded) {
         printer.info(&format!(
             "Watching {} for edits: a valid edit is re-planned, an invalid one is reported and ignored.",
             file.path.display()
@@ -241,42 +246,6 @@ fn watch(
     reconciler::apply_watch(&env, applying, stop)
 }
 
-/// Saved plans hold redacted connections: give each back its credentials from the plan file or
-/// virtplan.toml (the plan file's hash was checked, so they are the reviewed ones).
-fn restore_credentials(
-    plan: &mut Plan,
-    file: &crate::plan_file::PlanFile,
-    config: &crate::config::Config,
-) -> anyhow::Result<()> {
-    let known: Vec<Uri> = file
-        .connection_uris(None)
-        .into_iter()
-        .chain(config.hosts.values().cloned())
-        .chain(config.connection.clone())
-        .collect();
-    let restore = |saved: &Uri| -> anyhow::Result<Uri> {
-        if let Some(real) = known
-            .iter()
-            .find(|k| *k == saved || k.redacted() == saved.expose())
-        {
-            return Ok(real.clone());
-        }
-        if saved.expose().contains(crate::uri::MASK) {
-            anyhow::bail!(
-                "the saved plan's connection {saved} had credentials, which saved plans never store, and neither the plan file nor virtplan.toml names it; name the URI in the plan or in virtplan.toml `[hosts]` (or keep the password in libvirt's auth.conf) and run `virtplan plan --out` again"
-            );
-        }
-        Ok(saved.clone())
-    };
-    for step in &mut plan.steps {
-        step.connection = restore(&step.connection)?;
-    }
-    for change in &mut plan.changes {
-        change.connection = restore(&change.connection)?;
-    }
-    Ok(())
-}
-
 /// Takes the executor lock, waiting up to `timeout` for its holder to let go (polling: a held
 /// `flock` cannot be waited on with a deadline).
 fn acquire_lock(
@@ -319,6 +288,80 @@ fn acquire_lock(
             Err(err) => return Err(err.into()),
         }
     }
+}
+
+/// Refuses a saved plan whose plan file changed since it was made: its lockfile records that
+/// file's progress, and an edit made since would be silently ignored.
+fn unchanged_since_review(saved: &SavedPlan, saved_path: &Path) -> anyhow::Result<()> {
+    let plan_path = Path::new(&saved.plan_file);
+    let bytes = std::fs::read(plan_path).with_context(|| {
+        format!(
+            "cannot read {}, the plan file the saved plan {} was made from (its lockfile lives beside it); nothing was applied",
+            plan_path.display(),
+            saved_path.display()
+        )
+    })?;
+    let now = crate::plan_file::sha256_hex(&bytes);
+    if now != saved.plan.meta.sha256 {
+        anyhow::bail!(
+            "{} changed since the saved plan {} was made from it (sha256 {} then, {} now); nothing was applied: run `virtplan plan {} --out {}` again and review it",
+            plan_path.display(),
+            saved_path.display(),
+            short(&saved.plan.meta.sha256),
+            short(&now),
+            plan_path.display(),
+            saved_path.display()
+        );
+    }
+    Ok(())
+}
+
+/// Saved plans hold redacted connections (no password is ever written to disk by virtplan):
+/// give each masked one back its credentials from where the operator keeps them, the plan
+/// file (only while it is byte for byte the reviewed one) or virtplan.toml. Nothing else of
+/// the plan file or configuration is used: the saved plan runs from itself.
+fn restore_credentials(plan: &mut Plan, config: Option<&Path>) -> anyhow::Result<()> {
+    let masked = |u: &Uri| u.expose().contains(crate::uri::MASK);
+    if !plan.policy.connections.iter().any(masked) {
+        return Ok(());
+    }
+    let plan_path = PathBuf::from(&plan.meta.file);
+    let mut known: Vec<Uri> = Vec::new();
+    if let Ok(config) = crate::config::discover(config, Some(&plan_path)) {
+        known.extend(config.hosts.values().cloned());
+        known.extend(config.connection.clone());
+        let context = crate::plan_file::LoadContext { config };
+        if let Ok(file) = crate::plan_file::load(&plan_path, &context) {
+            if file.sha256 == plan.meta.sha256 {
+                known.extend(file.connection_uris(None));
+            }
+        }
+    }
+    let restore = |saved: &Uri| -> anyhow::Result<Uri> {
+        if !masked(saved) {
+            return Ok(saved.clone());
+        }
+        known
+            .iter()
+            .find(|k| k.redacted() == saved.expose())
+            .cloned()
+            .ok_or_else(|| anyhow::anyhow!(
+                "the saved plan's connection {saved} had credentials, which saved plans never store, and neither the unchanged plan file nor virtplan.toml names it; name the URI in virtplan.toml `[hosts]` (or keep the password in libvirt's auth.conf) and run `virtplan plan --out` again"
+            ))
+    };
+    plan.policy.connections = plan
+        .policy
+        .connections
+        .iter()
+        .map(restore)
+        .collect::<anyhow::Result<_>>()?;
+    for step in &mut plan.steps {
+        step.connection = restore(&step.connection)?;
+    }
+    for change in &mut plan.changes {
+        change.connection = restore(&change.connection)?;
+    }
+    Ok(())
 }
 
 fn short(hash: &str) -> &str {
