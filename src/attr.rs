@@ -237,12 +237,12 @@ impl fmt::Display for Figure {
             Self::Text(s) if s.is_empty() => f.write_str("\"\""),
             // User text (titles, descriptions, names read back from libvirt): shown escaped,
             // so no figure can drive the terminal of whoever reads a plan or a status.
-            Self::Text(s) => f.write_str(&crate::printer::escape(s)),
+            Self::Text(s) => f.write_str(&crate::text::escape(s)),
             Self::Clock(c) => write!(
                 f,
                 "offset={} track={}",
-                crate::printer::escape(c.offset.as_deref().unwrap_or("-")),
-                crate::printer::escape(c.rtc_track.as_deref().unwrap_or("-"))
+                crate::text::escape(c.offset.as_deref().unwrap_or("-")),
+                crate::text::escape(c.rtc_track.as_deref().unwrap_or("-"))
             ),
         }
     }

@@ -275,7 +275,7 @@ fn connections(
                     at(uri.span()),
                     format!(
                         "host `{}` has a URI with the control character U+{:04X}",
-                        crate::printer::escape(&name),
+                        crate::text::escape(&name),
                         u32::from(c)
                     ),
                 )
@@ -326,7 +326,7 @@ fn unknown_connection(config: &Config, path: &Path, pos: Pos, text: &str) -> Dia
         pos,
         format!(
             "connection `{}` is neither a libvirt URI nor a host in [hosts]",
-            crate::printer::escape(text)
+            crate::text::escape(text)
         ),
     )
     .with_help(config.hosts_help(text))

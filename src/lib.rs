@@ -26,6 +26,7 @@ pub mod printer;
 pub mod reconciler;
 pub mod render;
 pub mod state;
+pub mod text;
 pub mod uri;
 
 use std::ffi::OsString;

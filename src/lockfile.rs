@@ -304,7 +304,7 @@ impl Lockfile {
                     reason: format!(
                         "step {} ({}, id {}) is recorded twice",
                         r.step,
-                        crate::printer::escape(&r.vm),
+                        crate::text::escape(&r.vm),
                         r.step_id
                     ),
                 });

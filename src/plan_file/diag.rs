@@ -1,6 +1,6 @@
 //! Located diagnostics for user input: what is wrong, where (file:line:column) and how to fix it.
 
-use crate::printer::escape;
+use crate::text::escape;
 use std::fmt;
 use std::path::{Path, PathBuf};
 
