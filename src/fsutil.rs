@@ -98,6 +98,25 @@ pub fn open_write_nofollow(path: &Path, create: bool, mode: u32) -> Result<File,
     Ok(file)
 }
 
+/// Like [`open_write_nofollow`] (always creating), for appending: every write goes to the end.
+///
+/// # Errors
+/// As [`open_write_nofollow`].
+pub fn open_append_nofollow(path: &Path, mode: u32) -> Result<File, FileError> {
+    let file = OpenOptions::new()
+        .read(true)
+        .append(true)
+        .create(true)
+        .mode(mode)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
+        .open(path)?;
+    let meta = file.metadata()?;
+    if !meta.file_type().is_file() {
+        return Err(FileError::NotRegular(kind_name(meta.file_type())));
+    }
+    Ok(file)
+}
+
 /// Reads `path` whole, refusing anything but a regular file (checked on the opened descriptor,
 /// which is opened non-blocking so a FIFO cannot hang) and anything over `limit` bytes (counted
 /// while reading, since a device reports a size of 0).
@@ -128,6 +147,18 @@ pub fn read_regular(path: &Path, limit: u64) -> Result<Vec<u8>, FileError> {
         return Err(FileError::TooLarge { limit, size: None });
     }
     Ok(bytes)
+}
+
+/// [`read_regular_text`] for a file virtplan itself writes (a lockfile's companions): a
+/// symlink there was not made by virtplan and is refused, as writing it would be.
+///
+/// # Errors
+/// [`FileError::Symlink`]; as [`read_regular_text`].
+pub fn read_own_text(path: &Path, limit: u64) -> Result<String, FileError> {
+    if std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_symlink()) {
+        return Err(FileError::Symlink);
+    }
+    read_regular_text(path, limit)
 }
 
 /// [`read_regular`] as UTF-8 text.

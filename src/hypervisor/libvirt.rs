@@ -598,7 +598,7 @@ impl Hypervisor for Libvirt {
                 )
             })
         };
-        let qemu_img = match snapshot::remote_host(&self.uri) {
+        let qemu_img = match snapshot::remote_host(self.uri.expose()) {
             Some(host) => QemuImg::Unknown(host.to_owned()),
             None => snapshot::local_qemu_img(std::env::var_os("PATH").as_deref()),
         };

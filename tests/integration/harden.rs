@@ -473,3 +473,49 @@ fn regression_status_of_removed_plan_says_no_such_plan_file() {
         .stderr_contains("no such plan file, and no lockfile")
         .run();
 }
+
+#[test]
+fn regression_symlinked_cancel_log_is_appended_through() {
+    let (dir, uri) = fleet();
+    let plan = write(
+        dir.path(),
+        "p.yaml",
+        &format!(
+            "version: 1\nconnection: {uri}\nsteps:\n  - {{at: 2099-01-01T00:00:00Z, vm: vm1, title: hello}}\n"
+        ),
+    );
+    let important = write(dir.path(), "important", "keep me\n");
+    let before: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
+    Cli::new().args(["cancel", s(&plan)]).run();
+    let log = std::fs::read_dir(dir.path())
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| !before.contains(&p.file_name().unwrap().to_owned()))
+        .expect("cancel wrote a log");
+    std::fs::remove_file(&log).unwrap();
+    std::os::unix::fs::symlink(&important, &log).unwrap();
+    Cli::new()
+        .args(["cancel", s(&plan)])
+        .status(1)
+        .stderr_contains("symbolic link")
+        .run();
+    assert_eq!(std::fs::read_to_string(&important).unwrap(), "keep me\n");
+}
+
+#[test]
+fn regression_man_pages_written_through_symlinks() {
+    let dir = tempfile::tempdir().unwrap();
+    let important = write(dir.path(), "important", "keep me\n");
+    std::os::unix::fs::symlink(&important, dir.path().join("virtplan.1")).unwrap();
+    Cli::new()
+        .args(["man", "--out-dir", s(dir.path())])
+        .status(1)
+        .stderr_contains("symbolic link")
+        .run();
+    assert_eq!(std::fs::read_to_string(&important).unwrap(), "keep me\n");
+}
