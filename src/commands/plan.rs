@@ -69,9 +69,13 @@ pub fn run(args: &Args<'_>, clock: &dyn Clock, printer: &Printer) -> anyhow::Res
             PlanFormat::Markdown => render::markdown(plan),
         };
         printer.out(&text);
+        if args.format != PlanFormat::Json {
+            printer.out(&crate::notify::describe_targets(&file.notify));
+        }
         if let Some(out) = args.out {
-            // The plan text keeps no credentials either (the connections inside are redacted).
-            let source = crate::uri::redact_in(&file.source, uris);
+            // The plan text as reviewed, with webhook tokens and connection credentials masked:
+            // a saved plan is no secret.
+            let source = crate::uri::redact_in(&crate::notify::redact_source(file), uris);
             SavedPlan::new(plan.clone(), source)
                 .write(out)
                 .with_context(|| format!("cannot write the saved plan {}", out.display()))?;

@@ -75,8 +75,9 @@ impl Diagnostic {
             self.pos
         );
         if let Some(text) = source.and_then(|s| s.lines().nth(self.pos.line.saturating_sub(1))) {
+            // A webhook URL carries its token in the path: never shown, even in a plan's own line.
             // One column per character, so the caret stays under the problem.
-            let shown: String = text
+            let shown: String = crate::notify::secret::redact_urls(text)
                 .chars()
                 .take(200)
                 .map(|c| if c == '\t' { ' ' } else { c })
