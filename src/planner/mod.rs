@@ -20,7 +20,7 @@ use crate::hypervisor::{DomainId, HvError, Hypervisor};
 use crate::plan_file::{
     CheckSpec, ClockTarget, OnFailure, PlanFile, Pos, ShutdownPolicy, SnapshotSpec, Window,
 };
-use crate::state::{DomainState, Kib};
+use crate::state::{DomainState, Kib, LifecycleAction, LifecycleEvent};
 
 pub use project::project;
 
@@ -156,6 +156,10 @@ pub enum Action {
     },
     SetDescription {
         description: String,
+    },
+    SetLifecycle {
+        event: LifecycleEvent,
+        action: LifecycleAction,
     },
     Start,
     Resume,
