@@ -5,6 +5,7 @@ mod guest;
 mod layers;
 mod libvirt_adapter;
 mod lifecycle;
+mod notify;
 mod ops;
 mod plan;
 mod safe_windows;
