@@ -586,7 +586,10 @@ fn state_dir_keeps_lockfiles_out_of_the_plan_folder() {
     state.sort();
     // Per plan a lockfile, beside it the cancel file (the executor creates it to lock it) and,
     // while an executor runs, its pid file.
-    let lockfiles: Vec<&String> = state.iter().filter(|n| n.ends_with(".lock")).collect();
+    let lockfiles: Vec<&String> = state
+        .iter()
+        .filter(|n| Path::new(n).extension().is_some_and(|e| e == "lock"))
+        .collect();
     assert_eq!(lockfiles.len(), 2, "{state:?}");
     assert!(state.iter().all(|n| n.starts_with("web-")), "{state:?}");
     // status, ls and plan find it there.
