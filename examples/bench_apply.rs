@@ -110,14 +110,14 @@ fn main() -> anyhow::Result<()> {
     #[allow(clippy::cast_precision_loss)]
     let ratio = busy.as_secs_f64() / baseline.as_secs_f64().max(1e-9);
     println!("executor time / baseline = {ratio:.2}x");
-    let text = lock.to_toml()?;
+    let text = lock.to_text()?;
     let started = Instant::now();
     virtplan::fsutil::write_atomic(&dir.path().join("probe.lock"), text.as_bytes(), 0o600)?;
     let write = started.elapsed();
     let started = Instant::now();
-    let _ = lock.to_toml()?;
+    let _ = lock.to_text()?;
     println!(
-        "one lockfile write of {} bytes: {write:?} (of which TOML: {:?})",
+        "one lockfile write of {} bytes: {write:?} (of which serializing: {:?})",
         text.len(),
         started.elapsed()
     );

@@ -222,6 +222,9 @@ impl Executor<'_> {
             .fatal
             .into_inner()
             .unwrap_or_else(PoisonError::into_inner);
+        // The journal is whole either way; compacting only folds it back to one line per
+        // record, so a failure here loses nothing and is not the run's failure.
+        let _ = self.store.compact();
         let interrupted = self.stop.load(Ordering::SeqCst)
             && outcomes.iter().any(|o| o.status == StepStatus::Cancelled);
         Ok(Report {
