@@ -703,6 +703,8 @@ struct Shared {
 /// What the store has written since it was opened: for benchmarks and tests.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct IoStats {
+    /// Record changes committed (`update` calls).
+    pub changes: u64,
     /// Bytes appended (journal lines).
     pub appended_bytes: u64,
     /// Appends (group commits), each followed by one `fdatasync`.
@@ -962,6 +964,7 @@ impl LockStore {
         };
         f(&mut shared.data.steps[i]);
         shared.mark(i);
+        shared.io.changes += 1;
         shared.seq += 1;
         let seq = shared.seq;
         self.commit(shared, seq)
