@@ -244,7 +244,7 @@ fn scale_and_status(exe: &Path, steps: usize) -> anyhow::Result<()> {
     .map_err(|e| anyhow::anyhow!("{e:?}"))?;
     let hv: Arc<dyn Hypervisor> = Arc::new(Libvirt::connect(&uri)?);
     let mut connections = Connections::new();
-    connections.insert(uri.clone(), hv);
+    connections.insert(uri.as_str().into(), hv);
     let plan = planner::project(&PlanInput {
         file: &file,
         connections: &connections,

@@ -37,7 +37,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::fmt;
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io::{Read, Seek, Write};
 use std::path::{Path, PathBuf};
 use std::sync::{Condvar, Mutex, MutexGuard, PoisonError};
@@ -236,6 +236,89 @@ pub struct Lockfile {
     /// Sorted by time, step number, domain name and UUID.
     #[serde(default, rename = "step")]
     pub steps: Vec<StepRecord>,
+    /// Notification events and whether they were delivered (see `notify`); written in the
+    /// same atomic replacement as the step change they announce.
+    #[serde(default, rename = "event", skip_serializing_if = "Vec::is_empty")]
+    pub events: Vec<EventRecord>,
+}
+
+/// Where a notification event is in its delivery.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema, Default,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum Delivery {
+    /// Not yet delivered to every target that wants it (sent at the next chance, or by the
+    /// next `apply`).
+    #[default]
+    Pending,
+    /// Every target took it.
+    Sent,
+    /// A target refused it after every retry; the next `apply` tries again.
+    Failed,
+}
+
+/// One notification event in the outbox.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EventRecord {
+    /// The event's stable id (receivers deduplicate on it).
+    pub id: String,
+    /// `step-failed`, `plan-finished`, ...
+    pub event: String,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub step: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub vm: Option<String>,
+    pub delivery: Delivery,
+    /// Keys of the targets that want it (hashes: no secret is written here).
+    #[serde(default)]
+    pub targets: Vec<String>,
+    /// Keys of the targets that took it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub sent_to: Vec<String>,
+    /// Keys of the targets that refused it after every retry.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub failed_to: Vec<String>,
+    /// The last failure, with the target redacted.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub error: String,
+    /// The event JSON, kept until every target took it, so a resumed run re-sends exactly it.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub body: String,
+}
+
+impl EventRecord {
+    /// Records one target's result and updates [`EventRecord::delivery`].
+    pub fn note(&mut self, target: &str, result: Result<(), &str>) {
+        self.sent_to.retain(|t| t != target);
+        self.failed_to.retain(|t| t != target);
+        match result {
+            Ok(()) => self.sent_to.push(target.to_owned()),
+            Err(e) => {
+                self.failed_to.push(target.to_owned());
+                e.clone_into(&mut self.error);
+            }
+        }
+        let settled = |t: &String| self.sent_to.contains(t) || self.failed_to.contains(t);
+        if self.targets.iter().all(|t| self.sent_to.contains(t)) {
+            self.delivery = Delivery::Sent;
+            self.error.clear();
+            // Delivered: the body has served its purpose; keep the lockfile small.
+            self.body.clear();
+        } else if self.targets.iter().all(settled) {
+            self.delivery = Delivery::Failed;
+        }
+    }
+}
+
+/// Sees every change of a step record as it is made, so the notification it announces is
+/// written in the same atomic replacement: a crash cannot separate a step's status from its
+/// event. Implemented by `notify`.
+pub trait Observer: Send + Sync {
+    /// The event to record for a record whose status was `before`, if any.
+    fn on_change(&self, before: StepStatus, after: &StepRecord) -> Option<EventRecord>;
+    /// `event` is durable: deliver it.
+    fn on_recorded(&self, event: &EventRecord);
 }
 
 impl Lockfile {
@@ -245,6 +328,7 @@ impl Lockfile {
             version: LOCKFILE_VERSION,
             plan_sha256: plan_sha256.into(),
             steps: Vec::new(),
+            events: Vec::new(),
         }
     }
 
@@ -275,6 +359,9 @@ impl Lockfile {
         let mut text = header_line(&sorted.plan_sha256)?;
         for r in &sorted.steps {
             text.push_str(&record_line(r)?);
+        }
+        for e in &sorted.events {
+            text.push_str(&line(None, Some(e))?);
         }
         Ok(text)
     }
@@ -426,19 +513,25 @@ struct HeaderIn {
     header: Header,
 }
 
-/// Every line after the header.
-#[derive(Debug, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case", deny_unknown_fields)]
-enum Line {
-    /// The whole record of one step on one domain; a later line of the same (step id, UUID)
-    /// supersedes it.
-    Step(StepRecord),
+/// Every line after the header: the whole record of one step on one domain, and/or one
+/// notification event; a later line of the same (step id, UUID), or of the same event id,
+/// supersedes earlier ones. A step change and the event it announces share one line, so a
+/// torn write can never keep one without the other.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Line {
+    #[serde(default)]
+    step: Option<StepRecord>,
+    #[serde(default)]
+    event: Option<EventRecord>,
 }
 
 #[derive(Serialize)]
-#[serde(rename_all = "snake_case")]
-enum LineRef<'a> {
-    Step(&'a StepRecord),
+struct LineRef<'a> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    step: Option<&'a StepRecord>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    event: Option<&'a EventRecord>,
 }
 
 fn header_line(plan_sha256: &str) -> Result<String, LockError> {
@@ -462,7 +555,12 @@ fn header_line(plan_sha256: &str) -> Result<String, LockError> {
 
 /// One `{"step": {...}}` line, newline included.
 fn record_line(r: &StepRecord) -> Result<String, LockError> {
-    let mut text = serde_json::to_string(&LineRef::Step(r))
+    line(Some(r), None)
+}
+
+/// One line with a step record, an event, or both; newline included.
+fn line(step: Option<&StepRecord>, event: Option<&EventRecord>) -> Result<String, LockError> {
+    let mut text = serde_json::to_string(&LineRef { step, event })
         .map_err(|e| LockError::Serialize(e.to_string()))?;
     text.push('\n');
     Ok(text)
@@ -524,6 +622,7 @@ fn parse_text(path: &Path, bytes: &[u8]) -> Result<Parsed, LockError> {
         version: header.header.version,
         plan_sha256: header.header.plan_sha256,
         steps: Vec::new(),
+        events: Vec::new(),
     };
     let mut index = Index::default();
     let mut offset = header_end + 1;
@@ -540,14 +639,22 @@ fn parse_text(path: &Path, bytes: &[u8]) -> Result<Parsed, LockError> {
         };
         // serde_json checks the line is UTF-8: a torn multi-byte character is a bad line.
         match serde_json::from_slice::<Line>(&rest[..end]) {
-            Ok(Line::Step(record)) => {
+            Ok(parsed) if parsed.step.is_some() || parsed.event.is_some() => {
                 if let Some((_, at, reason)) = &bad {
                     return Err(corrupt(
                         path,
                         format!("line {at} is damaged ({reason}) and is followed by good lines, so it is not a torn last write"),
                     ));
                 }
-                apply_line(&mut lock, &mut index, record);
+                if let Some(record) = parsed.step {
+                    apply_line(&mut lock, &mut index, record);
+                }
+                if let Some(event) = parsed.event {
+                    upsert_event(&mut lock.events, event);
+                }
+            }
+            Ok(_) => {
+                bad.get_or_insert((offset, line_no, "an empty record".to_owned()));
             }
             Err(e) => {
                 bad.get_or_insert((offset, line_no, e.to_string()));
@@ -565,6 +672,15 @@ fn parse_text(path: &Path, bytes: &[u8]) -> Result<Parsed, LockError> {
         good_len,
         torn,
     })
+}
+
+/// Upserts one event by id (events are few per step; their order is kept).
+fn upsert_event(events: &mut Vec<EventRecord>, event: EventRecord) {
+    if let Some(e) = events.iter_mut().rev().find(|e| e.id == event.id) {
+        *e = event;
+    } else {
+        events.push(event);
+    }
 }
 
 /// Upserts one record line.
@@ -589,6 +705,23 @@ fn parse_v1(path: &Path, text: &str) -> Result<Lockfile, LockError> {
     }
     if lock.version == 0 {
         return Err(corrupt(path, "version 0 is not a lockfile version"));
+    }
+    // Two records of one step on one domain: which one is true is unknowable (a hand edit
+    // or a merge), and the executor would trust whichever it found first. (In version 2, a
+    // later line superseding an earlier one is the format itself: the journal.)
+    let mut seen = HashSet::new();
+    for r in &lock.steps {
+        if !seen.insert((r.step_id.as_str(), r.uuid.as_str())) {
+            return Err(corrupt(
+                path,
+                format!(
+                    "step {} ({}, id {}) is recorded twice",
+                    r.step,
+                    crate::text::escape(&r.vm),
+                    r.step_id
+                ),
+            ));
+        }
     }
     Ok(lock)
 }
@@ -616,13 +749,13 @@ pub enum LockError {
     Read {
         path: PathBuf,
         #[source]
-        source: std::io::Error,
+        source: crate::fsutil::FileError,
     },
     #[error("cannot write the lockfile {}: {source}", path.display())]
     Write {
         path: PathBuf,
         #[source]
-        source: std::io::Error,
+        source: crate::fsutil::FileError,
     },
     #[error("the lockfile {} is corrupt ({reason}); virtplan will not overwrite it: inspect it, and if the progress it recorded is known, move it aside (e.g. `mv {0} {0}.bad`) and run `virtplan plan` to see what still needs doing", path.display())]
     Corrupt { path: PathBuf, reason: String },
@@ -650,22 +783,32 @@ pub enum LockError {
     Lock {
         path: PathBuf,
         #[source]
-        source: std::io::Error,
+        source: crate::fsutil::FileError,
     },
     #[error("another virtplan is applying this plan: {holder} holds {}; wait for it to finish (check with `virtplan status`), or stop that process", path.display())]
     Held { path: PathBuf, holder: String },
 }
 
-/// `plans/web.yaml` -> `plans/web.lock`.
-#[must_use]
-pub fn lock_path(plan: &Path) -> PathBuf {
-    plan.with_extension("lock")
+/// Lockfiles larger than this are refused unread (a plan of thousands of steps stays far below).
+pub const MAX_LOCKFILE_BYTES: u64 = 64 << 20;
+
+/// The plan's real path: every name of one file (a symlink, `./`, `..`) gives the same lock
+/// and lockfile, so two `apply`s through two names cannot both run it. A file that does not
+/// exist (yet) keeps the path as given.
+fn canonical(plan: &Path) -> PathBuf {
+    std::fs::canonicalize(plan).unwrap_or_else(|_| plan.to_path_buf())
 }
 
-/// `plans/web.yaml` -> `plans/web.lock.pid`.
+/// `plans/web.yaml` -> `plans/web.lock`, beside the plan's real file.
+#[must_use]
+pub fn lock_path(plan: &Path) -> PathBuf {
+    canonical(plan).with_extension("lock")
+}
+
+/// `plans/web.yaml` -> `plans/web.lock.pid`, beside the plan's real file.
 #[must_use]
 pub fn pid_path(plan: &Path) -> PathBuf {
-    plan.with_extension("lock.pid")
+    canonical(plan).with_extension("lock.pid")
 }
 
 /// The progress file on disk, shared by the executor's threads.
@@ -678,15 +821,27 @@ pub struct LockStore {
     path: PathBuf,
     shared: Mutex<Shared>,
     flushed: Condvar,
+    /// Turns step changes into notification events (set when the plan has targets).
+    observer: std::sync::OnceLock<std::sync::Arc<dyn Observer>>,
+}
+
+impl fmt::Debug for dyn Observer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Observer")
+    }
 }
 
 #[derive(Debug)]
 struct Shared {
     data: Lockfile,
     index: Index,
-    /// Records changed since the last append, by position in `data.steps`.
+    /// Records changed since the last append, by position in `data.steps`, each with the id
+    /// of the event its change produced, if any (written on the same line).
     dirty: Vec<usize>,
     is_dirty: Vec<bool>,
+    step_event: HashMap<usize, String>,
+    /// Events changed since the last append, not tied to a step line.
+    dirty_events: Vec<String>,
     /// Number of the latest change.
     seq: u64,
     /// Every change up to this number is on disk.
@@ -732,12 +887,29 @@ impl Shared {
         }
     }
 
-    /// The lines of every record changed since the last append.
+    fn event(&self, id: &str) -> Option<&EventRecord> {
+        self.data.events.iter().rev().find(|e| e.id == id)
+    }
+
+    /// The lines of every record and event changed since the last append.
     fn take_dirty_lines(&mut self) -> Result<String, LockError> {
         let mut text = String::new();
+        let mut written: HashSet<String> = HashSet::new();
         for i in std::mem::take(&mut self.dirty) {
             self.is_dirty[i] = false;
-            text.push_str(&record_line(&self.data.steps[i])?);
+            let event = self.step_event.remove(&i);
+            let event = event.as_deref().and_then(|id| self.event(id));
+            if let Some(e) = event {
+                written.insert(e.id.clone());
+            }
+            text.push_str(&line(Some(&self.data.steps[i]), event)?);
+        }
+        for id in std::mem::take(&mut self.dirty_events) {
+            if written.insert(id.clone()) {
+                if let Some(e) = self.event(&id) {
+                    text.push_str(&line(None, Some(e))?);
+                }
+            }
         }
         Ok(text)
     }
@@ -783,6 +955,8 @@ impl LockStore {
                 index,
                 dirty: Vec::new(),
                 is_dirty: Vec::new(),
+                step_event: HashMap::new(),
+                dirty_events: Vec::new(),
                 seq: 0,
                 durable: 0,
                 flushing: false,
@@ -791,6 +965,7 @@ impl LockStore {
                 io: IoStats::default(),
             }),
             flushed: Condvar::new(),
+            observer: std::sync::OnceLock::new(),
         })
     }
 
@@ -802,7 +977,9 @@ impl LockStore {
     pub fn read(path: &Path) -> Result<Lockfile, LockError> {
         let bytes = read_text(path)?.ok_or_else(|| LockError::Read {
             path: path.to_path_buf(),
-            source: std::io::Error::from(std::io::ErrorKind::NotFound),
+            source: crate::fsutil::FileError::Io(std::io::Error::from(
+                std::io::ErrorKind::NotFound,
+            )),
         })?;
         Ok(parse_text(path, &bytes)?.lock)
     }
@@ -918,6 +1095,8 @@ impl LockStore {
         shared.index = Index::of(&shared.data);
         shared.dirty.clear();
         shared.is_dirty.clear();
+        shared.step_event.clear();
+        shared.dirty_events.clear();
         let text = shared.data.to_text()?;
         crate::fsutil::write_atomic(&self.path, text.as_bytes(), 0o600)
             .map_err(|e| self.write_err(e))?;
@@ -931,18 +1110,15 @@ impl LockStore {
     }
 
     fn open_appender(&self, len: u64) -> Result<Appender, LockError> {
-        let file = OpenOptions::new()
-            .append(true)
-            .read(true)
-            .open(&self.path)
+        let file = crate::fsutil::open_append_nofollow(&self.path, 0o600)
             .map_err(|e| self.write_err(e))?;
         Ok(Appender { file, len })
     }
 
-    fn write_err(&self, source: std::io::Error) -> LockError {
+    fn write_err(&self, source: impl Into<crate::fsutil::FileError>) -> LockError {
         LockError::Write {
             path: self.path.clone(),
-            source,
+            source: source.into(),
         }
     }
 
@@ -962,10 +1138,76 @@ impl LockStore {
                 "no record of step {step_id} on {uuid}"
             ))));
         };
+        let before = shared.data.steps[i].status;
         f(&mut shared.data.steps[i]);
+        let event = self
+            .observer
+            .get()
+            .and_then(|o| o.on_change(before, &shared.data.steps[i]));
         shared.mark(i);
+        if let Some(e) = &event {
+            shared.step_event.insert(i, e.id.clone());
+            upsert_event(&mut shared.data.events, e.clone());
+        }
         shared.io.changes += 1;
         shared.seq += 1;
+        let seq = shared.seq;
+        self.commit(shared, seq)?;
+        if let (Some(e), Some(o)) = (event, self.observer.get()) {
+            o.on_recorded(&e);
+        }
+        Ok(())
+    }
+
+    /// Sets the observer that turns step changes into notification events; only the first
+    /// call has an effect.
+    pub fn observe(&self, observer: std::sync::Arc<dyn Observer>) {
+        let _ = self.observer.set(observer);
+    }
+
+    /// Records a plan-level event durably, then hands it to the observer for delivery.
+    ///
+    /// # Errors
+    /// The file could not be written (the event is not delivered then).
+    pub fn record_event(&self, event: EventRecord) -> Result<(), LockError> {
+        let mut shared = self.lock();
+        let recorded = event.clone();
+        shared.dirty_events.push(event.id.clone());
+        upsert_event(&mut shared.data.events, event);
+        shared.seq += 1;
+        let seq = shared.seq;
+        self.commit(shared, seq)?;
+        if let Some(o) = self.observer.get() {
+            o.on_recorded(&recorded);
+        }
+        Ok(())
+    }
+
+    /// Notes one target's delivery result in memory. It reaches the disk with the next write
+    /// (or [`LockStore::sync`]): losing it in a crash only means the event is sent again,
+    /// with the same id.
+    pub fn note_delivery(&self, event_id: &str, target: &str, result: Result<(), &str>) {
+        let mut shared = self.lock();
+        let Some(e) = shared
+            .data
+            .events
+            .iter_mut()
+            .rev()
+            .find(|e| e.id == event_id)
+        else {
+            return;
+        };
+        e.note(target, result);
+        shared.dirty_events.push(event_id.to_owned());
+        shared.seq += 1;
+    }
+
+    /// Writes whatever changed since the last write (delivery results).
+    ///
+    /// # Errors
+    /// The file could not be written.
+    pub fn sync(&self) -> Result<(), LockError> {
+        let shared = self.lock();
         let seq = shared.seq;
         self.commit(shared, seq)
     }
@@ -1040,9 +1282,9 @@ impl LockStore {
 
 /// The file's bytes; `None` when it does not exist.
 fn read_text(path: &Path) -> Result<Option<Vec<u8>>, LockError> {
-    match std::fs::read(path) {
+    match crate::fsutil::read_regular(path, MAX_LOCKFILE_BYTES) {
         Ok(bytes) => Ok(Some(bytes)),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) if e.io_kind() == Some(std::io::ErrorKind::NotFound) => Ok(None),
         Err(source) => Err(LockError::Read {
             path: path.to_path_buf(),
             source,
@@ -1053,9 +1295,9 @@ fn read_text(path: &Path) -> Result<Option<Vec<u8>>, LockError> {
 /// Whole lines appended by other processes past `known` bytes of `file` (the caller holds the
 /// file's lock); `known` moves to the end of the file.
 fn read_external(path: &Path, file: &File, known: &mut u64) -> Result<Vec<StepRecord>, LockError> {
-    let read_err = |source| LockError::Read {
+    let read_err = |source: std::io::Error| LockError::Read {
         path: path.to_path_buf(),
-        source,
+        source: crate::fsutil::FileError::Io(source),
     };
     let end = file.metadata().map_err(read_err)?.len();
     if end <= *known {
@@ -1075,7 +1317,10 @@ fn read_external(path: &Path, file: &File, known: &mut u64) -> Result<Vec<StepRe
         .split(|b| *b == b'\n')
         .filter(|l| !l.is_empty())
     {
-        if let Ok(Line::Step(record)) = serde_json::from_slice::<Line>(line) {
+        if let Ok(Line {
+            step: Some(record), ..
+        }) = serde_json::from_slice::<Line>(line)
+        {
             out.push(record);
         }
     }
@@ -1110,22 +1355,25 @@ pub fn append_external(
     path: &Path,
     f: impl FnOnce(&Lockfile) -> Vec<StepRecord>,
 ) -> Result<usize, LockError> {
-    use std::os::unix::fs::MetadataExt as _;
-    let write_err = |source| LockError::Write {
+    let write_err = |source: std::io::Error| LockError::Write {
         path: path.to_path_buf(),
-        source,
+        source: crate::fsutil::FileError::Io(source),
     };
     loop {
-        let file = OpenOptions::new()
-            .append(true)
-            .read(true)
-            .open(path)
-            .map_err(write_err)?;
+        // Never create it: progress is started by an executor, with its header.
+        std::fs::symlink_metadata(path).map_err(|source| LockError::Read {
+            path: path.to_path_buf(),
+            source: crate::fsutil::FileError::Io(source),
+        })?;
+        let file = crate::fsutil::open_append_nofollow(path, 0o600).map_err(|source| {
+            LockError::Write {
+                path: path.to_path_buf(),
+                source,
+            }
+        })?;
         let guard = FileLock::exclusive(&file).map_err(write_err)?;
         // A compaction renamed a new file over the one we locked: lock that one instead.
-        let here = file.metadata().map_err(write_err)?;
-        let there = std::fs::metadata(path).map_err(write_err)?;
-        if (here.dev(), here.ino()) != (there.dev(), there.ino()) {
+        if !same_file(&file, path) {
             drop(guard);
             continue;
         }
@@ -1134,7 +1382,7 @@ pub fn append_external(
             .read_to_end(&mut text)
             .map_err(|e| LockError::Read {
                 path: path.to_path_buf(),
-                source: e,
+                source: crate::fsutil::FileError::Io(e),
             })?;
         let parsed = parse_text(path, &text)?;
         if parsed.torn {
@@ -1172,7 +1420,7 @@ impl Progress for Lockfile {
 /// when the process dies, however it dies.
 #[derive(Debug)]
 pub struct ExecutorLock {
-    _file: File,
+    file: File,
     path: PathBuf,
 }
 
@@ -1183,33 +1431,36 @@ impl ExecutorLock {
     /// [`LockError::Held`] naming pid, host and since; I/O failures.
     pub fn acquire(path: &Path, now: DateTime<Utc>) -> Result<Self, LockError> {
         use fs4::fs_std::FileExt as _;
-        use std::os::unix::fs::OpenOptionsExt as _;
-        let lock_err = |source| LockError::Lock {
+        let lock_err = |source: crate::fsutil::FileError| LockError::Lock {
             path: path.to_path_buf(),
             source,
         };
-        let mut file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .mode(0o600)
-            .open(path)
-            .map_err(lock_err)?;
-        if !file.try_lock_exclusive().map_err(lock_err)? {
-            let mut holder = String::new();
-            let _ = file.read_to_string(&mut holder);
-            let holder = holder.split_whitespace().collect::<Vec<_>>().join(" ");
-            let holder = if holder.is_empty() {
-                "a process that has not written its details yet".to_owned()
-            } else {
-                holder
-            };
-            return Err(LockError::Held {
-                path: path.to_path_buf(),
-                holder,
-            });
-        }
+        // Never through a symlink: `ln -s /etc/passwd plan.lock.pid` must not truncate it.
+        // The file is removed when the lock is dropped, so a holder may find that the file it
+        // locked was unlinked meanwhile: then it locks the new file instead.
+        let mut attempts = 0;
+        let mut file = loop {
+            let mut file =
+                crate::fsutil::open_write_nofollow(path, true, 0o600).map_err(lock_err)?;
+            if !file.try_lock_exclusive().map_err(|e| lock_err(e.into()))? {
+                let mut holder = String::new();
+                let _ = file.read_to_string(&mut holder);
+                let holder = holder.split_whitespace().collect::<Vec<_>>().join(" ");
+                let holder = if holder.is_empty() {
+                    "a process that has not written its details yet".to_owned()
+                } else {
+                    holder
+                };
+                return Err(LockError::Held {
+                    path: path.to_path_buf(),
+                    holder,
+                });
+            }
+            if same_file(&file, path) || attempts >= 10 {
+                break file;
+            }
+            attempts += 1;
+        };
         let host = gethostname::gethostname().to_string_lossy().into_owned();
         let info = format!(
             "pid={} host={host} since={}\n",
@@ -1220,9 +1471,9 @@ impl ExecutorLock {
             .and_then(|()| file.rewind())
             .and_then(|()| file.write_all(info.as_bytes()))
             .and_then(|()| file.sync_all())
-            .map_err(lock_err)?;
+            .map_err(|e| lock_err(e.into()))?;
         Ok(Self {
-            _file: file,
+            file,
             path: path.to_path_buf(),
         })
     }
@@ -1230,6 +1481,26 @@ impl ExecutorLock {
     #[must_use]
     pub fn path(&self) -> &Path {
         &self.path
+    }
+}
+
+/// Removes the lock file while still holding the lock: no `.lock.pid` is left behind. A
+/// process that opened the old file before the unlink sees (by [`same_file`]) that it
+/// locked a removed file and starts over.
+impl Drop for ExecutorLock {
+    fn drop(&mut self) {
+        if same_file(&self.file, &self.path) {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+}
+
+/// Whether `file` is still the file at `path` (same device and inode, not a replacement).
+fn same_file(file: &File, path: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt as _;
+    match (file.metadata(), std::fs::symlink_metadata(path)) {
+        (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
+        _ => false,
     }
 }
 
@@ -1526,6 +1797,36 @@ mod tests {
             std::fs::read_to_string(&path).unwrap(),
             "version = 1\nplan_sha256 = \n[[step"
         );
+    }
+
+    #[test]
+    fn regression_duplicate_lockfile_records_accepted() {
+        let mut lock = sample();
+        lock.steps.push(lock.steps[0].clone());
+        // Version 1 (one TOML document): a record twice is damage. (In version 2 a later line
+        // superseding an earlier one is the journal itself.)
+        lock.version = 1;
+        let text = toml::to_string(&lock).unwrap();
+        let err = Lockfile::parse(Path::new("p.lock"), &text).unwrap_err();
+        assert!(matches!(err, LockError::Corrupt { .. }), "{err}");
+        assert!(err.to_string().contains("recorded twice"), "{err}");
+    }
+
+    #[test]
+    fn regression_lock_pid_left_behind_by_plans_that_never_ran() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("p.lock.pid");
+        let now = t("2026-12-01T09:00:00Z");
+        let lock = ExecutorLock::acquire(&path, now).unwrap();
+        assert!(matches!(
+            ExecutorLock::acquire(&path, now),
+            Err(LockError::Held { .. })
+        ));
+        drop(lock);
+        assert!(!path.exists(), "the lock file is removed with the lock");
+        let again = ExecutorLock::acquire(&path, now).unwrap();
+        assert!(path.exists());
+        drop(again);
     }
 
     #[test]

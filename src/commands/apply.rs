@@ -16,9 +16,11 @@ use crate::executor::{Executor, Outcome, Settings};
 use crate::hypervisor::libvirt::Libvirt;
 use crate::hypervisor::Hypervisor;
 use crate::lockfile::{self, ExecutorLock, LockStore, StepStatus};
+use crate::notify::{Notifier, Retry, RunInfo};
 use crate::planner::saved::SavedPlan;
 use crate::planner::{self, Connections, Plan, PlanInput};
 use crate::printer::{Printer, Tone};
+use crate::uri::Uri;
 use crate::{render, ExitStatus};
 
 /// Test-only crash switch: `after-running:<step id>` or `before-done:<step id>` aborts the
@@ -74,6 +76,12 @@ pub fn run(args: &Args<'_>, clock: &dyn Clock, printer: &Printer) -> anyhow::Res
         (None, None) => return Ok(ExitStatus::Error),
     };
 
+    let targets = match (&saved, &loaded) {
+        (_, Some((_, file))) => file.notify.clone(),
+        (Some(_), None) => saved_plan_targets(&plan_path, args.config, printer),
+        (None, None) => Vec::new(),
+    };
+
     // A saved plan was reviewed when it was made; anything else needs a yes or the flag. Asked
     // after loading, so a mistyped path or a broken plan is reported as what it is.
     if saved.is_none() && !args.auto_approve && !interactive {
@@ -97,18 +105,20 @@ pub fn run(args: &Args<'_>, clock: &dyn Clock, printer: &Printer) -> anyhow::Res
         &plan_sha256,
     )?);
     let (plan, connections, loaded) = if let Some(saved) = saved {
-        let connections = common::open_uris(saved.plan.policy.connections.iter().cloned())?;
-        (saved.plan, connections, None)
+        let mut plan = saved.plan;
+        restore_credentials(&mut plan, args.config)?;
+        let connections = common::open_uris(plan.policy.connections.iter().cloned())?;
+        (plan, connections, None)
     } else {
         let Some((config, file)) = loaded else {
             return Ok(ExitStatus::Error);
         };
-        let connect = common::connect_uri(&config, args.connect)?;
-        let connections = common::open_connections(&file, connect.as_deref())?;
+        let connect = common::resolve_connect(&config, args.connect)?;
+        let connections = common::open_connections(&file, connect.as_ref())?;
         let input = PlanInput {
             file: &file,
             connections: &connections,
-            connect_override: connect.as_deref(),
+            connect_override: connect.as_ref(),
             now: clock.now(),
             progress: &*store,
         };
@@ -124,6 +134,7 @@ pub fn run(args: &Args<'_>, clock: &dyn Clock, printer: &Printer) -> anyhow::Res
     // nothing yet: a declined prompt leaves the lockfile as it was).
     store.snapshot().reconcile(store.path(), &plan)?;
     printer.out(&render::human(&plan, printer));
+    printer.out(&crate::notify::describe_targets(&targets));
     if !args.auto_approve && interactive && !confirm(&plan, printer)? {
         printer.info("Nothing applied.");
         return Ok(ExitStatus::Error);
@@ -144,6 +155,10 @@ pub fn run(args: &Args<'_>, clock: &dyn Clock, printer: &Printer) -> anyhow::Res
             printer.err_line(&progress_line(o, clock, printer));
         }
     };
+    let notifier = start_notifier(targets, &plan, &store, printer);
+    if let Some(n) = &notifier {
+        n.plan_started(clock.now())?;
+    }
     let pending = plan.steps.len();
     printer.info(&format!(
         "Applying {pending} step(s); progress is recorded in {} (Ctrl-C stops after the step in flight).",
@@ -156,7 +171,8 @@ pub fn run(args: &Args<'_>, clock: &dyn Clock, printer: &Printer) -> anyhow::Res
         ));
         watch(
             args,
-            connect.as_deref(),
+            notifier.clone(),
+            connect.as_ref(),
             config,
             file,
             plan,
@@ -175,13 +191,16 @@ pub fn run(args: &Args<'_>, clock: &dyn Clock, printer: &Printer) -> anyhow::Res
             settings: &settings,
             stop: &stop,
             on_outcome: &on_outcome,
-            reconnect: Some(&|uri: &str| {
+            reconnect: Some(&|uri: &Uri| {
                 Libvirt::connect(uri).map(|hv| Arc::new(hv) as Arc<dyn Hypervisor>)
             }),
         }
         .run()?
     };
 
+    if let Some(n) = &notifier {
+        finish_notifier(n, &report, &store, clock, printer);
+    }
     let io = store.io_stats();
     printer.detail(&format!(
         "lockfile: {} changes in {} group commits ({} bytes appended, one fdatasync each); {} compactions ({} bytes)",
@@ -214,7 +233,8 @@ pub fn run(args: &Args<'_>, clock: &dyn Clock, printer: &Printer) -> anyhow::Res
 #[allow(clippy::too_many_arguments)] // the pieces apply has already checked, handed over
 fn watch(
     args: &Args<'_>,
-    connect: Option<&str>,
+    notifier: Option<Arc<Notifier>>,
+    connect: Option<&Uri>,
     config: crate::config::Config,
     file: crate::plan_file::PlanFile,
     plan: Plan,
@@ -244,8 +264,80 @@ fn watch(
         file,
         plan,
         store: Arc::clone(store),
+        notifier,
     };
     reconciler::apply_watch(&env, applying, stop)
+}
+
+/// How long `apply` waits at exit for notifications still being delivered.
+const NOTIFY_FLUSH: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Starts delivering notifications when the plan has targets (re-sending what an earlier run
+/// left undelivered).
+fn start_notifier(
+    targets: Vec<crate::notify::Target>,
+    plan: &Plan,
+    store: &Arc<LockStore>,
+    printer: &Printer,
+) -> Option<Arc<Notifier>> {
+    if targets.is_empty() {
+        return None;
+    }
+    let info = RunInfo::of(plan);
+    let log_printer = printer.clone();
+    let log = Box::new(move |m: &str| log_printer.warning(&format!("notify: {m}")));
+    Some(Notifier::start(targets, info, store, log, Retry::default()))
+}
+
+/// A saved plan carries no notification targets (webhook URLs and SMTP settings are secrets,
+/// and a saved plan is not): they come from its plan file, whose sha256 was just checked, and
+/// that file's virtplan.toml. When those no longer load, the run goes on without notifications.
+fn saved_plan_targets(
+    plan_path: &Path,
+    config: Option<&Path>,
+    printer: &Printer,
+) -> Vec<crate::notify::Target> {
+    let loaded = crate::config::discover(config, Some(plan_path)).and_then(|config| {
+        crate::plan_file::load(plan_path, &crate::plan_file::LoadContext { config })
+    });
+    match loaded {
+        Ok(file) => file.notify,
+        Err(diags) => {
+            printer.warning(&format!(
+                "no notifications for this run: their targets come from {}, which does not load now ({diags})",
+                plan_path.display()
+            ));
+            Vec::new()
+        }
+    }
+}
+
+/// Records `plan-finished` and waits (a bounded time) for deliveries to finish.
+fn finish_notifier(
+    notifier: &Notifier,
+    report: &crate::executor::Report,
+    store: &LockStore,
+    clock: &dyn Clock,
+    printer: &Printer,
+) {
+    let message = match (&report.fatal, report.interrupted) {
+        (Some(fatal), _) => format!("stopped: progress could not be recorded: {fatal}"),
+        (None, true) => "interrupted; run `virtplan apply` again to resume".to_owned(),
+        (None, false) => String::new(),
+    };
+    if let Err(e) = notifier.plan_finished(clock.now(), message) {
+        printer.warning(&format!(
+            "cannot record the plan-finished notification: {e}"
+        ));
+    }
+    let left = notifier.flush(NOTIFY_FLUSH);
+    if left > 0 {
+        printer.warning(&format!(
+            "{left} notification delivery(ies) not done within {}s; they stay pending in {} and go out with the next `virtplan apply`",
+            NOTIFY_FLUSH.as_secs(),
+            store.path().display()
+        ));
+    }
 }
 
 /// Takes the executor lock, waiting up to `timeout` for its holder to let go (polling: a held
@@ -318,6 +410,54 @@ fn unchanged_since_review(saved: &SavedPlan, saved_path: &Path) -> anyhow::Resul
     Ok(())
 }
 
+/// Saved plans hold redacted connections (no password is ever written to disk by virtplan):
+/// give each masked one back its credentials from where the operator keeps them, the plan
+/// file (only while it is byte for byte the reviewed one) or virtplan.toml. Nothing else of
+/// the plan file or configuration is used: the saved plan runs from itself.
+fn restore_credentials(plan: &mut Plan, config: Option<&Path>) -> anyhow::Result<()> {
+    let masked = |u: &Uri| u.expose().contains(crate::uri::MASK);
+    if !plan.policy.connections.iter().any(masked) {
+        return Ok(());
+    }
+    let plan_path = PathBuf::from(&plan.meta.file);
+    let mut known: Vec<Uri> = Vec::new();
+    if let Ok(config) = crate::config::discover(config, Some(&plan_path)) {
+        known.extend(config.hosts.values().cloned());
+        known.extend(config.connection.clone());
+        let context = crate::plan_file::LoadContext { config };
+        if let Ok(file) = crate::plan_file::load(&plan_path, &context) {
+            if file.sha256 == plan.meta.sha256 {
+                known.extend(file.connection_uris(None));
+            }
+        }
+    }
+    let restore = |saved: &Uri| -> anyhow::Result<Uri> {
+        if !masked(saved) {
+            return Ok(saved.clone());
+        }
+        known
+            .iter()
+            .find(|k| k.redacted() == saved.expose())
+            .cloned()
+            .ok_or_else(|| anyhow::anyhow!(
+                "the saved plan's connection {saved} had credentials, which saved plans never store, and neither the unchanged plan file nor virtplan.toml names it; name the URI in virtplan.toml `[hosts]` (or keep the password in libvirt's auth.conf) and run `virtplan plan --out` again"
+            ))
+    };
+    plan.policy.connections = plan
+        .policy
+        .connections
+        .iter()
+        .map(restore)
+        .collect::<anyhow::Result<_>>()?;
+    for step in &mut plan.steps {
+        step.connection = restore(&step.connection)?;
+    }
+    for change in &mut plan.changes {
+        change.connection = restore(&change.connection)?;
+    }
+    Ok(())
+}
+
 fn short(hash: &str) -> &str {
     hash.get(..12).unwrap_or(hash)
 }
@@ -346,12 +486,12 @@ fn progress_line(o: &Outcome, clock: &dyn Clock, printer: &Printer) -> String {
         "{} step {} {}: {}",
         clock.now().format("%H:%M:%S%.3f"),
         o.step,
-        o.vm,
+        crate::printer::escape(&o.vm),
         printer.paint(tone, o.status.as_str())
     );
     if !o.message.is_empty() {
         line.push_str(" - ");
-        line.push_str(&o.message);
+        line.push_str(&crate::printer::escape(&o.message));
     }
     line
 }

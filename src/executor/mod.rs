@@ -28,6 +28,7 @@ use crate::hypervisor::{ErrorKind, HvError, HvResult, Hypervisor};
 use crate::lockfile::{LockError, LockStore, StepStatus};
 use crate::plan_file::{OnFailure, Window};
 use crate::planner::{Connections, Plan, PlannedStep, Policy};
+use crate::uri::Uri;
 
 /// How the executor behaves: the plan's timing and failure policy, and its own limits.
 #[derive(Debug, Clone)]
@@ -156,7 +157,7 @@ pub struct Executor<'a> {
 }
 
 /// Opens a new connection to a URI.
-pub type Reconnect<'a> = dyn Fn(&str) -> HvResult<Arc<dyn Hypervisor>> + Sync + 'a;
+pub type Reconnect<'a> = dyn Fn(&Uri) -> HvResult<Arc<dyn Hypervisor>> + Sync + 'a;
 
 /// Shared state of one run.
 struct Run<'a> {
@@ -166,7 +167,7 @@ struct Run<'a> {
     fatal: Mutex<Option<String>>,
     outcomes: Mutex<Vec<Outcome>>,
     /// The connections in use: replaced when a lost one is reopened.
-    conns: Mutex<BTreeMap<String, Arc<dyn Hypervisor>>>,
+    conns: Mutex<BTreeMap<Uri, Arc<dyn Hypervisor>>>,
     /// Attributes each (step id, uuid) changes, from the plan's changes.
     touched: BTreeMap<(String, String), Vec<Attr>>,
 }
@@ -244,10 +245,10 @@ impl Executor<'_> {
             touched,
         };
         // Each domain's steps in plan (time) order, grouped in one pass.
-        let mut slots: HashMap<(&str, &str), usize> = HashMap::new();
+        let mut slots: HashMap<(&Uri, &str), usize> = HashMap::new();
         let mut domains: Vec<Vec<&PlannedStep>> = Vec::new();
         for s in &self.plan.steps {
-            let key = (s.connection.as_str(), s.domain.uuid.as_str());
+            let key = (&s.connection, s.domain.uuid.as_str());
             let i = *slots.entry(key).or_insert_with(|| {
                 domains.push(Vec::new());
                 domains.len() - 1
@@ -286,7 +287,7 @@ impl Executor<'_> {
 
 impl Run<'_> {
     /// The current connection to `uri`.
-    fn connection(&self, uri: &str) -> HvResult<Arc<dyn Hypervisor>> {
+    fn connection(&self, uri: &Uri) -> HvResult<Arc<dyn Hypervisor>> {
         self.conns
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
@@ -297,7 +298,7 @@ impl Run<'_> {
 
     /// Replaces the connection `failed` to `uri` by a fresh one, once, however many threads
     /// saw it fail. A failed reconnect leaves the old one: the next retry tries again.
-    fn reconnect(&self, uri: &str, failed: &Arc<dyn Hypervisor>) {
+    fn reconnect(&self, uri: &Uri, failed: &Arc<dyn Hypervisor>) {
         let Some(open) = self.ex.reconnect else {
             return;
         };

@@ -2,8 +2,10 @@
 
 mod apply;
 mod guest;
+mod harden;
 mod layers;
 mod libvirt_adapter;
+mod notify;
 mod ops;
 mod plan;
 mod safe_windows;
