@@ -202,6 +202,11 @@ pub fn run(args: &Args<'_>, clock: &dyn Clock, printer: &Printer) -> anyhow::Res
     if let Some(n) = &notifier {
         finish_notifier(n, &report, &store, clock, printer);
     }
+    let io = store.io_stats();
+    printer.detail(&format!(
+        "lockfile: {} changes in {} group commits ({} bytes appended, one fdatasync each); {} compactions ({} bytes)",
+        io.changes, io.appends, io.appended_bytes, io.compactions, io.compacted_bytes
+    ));
     let lock = store.snapshot();
     let doc = super::status::StatusDoc::from(&lock);
     printer.out(&format!(
