@@ -115,6 +115,7 @@ pub fn run(args: &Args<'_>, clock: &dyn Clock, printer: &Printer) -> anyhow::Res
         };
         let connect = common::resolve_connect(&config, args.connect)?;
         let connections = common::open_connections(&file, connect.as_ref())?;
+        common::settle_interrupted(&store.snapshot(), &connections, clock, printer)?;
         let input = PlanInput {
             file: &file,
             connections: &connections,

@@ -1456,3 +1456,51 @@ fn always_step_runs_after_an_abort_of_another_domain_but_ordinary_steps_do_not()
     );
     assert_eq!(rig.hv.state(A).title, "restored");
 }
+
+#[test]
+fn regression_hung_libvirtd_lands_changes_late() {
+    // The reads before the change stall (each wait of the retry stretched to three minutes by
+    // a hung daemon): the step's deadline passes before anything is sent.
+    let steps = "  - at: 2026-12-01T04:00:00Z\n    vm: web\n    memory: 2GiB\n";
+    let rig = Rig::new(steps, "grace: 1m\n", vec![web()], "2026-12-01T04:00:00Z");
+    // Call 1 is the planner's read; the executor's reads 2 and 3 fail like a lost connection.
+    rig.hv.fail("observe", 2, 2, ErrorKind::Transient);
+    *rig.clock.on_sleep.lock().unwrap() =
+        Box::new(|c: &FakeClock| c.advance(chrono::Duration::minutes(3)));
+    let report = rig.run();
+    assert!(report.any_failed());
+    assert!(
+        rig.hv.successful_calls().is_empty(),
+        "{:?}",
+        rig.hv.successful_calls()
+    );
+    let lock = rig.lock();
+    assert_eq!(lock.steps[0].status, StepStatus::Missed, "{lock:?}");
+    assert!(
+        lock.steps[0].message.contains("libvirt answered too late"),
+        "{}",
+        lock.steps[0].message
+    );
+}
+
+#[test]
+fn regression_a_change_is_retried_past_its_deadline() {
+    let steps = "  - at: 2026-12-01T04:00:00Z\n    vm: web\n    memory: 2GiB\n";
+    let rig = Rig::new(steps, "grace: 1m\n", vec![web()], "2026-12-01T04:00:00Z");
+    rig.hv.fail("set_memory", 1, 1, ErrorKind::Transient);
+    *rig.clock.on_sleep.lock().unwrap() =
+        Box::new(|c: &FakeClock| c.advance(chrono::Duration::minutes(3)));
+    rig.run();
+    assert!(
+        rig.hv.successful_calls().is_empty(),
+        "{:?}",
+        rig.hv.successful_calls()
+    );
+    let lock = rig.lock();
+    assert_eq!(lock.steps[0].status, StepStatus::Failed, "{lock:?}");
+    assert!(
+        lock.steps[0].message.contains("not retried"),
+        "{}",
+        lock.steps[0].message
+    );
+}
