@@ -6,6 +6,7 @@ mod harden;
 mod harden_daemon;
 mod layers;
 mod libvirt_adapter;
+mod lifecycle;
 mod notify;
 mod ops;
 mod plan;
