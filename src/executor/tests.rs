@@ -1504,3 +1504,137 @@ fn regression_a_change_is_retried_past_its_deadline() {
         lock.steps[0].message
     );
 }
+
+/// Regression (issue 10): a step with nothing to change read its domain twice, before and
+/// after; the read before it is its result.
+#[test]
+fn a_step_with_nothing_to_change_reads_its_domain_once() {
+    let steps = "  - at: 2026-12-01T04:00:00Z\n    vm: web\n    autostart: false\n";
+    let rig = Rig::new(steps, "", vec![web()], "2026-12-01T03:59:00Z");
+    let store = LockStore::open(&rig.lock_path, &rig.file.sha256).unwrap();
+    let plan = rig.plan(&store);
+    drop(store);
+    assert!(
+        plan.steps[0].actions.is_empty(),
+        "{:?}",
+        plan.steps[0].actions
+    );
+    let reads = rig.hv.count("observe");
+    let report = rig.run_plan(&plan, &rig.settings(), &|_| {}).unwrap();
+    assert_eq!(report.outcomes[0].status, StepStatus::Done);
+    assert_eq!(rig.hv.count("observe") - reads, 1);
+}
+
+/// Regression (issue 10): one OS thread per domain, each waking every second; domains now
+/// run on a pool of `parallelism` workers, and every step still runs at its time.
+#[test]
+fn many_domains_run_on_a_pool_of_parallelism_workers() {
+    let names: Vec<String> = (0..40).map(|i| format!("d{i:02}")).collect();
+    let domains = names
+        .iter()
+        .enumerate()
+        .map(|(i, n)| FakeDomain::new(n, &format!("00000000-0000-4000-8000-{i:012}")).running())
+        .collect();
+    let steps = format!(
+        "  - at: 2026-12-01T04:00:00Z\n    vms: [{}]\n    autostart: true\n  - at: 2026-12-01T04:01:00Z\n    vms: [{}]\n    autostart: false\n",
+        names.join(", "),
+        names.join(", ")
+    );
+    let rig = Rig::new(&steps, "", domains, "2026-12-01T03:59:00Z");
+    let threads = Mutex::new(std::collections::HashSet::new());
+    let report = rig.run_with(&rig.settings(), &|o| {
+        threads.lock().unwrap().insert(std::thread::current().id());
+        assert!(
+            o.at.is_some_and(|at| rig.clock.now() >= at),
+            "{o:?} ran early"
+        );
+    });
+    assert_eq!(report.outcomes.len(), 80);
+    assert!(report.outcomes.iter().all(|o| o.status == StepStatus::Done));
+    let used = threads.lock().unwrap().len();
+    assert!(used <= 4, "{used} threads ran steps with parallelism 4");
+}
+
+#[test]
+fn regression_false_done_after_kill_during_paused_step_from_shutoff_fake() {
+    use crate::hypervisor::fake::Settling;
+    use crate::state::LiveFigures;
+    // `power: paused` from shut-off is start, then suspend. The run that started QEMU died;
+    // the resumed run finds the domain "paused" only because QEMU holds its CPUs until its
+    // start-up completes, five seconds later, after which it runs.
+    let steps = "  - at: 2026-12-01T04:00:00Z\n    vm: web\n    power: paused\n";
+    let rig = Rig::new(
+        steps,
+        "",
+        vec![FakeDomain::new("web", A)],
+        "2026-12-01T04:00:01Z",
+    );
+    let store = LockStore::open(&rig.lock_path, &rig.file.sha256).unwrap();
+    let plan = rig.plan(&store);
+    store.reconcile(&plan).unwrap();
+    store
+        .update(&plan.steps[0].step_id, A, |r| {
+            r.status = StepStatus::Running;
+        })
+        .unwrap();
+    drop(store);
+    rig.hv.edit(A, |d| {
+        d.state.power = PowerState::Paused;
+        d.state.live = Some(LiveFigures {
+            memory: d.state.memory,
+            vcpus: d.state.vcpus,
+        });
+        d.run_id = Some(7);
+        d.settling = Some(Settling {
+            reason: "starting".to_owned(),
+            until: t("2026-12-01T04:00:06Z"),
+            then: PowerState::Running,
+        });
+    });
+    rig.run_plan(&plan, &rig.settings(), &|_| {}).unwrap();
+    // Whatever libvirt was doing has finished by the time anyone looks.
+    rig.hv.settle_now(A);
+    let lock = rig.lock();
+    assert_eq!(lock.steps[0].status, StepStatus::Done, "{lock:?}");
+    assert_eq!(
+        rig.hv.state(A).power,
+        PowerState::Paused,
+        "recorded done, but the domain ended {}",
+        rig.hv.state(A).power
+    );
+}
+
+#[test]
+fn a_domain_that_never_settles_fails_its_resumed_step_without_a_call() {
+    use crate::hypervisor::fake::Settling;
+    let steps = "  - at: 2026-12-01T04:00:00Z\n    vm: web\n    power: shutoff\n";
+    let rig = Rig::new(steps, "", vec![web()], "2026-12-01T04:00:01Z");
+    let store = LockStore::open(&rig.lock_path, &rig.file.sha256).unwrap();
+    let plan = rig.plan(&store);
+    store.reconcile(&plan).unwrap();
+    store
+        .update(&plan.steps[0].step_id, A, |r| {
+            r.status = StepStatus::Running;
+        })
+        .unwrap();
+    drop(store);
+    rig.hv.edit(A, |d| {
+        d.state.power = PowerState::ShuttingDown;
+        d.settling = Some(Settling {
+            reason: "shutting down".to_owned(),
+            until: t("2026-12-01T05:00:00Z"),
+            then: PowerState::Shutoff,
+        });
+    });
+    rig.run_plan(&plan, &rig.settings(), &|_| {}).unwrap();
+    assert!(rig.hv.calls().is_empty(), "{:?}", rig.hv.calls());
+    let lock = rig.lock();
+    assert_eq!(lock.steps[0].status, StepStatus::Failed, "{lock:?}");
+    assert!(
+        lock.steps[0]
+            .message
+            .contains("still shutting down after 1m"),
+        "{}",
+        lock.steps[0].message
+    );
+}
