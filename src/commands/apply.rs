@@ -125,6 +125,7 @@ pub fn run(args: &Args<'_>, clock: &dyn Clock, printer: &Printer) -> anyhow::Res
         };
         let connect = common::resolve_connect(&config, args.connect)?;
         let connections = common::open_connections(&file, connect.as_ref())?;
+        common::settle_interrupted(&store.snapshot(), &connections, clock, printer)?;
         match ops::project(&file, &connections, connect.as_ref(), clock.now(), &*store) {
             Ok(plan) => (plan, connections, Some((config, file, connect))),
             Err(e) => {
