@@ -16,6 +16,7 @@ pub mod config;
 pub mod executor;
 pub mod fsutil;
 pub mod hypervisor;
+pub mod lease;
 pub mod lockfile;
 pub mod plan_file;
 pub mod planner;

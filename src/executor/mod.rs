@@ -5,7 +5,10 @@
 //! One thread per domain waits for that domain's next step; a semaphore bounds how many steps
 //! run at once. Time comes only from the [`Clock`], so tests run on a fake one.
 
+mod leasing;
 mod step;
+
+pub use leasing::Leasing;
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -39,6 +42,8 @@ pub struct Settings {
     /// Test-only crash switch: `after-running:<step_id>` or `before-done:<step_id>` aborts
     /// the process at that point.
     pub failpoint: Option<String>,
+    /// Domain leases (on by default); `None` acts without them.
+    pub lease: Option<Leasing>,
 }
 
 impl Settings {
@@ -54,6 +59,15 @@ impl Settings {
             backoff: Duration::from_secs(1),
             poll: Duration::from_millis(250),
             failpoint: None,
+            // Every caller holds the plan's executor lock (apply, watch), so a lease of this
+            // plan from this host with another pid was left by a dead executor of it.
+            lease: Some(Leasing {
+                holder: crate::lease::Holder::this_process(file.path.display().to_string()),
+                config: crate::lease::LeaseConfig {
+                    own_plan_exclusive: true,
+                    ..crate::lease::LeaseConfig::default()
+                },
+            }),
         }
     }
 }

@@ -23,7 +23,7 @@ pub(super) struct Ended {
 }
 
 impl Ended {
-    fn with(status: StepStatus) -> Self {
+    pub(super) fn with(status: StepStatus) -> Self {
         Self {
             status,
             gone: false,
@@ -174,6 +174,14 @@ impl Run<'_> {
             self.cancel(step);
             return Ended::with(StepStatus::Cancelled);
         };
+        if resuming || self.late(step, now).is_none() {
+            return self.leased(step, now, |now| self.act(step, now, resuming));
+        }
+        self.act(step, now, resuming)
+    }
+
+    /// Resumes, records missed, or applies `step` at `now`.
+    fn act(&self, step: &PlannedStep, now: DateTime<Utc>, resuming: bool) -> Ended {
         let late = self.late(step, now);
         if resuming {
             return self.resume(step, now, late);
@@ -450,7 +458,11 @@ impl Run<'_> {
 
     /// Calls `f`, retrying transient failures a bounded number of times with backoff. Every
     /// call addresses the domain by UUID, so a retry finds the same domain or none.
-    fn retry<T>(&self, uri: &str, f: impl Fn(&dyn Hypervisor) -> HvResult<T>) -> HvResult<T> {
+    pub(super) fn retry<T>(
+        &self,
+        uri: &str,
+        f: impl Fn(&dyn Hypervisor) -> HvResult<T>,
+    ) -> HvResult<T> {
         let settings = self.ex.settings;
         let mut wait = settings.backoff;
         let mut attempt = 0;
@@ -646,7 +658,7 @@ impl Run<'_> {
     }
 
     /// Records the step's final status with the observed figures, and reports it.
-    fn end(
+    pub(super) fn end(
         &self,
         step: &PlannedStep,
         status: StepStatus,
