@@ -8,6 +8,7 @@ use std::time::Duration;
 use chrono_tz::Tz;
 use serde::Deserialize;
 
+use crate::lease::LeaseConfig;
 use crate::plan_file::diag::{did_you_mean, Diagnostic, Diagnostics, Pos};
 use crate::plan_file::time::parse_zone;
 use crate::plan_file::units::parse_duration;
@@ -30,6 +31,8 @@ pub struct Config {
     pub grace: Option<Duration>,
     pub shutdown: ShutdownPolicy,
     pub parallelism: usize,
+    /// `[lease]`: timing of domain leases; every executor of a fleet must share it.
+    pub lease: LeaseConfig,
 }
 
 impl Default for Config {
@@ -42,6 +45,7 @@ impl Default for Config {
             grace: None,
             shutdown: ShutdownPolicy::default(),
             parallelism: DEFAULT_PARALLELISM,
+            lease: LeaseConfig::default(),
         }
     }
 }
@@ -56,6 +60,15 @@ struct RawConfig {
     grace: Option<toml::Spanned<String>>,
     shutdown: Option<RawShutdown>,
     parallelism: Option<toml::Spanned<i64>>,
+    lease: Option<RawLease>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLease {
+    ttl: Option<toml::Spanned<String>>,
+    settle: Option<toml::Spanned<String>>,
+    max_clock_skew: Option<toml::Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -73,6 +86,7 @@ const KEYS: &[&str] = &[
     "grace",
     "shutdown",
     "parallelism",
+    "lease",
 ];
 
 /// Finds the configuration for a plan: `explicit` if given, else the nearest `virtplan.toml` in
@@ -197,10 +211,78 @@ pub fn load(path: &Path) -> Result<Config, Diagnostics> {
             ),
         }
     }
+    if let Some(lease) = raw.lease {
+        lease_config(path, &text, lease, &mut config.lease, &mut diags);
+    }
     if diags.is_empty() {
         Ok(config)
     } else {
         Err(fail(Some(text), diags))
+    }
+}
+
+/// `[lease]`: each duration checked and bounded, with its position on error.
+fn lease_config(
+    path: &Path,
+    text: &str,
+    raw: RawLease,
+    lease: &mut LeaseConfig,
+    diags: &mut Vec<Diagnostic>,
+) {
+    let mut read =
+        |value: Option<toml::Spanned<String>>, min: Duration, max: Duration, help: &str| {
+            let value = value?;
+            let pos = Pos::of_offset(text, value.span().start);
+            match parse_duration(value.get_ref()) {
+                Ok(d) if (min..=max).contains(&d) => Some(d),
+                Ok(_) => {
+                    diags.push(
+                        Diagnostic::new(
+                            path,
+                            pos,
+                            format!(
+                                "lease duration `{}` is out of range ({} to {})",
+                                value.get_ref(),
+                                humantime::format_duration(min),
+                                humantime::format_duration(max)
+                            ),
+                        )
+                        .with_help(help),
+                    );
+                    None
+                }
+                Err(e) => {
+                    diags.push(Diagnostic::new(path, pos, e.message).with_help(e.help));
+                    None
+                }
+            }
+        };
+    let settle = read(
+        raw.settle,
+        Duration::from_millis(30),
+        Duration::from_secs(60),
+        "the settle delay must be far longer than one libvirt round trip to the farthest host, such as 300ms",
+    );
+    let ttl = read(
+        raw.ttl,
+        Duration::from_secs(5),
+        Duration::from_secs(3600),
+        "how long a lease outlives a dead executor, such as 60s",
+    );
+    let skew = read(
+        raw.max_clock_skew,
+        Duration::ZERO,
+        Duration::from_secs(600),
+        "how far apart the admin hosts' clocks may be, such as 5s",
+    );
+    if let Some(settle) = settle {
+        *lease = lease.with_settle(settle);
+    }
+    if let Some(ttl) = ttl {
+        lease.ttl = ttl;
+    }
+    if let Some(skew) = skew {
+        lease.max_skew = skew;
     }
 }
 

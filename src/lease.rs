@@ -97,16 +97,27 @@ impl Default for LeaseConfig {
     fn default() -> Self {
         Self {
             ttl: Duration::from_secs(60),
-            settle: Duration::from_secs(2),
-            max_write_delay: Duration::from_millis(500),
+            settle: Duration::from_millis(300),
+            max_write_delay: Duration::from_millis(100),
             max_skew: Duration::from_secs(5),
-            retry: Duration::from_secs(3),
+            retry: Duration::from_secs(1),
             own_plan_exclusive: false,
         }
     }
 }
 
 impl LeaseConfig {
+    /// `settle` from virtplan.toml; the accepted read-to-write time is a third of it, so a
+    /// settle delay always outlasts any contender's accepted write by the same margin.
+    #[must_use]
+    pub fn with_settle(self, settle: Duration) -> Self {
+        Self {
+            settle,
+            max_write_delay: settle / 3,
+            ..self
+        }
+    }
+
     /// How often a held lease is renewed: a third of its lifetime, so two renewals may fail
     /// before it lapses.
     #[must_use]
@@ -141,6 +152,18 @@ pub enum Attempt {
     Busy(Lease),
     /// Our own read-to-write took longer than the protocol allows: we back off without acting.
     Slow { took: Duration },
+}
+
+/// How [`Leaser::acquire_until`] ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Acquisition {
+    /// Ours until `expires`; `waited_for` is the first rival that made us wait, if any.
+    Acquired {
+        expires: DateTime<Utc>,
+        waited_for: Option<Lease>,
+    },
+    /// The deadline passed (or we were stopped); the last rival seen, if any.
+    GaveUp(Option<Lease>),
 }
 
 /// What a renewal found.
@@ -268,24 +291,32 @@ impl Leaser<'_> {
         }
     }
 
-    /// Tries until the lease is ours, `deadline` passes or `stop` says so; returns the last
-    /// rival's lease when it gave up (`None` when stopped without one).
+    /// Tries until the lease is ours, `deadline` passes or `stop` says so.
     pub fn acquire_until(
         &self,
         uuid: &str,
         deadline: DateTime<Utc>,
         stop: &dyn Fn() -> bool,
-    ) -> Result<Result<DateTime<Utc>, Option<Lease>>, LeaseError> {
-        let mut last = None;
+    ) -> Result<Acquisition, LeaseError> {
+        let mut first_rival: Option<Lease> = None;
+        let mut last_rival: Option<Lease> = None;
         loop {
             match self.try_acquire(uuid)? {
-                Attempt::Acquired { expires } => return Ok(Ok(expires)),
-                Attempt::Busy(rival) => last = Some(rival),
+                Attempt::Acquired { expires } => {
+                    return Ok(Acquisition::Acquired {
+                        expires,
+                        waited_for: first_rival,
+                    })
+                }
+                Attempt::Busy(rival) => {
+                    first_rival.get_or_insert_with(|| rival.clone());
+                    last_rival = Some(rival);
+                }
                 Attempt::Slow { .. } => {}
             }
             let now = self.clock.now();
             if now >= deadline || stop() {
-                return Ok(Err(last));
+                return Ok(Acquisition::GaveUp(last_rival));
             }
             // Jitter, so two losers do not meet again in lockstep.
             let jitter = self.config.retry.mul_f64(fastrand::f64() * 0.5);

@@ -122,7 +122,8 @@ pub fn run(args: &Args<'_>, clock: &dyn Clock, printer: &Printer) -> anyhow::Res
         signal_hook::flag::register_conditional_shutdown(signal, 1, Arc::clone(&stop))?;
         signal_hook::flag::register(signal, Arc::clone(&stop))?;
     }
-    let mut settings = Settings::for_plan(&file, config.parallelism);
+    let mut settings =
+        Settings::for_plan(&file, config.parallelism).with_lease_config(config.lease);
     settings.failpoint = std::env::var(FAILPOINT_ENV).ok().filter(|f| !f.is_empty());
     let on_outcome = |o: &Outcome| {
         if !o.earlier {

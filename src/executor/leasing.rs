@@ -10,7 +10,7 @@ use chrono::{DateTime, SecondsFormat, Utc};
 use super::step::Ended;
 use super::Run;
 use crate::hypervisor::HvError;
-use crate::lease::{self, Holder, Lease, LeaseConfig, Leaser, Register, Renewal};
+use crate::lease::{self, Acquisition, Holder, Lease, LeaseConfig, Leaser, Register, Renewal};
 use crate::lockfile::StepStatus;
 use crate::planner::PlannedStep;
 
@@ -83,13 +83,13 @@ impl Run<'_> {
         };
         let uuid = step.domain.uuid.as_str();
         let deadline = self.start_deadline(step, now);
-        match leaser.acquire_until(uuid, deadline, &|| self.stopping()) {
-            Ok(Ok(_)) => {}
-            Ok(Err(_)) if self.stopping() => {
+        let waited_for = match leaser.acquire_until(uuid, deadline, &|| self.stopping()) {
+            Ok(Acquisition::Acquired { waited_for, .. }) => waited_for,
+            Ok(Acquisition::GaveUp(_)) if self.stopping() => {
                 self.cancel(step);
                 return Ended::with(StepStatus::Cancelled);
             }
-            Ok(Err(rival)) => {
+            Ok(Acquisition::GaveUp(rival)) => {
                 let message = missed_message(&step.domain.name, rival.as_ref(), deadline);
                 return self.end(step, StepStatus::Missed, message, None, None);
             }
@@ -97,23 +97,46 @@ impl Run<'_> {
                 let message = format!("not started: {e}");
                 return self.end(step, StepStatus::Failed, message, None, None);
             }
-        }
+        };
+        // The step's record starts when it was dispatched (before the lease), unless waiting
+        // for the lease made it late: then it is judged, and recorded, at the time it is now.
+        let taken = self.ex.clock.now();
+        let start = if self.late(step, taken).is_some() {
+            taken
+        } else {
+            now
+        };
         let done = AtomicBool::new(false);
         let lost: Mutex<Option<String>> = Mutex::new(None);
         let ended = std::thread::scope(|scope| {
             scope.spawn(|| self.keep(&leaser, uuid, &done, &lost));
-            let ended = act(self.ex.clock.now());
+            let ended = act(start);
             done.store(true, Ordering::SeqCst);
             ended
         });
         // A failed release leaves the record to expire on its own.
         let _ = leaser.release(uuid);
-        if let Some(lost) = lost.into_inner().unwrap_or_else(PoisonError::into_inner) {
+        let mut notes: Vec<String> = waited_for
+            .map(|rival| {
+                format!(
+                    "waited {} for the lease held by {}",
+                    crate::plan_file::units::format_duration(
+                        (taken - now).to_std().unwrap_or_default()
+                    ),
+                    rival.holder
+                )
+            })
+            .into_iter()
+            .collect();
+        notes.extend(lost.into_inner().unwrap_or_else(PoisonError::into_inner));
+        if !notes.is_empty() {
             let write = self.ex.store.update(&step.step_id, &step.domain.uuid, |r| {
-                if !r.message.is_empty() {
-                    r.message.push_str("; ");
+                for note in &notes {
+                    if !r.message.is_empty() {
+                        r.message.push_str("; ");
+                    }
+                    r.message.push_str(note);
                 }
-                r.message.push_str(&lost);
             });
             if let Err(e) = write {
                 self.fail_hard(&e);

@@ -72,6 +72,20 @@ impl Settings {
     }
 }
 
+impl Settings {
+    /// Takes leases with `config`'s timing (virtplan.toml `[lease]`).
+    #[must_use]
+    pub fn with_lease_config(mut self, config: crate::lease::LeaseConfig) -> Self {
+        if let Some(lease) = &mut self.lease {
+            lease.config = crate::lease::LeaseConfig {
+                own_plan_exclusive: lease.config.own_plan_exclusive,
+                ..config
+            };
+        }
+        self
+    }
+}
+
 /// What happened to one step on one domain during this run.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Outcome {

@@ -242,7 +242,7 @@ impl Run<'_> {
     }
 
     /// Why a step starting at `now` would be too late, if it would.
-    fn late(&self, step: &PlannedStep, now: DateTime<Utc>) -> Option<String> {
+    pub(super) fn late(&self, step: &PlannedStep, now: DateTime<Utc>) -> Option<String> {
         let settings = self.ex.settings;
         if let Some(w) = settings.window {
             if now >= w.end {

@@ -230,7 +230,9 @@ fn a_live_lease_of_another_holder_keeps_us_out_until_the_deadline() {
     };
     let deadline = t("2026-12-01T04:00:20Z");
     let outcome = leaser.acquire_until(UUID, deadline, &|| false).unwrap();
-    let rival_lease = outcome.unwrap_err().unwrap();
+    let Acquisition::GaveUp(Some(rival_lease)) = outcome else {
+        panic!("{outcome:?}")
+    };
     assert_eq!(rival_lease.holder, rival);
     assert!(clock.now() >= deadline);
     // Nothing of ours was written.
