@@ -298,3 +298,36 @@ fn unknown_key_help(message: &str) -> String {
         ),
     }
 }
+
+#[cfg(test)]
+mod lease_tests {
+    use super::*;
+
+    fn load_text(text: &str) -> Result<Config, Diagnostics> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(FILE_NAME);
+        std::fs::write(&path, text).unwrap();
+        load(&path)
+    }
+
+    #[test]
+    fn lease_settings_set_settle_ttl_and_skew_and_derive_the_write_bound() {
+        let config =
+            load_text("[lease]\nsettle = \"900ms\"\nttl = \"2m\"\nmax_clock_skew = \"1s\"\n")
+                .unwrap();
+        assert_eq!(config.lease.settle, Duration::from_millis(900));
+        assert_eq!(config.lease.max_write_delay, Duration::from_millis(300));
+        assert_eq!(config.lease.ttl, Duration::from_secs(120));
+        assert_eq!(config.lease.max_skew, Duration::from_secs(1));
+    }
+
+    #[test]
+    fn a_lease_settle_too_short_for_any_round_trip_is_a_located_error() {
+        let err = load_text("[lease]\nsettle = \"1ms\"\n").unwrap_err();
+        let item = &err.items[0];
+        assert_eq!((item.pos.line, item.pos.column), (2, 10));
+        assert!(item.message.contains("out of range"), "{}", item.message);
+        let err = load_text("[lease]\nsetle = \"1s\"\n").unwrap_err();
+        assert!(err.items[0].message.contains("setle"), "{err:?}");
+    }
+}
