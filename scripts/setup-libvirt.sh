@@ -11,7 +11,10 @@ QEMU_CONF=/etc/libvirt/qemu.conf
 LOG_DIR=/var/log/libvirt
 RUN_DIR=/var/run/libvirt
 LIBVIRTD_LOG="$LOG_DIR/libvirtd.log"
-PACKAGES=(libvirt-dev pkg-config libvirt-clients libvirt-daemon libvirt-daemon-driver-qemu qemu-system-x86)
+# qemu-utils (qemu-img) must be installed before libvirtd starts: the QEMU driver looks for
+# qemu-img once, at start, and needs it for snapshots of shut-off qcow2 domains.
+PACKAGES=(libvirt-dev pkg-config libvirt-clients libvirt-daemon libvirt-daemon-driver-qemu qemu-system-x86
+    qemu-utils)
 
 say() { printf 'setup-libvirt: %s\n' "$*"; }
 
@@ -87,6 +90,33 @@ else
     virtlogd -d
     say "started virtlogd"
 fi
+# A libvirtd started before qemu-img was installed never finds it ("unable to find qemu-img" when
+# snapshotting a shut-off qcow2 domain): restart it. Running domains survive a restart.
+started_before_qemu_img() {
+    local pid qemu_img now elapsed
+    pid=$(pgrep -xo libvirtd) || return 1
+    qemu_img=$(command -v qemu-img) || return 1
+    now=$(date +%s)
+    elapsed=$(ps -o etimes= -p "$pid" | tr -d ' ')
+    (($(stat -c %Z "$qemu_img") >= now - elapsed))
+}
+if started_before_qemu_img; then
+    say "libvirtd was started before qemu-img was installed: restarting it"
+    if [[ -d /run/systemd/system ]] && systemctl is-active --quiet libvirtd 2>/dev/null; then
+        systemctl restart libvirtd
+    else
+        pid=$(pgrep -xo libvirtd)
+        kill "$pid"
+        for _ in $(seq 1 100); do
+            kill -0 "$pid" 2>/dev/null || break
+            sleep 0.1
+        done
+        if kill -0 "$pid" 2>/dev/null; then
+            say "libvirtd ($pid) did not stop within 10 s" >&2
+            exit 1
+        fi
+    fi
+fi
 if pgrep -x libvirtd >/dev/null; then
     if ((CONF_CHANGED)); then
         say "warning: qemu.conf changed while libvirtd was running; restart libvirtd to apply it"
@@ -103,7 +133,7 @@ for _ in $(seq 1 60); do
         say "libvirtd answers on $URI:"
         virsh -c "$URI" version
         if [[ -w /dev/kvm ]]; then
-            say "/dev/kvm is writable: tests use domain type kvm"
+            say "/dev/kvm is writable: diskless test domains use domain type kvm (scripts/build-guest.sh probes the test guest's own type)"
         else
             say "/dev/kvm is not usable: tests use domain type qemu (TCG)"
         fi

@@ -5,10 +5,14 @@ set -euo pipefail
 
 cd "$(dirname "$0")/.."
 
+# The real test guest (tests/integration/guest.rs) is built once and cached; the tests would
+# build it themselves, but as root only.
 if [[ $(id -u) -eq 0 ]]; then
     scripts/setup-libvirt.sh
+    scripts/build-guest.sh >/dev/null
 else
     sudo scripts/setup-libvirt.sh
+    sudo scripts/build-guest.sh >/dev/null
 fi
 
 export VIRTPLAN_REQUIRE_QEMU=1

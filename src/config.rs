@@ -53,7 +53,7 @@ impl Default for Config {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawConfig {
-    connection: Option<String>,
+    connection: Option<toml::Spanned<String>>,
     #[serde(default)]
     hosts: BTreeMap<String, String>,
     timezone: Option<toml::Spanned<String>>,
@@ -89,12 +89,40 @@ const KEYS: &[&str] = &[
     "lease",
 ];
 
+/// libvirt's own default connection, used (as virsh does) when nothing else names one.
+pub const LIBVIRT_DEFAULT_URI: &str = "LIBVIRT_DEFAULT_URI";
+
+impl Config {
+    /// `name` when it is a URI, else the URI of the host of that name in `[hosts]`; `None`
+    /// when it is neither.
+    #[must_use]
+    pub fn resolve_connection(&self, name: &str) -> Option<String> {
+        if name.contains(":/") {
+            Some(name.to_owned())
+        } else {
+            self.hosts.get(name).cloned()
+        }
+    }
+}
+
 /// Finds the configuration for a plan: `explicit` if given, else the nearest `virtplan.toml` in
 /// the plan's folder or its parents, else the user's config folder, else defaults.
+/// `LIBVIRT_DEFAULT_URI` is the connection when none of them sets one: the lowest precedence
+/// (`--connect` > step > plan > virtplan.toml > `LIBVIRT_DEFAULT_URI`).
 ///
 /// # Errors
 /// A located diagnostic when the file found cannot be read or is invalid.
 pub fn discover(explicit: Option<&Path>, plan: Option<&Path>) -> Result<Config, Diagnostics> {
+    let mut config = discover_file(explicit, plan)?;
+    if config.connection.is_none() {
+        config.connection = std::env::var(LIBVIRT_DEFAULT_URI)
+            .ok()
+            .filter(|uri| !uri.trim().is_empty());
+    }
+    Ok(config)
+}
+
+fn discover_file(explicit: Option<&Path>, plan: Option<&Path>) -> Result<Config, Diagnostics> {
     if let Some(path) = explicit {
         return load(path);
     }
@@ -153,10 +181,16 @@ pub fn load(path: &Path) -> Result<Config, Diagnostics> {
     let mut diags = Vec::new();
     let mut config = Config {
         path: Some(path.to_path_buf()),
-        connection: raw.connection,
+        connection: None,
         hosts: raw.hosts,
         ..Config::default()
     };
+    if let Some(name) = raw.connection {
+        match config.resolve_connection(name.get_ref()) {
+            Some(uri) => config.connection = Some(uri),
+            None => diags.push(unknown_host(path, &config, &name, at(name.span()))),
+        }
+    }
     if let Some(tz) = raw.timezone {
         match parse_zone(tz.get_ref()) {
             Ok(zone) => config.timezone = Some(zone),
@@ -196,19 +230,9 @@ pub fn load(path: &Path) -> Result<Config, Diagnostics> {
         }
     }
     if let Some(p) = raw.parallelism {
-        match usize::try_from(*p.get_ref()) {
-            Ok(n) if (1..=256).contains(&n) => config.parallelism = n,
-            _ => diags.push(
-                Diagnostic::new(
-                    path,
-                    at(p.span()),
-                    format!(
-                        "parallelism must be between 1 and 256, found {}",
-                        p.get_ref()
-                    ),
-                )
-                .with_help("how many domains virtplan changes at the same time, such as 8"),
-            ),
+        match parallelism(path, &p, at(p.span())) {
+            Ok(n) => config.parallelism = n,
+            Err(d) => diags.push(d),
         }
     }
     if let Some(lease) = raw.lease {
@@ -284,6 +308,52 @@ fn lease_config(
     if let Some(skew) = skew {
         lease.max_skew = skew;
     }
+}
+
+/// `parallelism`: 1 to 256.
+fn parallelism(path: &Path, p: &toml::Spanned<i64>, pos: Pos) -> Result<usize, Diagnostic> {
+    match usize::try_from(*p.get_ref()) {
+        Ok(n) if (1..=256).contains(&n) => Ok(n),
+        _ => Err(Diagnostic::new(
+            path,
+            pos,
+            format!(
+                "parallelism must be between 1 and 256, found {}",
+                p.get_ref()
+            ),
+        )
+        .with_help("how many domains virtplan changes at the same time, such as 8")),
+    }
+}
+
+/// `connection = "nowhere"`: neither a URI nor a `[hosts]` name.
+fn unknown_host(
+    path: &Path,
+    config: &Config,
+    name: &toml::Spanned<String>,
+    pos: Pos,
+) -> Diagnostic {
+    let names: Vec<&str> = config.hosts.keys().map(String::as_str).collect();
+    let help = match did_you_mean(name.get_ref(), &names) {
+        Some(close) => format!("did you mean the host `{close}`?"),
+        None if names.is_empty() => {
+            "write a libvirt URI such as qemu:///system, or add the host to a `[hosts]` table"
+                .to_owned()
+        }
+        None => format!(
+            "write a libvirt URI, or one of the hosts: {}",
+            names.join(", ")
+        ),
+    };
+    Diagnostic::new(
+        path,
+        pos,
+        format!(
+            "connection `{}` is neither a libvirt URI nor a host in [hosts]",
+            name.get_ref()
+        ),
+    )
+    .with_help(help)
 }
 
 fn unknown_key_help(message: &str) -> String {

@@ -9,6 +9,8 @@
 //! subcommand; [`clock`] is the only place that reads the wall clock or sleeps. [`reconciler`]
 //! keeps executors running while plan files change (`apply --watch`, `watch DIR`).
 
+pub mod attr;
+pub mod cancel;
 pub mod cli;
 pub mod clock;
 pub mod commands;
@@ -18,6 +20,7 @@ pub mod fsutil;
 pub mod hypervisor;
 pub mod lease;
 pub mod lockfile;
+pub mod overview;
 pub mod plan_file;
 pub mod planner;
 pub mod printer;
@@ -62,7 +65,7 @@ where
         Ok(cli) => cli,
         Err(status) => return status,
     };
-    let printer = printer::Printer::new(cli.color);
+    let printer = printer::Printer::new(cli.color_choice(), cli.verbosity());
     match commands::dispatch(cli, &printer) {
         Ok(status) => status,
         Err(err) => {

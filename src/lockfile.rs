@@ -17,7 +17,7 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
 use crate::planner::{Plan, Progress};
-use crate::state::DomainState;
+use crate::state::{DomainState, Kib, PowerState};
 
 /// The lockfile format this build reads and writes.
 pub const LOCKFILE_VERSION: u32 = 1;
@@ -84,14 +84,15 @@ impl fmt::Display for StepStatus {
 /// The figures of a domain recorded before and after a step: compact, for humans and audits.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Figures {
-    pub power: String,
-    pub memory_kib: u64,
-    pub max_memory_kib: u64,
+    #[serde(with = "power_text")]
+    pub power: PowerState,
+    pub memory_kib: Kib,
+    pub max_memory_kib: Kib,
     pub vcpus: u32,
     pub max_vcpus: u32,
     pub autostart: bool,
     #[serde(skip_serializing_if = "Option::is_none", default)]
-    pub live_memory_kib: Option<u64>,
+    pub live_memory_kib: Option<Kib>,
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub live_vcpus: Option<u32>,
     #[serde(skip_serializing_if = "Option::is_none", default)]
@@ -103,17 +104,35 @@ pub struct Figures {
 impl From<&DomainState> for Figures {
     fn from(s: &DomainState) -> Self {
         Self {
-            power: s.power.as_str().to_owned(),
-            memory_kib: s.memory.0,
-            max_memory_kib: s.max_memory.0,
+            power: s.power,
+            memory_kib: s.memory,
+            max_memory_kib: s.max_memory,
             vcpus: s.vcpus,
             max_vcpus: s.max_vcpus,
             autostart: s.autostart,
-            live_memory_kib: s.live.map(|l| l.memory.0),
+            live_memory_kib: s.live.map(|l| l.memory),
             live_vcpus: s.live.map(|l| l.vcpus),
             clock_offset: s.clock.as_ref().and_then(|c| c.offset.clone()),
             rtc_track: s.clock.as_ref().and_then(|c| c.rtc_track.clone()),
         }
+    }
+}
+
+/// A power state as `status` and the lockfile spell it (`shutting-down`).
+mod power_text {
+    use serde::{de::Error as _, Deserialize, Deserializer, Serializer};
+
+    use crate::state::PowerState;
+
+    #[allow(clippy::trivially_copy_pass_by_ref)] // serde's `with` signature
+    pub fn serialize<S: Serializer>(p: &PowerState, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(p.as_str())
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<PowerState, D::Error> {
+        let text = String::deserialize(d)?;
+        PowerState::parse(&text)
+            .ok_or_else(|| D::Error::custom(format!("`{text}` is not a power state")))
     }
 }
 
@@ -141,6 +160,11 @@ pub struct StepRecord {
     pub before: Option<Figures>,
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub after: Option<Figures>,
+    /// `power: reboot`: libvirt's id of the running domain before the reboot began, recorded
+    /// before the shutdown request, so a resumed run can tell a finished reboot (a new id)
+    /// from one that never happened (the same id).
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub reboot_from: Option<u32>,
 }
 
 impl StepRecord {
@@ -168,6 +192,7 @@ impl StepRecord {
             message: String::new(),
             before: None,
             after: None,
+            reboot_from: None,
         }
     }
 }
@@ -333,7 +358,7 @@ impl Lockfile {
                     r.at = s.at;
                     // A step that ran keeps the description of what it did.
                     if r.status == StepStatus::Pending || r.what.is_empty() {
-                        r.what = describe(plan, &s.step_id, &s.domain.uuid);
+                        r.what = plan.describe(&s.step_id, &s.domain.uuid);
                     }
                 }
                 None => self.steps.push(StepRecord::new(
@@ -341,7 +366,7 @@ impl Lockfile {
                     &s.step_id,
                     &s.domain.name,
                     &s.domain.uuid,
-                    describe(plan, &s.step_id, &s.domain.uuid),
+                    plan.describe(&s.step_id, &s.domain.uuid),
                     s.at,
                     StepStatus::Pending,
                 )),
@@ -362,42 +387,6 @@ fn record_toml(r: &StepRecord) -> Result<String, LockError> {
     let text =
         toml::to_string(&One { step: [r] }).map_err(|e| LockError::Serialize(e.to_string()))?;
     Ok(format!("\n{text}"))
-}
-
-/// `power running → shutoff; memory 128MiB → 3GiB` for one step on one domain.
-fn describe(plan: &Plan, step_id: &str, uuid: &str) -> String {
-    let show = |v: &serde_json::Value| match v {
-        serde_json::Value::String(s) => s.clone(),
-        serde_json::Value::Null => "-".to_owned(),
-        serde_json::Value::Object(map) => map
-            .iter()
-            .map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or("-")))
-            .collect::<Vec<_>>()
-            .join(" "),
-        other => other.to_string(),
-    };
-    let parts: Vec<String> = plan
-        .changes
-        .iter()
-        .filter(|c| c.step_id == step_id && c.uuid == uuid)
-        .map(|c| {
-            let (before, after) = if c.attribute.contains("memory") {
-                let kib = |v: &serde_json::Value| {
-                    v.as_u64()
-                        .map_or_else(|| show(v), |n| crate::state::Kib(n).to_string())
-                };
-                (kib(&c.before), kib(&c.after))
-            } else {
-                (show(&c.before), show(&c.after))
-            };
-            if before == after {
-                format!("{} {after} (no change)", c.attribute)
-            } else {
-                format!("{} {before} → {after}", c.attribute)
-            }
-        })
-        .collect();
-    parts.join("; ")
 }
 
 /// Why the lockfile or the executor lock could not be used.
@@ -561,6 +550,12 @@ impl LockStore {
     #[must_use]
     pub fn snapshot(&self) -> Lockfile {
         self.lock().data.clone()
+    }
+
+    /// A copy of the record of `step_id` on `uuid`.
+    #[must_use]
+    pub fn record(&self, step_id: &str, uuid: &str) -> Option<StepRecord> {
+        self.lock().data.get(step_id, uuid).cloned()
     }
 
     /// The recorded status of `step_id` on `uuid`.
@@ -770,13 +765,13 @@ mod tests {
         done.finished_at = Some(t("2026-12-01T09:00:01Z"));
         done.message = "applied; \"quoted\" 'single'\nsecond line\ttab \\ backslash".to_owned();
         done.before = Some(Figures {
-            power: "running".into(),
-            memory_kib: 1 << 20,
-            max_memory_kib: 4 << 20,
+            power: PowerState::ShuttingDown,
+            memory_kib: Kib(1 << 20),
+            max_memory_kib: Kib(4 << 20),
             vcpus: 1,
             max_vcpus: 2,
             autostart: false,
-            live_memory_kib: Some(1 << 20),
+            live_memory_kib: Some(Kib(1 << 20)),
             live_vcpus: Some(1),
             clock_offset: Some("utc".into()),
             rtc_track: None,
@@ -803,6 +798,7 @@ mod tests {
         assert_eq!(order, [(1, "web-01"), (1, "web-02"), (2, "web-01")]);
         assert!(text.contains("version = 1"));
         assert!(text.contains("status = \"done\""));
+        assert!(text.contains("power = \"shutting-down\""), "{text}");
     }
 
     /// Regression: done records were only checked when the plan file's hash changed, so a
@@ -811,6 +807,7 @@ mod tests {
     fn done_step_missing_from_the_plan_is_refused_even_with_the_same_plan_hash() {
         let mut lock = sample();
         let plan = Plan {
+            policy: crate::planner::Policy::default(),
             meta: crate::planner::PlanMeta {
                 name: "p".into(),
                 file: "p.yaml".into(),

@@ -5,6 +5,7 @@ use std::io::{IsTerminal, Write};
 use anstyle::{AnsiColor, Style};
 
 use crate::cli::ColorChoice;
+pub use crate::cli::Verbosity;
 
 /// Named styles, so renderers say what a piece of text is, not which colour it gets.
 #[derive(Debug, Clone, Copy)]
@@ -38,12 +39,14 @@ impl Tone {
 pub struct Printer {
     stdout_color: bool,
     stderr_color: bool,
+    verbosity: Verbosity,
+    stderr_tty: bool,
 }
 
 impl Printer {
     /// `Auto` colours a stream only when it is a terminal and `NO_COLOR` is unset.
     #[must_use]
-    pub fn new(choice: ColorChoice) -> Self {
+    pub fn new(choice: ColorChoice, verbosity: Verbosity) -> Self {
         let no_color = std::env::var_os("NO_COLOR").is_some_and(|v| !v.is_empty());
         let decide = |is_tty: bool| match choice {
             ColorChoice::Always => true,
@@ -53,7 +56,28 @@ impl Printer {
         Self {
             stdout_color: decide(std::io::stdout().is_terminal()),
             stderr_color: decide(std::io::stderr().is_terminal()),
+            verbosity,
+            stderr_tty: std::io::stderr().is_terminal(),
         }
+    }
+
+    /// The same printer saying more or less.
+    #[must_use]
+    pub fn with_verbosity(mut self, verbosity: Verbosity) -> Self {
+        self.verbosity = verbosity;
+        self
+    }
+
+    /// How much is printed besides results and errors.
+    #[must_use]
+    pub fn verbosity(&self) -> Verbosity {
+        self.verbosity
+    }
+
+    /// Whether stderr is a terminal, where a live line may be redrawn in place.
+    #[must_use]
+    pub fn stderr_is_terminal(&self) -> bool {
+        self.stderr_tty
     }
 
     /// A printer that never colours (tests, files).
@@ -62,6 +86,8 @@ impl Printer {
         Self {
             stdout_color: false,
             stderr_color: false,
+            verbosity: Verbosity::Normal,
+            stderr_tty: false,
         }
     }
 
@@ -90,13 +116,35 @@ impl Printer {
         let _ = writeln!(std::io::stderr().lock(), "{text}");
     }
 
+    /// A status or progress message on stderr; `-q` silences it.
+    pub fn info(&self, text: &str) {
+        if self.verbosity >= Verbosity::Normal {
+            self.err_line(text);
+        }
+    }
+
+    /// A detail only `-v` shows.
+    pub fn detail(&self, text: &str) {
+        if self.verbosity >= Verbosity::Verbose {
+            self.err_line(text);
+        }
+    }
+
+    /// Writes `text` to stderr without a newline (a live line redrawn with `\r`).
+    pub fn err_raw(&self, text: &str) {
+        let mut stderr = std::io::stderr().lock();
+        let _ = stderr
+            .write_all(text.as_bytes())
+            .and_then(|()| stderr.flush());
+    }
+
     /// Prints an error, prefixed with `error:`.
     pub fn error(&self, message: &str) {
         let prefix = paint(self.stderr_color, Tone::Error, "error:");
         self.err_line(&format!("{prefix} {message}"));
     }
 
-    /// Prints a warning, prefixed with `warning:`.
+    /// Prints a warning, prefixed with `warning:` (also under `-q`: warnings are results).
     pub fn warning(&self, message: &str) {
         let prefix = paint(self.stderr_color, Tone::Warning, "warning:");
         self.err_line(&format!("{prefix} {message}"));

@@ -53,6 +53,22 @@ impl PowerState {
         !matches!(self, Self::Shutoff | Self::Crashed)
     }
 
+    /// The state whose [`as_str`](Self::as_str) form is `text`.
+    #[must_use]
+    pub fn parse(text: &str) -> Option<Self> {
+        [
+            Self::Running,
+            Self::Paused,
+            Self::Shutoff,
+            Self::ShuttingDown,
+            Self::Crashed,
+            Self::PmSuspended,
+            Self::NoState,
+        ]
+        .into_iter()
+        .find(|s| s.as_str() == text)
+    }
+
     #[must_use]
     pub fn as_str(self) -> &'static str {
         match self {

@@ -6,6 +6,7 @@ use std::io::{BufRead as _, IsTerminal as _};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context as _;
 
@@ -30,6 +31,8 @@ pub struct Args<'a> {
     pub connect: Option<&'a str>,
     pub auto_approve: bool,
     pub watch: bool,
+    /// How long to wait for another executor to release the plan.
+    pub lock_timeout: Option<Duration>,
 }
 
 // One linear procedure, each stage a few lines; splitting it would hide the order of checks.
@@ -50,25 +53,26 @@ pub fn run(args: &Args<'_>, clock: &dyn Clock, printer: &Printer) -> anyhow::Res
             args.plan.display()
         );
     }
-    let plan_path = saved
-        .as_ref()
-        .map_or_else(|| args.plan.to_path_buf(), |s| PathBuf::from(&s.plan_file));
-    let Some((config, file)) = common::load_plan(&plan_path, args.config, printer) else {
-        return Ok(ExitStatus::Error);
-    };
-    if let Some(saved) = &saved {
-        if file.sha256 != saved.plan.meta.sha256 {
-            anyhow::bail!(
-                "{} changed since the saved plan {} was made from it (sha256 {} then, {} now); nothing was applied: run `virtplan plan {} --out {}` again and review it",
-                plan_path.display(),
-                args.plan.display(),
-                short(&saved.plan.meta.sha256),
-                short(&file.sha256),
-                plan_path.display(),
-                args.plan.display()
-            );
+    // A saved plan runs from itself alone: its policy and connections were reviewed with it,
+    // so neither the plan file's validation nor virtplan.toml is read again.
+    let loaded = match &saved {
+        Some(saved) => {
+            unchanged_since_review(saved, args.plan)?;
+            None
         }
-    }
+        None => match common::load_plan(args.plan, args.config, printer) {
+            Some(loaded) => Some(loaded),
+            None => return Ok(ExitStatus::Error),
+        },
+    };
+    let (plan_path, plan_sha256) = match (&saved, &loaded) {
+        (Some(saved), _) => (
+            PathBuf::from(&saved.plan_file),
+            saved.plan.meta.sha256.clone(),
+        ),
+        (None, Some((_, file))) => (file.path.clone(), file.sha256.clone()),
+        (None, None) => return Ok(ExitStatus::Error),
+    };
 
     // A saved plan was reviewed when it was made; anything else needs a yes or the flag. Asked
     // after loading, so a mistyped path or a broken plan is reported as what it is.
@@ -82,25 +86,34 @@ pub fn run(args: &Args<'_>, clock: &dyn Clock, printer: &Printer) -> anyhow::Res
         return Ok(ExitStatus::Error);
     }
 
-    let _lock = ExecutorLock::acquire(&lockfile::pid_path(&file.path), clock.now())?;
+    let _lock = acquire_lock(
+        &lockfile::pid_path(&plan_path),
+        args.lock_timeout,
+        clock,
+        printer,
+    )?;
     let store = Arc::new(LockStore::open(
-        &lockfile::lock_path(&file.path),
-        &file.sha256,
+        &lockfile::lock_path(&plan_path),
+        &plan_sha256,
     )?);
-    let (plan, connections) = if let Some(saved) = saved {
-        let connections = common::open_uris(saved.plan.steps.iter().map(|s| s.connection.clone()))?;
-        (saved.plan, connections)
+    let (plan, connections, loaded) = if let Some(saved) = saved {
+        let connections = common::open_uris(saved.plan.policy.connections.iter().cloned())?;
+        (saved.plan, connections, None)
     } else {
-        let connections = common::open_connections(&file, args.connect)?;
+        let Some((config, file)) = loaded else {
+            return Ok(ExitStatus::Error);
+        };
+        let connect = common::connect_uri(&config, args.connect)?;
+        let connections = common::open_connections(&file, connect.as_deref())?;
         let input = PlanInput {
             file: &file,
             connections: &connections,
-            connect_override: args.connect,
+            connect_override: connect.as_deref(),
             now: clock.now(),
             progress: &*store,
         };
         match planner::project(&input) {
-            Ok(plan) => (plan, connections),
+            Ok(plan) => (plan, connections, Some((config, file, connect))),
             Err(e) => {
                 common::report_plan_error(printer, &file, &e);
                 return Ok(ExitStatus::Error);
@@ -112,7 +125,7 @@ pub fn run(args: &Args<'_>, clock: &dyn Clock, printer: &Printer) -> anyhow::Res
     store.snapshot().reconcile(store.path(), &plan)?;
     printer.out(&render::human(&plan, printer));
     if !args.auto_approve && interactive && !confirm(&plan, printer)? {
-        printer.err_line("Nothing applied.");
+        printer.info("Nothing applied.");
         return Ok(ExitStatus::Error);
     }
 
@@ -122,8 +135,13 @@ pub fn run(args: &Args<'_>, clock: &dyn Clock, printer: &Printer) -> anyhow::Res
         signal_hook::flag::register_conditional_shutdown(signal, 1, Arc::clone(&stop))?;
         signal_hook::flag::register(signal, Arc::clone(&stop))?;
     }
-    let mut settings =
-        Settings::for_plan(&file, config.parallelism).with_lease_config(config.lease);
+    let file_zone: Option<chrono_tz::Tz> =
+        plan.meta.timezone.as_deref().and_then(|z| z.parse().ok());
+    let mut settings = Settings::for_plan(&plan).with_lease_config(lease_config(
+        loaded.as_ref().map(|(config, _, _)| config),
+        args.config,
+        &plan_path,
+    )?);
     settings.failpoint = std::env::var(FAILPOINT_ENV).ok().filter(|f| !f.is_empty());
     let on_outcome = |o: &Outcome| {
         if !o.earlier {
@@ -131,17 +149,18 @@ pub fn run(args: &Args<'_>, clock: &dyn Clock, printer: &Printer) -> anyhow::Res
         }
     };
     let pending = plan.steps.len();
-    printer.err_line(&format!(
+    printer.info(&format!(
         "Applying {pending} step(s); progress is recorded in {} (Ctrl-C stops after the step in flight).",
         store.path().display()
     ));
-    let report = if args.watch {
-        printer.err_line(&format!(
+    let report = if let (true, Some((config, file, connect))) = (args.watch, loaded) {
+        printer.info(&format!(
             "Watching {} for edits: a valid edit is re-planned, an invalid one is reported and ignored.",
             file.path.display()
         ));
         watch(
             args,
+            connect.as_deref(),
             config,
             file,
             plan,
@@ -172,7 +191,7 @@ pub fn run(args: &Args<'_>, clock: &dyn Clock, printer: &Printer) -> anyhow::Res
     printer.out(&format!(
         "\n{}\n{}",
         printer.paint(Tone::Heading, "Result:"),
-        super::status::human(&doc, printer)
+        super::status::human(&doc, file_zone, printer)
     ));
     if let Some(fatal) = report.fatal {
         printer.error(&format!(
@@ -194,6 +213,7 @@ pub fn run(args: &Args<'_>, clock: &dyn Clock, printer: &Printer) -> anyhow::Res
 #[allow(clippy::too_many_arguments)] // the pieces apply has already checked, handed over
 fn watch(
     args: &Args<'_>,
+    connect: Option<&str>,
     config: crate::config::Config,
     file: crate::plan_file::PlanFile,
     plan: Plan,
@@ -214,7 +234,7 @@ fn watch(
         clock,
         log: &log,
         config: args.config,
-        connect: args.connect,
+        connect,
         failpoint: std::env::var(FAILPOINT_ENV).ok().filter(|f| !f.is_empty()),
         pool: reconciler::Pool::with(connections),
     };
@@ -225,6 +245,92 @@ fn watch(
         store: Arc::clone(store),
     };
     reconciler::apply_watch(&env, applying, stop)
+}
+
+/// Takes the executor lock, waiting up to `timeout` for its holder to let go (polling: a held
+/// `flock` cannot be waited on with a deadline).
+fn acquire_lock(
+    path: &Path,
+    timeout: Option<Duration>,
+    clock: &dyn Clock,
+    printer: &Printer,
+) -> anyhow::Result<ExecutorLock> {
+    let start = clock.now();
+    let mut told = false;
+    loop {
+        match ExecutorLock::acquire(path, clock.now()) {
+            Ok(lock) => return Ok(lock),
+            Err(err @ lockfile::LockError::Held { .. }) => {
+                let Some(timeout) = timeout else {
+                    return Err(anyhow::Error::new(err).context(
+                        "pass --lock-timeout DURATION (e.g. 10m) to wait for it instead",
+                    ));
+                };
+                let waited = (clock.now() - start).to_std().unwrap_or_default();
+                if waited >= timeout {
+                    return Err(anyhow::Error::new(err).context(format!(
+                        "still held after waiting {} (--lock-timeout)",
+                        crate::plan_file::units::format_duration(timeout)
+                    )));
+                }
+                if !told {
+                    printer.info(&format!(
+                        "Waiting up to {} for the executor lock: {err}",
+                        crate::plan_file::units::format_duration(timeout)
+                    ));
+                    told = true;
+                }
+                clock.sleep(
+                    timeout
+                        .saturating_sub(waited)
+                        .min(Duration::from_millis(250)),
+                );
+            }
+            Err(err) => return Err(err.into()),
+        }
+    }
+}
+
+/// Refuses a saved plan whose plan file changed since it was made: its lockfile records that
+/// file's progress, and an edit made since would be silently ignored.
+fn unchanged_since_review(saved: &SavedPlan, saved_path: &Path) -> anyhow::Result<()> {
+    let plan_path = Path::new(&saved.plan_file);
+    let bytes = std::fs::read(plan_path).with_context(|| {
+        format!(
+            "cannot read {}, the plan file the saved plan {} was made from (its lockfile lives beside it); nothing was applied",
+            plan_path.display(),
+            saved_path.display()
+        )
+    })?;
+    let now = crate::plan_file::sha256_hex(&bytes);
+    if now != saved.plan.meta.sha256 {
+        anyhow::bail!(
+            "{} changed since the saved plan {} was made from it (sha256 {} then, {} now); nothing was applied: run `virtplan plan {} --out {}` again and review it",
+            plan_path.display(),
+            saved_path.display(),
+            short(&saved.plan.meta.sha256),
+            short(&now),
+            plan_path.display(),
+            saved_path.display()
+        );
+    }
+    Ok(())
+}
+
+/// The fleet's lease timing (virtplan.toml `[lease]`): not part of a reviewed plan, since every
+/// executor of a fleet must use the same one whatever plan it runs. A saved plan reads the
+/// configuration its plan file would find.
+fn lease_config(
+    loaded: Option<&crate::config::Config>,
+    explicit: Option<&Path>,
+    plan_path: &Path,
+) -> anyhow::Result<crate::lease::LeaseConfig> {
+    if let Some(config) = loaded {
+        return Ok(config.lease);
+    }
+    crate::config::discover(explicit, Some(plan_path))
+        .map(|c| c.lease)
+        .map_err(|d| anyhow::anyhow!("{}", d.render()))
 }
 
 fn short(hash: &str) -> &str {

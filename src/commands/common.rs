@@ -35,6 +35,29 @@ pub fn load_plan(
     }
 }
 
+/// `--connect` as a URI: a host alias from virtplan.toml `[hosts]` resolves like the plan's.
+pub fn connect_uri(config: &Config, connect: Option<&str>) -> anyhow::Result<Option<String>> {
+    let Some(name) = connect else {
+        return Ok(None);
+    };
+    if let Some(uri) = config.resolve_connection(name) {
+        return Ok(Some(uri));
+    }
+    let hosts: Vec<&str> = config.hosts.keys().map(String::as_str).collect();
+    anyhow::bail!(
+        "--connect {name}: neither a libvirt URI (such as qemu:///system) nor a host in the [hosts] table of {}{}",
+        config.path.as_ref().map_or_else(
+            || "virtplan.toml (none was found)".to_owned(),
+            |p| p.display().to_string()
+        ),
+        if hosts.is_empty() {
+            String::new()
+        } else {
+            format!(" (hosts: {})", hosts.join(", "))
+        }
+    )
+}
+
 /// Opens each connection the plan uses once (`--connect` replaces all of them).
 pub fn open_connections(file: &PlanFile, connect: Option<&str>) -> anyhow::Result<Connections> {
     open_uris(file.connection_uris(connect))
@@ -49,6 +72,28 @@ pub fn open_uris(uris: impl IntoIterator<Item = String>) -> anyhow::Result<Conne
         connections.insert(uri, Arc::new(hv));
     }
     Ok(connections)
+}
+
+/// Prints a lockfile refusal (apply's message) located at the step it names, when the plan
+/// still has a step with that number; else at the top of the file.
+pub fn report_lock_refusal(printer: &Printer, file: &PlanFile, error: &crate::lockfile::LockError) {
+    use crate::lockfile::LockError;
+    let pos = match error {
+        LockError::DoneStepChanged { step, .. } => {
+            file.steps.iter().find(|s| s.number == *step).map(|s| s.pos)
+        }
+        LockError::UuidChanged { vm, .. } => file
+            .steps
+            .iter()
+            .flat_map(|s| s.targets.iter())
+            .find(|t| t.name_or_uuid == *vm)
+            .map(|t| t.pos),
+        _ => None,
+    }
+    .unwrap_or(plan_file::Pos::new(1, 1));
+    let diag = plan_file::Diagnostic::new(&file.path, pos, error.to_string());
+    printer.error(&diag.render(Some(&file.source)));
+    printer.err_line("");
 }
 
 /// Prints why a plan could not be made, with source lines for located problems.

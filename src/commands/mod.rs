@@ -1,7 +1,10 @@
 //! One thin file per subcommand, each a wrapper over a core operation.
 
 mod apply;
+mod cancel;
 mod common;
+mod completions;
+mod man;
 mod plan;
 mod schema;
 pub mod status;
@@ -20,6 +23,17 @@ pub fn dispatch(cli: Cli, printer: &Printer) -> anyhow::Result<ExitStatus> {
     match cli.command {
         Command::Validate { plans } => Ok(validate::run(&plans, cli.config.as_deref(), printer)),
         Command::Schema { which } => Ok(schema::run(which, printer)),
+        Command::Cancel { plan, step } => cancel::run(
+            &cancel::Args {
+                plan: &plan,
+                config: cli.config.as_deref(),
+                step: step.map(|n| n as usize),
+            },
+            &crate::clock::SystemClock,
+            printer,
+        ),
+        Command::Completions { shell } => Ok(completions::run(shell, printer)),
+        Command::Man { out_dir } => man::run(out_dir.as_deref(), printer),
         Command::Plan {
             plan,
             connect,
@@ -28,7 +42,7 @@ pub fn dispatch(cli: Cli, printer: &Printer) -> anyhow::Result<ExitStatus> {
             detailed_exitcode,
         } => plan::run(
             &plan::Args {
-                plan: &plan,
+                plans: &plan,
                 config: cli.config.as_deref(),
                 connect: connect.as_deref(),
                 format,
@@ -43,6 +57,7 @@ pub fn dispatch(cli: Cli, printer: &Printer) -> anyhow::Result<ExitStatus> {
             auto_approve,
             watch,
             connect,
+            lock_timeout,
         } => apply::run(
             &apply::Args {
                 plan: &plan,
@@ -50,11 +65,14 @@ pub fn dispatch(cli: Cli, printer: &Printer) -> anyhow::Result<ExitStatus> {
                 connect: connect.as_deref(),
                 auto_approve,
                 watch,
+                lock_timeout,
             },
             &crate::clock::SystemClock,
             printer,
         ),
-        Command::Status { plan, format } => status::run(&plan, format, printer),
+        Command::Status { plan, format } => {
+            status::run(&plan, cli.config.as_deref(), format, printer)
+        }
         Command::Watch { dir, log_format } => watch::run(
             &watch::Args {
                 dir: &dir,

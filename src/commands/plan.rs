@@ -1,6 +1,6 @@
 //! `virtplan plan`: read live state, project the steps, show (and optionally save) the plan.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use anyhow::Context as _;
 
@@ -8,13 +8,15 @@ use super::common;
 use crate::cli::PlanFormat;
 use crate::clock::Clock;
 use crate::lockfile::{self, LockStore};
+use crate::plan_file::PlanFile;
 use crate::planner::saved::SavedPlan;
-use crate::planner::{self, NoProgress, PlanInput, Progress};
+use crate::planner::{self, NoProgress, Plan, PlanError, PlanInput, Progress};
 use crate::printer::Printer;
 use crate::{render, ExitStatus};
 
 pub struct Args<'a> {
-    pub plan: &'a Path,
+    /// One plan, or several given together (checked for overlapping changes of one domain).
+    pub plans: &'a [PathBuf],
     pub config: Option<&'a Path>,
     pub connect: Option<&'a str>,
     pub format: PlanFormat,
@@ -22,54 +24,115 @@ pub struct Args<'a> {
     pub detailed_exitcode: bool,
 }
 
+/// One plan file, validated and projected.
+struct Planned {
+    file: PlanFile,
+    plan: Plan,
+}
+
 pub fn run(args: &Args<'_>, clock: &dyn Clock, printer: &Printer) -> anyhow::Result<ExitStatus> {
-    let Some((_config, file)) = common::load_plan(args.plan, args.config, printer) else {
+    if args.plans.len() > 1 && args.out.is_some() {
+        anyhow::bail!("--out saves one plan: give one PLAN with --out, or leave --out away to review several plans together");
+    }
+    let mut planned = Vec::new();
+    let mut failed = false;
+    for path in args.plans {
+        match project_one(path, args, clock, printer)? {
+            Some(p) => planned.push(p),
+            None => failed = true,
+        }
+    }
+    if failed {
         return Ok(ExitStatus::Error);
+    }
+    // Plans given together must not change one domain at the same time.
+    let pairs: Vec<(&PlanFile, &Plan)> = planned.iter().map(|p| (&p.file, &p.plan)).collect();
+    let clashes = planner::overlap::overlaps(&pairs);
+    if !clashes.is_empty() {
+        for problem in clashes {
+            let file = planned
+                .iter()
+                .find(|p| p.file.path.display().to_string() == problem.file)
+                .map(|p| &p.file);
+            if let Some(file) = file {
+                common::report_plan_error(printer, file, &PlanError::Problems(vec![problem]));
+            }
+        }
+        return Ok(ExitStatus::Error);
+    }
+    for Planned { file, plan } in &planned {
+        let text = match args.format {
+            PlanFormat::Human => render::human(plan, printer),
+            PlanFormat::Json => render::json(plan),
+            PlanFormat::Markdown => render::markdown(plan),
+        };
+        printer.out(&text);
+        if let Some(out) = args.out {
+            SavedPlan::new(plan.clone(), file.source.clone())
+                .write(out)
+                .with_context(|| format!("cannot write the saved plan {}", out.display()))?;
+            printer.info(&format!(
+                "Saved the plan to {}; run `virtplan apply {}` to apply exactly this.",
+                out.display(),
+                out.display()
+            ));
+        }
+    }
+    let changes = planned.iter().any(|p| p.plan.has_changes());
+    Ok(if args.detailed_exitcode && changes {
+        ExitStatus::Changes
+    } else {
+        ExitStatus::Success
+    })
+}
+
+/// Loads, connects and projects one plan; `None` when it was refused (already reported).
+fn project_one(
+    path: &Path,
+    args: &Args<'_>,
+    clock: &dyn Clock,
+    printer: &Printer,
+) -> anyhow::Result<Option<Planned>> {
+    let Some((config, file)) = common::load_plan(path, args.config, printer) else {
+        return Ok(None);
     };
+    let connect = common::connect_uri(&config, args.connect)?;
     // With a lockfile beside the plan, done steps are shown as done rather than as changes.
-    let lock_path = lockfile::lock_path(args.plan);
-    let progress: Box<dyn Progress> = if lock_path.exists() {
-        Box::new(
+    let lock_path = lockfile::lock_path(path);
+    let recorded = if lock_path.exists() {
+        Some(
             LockStore::read(&lock_path)
                 .with_context(|| format!("cannot use the progress file {}", lock_path.display()))?,
         )
     } else {
-        Box::new(NoProgress)
+        None
     };
-    let connections = common::open_connections(&file, args.connect)?;
+    let progress: &dyn Progress = match &recorded {
+        Some(lock) => lock,
+        None => &NoProgress,
+    };
+    let connections = common::open_connections(&file, connect.as_deref())?;
     let input = PlanInput {
         file: &file,
         connections: &connections,
-        connect_override: args.connect,
+        connect_override: connect.as_deref(),
         now: clock.now(),
-        progress: progress.as_ref(),
+        progress,
     };
     let plan = match planner::project(&input) {
         Ok(plan) => plan,
         Err(e) => {
             common::report_plan_error(printer, &file, &e);
-            return Ok(ExitStatus::Error);
+            return Ok(None);
         }
     };
-    let text = match args.format {
-        PlanFormat::Human => render::human(&plan, printer),
-        PlanFormat::Json => render::json(&plan),
-        PlanFormat::Markdown => render::markdown(&plan),
-    };
-    printer.out(&text);
-    if let Some(out) = args.out {
-        SavedPlan::new(plan.clone(), file.source.clone())
-            .write(out)
-            .with_context(|| format!("cannot write the saved plan {}", out.display()))?;
-        printer.err_line(&format!(
-            "Saved the plan to {}; run `virtplan apply {}` to apply exactly this.",
-            out.display(),
-            out.display()
-        ));
+    // What apply would refuse (an edited or removed done step, a recreated domain) is
+    // refused here too, with apply's own message: a green plan cannot fail at apply for it.
+    if let Some(lock) = &recorded {
+        if let Err(e) = lock.clone().reconcile(&lock_path, &plan) {
+            common::report_lock_refusal(printer, &file, &e);
+            return Ok(None);
+        }
     }
-    Ok(if args.detailed_exitcode && plan.has_changes() {
-        ExitStatus::Changes
-    } else {
-        ExitStatus::Success
-    })
+    Ok(Some(Planned { file, plan }))
 }

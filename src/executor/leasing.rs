@@ -83,9 +83,9 @@ impl Run<'_> {
         };
         let uuid = step.domain.uuid.as_str();
         let deadline = self.start_deadline(step, now);
-        let waited_for = match leaser.acquire_until(uuid, deadline, &|| self.stopping()) {
+        let waited_for = match leaser.acquire_until(uuid, deadline, &|| self.stopping_for(step)) {
             Ok(Acquisition::Acquired { waited_for, .. }) => waited_for,
-            Ok(Acquisition::GaveUp(_)) if self.stopping() => {
+            Ok(Acquisition::GaveUp(_)) if self.stopping_for(step) => {
                 self.cancel(step);
                 return Ended::with(StepStatus::Cancelled);
             }

@@ -5,9 +5,11 @@
 //! One thread per domain waits for that domain's next step; a semaphore bounds how many steps
 //! run at once. Time comes only from the [`Clock`], so tests run on a fake one.
 
+mod gate;
 mod leasing;
 mod step;
 
+pub use gate::redact_uri;
 pub use leasing::Leasing;
 
 use std::collections::BTreeMap;
@@ -17,11 +19,12 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 
+use crate::attr::Attr;
 use crate::clock::Clock;
 use crate::hypervisor::{ErrorKind, HvError, HvResult, Hypervisor};
 use crate::lockfile::{LockError, LockStore, StepStatus};
-use crate::plan_file::{OnFailure, PlanFile, Window};
-use crate::planner::{Connections, Plan, PlannedStep};
+use crate::plan_file::{OnFailure, Window};
+use crate::planner::{Connections, Plan, PlannedStep, Policy};
 
 /// How the executor behaves: the plan's timing and failure policy, and its own limits.
 #[derive(Debug, Clone)]
@@ -47,27 +50,38 @@ pub struct Settings {
 }
 
 impl Settings {
-    /// The plan file's grace, window and failure policy with default limits.
+    /// The plan's own grace, window, failure policy and parallelism (as reviewed), with
+    /// default limits.
     #[must_use]
-    pub fn for_plan(file: &PlanFile, parallelism: usize) -> Self {
+    /// Domain leases are on, held as this process running `plan`'s file: every caller holds
+    /// the plan's executor lock (apply, watch), so a lease of this plan from this host with
+    /// another pid was left by a dead executor of it.
+    pub fn for_plan(plan: &Plan) -> Self {
         Self {
-            grace: file.grace,
-            window: file.window,
-            on_failure: file.on_failure,
-            parallelism: parallelism.max(1),
-            retries: 3,
-            backoff: Duration::from_secs(1),
-            poll: Duration::from_millis(250),
-            failpoint: None,
-            // Every caller holds the plan's executor lock (apply, watch), so a lease of this
-            // plan from this host with another pid was left by a dead executor of it.
             lease: Some(Leasing {
-                holder: crate::lease::Holder::this_process(file.path.display().to_string()),
+                holder: crate::lease::Holder::this_process(plan.meta.file.clone()),
                 config: crate::lease::LeaseConfig {
                     own_plan_exclusive: true,
                     ..crate::lease::LeaseConfig::default()
                 },
             }),
+            ..Self::new(&plan.policy)
+        }
+    }
+
+    /// `policy` with default limits, without leases.
+    #[must_use]
+    pub fn new(policy: &Policy) -> Self {
+        Self {
+            grace: policy.grace,
+            window: policy.window,
+            on_failure: policy.on_failure,
+            parallelism: policy.parallelism.max(1),
+            retries: 3,
+            backoff: Duration::from_secs(1),
+            poll: Duration::from_millis(250),
+            failpoint: None,
+            lease: None,
         }
     }
 }
@@ -180,7 +194,7 @@ struct Run<'a> {
     /// The connections in use: replaced when a lost one is reopened.
     conns: Mutex<BTreeMap<String, Arc<dyn Hypervisor>>>,
     /// Attributes each (step id, uuid) changes, from the plan's changes.
-    touched: BTreeMap<(String, String), Vec<String>>,
+    touched: BTreeMap<(String, String), Vec<Attr>>,
 }
 
 /// Why a step ended the way it did, for the domain's later steps.
@@ -192,6 +206,11 @@ enum Blocked {
 }
 
 impl Executor<'_> {
+    /// The operator's cancellations of this plan: the side file beside the lockfile.
+    fn store_cancels(&self) -> crate::cancel::CancelLog {
+        crate::cancel::CancelLog::for_lockfile(self.store.path())
+    }
+
     /// Reconciles the lockfile with the plan, then runs every step.
     ///
     /// # Errors
@@ -199,12 +218,12 @@ impl Executor<'_> {
     /// nothing has run then.
     pub fn run(&self) -> Result<Report, LockError> {
         self.store.reconcile(self.plan)?;
-        let mut touched: BTreeMap<(String, String), Vec<String>> = BTreeMap::new();
+        let mut touched: BTreeMap<(String, String), Vec<Attr>> = BTreeMap::new();
         for c in &self.plan.changes {
             touched
                 .entry((c.step_id.clone(), c.uuid.clone()))
                 .or_default()
-                .push(c.attribute.clone());
+                .push(c.attribute);
         }
         let run = Run {
             ex: self,
@@ -310,6 +329,17 @@ impl Run<'_> {
                     self.report(step, StepStatus::Missed, message, true);
                     StepStatus::Missed
                 }
+                // An `always` step runs whatever happened before it (but never twice, and
+                // never after a signal).
+                _ if step.always && !self.ex.stop.load(Ordering::SeqCst) => {
+                    let ended = self.step(
+                        step,
+                        recorded,
+                        blocked.is_some() || self.abort.load(Ordering::SeqCst),
+                    );
+                    gone = ended.gone;
+                    ended.status
+                }
                 (_, Some(b)) => {
                     let (status, message) = match b {
                         Blocked::Gone(m) => (StepStatus::Failed, m.clone()),
@@ -323,7 +353,7 @@ impl Run<'_> {
                     continue;
                 }
                 _ => {
-                    let ended = self.step(step, recorded);
+                    let ended = self.step(step, recorded, false);
                     gone = ended.gone;
                     ended.status
                 }

@@ -7,6 +7,8 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 
 use super::{Permit, Run};
+use crate::attr::Attr;
+use crate::cancel::Gate;
 use crate::hypervisor::{domain_xml, ErrorKind, HvError, HvResult, Hypervisor, Scope};
 use crate::lockfile::{Figures, StepStatus};
 use crate::plan_file::units::format_duration;
@@ -64,73 +66,6 @@ impl From<HvError> for StepError {
     }
 }
 
-/// One figure of a domain that a step can touch.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-enum Fig {
-    Power,
-    Memory,
-    MaxMemory,
-    Vcpus,
-    MaxVcpus,
-    Clock,
-    Autostart,
-    Title,
-    Description,
-}
-
-impl Fig {
-    /// The figures an attribute depends on: memory and vCPU changes also depend on the power
-    /// state (live or config) and on their maximum.
-    fn of(attribute: &str) -> &'static [Self] {
-        match attribute {
-            "power" => &[Self::Power],
-            "memory" | "max_memory" => &[Self::Power, Self::Memory, Self::MaxMemory],
-            "vcpus" | "max_vcpus" => &[Self::Power, Self::Vcpus, Self::MaxVcpus],
-            "clock" => &[Self::Clock],
-            "autostart" => &[Self::Autostart],
-            "title" => &[Self::Title],
-            "description" => &[Self::Description],
-            _ => &[],
-        }
-    }
-
-    fn name(self) -> &'static str {
-        match self {
-            Self::Power => "power",
-            Self::Memory => "memory",
-            Self::MaxMemory => "max_memory",
-            Self::Vcpus => "vcpus",
-            Self::MaxVcpus => "max_vcpus",
-            Self::Clock => "clock",
-            Self::Autostart => "autostart",
-            Self::Title => "title",
-            Self::Description => "description",
-        }
-    }
-
-    /// The figure's value; `None` when it was not read (the clock).
-    fn value(self, s: &DomainState) -> Option<String> {
-        Some(match self {
-            Self::Power => s.power.to_string(),
-            Self::Memory => s.memory.to_string(),
-            Self::MaxMemory => s.max_memory.to_string(),
-            Self::Vcpus => s.vcpus.to_string(),
-            Self::MaxVcpus => s.max_vcpus.to_string(),
-            Self::Clock => {
-                let c = s.clock.as_ref()?;
-                format!(
-                    "offset={} track={}",
-                    c.offset.as_deref().unwrap_or("-"),
-                    c.rtc_track.as_deref().unwrap_or("-")
-                )
-            }
-            Self::Autostart => s.autostart.to_string(),
-            Self::Title => format!("{:?}", s.title),
-            Self::Description => format!("{:?}", s.description),
-        })
-    }
-}
-
 /// Whether the live state already shows what `action` does.
 fn satisfied(action: &Action, s: &DomainState) -> bool {
     use crate::state::PowerState;
@@ -154,7 +89,8 @@ fn satisfied(action: &Action, s: &DomainState) -> bool {
         Action::SetAutostart { on } => s.autostart == *on,
         Action::SetTitle { title } => s.title == *title,
         Action::SetDescription { description } => s.description == *description,
-        Action::Snapshot { .. } => false,
+        // Setting the guest's time again is harmless; a snapshot is checked by name.
+        Action::Snapshot { .. } | Action::SyncGuestTime => false,
     }
 }
 
@@ -162,9 +98,28 @@ fn show_time(t: DateTime<Utc>) -> String {
     t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
 }
 
+/// How a step is applied.
+#[derive(Debug, Clone, Copy, Default)]
+struct Mode {
+    /// An interrupted run had started it: actions already made are not repeated.
+    resuming: bool,
+    /// A resumed reboot that had finished (the domain runs under a new id): the reboot's
+    /// shutdown and start are not repeated.
+    rebooted: bool,
+    /// An `always` step after an earlier failure, skip, miss or abort: the live state is what
+    /// it is, so no drift check, and actions already satisfied are not called.
+    after_failure: bool,
+}
+
 impl Run<'_> {
     /// Runs `step`, whose lockfile status is `recorded`, and records how it ended.
-    pub(super) fn step(&self, step: &PlannedStep, recorded: StepStatus) -> Ended {
+    /// `after_failure`: an `always` step that runs although an earlier step did not succeed.
+    pub(super) fn step(
+        &self,
+        step: &PlannedStep,
+        recorded: StepStatus,
+        after_failure: bool,
+    ) -> Ended {
         let resuming = recorded == StepStatus::Running;
         if !self.ex.connections.contains_key(&step.connection) {
             let message = format!("no open connection to {}", step.connection);
@@ -175,17 +130,45 @@ impl Run<'_> {
             return Ended::with(StepStatus::Cancelled);
         };
         if resuming || self.late(step, now).is_none() {
-            return self.leased(step, now, |now| self.act(step, now, resuming));
+            return self.leased(step, now, |now| {
+                self.act(step, now, resuming, after_failure)
+            });
         }
-        self.act(step, now, resuming)
+        self.act(step, now, resuming, after_failure)
     }
 
     /// Resumes, records missed, or applies `step` at `now`.
-    fn act(&self, step: &PlannedStep, now: DateTime<Utc>, resuming: bool) -> Ended {
+    fn act(
+        &self,
+        step: &PlannedStep,
+        now: DateTime<Utc>,
+        resuming: bool,
+        after_failure: bool,
+    ) -> Ended {
         let late = self.late(step, now);
         if resuming {
-            return self.resume(step, now, late);
+            return self.resume(step, now, late, after_failure);
         }
+        // An operator's cancel is checked last thing before the start, and none can land
+        // until the step is recorded `running` (the gate is dropped in `apply`).
+        let gate = match self.ex.store_cancels().gate(&step.step_id) {
+            Ok((_, Some(record))) => {
+                let zone = self
+                    .ex
+                    .plan
+                    .meta
+                    .timezone
+                    .as_deref()
+                    .and_then(|z| z.parse().ok());
+                let message = format!("not run: {}", record.describe(zone));
+                return self.end(step, StepStatus::Cancelled, message, None, None);
+            }
+            Ok((gate, None)) => gate,
+            Err(e) => {
+                let message = format!("not started: operator cancellations cannot be checked: {e}");
+                return self.end(step, StepStatus::Failed, message, None, None);
+            }
+        };
         if let Some(reason) = late {
             return self.end(
                 step,
@@ -195,7 +178,21 @@ impl Run<'_> {
                 None,
             );
         }
-        self.apply(step, now, false)
+        let mode = Mode {
+            after_failure,
+            ..Mode::default()
+        };
+        self.apply(step, now, mode, Some(gate))
+    }
+
+    /// Whether `step` must not start: a signal stops everything; an abort stops every step
+    /// but an `always` one.
+    pub(super) fn stopping_for(&self, step: &PlannedStep) -> bool {
+        if step.always {
+            self.ex.stop.load(std::sync::atomic::Ordering::SeqCst)
+        } else {
+            self.stopping()
+        }
     }
 
     /// Waits until the step is due and a slot is free; `None` when stopped meanwhile.
@@ -210,10 +207,10 @@ impl Run<'_> {
         let due = step.at.or_else(|| self.ex.settings.window.map(|w| w.start));
         loop {
             if let (Some(due), false) = (due, resuming) {
-                self.wait_until(due)?;
+                self.wait_until(step, due)?;
             }
             let permit = self.permits.acquire();
-            if self.stopping() {
+            if self.stopping_for(step) {
                 return None;
             }
             let now = self.ex.clock.now();
@@ -226,10 +223,10 @@ impl Run<'_> {
 
     /// Sleeps in slices of at most a second, re-reading the clock after every wake-up, so a
     /// clock jump or a suspended host can make a step neither early nor silently late.
-    fn wait_until(&self, at: DateTime<Utc>) -> Option<()> {
+    fn wait_until(&self, step: &PlannedStep, at: DateTime<Utc>) -> Option<()> {
         const SLICE: Duration = Duration::from_secs(1);
         loop {
-            if self.stopping() {
+            if self.stopping_for(step) {
                 return None;
             }
             let now = self.ex.clock.now();
@@ -270,25 +267,66 @@ impl Run<'_> {
     }
 
     /// A step recorded `running` by an interrupted run: never blindly repeated.
-    fn resume(&self, step: &PlannedStep, now: DateTime<Utc>, late: Option<String>) -> Ended {
+    fn resume(
+        &self,
+        step: &PlannedStep,
+        now: DateTime<Utc>,
+        late: Option<String>,
+        after_failure: bool,
+    ) -> Ended {
         let live = match self.observe(step) {
             Ok(live) => live,
             Err(e) => return self.fail(step, e, None),
         };
+        let mut mode = Mode {
+            resuming: true,
+            rebooted: false,
+            after_failure,
+        };
+        if step.reboot {
+            // A reboot is an action: the state alone cannot say whether it happened.
+            let from = self
+                .ex
+                .store
+                .record(&step.step_id, &step.domain.uuid)
+                .and_then(|r| r.reboot_from);
+            let id = match self.retry(&step.connection, |hv| hv.run_id(&step.domain.uuid)) {
+                Ok(id) => id,
+                Err(e) => return self.fail(step, e.into(), Some(&live)),
+            };
+            match (live.power.is_active(), from, id) {
+                // Shut down by the interrupted run: finish the reboot, late or not, rather
+                // than leave the domain off.
+                (false, _, _) => return self.apply(step, now, mode, None),
+                (true, Some(from), Some(id)) if from != id => mode.rebooted = true,
+                // Still under the id it had: the reboot did not happen yet.
+                _ => {
+                    if let Some(reason) = late {
+                        return self.end(
+                            step,
+                            StepStatus::Failed,
+                            format!("an interrupted run had started this reboot and the domain has not rebooted (domain id unchanged); not re-applied because {reason}"),
+                            None,
+                            Some(&live),
+                        );
+                    }
+                    return self.apply(step, now, mode, None);
+                }
+            }
+        }
         let missing = match self.mismatches(step, &live, &step.after) {
             Ok(m) => m,
             Err(e) => return self.fail(step, e, Some(&live)),
         };
-        if missing.is_empty() {
-            return self.end(
-                step,
-                StepStatus::Done,
-                "an interrupted run had started this step; the domain is at its target, so nothing was called again".to_owned(),
-                None,
-                Some(&live),
-            );
+        if missing.is_empty() && step.check.is_none() {
+            let message = if mode.rebooted {
+                "an interrupted run had rebooted the domain (it runs under a new domain id); not rebooted again".to_owned()
+            } else {
+                "an interrupted run had started this step; the domain is at its target, so nothing was called again".to_owned()
+            };
+            return self.end(step, StepStatus::Done, message, None, Some(&live));
         }
-        if let Some(reason) = late {
+        if let Some(reason) = late.filter(|_| !missing.is_empty()) {
             return self.end(
                 step,
                 StepStatus::Failed,
@@ -300,11 +338,22 @@ impl Run<'_> {
                 Some(&live),
             );
         }
-        self.apply(step, now, true)
+        self.apply(step, now, mode, None)
     }
 
-    /// Records `running`, checks for drift, runs the actions, verifies, records the result.
-    fn apply(&self, step: &PlannedStep, now: DateTime<Utc>, resuming: bool) -> Ended {
+    /// Records `running`, checks for drift, runs the actions, verifies, runs the check,
+    /// records the result. `gate` (held by a fresh start, `None` when resuming) keeps an
+    /// operator's cancel out until `running` is on disk.
+    // One sequence, in the order the lockfile promises; splitting it would scatter the order.
+    #[allow(clippy::too_many_lines)]
+    fn apply(
+        &self,
+        step: &PlannedStep,
+        now: DateTime<Utc>,
+        mode: Mode,
+        gate: Option<Gate>,
+    ) -> Ended {
+        let resuming = mode.resuming;
         let write = self.ex.store.update(&step.step_id, &step.domain.uuid, |r| {
             r.status = StepStatus::Running;
             if !resuming || r.started_at.is_none() {
@@ -317,6 +366,7 @@ impl Run<'_> {
                 String::new()
             };
         });
+        drop(gate);
         if let Err(e) = write {
             // Nothing may touch libvirt that could not be recorded first.
             self.fail_hard(&e);
@@ -330,7 +380,7 @@ impl Run<'_> {
             Ok(s) => s,
             Err(e) => return self.fail(step, e, None),
         };
-        if !resuming {
+        if !resuming && !mode.after_failure {
             let drift = self.drift(step, &before);
             if !drift.is_empty() {
                 let message = format!(
@@ -347,22 +397,53 @@ impl Run<'_> {
             }
         }
         let mut notes = Vec::new();
+        if mode.after_failure {
+            notes.push("always: run although an earlier step did not succeed".to_owned());
+        }
+        let reboot_from = match self.reboot_from(step, &before, mode) {
+            Ok(id) => id,
+            Err(ended) => return ended,
+        };
         for action in &step.actions {
-            if let Err(e) = self.action(step, action, resuming, &mut notes) {
+            let reboot_half = matches!(action, Action::PowerOff { .. } | Action::Start);
+            if step.reboot && mode.rebooted && reboot_half {
+                continue;
+            }
+            if let Err(e) = self.action(step, action, resuming || mode.after_failure, &mut notes) {
                 let after = self.observe(step).ok();
                 return self.fail_with(step, e, &notes, Some(&before), after.as_ref());
+            }
+            if reboot_half && step.reboot {
+                self.failpoint("mid-reboot", step);
             }
         }
         self.failpoint("before-done", step);
 
-        let after = match self.observe(step) {
+        let after = match self
+            .observe(step)
+            .and_then(|after| self.settle_live(step, after))
+        {
             Ok(s) => s,
             Err(e) => return self.fail_with(step, e, &notes, Some(&before), None),
         };
-        let missing = match self.mismatches(step, &after, &step.after) {
+        let mut missing = match self.mismatches(step, &after, &step.after) {
             Ok(m) => m,
             Err(e) => return self.fail_with(step, e, &notes, Some(&before), Some(&after)),
         };
+        if let Some(from) = reboot_from {
+            match self.retry(&step.connection, |hv| hv.run_id(&step.domain.uuid)) {
+                Ok(Some(id)) if id != from => {
+                    notes.push(format!("rebooted: domain id {from} → {id}"));
+                }
+                Ok(id) => missing.push(format!(
+                    "the domain did not reboot: domain id {from} before, {} now",
+                    id.map_or_else(|| "none".to_owned(), |i| i.to_string())
+                )),
+                Err(e) => {
+                    return self.fail_with(step, e.into(), &notes, Some(&before), Some(&after))
+                }
+            }
+        }
         if !missing.is_empty() {
             let e = StepError::new(format!(
                 "did not reach its desired state: {}",
@@ -371,12 +452,123 @@ impl Run<'_> {
             return self.fail_with(step, e, &notes, Some(&before), Some(&after));
         }
         notes.extend(live_warnings(step, &after));
-        let message = if step.actions.is_empty() {
-            "already as asked: nothing to change".to_owned()
-        } else {
-            notes.join("; ")
-        };
+        if step.actions.is_empty() && notes.is_empty() {
+            notes.push("already as asked: nothing to change".to_owned());
+        }
+        if let Some(check) = &step.check {
+            let verdict = self.gate(step, check, &notes);
+            notes.push(verdict.message);
+            if !verdict.passed {
+                let message = notes.join("; ");
+                return self.end(
+                    step,
+                    StepStatus::Failed,
+                    message,
+                    Some(&before),
+                    Some(&after),
+                );
+            }
+        }
+        let message = notes.join("; ");
         self.end(step, StepStatus::Done, message, Some(&before), Some(&after))
+    }
+
+    /// A running guest follows a live memory or vCPU change at its own pace: its balloon
+    /// driver inflates or deflates page by page (a 64 MiB cut takes about a second under TCG).
+    /// Reading the live figures at once would call a guest that is still ballooning one without
+    /// a balloon driver; so while they differ from the targets, read them again every poll as
+    /// long as they keep moving, for at most [`LIVE_SETTLE`], giving up after [`LIVE_STALL`]
+    /// without any movement (a guest without a driver never moves).
+    fn settle_live(
+        &self,
+        step: &PlannedStep,
+        mut after: DomainState,
+    ) -> Result<DomainState, StepError> {
+        let clock = self.ex.clock;
+        let started = clock.now();
+        let mut moved = started;
+        while !live_warnings(step, &after).is_empty() {
+            let now = clock.now();
+            if now - started >= LIVE_SETTLE || now - moved >= LIVE_STALL {
+                break;
+            }
+            clock.sleep(self.ex.settings.poll);
+            let next = self.observe(step)?;
+            if next.live != after.live {
+                moved = clock.now();
+            }
+            after = next;
+        }
+        Ok(after)
+    }
+
+    /// For a reboot of a running domain: the id it runs under before the reboot, recorded
+    /// durably before the shutdown request (or, resumed, as the interrupted run recorded it).
+    fn reboot_from(
+        &self,
+        step: &PlannedStep,
+        before: &DomainState,
+        mode: Mode,
+    ) -> Result<Option<u32>, Ended> {
+        if !step.reboot {
+            return Ok(None);
+        }
+        let recorded = self
+            .ex
+            .store
+            .record(&step.step_id, &step.domain.uuid)
+            .and_then(|r| r.reboot_from);
+        if mode.resuming && (recorded.is_some() || !before.power.is_active()) {
+            return Ok(recorded);
+        }
+        if !before.power.is_active() {
+            return Ok(None);
+        }
+        let id = self
+            .retry(&step.connection, |hv| hv.run_id(&step.domain.uuid))
+            .map_err(|e| self.fail(step, e.into(), Some(before)))?;
+        let write = self.ex.store.update(&step.step_id, &step.domain.uuid, |r| {
+            r.reboot_from = id;
+        });
+        if let Err(e) = write {
+            self.fail_hard(&e);
+            let message = format!("not rebooted: {e}");
+            self.report(step, StepStatus::Cancelled, message, false);
+            return Err(Ended::with(StepStatus::Cancelled));
+        }
+        Ok(id)
+    }
+
+    /// Runs the step's check, recording each attempt in the lockfile message as it goes.
+    fn gate(
+        &self,
+        step: &PlannedStep,
+        check: &crate::plan_file::CheckSpec,
+        notes: &[String],
+    ) -> super::gate::Verdict {
+        let done_so_far = notes.join("; ");
+        let progress = |text: &str| {
+            let message = if done_so_far.is_empty() {
+                text.to_owned()
+            } else {
+                format!("{done_so_far}; {text}")
+            };
+            if let Err(e) = self.ex.store.update(&step.step_id, &step.domain.uuid, |r| {
+                r.message = message;
+            }) {
+                self.fail_hard(&e);
+            }
+        };
+        let stopping = || self.ex.stop.load(std::sync::atomic::Ordering::SeqCst);
+        let hv = || self.connection(&step.connection).ok();
+        super::gate::Gate {
+            step,
+            check,
+            clock: self.ex.clock,
+            progress: &progress,
+            stopping: &stopping,
+        }
+        .run(&hv)
     }
 
     /// Test-only crash switch (`VIRTPLAN_FAILPOINT`).
@@ -388,17 +580,18 @@ impl Run<'_> {
         }
     }
 
-    fn touched(&self, step: &PlannedStep) -> &[String] {
+    fn touched(&self, step: &PlannedStep) -> &[Attr] {
         self.touched
             .get(&(step.step_id.clone(), step.domain.uuid.clone()))
             .map_or(&[], Vec::as_slice)
     }
 
-    fn figs(&self, step: &PlannedStep) -> Vec<Fig> {
-        let mut figs: Vec<Fig> = self
+    /// The figures a step depends on: what it changes, and what those changes depend on.
+    fn figs(&self, step: &PlannedStep) -> Vec<Attr> {
+        let mut figs: Vec<Attr> = self
             .touched(step)
             .iter()
-            .flat_map(|a| Fig::of(a).iter().copied())
+            .flat_map(|a| a.depends_on().iter().copied())
             .collect();
         figs.sort();
         figs.dedup();
@@ -409,11 +602,10 @@ impl Run<'_> {
     fn drift(&self, step: &PlannedStep, live: &DomainState) -> Vec<String> {
         self.figs(step)
             .into_iter()
-            .filter_map(|f| match (f.value(&step.before), f.value(live)) {
-                (Some(planned), Some(now)) if planned != now => Some(format!(
-                    "{} was {planned} when planned, is {now} now",
-                    f.name()
-                )),
+            .filter_map(|f| match (f.figure(&step.before), f.figure(live)) {
+                (Some(planned), Some(now)) if planned != now => {
+                    Some(format!("{f} was {planned} when planned, is {now} now"))
+                }
                 _ => None,
             })
             .collect()
@@ -429,9 +621,9 @@ impl Run<'_> {
         let mut out: Vec<String> = self
             .figs(step)
             .into_iter()
-            .filter_map(|f| match (f.value(target), f.value(state)) {
+            .filter_map(|f| match (f.figure(target), f.figure(state)) {
                 (Some(want), Some(is)) if want != is => {
-                    Some(format!("{} is {is}, expected {want}", f.name()))
+                    Some(format!("{f} is {is}, expected {want}"))
                 }
                 _ => None,
             })
@@ -450,7 +642,7 @@ impl Run<'_> {
 
     /// Reads the domain, with its clock when the step touches it, retrying transient failures.
     fn observe(&self, step: &PlannedStep) -> Result<DomainState, StepError> {
-        let with_clock = self.touched(step).iter().any(|a| a == "clock");
+        let with_clock = self.touched(step).iter().any(|a| a.needs_xml());
         Ok(self.retry(&step.connection, |hv| {
             hv.observe(&step.domain.uuid, with_clock)
         })?)
@@ -574,7 +766,46 @@ impl Run<'_> {
             Action::SetDescription { description } => self.call(step, action, resuming, |hv| {
                 hv.set_description(uuid, description)
             }),
+            Action::SyncGuestTime => self.sync_guest_time(step, notes),
         }
+    }
+
+    /// `clock: {sync: true}`: waits (up to the check's timeout, else 2 minutes) for the
+    /// freshly booted guest's agent to answer, then sets the guest's clock from the host.
+    fn sync_guest_time(
+        &self,
+        step: &PlannedStep,
+        notes: &mut Vec<String>,
+    ) -> Result<(), StepError> {
+        let uuid = step.domain.uuid.as_str();
+        let clock = self.ex.clock;
+        let limit = step
+            .check
+            .as_ref()
+            .map_or(Duration::from_secs(120), |c| c.timeout);
+        let deadline = clock
+            .now()
+            .checked_add_signed(chrono::Duration::from_std(limit).unwrap_or(chrono::Duration::MAX))
+            .unwrap_or(DateTime::<Utc>::MAX_UTC);
+        loop {
+            let hv = self.connection(&step.connection)?;
+            let answered = hv.agent_ping(uuid, Duration::from_secs(2));
+            match answered {
+                Ok(()) => break,
+                Err(e) if clock.now() >= deadline || self.stopping() => {
+                    return Err(StepError::new(format!(
+                        "clock sync: the guest agent did not answer within {}: {}",
+                        format_duration(limit),
+                        e.message
+                    )));
+                }
+                Err(_) => clock.sleep(Duration::from_secs(1)),
+            }
+        }
+        let now = clock.now();
+        self.retry(&step.connection, |hv| hv.set_guest_time(uuid, now))?;
+        notes.push(format!("guest time set from the host ({})", show_time(now)));
+        Ok(())
     }
 
     /// Graceful shutdown, polled through the clock until shut off or the timeout, then
@@ -602,16 +833,32 @@ impl Run<'_> {
             .now()
             .checked_add_signed(timeout)
             .unwrap_or(DateTime::<Utc>::MAX_UTC);
-        match self.retry(&step.connection, |hv| hv.shutdown(uuid)) {
-            Ok(()) => {}
-            // Already shutting down or off: wait for it like for our own request.
-            Err(e) if e.kind == ErrorKind::OperationInvalid => {}
-            Err(e) => return Err(e.into()),
+        // The ladder: the guest agent when the domain has a channel, else (or when the agent
+        // does not take the request) ACPI.
+        let agent = self.retry(&step.connection, |hv| hv.has_agent_channel(uuid))?;
+        let mut by = "ACPI";
+        if agent {
+            match self.retry(&step.connection, |hv| hv.agent_shutdown(uuid)) {
+                Ok(()) => by = "the guest agent",
+                Err(e) if e.kind == ErrorKind::OperationInvalid => by = "the guest agent",
+                Err(e) => notes.push(format!(
+                    "the guest agent did not take the shutdown request ({}): sent ACPI",
+                    e.message
+                )),
+            }
+        }
+        if by == "ACPI" {
+            match self.retry(&step.connection, |hv| hv.shutdown(uuid)) {
+                Ok(()) => {}
+                // Already shutting down or off: wait for it like for our own request.
+                Err(e) if e.kind == ErrorKind::OperationInvalid => {}
+                Err(e) => return Err(e.into()),
+            }
         }
         let mut power = self.observe(step)?.power;
         loop {
             if !power.is_active() {
-                notes.push("shut down gracefully".to_owned());
+                notes.push(format!("shut down gracefully (through {by})"));
                 return Ok(());
             }
             let now = clock.now();
@@ -689,6 +936,11 @@ impl Run<'_> {
         Ended::with(status)
     }
 }
+
+/// The longest a step waits for a running guest to follow a live memory or vCPU change.
+const LIVE_SETTLE: chrono::TimeDelta = chrono::TimeDelta::seconds(30);
+/// How long live figures that stopped moving are given before the step stops waiting.
+const LIVE_STALL: chrono::TimeDelta = chrono::TimeDelta::seconds(2);
 
 /// For a running domain the config is authoritative; the live figures are reported when a
 /// guest did not follow (no balloon driver, vCPUs not released): a warning, not a failure.

@@ -121,10 +121,9 @@ impl Rig {
     /// Without leases: their settle delay would move every step on the fake clock; the
     /// lease tests turn them on.
     fn settings(&self) -> Settings {
-        Settings {
-            lease: None,
-            ..Settings::for_plan(&self.file, 4)
-        }
+        let mut policy = planner::Policy::of(&self.file);
+        policy.parallelism = 4;
+        Settings::new(&policy)
     }
 
     fn run(&self) -> Report {
@@ -1049,4 +1048,366 @@ mod state_machine {
             check(&s)?;
         }
     }
+}
+
+/// `virtplan cancel` appends to the side file; this is what it writes.
+fn cancel_record(rig: &Rig, step_id: &str, step: usize) -> crate::cancel::CancelRecord {
+    crate::cancel::CancelRecord {
+        step_id: step_id.to_owned(),
+        step,
+        by: "alice@admin1".to_owned(),
+        at: rig.clock.now(),
+    }
+}
+
+fn step_id(rig: &Rig, number: usize) -> String {
+    rig.file.steps[number - 1].id()
+}
+
+#[test]
+fn a_step_cancelled_while_the_executor_waits_is_never_started_and_stays_cancelled() {
+    let rig = Rig::new(CLASSIC, "", vec![web().stubborn()], "2026-12-01T03:59:00Z");
+    let log = crate::cancel::CancelLog::for_lockfile(&rig.lock_path);
+    // The operator cancels step 2 (memory) at 04:02, while the executor sleeps towards it.
+    let id = step_id(&rig, 2);
+    let record = cancel_record(&rig, &id, 2);
+    let cancelled = Arc::new(AtomicBool::new(false));
+    {
+        let (log, cancelled) = (log.clone(), cancelled.clone());
+        *rig.clock.on_sleep.lock().unwrap() = Box::new(move |clock| {
+            use std::sync::atomic::Ordering;
+            if clock.now() >= t("2026-12-01T04:02:00Z") && !cancelled.swap(true, Ordering::SeqCst) {
+                let mut r = record.clone();
+                r.at = clock.now();
+                log.append(&[r], || ()).unwrap();
+            }
+        });
+    }
+    let report = rig.run();
+    assert!(!report.any_failed(), "{report:#?}");
+    let statuses = rig.statuses();
+    assert_eq!(statuses[1], (2, "web".to_owned(), StepStatus::Cancelled));
+    assert!(statuses
+        .iter()
+        .enumerate()
+        .all(|(i, s)| i == 1 || s.2 == StepStatus::Done));
+    assert!(!rig.ops().contains(&"set_memory"), "{:?}", rig.ops());
+    let message = &rig.lock().steps[1].message;
+    assert!(
+        message.starts_with("not run: cancelled by alice@admin1 at 2026-12-01 04:0"),
+        "{message}"
+    );
+    // A later apply of the same plan does not run it either.
+    rig.run();
+    assert_eq!(rig.statuses()[1].2, StepStatus::Cancelled);
+    assert!(!rig.ops().contains(&"set_memory"), "{:?}", rig.ops());
+}
+
+#[test]
+fn a_cancel_recorded_before_apply_starts_skips_only_that_step() {
+    let steps = "  - at: 2026-12-01T04:00:00Z
+    vms: [web, db]
+    memory: 2GiB
+  - at: 2026-12-01T04:01:00Z
+    vm: db
+    vcpus: 2
+";
+    let db = FakeDomain::new("db", B).running();
+    let rig = Rig::new(steps, "", vec![web(), db], "2026-12-01T03:59:00Z");
+    let log = crate::cancel::CancelLog::for_lockfile(&rig.lock_path);
+    log.append(&[cancel_record(&rig, &step_id(&rig, 1), 1)], || ())
+        .unwrap();
+    let report = rig.run();
+    assert!(!report.any_failed(), "{report:#?}");
+    let mut statuses = rig.statuses();
+    statuses.sort();
+    assert_eq!(
+        statuses,
+        [
+            (1, "db".to_owned(), StepStatus::Cancelled),
+            (1, "web".to_owned(), StepStatus::Cancelled),
+            (2, "db".to_owned(), StepStatus::Done),
+        ]
+    );
+}
+
+// ---- issue 11: reboot, check, always --------------------------------------------------------
+
+/// Marks the plan's step `index` running on `uuid` as an interrupted run leaves it.
+fn interrupted(rig: &Rig, index: usize, uuid: &str, reboot_from: Option<u32>) -> Plan {
+    let store = LockStore::open(&rig.lock_path, &rig.file.sha256).unwrap();
+    let plan = rig.plan(&store);
+    store.reconcile(&plan).unwrap();
+    store
+        .update(&plan.steps[index].step_id, uuid, |r| {
+            r.status = StepStatus::Running;
+            r.started_at = Some(rig.clock.now());
+            r.reboot_from = reboot_from;
+        })
+        .unwrap();
+    plan
+}
+
+const REBOOT: &str = "  - at: 2026-12-01T04:00:00Z
+    vm: web
+    power: reboot
+    shutdown: { mode: graceful, timeout: 30s, force_after_timeout: true }
+";
+
+#[test]
+fn reboot_shuts_down_by_acpi_then_starts_and_records_the_new_domain_id() {
+    let rig = Rig::new(REBOOT, "", vec![web()], "2026-12-01T04:00:00Z");
+    let report = rig.run();
+    assert!(!report.any_failed(), "{report:#?}");
+    assert_eq!(rig.ops(), ["shutdown", "start"]);
+    let lock = rig.lock();
+    assert_eq!(lock.steps[0].status, StepStatus::Done);
+    assert_eq!(lock.steps[0].reboot_from, Some(1));
+    assert!(
+        lock.steps[0]
+            .message
+            .contains("rebooted: domain id 1 → 101"),
+        "{}",
+        lock.steps[0].message
+    );
+    // Done is done: a second apply reboots nothing.
+    rig.run();
+    assert_eq!(rig.ops(), ["shutdown", "start"]);
+}
+
+#[test]
+fn reboot_uses_the_guest_agent_when_the_domain_has_a_channel() {
+    let rig = Rig::new(
+        REBOOT,
+        "",
+        vec![web().stubborn().with_agent()],
+        "2026-12-01T04:00:00Z",
+    );
+    let report = rig.run();
+    assert!(!report.any_failed(), "{report:#?}");
+    assert_eq!(rig.ops(), ["agent_shutdown", "start"]);
+    assert!(rig.lock().steps[0]
+        .message
+        .contains("through the guest agent"));
+}
+
+#[test]
+fn reboot_of_a_guest_ignoring_acpi_is_forced_after_the_timeout() {
+    let rig = Rig::new(REBOOT, "", vec![web().stubborn()], "2026-12-01T04:00:00Z");
+    rig.run();
+    assert_eq!(rig.ops(), ["shutdown", "destroy", "start"]);
+    assert_eq!(rig.lock().steps[0].status, StepStatus::Done);
+}
+
+#[test]
+fn resumed_reboot_found_shut_off_is_started_not_shut_down_again() {
+    let rig = Rig::new(REBOOT, "", vec![web()], "2026-12-01T04:00:05Z");
+    let plan = interrupted(&rig, 0, A, Some(1));
+    rig.hv.edit(A, |d| {
+        d.state.power = PowerState::Shutoff;
+        d.state.live = None;
+        d.run_id = None;
+    });
+    rig.run_plan(&plan, &rig.settings(), &|_| {}).unwrap();
+    assert_eq!(rig.ops(), ["start"]);
+    assert_eq!(rig.lock().steps[0].status, StepStatus::Done);
+}
+
+#[test]
+fn resumed_reboot_found_running_under_a_new_id_is_done_without_a_call() {
+    let rig = Rig::new(REBOOT, "", vec![web()], "2026-12-01T04:00:05Z");
+    let plan = interrupted(&rig, 0, A, Some(1));
+    rig.hv.edit(A, |d| d.run_id = Some(7));
+    rig.run_plan(&plan, &rig.settings(), &|_| {}).unwrap();
+    assert!(rig.ops().is_empty(), "{:?}", rig.ops());
+    let lock = rig.lock();
+    assert_eq!(lock.steps[0].status, StepStatus::Done);
+    assert!(
+        lock.steps[0].message.contains("not rebooted again"),
+        "{}",
+        lock.steps[0].message
+    );
+}
+
+#[test]
+fn resumed_reboot_found_running_under_the_same_id_reboots_once() {
+    let rig = Rig::new(REBOOT, "", vec![web()], "2026-12-01T04:00:05Z");
+    let plan = interrupted(&rig, 0, A, Some(1));
+    rig.run_plan(&plan, &rig.settings(), &|_| {}).unwrap();
+    assert_eq!(rig.ops(), ["shutdown", "start"]);
+    assert_eq!(rig.lock().steps[0].status, StepStatus::Done);
+}
+
+#[test]
+fn resumed_reboot_that_never_happened_is_not_started_after_its_grace() {
+    let rig = Rig::new(REBOOT, "", vec![web()], "2026-12-01T04:20:00Z");
+    let plan = interrupted(&rig, 0, A, Some(1));
+    rig.run_plan(&plan, &rig.settings(), &|_| {}).unwrap();
+    assert!(rig.ops().is_empty());
+    assert_eq!(rig.lock().steps[0].status, StepStatus::Failed);
+}
+
+#[test]
+fn resumed_reboot_found_shut_off_after_its_grace_is_still_finished() {
+    let rig = Rig::new(REBOOT, "", vec![web()], "2026-12-01T04:20:00Z");
+    let plan = interrupted(&rig, 0, A, Some(1));
+    rig.hv.edit(A, |d| {
+        d.state.power = PowerState::Shutoff;
+        d.state.live = None;
+        d.run_id = None;
+    });
+    rig.run_plan(&plan, &rig.settings(), &|_| {}).unwrap();
+    assert_eq!(
+        rig.ops(),
+        ["start"],
+        "the window must not end with the domain off"
+    );
+    assert_eq!(rig.lock().steps[0].status, StepStatus::Done);
+}
+
+#[test]
+fn check_state_and_agent_pass_and_each_attempt_is_in_the_message() {
+    let steps = "  - at: 2026-12-01T04:00:00Z
+    vm: web
+    power: running
+    check: { state: running, guest_agent: true, timeout: 1m, interval: 5s }
+";
+    let rig = Rig::new(
+        steps,
+        "",
+        vec![FakeDomain::new("web", A).with_agent()],
+        "2026-12-01T04:00:00Z",
+    );
+    let report = rig.run();
+    assert!(!report.any_failed(), "{report:#?}");
+    let message = &rig.lock().steps[0].message;
+    assert!(message.contains("check passed on attempt 1"), "{message}");
+}
+
+#[test]
+fn check_command_gets_the_documented_environment() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("env.txt");
+    let steps = format!(
+        "  - at: 2026-12-01T04:00:00Z
+    vm: web
+    autostart: true
+    check: {{ command: 'echo \"$VIRTPLAN_VM $VIRTPLAN_UUID $VIRTPLAN_CONNECTION $VIRTPLAN_STEP\" > {}; echo \"$VIRTPLAN_PLAN\" >> {}', timeout: 1m, interval: 5s }}
+",
+        out.display(),
+        out.display()
+    );
+    let rig = Rig::new(&steps, "", vec![web()], "2026-12-01T04:00:00Z");
+    let report = rig.run();
+    assert!(!report.any_failed(), "{report:#?}");
+    let text = std::fs::read_to_string(&out).unwrap();
+    assert_eq!(
+        text,
+        format!("web {A} {URI} 1\n{}\n", rig.file.path.display())
+    );
+}
+
+#[test]
+fn failing_check_fails_the_step_after_its_timeout_listing_attempts() {
+    let steps = "  - at: 2026-12-01T04:00:00Z
+    vm: web
+    autostart: true
+    check: { command: 'echo unhealthy >&2; exit 3', timeout: 30s, interval: 10s }
+  - at: 2026-12-01T04:02:00Z
+    vm: web
+    memory: 2GiB
+";
+    let rig = Rig::new(steps, "", vec![web()], "2026-12-01T04:00:00Z");
+    let report = rig.run();
+    assert!(report.any_failed());
+    let lock = rig.lock();
+    assert_eq!(lock.steps[0].status, StepStatus::Failed);
+    let message = &lock.steps[0].message;
+    assert!(
+        message.contains("check timed out after 4 attempts"),
+        "{message}"
+    );
+    assert!(
+        message.contains("#1 +0s: command exited 3: unhealthy"),
+        "{message}"
+    );
+    assert!(message.contains("#4 +30s"), "{message}");
+    assert_eq!(lock.steps[1].status, StepStatus::Skipped);
+    // The change itself was made: the check only gates "done".
+    assert!(rig.hv.state(A).autostart);
+}
+
+const RESIZE: &str = "  - at: 2026-12-01T04:00:00Z
+    vm: web
+    power: shutoff
+    shutdown: { mode: force }
+  - at: 2026-12-01T04:01:00Z
+    vm: web
+    memory: 2GiB
+  - at: 2026-12-01T04:05:00Z
+    vm: web
+    power: running
+    always: true
+";
+
+#[test]
+fn always_power_on_runs_after_a_failed_step_and_the_domain_ends_running() {
+    let rig = Rig::new(RESIZE, "", vec![web()], "2026-12-01T04:00:00Z");
+    rig.hv
+        .fail("set_memory", 1, 10, ErrorKind::OperationInvalid);
+    let report = rig.run();
+    let statuses: Vec<StepStatus> = rig.lock().steps.iter().map(|r| r.status).collect();
+    assert_eq!(
+        statuses,
+        [StepStatus::Done, StepStatus::Failed, StepStatus::Done],
+        "{report:#?}"
+    );
+    assert_eq!(rig.hv.state(A).power, PowerState::Running);
+    assert!(rig.lock().steps[2].message.contains("always"));
+}
+
+#[test]
+fn always_step_runs_after_an_abort_of_another_domain_but_ordinary_steps_do_not() {
+    let steps = "  - at: 2026-12-01T04:00:00Z
+    vm: other
+    memory: 2GiB
+  - at: 2026-12-01T04:05:00Z
+    vm: web
+    autostart: true
+  - at: 2026-12-01T04:06:00Z
+    vm: web
+    title: restored
+    always: true
+";
+    let rig = Rig::new(
+        steps,
+        "defaults: { on_failure: abort }\n",
+        vec![web(), FakeDomain::new("other", B)],
+        "2026-12-01T04:00:00Z",
+    );
+    rig.hv
+        .fail("set_memory", 1, 10, ErrorKind::OperationInvalid);
+    // Sleeping is held until the failure is reported, so `web` cannot run first.
+    rig.clock.set_open(false);
+    let clock = rig.clock.clone();
+    rig.run_with(&rig.settings(), &move |o: &Outcome| {
+        if o.step == 1 {
+            clock.set_open(true);
+        }
+    });
+    let statuses: Vec<(usize, StepStatus)> = rig
+        .lock()
+        .steps
+        .iter()
+        .map(|r| (r.step, r.status))
+        .collect();
+    assert_eq!(
+        statuses,
+        [
+            (1, StepStatus::Failed),
+            (2, StepStatus::Cancelled),
+            (3, StepStatus::Done)
+        ]
+    );
+    assert_eq!(rig.hv.state(A).title, "restored");
 }

@@ -29,7 +29,7 @@ pub enum XmlError {
 /// The figures and texts of a domain definition that virtplan reads.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DefinitionSummary {
-    /// `<currentMemory>`, or `<memory>` when absent.
+    /// `<currentMemory>`, or `<memory>` when absent or when there is no balloon device.
     pub memory: Kib,
     /// `<memory>`: the maximum the domain boots with.
     pub max_memory: Kib,
@@ -78,6 +78,47 @@ pub fn read_config_figures(xml: &str) -> Result<ConfigFigures, XmlError> {
     })
 }
 
+/// The channel name QEMU's guest agent listens on.
+pub const AGENT_CHANNEL: &str = "org.qemu.guest_agent.0";
+
+/// Whether a domain definition has a QEMU guest agent channel: a `<devices><channel>` whose
+/// `<target type='virtio'>` is named [`AGENT_CHANNEL`].
+///
+/// # Errors
+///
+/// Returns [`XmlError`] when the XML is not well-formed.
+pub fn has_agent_channel(xml: &str) -> Result<bool, XmlError> {
+    let mut reader = Reader::from_str(xml);
+    let mut path: Vec<String> = Vec::new();
+    loop {
+        let event = reader.read_event().map_err(|e| syntax(&reader, e))?;
+        match event {
+            Event::Start(ref e) | Event::Empty(ref e) => {
+                let name = element_name(e);
+                let in_channel = path.len() == 3
+                    && path[0] == "domain"
+                    && path[1] == "devices"
+                    && path[2] == "channel";
+                if in_channel
+                    && name == "target"
+                    && attribute(e, "type")?.as_deref() == Some("virtio")
+                    && attribute(e, "name")?.as_deref() == Some(AGENT_CHANNEL)
+                {
+                    return Ok(true);
+                }
+                if matches!(event, Event::Start(_)) {
+                    path.push(name);
+                }
+            }
+            Event::End(_) => {
+                path.pop();
+            }
+            Event::Eof => return Ok(false),
+            _ => {}
+        }
+    }
+}
+
 /// Reads everything [`DefinitionSummary`] holds in one pass over the XML.
 ///
 /// # Errors
@@ -91,8 +132,16 @@ pub fn summarize(xml: &str) -> Result<DefinitionSummary, XmlError> {
     let max_vcpus = raw
         .max_vcpus
         .ok_or_else(|| XmlError::Invalid("no <vcpu> element".into()))?;
+    // Without a balloon device the guest boots with all of `<memory>`, whatever
+    // `<currentMemory>` says; libvirt's `balloon.current` statistic reports it so, and the
+    // bulk read of shut-off domains uses that statistic: both reads must agree.
+    let memory = if raw.no_balloon {
+        max_memory
+    } else {
+        raw.current_memory.unwrap_or(max_memory)
+    };
     Ok(DefinitionSummary {
-        memory: raw.current_memory.unwrap_or(max_memory),
+        memory,
         max_memory,
         vcpus: raw.vcpus_current.unwrap_or(max_vcpus),
         max_vcpus,
@@ -112,6 +161,8 @@ struct RawSummary {
     title: Option<String>,
     description: Option<String>,
     clock: ClockState,
+    /// `<devices><memballoon model='none'/>`.
+    no_balloon: bool,
 }
 
 /// Walks the document keeping the element path, so that only direct children of `<domain>`
@@ -153,6 +204,12 @@ fn scan(xml: &str) -> Result<RawSummary, XmlError> {
                     && attribute(e, "name")?.as_deref() == Some("rtc")
                 {
                     out.clock.rtc_track = attribute(e, "track")?;
+                } else if path.len() == 2
+                    && path[1] == "devices"
+                    && name == "memballoon"
+                    && attribute(e, "model")?.as_deref() == Some("none")
+                {
+                    out.no_balloon = true;
                 }
                 if !is_empty {
                     path.push(name);
@@ -548,6 +605,20 @@ mod tests {
     }
 
     #[test]
+    fn agent_channel_is_a_virtio_channel_target_under_devices() {
+        let with = "<domain><devices><channel type='unix'><source mode='bind'/><target type='virtio' name='org.qemu.guest_agent.0' state='connected'/></channel></devices></domain>";
+        assert!(has_agent_channel(with).unwrap());
+        let spice = "<domain><devices><channel type='spicevmc'><target type='virtio' name='com.redhat.spice.0'/></channel></devices></domain>";
+        assert!(!has_agent_channel(spice).unwrap());
+        let misplaced = "<domain><metadata><devices><channel><target type='virtio' name='org.qemu.guest_agent.0'/></channel></devices></metadata></domain>";
+        assert!(!has_agent_channel(misplaced).unwrap());
+        assert!(
+            has_agent_channel("<domain><devices>").is_err()
+                || !has_agent_channel("<domain><devices>").unwrap()
+        );
+    }
+
+    #[test]
     fn summarize_reads_direct_children_of_domain_only() {
         let s = summarize(LIBVIRT).unwrap();
         assert_eq!(s.memory, Kib(131_072));
@@ -562,6 +633,29 @@ mod tests {
                 offset: Some("utc".into()),
                 rtc_track: Some("guest".into())
             }
+        );
+    }
+
+    /// libvirt's `balloon.current` (what the bulk read of shut-off domains uses) is the whole
+    /// `<memory>` of a domain without a balloon device; the XML read must say the same, or a
+    /// step planned from one read would be refused as drift by the other.
+    #[test]
+    fn summarize_without_a_balloon_device_reports_the_full_memory() {
+        let xml = |balloon: &str| {
+            format!(
+                "<domain><memory unit='MiB'>256</memory><currentMemory unit='MiB'>128</currentMemory>\
+                 <vcpu>1</vcpu><devices>{balloon}</devices></domain>"
+            )
+        };
+        let none = summarize(&xml("<memballoon model='none'/>")).unwrap();
+        assert_eq!((none.memory, none.max_memory), (Kib(262_144), Kib(262_144)));
+        let virtio = summarize(&xml("<memballoon model='virtio'/>")).unwrap();
+        assert_eq!(virtio.memory, Kib(131_072));
+        let absent = summarize(&xml("")).unwrap();
+        assert_eq!(
+            absent.memory,
+            Kib(131_072),
+            "the test driver lists no balloon"
         );
     }
 

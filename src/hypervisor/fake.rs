@@ -19,6 +19,12 @@ pub struct FakeDomain {
     pub snapshots: Vec<String>,
     /// Whether the guest honours an ACPI shutdown request (a guest without an OS does not).
     pub acpi: bool,
+    /// Whether the domain has a guest agent channel with an agent that answers.
+    pub agent: bool,
+    /// libvirt's id while running; a new one at every start.
+    pub run_id: Option<u32>,
+    /// The guest's clock as last set through the agent.
+    pub guest_time: Option<DateTime<Utc>>,
 }
 
 impl FakeDomain {
@@ -46,12 +52,23 @@ impl FakeDomain {
             },
             snapshots: Vec::new(),
             acpi: true,
+            agent: false,
+            run_id: None,
+            guest_time: None,
         }
+    }
+
+    /// A domain with a guest agent channel whose agent answers.
+    #[must_use]
+    pub fn with_agent(mut self) -> Self {
+        self.agent = true;
+        self
     }
 
     #[must_use]
     pub fn running(mut self) -> Self {
         self.state.power = PowerState::Running;
+        self.run_id = Some(1);
         self.state.live = Some(LiveFigures {
             memory: self.state.memory,
             vcpus: self.state.vcpus,
@@ -119,6 +136,8 @@ struct Inner {
     crash: Option<Crash>,
     /// Metadata elements by (UUID, namespace), as libvirt would return them.
     metadata: BTreeMap<(String, String), String>,
+    /// The id the next started domain gets.
+    next_run_id: u32,
 }
 
 /// See the module documentation.
@@ -147,6 +166,7 @@ impl FakeHypervisor {
             uri: uri.to_owned(),
             inner: Mutex::new(Inner {
                 domains,
+                next_run_id: 100,
                 ..Inner::default()
             }),
             clock: None,
@@ -384,8 +404,16 @@ fn xml_of(d: &FakeDomain) -> String {
             None => clock.push_str("/>\n"),
         }
     }
+    let devices = if d.agent {
+        format!(
+            "  <devices>\n    <channel type='unix'>\n      <target type='virtio' name='{}'/>\n    </channel>\n  </devices>\n",
+            domain_xml::AGENT_CHANNEL
+        )
+    } else {
+        String::new()
+    };
     format!(
-        "<domain type='test'>\n  <name>{}</name>\n  <uuid>{}</uuid>\n  <memory unit='KiB'>{}</memory>\n  <currentMemory unit='KiB'>{}</currentMemory>\n  <vcpu current='{}'>{}</vcpu>\n{clock}</domain>\n",
+        "<domain type='test'>\n  <name>{}</name>\n  <uuid>{}</uuid>\n  <memory unit='KiB'>{}</memory>\n  <currentMemory unit='KiB'>{}</currentMemory>\n  <vcpu current='{}'>{}</vcpu>\n{clock}{devices}</domain>\n",
         s.name, s.uuid, s.max_memory.0, s.memory.0, s.vcpus, s.max_vcpus
     )
 }
@@ -436,12 +464,18 @@ impl Hypervisor for FakeHypervisor {
     }
 
     fn start(&self, uuid: &str) -> HvResult<()> {
+        let run_id = {
+            let mut inner = self.inner();
+            inner.next_run_id += 1;
+            inner.next_run_id
+        };
         self.mutate("start", uuid, String::new(), |d| {
             if d.state.power.is_active() {
                 return Err(invalid(
                     "Requested operation is not valid: domain is already running",
                 ));
             }
+            d.run_id = Some(run_id);
             d.state.power = PowerState::Running;
             d.state.live = Some(LiveFigures {
                 memory: d.state.memory,
@@ -461,6 +495,7 @@ impl Hypervisor for FakeHypervisor {
             if d.acpi {
                 d.state.power = PowerState::Shutoff;
                 d.state.live = None;
+                d.run_id = None;
             }
             Ok(())
         })
@@ -475,6 +510,7 @@ impl Hypervisor for FakeHypervisor {
             }
             d.state.power = PowerState::Shutoff;
             d.state.live = None;
+            d.run_id = None;
             Ok(())
         })
     }
@@ -677,4 +713,51 @@ impl Hypervisor for FakeHypervisor {
         };
         Ok(())
     }
+    fn run_id(&self, uuid: &str) -> HvResult<Option<u32>> {
+        self.read("run_id", uuid, |d| d.run_id)
+    }
+
+    fn agent_shutdown(&self, uuid: &str) -> HvResult<()> {
+        self.mutate("agent_shutdown", uuid, String::new(), |d| {
+            if !d.state.power.is_active() {
+                return Err(invalid(
+                    "Requested operation is not valid: domain is not running",
+                ));
+            }
+            if !d.agent {
+                return Err(agent_missing());
+            }
+            d.state.power = PowerState::Shutoff;
+            d.state.live = None;
+            d.run_id = None;
+            Ok(())
+        })
+    }
+
+    fn agent_ping(&self, uuid: &str, _timeout: std::time::Duration) -> HvResult<()> {
+        self.read("agent_ping", uuid, |d| {
+            if d.agent && d.state.power == PowerState::Running {
+                Ok(())
+            } else {
+                Err(agent_missing())
+            }
+        })?
+    }
+
+    fn set_guest_time(&self, uuid: &str, time: DateTime<Utc>) -> HvResult<()> {
+        self.mutate("set_guest_time", uuid, time.to_rfc3339(), |d| {
+            if !(d.agent && d.state.power == PowerState::Running) {
+                return Err(agent_missing());
+            }
+            d.guest_time = Some(time);
+            Ok(())
+        })
+    }
+}
+
+fn agent_missing() -> HvError {
+    HvError::new(
+        ErrorKind::Transient,
+        "Guest agent is not responding: QEMU guest agent is not connected",
+    )
 }

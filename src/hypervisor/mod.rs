@@ -10,6 +10,8 @@ pub mod libvirt;
 
 use std::time::Duration;
 
+use chrono::{DateTime, Utc};
+
 use crate::state::{DomainState, Kib};
 
 /// A domain as resolved from a plan's `vm:` entry: its real name and UUID.
@@ -17,6 +19,24 @@ use crate::state::{DomainState, Kib};
 pub struct DomainId {
     pub name: String,
     pub uuid: String,
+}
+
+/// What a bulk read ([`Hypervisor::observe_wanted`]) must return for one domain.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Want {
+    pub uuid: String,
+    /// Fill in `clock` and return the persistent XML (clock steps diff and edit it).
+    pub clock: bool,
+    /// Read `title` and `description` (title and description steps).
+    pub metadata: bool,
+}
+
+/// One domain from a bulk read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Observation {
+    pub state: DomainState,
+    /// The persistent (inactive) XML, when the [`Want`] asked for the clock.
+    pub definition: Option<String>,
 }
 
 /// How libvirt failed, classified by its error code so callers can decide to retry or fail.
@@ -87,9 +107,52 @@ pub trait Hypervisor: Send + Sync {
     /// Reads one domain's state; `with_clock` also reads and parses the persistent XML.
     fn observe(&self, uuid: &str, with_clock: bool) -> HvResult<DomainState>;
 
-    /// Reads several domains at once; implementations may use one bulk call.
+    /// Resolves several `vm:` values at once, in order; `None` for those that match nothing.
+    /// Implementations may answer from one listing of every domain.
+    fn resolve_many(&self, names: &[String]) -> HvResult<Vec<Option<DomainId>>> {
+        names
+            .iter()
+            .map(|n| match self.resolve(n) {
+                Ok(id) => Ok(Some(id)),
+                Err(e) if e.kind == ErrorKind::NotFound => Ok(None),
+                Err(e) => Err(e),
+            })
+            .collect()
+    }
+
+    /// Reads several domains at once, each only as deeply as its [`Want`] asks: `title` and
+    /// `description` are empty unless `metadata` (or the domain is running), `clock` is `None`
+    /// unless `clock`. Implementations may use one bulk call.
+    fn observe_wanted(&self, wants: &[Want]) -> HvResult<Vec<Observation>> {
+        wants
+            .iter()
+            .map(|w| {
+                let state = self.observe(&w.uuid, w.clock)?;
+                let definition = if w.clock {
+                    Some(self.domain_xml(&w.uuid, true)?)
+                } else {
+                    None
+                };
+                Ok(Observation { state, definition })
+            })
+            .collect()
+    }
+
+    /// Reads several domains completely (as [`Hypervisor::observe`] does) in one bulk read.
     fn observe_many(&self, uuids: &[String], with_clock: bool) -> HvResult<Vec<DomainState>> {
-        uuids.iter().map(|u| self.observe(u, with_clock)).collect()
+        let wants: Vec<Want> = uuids
+            .iter()
+            .map(|u| Want {
+                uuid: u.clone(),
+                clock: with_clock,
+                metadata: true,
+            })
+            .collect();
+        Ok(self
+            .observe_wanted(&wants)?
+            .into_iter()
+            .map(|o| o.state)
+            .collect())
     }
 
     /// The domain XML: `inactive` selects the persistent definition (what the next boot uses).
@@ -136,6 +199,30 @@ pub trait Hypervisor: Send + Sync {
         prefix: &str,
         xml: Option<&str>,
     ) -> HvResult<()>;
+    /// libvirt's id of the running domain, new at every start (a reboot shows as a new id);
+    /// `None` when the domain is not running.
+    fn run_id(&self, uuid: &str) -> HvResult<Option<u32>>;
+
+    /// Whether the domain's definition has a QEMU guest agent channel
+    /// (`<channel><target type='virtio' name='org.qemu.guest_agent.0'/>`).
+    fn has_agent_channel(&self, uuid: &str) -> HvResult<bool> {
+        let xml = self.domain_xml(uuid, false)?;
+        domain_xml::has_agent_channel(&xml).map_err(|e| {
+            HvError::new(
+                ErrorKind::Other,
+                format!("cannot read the definition of {uuid}: {e}"),
+            )
+        })
+    }
+
+    /// Asks the guest agent to shut the guest down; returns at once, like [`Self::shutdown`].
+    fn agent_shutdown(&self, uuid: &str) -> HvResult<()>;
+
+    /// Pings the guest agent (`guest-ping`), waiting at most `timeout` for the answer.
+    fn agent_ping(&self, uuid: &str, timeout: Duration) -> HvResult<()>;
+
+    /// Sets the guest's clock to `time` (libvirt's domain time API, through the guest agent).
+    fn set_guest_time(&self, uuid: &str, time: DateTime<Utc>) -> HvResult<()>;
 }
 
 /// How long a graceful shutdown may take before the executor decides what to do next.

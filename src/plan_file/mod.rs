@@ -6,6 +6,7 @@
 
 pub mod diag;
 pub mod schema;
+pub mod step_id;
 pub mod time;
 pub mod units;
 mod validate;
@@ -15,8 +16,8 @@ mod yaml;
 /// Schema's properties: the validator and the schema cannot drift apart.
 pub mod keys {
     pub use super::validate::{
-        ATTRIBUTE_KEYS, CLOCK_KEYS, DEFAULTS_KEYS, SHUTDOWN_KEYS, SNAPSHOT_KEYS, STEP_KEYS,
-        TOP_KEYS, WINDOW_KEYS,
+        ATTRIBUTE_KEYS, CHECK_KEYS, CLOCK_KEYS, DEFAULTS_KEYS, SHUTDOWN_KEYS, SNAPSHOT_KEYS,
+        STEP_KEYS, TOP_KEYS, WINDOW_KEYS,
     };
 }
 
@@ -30,6 +31,7 @@ use serde::{Deserialize, Serialize};
 
 pub use diag::{Diagnostic, Diagnostics, Pos};
 
+use crate::attr::Attr;
 use crate::config::Config;
 use crate::state::{Kib, PowerState};
 
@@ -61,6 +63,8 @@ pub struct PlanFile {
     pub window: Option<Window>,
     pub grace: Duration,
     pub on_failure: OnFailure,
+    /// How many steps may run at once (virtplan.toml `parallelism`).
+    pub parallelism: usize,
     pub steps: Vec<Step>,
 }
 
@@ -134,6 +138,9 @@ pub enum PowerTarget {
     Running,
     Shutoff,
     Paused,
+    /// An action, not a state: the shutdown ladder, then start. Never satisfied by a state,
+    /// so it runs once and is then recorded done.
+    Reboot,
 }
 
 impl PowerTarget {
@@ -148,10 +155,11 @@ impl PowerTarget {
         )
     }
 
+    /// The state the domain is in after the step: a reboot leaves it running.
     #[must_use]
     pub fn as_state(self) -> PowerState {
         match self {
-            Self::Running => PowerState::Running,
+            Self::Running | Self::Reboot => PowerState::Running,
             Self::Shutoff => PowerState::Shutoff,
             Self::Paused => PowerState::Paused,
         }
@@ -160,7 +168,10 @@ impl PowerTarget {
 
 impl fmt::Display for PowerTarget {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        fmt::Display::fmt(&self.as_state(), f)
+        match self {
+            Self::Reboot => f.write_str("reboot"),
+            _ => fmt::Display::fmt(&self.as_state(), f),
+        }
     }
 }
 
@@ -209,6 +220,81 @@ impl RtcTrack {
 pub struct ClockTarget {
     pub offset: Option<ClockOffset>,
     pub track: Option<RtcTrack>,
+    /// Set the guest's time from the host (libvirt's domain time API, through the guest
+    /// agent) once the step's changes are made and the guest runs.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub sync: bool,
+}
+
+impl ClockTarget {
+    /// Whether the step edits the domain XML (offset or track), as opposed to only syncing.
+    #[must_use]
+    pub fn edits_xml(&self) -> bool {
+        self.offset.is_some() || self.track.is_some()
+    }
+}
+
+/// A gate after a step's changes: the step is done only when every given condition holds
+/// within `timeout`, polled every `interval`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct CheckSpec {
+    /// The libvirt state the domain must be in.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state: Option<PowerTarget>,
+    /// The guest agent must answer a ping.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub guest_agent: bool,
+    /// Run with `sh -c`; exit 0 passes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub command: Option<String>,
+    #[serde(with = "humantime_serde_secs")]
+    pub timeout: Duration,
+    #[serde(with = "duration_millis")]
+    pub interval: Duration,
+}
+
+impl CheckSpec {
+    /// How long a check waits by default.
+    pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(300);
+    /// How often a check polls by default.
+    pub const DEFAULT_INTERVAL: Duration = Duration::from_secs(5);
+
+    /// `state=running, guest agent, command "curl …"`: what the check waits for, for plan
+    /// output and messages.
+    #[must_use]
+    pub fn describe(&self) -> String {
+        let mut parts = Vec::new();
+        if let Some(state) = self.state {
+            parts.push(format!("state {state}"));
+        }
+        if self.guest_agent {
+            parts.push("guest agent answers".to_owned());
+        }
+        if let Some(command) = &self.command {
+            parts.push(format!("`{command}` exits 0"));
+        }
+        format!(
+            "{} (within {}, every {})",
+            parts.join(", "),
+            units::format_duration(self.timeout),
+            units::format_duration(self.interval)
+        )
+    }
+}
+
+/// Serde helper: short durations (check intervals) as whole milliseconds.
+mod duration_millis {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_u64(u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        u64::deserialize(d).map(Duration::from_millis)
+    }
 }
 
 /// A snapshot a step takes (idempotent by name).
@@ -233,6 +319,47 @@ pub struct Attributes {
     pub snapshot: Option<Located<SnapshotSpec>>,
 }
 
+impl Attributes {
+    /// The attributes the step sets, each with where it was written.
+    #[must_use]
+    pub fn set(&self) -> Vec<(Attr, Pos)> {
+        // Destructured without `..`: a new field must be listed here, and so in `Attr`.
+        let Self {
+            power,
+            memory,
+            max_memory,
+            vcpus,
+            max_vcpus,
+            clock,
+            autostart,
+            title,
+            description,
+            snapshot,
+        } = self;
+        [
+            (Attr::Power, power.as_ref().map(|l| l.pos)),
+            (Attr::Memory, memory.as_ref().map(|l| l.pos)),
+            (Attr::MaxMemory, max_memory.as_ref().map(|l| l.pos)),
+            (Attr::Vcpus, vcpus.as_ref().map(|l| l.pos)),
+            (Attr::MaxVcpus, max_vcpus.as_ref().map(|l| l.pos)),
+            (Attr::Clock, clock.as_ref().map(|l| l.pos)),
+            (Attr::Autostart, autostart.as_ref().map(|l| l.pos)),
+            (Attr::Title, title.as_ref().map(|l| l.pos)),
+            (Attr::Description, description.as_ref().map(|l| l.pos)),
+            (Attr::Snapshot, snapshot.as_ref().map(|l| l.pos)),
+        ]
+        .into_iter()
+        .filter_map(|(attr, pos)| Some((attr, pos?)))
+        .collect()
+    }
+
+    /// Whether the step sets `attr`.
+    #[must_use]
+    pub fn has(&self, attr: Attr) -> bool {
+        self.set().iter().any(|(a, _)| *a == attr)
+    }
+}
+
 /// One `vm`/`vms` entry: a domain name or UUID as written.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Target {
@@ -254,6 +381,11 @@ pub struct Step {
     pub connection: Option<String>,
     pub shutdown: ShutdownPolicy,
     pub attributes: Attributes,
+    /// A gate after the step's changes.
+    pub check: Option<Located<CheckSpec>>,
+    /// Runs even after an earlier step of its domain failed, was skipped or missed, or the
+    /// plan was aborted, so a window can always restore service.
+    pub always: bool,
 }
 
 /// Defaults a plan inherits from `virtplan.toml` and that validation needs.
@@ -383,41 +515,9 @@ impl Step {
 }
 
 impl Step {
-    /// A stable identity for the lockfile: a hash of everything the step asks for (time,
-    /// domains, connection, shutdown policy, attributes) but not of where it sits in the file,
-    /// so reordering or inserting steps keeps ids, and editing a step gives it a new id.
+    /// A stable identity for the lockfile: see [`step_id`].
     #[must_use]
     pub fn id(&self) -> String {
-        use sha2::{Digest, Sha256};
-        use std::fmt::Write as _;
-        let mut canon = String::new();
-        let _ = write!(
-            canon,
-            "at={:?};targets={:?};conn={:?};shutdown={:?};",
-            self.at.as_ref().map(|a| a.value.to_rfc3339()),
-            self.targets
-                .iter()
-                .map(|t| &t.name_or_uuid)
-                .collect::<Vec<_>>(),
-            self.connection,
-            self.shutdown,
-        );
-        let a = &self.attributes;
-        let _ = write!(
-            canon,
-            "power={:?};memory={:?};max_memory={:?};vcpus={:?};max_vcpus={:?};clock={:?};autostart={:?};title={:?};description={:?};snapshot={:?}",
-            a.power.as_ref().map(|l| l.value),
-            a.memory.as_ref().map(|l| l.value),
-            a.max_memory.as_ref().map(|l| l.value),
-            a.vcpus.as_ref().map(|l| l.value),
-            a.max_vcpus.as_ref().map(|l| l.value),
-            a.clock.as_ref().map(|l| l.value),
-            a.autostart.as_ref().map(|l| l.value),
-            a.title.as_ref().map(|l| &l.value),
-            a.description.as_ref().map(|l| &l.value),
-            a.snapshot.as_ref().map(|l| &l.value),
-        );
-        let digest = Sha256::digest(canon.as_bytes());
-        format!("s{}", &validate::hex(&digest)[..10])
+        step_id::StepIdentity::of(self).id()
     }
 }

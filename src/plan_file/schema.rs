@@ -88,8 +88,9 @@ struct StepSchema {
     /// libvirt URI or virtplan.toml host for this step.
     connection: Option<String>,
     shutdown: Option<ShutdownSchema>,
-    /// Desired power state (aliases: on, poweredOn, off, poweredOff, suspended).
-    #[schemars(extend("enum" = ["running", "shutoff", "paused", "on", "off", "poweredOn", "poweredOff", "suspended"]))]
+    /// Desired power state (aliases: on, poweredOn, off, poweredOff, suspended), or `reboot`:
+    /// the shutdown ladder then start, an action recorded done and never repeated.
+    #[schemars(extend("enum" = ["running", "shutoff", "paused", "reboot", "on", "off", "poweredOn", "poweredOff", "suspended"]))]
     power: Option<String>,
     /// Current memory, such as 3GiB (binary units).
     #[schemars(regex(pattern = SIZE_PATTERN))]
@@ -111,17 +112,46 @@ struct StepSchema {
     /// Description (libvirt metadata).
     description: Option<String>,
     snapshot: Option<SnapshotSchema>,
+    check: Option<CheckSchema>,
+    /// Run this step even after an earlier step of its domain failed, was skipped or missed,
+    /// or the plan was aborted (at its own time and grace), so the window restores service.
+    always: Option<bool>,
 }
 
-/// The domain clock; takes effect at the next boot.
+/// The domain clock; offset and track take effect at the next boot.
 #[derive(JsonSchema)]
 #[schemars(deny_unknown_fields)]
 struct ClockSchema {
     #[schemars(extend("enum" = ["utc", "localtime"]))]
     offset: Option<String>,
-    /// What the RTC timer tracks.
+    /// What the RTC timer tracks (ZStack's `host` is libvirt's `wall`).
     #[schemars(extend("enum" = ["boot", "guest", "wall", "realtime"]))]
     track: Option<String>,
+    /// Set the guest's time from the host through the guest agent once the step's changes are
+    /// made (the domain must run and have an agent channel).
+    sync: Option<bool>,
+}
+
+/// A gate after the step's changes: the step is done only when every given condition holds
+/// within `timeout`; a timed-out check fails the step.
+#[derive(JsonSchema)]
+#[schemars(deny_unknown_fields)]
+struct CheckSchema {
+    /// The libvirt state the domain must reach.
+    #[schemars(extend("enum" = ["running", "shutoff", "paused", "on", "off", "suspended"]))]
+    state: Option<String>,
+    /// The guest agent must answer a ping.
+    guest_agent: Option<bool>,
+    /// Run with `sh -c` (env VIRTPLAN_VM, VIRTPLAN_UUID, VIRTPLAN_CONNECTION, VIRTPLAN_STEP,
+    /// VIRTPLAN_PLAN); exit 0 passes.
+    #[schemars(length(min = 1))]
+    command: Option<String>,
+    /// How long to wait for the check to pass (default 5m).
+    #[schemars(regex(pattern = DURATION_PATTERN))]
+    timeout: Option<String>,
+    /// How often to try (default 5s).
+    #[schemars(regex(pattern = DURATION_PATTERN))]
+    interval: Option<String>,
 }
 
 /// A snapshot, idempotent by name.

@@ -10,12 +10,14 @@ use marked_yaml::Node;
 
 use super::diag::{did_you_mean, Diagnostic, Pos};
 use super::time::{parse_at, parse_instant, parse_zone};
-use super::units::{parse_duration, parse_size};
+use super::units::{self, parse_duration, parse_size};
 use super::yaml::{self, pos, Checker};
 use super::{
-    Attributes, ClockOffset, ClockTarget, LoadContext, Located, OnFailure, PlanFile, PowerTarget,
-    RtcTrack, ShutdownMode, ShutdownPolicy, SnapshotSpec, Step, Target, Window, FORMAT_VERSION,
+    Attributes, CheckSpec, ClockOffset, ClockTarget, LoadContext, Located, OnFailure, PlanFile,
+    PowerTarget, RtcTrack, ShutdownMode, ShutdownPolicy, SnapshotSpec, Step, Target, Window,
+    FORMAT_VERSION,
 };
+use crate::attr::Attr;
 use crate::config::Config;
 use crate::render::show_time;
 
@@ -32,37 +34,41 @@ pub const TOP_KEYS: &[&str] = &[
 pub const WINDOW_KEYS: &[&str] = &["start", "end"];
 pub const DEFAULTS_KEYS: &[&str] = &["shutdown", "on_failure"];
 pub const SHUTDOWN_KEYS: &[&str] = &["mode", "timeout", "force_after_timeout"];
-pub const CLOCK_KEYS: &[&str] = &["offset", "track"];
+pub const CLOCK_KEYS: &[&str] = &["offset", "track", "sync"];
+pub const CHECK_KEYS: &[&str] = &["state", "guest_agent", "command", "timeout", "interval"];
 pub const SNAPSHOT_KEYS: &[&str] = &["name", "description"];
-pub const ATTRIBUTE_KEYS: &[&str] = &[
-    "power",
-    "memory",
-    "max_memory",
-    "vcpus",
-    "max_vcpus",
-    "clock",
-    "autostart",
-    "title",
-    "description",
-    "snapshot",
-];
-pub const STEP_KEYS: &[&str] = &[
-    "at",
-    "vm",
-    "vms",
-    "connection",
-    "shutdown",
-    "power",
-    "memory",
-    "max_memory",
-    "vcpus",
-    "max_vcpus",
-    "clock",
-    "autostart",
-    "title",
-    "description",
-    "snapshot",
-];
+/// The attribute keys, as [`Attr`] spells them.
+pub const ATTRIBUTE_KEYS: [&str; Attr::KEYS.len()] = {
+    let mut keys = [""; Attr::KEYS.len()];
+    let mut i = 0;
+    while i < keys.len() {
+        keys[i] = Attr::KEYS[i].key();
+        i += 1;
+    }
+    keys
+};
+/// A step's own keys, before its attributes.
+const STEP_OWN_KEYS: [&str; 5] = ["at", "vm", "vms", "connection", "shutdown"];
+/// A step's keys after its attributes: how it is gated and when it runs.
+const STEP_GATE_KEYS: [&str; 2] = ["check", "always"];
+/// Every key a step allows: its own, the attributes, then the gates.
+pub const STEP_KEYS: [&str; STEP_OWN_KEYS.len() + ATTRIBUTE_KEYS.len() + STEP_GATE_KEYS.len()] = {
+    let mut keys = [""; STEP_OWN_KEYS.len() + ATTRIBUTE_KEYS.len() + STEP_GATE_KEYS.len()];
+    let own = STEP_OWN_KEYS.len();
+    let attrs = own + ATTRIBUTE_KEYS.len();
+    let mut i = 0;
+    while i < keys.len() {
+        keys[i] = if i < own {
+            STEP_OWN_KEYS[i]
+        } else if i < attrs {
+            ATTRIBUTE_KEYS[i - own]
+        } else {
+            STEP_GATE_KEYS[i - attrs]
+        };
+        i += 1;
+    }
+    keys
+};
 
 const DEFAULT_GRACE: Duration = Duration::from_secs(300);
 
@@ -171,6 +177,7 @@ pub fn validate(path: &Path, text: &str, ctx: &LoadContext) -> Result<PlanFile, 
             window,
             grace,
             on_failure,
+            parallelism: config.parallelism,
             steps,
         }),
         _ => Err(c.diags),
@@ -394,7 +401,7 @@ fn check_step(
         "- {at: 2026-12-01 04:00, vm: web-01, power: shutoff}",
     )?;
     let errors_before = c.diags.len();
-    c.known_keys(map, STEP_KEYS, &what);
+    c.known_keys(map, &STEP_KEYS, &what);
     let has_unknown_keys = c.diags.len() > errors_before;
 
     let at = map.get_node("at").and_then(|n| {
@@ -444,6 +451,13 @@ fn check_step(
         check_shutdown(c, n, settings.shutdown)
     });
     let attributes = check_attributes(c, map);
+    let check = map
+        .get_node("check")
+        .and_then(|n| check_gate(c, n).map(|v| located(n, v)));
+    let always = map
+        .get_node("always")
+        .and_then(|n| c.boolean(n, "`always`"))
+        .unwrap_or(false);
 
     if !has_unknown_keys && !ATTRIBUTE_KEYS.iter().any(|k| map.get_node(k).is_some()) {
         c.error(
@@ -460,6 +474,8 @@ fn check_step(
         connection,
         shutdown,
         attributes,
+        check,
+        always,
     })
 }
 
@@ -524,45 +540,41 @@ fn check_targets(
 
 fn check_attributes(c: &mut Checker<'_>, map: &MarkedMappingNode) -> Attributes {
     let mut a = Attributes::default();
-    if let Some(n) = map.get_node("power") {
-        a.power = power(c, n).map(|v| located(n, v));
-    }
-    for (key, slot) in [("memory", &mut a.memory), ("max_memory", &mut a.max_memory)] {
-        if let Some(n) = map.get_node(key) {
-            *slot = size(c, n, key).map(|v| located(n, v));
-        }
-    }
-    for (key, slot) in [("vcpus", &mut a.vcpus), ("max_vcpus", &mut a.max_vcpus)] {
-        if let Some(n) = map.get_node(key) {
-            *slot = c.count(n, &format!("`{key}`"), 1).map(|v| located(n, v));
-        }
-    }
-    if let Some(n) = map.get_node("clock") {
-        a.clock = clock(c, n).map(|v| located(n, v));
-    }
-    if let Some(n) = map.get_node("autostart") {
-        a.autostart = c.boolean(n, "`autostart`").map(|v| located(n, v));
-    }
-    if let Some(n) = map.get_node("title") {
-        a.title = c.any_text(n, "`title`", "title: web server").and_then(|t| {
-            if t.contains('\n') {
-                c.error(
-                    pos(n),
-                    "`title` must be a single line",
-                    "libvirt titles are one line; put longer text in `description`",
-                );
-                return None;
+    for attr in Attr::KEYS {
+        let Some(n) = map.get_node(attr.key()) else {
+            continue;
+        };
+        let key = attr.key();
+        match attr {
+            Attr::Power => a.power = power(c, n).map(|v| located(n, v)),
+            Attr::Memory => a.memory = size(c, n, key).map(|v| located(n, v)),
+            Attr::MaxMemory => a.max_memory = size(c, n, key).map(|v| located(n, v)),
+            Attr::Vcpus => a.vcpus = c.count(n, "`vcpus`", 1).map(|v| located(n, v)),
+            Attr::MaxVcpus => a.max_vcpus = c.count(n, "`max_vcpus`", 1).map(|v| located(n, v)),
+            Attr::Clock => a.clock = clock(c, n).map(|v| located(n, v)),
+            Attr::Autostart => a.autostart = c.boolean(n, "`autostart`").map(|v| located(n, v)),
+            Attr::Title => {
+                a.title = c.any_text(n, "`title`", "title: web server").and_then(|t| {
+                    if t.contains('\n') {
+                        c.error(
+                            pos(n),
+                            "`title` must be a single line",
+                            "libvirt titles are one line; put longer text in `description`",
+                        );
+                        return None;
+                    }
+                    Some(located(n, t.to_owned()))
+                });
             }
-            Some(located(n, t.to_owned()))
-        });
-    }
-    if let Some(n) = map.get_node("description") {
-        a.description = c
-            .any_text(n, "`description`", "description: serves the shop")
-            .map(|t| located(n, t.to_owned()));
-    }
-    if let Some(n) = map.get_node("snapshot") {
-        a.snapshot = snapshot(c, n).map(|v| located(n, v));
+            Attr::Description => {
+                a.description = c
+                    .any_text(n, "`description`", "description: serves the shop")
+                    .map(|t| located(n, t.to_owned()));
+            }
+            Attr::Snapshot => a.snapshot = snapshot(c, n).map(|v| located(n, v)),
+            // Not a key: `clock: {sync: true}` asks for it.
+            Attr::GuestTime => {}
+        }
     }
     check_limits(c, &a);
     a
@@ -611,14 +623,15 @@ fn power(c: &mut Checker<'_>, node: &Node) -> Option<PowerTarget> {
             ("running", PowerTarget::Running),
             ("shutoff", PowerTarget::Shutoff),
             ("paused", PowerTarget::Paused),
+            ("reboot", PowerTarget::Reboot),
             ("on", PowerTarget::Running),
             ("poweredOn", PowerTarget::Running),
             ("off", PowerTarget::Shutoff),
             ("poweredOff", PowerTarget::Shutoff),
             ("suspended", PowerTarget::Paused),
         ],
-        "`running`, `shutoff` or `paused`",
-        "use `running` (alias `on`), `shutoff` (alias `off`) or `paused` (alias `suspended`)",
+        "`running`, `shutoff`, `paused` or `reboot`",
+        "use `running` (alias `on`), `shutoff` (alias `off`), `paused` (alias `suspended`) or `reboot`",
     )
 }
 
@@ -637,6 +650,7 @@ fn clock(c: &mut Checker<'_>, node: &Node) -> Option<ClockTarget> {
     let mut target = ClockTarget {
         offset: None,
         track: None,
+        sync: false,
     };
     if let Some(n) = map.get_node("offset") {
         target.offset = c.choice(
@@ -651,6 +665,14 @@ fn clock(c: &mut Checker<'_>, node: &Node) -> Option<ClockTarget> {
         );
     }
     if let Some(n) = map.get_node("track") {
+        if n.as_scalar().is_some_and(|s| s.as_str() == "host") {
+            c.error(
+                pos(n),
+                "`clock.track: host` is not a libvirt value",
+                "libvirt calls a clock that follows the host `wall`: write `track: wall` (`host` is ZStack's spelling)",
+            );
+            return None;
+        }
         target.track = c.choice(
             n,
             "`clock.track`",
@@ -664,15 +686,105 @@ fn clock(c: &mut Checker<'_>, node: &Node) -> Option<ClockTarget> {
             "the RTC timer tracks `boot`, `guest`, `wall` or `realtime` time",
         );
     }
+    if let Some(n) = map.get_node("sync") {
+        target.sync = c.boolean(n, "`clock.sync`").unwrap_or(false);
+    }
     // A misspelt key already explains why nothing is set.
-    if !has_unknown_keys && map.get_node("offset").is_none() && map.get_node("track").is_none() {
+    if !has_unknown_keys && !target.edits_xml() && !target.sync && c.diags.len() == before {
         c.error(
             pos(node),
             "`clock` sets nothing",
-            "give `offset: utc|localtime`, `track: boot|guest|wall|realtime`, or both",
+            "give `offset: utc|localtime`, `track: boot|guest|wall|realtime`, `sync: true`, or several",
         );
     }
     (c.diags.len() == before).then_some(target)
+}
+
+/// `check: {state, guest_agent, command, timeout, interval}`.
+fn check_gate(c: &mut Checker<'_>, node: &Node) -> Option<CheckSpec> {
+    let example = "check: {state: running, guest_agent: true, timeout: 5m, interval: 5s}";
+    let map = c.mapping(node, "`check`", example)?;
+    let before = c.diags.len();
+    c.known_keys(map, CHECK_KEYS, "`check`");
+    let has_unknown_keys = c.diags.len() > before;
+    let mut spec = CheckSpec {
+        state: None,
+        guest_agent: false,
+        command: None,
+        timeout: CheckSpec::DEFAULT_TIMEOUT,
+        interval: CheckSpec::DEFAULT_INTERVAL,
+    };
+    if let Some(n) = map.get_node("state") {
+        spec.state = c.choice(
+            n,
+            "`check.state`",
+            &[
+                ("running", PowerTarget::Running),
+                ("shutoff", PowerTarget::Shutoff),
+                ("paused", PowerTarget::Paused),
+                ("on", PowerTarget::Running),
+                ("off", PowerTarget::Shutoff),
+                ("suspended", PowerTarget::Paused),
+            ],
+            "`running`, `shutoff` or `paused`",
+            "a check waits for a libvirt state: `running`, `shutoff` or `paused` (a reboot is an action, not a state)",
+        );
+    }
+    if let Some(n) = map.get_node("guest_agent") {
+        spec.guest_agent = c.boolean(n, "`check.guest_agent`").unwrap_or(false);
+    }
+    if let Some(n) = map.get_node("command") {
+        spec.command = c
+            .text(
+                n,
+                "`check.command`",
+                "command: curl -fsS http://$VIRTPLAN_VM/health",
+            )
+            .map(str::to_owned);
+    }
+    let positive = |c: &mut Checker<'_>, key: &str, example: &str| -> Option<(Duration, Pos)> {
+        let n = map.get_node(key)?;
+        let d = duration(c, n, &format!("`check.{key}`"), example)?;
+        if d.is_zero() {
+            c.error(
+                pos(n),
+                format!("`check.{key}` must be longer than zero"),
+                format!("for example `{example}`"),
+            );
+            return None;
+        }
+        Some((d, pos(n)))
+    };
+    if let Some((d, _)) = positive(c, "timeout", "timeout: 5m") {
+        spec.timeout = d;
+    }
+    if let Some((d, at)) = positive(c, "interval", "interval: 5s") {
+        spec.interval = d;
+        if d > spec.timeout {
+            c.error(
+                at,
+                format!(
+                    "`check.interval` {} is longer than `check.timeout` {}: the check would be tried once",
+                    units::format_duration(d),
+                    units::format_duration(spec.timeout)
+                ),
+                "poll more often than the timeout, such as `interval: 5s`",
+            );
+        }
+    }
+    if !has_unknown_keys
+        && c.diags.len() == before
+        && spec.state.is_none()
+        && !spec.guest_agent
+        && spec.command.is_none()
+    {
+        c.error(
+            pos(node),
+            "`check` waits for nothing",
+            "give at least one of `state: running`, `guest_agent: true`, `command: ...`",
+        );
+    }
+    (c.diags.len() == before).then_some(spec)
 }
 
 fn snapshot(c: &mut Checker<'_>, node: &Node) -> Option<SnapshotSpec> {

@@ -4,17 +4,22 @@
 //! `plan` renders this value, `plan --out` saves it, and `apply` executes it: nothing is
 //! planned twice in two different ways.
 
+pub mod overlap;
 mod project;
 pub mod saved;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
+use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
+use crate::attr::{Attr, Figure};
 use crate::hypervisor::{DomainId, HvError, Hypervisor};
-use crate::plan_file::{ClockTarget, PlanFile, Pos, ShutdownPolicy, SnapshotSpec};
+use crate::plan_file::{
+    CheckSpec, ClockTarget, OnFailure, PlanFile, Pos, ShutdownPolicy, SnapshotSpec, Window,
+};
 use crate::state::{DomainState, Kib};
 
 pub use project::project;
@@ -39,6 +44,7 @@ pub enum ChangeAction {
 
 /// One attribute of one domain at one step: the unit of `plan` output.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(try_from = "ChangeRepr")]
 pub struct Change {
     /// 1-based step number in the plan file.
     pub step: usize,
@@ -48,9 +54,9 @@ pub struct Change {
     pub vm: String,
     pub uuid: String,
     pub connection: String,
-    pub attribute: String,
-    pub before: serde_json::Value,
-    pub after: serde_json::Value,
+    pub attribute: Attr,
+    pub before: Figure,
+    pub after: Figure,
     pub action: ChangeAction,
     /// How it is applied: `live+config`, `config`, `graceful shutdown, force after 2m`, ...
     pub method: Option<String>,
@@ -58,6 +64,59 @@ pub struct Change {
     /// Unified diff of the persistent domain XML, for XML-level changes (clock).
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub xml_diff: Option<String>,
+}
+
+/// [`Change`] as read back from JSON: its figures are read by their attribute.
+#[derive(Deserialize)]
+struct ChangeRepr {
+    step: usize,
+    step_id: String,
+    at: Option<DateTime<Utc>>,
+    vm: String,
+    uuid: String,
+    connection: String,
+    attribute: Attr,
+    before: serde_json::Value,
+    after: serde_json::Value,
+    action: ChangeAction,
+    method: Option<String>,
+    notes: Vec<String>,
+    #[serde(default)]
+    xml_diff: Option<String>,
+}
+
+impl TryFrom<ChangeRepr> for Change {
+    type Error = String;
+
+    fn try_from(r: ChangeRepr) -> Result<Self, String> {
+        Ok(Self {
+            before: r.attribute.figure_from_json(&r.before)?,
+            after: r.attribute.figure_from_json(&r.after)?,
+            step: r.step,
+            step_id: r.step_id,
+            at: r.at,
+            vm: r.vm,
+            uuid: r.uuid,
+            connection: r.connection,
+            attribute: r.attribute,
+            action: r.action,
+            method: r.method,
+            notes: r.notes,
+            xml_diff: r.xml_diff,
+        })
+    }
+}
+
+impl Change {
+    /// `memory 128MiB → 3GiB`, or `memory 3GiB (no change)`.
+    #[must_use]
+    pub fn describe(&self) -> String {
+        if self.before == self.after {
+            format!("{} {} (no change)", self.attribute, self.after)
+        } else {
+            format!("{} {} → {}", self.attribute, self.before, self.after)
+        }
+    }
 }
 
 /// One libvirt operation the executor performs, in order, for one step on one domain.
@@ -100,6 +159,9 @@ pub enum Action {
     },
     Start,
     Resume,
+    /// Sets the guest's clock from the host through the guest agent (`clock: {sync: true}`),
+    /// once the guest runs and its agent answers.
+    SyncGuestTime,
 }
 
 /// One step applied to one domain: what the executor runs and what it verifies against.
@@ -117,6 +179,20 @@ pub struct PlannedStep {
     pub actions: Vec<Action>,
     /// Recorded done in the lockfile: nothing to run.
     pub done: bool,
+    /// `power: reboot`: the `PowerOff` and `Start` actions are one reboot, recorded done once
+    /// and finished, never repeated, by a resumed run.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub reboot: bool,
+    /// A gate after the step's changes: done only when it passes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub check: Option<CheckSpec>,
+    /// Runs even after an earlier step of its domain failed, was skipped or missed, or the
+    /// plan was aborted.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub always: bool,
+    /// The plan file, for the check command's `VIRTPLAN_PLAN`.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub plan_file: String,
 }
 
 /// A domain as resolved at plan time.
@@ -154,10 +230,42 @@ pub struct Summary {
     pub done: usize,
 }
 
+/// How a plan runs, fixed when it is made: `apply SAVED` runs under the policy that was
+/// reviewed, whatever virtplan.toml says by then. Each power-off action carries its step's
+/// shutdown policy, and each step its resolved connection.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Policy {
+    /// How late a step may still start.
+    pub grace: Duration,
+    /// No step starts at or after `window.end`.
+    pub window: Option<Window>,
+    pub on_failure: OnFailure,
+    /// How many steps run at the same time.
+    pub parallelism: usize,
+    /// Every libvirt URI the steps use, host aliases and `--connect` resolved.
+    pub connections: BTreeSet<String>,
+}
+
+impl Policy {
+    /// The policy `file` asks for (its own keys, else virtplan.toml's, else the defaults);
+    /// `connections` is filled in by the planner.
+    #[must_use]
+    pub fn of(file: &PlanFile) -> Self {
+        Self {
+            grace: file.grace,
+            window: file.window,
+            on_failure: file.on_failure,
+            parallelism: file.parallelism,
+            connections: BTreeSet::new(),
+        }
+    }
+}
+
 /// The whole projected plan.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Plan {
     pub meta: PlanMeta,
+    pub policy: Policy,
     /// When the plan was made (the `now` it was projected at).
     pub planned_at: DateTime<Utc>,
     pub changes: Vec<Change>,
@@ -168,6 +276,26 @@ pub struct Plan {
 }
 
 impl Plan {
+    /// What a step does to one domain, in one line: `power running → shutoff; memory 128MiB → 3GiB`.
+    #[must_use]
+    pub fn describe(&self, step_id: &str, uuid: &str) -> String {
+        self.changes
+            .iter()
+            .filter(|c| c.step_id == step_id && c.uuid == uuid)
+            .map(Change::describe)
+            .collect::<Vec<_>>()
+            .join("; ")
+    }
+
+    /// The attributes a step changes (or checks) on one domain.
+    pub fn attributes(&self, step_id: &str, uuid: &str) -> impl Iterator<Item = Attr> + '_ {
+        let (step_id, uuid) = (step_id.to_owned(), uuid.to_owned());
+        self.changes
+            .iter()
+            .filter(move |c| c.step_id == step_id && c.uuid == uuid)
+            .map(|c| c.attribute)
+    }
+
     /// Whether anything would change.
     #[must_use]
     pub fn has_changes(&self) -> bool {

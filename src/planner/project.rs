@@ -4,16 +4,16 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use chrono::{DateTime, Utc};
-use serde_json::{json, Value};
 
 use super::{
     Action, Change, ChangeAction, Connections, Plan, PlanError, PlanInput, PlanMeta, PlanProblem,
-    PlannedDomain, PlannedStep, Summary,
+    PlannedDomain, PlannedStep, Policy, Summary,
 };
-use crate::hypervisor::{domain_xml, DomainId, ErrorKind, Hypervisor};
+use crate::attr::{Attr, Figure};
+use crate::hypervisor::{domain_xml, DomainId, ErrorKind, Hypervisor, Observation, Want};
 use crate::plan_file::units::format_duration;
 use crate::plan_file::{
-    ClockTarget, Located, PlanFile, PowerTarget, ShutdownMode, ShutdownPolicy, Step,
+    Attributes, ClockTarget, Located, PlanFile, PowerTarget, ShutdownMode, ShutdownPolicy, Step,
 };
 use crate::state::{ClockState, DomainState, LiveFigures, PowerState};
 
@@ -95,6 +95,10 @@ pub fn project(input: &PlanInput<'_>) -> Result<Plan, PlanError> {
             sha256: file.sha256.clone(),
             timezone: file.timezone.map(|z| z.name().to_owned()),
         },
+        policy: Policy {
+            connections: out.steps.iter().map(|s| s.connection.clone()).collect(),
+            ..Policy::of(file)
+        },
         planned_at: input.now,
         changes: out.changes,
         warnings: out.warnings,
@@ -105,14 +109,16 @@ pub fn project(input: &PlanInput<'_>) -> Result<Plan, PlanError> {
 
 type Resolved<'a> = Vec<(&'a Step, String, DomainId)>;
 
-/// Resolves every step's domains, each name once per connection.
+/// Resolves every step's domains: each name once per connection, all of a connection's names
+/// in one bulk call.
 fn resolve_targets<'a>(
     input: &PlanInput<'a>,
     problems: &mut Vec<PlanProblem>,
 ) -> Result<Resolved<'a>, PlanError> {
     let file = input.file;
-    let mut cache: BTreeMap<(String, String), Option<DomainId>> = BTreeMap::new();
-    let mut resolved = Vec::new();
+    // First every step's connection and names, so each connection resolves its names at once.
+    let mut steps: Vec<(&Step, String)> = Vec::with_capacity(file.steps.len());
+    let mut wanted: BTreeMap<String, BTreeSet<&str>> = BTreeMap::new();
     for step in &file.steps {
         let Some(uri) = input
             .connect_override
@@ -123,7 +129,7 @@ fn resolve_targets<'a>(
                 "add `connection: qemu:///system` to the plan, set `connection` in virtplan.toml, or pass --connect URI"));
             continue;
         };
-        let Some(hv) = input.connections.get(&uri) else {
+        if !input.connections.contains_key(&uri) {
             return Err(PlanError::Libvirt {
                 context: format!("step {}", step.number),
                 source: crate::hypervisor::HvError::new(
@@ -131,23 +137,28 @@ fn resolve_targets<'a>(
                     format!("no open connection to {uri}"),
                 ),
             });
-        };
+        }
+        let names = wanted.entry(uri.clone()).or_default();
+        names.extend(step.targets.iter().map(|t| t.name_or_uuid.as_str()));
+        steps.push((step, uri));
+    }
+    let mut cache: BTreeMap<(String, String), Option<DomainId>> = BTreeMap::new();
+    for (uri, names) in wanted {
+        let names: Vec<String> = names.into_iter().map(str::to_owned).collect();
+        let found = input.connections[&uri]
+            .resolve_many(&names)
+            .map_err(|source| PlanError::Libvirt {
+                context: format!("looking up the plan's domains on {uri}"),
+                source,
+            })?;
+        for (name, id) in names.into_iter().zip(found) {
+            cache.insert((uri.clone(), name), id);
+        }
+    }
+    let mut resolved = Vec::new();
+    for (step, uri) in steps {
         for target in &step.targets {
-            let key = (uri.clone(), target.name_or_uuid.clone());
-            if !cache.contains_key(&key) {
-                let found = match hv.resolve(&target.name_or_uuid) {
-                    Ok(id) => Some(id),
-                    Err(e) if e.kind == ErrorKind::NotFound => None,
-                    Err(e) => {
-                        return Err(PlanError::Libvirt {
-                            context: format!("looking up `{}` on {uri}", target.name_or_uuid),
-                            source: e,
-                        })
-                    }
-                };
-                cache.insert(key.clone(), found);
-            }
-            match &cache[&key] {
+            match cache.get(&(uri.clone(), target.name_or_uuid.clone())).and_then(Option::as_ref) {
                 Some(id) => resolved.push((step, uri.clone(), id.clone())),
                 None => problems.push(problem(
                     file,
@@ -163,28 +174,34 @@ fn resolve_targets<'a>(
     Ok(resolved)
 }
 
-/// Reads every targeted domain: one bulk call per connection, the persistent XML only for
-/// domains with clock steps, snapshot names only for domains with snapshot steps.
+/// Reads every targeted domain: one bulk read per connection, in which the persistent XML is
+/// read only where a step needs it (clock, reboot, agent check, title, description) or the domain runs (its
+/// configuration figures live only there), snapshot names only for domains with snapshot steps.
 fn observe(
     connections: &Connections,
     per_domain: &BTreeMap<(String, String), Vec<&Step>>,
 ) -> Result<BTreeMap<(String, String), Observed>, PlanError> {
-    let mut by_uri: BTreeMap<&str, Vec<String>> = BTreeMap::new();
-    for (uri, uuid) in per_domain.keys() {
-        by_uri.entry(uri).or_default().push(uuid.clone());
+    let mut by_uri: BTreeMap<&str, Vec<Want>> = BTreeMap::new();
+    for ((uri, uuid), steps) in per_domain {
+        let any = |f: fn(&Step) -> bool| steps.iter().any(|s| f(s));
+        by_uri.entry(uri).or_default().push(Want {
+            uuid: uuid.clone(),
+            clock: any(needs_xml),
+            metadata: any(|s| s.attributes.has(Attr::Title) || s.attributes.has(Attr::Description)),
+        });
     }
     let mut result = BTreeMap::new();
-    for (uri, uuids) in by_uri {
+    for (uri, wants) in by_uri {
         let hv = &connections[uri];
         let libvirt = |context: String| move |source| PlanError::Libvirt { context, source };
-        let states = hv
-            .observe_many(&uuids, false)
+        let observations = hv
+            .observe_wanted(&wants)
             .map_err(libvirt(format!("reading domain state on {uri}")))?;
         let needs_host_cpus = per_domain
             .iter()
             .filter(|((u, _), _)| u == uri)
             .flat_map(|(_, steps)| steps.iter())
-            .any(|s| s.attributes.vcpus.is_some() || s.attributes.max_vcpus.is_some());
+            .any(|s| s.attributes.has(Attr::Vcpus) || s.attributes.has(Attr::MaxVcpus));
         let host_cpus = if needs_host_cpus {
             Some(
                 hv.host_cpus()
@@ -193,30 +210,18 @@ fn observe(
         } else {
             None
         };
-        for state in states {
+        for Observation { state, definition } in observations {
             let key = (uri.to_owned(), state.uuid.clone());
             let Some(steps) = per_domain.get(&key) else {
                 continue;
             };
             let mut obs = Observed {
                 state,
-                xml: None,
+                xml: definition,
                 snapshots: BTreeSet::new(),
                 host_cpus,
             };
-            if steps.iter().any(|s| s.attributes.clock.is_some()) {
-                let xml = hv.domain_xml(&key.1, true).map_err(libvirt(format!(
-                    "reading the definition of {}",
-                    obs.state.name
-                )))?;
-                let clock = domain_xml::read_clock(&xml).map_err(|e| PlanError::Libvirt {
-                    context: format!("reading the clock of {}", obs.state.name),
-                    source: crate::hypervisor::HvError::new(ErrorKind::Other, e.to_string()),
-                })?;
-                obs.state.clock = Some(clock);
-                obs.xml = Some(xml);
-            }
-            if steps.iter().any(|s| s.attributes.snapshot.is_some()) {
+            if steps.iter().any(|s| s.attributes.has(Attr::Snapshot)) {
                 obs.snapshots = snapshot_names(hv.as_ref(), &key.1)
                     .map_err(libvirt(format!("listing snapshots of {}", obs.state.name)))?;
             }
@@ -224,6 +229,17 @@ fn observe(
         }
     }
     Ok(result)
+}
+
+/// Steps whose projection reads the persistent XML: clock edits, and whatever depends on a
+/// guest agent channel (a reboot's ladder, `clock.sync`, a `guest_agent` check).
+fn needs_xml(s: &Step) -> bool {
+    s.attributes.clock.is_some()
+        || s.attributes
+            .power
+            .as_ref()
+            .is_some_and(|p| p.value == PowerTarget::Reboot)
+        || s.check.as_ref().is_some_and(|c| c.value.guest_agent)
 }
 
 fn snapshot_names(
@@ -310,9 +326,9 @@ struct StepBuild<'a> {
 impl StepBuild<'_> {
     fn change(
         &mut self,
-        attribute: &str,
-        before: Value,
-        after: Value,
+        attribute: Attr,
+        before: Figure,
+        after: Figure,
         method: Option<String>,
         notes: Vec<String>,
     ) -> usize {
@@ -328,7 +344,7 @@ impl StepBuild<'_> {
             vm: self.base.id.name.clone(),
             uuid: self.base.id.uuid.clone(),
             connection: self.base.uri.to_owned(),
-            attribute: attribute.to_owned(),
+            attribute,
             before,
             after,
             action,
@@ -365,6 +381,7 @@ struct Carry {
 
 impl DomainCtx<'_> {
     fn project(&self, steps: &[&Step], out: &mut Output, problems: &mut Vec<PlanProblem>) {
+        let first = out.changes.len();
         let mut carry = Carry {
             state: self.observed.state.clone(),
             xml: self.observed.xml.clone(),
@@ -404,6 +421,20 @@ impl DomainCtx<'_> {
             } else if let Err(p) = self.project_step(&mut b, &mut carry, out) {
                 problems.push(p);
                 continue;
+            } else if let Err(p) = self.gate(&b, &carry) {
+                problems.push(p);
+                continue;
+            }
+            if let Some(last) = b.changes.last_mut() {
+                if let Some(check) = &step.check {
+                    last.notes.push(format!(
+                        "then waits for the check: {}; the step fails if it does not pass",
+                        check.value.describe()
+                    ));
+                }
+                if step.always {
+                    last.notes.push("always: runs even after an earlier step of this domain failed, was skipped or missed, or the plan was aborted".to_owned());
+                }
             }
             out.steps.push(PlannedStep {
                 step: step.number,
@@ -415,6 +446,14 @@ impl DomainCtx<'_> {
                 after: carry.state.clone(),
                 actions: b.actions,
                 done,
+                reboot: step
+                    .attributes
+                    .power
+                    .as_ref()
+                    .is_some_and(|p| p.value == PowerTarget::Reboot),
+                check: step.check.as_ref().map(|c| c.value.clone()),
+                always: step.always,
+                plan_file: self.file.path.display().to_string(),
             });
             out.changes.extend(b.changes);
         }
@@ -429,11 +468,12 @@ impl DomainCtx<'_> {
                 self.id.name
             ));
         }
+        // Only this domain's changes, appended since `first`: a scan of every change of the
+        // plan per clock note made plans with many clock steps quadratic.
         for (number, note) in carry.clock_notes {
-            let change = out
-                .changes
+            let change = out.changes[first..]
                 .iter_mut()
-                .find(|c| c.step == number && c.uuid == self.id.uuid && c.attribute == "clock");
+                .find(|c| c.step == number && c.uuid == self.id.uuid && c.attribute == Attr::Clock);
             if let Some(change) = change {
                 change.notes.push(note);
             }
@@ -450,6 +490,20 @@ impl DomainCtx<'_> {
     ) -> Result<(), PlanProblem> {
         let step = b.step;
         let a = &step.attributes;
+        // Every attribute is projected below, in its phase; listed without `..` so a new
+        // attribute does not compile until it has a phase here.
+        let Attributes {
+            power: _,
+            memory: _,
+            max_memory: _,
+            vcpus: _,
+            max_vcpus: _,
+            clock: _,
+            autostart: _,
+            title: _,
+            description: _,
+            snapshot: _,
+        } = a;
         let power = a.power.as_ref().map(|p| p.value);
         settled(b, &carry.state, a.power.as_ref())?;
 
@@ -475,21 +529,43 @@ impl DomainCtx<'_> {
                     }
                 }
                 b.change(
-                    "power",
-                    json!(state.power.as_str()),
-                    json!("shutoff"),
+                    Attr::Power,
+                    Figure::Power(state.power),
+                    Figure::Power(PowerState::Shutoff),
                     method,
                     vec![],
                 );
                 state.power = PowerState::Shutoff;
                 state.live = None;
             }
+            Some(PowerTarget::Reboot) if carry.state.power == PowerState::Paused => {
+                return Err(b.problem(
+                    a.power.as_ref().map_or(step.pos, |p| p.pos),
+                    format!("{} is paused at this step: a paused guest cannot shut down to reboot", self.id.name),
+                    "resume it first (`power: running` in an earlier step), or power it off and on in two steps",
+                ));
+            }
+            Some(PowerTarget::Reboot) if carry.state.power.is_active() => {
+                b.actions.push(Action::PowerOff {
+                    policy: step.shutdown,
+                });
+                if step.shutdown.mode == ShutdownMode::Graceful
+                    && !step.shutdown.force_after_timeout
+                {
+                    out.warnings.push(format!(
+                        "step {} reboots {} gracefully with force_after_timeout: false; a guest that ignores the shutdown request never stops, and the step fails after {}",
+                        step.number, self.id.name, format_duration(step.shutdown.timeout)
+                    ));
+                }
+                carry.state.power = PowerState::Shutoff;
+                carry.state.live = None;
+            }
             Some(PowerTarget::Paused) if carry.state.power == PowerState::Running => {
                 b.actions.push(Action::Suspend);
                 b.change(
-                    "power",
-                    json!("running"),
-                    json!("paused"),
+                    Attr::Power,
+                    Figure::Power(PowerState::Running),
+                    Figure::Power(PowerState::Paused),
                     Some("suspend".into()),
                     vec![],
                 );
@@ -508,9 +584,13 @@ impl DomainCtx<'_> {
                 vec![]
             };
             b.change(
-                "snapshot",
-                json!(exists.then_some(name)),
-                json!(name),
+                Attr::Snapshot,
+                if exists {
+                    Figure::Text(name.clone())
+                } else {
+                    Figure::None
+                },
+                Figure::Text(name.clone()),
                 Some("snapshot create".into()),
                 notes,
             );
@@ -535,14 +615,27 @@ impl DomainCtx<'_> {
                     "use `track: guest` (the guest's own time) or `track: wall` (host time) on QEMU/KVM",
                 ));
             }
-            Self::clock_step(b, carry, clock)?;
+            if clock.value.edits_xml() {
+                Self::clock_step(b, carry, clock)?;
+                let has_agent = carry.xml.as_deref().is_some_and(agent_channel);
+                if has_agent && !clock.value.sync && carry.state.power.is_active() {
+                    if let Some(change) = b
+                        .changes
+                        .iter_mut()
+                        .rev()
+                        .find(|c| c.attribute == Attr::Clock)
+                    {
+                        change.notes.push("the domain has a guest agent: `sync: true` on the step that boots it sets the guest's time from the host".to_owned());
+                    }
+                }
+            }
         }
         let state = &mut carry.state;
         if let Some(on) = &a.autostart {
             b.change(
-                "autostart",
-                json!(state.autostart),
-                json!(on.value),
+                Attr::Autostart,
+                Figure::Flag(state.autostart),
+                Figure::Flag(on.value),
                 Some("set autostart".into()),
                 vec![],
             );
@@ -553,9 +646,9 @@ impl DomainCtx<'_> {
         }
         if let Some(title) = &a.title {
             b.change(
-                "title",
-                json!(state.title),
-                json!(title.value),
+                Attr::Title,
+                Figure::Text(state.title.clone()),
+                Figure::Text(title.value.clone()),
                 Some("metadata".into()),
                 vec![],
             );
@@ -568,9 +661,9 @@ impl DomainCtx<'_> {
         }
         if let Some(description) = &a.description {
             b.change(
-                "description",
-                json!(state.description),
-                json!(description.value),
+                Attr::Description,
+                Figure::Text(state.description.clone()),
+                Figure::Text(description.value.clone()),
                 Some("metadata".into()),
                 vec![],
             );
@@ -600,11 +693,46 @@ impl DomainCtx<'_> {
                 b.actions.extend([Action::Start, Action::Suspend]);
                 true
             }
+            Some(PowerTarget::Reboot) => {
+                b.actions.push(Action::Start);
+                true
+            }
             _ => false,
         };
-        if let Some(target) = power.filter(|p| *p != PowerTarget::Shutoff) {
+        if power == Some(PowerTarget::Reboot) {
+            // An action, never "unchanged": it runs even though running → running.
+            let was_running = b
+                .actions
+                .iter()
+                .any(|a| matches!(a, Action::PowerOff { .. }));
+            let (before, method) = if was_running {
+                (
+                    PowerState::Running,
+                    format!(
+                        "reboot: {}, then start",
+                        ladder_method(step.shutdown, carry.xml.as_deref())
+                    ),
+                )
+            } else {
+                (
+                    before_power,
+                    "the domain is off at this step: the reboot starts it".to_owned(),
+                )
+            };
+            let index = b.change(
+                Attr::Power,
+                Figure::Power(before),
+                Figure::Power(PowerState::Running),
+                Some(method),
+                vec![],
+            );
+            b.changes[index].action = ChangeAction::Change;
+        }
+        if let Some(target) =
+            power.filter(|p| !matches!(p, PowerTarget::Shutoff | PowerTarget::Reboot))
+        {
             // Pausing a running domain was already recorded with the power-off phase.
-            let recorded = b.changes.iter().any(|c| c.attribute == "power");
+            let recorded = b.changes.iter().any(|c| c.attribute == Attr::Power);
             if !recorded {
                 let method = match (before_power, boots) {
                     (_, true) if target == PowerTarget::Paused => {
@@ -617,24 +745,92 @@ impl DomainCtx<'_> {
                     _ => None,
                 };
                 b.change(
-                    "power",
-                    json!(before_power.as_str()),
-                    json!(target.to_string()),
+                    Attr::Power,
+                    Figure::Power(before_power),
+                    Figure::Power(target.as_state()),
                     method,
                     vec![],
                 );
             }
+            carry.state.power = target.as_state();
+        }
+        if boots {
             let state = &mut carry.state;
-            state.power = target.as_state();
-            if boots {
-                state.live = Some(LiveFigures {
-                    memory: state.memory,
-                    vcpus: state.vcpus,
-                });
-                if let Some(number) = carry.pending_clock.take() {
-                    let note = format!("takes effect when step {} boots the domain", step.number);
-                    carry.clock_notes.push((number, note));
-                }
+            state.power = power.map_or(state.power, PowerTarget::as_state);
+            state.live = Some(LiveFigures {
+                memory: state.memory,
+                vcpus: state.vcpus,
+            });
+            if let Some(number) = carry.pending_clock.take() {
+                let note = format!("takes effect when step {} boots the domain", step.number);
+                carry.clock_notes.push((number, note));
+            }
+        }
+        if a.clock.as_ref().is_some_and(|c| c.value.sync) {
+            self.sync_step(b, carry)?;
+        }
+        Ok(())
+    }
+
+    /// `clock: {sync: true}`: needs a guest that runs after the step's changes, with an agent
+    /// channel, or apply could only fail.
+    fn sync_step(&self, b: &mut StepBuild<'_>, carry: &Carry) -> Result<(), PlanProblem> {
+        let Some(clock) = &b.step.attributes.clock else {
+            return Ok(());
+        };
+        let name = &self.id.name;
+        if carry.state.power != PowerState::Running {
+            return Err(b.problem(
+                clock.pos,
+                format!("`clock.sync` sets the guest's time through its agent, but {name} is {} after this step", carry.state.power),
+                "put `sync: true` on the step that powers the domain on (`power: running` or `power: reboot`), or on a later step while it runs",
+            ));
+        }
+        if !carry.xml.as_deref().is_some_and(agent_channel) {
+            return Err(b.problem(
+                clock.pos,
+                format!("`clock.sync` needs a guest agent, and {name} has no guest agent channel"),
+                "add `<channel type='unix'><target type='virtio' name='org.qemu.guest_agent.0'/></channel>` to the domain and run qemu-guest-agent in the guest, or drop `sync`",
+            ));
+        }
+        b.change(
+            Attr::GuestTime,
+            Figure::None,
+            Figure::Text("host time".to_owned()),
+            Some("set through the guest agent once it answers".into()),
+            vec![],
+        );
+        b.actions.push(Action::SyncGuestTime);
+        Ok(())
+    }
+
+    /// A `check` that can never pass is refused now, not at 4 a.m.
+    fn gate(&self, b: &StepBuild<'_>, carry: &Carry) -> Result<(), PlanProblem> {
+        let Some(check) = &b.step.check else {
+            return Ok(());
+        };
+        let name = &self.id.name;
+        if check.value.guest_agent && !carry.xml.as_deref().is_some_and(agent_channel) {
+            return Err(b.problem(
+                check.pos,
+                format!("the check waits for the guest agent, and {name} has no guest agent channel: it could never pass"),
+                "add a guest agent channel (org.qemu.guest_agent.0) to the domain, or drop `guest_agent: true`",
+            ));
+        }
+        if check.value.guest_agent && carry.state.power != PowerState::Running {
+            return Err(b.problem(
+                check.pos,
+                format!("the check waits for the guest agent, but {name} is {} after this step: it could never pass", carry.state.power),
+                "check the agent on a step that leaves the domain running",
+            ));
+        }
+        if let Some(want) = check.value.state {
+            if want.as_state() != carry.state.power {
+                return Err(b.problem(
+                    check.pos,
+                    format!("the check waits for {name} to be {want}, but this step leaves it {}", carry.state.power),
+                    "check for the state the step leaves (`state: running` after a power-on or reboot)",
+                ));
             }
         }
         Ok(())
@@ -662,9 +858,9 @@ impl DomainCtx<'_> {
                 state.memory = max.value;
             }
             b.change(
-                "max_memory",
-                json!(state.max_memory.0),
-                json!(max.value.0),
+                Attr::MaxMemory,
+                Figure::Memory(state.max_memory),
+                Figure::Memory(max.value),
                 Some("config".into()),
                 notes,
             );
@@ -693,9 +889,9 @@ impl DomainCtx<'_> {
             }
             let method = if active { "live+config" } else { "config" };
             b.change(
-                "memory",
-                json!(state.memory.0),
-                json!(v.0),
+                Attr::Memory,
+                Figure::Memory(state.memory),
+                Figure::Memory(v),
                 Some(method.into()),
                 notes,
             );
@@ -748,9 +944,9 @@ impl DomainCtx<'_> {
                 state.vcpus = max.value;
             }
             b.change(
-                "max_vcpus",
-                json!(state.max_vcpus),
-                json!(max.value),
+                Attr::MaxVcpus,
+                Figure::Count(state.max_vcpus),
+                Figure::Count(max.value),
                 Some("config".into()),
                 notes,
             );
@@ -784,9 +980,9 @@ impl DomainCtx<'_> {
                 "config"
             };
             b.change(
-                "vcpus",
-                json!(state.vcpus),
-                json!(v),
+                Attr::Vcpus,
+                Figure::Count(state.vcpus),
+                Figure::Count(v),
                 Some(method.into()),
                 notes,
             );
@@ -832,9 +1028,9 @@ impl DomainCtx<'_> {
                 .or_else(|| before.rtc_track.clone()),
         };
         let index = b.change(
-            "clock",
-            clock_json(&before),
-            clock_json(&after),
+            Attr::Clock,
+            Figure::Clock(before.clone()),
+            Figure::Clock(after.clone()),
             Some("persistent XML, redefined".into()),
             vec![],
         );
@@ -867,8 +1063,21 @@ impl DomainCtx<'_> {
     }
 }
 
-fn clock_json(c: &ClockState) -> Value {
-    json!({ "offset": c.offset, "track": c.rtc_track })
+fn agent_channel(xml: &str) -> bool {
+    domain_xml::has_agent_channel(xml).unwrap_or(false)
+}
+
+/// How a reboot shuts the guest down: through its agent when it has a channel, else ACPI.
+fn ladder_method(p: ShutdownPolicy, xml: Option<&str>) -> String {
+    if p.mode == ShutdownMode::Force {
+        return shutdown_method(p);
+    }
+    let by = if xml.is_some_and(agent_channel) {
+        "guest agent"
+    } else {
+        "ACPI"
+    };
+    format!("{by} {}", shutdown_method(p))
 }
 
 fn shutdown_method(p: ShutdownPolicy) -> String {

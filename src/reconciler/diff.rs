@@ -6,7 +6,7 @@ use std::collections::BTreeSet;
 use similar::{ChangeTag, TextDiff};
 
 use crate::planner::{Change, ChangeAction, Plan};
-use crate::render::{show_time, show_value};
+use crate::render::show_time;
 
 /// A unified diff of two versions of a plan file (`a/<name>` → `b/<name>`).
 #[must_use]
@@ -63,13 +63,9 @@ fn line(c: &Change, zone: Option<chrono_tz::Tz>) -> String {
     let when =
         c.at.map_or_else(|| "at start".to_owned(), |t| show_time(t, zone));
     let value = match c.action {
-        ChangeAction::Change => format!(
-            "{} → {}",
-            show_value(&c.attribute, &c.before),
-            show_value(&c.attribute, &c.after)
-        ),
-        ChangeAction::Noop => format!("{} (unchanged)", show_value(&c.attribute, &c.after)),
-        ChangeAction::Done => format!("{} (done)", show_value(&c.attribute, &c.after)),
+        ChangeAction::Change => format!("{} → {}", c.before, c.after),
+        ChangeAction::Noop => format!("{} (unchanged)", c.after),
+        ChangeAction::Done => format!("{} (done)", c.after),
     };
     format!("{when} {} {} {value}", c.vm, c.attribute)
 }

@@ -96,6 +96,12 @@ impl Log<'_> {
         message: &str,
         step: Option<&Outcome>,
     ) {
+        // `-q`: warnings and errors only.
+        if matches!(level, Level::Info)
+            && self.printer.verbosity() == crate::printer::Verbosity::Quiet
+        {
+            return;
+        }
         let line = self.line(level, plan, event, message, step);
         match self.stream {
             Stream::Stdout => self.printer.out(&format!("{line}\n")),

@@ -522,6 +522,15 @@ impl<'scope, 'env> Reconciler<'scope, 'env> {
             log.error(label, "refused", &format!("edit refused: {e}; {keep}"));
             return;
         }
+        if let Some(clash) = self.overlap(&loaded.file, &plan) {
+            let keep = if slot.in_force().is_some() {
+                "the version in force keeps running"
+            } else {
+                "nothing of it runs"
+            };
+            log.error(label, "overlap", &format!("{clash}; {keep}"));
+            return;
+        }
         self.describe(slot, &loaded, &plan);
         if let Some(run) = &slot.run {
             run.stop();
@@ -534,6 +543,41 @@ impl<'scope, 'env> Reconciler<'scope, 'env> {
         } else {
             self.start(slot, loaded, plan, connections);
         }
+    }
+
+    /// Whether `plan` would change a domain at a time another plan of the folder (one already
+    /// accepted) changes it; the located problems when it would.
+    fn overlap(&self, file: &PlanFile, plan: &Plan) -> Option<String> {
+        let others: Vec<(&PlanFile, &Plan)> = self
+            .slots
+            .values()
+            .filter(|s| s.path != file.path)
+            .filter_map(|s| s.accepted.as_ref())
+            .map(|a| (&a.loaded.file, a.plan.as_ref()))
+            .collect();
+        let mut problems = Vec::new();
+        for other in others {
+            problems.extend(planner::overlap::overlaps(&[other, (file, plan)]));
+        }
+        if problems.is_empty() {
+            return None;
+        }
+        let diags = Diagnostics {
+            file: file.path.clone(),
+            text: Some(file.source.clone()),
+            items: problems
+                .iter()
+                .map(|p| {
+                    Diagnostic::new(
+                        &file.path,
+                        p.pos,
+                        format!("step {} ({}): {}", p.step, p.vm, p.message),
+                    )
+                    .with_help(p.help.clone())
+                })
+                .collect(),
+        };
+        Some(self.located(&diags, ""))
     }
 
     /// Logs what a new version changes: the file's diff and the projected changes.
@@ -660,8 +704,7 @@ impl<'scope, 'env> Reconciler<'scope, 'env> {
         for warning in &plan.warnings {
             self.log().warn(Some(&slot.label), "warning", warning);
         }
-        let mut settings = Settings::for_plan(&loaded.file, loaded.config.parallelism)
-            .with_lease_config(loaded.config.lease);
+        let mut settings = Settings::for_plan(&plan).with_lease_config(loaded.config.lease);
         settings.failpoint.clone_from(&self.env.failpoint);
         let plan = Arc::new(plan);
         let left = plan.steps.iter().filter(|s| !s.done).count();

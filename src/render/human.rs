@@ -3,7 +3,7 @@
 
 use std::fmt::Write as _;
 
-use super::{show_value, step_time, zone_of};
+use super::{step_time, zone_of};
 use crate::planner::{ChangeAction, Plan};
 use crate::printer::{Printer, Tone};
 
@@ -38,8 +38,8 @@ pub fn human(plan: &Plan, printer: &Printer) -> String {
             ChangeAction::Noop => ("=", Tone::Dim),
             ChangeAction::Done => ("✓", Tone::Added),
         };
-        let before = show_value(&c.attribute, &c.before);
-        let after = show_value(&c.attribute, &c.after);
+        let before = c.before.to_string();
+        let after = c.after.to_string();
         let value = match c.action {
             ChangeAction::Change => format!(
                 "{} → {}",

@@ -2,7 +2,7 @@
 
 use std::fmt::Write as _;
 
-use super::{show_value, step_time, zone_of};
+use super::{step_time, zone_of};
 use crate::planner::{ChangeAction, Plan};
 
 /// Renders the plan as GitHub-flavoured Markdown.
@@ -36,8 +36,8 @@ pub fn markdown(plan: &Plan) -> String {
             c.step,
             cell(&c.vm),
             c.attribute,
-            cell(&show_value(&c.attribute, &c.before)),
-            cell(&show_value(&c.attribute, &c.after)),
+            cell(&c.before.to_string()),
+            cell(&c.after.to_string()),
             cell(&how.join("; "))
         );
     }

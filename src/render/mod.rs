@@ -2,6 +2,7 @@
 
 mod human;
 mod markdown;
+pub mod when;
 
 use chrono::{DateTime, Utc};
 use chrono_tz::Tz;
@@ -9,7 +10,6 @@ use serde::Serialize;
 use serde_json::Value;
 
 use crate::planner::{Change, Plan, PlanMeta, Summary, FORMAT_VERSION};
-use crate::state::Kib;
 
 pub use human::human;
 pub use markdown::markdown;
@@ -34,24 +34,6 @@ fn step_time(at: Option<DateTime<Utc>>, zone: Option<Tz>) -> String {
 
 fn zone_of(meta: &PlanMeta) -> Option<Tz> {
     meta.timezone.as_deref().and_then(|z| z.parse().ok())
-}
-
-/// A before/after value for people: memory in binary units, clocks as `offset=… track=…`.
-pub fn show_value(attribute: &str, value: &Value) -> String {
-    match (attribute, value) {
-        (_, Value::Null) => "(none)".to_owned(),
-        ("memory" | "max_memory", Value::Number(n)) => n
-            .as_u64()
-            .map_or_else(|| n.to_string(), |k| Kib(k).to_string()),
-        ("clock", Value::Object(map)) => ["offset", "track"]
-            .iter()
-            .map(|k| format!("{k}={}", map.get(*k).and_then(Value::as_str).unwrap_or("-")))
-            .collect::<Vec<_>>()
-            .join(" "),
-        (_, Value::String(s)) if s.is_empty() => "\"\"".to_owned(),
-        (_, Value::String(s)) => s.clone(),
-        (_, other) => other.to_string(),
-    }
 }
 
 /// The stable JSON document of SPEC §3 (its schema is `schemas/plan-output.schema.json`).
@@ -118,8 +100,7 @@ struct ChangeSchema {
     vm: String,
     uuid: String,
     connection: String,
-    #[schemars(extend("enum" = ["power", "memory", "max_memory", "vcpus", "max_vcpus", "clock", "autostart", "title", "description", "snapshot"]))]
-    attribute: String,
+    attribute: crate::attr::Attr,
     /// Memory values are integers in KiB.
     before: Value,
     after: Value,

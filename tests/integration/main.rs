@@ -1,9 +1,12 @@
 //! The one integration test binary: every module shares the built CLI and the test rigs.
 
 mod apply;
+mod guest;
 mod lease;
 mod libvirt_adapter;
+mod ops;
 mod plan;
+mod safe_windows;
 mod support;
 mod validate;
 mod watch;

@@ -186,7 +186,7 @@ fn each_step_starts_from_the_state_the_previous_one_leaves() {
     let clock = plan
         .changes
         .iter()
-        .find(|c| c.attribute == "clock")
+        .find(|c| c.attribute == virtplan::attr::Attr::Clock)
         .unwrap();
     assert!(
         clock.notes.iter().any(|n| n.contains("step 5 boots")),
@@ -443,11 +443,11 @@ fn classic_window_against_a_real_qemu_domain() {
     assert_eq!(
         lines,
         [
-            "power \"running\" -> \"shutoff\" Change",
-            "memory 131072 -> 3145728 Change",
+            "power running -> shutoff Change",
+            "memory 128MiB -> 3GiB Change",
             "vcpus 1 -> 2 Change",
-            "clock {\"offset\":\"utc\",\"track\":\"guest\"} -> {\"offset\":\"utc\",\"track\":\"wall\"} Change",
-            "power \"shutoff\" -> \"running\" Change",
+            "clock offset=utc track=guest -> offset=utc track=wall Change",
+            "power shutoff -> running Change",
         ]
     );
     assert_eq!(plan.steps[0].before.uuid, dom.uuid);

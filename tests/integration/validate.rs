@@ -329,7 +329,7 @@ fn validator_key_lists_match_the_schema_properties() {
             property(&root, defaults, "shutdown"),
             keys::SHUTDOWN_KEYS,
         ),
-        ("step", step, keys::STEP_KEYS),
+        ("step", step, &keys::STEP_KEYS),
         (
             "step.shutdown",
             property(&root, step, "shutdown"),
@@ -345,6 +345,11 @@ fn validator_key_lists_match_the_schema_properties() {
             property(&root, step, "snapshot"),
             keys::SNAPSHOT_KEYS,
         ),
+        (
+            "step.check",
+            property(&root, step, "check"),
+            keys::CHECK_KEYS,
+        ),
     ];
     for (what, object, keys) in objects {
         assert_eq!(property_names(object), sorted(keys), "keys of {what}");
@@ -354,7 +359,7 @@ fn validator_key_lists_match_the_schema_properties() {
             "{what}: the schema must refuse unknown keys, as the validator does"
         );
     }
-    for key in keys::ATTRIBUTE_KEYS {
+    for key in &keys::ATTRIBUTE_KEYS {
         assert!(
             keys::STEP_KEYS.contains(key),
             "attribute `{key}` is no step key"

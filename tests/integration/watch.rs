@@ -475,3 +475,40 @@ fn apply_watch_refuses_a_saved_plan_and_watch_needs_a_folder() {
         lines.join("\n")
     );
 }
+
+#[test]
+fn two_plans_of_one_folder_changing_one_domain_at_overlapping_times_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let uri = write_fleet(dir.path(), &[FleetDomain::new("web-01").running(true)]).unwrap();
+    let t0 = now();
+    // a.yaml shuts web-01 off in an hour; b.yaml hot-plugs it 30 s later, within a's grace.
+    std::fs::write(
+        dir.path().join("a.yaml"),
+        plan_body(&uri, &[(at(t0, 3600), "web-01", "power: shutoff")]),
+    )
+    .unwrap();
+    std::fs::write(
+        dir.path().join("b.yaml"),
+        plan_body(&uri, &[(at(t0, 3630), "web-01", "vcpus: 2")]),
+    )
+    .unwrap();
+    let mut p = Proc::watch(dir.path());
+    p.event("a.yaml", "running", None);
+    let refused = p.event("b.yaml", "overlap", None);
+    let message = refused["message"].as_str().unwrap();
+    assert!(
+        message.contains("b.yaml:5:9"),
+        "located at b's `at`: {message}"
+    );
+    assert!(
+        message.contains("two plans would change one domain at the same time"),
+        "{message}"
+    );
+    assert!(message.contains("step 1 of"), "{message}");
+    assert!(
+        !dir.path().join("b.lock").exists()
+            || statuses(&dir.path().join("b.yaml"))
+                .iter()
+                .all(|s| *s == StepStatus::Pending)
+    );
+}

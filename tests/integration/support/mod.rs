@@ -1,4 +1,5 @@
 //! Shared test rigs.
 
 pub mod cli;
+pub mod guest;
 pub mod qemu;

@@ -63,23 +63,19 @@ impl TestDomain {
     ///
     /// When libvirt refuses the definition, e.g. because the name is taken.
     pub fn define(uri: &str, test: &str) -> Self {
-        static COUNTER: AtomicUsize = AtomicUsize::new(0);
-        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-        // Only [a-z0-9-] from the test name, so the XML below needs no escaping.
-        let slug: String = test
-            .chars()
-            .map(|c| {
-                if c.is_ascii_alphanumeric() {
-                    c.to_ascii_lowercase()
-                } else {
-                    '-'
-                }
-            })
-            .collect();
-        let name = format!("vpt-{slug}-{}-{n}", std::process::id());
-        let conn = Connect::open(Some(uri)).expect("connect for TestDomain");
-        let xml = format!(
-            "<domain type='{kind}'>
+        Self::define_with_devices(uri, test, "")
+    }
+
+    /// Like [`TestDomain::define`], with `devices` (trusted XML from the test) added inside
+    /// `<devices>`, such as a guest agent channel.
+    ///
+    /// # Panics
+    ///
+    /// When libvirt refuses the definition.
+    pub fn define_with_devices(uri: &str, test: &str, devices: &str) -> Self {
+        Self::define_with(uri, test, |name| {
+            format!(
+                "<domain type='{kind}'>
   <name>{name}</name>
   <memory unit='KiB'>262144</memory>
   <currentMemory unit='KiB'>131072</currentMemory>
@@ -95,12 +91,38 @@ impl TestDomain {
   <on_crash>destroy</on_crash>
   <devices>
     <memballoon model='virtio'/>
+{devices}
   </devices>
 </domain>
 ",
-            kind = domain_type()
-        );
-        // Without a <uuid>, defining never replaces an existing domain: a taken name fails.
+                kind = domain_type()
+            )
+        })
+    }
+
+    /// Defines (does not start) the domain `xml(name)` describes, under a fresh name
+    /// `vpt-<test>-<pid>-<counter>` (only `[a-z0-9-]`, so it needs no XML escaping). The XML must
+    /// carry no `<uuid>`: defining then never replaces an existing domain.
+    ///
+    /// # Panics
+    ///
+    /// When libvirt refuses the definition, e.g. because the name is taken.
+    pub fn define_with(uri: &str, test: &str, xml: impl FnOnce(&str) -> String) -> Self {
+        static COUNTER: AtomicUsize = AtomicUsize::new(0);
+        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+        let slug: String = test
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() {
+                    c.to_ascii_lowercase()
+                } else {
+                    '-'
+                }
+            })
+            .collect();
+        let name = format!("vpt-{slug}-{}-{n}", std::process::id());
+        let conn = Connect::open(Some(uri)).expect("connect for TestDomain");
+        let xml = xml(&name);
         let dom = conn
             .define_domain_xml(&xml)
             .unwrap_or_else(|e| panic!("define test domain {name}: {e}"));

@@ -1,0 +1,168 @@
+//! The executor's paths on a real guest (support/guest.rs): graceful shutdowns on each rung of
+//! the ladder, snapshots of a qcow2 disk, a balloon that takes a live memory cut, vCPU hotplug
+//! the guest agent reports. Every change goes through `virtplan apply`; the assertions read what
+//! an operator would look at: the step's status and message, libvirt, and the guest itself.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use virtplan::lockfile::{LockStore, Lockfile, StepRecord, StepStatus};
+
+use crate::support::cli::Cli;
+use crate::support::guest::{Disk, Guest, GuestSpec};
+use crate::support::qemu::qemu_uri;
+
+/// Writes `steps` (YAML list items, indented by two) as a plan on `uri` and applies it; returns
+/// the plan's path.
+fn apply(dir: &Path, uri: &str, steps: &str) -> PathBuf {
+    let plan = dir.join("plan.yaml");
+    std::fs::write(
+        &plan,
+        format!("version: 1\nconnection: {uri}\nsteps:\n{steps}"),
+    )
+    .expect("write plan");
+    Cli::new()
+        .args(["apply", plan.to_str().unwrap(), "--auto-approve"])
+        .run();
+    plan
+}
+
+fn lock_of(plan: &Path) -> Lockfile {
+    LockStore::read(&plan.with_extension("lock")).expect("lockfile")
+}
+
+/// How long the step took, from its record.
+fn took(record: &StepRecord) -> chrono::Duration {
+    record.finished_at.expect("finished_at") - record.started_at.expect("started_at")
+}
+
+#[test]
+fn acpi_rung_shuts_down_a_guest_without_an_agent_channel() {
+    let Some(uri) = qemu_uri() else { return };
+    let spec = GuestSpec {
+        agent: false,
+        disk: Disk::None,
+        ..GuestSpec::default()
+    };
+    let guest = Guest::boot(&uri, "acpi-rung", &spec);
+    let dir = tempfile::tempdir().unwrap();
+    // No force: a guest that ignored the power button would fail the step, not be destroyed.
+    let plan = apply(
+        dir.path(),
+        &uri,
+        &format!(
+            "  - vm: {}
+    power: shutoff
+    shutdown: {{ mode: graceful, timeout: 60s, force_after_timeout: false }}
+",
+            guest.name()
+        ),
+    );
+    let lock = lock_of(&plan);
+    let step = &lock.steps[0];
+    assert_eq!(step.status, StepStatus::Done, "{step:?}");
+    assert!(step.message.contains("shut down gracefully"), "{step:?}");
+    assert!(!guest.is_active(), "the guest is still running");
+    eprintln!("ACPI shutdown took {}", took(step));
+    assert!(
+        took(step) < chrono::Duration::seconds(30),
+        "a guest answering the power button took {}",
+        took(step)
+    );
+}
+
+/// Online vCPUs as the guest agent reports them (`guest-get-vcpus`).
+fn online_vcpus(guest: &Guest) -> Option<usize> {
+    let vcpus = guest.agent("guest-get-vcpus").ok()?;
+    Some(
+        vcpus
+            .as_array()?
+            .iter()
+            .filter(|v| v["online"] == true)
+            .count(),
+    )
+}
+
+/// One guest, one change after another, each through `virtplan apply`: a live memory cut the
+/// balloon takes, a live raise within the maximum, a hot-added vCPU the agent reports, a snapshot
+/// of the running guest, a graceful shutdown, and a snapshot of the shut-off guest.
+#[test]
+fn live_changes_and_snapshots_on_a_real_guest() {
+    let Some(uri) = qemu_uri() else { return };
+    let guest = Guest::boot(&uri, "live", &GuestSpec::default());
+    let vm = guest.name().to_owned();
+    let dir = tempfile::tempdir().unwrap();
+    let apply = |name: &str, steps: &str| {
+        let sub = dir.path().join(name);
+        std::fs::create_dir(&sub).unwrap();
+        let plan = apply(&sub, &uri, steps);
+        let lock = lock_of(&plan);
+        let step = lock.steps[0].clone();
+        assert_eq!(step.status, StepStatus::Done, "{name}: {step:?}");
+        step
+    };
+    // The guest's own MemTotal, from statistics it sent after the balloon settled (it sends
+    // them every second).
+    let guest_total = || {
+        let since = guest.memstat().get("last_update").copied().unwrap_or(0);
+        guest.wait_for("fresh guest statistics", Duration::from_secs(20), || {
+            let stats = guest.memstat();
+            (stats.get("last_update").copied()? > since + 1).then(|| stats["available"])
+        })
+    };
+    let total_before = guest_total();
+
+    // A live cut: the balloon driver inflates and the guest itself sees 64 MiB less.
+    let step = apply("cut", &format!("  - vm: {vm}\n    memory: 192MiB\n"));
+    assert!(!step.message.contains("balloon"), "{step:?}");
+    assert_eq!(guest.memstat()["actual"], 192 * 1024);
+    let total_cut = guest_total();
+    assert_eq!(total_before - total_cut, 64 * 1024, "the guest's MemTotal");
+
+    // A live raise within the maximum (384 MiB): the balloon deflates.
+    apply("raise", &format!("  - vm: {vm}\n    memory: 320MiB\n"));
+    assert_eq!(guest.memstat()["actual"], 320 * 1024);
+    let total_raised = guest_total();
+    assert_eq!(total_raised - total_cut, 128 * 1024, "the guest's MemTotal");
+
+    // vCPU hotplug: the guest onlines the new vCPU and its agent reports two.
+    assert_eq!(online_vcpus(&guest), Some(1));
+    apply("vcpus", &format!("  - vm: {vm}\n    vcpus: 2\n"));
+    guest.wait_for("two online vCPUs", Duration::from_secs(20), || {
+        online_vcpus(&guest).filter(|&n| n == 2)
+    });
+
+    // A snapshot of the running guest (memory and disk state in the qcow2 image).
+    apply(
+        "snap-live",
+        &format!("  - vm: {vm}\n    snapshot: {{ name: live-1 }}\n"),
+    );
+    assert!(
+        guest.is_active(),
+        "a live snapshot leaves the guest running"
+    );
+    assert_eq!(guest.snapshots(), ["live-1"]);
+
+    // A graceful shutdown that needs no force.
+    let step = apply(
+        "off",
+        &format!(
+            "  - vm: {vm}
+    power: shutoff
+    shutdown: {{ mode: graceful, timeout: 60s, force_after_timeout: false }}
+"
+        ),
+    );
+    assert!(step.message.contains("shut down gracefully"), "{step:?}");
+    assert!(!guest.is_active());
+    eprintln!("graceful shutdown took {}", took(&step));
+
+    // A snapshot of the shut-off guest (qemu-img, run by libvirtd).
+    apply(
+        "snap-off",
+        &format!("  - vm: {vm}\n    snapshot: {{ name: off-1, description: shut off }}\n"),
+    );
+    let mut names = guest.snapshots();
+    names.sort();
+    assert_eq!(names, ["live-1", "off-1"]);
+}

@@ -1,0 +1,462 @@
+//! Operator conventions through the CLI binary: `--no-color`, `-q`/`-v`, `--version`,
+//! completions and man pages, `schema status`, `LIBVIRT_DEFAULT_URI`, host aliases for
+//! `--connect`, `apply --lock-timeout`.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use virtplan::clock::{Clock, SystemClock};
+use virtplan::hypervisor::fleet::{write_fleet, FleetDomain};
+use virtplan::lockfile::{ExecutorLock, StepStatus};
+use virtplan::state::Kib;
+
+use crate::support::cli::Cli;
+
+/// A test-driver host with one shut-off domain `web-01` (1 GiB of 2 GiB) in a temporary folder.
+struct Rig {
+    dir: tempfile::TempDir,
+    uri: String,
+}
+
+impl Rig {
+    fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let web = FleetDomain::new("web-01")
+            .memory(Kib(1 << 20), Kib(2 << 20))
+            .vcpus(1, 2)
+            .running(false);
+        let uri = write_fleet(dir.path(), &[web]).unwrap();
+        Self { dir, uri }
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    fn write(&self, name: &str, text: &str) -> PathBuf {
+        let path = self.path(name);
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent).unwrap();
+        }
+        std::fs::write(&path, text).unwrap();
+        path
+    }
+
+    /// A plan whose one step (no `at`: it runs when apply starts) sets memory to 1 GiB.
+    fn plan(&self, name: &str, connection: Option<&str>) -> PathBuf {
+        let connection = connection.map_or_else(String::new, |c| format!("connection: {c}\n"));
+        self.write(
+            name,
+            &format!("version: 1\n{connection}steps:\n  - vm: web-01\n    memory: 1GiB\n"),
+        )
+    }
+}
+
+fn s(path: &Path) -> &str {
+    path.to_str().unwrap()
+}
+
+#[test]
+fn version_names_the_libvirt_it_was_built_against() {
+    let expected = Command::new("pkg-config")
+        .args(["--modversion", "libvirt"])
+        .output()
+        .expect("pkg-config is needed to build virtplan");
+    let expected = String::from_utf8_lossy(&expected.stdout).trim().to_owned();
+    assert!(!expected.is_empty());
+    let ran = Cli::new().arg("--version").run();
+    assert_eq!(
+        ran.stdout.trim(),
+        format!(
+            "virtplan {} (built against libvirt {expected})",
+            env!("CARGO_PKG_VERSION")
+        )
+    );
+}
+
+#[test]
+fn no_color_wins_over_color_always() {
+    let rig = Rig::new();
+    let bad = rig.write("bad.yaml", "version: 1\nsteps: []\nbogus: 1\n");
+    let coloured = Cli::new()
+        .args(["--color", "always", "validate", s(&bad)])
+        .status(1)
+        .run();
+    assert!(coloured.stderr.contains('\u{1b}'), "{}", coloured.stderr);
+    let plain = Cli::new()
+        .args(["--color", "always", "--no-color", "validate", s(&bad)])
+        .status(1)
+        .stderr_contains("error:")
+        .run();
+    assert!(!plain.stderr.contains('\u{1b}'), "{}", plain.stderr);
+}
+
+#[test]
+fn quiet_keeps_results_and_drops_status_messages() {
+    let rig = Rig::new();
+    let plan = rig.plan("web.yaml", Some(&rig.uri));
+    let saved = rig.path("web.plan.json");
+    Cli::new()
+        .args(["plan", s(&plan), "--out", s(&saved)])
+        .stderr_contains("Saved the plan")
+        .run();
+    let quiet = Cli::new()
+        .args(["-q", "plan", s(&plan), "--out", s(&saved)])
+        .stdout_contains("web-01")
+        .run();
+    assert_eq!(quiet.stderr, "", "-q prints nothing but errors");
+    // An error still shows under -q.
+    Cli::new()
+        .args(["-q", "status", s(&rig.path("nope.yaml"))])
+        .status(1)
+        .stderr_contains("no such plan file")
+        .run();
+}
+
+#[test]
+fn schema_status_is_the_checked_in_file() {
+    let ran = Cli::new().args(["schema", "status"]).run();
+    let checked_in = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/schemas/status.schema.json"
+    ))
+    .unwrap();
+    assert_eq!(ran.stdout, checked_in);
+    let json: serde_json::Value = serde_json::from_str(&ran.stdout).unwrap();
+    assert_eq!(json["title"], "StatusDoc");
+}
+
+#[test]
+fn completions_are_generated_for_every_command() {
+    let bash = Cli::new().args(["completions", "bash"]).run();
+    for word in [
+        "validate",
+        "plan",
+        "apply",
+        "status",
+        "watch",
+        "schema",
+        "--lock-timeout",
+        "--no-color",
+    ] {
+        assert!(bash.stdout.contains(word), "bash completion lacks {word}");
+    }
+    // The script is valid bash.
+    if let Ok(out) = Command::new("bash")
+        .args(["-n", "-c", &bash.stdout])
+        .stdin(Stdio::null())
+        .output()
+    {
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Cli::new()
+        .args(["completions", "zsh"])
+        .stdout_contains("#compdef virtplan")
+        .run();
+    Cli::new()
+        .args(["completions", "fish"])
+        .stdout_contains("complete -c virtplan")
+        .run();
+    Cli::new()
+        .args(["completions", "tcsh"])
+        .status(1)
+        .stderr_contains("possible values: bash, zsh, fish, elvish, powershell")
+        .run();
+}
+
+#[test]
+fn man_page_lists_every_command_and_writes_one_page_each() {
+    let ran = Cli::new().arg("man").run();
+    assert!(ran.stdout.starts_with(".ie"), "{}", &ran.stdout[..40]);
+    assert!(ran.stdout.contains(".TH virtplan 1"));
+    for sub in [
+        "validate",
+        "plan",
+        "apply",
+        "status",
+        "watch",
+        "schema",
+        "completions",
+        "man",
+    ] {
+        assert!(ran.stdout.contains(sub), "man page lacks {sub}");
+    }
+    let dir = tempfile::tempdir().unwrap();
+    Cli::new()
+        .args(["man", "--out-dir", s(dir.path())])
+        .stderr_contains("man pages to")
+        .run();
+    let apply = std::fs::read_to_string(dir.path().join("virtplan-apply.1")).unwrap();
+    assert!(apply.contains(".TH virtplan-apply 1"), "{apply}");
+    assert!(apply.contains("lock\\-timeout"), "{apply}");
+}
+
+#[test]
+fn libvirt_default_uri_is_the_lowest_precedence_connection() {
+    let rig = Rig::new();
+    let bare = rig.plan("bare.yaml", None);
+    // Nothing names a connection: the environment's default is used.
+    Cli::new()
+        .args(["plan", s(&bare), "--format", "json"])
+        .env("LIBVIRT_DEFAULT_URI", &rig.uri)
+        .stdout_contains(format!("\"connection\": \"{}\"", rig.uri))
+        .run();
+    // Without it, the error says how to name one.
+    Cli::new()
+        .args(["plan", s(&bare)])
+        .status(1)
+        .stderr_contains("the step has no libvirt connection")
+        .run();
+    // The plan's connection wins over the environment (a bogus default is never opened).
+    let named = rig.plan("named.yaml", Some(&rig.uri));
+    Cli::new()
+        .args(["plan", s(&named)])
+        .env("LIBVIRT_DEFAULT_URI", "test:///nonexistent/node.xml")
+        .run();
+    // virtplan.toml wins over the environment too.
+    let sub = rig.write(
+        "repo/virtplan.toml",
+        &format!("connection = \"{}\"\n", rig.uri),
+    );
+    let bare_in_repo = rig.plan("repo/bare.yaml", None);
+    assert!(sub.exists());
+    Cli::new()
+        .args(["plan", s(&bare_in_repo)])
+        .env("LIBVIRT_DEFAULT_URI", "test:///nonexistent/node.xml")
+        .run();
+}
+
+#[test]
+fn host_aliases_resolve_for_connect_and_the_config_default() {
+    let rig = Rig::new();
+    rig.write(
+        "repo/virtplan.toml",
+        &format!("connection = \"lab\"\n[hosts]\nlab = \"{}\"\n", rig.uri),
+    );
+    let plan = rig.plan("repo/web.yaml", None);
+    Cli::new()
+        .args(["plan", s(&plan), "--format", "json"])
+        .stdout_contains(format!("\"connection\": \"{}\"", rig.uri))
+        .run();
+    Cli::new()
+        .args(["plan", s(&plan), "--connect", "lab", "--format", "json"])
+        .stdout_contains(format!("\"connection\": \"{}\"", rig.uri))
+        .run();
+    Cli::new()
+        .args(["plan", s(&plan), "--connect", "labb"])
+        .status(1)
+        .stderr_contains("--connect labb: neither a libvirt URI")
+        .stderr_contains("(hosts: lab)")
+        .run();
+    // An unknown alias as the config's default is a located error.
+    rig.write("other/virtplan.toml", "connection = \"nowhere\"\n");
+    let other = rig.plan("other/web.yaml", None);
+    Cli::new()
+        .args(["validate", s(&other)])
+        .status(1)
+        .stderr_contains("virtplan.toml:1:14")
+        .stderr_contains("connection `nowhere` is neither a libvirt URI nor a host in [hosts]")
+        .run();
+}
+
+#[test]
+fn lock_timeout_waits_for_the_holder_then_applies() {
+    let rig = Rig::new();
+    let plan = rig.plan("web.yaml", Some(&rig.uri));
+    let pid = plan.with_extension("lock.pid");
+    let held = ExecutorLock::acquire(&pid, SystemClock.now()).unwrap();
+    // Without --lock-timeout a held plan is refused at once, with the way to wait.
+    Cli::new()
+        .args(["apply", s(&plan), "--auto-approve"])
+        .status(1)
+        .stderr_contains("another virtplan is applying this plan")
+        .stderr_contains("--lock-timeout")
+        .run();
+    // With a timeout shorter than the hold, it gives up after the timeout.
+    Cli::new()
+        .args(["apply", s(&plan), "--auto-approve", "--lock-timeout", "1s"])
+        .status(1)
+        .stderr_contains("Waiting up to 1s for the executor lock")
+        .stderr_contains("still held after waiting 1s")
+        .run();
+    // With a longer one, it applies once the holder lets go.
+    let release = std::thread::spawn(move || {
+        SystemClock.sleep(Duration::from_millis(800));
+        drop(held);
+    });
+    Cli::new()
+        .args(["apply", s(&plan), "--auto-approve", "--lock-timeout", "30s"])
+        .stderr_contains("Waiting up to 30s for the executor lock")
+        .stdout_contains("done")
+        .run();
+    release.join().unwrap();
+    Cli::new()
+        .args([
+            "apply",
+            s(&plan),
+            "--auto-approve",
+            "--lock-timeout",
+            "soon",
+        ])
+        .status(1)
+        .stderr_contains("invalid value 'soon' for '--lock-timeout <DURATION>'")
+        .run();
+}
+
+/// `now + secs` in RFC 3339, whole seconds.
+fn at(secs: i64) -> String {
+    (SystemClock.now() + chrono::Duration::seconds(secs))
+        .to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+}
+
+fn status_json(plan: &Path) -> serde_json::Value {
+    let ran = Cli::new()
+        .args(["status", s(plan), "--format", "json"])
+        .env("USER", "tester")
+        .run();
+    serde_json::from_str(&ran.stdout).unwrap()
+}
+
+/// Waits (in real time, bounded) until `ready` holds.
+fn wait_for(what: &str, mut ready: impl FnMut() -> bool) {
+    let start = SystemClock.now();
+    while !ready() {
+        assert!(
+            SystemClock.now() - start < chrono::Duration::seconds(20),
+            "timed out waiting for {what}"
+        );
+        SystemClock.sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn cancel_a_step_of_a_plan_never_applied_then_apply_skips_it() {
+    let rig = Rig::new();
+    let plan = rig.write(
+        "web.yaml",
+        &format!(
+            "version: 1\nconnection: {}\nsteps:\n  - vm: web-01\n    memory: 1GiB\n  - vm: web-01\n    vcpus: 2\n",
+            rig.uri
+        ),
+    );
+    Cli::new()
+        .args(["cancel", s(&plan), "--step", "2"])
+        .env("USER", "tester")
+        .env_remove_sudo()
+        .stdout_contains("Cancelled step 2 (web-01: vcpus), when apply starts")
+        .stderr_contains("Recorded by tester@")
+        .run();
+    let json = status_json(&plan);
+    let steps = json["steps"].as_array().unwrap();
+    assert_eq!(steps.len(), 2);
+    assert_eq!(steps[0]["status"], "pending");
+    assert_eq!(steps[1]["status"], "cancelled");
+    assert!(steps[1]["cancelled_by"]
+        .as_str()
+        .unwrap()
+        .starts_with("tester@"));
+    assert!(steps[1]["cancelled_at"].is_string());
+    // Cancelling it again says so and changes nothing.
+    Cli::new()
+        .args(["cancel", s(&plan), "--step", "2"])
+        .stderr_contains("already cancelled")
+        .run();
+    Cli::new()
+        .args(["cancel", s(&plan), "--step", "3"])
+        .status(1)
+        .stderr_contains("has no step 3: its steps are numbered 1 to 2")
+        .run();
+    // apply runs step 1 and records step 2 cancelled, with who.
+    Cli::new()
+        .args(["apply", s(&plan), "--auto-approve"])
+        .stdout_contains("cancelled by tester@")
+        .run();
+    let lock = virtplan::lockfile::LockStore::read(&plan.with_extension("lock")).unwrap();
+    let statuses: Vec<_> = lock.steps.iter().map(|r| (r.step, r.status)).collect();
+    assert_eq!(
+        statuses,
+        [(1, StepStatus::Done), (2, StepStatus::Cancelled)]
+    );
+    // A done step cannot be cancelled; with nothing left, a plain cancel is a no-op.
+    Cli::new()
+        .args(["cancel", s(&plan), "--step", "1"])
+        .status(1)
+        .stderr_contains("step 1 of")
+        .stderr_contains("cannot be cancelled: it is done on web-01")
+        .run();
+    Cli::new()
+        .args(["cancel", s(&plan)])
+        .stderr_contains("Nothing to cancel")
+        .run();
+}
+
+#[test]
+fn cancel_while_apply_waits_stops_the_step_before_it_starts() {
+    let rig = Rig::new();
+    let plan = rig.write(
+        "web.yaml",
+        &format!(
+            "version: 1\nconnection: {}\ngrace: 1m\nsteps:\n  - vm: web-01\n    memory: 1GiB\n  - at: {}\n    vm: web-01\n    vcpus: 2\n  - at: {}\n    vm: web-01\n    autostart: true\n",
+            rig.uri,
+            at(3),
+            at(3)
+        ),
+    );
+    let apply = Command::new(env!("CARGO_BIN_EXE_virtplan"))
+        .args(["apply", s(&plan), "--auto-approve"])
+        .env("NO_COLOR", "1")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let lock_path = plan.with_extension("lock");
+    wait_for("step 1 done", || {
+        virtplan::lockfile::LockStore::read(&lock_path).is_ok_and(|l| {
+            l.steps
+                .iter()
+                .any(|r| r.step == 1 && r.status.as_str() == "done")
+        })
+    });
+    // The executor holds the plan and sleeps towards steps 2 and 3.
+    Cli::new()
+        .args(["cancel", s(&plan), "--step", "2"])
+        .env("USER", "night-operator")
+        .stdout_contains("Cancelled step 2 (web-01: vcpus 1 → 2), due ")
+        .run();
+    let out = apply.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lock = virtplan::lockfile::LockStore::read(&lock_path).unwrap();
+    let by_step: Vec<_> = lock
+        .steps
+        .iter()
+        .map(|r| (r.step, r.status.as_str(), r.started_at.is_some()))
+        .collect();
+    assert_eq!(
+        by_step,
+        [
+            (1, "done", true),
+            (2, "cancelled", false),
+            (3, "done", true)
+        ]
+    );
+    assert!(lock.steps[1]
+        .message
+        .contains("cancelled by night-operator@"));
+    // status shows it, with who.
+    let json = status_json(&plan);
+    assert!(json["steps"][1]["cancelled_by"]
+        .as_str()
+        .unwrap()
+        .starts_with("night-operator@"));
+}

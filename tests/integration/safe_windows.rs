@@ -1,0 +1,378 @@
+//! Safe windows (issue 11) end to end: `power: reboot`, `check`, `always` on real QEMU
+//! domains, and what `plan` refuses before the window (an edited done step).
+//!
+//! The domains are the rig's small diskless guests: nothing in them handles ACPI, so every
+//! reboot here takes the ladder's force path (ACPI request, timeout, destroy, start). The
+//! guest-agent rung is proven on the fake hypervisor (executor unit tests) and, for the
+//! libvirt calls themselves, by `libvirt_adapter::qemu_agent_channel_detected_but_no_agent_answers_a_diskless_guest`.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use virtplan::clock::{Clock, SystemClock};
+use virtplan::hypervisor::libvirt::Libvirt;
+use virtplan::hypervisor::Hypervisor;
+use virtplan::lockfile::{LockStore, Lockfile, StepStatus};
+use virtplan::state::{Kib, PowerState};
+
+use crate::support::qemu::{qemu_uri, TestDomain};
+
+const BIN: &str = env!("CARGO_BIN_EXE_virtplan");
+
+fn virtplan(args: &[&str], env: &[(&str, &str)]) -> Output {
+    Command::new(BIN)
+        .args(args)
+        .envs(env.iter().copied())
+        .env("NO_COLOR", "1")
+        .stdin(Stdio::null())
+        .output()
+        .expect("run virtplan")
+}
+
+fn text(out: &Output) -> String {
+    format!(
+        "status {:?}\n--- stdout\n{}\n--- stderr\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+fn write_plan(dir: &Path, body: &str) -> PathBuf {
+    let path = dir.join("plan.yaml");
+    std::fs::write(&path, body).expect("write plan");
+    path
+}
+
+fn lock_of(plan: &Path) -> Lockfile {
+    LockStore::read(&plan.with_extension("lock")).expect("lockfile")
+}
+
+fn apply(plan: &Path, env: &[(&str, &str)]) -> Output {
+    virtplan(&["apply", plan.to_str().unwrap(), "--auto-approve"], env)
+}
+
+/// How many times QEMU was started for `name`: libvirt appends a "starting up" line to the
+/// domain's log at every start (names are unique per test run, so the log is ours).
+fn starts(name: &str) -> usize {
+    std::fs::read_to_string(format!("/var/log/libvirt/qemu/{name}.log"))
+        .map_or(0, |log| log.matches("starting up").count())
+}
+
+fn run_id(hv: &Libvirt, uuid: &str) -> Option<u32> {
+    hv.run_id(uuid).expect("read the domain id")
+}
+
+#[test]
+fn qemu_reboot_window_restarts_the_domain_and_its_check_passes() {
+    let Some(uri) = qemu_uri() else { return };
+    let dom = TestDomain::define(&uri, "safe-reboot");
+    dom.start();
+    let hv = Libvirt::connect(&uri).unwrap();
+    let before = run_id(&hv, &dom.uuid).expect("running");
+    let dir = tempfile::tempdir().unwrap();
+    let plan = write_plan(
+        dir.path(),
+        &format!(
+            "version: 1
+connection: {uri}
+steps:
+  - vm: {vm}
+    power: reboot
+    shutdown: {{ mode: graceful, timeout: 2s, force_after_timeout: true }}
+    check: {{ state: running, command: 'test \"$VIRTPLAN_VM\" = {vm} && test \"$VIRTPLAN_UUID\" = {uuid}', timeout: 30s, interval: 1s }}
+",
+            vm = dom.name,
+            uuid = dom.uuid
+        ),
+    );
+    let shown = virtplan(&["plan", plan.to_str().unwrap()], &[]);
+    assert!(shown.status.success(), "{}", text(&shown));
+    let stdout = String::from_utf8_lossy(&shown.stdout);
+    assert!(
+        stdout.contains("reboot: ACPI graceful shutdown, force after 2s, then start"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("then waits for the check: state running"),
+        "{stdout}"
+    );
+
+    let out = apply(&plan, &[]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let after = run_id(&hv, &dom.uuid).expect("running after the reboot");
+    assert_ne!(before, after, "a reboot gives the domain a new id");
+    assert_eq!(
+        starts(&dom.name),
+        2,
+        "started once by the test, once by the reboot"
+    );
+    let lock = lock_of(&plan);
+    let message = &lock.steps[0].message;
+    assert_eq!(lock.steps[0].status, StepStatus::Done, "{message}");
+    assert_eq!(lock.steps[0].reboot_from, Some(before));
+    assert!(
+        message.contains(&format!("rebooted: domain id {before} → {after}")),
+        "{message}"
+    );
+    assert!(message.contains("forced off"), "{message}");
+    assert!(message.contains("check passed on attempt 1"), "{message}");
+
+    // Recorded done: a second apply does not reboot again.
+    let out = apply(&plan, &[]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert_eq!(run_id(&hv, &dom.uuid), Some(after));
+}
+
+#[test]
+fn qemu_failing_check_skips_the_next_step_and_always_power_on_leaves_it_running() {
+    let Some(uri) = qemu_uri() else { return };
+    let dom = TestDomain::define(&uri, "safe-always");
+    dom.start();
+    let hv = Libvirt::connect(&uri).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    // The resize window of the issue: off, a gated change, more memory, and power back on.
+    let plan = write_plan(
+        dir.path(),
+        &format!(
+            "version: 1
+connection: {uri}
+steps:
+  - vm: {vm}
+    power: shutoff
+    shutdown: {{ mode: force }}
+  - vm: {vm}
+    vcpus: 2
+    check: {{ command: 'echo backup not verified >&2; exit 4', timeout: 2s, interval: 1s }}
+  - vm: {vm}
+    memory: 192MiB
+  - vm: {vm}
+    power: running
+    always: true
+",
+            vm = dom.name
+        ),
+    );
+    let out = apply(&plan, &[]);
+    assert_eq!(out.status.code(), Some(3), "{}", text(&out));
+    let lock = lock_of(&plan);
+    let statuses: Vec<StepStatus> = lock.steps.iter().map(|r| r.status).collect();
+    assert_eq!(
+        statuses,
+        [
+            StepStatus::Done,
+            StepStatus::Failed,
+            StepStatus::Skipped,
+            StepStatus::Done
+        ],
+        "{lock:#?}"
+    );
+    let failed = &lock.steps[1].message;
+    assert!(failed.contains("check timed out"), "{failed}");
+    assert!(
+        failed.contains("command exited 4: backup not verified"),
+        "{failed}"
+    );
+    assert!(
+        lock.steps[3].message.contains("always"),
+        "{}",
+        lock.steps[3].message
+    );
+    let state = hv.observe(&dom.uuid, false).unwrap();
+    assert_eq!(
+        state.power,
+        PowerState::Running,
+        "the always step restored service"
+    );
+    assert_eq!(
+        state.memory,
+        Kib::from_mib(128),
+        "the skipped step changed nothing"
+    );
+}
+
+/// Starts `apply --auto-approve` in the background.
+fn spawn_apply(plan: &Path) -> std::process::Child {
+    Command::new(BIN)
+        .args(["apply", plan.to_str().unwrap(), "--auto-approve"])
+        .env("NO_COLOR", "1")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
+fn reboot_plan(uri: &str, dom: &TestDomain, timeout: &str) -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let plan = write_plan(
+        dir.path(),
+        &format!(
+            "version: 1\nconnection: {uri}\nsteps:\n  - vm: {}\n    power: reboot\n    shutdown: {{ mode: graceful, timeout: {timeout}, force_after_timeout: true }}\n",
+            dom.name
+        ),
+    );
+    (dir, plan)
+}
+
+#[test]
+fn qemu_kill_9_in_the_middle_of_a_reboot_then_resume_reboots_exactly_once() {
+    let Some(uri) = qemu_uri() else { return };
+    let hv = Libvirt::connect(&uri).unwrap();
+
+    // 1. SIGKILL while the guest ignores the ACPI request: the domain still runs under its id.
+    let dom = TestDomain::define(&uri, "safe-kill-wait");
+    dom.start();
+    let first_id = run_id(&hv, &dom.uuid).unwrap();
+    let (_dir, plan) = reboot_plan(&uri, &dom, "3s");
+    let mut child = spawn_apply(&plan);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while LockStore::read(&plan.with_extension("lock"))
+        .ok()
+        .is_none_or(|l| l.steps[0].reboot_from.is_none())
+    {
+        assert!(Instant::now() < deadline, "the reboot never started");
+        SystemClock.sleep(Duration::from_millis(20));
+    }
+    SystemClock.sleep(Duration::from_millis(500));
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert_eq!(
+        run_id(&hv, &dom.uuid),
+        Some(first_id),
+        "killed before the reboot happened"
+    );
+    assert_eq!(lock_of(&plan).steps[0].status, StepStatus::Running);
+
+    let out = apply(&plan, &[]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert_eq!(lock_of(&plan).steps[0].status, StepStatus::Done);
+    assert_ne!(run_id(&hv, &dom.uuid), Some(first_id));
+    assert_eq!(starts(&dom.name), 2, "rebooted exactly once");
+
+    // 2. Killed after the shutdown, before the start (a failpoint aborts the process there):
+    //    the resume starts it, and does not shut it down again.
+    let dom = TestDomain::define(&uri, "safe-kill-off");
+    dom.start();
+    let (_dir, plan) = reboot_plan(&uri, &dom, "1s");
+    let shown = virtplan(&["plan", plan.to_str().unwrap(), "--format", "json"], &[]);
+    let json: serde_json::Value = serde_json::from_slice(&shown.stdout).expect("plan json");
+    let id = json["changes"][0]["step_id"].as_str().unwrap().to_owned();
+    let out = apply(
+        &plan,
+        &[("VIRTPLAN_FAILPOINT", &format!("mid-reboot:{id}"))],
+    );
+    assert_eq!(out.status.code(), None, "expected an abort: {}", text(&out));
+    assert_eq!(
+        hv.observe(&dom.uuid, false).unwrap().power,
+        PowerState::Shutoff
+    );
+    let out = apply(&plan, &[]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let lock = lock_of(&plan);
+    assert_eq!(lock.steps[0].status, StepStatus::Done, "{lock:#?}");
+    assert_eq!(
+        hv.observe(&dom.uuid, false).unwrap().power,
+        PowerState::Running
+    );
+    assert_eq!(starts(&dom.name), 2, "rebooted exactly once");
+}
+
+#[test]
+fn plan_refuses_an_edited_done_step_with_applys_message() {
+    let dir = tempfile::tempdir().unwrap();
+    let uri = virtplan::hypervisor::fleet::write_fleet(
+        dir.path(),
+        &[virtplan::hypervisor::fleet::FleetDomain::new("web-01").running(true)],
+    )
+    .unwrap();
+    let body = |title: &str| {
+        format!("version: 1\nconnection: {uri}\nsteps:\n  - vm: web-01\n    title: {title}\n")
+    };
+    let plan = write_plan(dir.path(), &body("first"));
+    let out = apply(&plan, &[]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert_eq!(lock_of(&plan).steps[0].status, StepStatus::Done);
+
+    std::fs::write(&plan, body("second")).unwrap();
+    let planned = virtplan(&["plan", plan.to_str().unwrap()], &[]);
+    let applied = apply(&plan, &[]);
+    assert_eq!(planned.status.code(), Some(1), "{}", text(&planned));
+    assert_eq!(applied.status.code(), Some(1), "{}", text(&applied));
+    let planned_err = String::from_utf8_lossy(&planned.stderr);
+    let applied_err = String::from_utf8_lossy(&applied.stderr);
+    let why = "is recorded done in";
+    assert!(planned_err.contains(why), "{planned_err}");
+    assert!(applied_err.contains(why), "{applied_err}");
+    assert!(
+        planned_err.contains(&format!("{}:4:5", plan.display())),
+        "located at the step: {planned_err}"
+    );
+    assert!(
+        String::from_utf8_lossy(&planned.stdout).is_empty(),
+        "no plan shown"
+    );
+}
+
+#[test]
+fn plan_of_two_files_refuses_overlapping_changes_of_one_domain_and_accepts_apart_ones() {
+    let dir = tempfile::tempdir().unwrap();
+    let uri = virtplan::hypervisor::fleet::write_fleet(
+        dir.path(),
+        // A fixed UUID: the test driver makes up a new one per connection otherwise.
+        &[virtplan::hypervisor::fleet::FleetDomain::new("web-01")
+            .uuid("5a1e0000-0000-4000-8000-000000000001")
+            .running(true)],
+    )
+    .unwrap();
+    let write = |name: &str, at: &str, change: &str| {
+        let path = dir.path().join(name);
+        std::fs::write(
+            &path,
+            format!("version: 1\nconnection: {uri}\ngrace: 5m\nsteps:\n  - at: {at}\n    vm: web-01\n    {change}\n"),
+        )
+        .unwrap();
+        path
+    };
+    let a = write("a.yaml", "2030-01-01T04:00:00Z", "power: shutoff");
+    let b = write("b.yaml", "2030-01-01T04:03:00Z", "title: resized");
+    let c = write("c.yaml", "2030-01-01T04:10:00Z", "title: resized");
+    let both = virtplan(&["plan", a.to_str().unwrap(), b.to_str().unwrap()], &[]);
+    assert_eq!(both.status.code(), Some(1), "{}", text(&both));
+    let err = String::from_utf8_lossy(&both.stderr);
+    assert!(err.contains(&format!("{}:5:9", b.display())), "{err}");
+    assert!(
+        err.contains("between 2030-01-01 04:03:00 UTC and 2030-01-01 04:08:00 UTC")
+            || err.contains("between"),
+        "{err}"
+    );
+    assert!(
+        err.contains("two plans would change one domain at the same time"),
+        "{err}"
+    );
+    assert!(String::from_utf8_lossy(&both.stdout).is_empty());
+
+    // Ten minutes apart with five minutes of grace: both are shown, green.
+    let apart = virtplan(&["plan", a.to_str().unwrap(), c.to_str().unwrap()], &[]);
+    assert_eq!(apart.status.code(), Some(0), "{}", text(&apart));
+    let out = String::from_utf8_lossy(&apart.stdout);
+    assert!(
+        out.contains("a.yaml") || out.matches("web-01").count() >= 2,
+        "{out}"
+    );
+
+    // One saved plan at a time.
+    let saved = dir.path().join("saved.json");
+    let refused = virtplan(
+        &[
+            "plan",
+            a.to_str().unwrap(),
+            c.to_str().unwrap(),
+            "--out",
+            saved.to_str().unwrap(),
+        ],
+        &[],
+    );
+    assert_eq!(refused.status.code(), Some(1), "{}", text(&refused));
+}
