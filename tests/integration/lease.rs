@@ -139,8 +139,7 @@ fn a_live_lease_of_another_executor_makes_the_step_missed_naming_it() {
         dir.path(),
         "plan.yaml",
         &format!(
-            "version: 1\nconnection: {uri}\ngrace: 2s\nsteps:\n  - at: {}\n    vm: {}\n    autostart: true\n",
-            at(now, 1),
+            "version: 1\nconnection: {uri}\ngrace: 3s\nsteps:\n  - vm: {}\n    autostart: true\n",
             dom.name
         ),
     );
