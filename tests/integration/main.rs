@@ -3,6 +3,7 @@
 mod apply;
 mod guest;
 mod lease;
+mod layers;
 mod libvirt_adapter;
 mod ops;
 mod plan;
