@@ -2,8 +2,8 @@
 
 mod apply;
 mod guest;
-mod lease;
 mod layers;
+mod lease;
 mod libvirt_adapter;
 mod ops;
 mod plan;
