@@ -33,6 +33,8 @@ pub struct Config {
     pub parallelism: usize,
     /// `[lease]`: timing of domain leases; every executor of a fleet must share it.
     pub lease: LeaseConfig,
+    /// `[[notify]]` targets: used by plans without a `notify` of their own.
+    pub notify: Vec<crate::notify::Target>,
 }
 
 impl Default for Config {
@@ -46,6 +48,7 @@ impl Default for Config {
             shutdown: ShutdownPolicy::default(),
             parallelism: DEFAULT_PARALLELISM,
             lease: LeaseConfig::default(),
+            notify: Vec::new(),
         }
     }
 }
@@ -61,6 +64,22 @@ struct RawConfig {
     shutdown: Option<RawShutdown>,
     parallelism: Option<toml::Spanned<i64>>,
     lease: Option<RawLease>,
+    #[serde(default)]
+    notify: Vec<toml::Spanned<RawNotify>>,
+}
+
+type Spanned<T> = toml::Spanned<T>;
+
+/// One `[[notify]]` table (the same keys as a plan's `notify` entry).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawNotify {
+    on: Option<Spanned<Vec<Spanned<String>>>>,
+    webhook: Option<Spanned<String>>,
+    format: Option<Spanned<String>>,
+    email: Option<Spanned<RawNotifyEmail>>,
+    command: Option<Spanned<Vec<Spanned<String>>>>,
+    timeout: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -69,6 +88,17 @@ struct RawLease {
     ttl: Option<toml::Spanned<String>>,
     settle: Option<toml::Spanned<String>>,
     max_clock_skew: Option<toml::Spanned<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawNotifyEmail {
+    to: Option<Spanned<Vec<Spanned<String>>>>,
+    from: Option<Spanned<String>>,
+    smtp: Option<Spanned<String>>,
+    username: Option<Spanned<String>>,
+    password_env: Option<Spanned<String>>,
+    password_file: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -87,6 +117,7 @@ const KEYS: &[&str] = &[
     "shutdown",
     "parallelism",
     "lease",
+    "notify",
 ];
 
 /// libvirt's own default connection, used (as virsh does) when nothing else names one.
@@ -238,6 +269,7 @@ pub fn load(path: &Path) -> Result<Config, Diagnostics> {
     if let Some(lease) = raw.lease {
         lease_config(path, &text, lease, &mut config.lease, &mut diags);
     }
+    config.notify = notify_targets(path, &text, raw.notify, &mut diags);
     if diags.is_empty() {
         Ok(config)
     } else {
@@ -307,6 +339,69 @@ fn lease_config(
     }
     if let Some(skew) = skew {
         lease.max_skew = skew;
+    }
+}
+
+/// Checks the `[[notify]]` tables, adding located problems to `diags`.
+fn notify_targets(
+    path: &Path,
+    text: &str,
+    tables: Vec<Spanned<RawNotify>>,
+    diags: &mut Vec<Diagnostic>,
+) -> Vec<crate::notify::Target> {
+    let mut targets = Vec::new();
+    for (i, table) in tables.into_iter().enumerate() {
+        let what = format!("[[notify]] table {}", i + 1);
+        let raw = notify_target(text, table);
+        match crate::notify::target::check(&raw, &what) {
+            Ok(target) => targets.push(target),
+            Err(problems) => diags.extend(
+                problems
+                    .into_iter()
+                    .map(|p| Diagnostic::new(path, p.pos, p.message).with_help(p.help)),
+            ),
+        }
+    }
+    targets
+}
+
+/// A `[[notify]]` table in the positioned form the plan's `notify` entries also take.
+fn notify_target(text: &str, table: Spanned<RawNotify>) -> crate::notify::target::RawTarget {
+    use crate::notify::target::{RawEmail, RawTarget};
+    use crate::plan_file::Located;
+    let at = |span: std::ops::Range<usize>| Pos::of_offset(text, span.start);
+    let one = |s: Spanned<String>| Located {
+        pos: at(s.span()),
+        value: s.into_inner(),
+    };
+    let list = |s: Spanned<Vec<Spanned<String>>>| Located {
+        pos: at(s.span()),
+        value: s.into_inner().into_iter().map(one).collect(),
+    };
+    let pos = at(table.span());
+    let raw = table.into_inner();
+    RawTarget {
+        pos,
+        on: raw.on.map(list),
+        webhook: raw.webhook.map(one),
+        format: raw.format.map(one),
+        email: raw.email.map(|e| {
+            let pos = at(e.span());
+            let e = e.into_inner();
+            Located {
+                pos,
+                value: RawEmail {
+                    to: e.to.map(list),
+                    from: e.from.map(one),
+                    smtp: e.smtp.map(one),
+                    username: e.username.map(one),
+                    password_env: e.password_env.map(one),
+                    password_file: e.password_file.map(one),
+                },
+            }
+        }),
+        command: raw.command.map(list),
+        timeout: raw.timeout.map(one),
     }
 }
 

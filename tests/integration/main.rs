@@ -5,6 +5,7 @@ mod guest;
 mod layers;
 mod lease;
 mod libvirt_adapter;
+mod notify;
 mod ops;
 mod plan;
 mod safe_windows;
