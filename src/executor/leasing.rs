@@ -13,6 +13,7 @@ use crate::hypervisor::HvError;
 use crate::lease::{self, Acquisition, Holder, Lease, LeaseConfig, Leaser, Register, Renewal};
 use crate::lockfile::StepStatus;
 use crate::planner::PlannedStep;
+use crate::uri::Uri;
 
 /// Who this executor is and how it takes leases.
 #[derive(Debug, Clone)]
@@ -26,7 +27,7 @@ pub struct Leasing {
 /// lengthens the measured read-to-write time, which the protocol checks.
 struct Retrying<'r, 'a> {
     run: &'r Run<'a>,
-    uri: &'r str,
+    uri: &'r Uri,
 }
 
 impl Register for Retrying<'_, '_> {

@@ -114,7 +114,8 @@ pub fn step_connections(plan: &crate::planner::Plan) -> BTreeMap<(String, String
         .map(|s| {
             (
                 (s.step_id.clone(), s.domain.uuid.clone()),
-                s.connection.clone(),
+                // Redacted at the source (query secrets too); `redact_all` masks again.
+                s.connection.redacted(),
             )
         })
         .collect()

@@ -48,11 +48,11 @@ fn project(dir: &Path, uri: &str, steps: &str) -> Result<Plan, PlanError> {
     )
     .unwrap_or_else(|d| panic!("{}", d.render()));
     let mut connections = Connections::new();
-    connections.insert(uri.to_owned(), Arc::new(Libvirt::connect(uri).unwrap()));
+    connections.insert(uri.into(), Arc::new(Libvirt::connect(uri).unwrap()));
     planner::project(&PlanInput {
         file: &file,
         connections: &connections,
-        connect_override: Some(uri),
+        connect_override: Some(&uri.into()),
         now: now(),
         progress: &NoProgress,
     })

@@ -3,6 +3,7 @@
 mod apply;
 mod fleet;
 mod guest;
+mod harden;
 mod layers;
 mod lease;
 mod libvirt_adapter;
