@@ -7,6 +7,7 @@ mod harden;
 mod layers;
 mod lease;
 mod libvirt_adapter;
+mod lifecycle;
 mod notify;
 mod ops;
 mod plan;
