@@ -21,6 +21,7 @@ pub mod hypervisor;
 pub mod lease;
 pub mod lockfile;
 pub mod notify;
+pub mod ops;
 pub mod overview;
 pub mod plan_file;
 pub mod planner;
