@@ -9,7 +9,6 @@ use chrono::{DateTime, Utc};
 use super::*;
 use crate::clock::FakeClock;
 use crate::hypervisor::fleet::{write_fleet, FleetDomain};
-use crate::hypervisor::libvirt::Libvirt;
 
 const UUID: &str = "6f2f4a57-0b0c-4c1e-9a8e-000000000001";
 
@@ -27,14 +26,14 @@ fn holder(host: &str, pid: u32, token: &str) -> Holder {
 }
 
 /// A test-driver host with one running domain (the tempdir must outlive the connection).
-fn libvirt() -> (tempfile::TempDir, Libvirt) {
+fn libvirt() -> (tempfile::TempDir, Arc<dyn Hypervisor>) {
     let dir = tempfile::tempdir().unwrap();
     let uri = write_fleet(
         dir.path(),
         &[FleetDomain::new("web-01").uuid(UUID).running(true)],
     )
     .unwrap();
-    let hv = Libvirt::connect(&uri).unwrap();
+    let hv = crate::ops::connect(&uri.into()).unwrap();
     (dir, hv)
 }
 
@@ -70,7 +69,7 @@ fn lease_element_is_stored_in_the_domains_libvirt_metadata() {
     let me = holder("admin1", 10, "a");
     let config = config();
     let leaser = Leaser {
-        register: &Metadata(&hv),
+        register: &Metadata(hv.as_ref()),
         clock: &clock,
         me: &me,
         config: &config,
@@ -118,7 +117,7 @@ fn two_contenders_that_both_read_free_never_both_acquire() {
     let (_dir, hv) = libvirt();
     for round in 0..5 {
         let register = Lockstep {
-            inner: Metadata(&hv),
+            inner: Metadata(hv.as_ref()),
             barrier: Barrier::new(2),
         };
         // One clock each: a shared fake clock would count the rival's settle delay as ours.
@@ -157,9 +156,9 @@ fn two_contenders_that_both_read_free_never_both_acquire() {
                 _ => None,
             })
             .unwrap();
-        let winner = Metadata(&hv).get(UUID).unwrap().unwrap();
+        let winner = Metadata(hv.as_ref()).get(UUID).unwrap().unwrap();
         assert_eq!(Lease::parse(&winner).unwrap().holder, lost, "round {round}");
-        Metadata(&hv).set(UUID, None).unwrap();
+        Metadata(hv.as_ref()).set(UUID, None).unwrap();
     }
 }
 
@@ -178,7 +177,7 @@ fn eight_racing_contenders_on_the_system_clock_elect_exactly_one() {
         .map(|i| holder("admin1", i, &i.to_string()))
         .collect();
     let start = Arc::new(Barrier::new(holders.len()));
-    let register = Metadata(&hv);
+    let register = Metadata(hv.as_ref());
     let results: Vec<Attempt> = std::thread::scope(|s| {
         let handles: Vec<_> = holders
             .iter()
@@ -213,7 +212,7 @@ fn a_live_lease_of_another_holder_keeps_us_out_until_the_deadline() {
     let config = config();
     let rival = holder("admin2", 77, "r");
     let me = holder("admin1", 10, "a");
-    let register = Metadata(&hv);
+    let register = Metadata(hv.as_ref());
     Leaser {
         register: &register,
         clock: &clock,
@@ -244,7 +243,7 @@ fn an_expired_lease_is_taken_over_once_the_clock_skew_margin_passed() {
     let (_dir, hv) = libvirt();
     let clock = FakeClock::new(t("2026-12-01T04:00:00Z"));
     let config = config();
-    let register = Metadata(&hv);
+    let register = Metadata(hv.as_ref());
     let dead = Lease {
         holder: holder("admin2", 77, "dead"),
         expires: t("2026-12-01T03:59:57Z"),
@@ -271,7 +270,7 @@ fn an_expired_lease_is_taken_over_once_the_clock_skew_margin_passed() {
 fn a_lease_left_by_a_dead_executor_of_the_same_plan_on_this_host_is_taken_over_at_once() {
     let (_dir, hv) = libvirt();
     let clock = FakeClock::new(t("2026-12-01T04:00:00Z"));
-    let register = Metadata(&hv);
+    let register = Metadata(hv.as_ref());
     let left = Lease {
         holder: holder("admin1", 9, "old"),
         expires: t("2026-12-01T04:00:50Z"),
@@ -332,7 +331,7 @@ fn a_contender_whose_own_write_was_slow_backs_off_without_acting_or_erasing() {
     let config = config();
     let me = holder("admin1", 10, "a");
     let register = Slow {
-        inner: Metadata(&hv),
+        inner: Metadata(hv.as_ref()),
         clock: &clock,
     };
     let leaser = Leaser {
@@ -355,7 +354,7 @@ fn renew_extends_our_lease_and_reports_a_lost_one() {
     let (_dir, hv) = libvirt();
     let clock = FakeClock::new(t("2026-12-01T04:00:00Z"));
     let config = config();
-    let register = Metadata(&hv);
+    let register = Metadata(hv.as_ref());
     let me = holder("admin1", 10, "a");
     let leaser = Leaser {
         register: &register,
@@ -392,7 +391,7 @@ fn renew_extends_our_lease_and_reports_a_lost_one() {
 #[test]
 fn an_unreadable_lease_is_an_error_that_says_how_to_remove_it() {
     let (_dir, hv) = libvirt();
-    let register = Metadata(&hv);
+    let register = Metadata(hv.as_ref());
     register
         .set(UUID, Some("<lease version='9'><future/></lease>"))
         .unwrap();
@@ -416,7 +415,7 @@ fn leases_live_in_the_persistent_definition_across_power_changes() {
     let (_dir, hv) = libvirt();
     let clock = FakeClock::new(t("2026-12-01T04:00:00Z"));
     let config = config();
-    let register = Metadata(&hv);
+    let register = Metadata(hv.as_ref());
     let me = holder("admin1", 10, "a");
     let leaser = Leaser {
         register: &register,

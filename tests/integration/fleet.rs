@@ -154,3 +154,27 @@ fn a_saved_plan_applies_the_reviewed_set_only() {
         [("web-01", StepStatus::Done), ("web-02", StepStatus::Done)]
     );
 }
+
+/// Many hosts are opened at once; one that cannot be reached is named in the error.
+#[test]
+fn connections_to_many_hosts_open_together_and_an_unreachable_one_is_named() {
+    let dirs: Vec<tempfile::TempDir> = (0..4).map(|_| tempfile::tempdir().unwrap()).collect();
+    let uris: Vec<String> = dirs
+        .iter()
+        .enumerate()
+        .map(|(i, d)| fleet(d.path(), &[&format!("vm-{i}")]))
+        .collect();
+    let connections = virtplan::ops::open(uris.iter().map(virtplan::uri::Uri::from)).unwrap();
+    assert_eq!(connections.len(), 4);
+    let missing = "test:///nonexistent-virtplan-host/node.xml";
+    let err = virtplan::ops::open(
+        uris.iter()
+            .map(String::as_str)
+            .chain([missing])
+            .map(virtplan::uri::Uri::from),
+    )
+    .err()
+    .expect("an unreachable host fails the open")
+    .to_string();
+    assert!(err.contains(missing), "{err}");
+}
