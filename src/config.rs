@@ -35,6 +35,9 @@ pub struct Config {
     pub parallelism: usize,
     /// `[lease]`: timing of domain leases; every executor of a fleet must share it.
     pub lease: LeaseConfig,
+    /// Where lockfiles live instead of beside each plan (absolute; relative paths in the file
+    /// are resolved against the file's folder).
+    pub state_dir: Option<PathBuf>,
     /// `[[notify]]` targets: used by plans without a `notify` of their own.
     pub notify: Vec<crate::notify::Target>,
 }
@@ -50,6 +53,7 @@ impl Default for Config {
             shutdown: ShutdownPolicy::default(),
             parallelism: DEFAULT_PARALLELISM,
             lease: LeaseConfig::default(),
+            state_dir: None,
             notify: Vec::new(),
         }
     }
@@ -66,6 +70,7 @@ struct RawConfig {
     shutdown: Option<RawShutdown>,
     parallelism: Option<toml::Spanned<i64>>,
     lease: Option<RawLease>,
+    state_dir: Option<toml::Spanned<String>>,
     #[serde(default)]
     notify: Vec<toml::Spanned<RawNotify>>,
 }
@@ -119,6 +124,7 @@ const KEYS: &[&str] = &[
     "shutdown",
     "parallelism",
     "lease",
+    "state_dir",
     "notify",
 ];
 
@@ -241,6 +247,12 @@ pub fn load(path: &Path) -> Result<Config, Diagnostics> {
             config.shutdown.force_after_timeout = force;
         }
     }
+    if let Some(dir) = raw.state_dir {
+        match state_dir(path, &dir, at(dir.span())) {
+            Ok(dir) => config.state_dir = Some(dir),
+            Err(d) => diags.push(d),
+        }
+    }
     if let Some(p) = raw.parallelism {
         match parallelism(path, &p, at(p.span())) {
             Ok(n) => config.parallelism = n,
@@ -321,6 +333,36 @@ fn lease_config(
     if let Some(skew) = skew {
         lease.max_skew = skew;
     }
+}
+
+/// `state_dir`: resolved against the configuration file's folder.
+fn state_dir(path: &Path, dir: &toml::Spanned<String>, pos: Pos) -> Result<PathBuf, Diagnostic> {
+    if dir.get_ref().trim().is_empty() {
+        return Err(
+            Diagnostic::new(path, pos, "state_dir is empty".to_owned()).with_help(
+                "name the folder for lockfiles, such as \"/var/lib/virtplan\", or leave the key out to keep them beside each plan",
+            ),
+        );
+    }
+    let base = path.parent().unwrap_or_else(|| Path::new("."));
+    Ok(normalize(&base.join(dir.get_ref())))
+}
+
+/// An absolute path with `.` and `..` resolved lexically (the folder may not exist yet).
+fn normalize(path: &Path) -> PathBuf {
+    use std::path::Component;
+    let absolute = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
+    let mut out = PathBuf::new();
+    for c in absolute.components() {
+        match c {
+            Component::CurDir => {}
+            Component::ParentDir => {
+                out.pop();
+            }
+            other => out.push(other),
+        }
+    }
+    out
 }
 
 /// Checks the `[[notify]]` tables, adding located problems to `diags`.

@@ -4,6 +4,7 @@ mod apply;
 mod fleet;
 mod guest;
 mod harden;
+mod harden_daemon;
 mod layers;
 mod lease;
 mod libvirt_adapter;
