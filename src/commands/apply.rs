@@ -13,7 +13,7 @@ use anyhow::Context as _;
 use super::common;
 use crate::clock::Clock;
 use crate::executor::{Executor, Outcome, Settings};
-use crate::lockfile::{self, ExecutorLock, LockStore, StepStatus};
+use crate::lockfile::{self, ExecutorLock, LockStore};
 use crate::notify::{Notifier, Retry, RunInfo};
 use crate::ops;
 use crate::planner::saved::SavedPlan;
@@ -158,11 +158,8 @@ pub fn run(args: &Args<'_>, clock: &dyn Clock, printer: &Printer) -> anyhow::Res
         &plan_path,
     )?);
     settings.failpoint = std::env::var(FAILPOINT_ENV).ok().filter(|f| !f.is_empty());
-    let on_outcome = |o: &Outcome| {
-        if !o.earlier {
-            printer.err_line(&progress_line(o, clock, printer));
-        }
-    };
+    let progress = super::progress::Progress::new(printer, clock, file_zone);
+    let on_outcome = |o: &Outcome| progress.outcome(o);
     let notifier = start_notifier(targets, &plan, &store, printer);
     if let Some(n) = &notifier {
         n.plan_started(clock.now())?;
@@ -191,17 +188,23 @@ pub fn run(args: &Args<'_>, clock: &dyn Clock, printer: &Printer) -> anyhow::Res
             printer,
         )?
     } else {
-        Executor {
-            plan: &plan,
-            connections: &connections,
-            clock,
-            store: &store,
-            settings: &settings,
-            stop: &stop,
-            on_outcome: &on_outcome,
-            reconnect: Some(&ops::connect),
-        }
-        .run()?
+        let done = AtomicBool::new(false);
+        std::thread::scope(|scope| {
+            scope.spawn(|| progress.run(&store, &done));
+            let report = Executor {
+                plan: &plan,
+                connections: &connections,
+                clock,
+                store: &store,
+                settings: &settings,
+                stop: &stop,
+                on_outcome: &on_outcome,
+                reconnect: Some(&ops::connect),
+            }
+            .run();
+            done.store(true, std::sync::atomic::Ordering::SeqCst);
+            report
+        })?
     };
 
     if let Some(n) = &notifier {
@@ -496,24 +499,4 @@ fn confirm(plan: &Plan, printer: &Printer) -> anyhow::Result<bool> {
     let mut answer = String::new();
     std::io::stdin().lock().read_line(&mut answer)?;
     Ok(answer.trim() == "yes")
-}
-
-fn progress_line(o: &Outcome, clock: &dyn Clock, printer: &Printer) -> String {
-    let tone = match o.status {
-        StepStatus::Done => Tone::Added,
-        StepStatus::Failed | StepStatus::Missed => Tone::Removed,
-        _ => Tone::Changed,
-    };
-    let mut line = format!(
-        "{} step {} {}: {}",
-        clock.now().format("%H:%M:%S%.3f"),
-        o.step,
-        crate::printer::escape(&o.vm),
-        printer.paint(tone, o.status.as_str())
-    );
-    if !o.message.is_empty() {
-        line.push_str(" - ");
-        line.push_str(&crate::printer::escape(&o.message));
-    }
-    line
 }
