@@ -822,3 +822,54 @@ fn ci_model_two_plans_merged_together_both_run_at_their_times() {
         String::from_utf8_lossy(&out.stdout)
     );
 }
+
+/// The README's two-minute tour, command by command: test driver only, no root, no daemon.
+#[test]
+fn readme_tour_runs_without_root_or_daemon() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::copy(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/tour.yaml"),
+        dir.path().join("tour.yaml"),
+    )
+    .unwrap();
+    let readme =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md")).unwrap();
+    let run = |args: &[&str]| {
+        Cli::new()
+            .args(args.iter().copied())
+            .current_dir(dir.path())
+    };
+    for command in [
+        "virtplan validate tour.yaml",
+        "virtplan plan tour.yaml",
+        "virtplan ls",
+        "virtplan cancel tour.yaml --step 3",
+        "virtplan apply tour.yaml --auto-approve",
+        "virtplan status tour.yaml",
+    ] {
+        assert!(
+            readme.contains(command),
+            "the README's tour runs `{command}`"
+        );
+    }
+    run(&["validate", "tour.yaml"])
+        .stdout_contains("ok tour.yaml")
+        .run();
+    run(&["plan", "tour.yaml"])
+        .stdout_contains("power        running → shutoff")
+        .stdout_contains("memory       2GiB → 1GiB")
+        .run();
+    run(&["ls"])
+        .stdout_contains("next:     step 1 test power when apply starts")
+        .run();
+    run(&["cancel", "tour.yaml", "--step", "3"])
+        .stdout_contains("Cancelled step 3 (test: autostart)")
+        .run();
+    run(&["apply", "tour.yaml", "--auto-approve"])
+        .stdout_contains("2 done, 0 failed, 0 missed, 0 skipped, 1 cancelled")
+        .run();
+    run(&["status", "tour.yaml"])
+        .stdout_contains("cancelled step 3 test")
+        .stdout_contains(" EST")
+        .run();
+}
