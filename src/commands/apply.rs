@@ -13,12 +13,11 @@ use anyhow::Context as _;
 use super::common;
 use crate::clock::Clock;
 use crate::executor::{Executor, Outcome, Settings};
-use crate::hypervisor::libvirt::Libvirt;
-use crate::hypervisor::Hypervisor;
 use crate::lockfile::{self, ExecutorLock, LockStore, StepStatus};
 use crate::notify::{Notifier, Retry, RunInfo};
+use crate::ops;
 use crate::planner::saved::SavedPlan;
-use crate::planner::{self, Connections, Plan, PlanInput};
+use crate::planner::{Connections, Plan};
 use crate::printer::{Printer, Tone};
 use crate::uri::Uri;
 use crate::{render, ExitStatus};
@@ -94,16 +93,27 @@ pub fn run(args: &Args<'_>, clock: &dyn Clock, printer: &Printer) -> anyhow::Res
         return Ok(ExitStatus::Error);
     }
 
-    let _lock = acquire_lock(
-        &lockfile::pid_path(&plan_path),
-        args.lock_timeout,
-        clock,
-        printer,
-    )?;
-    let store = Arc::new(LockStore::open(
-        &lockfile::lock_path(&plan_path),
-        &plan_sha256,
-    )?);
+    // Where state lives is not part of the reviewed plan but of the host: a saved plan and
+    // its plan file must share one lockfile and one executor lock.
+    let state_dir = match &loaded {
+        Some((config, _)) => config.state_dir.clone(),
+        None => match crate::config::discover(args.config, Some(&plan_path)) {
+            Ok(config) => config.state_dir,
+            Err(diags) => {
+                super::validate::report(printer, &diags);
+                return Ok(ExitStatus::Error);
+            }
+        },
+    };
+    let paths = crate::overview::StatePaths::of(&plan_path, state_dir.as_deref());
+    paths.prepare().with_context(|| {
+        format!(
+            "cannot create the state folder {} (state_dir in virtplan.toml)",
+            paths.lockfile.parent().unwrap_or(Path::new(".")).display()
+        )
+    })?;
+    let _lock = acquire_lock(&paths.pid, args.lock_timeout, clock, printer)?;
+    let store = Arc::new(LockStore::open(&paths.lockfile, &plan_sha256)?);
     let (plan, connections, loaded) = if let Some(saved) = saved {
         let mut plan = saved.plan;
         restore_credentials(&mut plan, args.config)?;
@@ -115,14 +125,7 @@ pub fn run(args: &Args<'_>, clock: &dyn Clock, printer: &Printer) -> anyhow::Res
         };
         let connect = common::resolve_connect(&config, args.connect)?;
         let connections = common::open_connections(&file, connect.as_ref())?;
-        let input = PlanInput {
-            file: &file,
-            connections: &connections,
-            connect_override: connect.as_ref(),
-            now: clock.now(),
-            progress: &*store,
-        };
-        match planner::project(&input) {
+        match ops::project(&file, &connections, connect.as_ref(), clock.now(), &*store) {
             Ok(plan) => (plan, connections, Some((config, file, connect))),
             Err(e) => {
                 common::report_plan_error(printer, &file, &e);
@@ -191,9 +194,7 @@ pub fn run(args: &Args<'_>, clock: &dyn Clock, printer: &Printer) -> anyhow::Res
             settings: &settings,
             stop: &stop,
             on_outcome: &on_outcome,
-            reconnect: Some(&|uri: &Uri| {
-                Libvirt::connect(uri).map(|hv| Arc::new(hv) as Arc<dyn Hypervisor>)
-            }),
+            reconnect: Some(&ops::connect),
         }
         .run()?
     };
@@ -201,6 +202,11 @@ pub fn run(args: &Args<'_>, clock: &dyn Clock, printer: &Printer) -> anyhow::Res
     if let Some(n) = &notifier {
         finish_notifier(n, &report, &store, clock, printer);
     }
+    let io = store.io_stats();
+    printer.detail(&format!(
+        "lockfile: {} changes in {} group commits ({} bytes appended, one fdatasync each); {} compactions ({} bytes)",
+        io.changes, io.appends, io.appended_bytes, io.compactions, io.compacted_bytes
+    ));
     let lock = store.snapshot();
     let doc = super::status::StatusDoc::from(&lock);
     printer.out(&format!(

@@ -7,10 +7,11 @@ use anyhow::Context as _;
 use super::common;
 use crate::cli::PlanFormat;
 use crate::clock::Clock;
-use crate::lockfile::{self, LockStore};
+use crate::lockfile::LockStore;
+use crate::ops;
 use crate::plan_file::PlanFile;
 use crate::planner::saved::SavedPlan;
-use crate::planner::{self, NoProgress, Plan, PlanError, PlanInput, Progress};
+use crate::planner::{self, NoProgress, Plan, PlanError, Progress};
 use crate::printer::Printer;
 use crate::{render, ExitStatus};
 
@@ -105,8 +106,8 @@ fn project_one(
         return Ok(None);
     };
     let connect = common::resolve_connect(&config, args.connect)?;
-    // With a lockfile beside the plan, done steps are shown as done rather than as changes.
-    let lock_path = lockfile::lock_path(path);
+    // With a lockfile, done steps are shown as done rather than as changes.
+    let lock_path = crate::overview::StatePaths::of(path, config.state_dir.as_deref()).lockfile;
     let recorded = if lock_path.exists() {
         Some(
             LockStore::read(&lock_path)
@@ -120,14 +121,7 @@ fn project_one(
         None => &NoProgress,
     };
     let connections = common::open_connections(&file, connect.as_ref())?;
-    let input = PlanInput {
-        file: &file,
-        connections: &connections,
-        connect_override: connect.as_ref(),
-        now: clock.now(),
-        progress,
-    };
-    let plan = match planner::project(&input) {
+    let plan = match ops::project(&file, &connections, connect.as_ref(), clock.now(), progress) {
         Ok(plan) => plan,
         Err(e) => {
             common::report_plan_error(printer, &file, &e);
