@@ -1,7 +1,9 @@
 //! The executor's paths on a real guest (support/guest.rs): graceful shutdowns on each rung of
 //! the ladder, snapshots of a qcow2 disk, a balloon that takes a live memory cut, vCPU hotplug
-//! the guest agent reports. Every change goes through `virtplan apply`; the assertions read what
-//! an operator would look at: the step's status and message, libvirt, and the guest itself.
+//! the guest agent reports, a reboot through the agent with a `guest_agent` check and a clock
+//! sync; and `plan` refusing snapshots libvirt cannot take. Every change goes through `virtplan
+//! apply`; the assertions read what an operator would look at: the step's status and message,
+//! libvirt, and the guest itself.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
