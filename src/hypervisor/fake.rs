@@ -33,6 +33,18 @@ pub struct FakeDomain {
     pub balloon_lag: chrono::Duration,
     /// A live memory target the balloon has not reached yet, and when it will.
     balloon_pending: Option<(Kib, DateTime<Utc>)>,
+    /// libvirt still moving the domain between two states (see [`Settling`]).
+    pub settling: Option<Settling>,
+}
+
+/// libvirt still moving a domain between two states, as QEMU starting with its CPUs held
+/// ("paused, starting up") or a shutdown in progress: [`Hypervisor::unsettled`] gives `reason`
+/// until the hypervisor's clock reaches `until`; then the domain is `then`.
+#[derive(Debug, Clone)]
+pub struct Settling {
+    pub reason: String,
+    pub until: DateTime<Utc>,
+    pub then: PowerState,
 }
 
 impl FakeDomain {
@@ -66,6 +78,7 @@ impl FakeDomain {
             guest_time: None,
             balloon_lag: chrono::Duration::zero(),
             balloon_pending: None,
+            settling: None,
         }
     }
 
@@ -167,6 +180,8 @@ struct Inner {
     /// Calls so far, all operations together (for crashes).
     total: usize,
     crash: Option<Crash>,
+    /// Metadata elements by (UUID, namespace), as libvirt would return them.
+    metadata: BTreeMap<(String, String), String>,
     /// The id the next started domain gets.
     next_run_id: u32,
 }
@@ -213,6 +228,15 @@ impl FakeHypervisor {
 
     fn inner(&self) -> std::sync::MutexGuard<'_, Inner> {
         self.inner.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Finishes a transition in progress at once (QEMU completed its start-up meanwhile).
+    pub fn settle_now(&self, uuid: &str) {
+        self.edit(uuid, |d| {
+            if let Some(s) = d.settling.take() {
+                d.state.power = s.then;
+            }
+        });
     }
 
     /// Makes calls `from ..` (1-based) of `op` fail `count` times with `kind`.
@@ -485,6 +509,20 @@ impl Hypervisor for FakeHypervisor {
             })
     }
 
+    fn unsettled(&self, uuid: &str) -> HvResult<Option<String>> {
+        let now = self.clock.as_ref().map(|c| c.now());
+        self.read("unsettled", uuid, |d| {
+            let s = d.settling.clone()?;
+            if now.is_none_or(|now| now >= s.until) {
+                d.state.power = s.then;
+                d.settling = None;
+                None
+            } else {
+                Some(s.reason)
+            }
+        })
+    }
+
     fn observe(&self, uuid: &str, with_clock: bool) -> HvResult<DomainState> {
         let now = self.clock.as_ref().map(|c| c.now());
         self.read("observe", uuid, |d| {
@@ -745,6 +783,43 @@ impl Hypervisor for FakeHypervisor {
         })
     }
 
+    fn list_domains(&self) -> HvResult<Vec<DomainId>> {
+        let mut ids: Vec<DomainId> = self
+            .inner()
+            .domains
+            .values()
+            .map(|d| DomainId {
+                name: d.state.name.clone(),
+                uuid: d.state.uuid.clone(),
+            })
+            .collect();
+        ids.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(ids)
+    }
+
+    fn metadata_element(&self, uuid: &str, namespace: &str) -> HvResult<Option<String>> {
+        self.read("metadata_element", uuid, |_| ())?;
+        let key = (uuid.to_owned(), namespace.to_owned());
+        Ok(self.inner().metadata.get(&key).cloned())
+    }
+
+    /// Not recorded in [`FakeHypervisor::calls`]: those are changes to the domain itself.
+    fn set_metadata_element(
+        &self,
+        uuid: &str,
+        namespace: &str,
+        _prefix: &str,
+        xml: Option<&str>,
+    ) -> HvResult<()> {
+        self.read("set_metadata_element", uuid, |_| ())?;
+        let key = (uuid.to_owned(), namespace.to_owned());
+        let mut inner = self.inner();
+        match xml {
+            Some(xml) => inner.metadata.insert(key, xml.to_owned()),
+            None => inner.metadata.remove(&key),
+        };
+        Ok(())
+    }
     fn run_id(&self, uuid: &str) -> HvResult<Option<u32>> {
         self.read("run_id", uuid, |d| d.run_id)
     }
