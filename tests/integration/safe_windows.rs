@@ -376,3 +376,156 @@ fn plan_of_two_files_refuses_overlapping_changes_of_one_domain_and_accepts_apart
     );
     assert_eq!(refused.status.code(), Some(1), "{}", text(&refused));
 }
+
+/// A test-driver host with a running and a shut-off domain (fixed UUIDs).
+fn fleet(dir: &Path) -> String {
+    use virtplan::hypervisor::fleet::{write_fleet, FleetDomain};
+    write_fleet(
+        dir,
+        &[
+            FleetDomain::new("web-01")
+                .uuid("5a1e0000-0000-4000-8000-0000000000a1")
+                .running(true),
+            FleetDomain::new("web-02").uuid("5a1e0000-0000-4000-8000-0000000000a2"),
+        ],
+    )
+    .unwrap()
+}
+
+#[test]
+fn plan_shows_reboots_checks_and_always_steps() {
+    let dir = tempfile::tempdir().unwrap();
+    let uri = fleet(dir.path());
+    let plan = write_plan(
+        dir.path(),
+        &format!(
+            "version: 1
+connection: {uri}
+steps:
+  - at: 2030-01-01T04:00:00Z
+    vms: [web-01, web-02]
+    power: reboot
+    check: {{ state: running, command: 'true', timeout: 2m, interval: 10s }}
+  - at: 2030-01-01T04:30:00Z
+    vm: web-01
+    power: running
+    always: true
+"
+        ),
+    );
+    let human = virtplan(&["plan", plan.to_str().unwrap()], &[]);
+    assert_eq!(human.status.code(), Some(0), "{}", text(&human));
+    let out = String::from_utf8_lossy(&human.stdout);
+    for expected in [
+        "power        running → running  [reboot: ACPI graceful shutdown, force after 2m, then start]",
+        "power        shutoff → running  [the domain is off at this step: the reboot starts it]",
+        "then waits for the check: state running, `true` exits 0 (within 2m, every 10s)",
+        "always: runs even after an earlier step of this domain failed",
+    ] {
+        assert!(out.contains(expected), "no {expected:?} in\n{out}");
+    }
+    let json = virtplan(&["plan", plan.to_str().unwrap(), "--format", "json"], &[]);
+    let json: serde_json::Value = serde_json::from_slice(&json.stdout).unwrap();
+    let reboot = &json["changes"][0];
+    assert_eq!(reboot["attribute"], "power");
+    assert_eq!(
+        reboot["action"], "change",
+        "a reboot is never a noop: {reboot}"
+    );
+    assert_eq!(json["summary"]["change"], 2, "{json}");
+}
+
+#[test]
+fn plan_refuses_checks_and_syncs_that_could_never_pass() {
+    let dir = tempfile::tempdir().unwrap();
+    let uri = fleet(dir.path());
+    let plan = write_plan(
+        dir.path(),
+        &format!(
+            "version: 1
+connection: {uri}
+steps:
+  - at: 2030-01-01T04:00:00Z
+    vm: web-01
+    power: reboot
+    check: {{ guest_agent: true }}
+  - at: 2030-01-01T04:10:00Z
+    vm: web-01
+    power: shutoff
+    check: {{ state: running }}
+  - at: 2030-01-01T04:20:00Z
+    vm: web-02
+    clock: {{ sync: true }}
+"
+        ),
+    );
+    let out = virtplan(&["plan", plan.to_str().unwrap()], &[]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    let err = String::from_utf8_lossy(&out.stderr);
+    for expected in [
+        "plan.yaml:7:12",
+        "the check waits for the guest agent, and web-01 has no guest agent channel: it could never pass",
+        "plan.yaml:11:12",
+        "the check waits for web-01 to be running, but this step leaves it shutoff",
+        "plan.yaml:14:12",
+        "`clock.sync` sets the guest's time through its agent, but web-02 is shutoff after this step",
+    ] {
+        assert!(err.contains(expected), "no {expected:?} in\n{err}");
+    }
+}
+
+#[test]
+fn qemu_agent_channel_without_an_agent_reboot_falls_back_to_acpi_and_sync_fails_the_step() {
+    let Some(uri) = qemu_uri() else { return };
+    let dom = TestDomain::define_with_devices(
+        &uri,
+        "safe-agent",
+        crate::libvirt_adapter::AGENT_CHANNEL_XML,
+    );
+    dom.start();
+    let hv = Libvirt::connect(&uri).unwrap();
+    let before = run_id(&hv, &dom.uuid).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let plan = write_plan(
+        dir.path(),
+        &format!(
+            "version: 1
+connection: {uri}
+steps:
+  - vm: {vm}
+    power: reboot
+    shutdown: {{ mode: graceful, timeout: 1s, force_after_timeout: true }}
+    clock: {{ sync: true }}
+    check: {{ state: running, timeout: 3s, interval: 1s }}
+",
+            vm = dom.name
+        ),
+    );
+    // The domain has an agent channel: plan accepts the sync and says the agent shuts it down.
+    let shown = virtplan(&["plan", plan.to_str().unwrap()], &[]);
+    assert_eq!(shown.status.code(), Some(0), "{}", text(&shown));
+    let stdout = String::from_utf8_lossy(&shown.stdout);
+    assert!(
+        stdout.contains("reboot: guest agent graceful shutdown"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("guest_time"), "{stdout}");
+
+    // Nothing answers on the channel (no OS): the ladder falls back to ACPI, then force; the
+    // sync waits for the agent up to the check's timeout and fails the step, with the reboot
+    // itself done (a new domain id).
+    let out = apply(&plan, &[]);
+    assert_eq!(out.status.code(), Some(3), "{}", text(&out));
+    let lock = lock_of(&plan);
+    let message = &lock.steps[0].message;
+    assert_eq!(lock.steps[0].status, StepStatus::Failed, "{message}");
+    assert!(
+        message.contains("the guest agent did not take the shutdown request"),
+        "{message}"
+    );
+    assert!(
+        message.contains("clock sync: the guest agent did not answer within 3s"),
+        "{message}"
+    );
+    assert_ne!(run_id(&hv, &dom.uuid), Some(before));
+}
