@@ -511,6 +511,24 @@ steps:
     );
     assert!(stdout.contains("guest_time"), "{stdout}");
 
+    // A clock edit on this running domain with an agent channel: plan suggests `sync`.
+    let clock_plan = dir.path().join("clock.yaml");
+    std::fs::write(
+        &clock_plan,
+        format!(
+            "version: 1\nconnection: {uri}\nsteps:\n  - vm: {}\n    clock: {{ track: wall }}\n",
+            dom.name
+        ),
+    )
+    .unwrap();
+    let shown = virtplan(&["plan", clock_plan.to_str().unwrap()], &[]);
+    assert_eq!(shown.status.code(), Some(0), "{}", text(&shown));
+    let stdout = String::from_utf8_lossy(&shown.stdout);
+    assert!(
+        stdout.contains("`sync: true` on the step that boots it"),
+        "{stdout}"
+    );
+
     // Nothing answers on the channel (no OS): the ladder falls back to ACPI, then force; the
     // sync waits for the agent up to the check's timeout and fails the step, with the reboot
     // itself done (a new domain id).
