@@ -29,7 +29,7 @@ pub enum XmlError {
 /// The figures and texts of a domain definition that virtplan reads.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DefinitionSummary {
-    /// `<currentMemory>`, or `<memory>` when absent.
+    /// `<currentMemory>`, or `<memory>` when absent or when there is no balloon device.
     pub memory: Kib,
     /// `<memory>`: the maximum the domain boots with.
     pub max_memory: Kib,
@@ -132,8 +132,16 @@ pub fn summarize(xml: &str) -> Result<DefinitionSummary, XmlError> {
     let max_vcpus = raw
         .max_vcpus
         .ok_or_else(|| XmlError::Invalid("no <vcpu> element".into()))?;
+    // Without a balloon device the guest boots with all of `<memory>`, whatever
+    // `<currentMemory>` says; libvirt's `balloon.current` statistic reports it so, and the
+    // bulk read of shut-off domains uses that statistic: both reads must agree.
+    let memory = if raw.no_balloon {
+        max_memory
+    } else {
+        raw.current_memory.unwrap_or(max_memory)
+    };
     Ok(DefinitionSummary {
-        memory: raw.current_memory.unwrap_or(max_memory),
+        memory,
         max_memory,
         vcpus: raw.vcpus_current.unwrap_or(max_vcpus),
         max_vcpus,
@@ -153,6 +161,8 @@ struct RawSummary {
     title: Option<String>,
     description: Option<String>,
     clock: ClockState,
+    /// `<devices><memballoon model='none'/>`.
+    no_balloon: bool,
 }
 
 /// Walks the document keeping the element path, so that only direct children of `<domain>`
@@ -194,6 +204,12 @@ fn scan(xml: &str) -> Result<RawSummary, XmlError> {
                     && attribute(e, "name")?.as_deref() == Some("rtc")
                 {
                     out.clock.rtc_track = attribute(e, "track")?;
+                } else if path.len() == 2
+                    && path[1] == "devices"
+                    && name == "memballoon"
+                    && attribute(e, "model")?.as_deref() == Some("none")
+                {
+                    out.no_balloon = true;
                 }
                 if !is_empty {
                     path.push(name);
@@ -617,6 +633,29 @@ mod tests {
                 offset: Some("utc".into()),
                 rtc_track: Some("guest".into())
             }
+        );
+    }
+
+    /// libvirt's `balloon.current` (what the bulk read of shut-off domains uses) is the whole
+    /// `<memory>` of a domain without a balloon device; the XML read must say the same, or a
+    /// step planned from one read would be refused as drift by the other.
+    #[test]
+    fn summarize_without_a_balloon_device_reports_the_full_memory() {
+        let xml = |balloon: &str| {
+            format!(
+                "<domain><memory unit='MiB'>256</memory><currentMemory unit='MiB'>128</currentMemory>\
+                 <vcpu>1</vcpu><devices>{balloon}</devices></domain>"
+            )
+        };
+        let none = summarize(&xml("<memballoon model='none'/>")).unwrap();
+        assert_eq!((none.memory, none.max_memory), (Kib(262_144), Kib(262_144)));
+        let virtio = summarize(&xml("<memballoon model='virtio'/>")).unwrap();
+        assert_eq!(virtio.memory, Kib(131_072));
+        let absent = summarize(&xml("")).unwrap();
+        assert_eq!(
+            absent.memory,
+            Kib(131_072),
+            "the test driver lists no balloon"
         );
     }
 

@@ -1,17 +1,28 @@
 //! libvirt through the `virt` crate: the only module that imports `virt`.
 //!
-//! Reading a domain (`observe`) takes the power state and live figures from the running domain
-//! and every configuration figure from the persistent definition (the inactive XML), because
-//! that is what survives a reboot and what the planner projects.
+//! Reading one domain (`observe`) takes the power state and live figures from the running
+//! domain and every configuration figure from the persistent definition (the inactive XML),
+//! because that is what survives a reboot and what the planner projects.
 //!
-//! `observe_many` makes one bulk `virConnectGetAllDomainStats` call for the power state of every
-//! domain and two domain listings (autostart, transient), then per domain one
-//! `virDomainGetXMLDesc` (inactive: persistent figures, title, description, clock) and, for
-//! active domains only, one `virDomainGetInfo` (live balloon and vCPU figures). The bulk call
-//! asks for the `state` group only: on QEMU the `balloon` and `vcpu` groups query every running
-//! domain's monitor (per-vCPU KVM statistics included) and made the bulk path slower than
-//! per-domain reads (54 domains, 4 running: 85-140 ms against 60-70 ms; with `state` only,
-//! 18-28 ms). The test driver fills in `state` only anyway.
+//! `plan` reads in bulk, with a fixed number of round trips however many domains it targets:
+//! - `resolve_many`: one `virConnectListAllDomains` gives every name and UUID (both are kept in
+//!   the client's domain handles, so reading them costs no round trip); only a miss falls back
+//!   to a lookup by name, which then reports "not found" exactly as libvirt does.
+//! - `observe_wanted`: one `virConnectGetAllDomainStats` over the inactive domains with the
+//!   `state`, `balloon` and `vcpu` groups. For a shut-off domain those are its persistent
+//!   figures (`balloon.current`/`maximum` = `<currentMemory>`/`<memory>`, `vcpu.current`/
+//!   `maximum` = `<vcpu current>`/`<vcpu>`), so it needs no other call unless a step reads its
+//!   clock, title or description (then one `virDomainGetXMLDesc`). Running domains are not in
+//!   that call (for them the `balloon` and `vcpu` groups query the QEMU monitor, slower than
+//!   reading their definition): each costs a lookup, `virDomainGetInfo` (live figures) and its
+//!   inactive XML. Plus one listing for autostart, and one for transient domains when any
+//!   targeted domain runs (a shut-off domain is always persistent).
+//!
+//! The test driver's bulk statistics carry the `state` group only; its domains are read from
+//! their XML, through the handles of the bulk records. A domain without a balloon device
+//! (`<memballoon model='none'/>`) boots with all of `<memory>` whatever `<currentMemory>` says,
+//! and libvirt's `balloon.current` says so: [`domain_xml::summarize`] follows the same rule,
+//! so the bulk and the per-domain reads agree.
 
 use std::collections::{HashMap, HashSet};
 use std::ffi::CStr;
@@ -26,7 +37,7 @@ use virt::error::{Error as VirtError, ErrorNumber};
 use virt::sys;
 
 use super::domain_xml::{self, DefinitionSummary};
-use super::{DomainId, ErrorKind, HvError, HvResult, Hypervisor, Scope};
+use super::{DomainId, ErrorKind, HvError, HvResult, Hypervisor, Observation, Scope, Want};
 use crate::state::{DomainState, Kib, LiveFigures, PowerState};
 
 /// Stops libvirt from printing every handled error to stderr; call once before connecting.
@@ -58,29 +69,68 @@ impl std::fmt::Debug for Libvirt {
 }
 
 impl Libvirt {
-    /// One domain's state from its bulk-stats record plus its inactive XML.
-    fn state_from_record(
-        requested: &str,
-        key: &str,
-        record: &StatsRecord,
+    /// One domain of a bulk read: from its statistics alone when they carry every figure and no
+    /// definition is wanted, else from its definition (and live figures when it runs).
+    fn read_wanted(
+        &self,
+        want: &Want,
+        record: Option<&StatsRecord>,
         autostart: &HashSet<String>,
-        transient: &HashSet<String>,
-        with_clock: bool,
-    ) -> HvResult<DomainState> {
-        let what = format!("read domain {requested}");
+        transient: Option<&HashSet<String>>,
+    ) -> HvResult<Observation> {
+        let key = want.uuid.to_ascii_lowercase();
+        let needs_xml = want.clock || want.metadata;
+        if let Some((record, figures)) = record.and_then(|r| Some((r, r.figures?))) {
+            let power = power_state(DomainStateEnum::from_raw(record.state.unwrap_or(0)));
+            if !needs_xml && !power.is_active() {
+                return Ok(Observation {
+                    state: DomainState {
+                        name: record.name.clone(),
+                        uuid: key.clone(),
+                        power,
+                        memory: Kib(figures.memory),
+                        max_memory: Kib(figures.max_memory),
+                        vcpus: figures.vcpus,
+                        max_vcpus: figures.max_vcpus,
+                        autostart: autostart.contains(&key),
+                        persistent: true,
+                        clock: None,
+                        title: String::new(),
+                        description: String::new(),
+                        live: None,
+                    },
+                    definition: None,
+                });
+            }
+        }
+        let looked_up;
+        let dom = if let Some(record) = record {
+            &record.domain
+        } else {
+            looked_up = self.conn.lookup_domain_by_uuid_string(&key).map_err(|e| {
+                if classify(&e) == ErrorKind::NotFound {
+                    HvError::new(
+                        ErrorKind::NotFound,
+                        format!("domain {}: no domain with this UUID", want.uuid),
+                    )
+                } else {
+                    hv_error(&format!("domain {}", want.uuid), &e)
+                }
+            })?;
+            &looked_up
+        };
+        let what = format!("read domain {}", want.uuid);
         let err = |e: VirtError| hv_error(&what, &e);
-        let dom = &record.domain;
-        let (power, info) = if let Some(state) = record.state {
+        let (power, info) = if let Some(state) = record.and_then(|r| r.state) {
             (power_state(DomainStateEnum::from_raw(state)), None)
         } else {
             let info = dom.info().map_err(err)?;
             (power_state(info.state), Some(info))
         };
         let live = if power.is_active() {
-            let info = if let Some(info) = info {
-                info
-            } else {
-                dom.info().map_err(err)?
+            let info = match info {
+                Some(info) => info,
+                None => dom.info().map_err(err)?,
             };
             Some(LiveFigures {
                 memory: Kib(info.memory),
@@ -89,21 +139,32 @@ impl Libvirt {
         } else {
             None
         };
-        let summary = Self::inactive_summary(dom, requested)?;
-        Ok(DomainState {
-            name: dom.name().map_err(err)?,
-            uuid: key.to_owned(),
-            power,
-            memory: summary.memory,
-            max_memory: summary.max_memory,
-            vcpus: summary.vcpus,
-            max_vcpus: summary.max_vcpus,
-            autostart: autostart.contains(key),
-            persistent: !transient.contains(key),
-            clock: with_clock.then_some(summary.clock),
-            title: summary.title,
-            description: summary.description,
-            live,
+        // Inactive domains are always persistent; a running one asks the transient listing
+        // (or libvirt, when the listing was not made).
+        let persistent = match (record, transient) {
+            (Some(_), _) => true,
+            (None, Some(transient)) => !transient.contains(&key),
+            (None, None) => dom.is_persistent().map_err(err)?,
+        };
+        let xml = Self::inactive_xml(dom, &want.uuid)?;
+        let summary = Self::summarize(&xml, &want.uuid)?;
+        Ok(Observation {
+            state: DomainState {
+                name: dom.name().map_err(err)?,
+                uuid: key.clone(),
+                power,
+                memory: summary.memory,
+                max_memory: summary.max_memory,
+                vcpus: summary.vcpus,
+                max_vcpus: summary.max_vcpus,
+                autostart: autostart.contains(&key),
+                persistent,
+                clock: want.clock.then_some(summary.clock),
+                title: summary.title,
+                description: summary.description,
+                live,
+            },
+            definition: want.clock.then_some(xml),
         })
     }
 
@@ -141,20 +202,6 @@ impl Libvirt {
             .map_err(|e| hv_error(&format!("domain {uuid}"), &e))
     }
 
-    /// Title or description of the persistent definition (the live one for transient domains).
-    fn metadata_text(dom: &Domain, kind: u32, persistent: bool, uuid: &str) -> HvResult<String> {
-        let flags = if persistent {
-            sys::VIR_DOMAIN_AFFECT_CONFIG
-        } else {
-            sys::VIR_DOMAIN_AFFECT_CURRENT
-        };
-        match dom.metadata(metadata_kind(kind), None, flags) {
-            Ok(text) => Ok(text),
-            Err(e) if e.code() == Enum::Known(ErrorNumber::NoDomainMetadata) => Ok(String::new()),
-            Err(e) => Err(hv_error(&format!("read metadata of {uuid}"), &e)),
-        }
-    }
-
     fn set_metadata_text(&self, uuid: &str, kind: u32, text: &str) -> HvResult<()> {
         let dom = self.lookup(uuid)?;
         let what = format!("set metadata of {uuid}");
@@ -173,11 +220,13 @@ impl Libvirt {
             .map_err(|e| hv_error(&what, &e))
     }
 
-    fn inactive_summary(dom: &Domain, uuid: &str) -> HvResult<DefinitionSummary> {
-        let xml = dom
-            .xml_desc(sys::VIR_DOMAIN_XML_INACTIVE)
-            .map_err(|e| hv_error(&format!("read the definition of {uuid}"), &e))?;
-        domain_xml::summarize(&xml).map_err(|e| {
+    fn inactive_xml(dom: &Domain, uuid: &str) -> HvResult<String> {
+        dom.xml_desc(sys::VIR_DOMAIN_XML_INACTIVE)
+            .map_err(|e| hv_error(&format!("read the definition of {uuid}"), &e))
+    }
+
+    fn summarize(xml: &str, uuid: &str) -> HvResult<DefinitionSummary> {
+        domain_xml::summarize(xml).map_err(|e| {
             HvError::new(
                 ErrorKind::Other,
                 format!("cannot read the definition of {uuid}: {e}"),
@@ -236,6 +285,47 @@ impl Hypervisor for Libvirt {
         })
     }
 
+    fn resolve_many(&self, names: &[String]) -> HvResult<Vec<Option<DomainId>>> {
+        if names.is_empty() {
+            return Ok(Vec::new());
+        }
+        let domains = self
+            .conn
+            .list_all_domains(0)
+            .map_err(|e| hv_error("list domains", &e))?;
+        let mut by_name: HashMap<String, DomainId> = HashMap::with_capacity(domains.len());
+        let mut by_uuid: HashMap<String, DomainId> = HashMap::with_capacity(domains.len());
+        for dom in &domains {
+            // Both are read from the client's handle: no round trip.
+            let id = DomainId {
+                name: dom.name().map_err(|e| hv_error("list domains", &e))?,
+                uuid: dom
+                    .uuid_string()
+                    .map_err(|e| hv_error("list domains", &e))?,
+            };
+            by_uuid.insert(id.uuid.clone(), id.clone());
+            by_name.insert(id.name.clone(), id);
+        }
+        names
+            .iter()
+            .map(|name| {
+                let listed = canonical_uuid(name)
+                    .and_then(|u| by_uuid.get(&u))
+                    .or_else(|| by_name.get(name));
+                match listed {
+                    Some(id) => Ok(Some(id.clone())),
+                    // Not in the listing: defined since, or a form the listing cannot match.
+                    // libvirt's own lookup decides, and says "not found" as it always does.
+                    None => match self.resolve(name) {
+                        Ok(id) => Ok(Some(id)),
+                        Err(e) if e.kind == ErrorKind::NotFound => Ok(None),
+                        Err(e) => Err(e),
+                    },
+                }
+            })
+            .collect()
+    }
+
     fn observe(&self, uuid: &str, with_clock: bool) -> HvResult<DomainState> {
         let dom = self.lookup(uuid)?;
         let what = format!("read domain {uuid}");
@@ -246,10 +336,10 @@ impl Hypervisor for Libvirt {
         let persistent = dom.is_persistent().map_err(err)?;
         let autostart = dom.autostart().map_err(err)?;
         let name = dom.name().map_err(err)?;
-        let summary = Self::inactive_summary(&dom, uuid)?;
-        let title = Self::metadata_text(&dom, sys::VIR_DOMAIN_METADATA_TITLE, persistent, uuid)?;
-        let description =
-            Self::metadata_text(&dom, sys::VIR_DOMAIN_METADATA_DESCRIPTION, persistent, uuid)?;
+        // Title and description come from the same definition: the inactive XML of a
+        // persistent domain is what `virDomainGetMetadata(.., AFFECT_CONFIG)` reads, and of a
+        // transient one its live definition.
+        let summary = Self::summarize(&Self::inactive_xml(&dom, uuid)?, uuid)?;
         let live = power.is_active().then_some(LiveFigures {
             memory: Kib(info.memory),
             vcpus: info.nr_virt_cpu,
@@ -265,62 +355,67 @@ impl Hypervisor for Libvirt {
             autostart,
             persistent,
             clock: with_clock.then_some(summary.clock),
-            title,
-            description,
+            title: summary.title,
+            description: summary.description,
             live,
         })
     }
 
-    fn observe_many(&self, uuids: &[String], with_clock: bool) -> HvResult<Vec<DomainState>> {
-        if uuids.is_empty() {
+    fn observe_wanted(&self, wants: &[Want]) -> HvResult<Vec<Observation>> {
+        if wants.is_empty() {
             return Ok(Vec::new());
         }
-        let records = all_domain_stats(&self.conn, sys::VIR_DOMAIN_STATS_STATE)
-            .map_err(|e| hv_error("read domain statistics", &e))?;
-        let mut by_uuid: HashMap<String, StatsRecord> =
+        let records = all_domain_stats(
+            &self.conn,
+            sys::VIR_DOMAIN_STATS_STATE
+                | sys::VIR_DOMAIN_STATS_BALLOON
+                | sys::VIR_DOMAIN_STATS_VCPU,
+            sys::VIR_CONNECT_GET_ALL_DOMAINS_STATS_INACTIVE,
+        )
+        .map_err(|e| hv_error("read domain statistics", &e))?;
+        let inactive: HashMap<String, StatsRecord> =
             records.into_iter().map(|r| (r.uuid.clone(), r)).collect();
         let autostart = self.listed_uuids(sys::VIR_CONNECT_LIST_DOMAINS_AUTOSTART)?;
-        let transient = self.listed_uuids(sys::VIR_CONNECT_LIST_DOMAINS_TRANSIENT)?;
-
-        let records = uuids
+        let jobs: Vec<(&Want, Option<&StatsRecord>)> = wants
             .iter()
-            .map(|requested| {
-                let key = requested.to_ascii_lowercase();
-                by_uuid
-                    .remove(&key)
-                    .map(|r| (requested, key, r))
-                    .ok_or_else(|| {
-                        HvError::new(
-                            ErrorKind::NotFound,
-                            format!("domain {requested}: no domain with this UUID"),
-                        )
-                    })
-            })
-            .collect::<HvResult<Vec<_>>>()?;
-        // The per-domain XML reads are independent round trips: a few threads keep several in
-        // flight on the (thread-safe) connection, which roughly halves `plan` on large fleets.
+            .map(|w| (w, inactive.get(&w.uuid.to_ascii_lowercase())))
+            .collect();
+        let transient = if jobs.iter().any(|(_, r)| r.is_none()) {
+            Some(self.listed_uuids(sys::VIR_CONNECT_LIST_DOMAINS_TRANSIENT)?)
+        } else {
+            None
+        };
+        let needs_call = |(w, r): &&(&Want, Option<&StatsRecord>)| {
+            w.clock || w.metadata || r.is_none_or(|r| r.figures.is_none())
+        };
+        let read = |(w, r): &(&Want, Option<&StatsRecord>)| {
+            self.read_wanted(w, *r, &autostart, transient.as_ref())
+        };
+        let calls = jobs.iter().filter(needs_call).count();
+        if calls < 8 {
+            return jobs.iter().map(read).collect();
+        }
+        // The per-domain reads are independent round trips: a few threads keep several in
+        // flight on the (thread-safe) connection.
         let workers = std::thread::available_parallelism()
             .map_or(2, |n| n.get() * 2)
             .min(8);
-        let chunk = records.len().div_ceil(workers).max(1);
-        let read = |(requested, key, record): &(&String, String, StatsRecord)| {
-            Self::state_from_record(requested, key, record, &autostart, &transient, with_clock)
-        };
+        let chunk = jobs.len().div_ceil(workers).max(1);
         std::thread::scope(|scope| {
-            let handles: Vec<_> = records
+            let handles: Vec<_> = jobs
                 .chunks(chunk)
                 .map(|part| scope.spawn(move || part.iter().map(read).collect::<Vec<_>>()))
                 .collect();
-            let mut states = Vec::with_capacity(uuids.len());
+            let mut out = Vec::with_capacity(wants.len());
             for handle in handles {
                 let part = handle.join().map_err(|_| {
                     HvError::new(ErrorKind::Other, "a domain-state reader thread panicked")
                 })?;
-                for state in part {
-                    states.push(state?);
+                for one in part {
+                    out.push(one?);
                 }
             }
-            Ok(states)
+            Ok(out)
         })
     }
 
@@ -515,6 +610,26 @@ fn looks_like_uuid(s: &str) -> bool {
     canonical || bare
 }
 
+/// The lower-case, dashed form libvirt lists a UUID in; `None` when `s` is not a UUID.
+fn canonical_uuid(s: &str) -> Option<String> {
+    if !looks_like_uuid(s) {
+        return None;
+    }
+    let hex: String = s
+        .chars()
+        .filter(char::is_ascii_hexdigit)
+        .map(|c| c.to_ascii_lowercase())
+        .collect();
+    Some(format!(
+        "{}-{}-{}-{}-{}",
+        &hex[..8],
+        &hex[8..12],
+        &hex[12..16],
+        &hex[16..20],
+        &hex[20..]
+    ))
+}
+
 fn power_state(state: Enum<VirtState, sys::virDomainState>) -> PowerState {
     match state {
         Enum::Known(VirtState::Running | VirtState::Blocked) => PowerState::Running,
@@ -552,13 +667,25 @@ fn hv_error(what: &str, e: &VirtError) -> HvError {
     HvError::new(classify(e), format!("{what}: {}", e.message().trim_end()))
 }
 
-/// What one domain's record of a bulk `state` statistics call holds.
+/// What one domain's record of a bulk statistics call holds.
 struct StatsRecord {
     /// Our own reference, valid after the record list is freed.
     domain: Domain,
+    name: String,
     uuid: String,
     /// `state.state`; `None` if the driver left it out.
     state: Option<sys::virDomainState>,
+    /// The `balloon` and `vcpu` groups, when the driver gave all four figures.
+    figures: Option<StatsFigures>,
+}
+
+/// `balloon.current`, `balloon.maximum` (KiB), `vcpu.current`, `vcpu.maximum`.
+#[derive(Debug, Clone, Copy)]
+struct StatsFigures {
+    memory: u64,
+    max_memory: u64,
+    vcpus: u32,
+    max_vcpus: u32,
 }
 
 /// Frees a record list returned by `virConnectGetAllDomainStats` when dropped.
@@ -578,12 +705,12 @@ impl Drop for StatsList {
 /// virt 0.5's `all_domain_stats` exposes raw record pointers and never frees the list, so
 /// this wraps the C call directly.
 #[allow(unsafe_code)] // raw libvirt FFI; each block states its SAFETY
-fn all_domain_stats(conn: &Connect, stats: u32) -> Result<Vec<StatsRecord>, VirtError> {
+fn all_domain_stats(conn: &Connect, stats: u32, flags: u32) -> Result<Vec<StatsRecord>, VirtError> {
     let mut list: *mut sys::virDomainStatsRecordPtr = std::ptr::null_mut();
     // SAFETY: the connection pointer stays valid while `conn` is borrowed; `list` is an
     // out-parameter that libvirt sets to a NULL-terminated array it allocated.
     let n = unsafe {
-        sys::virConnectGetAllDomainStats(conn.as_ptr(), stats, std::ptr::addr_of_mut!(list), 0)
+        sys::virConnectGetAllDomainStats(conn.as_ptr(), stats, std::ptr::addr_of_mut!(list), flags)
     };
     let list = StatsList(list);
     let Ok(n) = usize::try_from(n) else {
@@ -611,22 +738,40 @@ fn read_record(record: &sys::virDomainStatsRecord) -> Result<StatsRecord, VirtEr
         Domain::from_ptr(record.dom)
     };
     let uuid = domain.uuid_string()?;
-    let mut out = StatsRecord {
-        domain,
-        uuid,
-        state: None,
-    };
+    let name = domain.name()?;
+    let mut state = None;
+    let (mut memory, mut max_memory, mut vcpus, mut max_vcpus) = (None, None, None, None);
     for param in typed_params(record) {
         let Some(value) = typed_param_u64(param) else {
             continue;
         };
         // SAFETY: libvirt NUL-terminates the fixed-size field name.
         let field = unsafe { CStr::from_ptr(param.field.as_ptr()) };
-        if field.to_bytes() == b"state.state" {
-            out.state = sys::virDomainState::try_from(value).ok();
+        match field.to_bytes() {
+            b"state.state" => state = sys::virDomainState::try_from(value).ok(),
+            b"balloon.current" => memory = Some(value),
+            b"balloon.maximum" => max_memory = Some(value),
+            b"vcpu.current" => vcpus = u32::try_from(value).ok(),
+            b"vcpu.maximum" => max_vcpus = u32::try_from(value).ok(),
+            _ => {}
         }
     }
-    Ok(out)
+    let figures = match (memory, max_memory, vcpus, max_vcpus) {
+        (Some(memory), Some(max_memory), Some(vcpus), Some(max_vcpus)) => Some(StatsFigures {
+            memory,
+            max_memory,
+            vcpus,
+            max_vcpus,
+        }),
+        _ => None,
+    };
+    Ok(StatsRecord {
+        domain,
+        name,
+        uuid,
+        state,
+        figures,
+    })
 }
 
 #[allow(unsafe_code)] // raw libvirt FFI; each block states its SAFETY

@@ -21,6 +21,24 @@ pub struct DomainId {
     pub uuid: String,
 }
 
+/// What a bulk read ([`Hypervisor::observe_wanted`]) must return for one domain.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Want {
+    pub uuid: String,
+    /// Fill in `clock` and return the persistent XML (clock steps diff and edit it).
+    pub clock: bool,
+    /// Read `title` and `description` (title and description steps).
+    pub metadata: bool,
+}
+
+/// One domain from a bulk read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Observation {
+    pub state: DomainState,
+    /// The persistent (inactive) XML, when the [`Want`] asked for the clock.
+    pub definition: Option<String>,
+}
+
 /// How libvirt failed, classified by its error code so callers can decide to retry or fail.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ErrorKind {
@@ -89,9 +107,52 @@ pub trait Hypervisor: Send + Sync {
     /// Reads one domain's state; `with_clock` also reads and parses the persistent XML.
     fn observe(&self, uuid: &str, with_clock: bool) -> HvResult<DomainState>;
 
-    /// Reads several domains at once; implementations may use one bulk call.
+    /// Resolves several `vm:` values at once, in order; `None` for those that match nothing.
+    /// Implementations may answer from one listing of every domain.
+    fn resolve_many(&self, names: &[String]) -> HvResult<Vec<Option<DomainId>>> {
+        names
+            .iter()
+            .map(|n| match self.resolve(n) {
+                Ok(id) => Ok(Some(id)),
+                Err(e) if e.kind == ErrorKind::NotFound => Ok(None),
+                Err(e) => Err(e),
+            })
+            .collect()
+    }
+
+    /// Reads several domains at once, each only as deeply as its [`Want`] asks: `title` and
+    /// `description` are empty unless `metadata` (or the domain is running), `clock` is `None`
+    /// unless `clock`. Implementations may use one bulk call.
+    fn observe_wanted(&self, wants: &[Want]) -> HvResult<Vec<Observation>> {
+        wants
+            .iter()
+            .map(|w| {
+                let state = self.observe(&w.uuid, w.clock)?;
+                let definition = if w.clock {
+                    Some(self.domain_xml(&w.uuid, true)?)
+                } else {
+                    None
+                };
+                Ok(Observation { state, definition })
+            })
+            .collect()
+    }
+
+    /// Reads several domains completely (as [`Hypervisor::observe`] does) in one bulk read.
     fn observe_many(&self, uuids: &[String], with_clock: bool) -> HvResult<Vec<DomainState>> {
-        uuids.iter().map(|u| self.observe(u, with_clock)).collect()
+        let wants: Vec<Want> = uuids
+            .iter()
+            .map(|u| Want {
+                uuid: u.clone(),
+                clock: with_clock,
+                metadata: true,
+            })
+            .collect();
+        Ok(self
+            .observe_wanted(&wants)?
+            .into_iter()
+            .map(|o| o.state)
+            .collect())
     }
 
     /// The domain XML: `inactive` selects the persistent definition (what the next boot uses).

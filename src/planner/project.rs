@@ -10,7 +10,7 @@ use super::{
     PlannedDomain, PlannedStep, Summary,
 };
 use crate::attr::{Attr, Figure};
-use crate::hypervisor::{domain_xml, DomainId, ErrorKind, Hypervisor};
+use crate::hypervisor::{domain_xml, DomainId, ErrorKind, Hypervisor, Observation, Want};
 use crate::plan_file::units::format_duration;
 use crate::plan_file::{
     Attributes, ClockTarget, Located, PlanFile, PowerTarget, ShutdownMode, ShutdownPolicy, Step,
@@ -105,14 +105,16 @@ pub fn project(input: &PlanInput<'_>) -> Result<Plan, PlanError> {
 
 type Resolved<'a> = Vec<(&'a Step, String, DomainId)>;
 
-/// Resolves every step's domains, each name once per connection.
+/// Resolves every step's domains: each name once per connection, all of a connection's names
+/// in one bulk call.
 fn resolve_targets<'a>(
     input: &PlanInput<'a>,
     problems: &mut Vec<PlanProblem>,
 ) -> Result<Resolved<'a>, PlanError> {
     let file = input.file;
-    let mut cache: BTreeMap<(String, String), Option<DomainId>> = BTreeMap::new();
-    let mut resolved = Vec::new();
+    // First every step's connection and names, so each connection resolves its names at once.
+    let mut steps: Vec<(&Step, String)> = Vec::with_capacity(file.steps.len());
+    let mut wanted: BTreeMap<String, BTreeSet<&str>> = BTreeMap::new();
     for step in &file.steps {
         let Some(uri) = input
             .connect_override
@@ -123,7 +125,7 @@ fn resolve_targets<'a>(
                 "add `connection: qemu:///system` to the plan, set `connection` in virtplan.toml, or pass --connect URI"));
             continue;
         };
-        let Some(hv) = input.connections.get(&uri) else {
+        if !input.connections.contains_key(&uri) {
             return Err(PlanError::Libvirt {
                 context: format!("step {}", step.number),
                 source: crate::hypervisor::HvError::new(
@@ -131,23 +133,28 @@ fn resolve_targets<'a>(
                     format!("no open connection to {uri}"),
                 ),
             });
-        };
+        }
+        let names = wanted.entry(uri.clone()).or_default();
+        names.extend(step.targets.iter().map(|t| t.name_or_uuid.as_str()));
+        steps.push((step, uri));
+    }
+    let mut cache: BTreeMap<(String, String), Option<DomainId>> = BTreeMap::new();
+    for (uri, names) in wanted {
+        let names: Vec<String> = names.into_iter().map(str::to_owned).collect();
+        let found = input.connections[&uri]
+            .resolve_many(&names)
+            .map_err(|source| PlanError::Libvirt {
+                context: format!("looking up the plan's domains on {uri}"),
+                source,
+            })?;
+        for (name, id) in names.into_iter().zip(found) {
+            cache.insert((uri.clone(), name), id);
+        }
+    }
+    let mut resolved = Vec::new();
+    for (step, uri) in steps {
         for target in &step.targets {
-            let key = (uri.clone(), target.name_or_uuid.clone());
-            if !cache.contains_key(&key) {
-                let found = match hv.resolve(&target.name_or_uuid) {
-                    Ok(id) => Some(id),
-                    Err(e) if e.kind == ErrorKind::NotFound => None,
-                    Err(e) => {
-                        return Err(PlanError::Libvirt {
-                            context: format!("looking up `{}` on {uri}", target.name_or_uuid),
-                            source: e,
-                        })
-                    }
-                };
-                cache.insert(key.clone(), found);
-            }
-            match &cache[&key] {
+            match cache.get(&(uri.clone(), target.name_or_uuid.clone())).and_then(Option::as_ref) {
                 Some(id) => resolved.push((step, uri.clone(), id.clone())),
                 None => problems.push(problem(
                     file,
@@ -163,22 +170,28 @@ fn resolve_targets<'a>(
     Ok(resolved)
 }
 
-/// Reads every targeted domain: one bulk call per connection, the persistent XML only for
-/// domains with clock steps, snapshot names only for domains with snapshot steps.
+/// Reads every targeted domain: one bulk read per connection, in which the persistent XML is
+/// read only where a step needs it (clock, reboot, agent check, title, description) or the domain runs (its
+/// configuration figures live only there), snapshot names only for domains with snapshot steps.
 fn observe(
     connections: &Connections,
     per_domain: &BTreeMap<(String, String), Vec<&Step>>,
 ) -> Result<BTreeMap<(String, String), Observed>, PlanError> {
-    let mut by_uri: BTreeMap<&str, Vec<String>> = BTreeMap::new();
-    for (uri, uuid) in per_domain.keys() {
-        by_uri.entry(uri).or_default().push(uuid.clone());
+    let mut by_uri: BTreeMap<&str, Vec<Want>> = BTreeMap::new();
+    for ((uri, uuid), steps) in per_domain {
+        let any = |f: fn(&Step) -> bool| steps.iter().any(|s| f(s));
+        by_uri.entry(uri).or_default().push(Want {
+            uuid: uuid.clone(),
+            clock: any(needs_xml),
+            metadata: any(|s| s.attributes.has(Attr::Title) || s.attributes.has(Attr::Description)),
+        });
     }
     let mut result = BTreeMap::new();
-    for (uri, uuids) in by_uri {
+    for (uri, wants) in by_uri {
         let hv = &connections[uri];
         let libvirt = |context: String| move |source| PlanError::Libvirt { context, source };
-        let states = hv
-            .observe_many(&uuids, false)
+        let observations = hv
+            .observe_wanted(&wants)
             .map_err(libvirt(format!("reading domain state on {uri}")))?;
         let needs_host_cpus = per_domain
             .iter()
@@ -193,29 +206,17 @@ fn observe(
         } else {
             None
         };
-        for state in states {
+        for Observation { state, definition } in observations {
             let key = (uri.to_owned(), state.uuid.clone());
             let Some(steps) = per_domain.get(&key) else {
                 continue;
             };
             let mut obs = Observed {
                 state,
-                xml: None,
+                xml: definition,
                 snapshots: BTreeSet::new(),
                 host_cpus,
             };
-            if steps.iter().any(|s| needs_xml(s)) {
-                let xml = hv.domain_xml(&key.1, true).map_err(libvirt(format!(
-                    "reading the definition of {}",
-                    obs.state.name
-                )))?;
-                let clock = domain_xml::read_clock(&xml).map_err(|e| PlanError::Libvirt {
-                    context: format!("reading the clock of {}", obs.state.name),
-                    source: crate::hypervisor::HvError::new(ErrorKind::Other, e.to_string()),
-                })?;
-                obs.state.clock = Some(clock);
-                obs.xml = Some(xml);
-            }
             if steps.iter().any(|s| s.attributes.has(Attr::Snapshot)) {
                 obs.snapshots = snapshot_names(hv.as_ref(), &key.1)
                     .map_err(libvirt(format!("listing snapshots of {}", obs.state.name)))?;
@@ -376,6 +377,7 @@ struct Carry {
 
 impl DomainCtx<'_> {
     fn project(&self, steps: &[&Step], out: &mut Output, problems: &mut Vec<PlanProblem>) {
+        let first = out.changes.len();
         let mut carry = Carry {
             state: self.observed.state.clone(),
             xml: self.observed.xml.clone(),
@@ -462,9 +464,10 @@ impl DomainCtx<'_> {
                 self.id.name
             ));
         }
+        // Only this domain's changes, appended since `first`: a scan of every change of the
+        // plan per clock note made plans with many clock steps quadratic.
         for (number, note) in carry.clock_notes {
-            let change = out
-                .changes
+            let change = out.changes[first..]
                 .iter_mut()
                 .find(|c| c.step == number && c.uuid == self.id.uuid && c.attribute == Attr::Clock);
             if let Some(change) = change {

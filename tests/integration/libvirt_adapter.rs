@@ -5,8 +5,10 @@
 //! - The test driver's bulk statistics carry only the `state` group: `balloon.*` and `vcpu.*` are
 //!   silently absent (an error only with VIR_CONNECT_GET_ALL_DOMAINS_STATS_ENFORCE_STATS).
 //! - On QEMU the bulk `balloon`/`vcpu` groups query every running domain's monitor and are slower
-//!   than per-domain `virDomainGetInfo`; `observe_many` asks for `state` only (see
-//!   `qemu_observe_many_timing`).
+//!   than per-domain `virDomainGetInfo`; the bulk read asks them of inactive domains only (see
+//!   `qemu_observe_many_timing`), for which they are the persistent figures.
+//! - A domain without a balloon device (`<memballoon model='none'/>`) has `balloon.current` =
+//!   `<memory>` whatever its `<currentMemory>` says.
 //! - The test driver's `shutdown` powers the domain off at once; a diskless QEMU guest ignores
 //!   it (no OS to handle ACPI) and must be destroyed.
 //! - The test driver refuses live+config flags together in `virDomainSetMemoryFlags`
@@ -25,7 +27,7 @@ use virtplan::clock::{Clock, SystemClock};
 use virtplan::hypervisor::domain_xml;
 use virtplan::hypervisor::fleet::{write_fleet, FleetDomain, FLEET_HOST_CPUS};
 use virtplan::hypervisor::libvirt::Libvirt;
-use virtplan::hypervisor::{ErrorKind, Hypervisor, Scope};
+use virtplan::hypervisor::{ErrorKind, Hypervisor, Scope, Want};
 use virtplan::state::{ClockState, Kib, LiveFigures, PowerState};
 
 use crate::support::qemu::{qemu_uri, TestDomain};
@@ -386,6 +388,107 @@ fn qemu_observe_defined_then_running_domain() {
         vec![on]
     );
     assert!(hv.host_cpus().unwrap() >= 1);
+}
+
+/// `plan` reads shut-off domains from one bulk statistics call (no XML) and running ones from
+/// their definition; the executor reads one domain from its XML. All must agree, or a plan
+/// would be refused as drift at apply time. Covers a domain without a balloon device (libvirt
+/// reports its full memory), `currentMemory` equal to `memory`, a title, autostart and a
+/// running domain; and bulk name resolution by name, UUID in any case/form, and a miss.
+#[test]
+fn qemu_bulk_read_agrees_with_the_per_domain_read() {
+    let Some(uri) = qemu_uri() else { return };
+    let hv = Libvirt::connect(&uri).unwrap();
+    // A shut-off diskless domain: memory `current` of 256 MiB, a balloon `model`, extra XML.
+    let define = |current_kib: u32, model: &str, extra: &str| {
+        let (model, extra) = (model.to_owned(), extra.to_owned());
+        TestDomain::define_with(&uri, "bulk", move |name| {
+            format!(
+                "<domain type='{kind}'><name>{name}</name>{extra}
+  <memory unit='KiB'>262144</memory><currentMemory unit='KiB'>{current_kib}</currentMemory>
+  <vcpu placement='static' current='1'>2</vcpu><os><type arch='x86_64'>hvm</type></os>
+  <devices><memballoon model='{model}'/></devices></domain>",
+                kind = crate::support::qemu::domain_type()
+            )
+        })
+    };
+    let plain = define(131_072, "virtio", "");
+    let no_balloon = define(131_072, "none", "");
+    let full = define(262_144, "virtio", "");
+    let titled = define(131_072, "virtio", "<title>Web &amp; mail</title>");
+    let running = TestDomain::define(&uri, "bulk");
+    hv.set_autostart(&titled.uuid, true).unwrap();
+    running.start();
+    let doms = [&plain, &no_balloon, &full, &titled, &running];
+    let uuids: Vec<String> = doms.iter().map(|d| d.uuid.clone()).collect();
+
+    let one: Vec<_> = uuids
+        .iter()
+        .map(|u| hv.observe(u, false).unwrap())
+        .collect();
+    assert_eq!(
+        one[1].memory,
+        Kib::from_mib(256),
+        "no balloon: boots with all of it"
+    );
+    assert_eq!(one[2].memory, Kib::from_mib(256));
+    assert_eq!(one[3].title, "Web & mail");
+    assert!(one[3].autostart);
+    assert_eq!(hv.observe_many(&uuids, false).unwrap(), one);
+
+    let wants: Vec<Want> = uuids
+        .iter()
+        .map(|u| Want {
+            uuid: u.clone(),
+            clock: false,
+            metadata: false,
+        })
+        .collect();
+    let bulk: Vec<_> = hv
+        .observe_wanted(&wants)
+        .unwrap()
+        .into_iter()
+        .map(|o| o.state)
+        .collect();
+    let mut expected = one.clone();
+    // Shut-off domains' titles are read only when a step asks for them.
+    expected[3].title = String::new();
+    assert_eq!(bulk, expected);
+
+    let with_clock = hv
+        .observe_wanted(&[Want {
+            uuid: titled.uuid.to_uppercase(),
+            clock: true,
+            metadata: true,
+        }])
+        .unwrap();
+    assert_eq!(with_clock[0].state, hv.observe(&titled.uuid, true).unwrap());
+    assert!(with_clock[0]
+        .definition
+        .as_deref()
+        .is_some_and(|x| x.contains("<title>Web &amp; mail</title>")));
+
+    let names = vec![
+        plain.name.clone(),
+        running.uuid.to_uppercase(),
+        full.uuid.replace('-', ""),
+        "vpt-no-such-domain".to_owned(),
+    ];
+    let found = hv.resolve_many(&names).unwrap();
+    let ids: Vec<_> = found
+        .iter()
+        .map(|f| f.as_ref().map(|id| id.name.as_str()))
+        .collect();
+    assert_eq!(
+        ids,
+        [
+            Some(plain.name.as_str()),
+            Some(running.name.as_str()),
+            Some(full.name.as_str()),
+            None
+        ]
+    );
+    assert_eq!(found[1].as_ref().unwrap().uuid, running.uuid);
 }
 
 #[test]
