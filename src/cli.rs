@@ -213,6 +213,19 @@ pub enum Command {
         #[arg(long, value_enum, default_value_t = LogFormat::Human)]
         log_format: LogFormat,
     },
+    /// Cancel pending steps (or one): recorded with who and when; a running apply or watch
+    /// never starts them, and later applies skip them.
+    ///
+    /// Works while an executor holds the plan. A step that has already started is not stopped.
+    /// To run a cancelled step after all, edit it in a reviewed change (a new step id).
+    Cancel {
+        /// The plan file (or a saved plan made from it).
+        #[arg(value_name = "PLAN")]
+        plan: PathBuf,
+        /// Only this step (numbered from 1, as `status` shows them).
+        #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+        step: Option<u32>,
+    },
     /// Print the plan file's JSON Schema (or that of another document virtplan writes).
     Schema {
         /// Which document.

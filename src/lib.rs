@@ -10,6 +10,7 @@
 //! keeps executors running while plan files change (`apply --watch`, `watch DIR`).
 
 pub mod attr;
+pub mod cancel;
 pub mod cli;
 pub mod clock;
 pub mod commands;
@@ -18,6 +19,7 @@ pub mod executor;
 pub mod fsutil;
 pub mod hypervisor;
 pub mod lockfile;
+pub mod overview;
 pub mod plan_file;
 pub mod planner;
 pub mod printer;

@@ -131,6 +131,7 @@ pub fn run(args: &Args<'_>, clock: &dyn Clock, printer: &Printer) -> anyhow::Res
         signal_hook::flag::register_conditional_shutdown(signal, 1, Arc::clone(&stop))?;
         signal_hook::flag::register(signal, Arc::clone(&stop))?;
     }
+    let file_zone = file.timezone;
     let mut settings = Settings::for_plan(&file, config.parallelism);
     settings.failpoint = std::env::var(FAILPOINT_ENV).ok().filter(|f| !f.is_empty());
     let on_outcome = |o: &Outcome| {
@@ -181,7 +182,7 @@ pub fn run(args: &Args<'_>, clock: &dyn Clock, printer: &Printer) -> anyhow::Res
     printer.out(&format!(
         "\n{}\n{}",
         printer.paint(Tone::Heading, "Result:"),
-        super::status::human(&doc, printer)
+        super::status::human(&doc, file_zone, printer)
     ));
     if let Some(fatal) = report.fatal {
         printer.error(&format!(

@@ -1,6 +1,7 @@
 //! One thin file per subcommand, each a wrapper over a core operation.
 
 mod apply;
+mod cancel;
 mod common;
 mod completions;
 mod man;
@@ -22,6 +23,15 @@ pub fn dispatch(cli: Cli, printer: &Printer) -> anyhow::Result<ExitStatus> {
     match cli.command {
         Command::Validate { plans } => Ok(validate::run(&plans, cli.config.as_deref(), printer)),
         Command::Schema { which } => Ok(schema::run(which, printer)),
+        Command::Cancel { plan, step } => cancel::run(
+            &cancel::Args {
+                plan: &plan,
+                config: cli.config.as_deref(),
+                step: step.map(|n| n as usize),
+            },
+            &crate::clock::SystemClock,
+            printer,
+        ),
         Command::Completions { shell } => Ok(completions::run(shell, printer)),
         Command::Man { out_dir } => man::run(out_dir.as_deref(), printer),
         Command::Plan {
@@ -60,7 +70,9 @@ pub fn dispatch(cli: Cli, printer: &Printer) -> anyhow::Result<ExitStatus> {
             &crate::clock::SystemClock,
             printer,
         ),
-        Command::Status { plan, format } => status::run(&plan, format, printer),
+        Command::Status { plan, format } => {
+            status::run(&plan, cli.config.as_deref(), format, printer)
+        }
         Command::Watch { dir, log_format } => watch::run(
             &watch::Args {
                 dir: &dir,

@@ -3,74 +3,22 @@
 use std::path::{Path, PathBuf};
 
 use chrono::{DateTime, Utc};
-use serde::Serialize;
+use chrono_tz::Tz;
 
 use crate::cli::StatusFormat;
-use crate::lockfile::{self, LockError, LockStore, Lockfile, StepStatus};
+use crate::lockfile::StepStatus;
+use crate::overview;
 use crate::planner::saved::SavedPlan;
 use crate::printer::{Printer, Tone};
+use crate::render::when;
 use crate::ExitStatus;
 
-/// `status --format json`: its schema is `schemas/status.schema.json`.
-#[derive(Debug, Serialize, schemars::JsonSchema)]
-pub struct StatusDoc {
-    /// One entry per step and domain, in time order.
-    pub steps: Vec<StatusStep>,
-}
-
-/// One step on one domain.
-#[derive(Debug, Serialize, schemars::JsonSchema)]
-pub struct StatusStep {
-    /// Stable step id (a hash of what the step asks for).
-    pub id: String,
-    /// 1-based step number in the plan file.
-    pub step: usize,
-    /// When the step is due (RFC 3339); null when it runs as soon as apply starts.
-    pub at: Option<DateTime<Utc>>,
-    pub vm: String,
-    pub uuid: String,
-    /// What the step changes.
-    pub what: String,
-    pub status: StepStatus,
-    /// When it started (RFC 3339).
-    pub started_at: Option<DateTime<Utc>>,
-    /// When it ended (RFC 3339).
-    pub finished_at: Option<DateTime<Utc>>,
-    pub message: String,
-}
-
-impl From<&Lockfile> for StatusDoc {
-    fn from(lock: &Lockfile) -> Self {
-        let mut lock = lock.clone();
-        lock.sort();
-        Self {
-            steps: lock
-                .steps
-                .into_iter()
-                .map(|r| StatusStep {
-                    id: r.step_id,
-                    step: r.step,
-                    at: r.at,
-                    vm: r.vm,
-                    uuid: r.uuid,
-                    what: r.what,
-                    status: r.status,
-                    started_at: r.started_at,
-                    finished_at: r.finished_at,
-                    message: r.message,
-                })
-                .collect(),
-        }
-    }
-}
+pub use crate::overview::{StatusDoc, StatusStep};
 
 /// The JSON Schema of [`StatusDoc`], pretty-printed with a trailing newline.
 #[must_use]
 pub fn json_schema() -> String {
-    let schema = schemars::schema_for!(StatusDoc);
-    let mut text = serde_json::to_string_pretty(&schema).unwrap_or_default();
-    text.push('\n');
-    text
+    crate::overview::status_schema()
 }
 
 /// The plan file whose lockfile `path` refers to (a saved plan points at its plan file).
@@ -81,46 +29,53 @@ pub fn plan_file_of(path: &Path) -> anyhow::Result<PathBuf> {
     })
 }
 
-pub fn run(plan: &Path, format: StatusFormat, printer: &Printer) -> anyhow::Result<ExitStatus> {
+pub fn run(
+    plan: &Path,
+    config: Option<&Path>,
+    format: StatusFormat,
+    printer: &Printer,
+) -> anyhow::Result<ExitStatus> {
     if !plan.exists() {
         anyhow::bail!("{}: no such plan file", plan.display());
     }
     let plan = plan_file_of(plan)?;
-    let lock_path = lockfile::lock_path(&plan);
-    let lock = match LockStore::read(&lock_path) {
-        Ok(lock) => lock,
-        Err(LockError::Read { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
-            printer.info(&format!(
-                "No progress recorded for {}: `virtplan apply` has not run it ({} does not exist).",
-                plan.display(),
-                lock_path.display()
-            ));
-            Lockfile::new("")
-        }
-        Err(e) => return Err(e.into()),
+    let paths = overview::StatePaths::of(&plan);
+    // The plan gives the zone times are shown in, and the steps of a plan never applied; a
+    // plan that no longer validates still has its recorded progress shown.
+    let file = crate::config::discover(config, Some(&plan))
+        .and_then(|c| crate::plan_file::load(&plan, &crate::plan_file::LoadContext { config: c }))
+        .ok();
+    let zone = file.as_ref().and_then(|f| f.timezone);
+    let lock = paths.read_lock()?;
+    if lock.is_none() {
+        printer.info(&format!(
+            "No progress recorded for {}: `virtplan apply` has not run it ({} does not exist).",
+            plan.display(),
+            paths.lockfile.display()
+        ));
+    }
+    let cancels = paths.cancels.read()?;
+    let doc = StatusDoc {
+        steps: overview::rows(file.as_ref(), lock.as_ref(), &cancels, zone),
     };
-    let doc = StatusDoc::from(&lock);
     let text = match format {
         StatusFormat::Json => {
             let mut text = serde_json::to_string_pretty(&doc)?;
             text.push('\n');
             text
         }
-        StatusFormat::Human => human(&doc, printer),
+        StatusFormat::Human => human(&doc, zone, printer),
     };
     printer.out(&text);
     Ok(ExitStatus::Success)
 }
 
-fn time(t: Option<DateTime<Utc>>) -> String {
-    t.map_or_else(
-        || "-".to_owned(),
-        |t| t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
-    )
+fn time(t: Option<DateTime<Utc>>, zone: Option<Tz>) -> String {
+    t.map_or_else(|| "-".to_owned(), |t| when::stamp(t, zone))
 }
 
 /// One block per step: status, step, domain and time; then what, timings and message.
-pub fn human(doc: &StatusDoc, printer: &Printer) -> String {
+pub fn human(doc: &StatusDoc, zone: Option<Tz>, printer: &Printer) -> String {
     use std::fmt::Write as _;
     let mut out = String::new();
     for s in &doc.steps {
@@ -137,10 +92,7 @@ pub fn human(doc: &StatusDoc, printer: &Printer) -> String {
             printer.paint(tone, &status),
             s.step,
             printer.paint(Tone::Heading, &s.vm),
-            s.at.map_or_else(
-                || "apply start".to_owned(),
-                |t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
-            ),
+            s.at.map_or_else(|| "apply start".to_owned(), |t| when::date_time(t, zone)),
         );
         if !s.what.is_empty() {
             let _ = writeln!(out, "          {}", s.what);
@@ -151,15 +103,15 @@ pub fn human(doc: &StatusDoc, printer: &Printer) -> String {
                 let _ = writeln!(
                     out,
                     "          started {}, finished {} ({took:.1}s)",
-                    time(Some(a)),
-                    time(Some(b))
+                    time(Some(a), zone),
+                    time(Some(b), zone)
                 );
             }
             (Some(a), None) => {
-                let _ = writeln!(out, "          started {}", time(Some(a)));
+                let _ = writeln!(out, "          started {}", time(Some(a), zone));
             }
             (None, Some(b)) => {
-                let _ = writeln!(out, "          recorded {}", time(Some(b)));
+                let _ = writeln!(out, "          recorded {}", time(Some(b), zone));
             }
             (None, None) => {}
         }
@@ -220,7 +172,23 @@ mod tests {
     #[test]
     fn status_human() {
         let doc = StatusDoc::from(&sample());
-        insta::assert_snapshot!(super::human(&doc, &Printer::plain()));
+        insta::assert_snapshot!(super::human(&doc, None, &Printer::plain()));
+    }
+
+    /// Times in the plan's zone with its abbreviation; an operator's cancel shows who and when.
+    #[test]
+    fn status_human_in_the_plans_zone_with_a_cancel() {
+        let zone: chrono_tz::Tz = "America/Toronto".parse().unwrap();
+        let cancels = [crate::cancel::CancelRecord {
+            step_id: "s000000003".into(),
+            step: 3,
+            by: "alice@admin1".into(),
+            at: t("2026-12-01T08:58:30Z").unwrap(),
+        }];
+        let doc = StatusDoc {
+            steps: crate::overview::rows(None, Some(&sample()), &cancels, Some(zone)),
+        };
+        insta::assert_snapshot!(super::human(&doc, Some(zone), &Printer::plain()));
     }
 
     #[test]

@@ -168,6 +168,11 @@ enum Blocked {
 }
 
 impl Executor<'_> {
+    /// The operator's cancellations of this plan: the side file beside the lockfile.
+    fn store_cancels(&self) -> crate::cancel::CancelLog {
+        crate::cancel::CancelLog::for_lockfile(self.store.path())
+    }
+
     /// Reconciles the lockfile with the plan, then runs every step.
     ///
     /// # Errors

@@ -8,6 +8,7 @@ use chrono::{DateTime, Utc};
 
 use super::{Permit, Run};
 use crate::attr::Attr;
+use crate::cancel::Gate;
 use crate::hypervisor::{domain_xml, ErrorKind, HvError, HvResult, Hypervisor, Scope};
 use crate::lockfile::{Figures, StepStatus};
 use crate::plan_file::units::format_duration;
@@ -132,6 +133,26 @@ impl Run<'_> {
         if resuming {
             return self.resume(step, now, late, after_failure);
         }
+        // An operator's cancel is checked last thing before the start, and none can land
+        // until the step is recorded `running` (the gate is dropped in `apply`).
+        let gate = match self.ex.store_cancels().gate(&step.step_id) {
+            Ok((_, Some(record))) => {
+                let zone = self
+                    .ex
+                    .plan
+                    .meta
+                    .timezone
+                    .as_deref()
+                    .and_then(|z| z.parse().ok());
+                let message = format!("not run: {}", record.describe(zone));
+                return self.end(step, StepStatus::Cancelled, message, None, None);
+            }
+            Ok((gate, None)) => gate,
+            Err(e) => {
+                let message = format!("not started: operator cancellations cannot be checked: {e}");
+                return self.end(step, StepStatus::Failed, message, None, None);
+            }
+        };
         if let Some(reason) = late {
             return self.end(
                 step,
@@ -145,7 +166,7 @@ impl Run<'_> {
             after_failure,
             ..Mode::default()
         };
-        self.apply(step, now, mode)
+        self.apply(step, now, mode, Some(gate))
     }
 
     /// Whether `step` must not start: a signal stops everything; an abort stops every step
@@ -260,7 +281,7 @@ impl Run<'_> {
             match (live.power.is_active(), from, id) {
                 // Shut down by the interrupted run: finish the reboot, late or not, rather
                 // than leave the domain off.
-                (false, _, _) => return self.apply(step, now, mode),
+                (false, _, _) => return self.apply(step, now, mode, None),
                 (true, Some(from), Some(id)) if from != id => mode.rebooted = true,
                 // Still under the id it had: the reboot did not happen yet.
                 _ => {
@@ -273,7 +294,7 @@ impl Run<'_> {
                             Some(&live),
                         );
                     }
-                    return self.apply(step, now, mode);
+                    return self.apply(step, now, mode, None);
                 }
             }
         }
@@ -301,14 +322,21 @@ impl Run<'_> {
                 Some(&live),
             );
         }
-        self.apply(step, now, mode)
+        self.apply(step, now, mode, None)
     }
 
     /// Records `running`, checks for drift, runs the actions, verifies, runs the check,
-    /// records the result.
+    /// records the result. `gate` (held by a fresh start, `None` when resuming) keeps an
+    /// operator's cancel out until `running` is on disk.
     // One sequence, in the order the lockfile promises; splitting it would scatter the order.
     #[allow(clippy::too_many_lines)]
-    fn apply(&self, step: &PlannedStep, now: DateTime<Utc>, mode: Mode) -> Ended {
+    fn apply(
+        &self,
+        step: &PlannedStep,
+        now: DateTime<Utc>,
+        mode: Mode,
+        gate: Option<Gate>,
+    ) -> Ended {
         let resuming = mode.resuming;
         let write = self.ex.store.update(&step.step_id, &step.domain.uuid, |r| {
             r.status = StepStatus::Running;
@@ -322,6 +350,7 @@ impl Run<'_> {
                 String::new()
             };
         });
+        drop(gate);
         if let Err(e) = write {
             // Nothing may touch libvirt that could not be recorded first.
             self.fail_hard(&e);

@@ -1046,6 +1046,87 @@ mod state_machine {
     }
 }
 
+/// `virtplan cancel` appends to the side file; this is what it writes.
+fn cancel_record(rig: &Rig, step_id: &str, step: usize) -> crate::cancel::CancelRecord {
+    crate::cancel::CancelRecord {
+        step_id: step_id.to_owned(),
+        step,
+        by: "alice@admin1".to_owned(),
+        at: rig.clock.now(),
+    }
+}
+
+fn step_id(rig: &Rig, number: usize) -> String {
+    rig.file.steps[number - 1].id()
+}
+
+#[test]
+fn a_step_cancelled_while_the_executor_waits_is_never_started_and_stays_cancelled() {
+    let rig = Rig::new(CLASSIC, "", vec![web().stubborn()], "2026-12-01T03:59:00Z");
+    let log = crate::cancel::CancelLog::for_lockfile(&rig.lock_path);
+    // The operator cancels step 2 (memory) at 04:02, while the executor sleeps towards it.
+    let id = step_id(&rig, 2);
+    let record = cancel_record(&rig, &id, 2);
+    let cancelled = Arc::new(AtomicBool::new(false));
+    {
+        let (log, cancelled) = (log.clone(), cancelled.clone());
+        *rig.clock.on_sleep.lock().unwrap() = Box::new(move |clock| {
+            use std::sync::atomic::Ordering;
+            if clock.now() >= t("2026-12-01T04:02:00Z") && !cancelled.swap(true, Ordering::SeqCst) {
+                let mut r = record.clone();
+                r.at = clock.now();
+                log.append(&[r], || ()).unwrap();
+            }
+        });
+    }
+    let report = rig.run();
+    assert!(!report.any_failed(), "{report:#?}");
+    let statuses = rig.statuses();
+    assert_eq!(statuses[1], (2, "web".to_owned(), StepStatus::Cancelled));
+    assert!(statuses
+        .iter()
+        .enumerate()
+        .all(|(i, s)| i == 1 || s.2 == StepStatus::Done));
+    assert!(!rig.ops().contains(&"set_memory"), "{:?}", rig.ops());
+    let message = &rig.lock().steps[1].message;
+    assert!(
+        message.starts_with("not run: cancelled by alice@admin1 at 2026-12-01 04:0"),
+        "{message}"
+    );
+    // A later apply of the same plan does not run it either.
+    rig.run();
+    assert_eq!(rig.statuses()[1].2, StepStatus::Cancelled);
+    assert!(!rig.ops().contains(&"set_memory"), "{:?}", rig.ops());
+}
+
+#[test]
+fn a_cancel_recorded_before_apply_starts_skips_only_that_step() {
+    let steps = "  - at: 2026-12-01T04:00:00Z
+    vms: [web, db]
+    memory: 2GiB
+  - at: 2026-12-01T04:01:00Z
+    vm: db
+    vcpus: 2
+";
+    let db = FakeDomain::new("db", B).running();
+    let rig = Rig::new(steps, "", vec![web(), db], "2026-12-01T03:59:00Z");
+    let log = crate::cancel::CancelLog::for_lockfile(&rig.lock_path);
+    log.append(&[cancel_record(&rig, &step_id(&rig, 1), 1)], || ())
+        .unwrap();
+    let report = rig.run();
+    assert!(!report.any_failed(), "{report:#?}");
+    let mut statuses = rig.statuses();
+    statuses.sort();
+    assert_eq!(
+        statuses,
+        [
+            (1, "db".to_owned(), StepStatus::Cancelled),
+            (1, "web".to_owned(), StepStatus::Cancelled),
+            (2, "db".to_owned(), StepStatus::Done),
+        ]
+    );
+}
+
 // ---- issue 11: reboot, check, always --------------------------------------------------------
 
 /// Marks the plan's step `index` running on `uuid` as an interrupted run leaves it.

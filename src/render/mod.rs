@@ -2,6 +2,7 @@
 
 mod human;
 mod markdown;
+pub mod when;
 
 use chrono::{DateTime, Utc};
 use chrono_tz::Tz;

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use virtplan::clock::{Clock, SystemClock};
 use virtplan::hypervisor::fleet::{write_fleet, FleetDomain};
-use virtplan::lockfile::ExecutorLock;
+use virtplan::lockfile::{ExecutorLock, StepStatus};
 use virtplan::state::Kib;
 
 use crate::support::cli::Cli;
@@ -306,4 +306,157 @@ fn lock_timeout_waits_for_the_holder_then_applies() {
         .status(1)
         .stderr_contains("invalid value 'soon' for '--lock-timeout <DURATION>'")
         .run();
+}
+
+/// `now + secs` in RFC 3339, whole seconds.
+fn at(secs: i64) -> String {
+    (SystemClock.now() + chrono::Duration::seconds(secs))
+        .to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+}
+
+fn status_json(plan: &Path) -> serde_json::Value {
+    let ran = Cli::new()
+        .args(["status", s(plan), "--format", "json"])
+        .env("USER", "tester")
+        .run();
+    serde_json::from_str(&ran.stdout).unwrap()
+}
+
+/// Waits (in real time, bounded) until `ready` holds.
+fn wait_for(what: &str, mut ready: impl FnMut() -> bool) {
+    let start = SystemClock.now();
+    while !ready() {
+        assert!(
+            SystemClock.now() - start < chrono::Duration::seconds(20),
+            "timed out waiting for {what}"
+        );
+        SystemClock.sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn cancel_a_step_of_a_plan_never_applied_then_apply_skips_it() {
+    let rig = Rig::new();
+    let plan = rig.write(
+        "web.yaml",
+        &format!(
+            "version: 1\nconnection: {}\nsteps:\n  - vm: web-01\n    memory: 1GiB\n  - vm: web-01\n    vcpus: 2\n",
+            rig.uri
+        ),
+    );
+    Cli::new()
+        .args(["cancel", s(&plan), "--step", "2"])
+        .env("USER", "tester")
+        .env_remove_sudo()
+        .stdout_contains("Cancelled step 2 (web-01: vcpus), when apply starts")
+        .stderr_contains("Recorded by tester@")
+        .run();
+    let json = status_json(&plan);
+    let steps = json["steps"].as_array().unwrap();
+    assert_eq!(steps.len(), 2);
+    assert_eq!(steps[0]["status"], "pending");
+    assert_eq!(steps[1]["status"], "cancelled");
+    assert!(steps[1]["cancelled_by"]
+        .as_str()
+        .unwrap()
+        .starts_with("tester@"));
+    assert!(steps[1]["cancelled_at"].is_string());
+    // Cancelling it again says so and changes nothing.
+    Cli::new()
+        .args(["cancel", s(&plan), "--step", "2"])
+        .stderr_contains("already cancelled")
+        .run();
+    Cli::new()
+        .args(["cancel", s(&plan), "--step", "3"])
+        .status(1)
+        .stderr_contains("has no step 3: its steps are numbered 1 to 2")
+        .run();
+    // apply runs step 1 and records step 2 cancelled, with who.
+    Cli::new()
+        .args(["apply", s(&plan), "--auto-approve"])
+        .stdout_contains("cancelled by tester@")
+        .run();
+    let lock = virtplan::lockfile::LockStore::read(&plan.with_extension("lock")).unwrap();
+    let statuses: Vec<_> = lock.steps.iter().map(|r| (r.step, r.status)).collect();
+    assert_eq!(
+        statuses,
+        [(1, StepStatus::Done), (2, StepStatus::Cancelled)]
+    );
+    // A done step cannot be cancelled; with nothing left, a plain cancel is a no-op.
+    Cli::new()
+        .args(["cancel", s(&plan), "--step", "1"])
+        .status(1)
+        .stderr_contains("step 1 of")
+        .stderr_contains("cannot be cancelled: it is done on web-01")
+        .run();
+    Cli::new()
+        .args(["cancel", s(&plan)])
+        .stderr_contains("Nothing to cancel")
+        .run();
+}
+
+#[test]
+fn cancel_while_apply_waits_stops_the_step_before_it_starts() {
+    let rig = Rig::new();
+    let plan = rig.write(
+        "web.yaml",
+        &format!(
+            "version: 1\nconnection: {}\ngrace: 1m\nsteps:\n  - vm: web-01\n    memory: 1GiB\n  - at: {}\n    vm: web-01\n    vcpus: 2\n  - at: {}\n    vm: web-01\n    autostart: true\n",
+            rig.uri,
+            at(3),
+            at(3)
+        ),
+    );
+    let apply = Command::new(env!("CARGO_BIN_EXE_virtplan"))
+        .args(["apply", s(&plan), "--auto-approve"])
+        .env("NO_COLOR", "1")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let lock_path = plan.with_extension("lock");
+    wait_for("step 1 done", || {
+        virtplan::lockfile::LockStore::read(&lock_path).is_ok_and(|l| {
+            l.steps
+                .iter()
+                .any(|r| r.step == 1 && r.status.as_str() == "done")
+        })
+    });
+    // The executor holds the plan and sleeps towards steps 2 and 3.
+    Cli::new()
+        .args(["cancel", s(&plan), "--step", "2"])
+        .env("USER", "night-operator")
+        .stdout_contains("Cancelled step 2 (web-01: vcpus 1 → 2), due ")
+        .run();
+    let out = apply.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lock = virtplan::lockfile::LockStore::read(&lock_path).unwrap();
+    let by_step: Vec<_> = lock
+        .steps
+        .iter()
+        .map(|r| (r.step, r.status.as_str(), r.started_at.is_some()))
+        .collect();
+    assert_eq!(
+        by_step,
+        [
+            (1, "done", true),
+            (2, "cancelled", false),
+            (3, "done", true)
+        ]
+    );
+    assert!(lock.steps[1]
+        .message
+        .contains("cancelled by night-operator@"));
+    // status shows it, with who.
+    let json = status_json(&plan);
+    assert!(json["steps"][1]["cancelled_by"]
+        .as_str()
+        .unwrap()
+        .starts_with("night-operator@"));
 }

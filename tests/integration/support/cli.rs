@@ -10,6 +10,7 @@ use std::process::{Command, Output};
 pub struct Cli {
     args: Vec<OsString>,
     env: Vec<(OsString, OsString)>,
+    env_remove: Vec<OsString>,
     current_dir: PathBuf,
     status: i32,
     stdout_contains: Vec<String>,
@@ -31,6 +32,7 @@ impl Cli {
                 ("HOME".into(), home.clone().into()),
                 ("XDG_CONFIG_HOME".into(), home.into()),
             ],
+            env_remove: Vec::new(),
             current_dir: PathBuf::from(env!("CARGO_MANIFEST_DIR")),
             status: 0,
             stdout_contains: Vec::new(),
@@ -56,6 +58,12 @@ impl Cli {
 
     pub fn env(mut self, key: impl Into<OsString>, value: impl Into<OsString>) -> Self {
         self.env.push((key.into(), value.into()));
+        self
+    }
+
+    /// Runs without `SUDO_USER`, so `cancel` records `USER` as who cancelled.
+    pub fn env_remove_sudo(mut self) -> Self {
+        self.env_remove.push("SUDO_USER".into());
         self
     }
 
@@ -102,6 +110,9 @@ impl Cli {
             .stdin(std::process::Stdio::null());
         for (key, value) in &self.env {
             command.env(key, value);
+        }
+        for key in &self.env_remove {
+            command.env_remove(key);
         }
         let Output {
             status,
