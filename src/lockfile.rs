@@ -807,6 +807,7 @@ mod tests {
     fn done_step_missing_from_the_plan_is_refused_even_with_the_same_plan_hash() {
         let mut lock = sample();
         let plan = Plan {
+            policy: crate::planner::Policy::default(),
             meta: crate::planner::PlanMeta {
                 name: "p".into(),
                 file: "p.yaml".into(),

@@ -53,26 +53,26 @@ pub fn run(args: &Args<'_>, clock: &dyn Clock, printer: &Printer) -> anyhow::Res
             args.plan.display()
         );
     }
-    let plan_path = saved
-        .as_ref()
-        .map_or_else(|| args.plan.to_path_buf(), |s| PathBuf::from(&s.plan_file));
-    let Some((config, file)) = common::load_plan(&plan_path, args.config, printer) else {
-        return Ok(ExitStatus::Error);
-    };
-    let connect = common::connect_uri(&config, args.connect)?;
-    if let Some(saved) = &saved {
-        if file.sha256 != saved.plan.meta.sha256 {
-            anyhow::bail!(
-                "{} changed since the saved plan {} was made from it (sha256 {} then, {} now); nothing was applied: run `virtplan plan {} --out {}` again and review it",
-                plan_path.display(),
-                args.plan.display(),
-                short(&saved.plan.meta.sha256),
-                short(&file.sha256),
-                plan_path.display(),
-                args.plan.display()
-            );
+    // A saved plan runs from itself alone: its policy and connections were reviewed with it,
+    // so neither the plan file's validation nor virtplan.toml is read again.
+    let loaded = match &saved {
+        Some(saved) => {
+            unchanged_since_review(saved, args.plan)?;
+            None
         }
-    }
+        None => match common::load_plan(args.plan, args.config, printer) {
+            Some(loaded) => Some(loaded),
+            None => return Ok(ExitStatus::Error),
+        },
+    };
+    let (plan_path, plan_sha256) = match (&saved, &loaded) {
+        (Some(saved), _) => (
+            PathBuf::from(&saved.plan_file),
+            saved.plan.meta.sha256.clone(),
+        ),
+        (None, Some((_, file))) => (file.path.clone(), file.sha256.clone()),
+        (None, None) => return Ok(ExitStatus::Error),
+    };
 
     // A saved plan was reviewed when it was made; anything else needs a yes or the flag. Asked
     // after loading, so a mistyped path or a broken plan is reported as what it is.
@@ -87,19 +87,23 @@ pub fn run(args: &Args<'_>, clock: &dyn Clock, printer: &Printer) -> anyhow::Res
     }
 
     let _lock = acquire_lock(
-        &lockfile::pid_path(&file.path),
+        &lockfile::pid_path(&plan_path),
         args.lock_timeout,
         clock,
         printer,
     )?;
     let store = Arc::new(LockStore::open(
-        &lockfile::lock_path(&file.path),
-        &file.sha256,
+        &lockfile::lock_path(&plan_path),
+        &plan_sha256,
     )?);
-    let (plan, connections) = if let Some(saved) = saved {
-        let connections = common::open_uris(saved.plan.steps.iter().map(|s| s.connection.clone()))?;
-        (saved.plan, connections)
+    let (plan, connections, loaded) = if let Some(saved) = saved {
+        let connections = common::open_uris(saved.plan.policy.connections.iter().cloned())?;
+        (saved.plan, connections, None)
     } else {
+        let Some((config, file)) = loaded else {
+            return Ok(ExitStatus::Error);
+        };
+        let connect = common::connect_uri(&config, args.connect)?;
         let connections = common::open_connections(&file, connect.as_deref())?;
         let input = PlanInput {
             file: &file,
@@ -109,7 +113,7 @@ pub fn run(args: &Args<'_>, clock: &dyn Clock, printer: &Printer) -> anyhow::Res
             progress: &*store,
         };
         match planner::project(&input) {
-            Ok(plan) => (plan, connections),
+            Ok(plan) => (plan, connections, Some((config, file, connect))),
             Err(e) => {
                 common::report_plan_error(printer, &file, &e);
                 return Ok(ExitStatus::Error);
@@ -131,8 +135,9 @@ pub fn run(args: &Args<'_>, clock: &dyn Clock, printer: &Printer) -> anyhow::Res
         signal_hook::flag::register_conditional_shutdown(signal, 1, Arc::clone(&stop))?;
         signal_hook::flag::register(signal, Arc::clone(&stop))?;
     }
-    let file_zone = file.timezone;
-    let mut settings = Settings::for_plan(&file, config.parallelism);
+    let file_zone: Option<chrono_tz::Tz> =
+        plan.meta.timezone.as_deref().and_then(|z| z.parse().ok());
+    let mut settings = Settings::for_plan(&plan);
     settings.failpoint = std::env::var(FAILPOINT_ENV).ok().filter(|f| !f.is_empty());
     let on_outcome = |o: &Outcome| {
         if !o.earlier {
@@ -144,7 +149,7 @@ pub fn run(args: &Args<'_>, clock: &dyn Clock, printer: &Printer) -> anyhow::Res
         "Applying {pending} step(s); progress is recorded in {} (Ctrl-C stops after the step in flight).",
         store.path().display()
     ));
-    let report = if args.watch {
+    let report = if let (true, Some((config, file, connect))) = (args.watch, loaded) {
         printer.info(&format!(
             "Watching {} for edits: a valid edit is re-planned, an invalid one is reported and ignored.",
             file.path.display()
@@ -280,6 +285,32 @@ fn acquire_lock(
             Err(err) => return Err(err.into()),
         }
     }
+}
+
+/// Refuses a saved plan whose plan file changed since it was made: its lockfile records that
+/// file's progress, and an edit made since would be silently ignored.
+fn unchanged_since_review(saved: &SavedPlan, saved_path: &Path) -> anyhow::Result<()> {
+    let plan_path = Path::new(&saved.plan_file);
+    let bytes = std::fs::read(plan_path).with_context(|| {
+        format!(
+            "cannot read {}, the plan file the saved plan {} was made from (its lockfile lives beside it); nothing was applied",
+            plan_path.display(),
+            saved_path.display()
+        )
+    })?;
+    let now = crate::plan_file::sha256_hex(&bytes);
+    if now != saved.plan.meta.sha256 {
+        anyhow::bail!(
+            "{} changed since the saved plan {} was made from it (sha256 {} then, {} now); nothing was applied: run `virtplan plan {} --out {}` again and review it",
+            plan_path.display(),
+            saved_path.display(),
+            short(&saved.plan.meta.sha256),
+            short(&now),
+            plan_path.display(),
+            saved_path.display()
+        );
+    }
+    Ok(())
 }
 
 fn short(hash: &str) -> &str {

@@ -21,8 +21,8 @@ use crate::attr::Attr;
 use crate::clock::Clock;
 use crate::hypervisor::{ErrorKind, HvError, HvResult, Hypervisor};
 use crate::lockfile::{LockError, LockStore, StepStatus};
-use crate::plan_file::{OnFailure, PlanFile, Window};
-use crate::planner::{Connections, Plan, PlannedStep};
+use crate::plan_file::{OnFailure, Window};
+use crate::planner::{Connections, Plan, PlannedStep, Policy};
 
 /// How the executor behaves: the plan's timing and failure policy, and its own limits.
 #[derive(Debug, Clone)]
@@ -46,14 +46,21 @@ pub struct Settings {
 }
 
 impl Settings {
-    /// The plan file's grace, window and failure policy with default limits.
+    /// The plan's own grace, window, failure policy and parallelism (as reviewed), with
+    /// default limits.
     #[must_use]
-    pub fn for_plan(file: &PlanFile, parallelism: usize) -> Self {
+    pub fn for_plan(plan: &Plan) -> Self {
+        Self::new(&plan.policy)
+    }
+
+    /// `policy` with default limits.
+    #[must_use]
+    pub fn new(policy: &Policy) -> Self {
         Self {
-            grace: file.grace,
-            window: file.window,
-            on_failure: file.on_failure,
-            parallelism: parallelism.max(1),
+            grace: policy.grace,
+            window: policy.window,
+            on_failure: policy.on_failure,
+            parallelism: policy.parallelism.max(1),
             retries: 3,
             backoff: Duration::from_secs(1),
             poll: Duration::from_millis(250),

@@ -119,7 +119,9 @@ impl Rig {
     }
 
     fn settings(&self) -> Settings {
-        Settings::for_plan(&self.file, 4)
+        let mut policy = planner::Policy::of(&self.file);
+        policy.parallelism = 4;
+        Settings::new(&policy)
     }
 
     fn run(&self) -> Report {

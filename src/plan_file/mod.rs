@@ -63,6 +63,8 @@ pub struct PlanFile {
     pub window: Option<Window>,
     pub grace: Duration,
     pub on_failure: OnFailure,
+    /// How many steps may run at once (virtplan.toml `parallelism`).
+    pub parallelism: usize,
     pub steps: Vec<Step>,
 }
 

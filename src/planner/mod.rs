@@ -8,15 +8,18 @@ pub mod overlap;
 mod project;
 pub mod saved;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
+use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
 use crate::attr::{Attr, Figure};
 use crate::hypervisor::{DomainId, HvError, Hypervisor};
-use crate::plan_file::{CheckSpec, ClockTarget, PlanFile, Pos, ShutdownPolicy, SnapshotSpec};
+use crate::plan_file::{
+    CheckSpec, ClockTarget, OnFailure, PlanFile, Pos, ShutdownPolicy, SnapshotSpec, Window,
+};
 use crate::state::{DomainState, Kib};
 
 pub use project::project;
@@ -227,10 +230,42 @@ pub struct Summary {
     pub done: usize,
 }
 
+/// How a plan runs, fixed when it is made: `apply SAVED` runs under the policy that was
+/// reviewed, whatever virtplan.toml says by then. Each power-off action carries its step's
+/// shutdown policy, and each step its resolved connection.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Policy {
+    /// How late a step may still start.
+    pub grace: Duration,
+    /// No step starts at or after `window.end`.
+    pub window: Option<Window>,
+    pub on_failure: OnFailure,
+    /// How many steps run at the same time.
+    pub parallelism: usize,
+    /// Every libvirt URI the steps use, host aliases and `--connect` resolved.
+    pub connections: BTreeSet<String>,
+}
+
+impl Policy {
+    /// The policy `file` asks for (its own keys, else virtplan.toml's, else the defaults);
+    /// `connections` is filled in by the planner.
+    #[must_use]
+    pub fn of(file: &PlanFile) -> Self {
+        Self {
+            grace: file.grace,
+            window: file.window,
+            on_failure: file.on_failure,
+            parallelism: file.parallelism,
+            connections: BTreeSet::new(),
+        }
+    }
+}
+
 /// The whole projected plan.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Plan {
     pub meta: PlanMeta,
+    pub policy: Policy,
     /// When the plan was made (the `now` it was projected at).
     pub planned_at: DateTime<Utc>,
     pub changes: Vec<Change>,

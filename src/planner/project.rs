@@ -7,7 +7,7 @@ use chrono::{DateTime, Utc};
 
 use super::{
     Action, Change, ChangeAction, Connections, Plan, PlanError, PlanInput, PlanMeta, PlanProblem,
-    PlannedDomain, PlannedStep, Summary,
+    PlannedDomain, PlannedStep, Policy, Summary,
 };
 use crate::attr::{Attr, Figure};
 use crate::hypervisor::{domain_xml, DomainId, ErrorKind, Hypervisor, Observation, Want};
@@ -94,6 +94,10 @@ pub fn project(input: &PlanInput<'_>) -> Result<Plan, PlanError> {
             file: file.path.display().to_string(),
             sha256: file.sha256.clone(),
             timezone: file.timezone.map(|z| z.name().to_owned()),
+        },
+        policy: Policy {
+            connections: out.steps.iter().map(|s| s.connection.clone()).collect(),
+            ..Policy::of(file)
         },
         planned_at: input.now,
         changes: out.changes,

@@ -5,10 +5,23 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
-use super::{Plan, FORMAT_VERSION};
+use super::Plan;
 
 /// The marker key that tells a saved plan from a YAML plan file.
 const KIND: &str = "virtplan-saved-plan";
+
+/// The saved-plan format this build writes and reads. Format 2 carries the plan's policy
+/// (grace, window, on_failure, parallelism, connections), so `apply SAVED` needs neither the
+/// plan file nor virtplan.toml to run as reviewed; format 1 did not, and is refused.
+pub const SAVED_FORMAT_VERSION: u32 = 2;
+
+/// The fields every saved-plan format has.
+#[derive(Deserialize)]
+struct Header {
+    format_version: u32,
+    #[serde(default)]
+    plan_file: String,
+}
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SavedPlan {
@@ -26,7 +39,7 @@ impl SavedPlan {
     pub fn new(plan: Plan, plan_source: String) -> Self {
         Self {
             kind: KIND.to_owned(),
-            format_version: FORMAT_VERSION,
+            format_version: SAVED_FORMAT_VERSION,
             plan_file: plan.meta.file.clone(),
             plan_source,
             plan,
@@ -56,20 +69,33 @@ impl SavedPlan {
         if !text.contains(KIND) {
             return Ok(None);
         }
-        let saved: Self = serde_json::from_str(&text).map_err(|e| {
+        let unreadable = |e: &dyn std::fmt::Display| {
             anyhow::anyhow!(
                 "{} looks like a saved plan but cannot be read: {e}; run `virtplan plan PLAN --out {}` again",
                 path.display(),
                 path.display()
             )
-        })?;
-        if saved.format_version > FORMAT_VERSION {
+        };
+        // The version first: an older or newer format is refused for what it is, not for
+        // the fields it lacks.
+        let header: Header = serde_json::from_str(&text).map_err(|e| unreadable(&e))?;
+        if header.format_version > SAVED_FORMAT_VERSION {
             anyhow::bail!(
                 "{} was saved by a newer virtplan (format {}); upgrade virtplan or re-run `virtplan plan`",
                 path.display(),
-                saved.format_version
+                header.format_version
             );
         }
+        if header.format_version < SAVED_FORMAT_VERSION {
+            anyhow::bail!(
+                "{} is a saved plan of format {}, from a virtplan that did not record the plan's policy (grace, window, on_failure, parallelism) in it, so it cannot run as reviewed; nothing was applied: run `virtplan plan {} --out {}` again and review it",
+                path.display(),
+                header.format_version,
+                if header.plan_file.is_empty() { "PLAN" } else { &header.plan_file },
+                path.display()
+            );
+        }
+        let saved: Self = serde_json::from_str(&text).map_err(|e| unreadable(&e))?;
         Ok(Some(saved))
     }
 }

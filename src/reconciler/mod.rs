@@ -704,7 +704,7 @@ impl<'scope, 'env> Reconciler<'scope, 'env> {
         for warning in &plan.warnings {
             self.log().warn(Some(&slot.label), "warning", warning);
         }
-        let mut settings = Settings::for_plan(&loaded.file, loaded.config.parallelism);
+        let mut settings = Settings::for_plan(&plan);
         settings.failpoint.clone_from(&self.env.failpoint);
         let plan = Arc::new(plan);
         let left = plan.steps.iter().filter(|s| !s.done).count();

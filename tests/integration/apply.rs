@@ -593,3 +593,56 @@ fn a_missing_or_binary_plan_is_reported_with_its_location_before_anything_else()
         .stderr_lacks("stream did not contain")
         .run();
 }
+
+/// Regression (issue 9): `apply SAVED` re-read virtplan.toml, so a grace edited after review
+/// (10m → 1s) made the reviewed step `missed` instead of running it as reviewed.
+#[test]
+fn a_saved_plan_runs_as_reviewed_after_virtplan_toml_grace_is_edited() {
+    let dir = tempfile::tempdir().unwrap();
+    let uri = fleet(dir.path(), 128);
+    let config = dir.path().join("virtplan.toml");
+    std::fs::write(&config, "grace = \"10m\"\n").unwrap();
+    // Due 20 seconds ago: inside the reviewed grace (10m), far outside the edited one (1s).
+    let body = format!(
+        "version: 1\nconnection: {uri}\nsteps:\n  - at: {}\n    vm: vm-01\n    memory: 256MiB\n",
+        at(now(), -20)
+    );
+    let plan = write_plan(dir.path(), &body);
+    let saved = dir.path().join("saved.json");
+    let out = virtplan(
+        &[
+            "plan",
+            plan.to_str().unwrap(),
+            "--out",
+            saved.to_str().unwrap(),
+        ],
+        &[],
+    );
+    assert!(out.status.success(), "{}", text(&out));
+
+    std::fs::write(&config, "grace = \"1s\"\n").unwrap();
+    let out = virtplan(&["apply", saved.to_str().unwrap()], &[]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let lock = lock_of(&plan);
+    assert_eq!(lock.steps[0].status, StepStatus::Done, "{}", text(&out));
+}
+
+/// A saved plan written before plans carried their policy is refused with what to do.
+#[test]
+fn a_saved_plan_of_format_1_is_refused_with_how_to_remake_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let saved = dir.path().join("old.json");
+    std::fs::write(
+        &saved,
+        r#"{"kind": "virtplan-saved-plan", "format_version": 1, "plan_file": "plan.yaml", "plan_source": "", "plan": {}}"#,
+    )
+    .unwrap();
+    let out = virtplan(&["apply", saved.to_str().unwrap()], &[]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("format 1") && stderr.contains("virtplan plan plan.yaml --out"),
+        "{}",
+        text(&out)
+    );
+}
