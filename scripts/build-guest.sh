@@ -127,10 +127,13 @@ while read -r lib; do
 done < <(ldd "$qga" | grep -oE '/[^ ]+')
 
 # qemu-ga powers off with `/sbin/shutdown -h -P +0 MSG` and reboots with `-r`: nothing to
-# unmount in an initramfs, so both go straight to the kernel.
+# unmount in an initramfs, so both go straight to the kernel. `virtplan.agent_shutdown=fail` on
+# the kernel command line makes it fail instead (the agent then reports an error), for tests of
+# the ladder's fallback from the agent to ACPI.
 rm -f "$root/sbin/shutdown"
 cat >"$root/sbin/shutdown" <<'EOF'
 #!/bin/sh
+grep -q virtplan.agent_shutdown=fail /proc/cmdline && exit 1
 case " $* " in *" -r "*) exec reboot -f ;; *) exec poweroff -f ;; esac
 EOF
 # busybox acpid runs /etc/acpi/<action>/<event> for the power button (PWRF 00000080).
@@ -154,7 +157,8 @@ mount -t devtmpfs devtmpfs /dev 2>/dev/null
 for m in ${MODULES[*]}; do
     insmod /lib/modules/\$m.ko || echo "virtplan-guest: insmod \$m failed"
 done
-acpid -c /etc/acpi -l /run/acpid.log
+# virtplan.power_button=ignore: a guest that ignores the power button (tests of the agent rung).
+grep -q virtplan.power_button=ignore /proc/cmdline || acpid -c /etc/acpi -l /run/acpid.log
 echo "virtplan-guest: up"
 EOF
 

@@ -323,6 +323,53 @@ fn a_guest_that_ignores_shutdown_without_force_fails_the_step() {
 }
 
 #[test]
+fn a_ballooning_guest_is_not_reported_as_one_without_a_balloon_driver() {
+    // The balloon takes the cut a second and a half after the call: the step waits for it.
+    let steps = "  - vm: web\n    memory: 512MiB\n";
+    let rig = Rig::new(
+        steps,
+        "",
+        vec![web().slow_balloon(chrono::Duration::milliseconds(1500))],
+        "2026-12-01T04:00:00Z",
+    );
+    rig.run();
+    let lock = rig.lock();
+    assert_eq!(lock.steps[0].status, StepStatus::Done);
+    assert!(
+        !lock.steps[0].message.contains("balloon"),
+        "{:?}",
+        lock.steps[0]
+    );
+    let after = lock.steps[0].after.as_ref().unwrap();
+    assert_eq!(after.live_memory_kib, Some(Kib::from_mib(512)));
+}
+
+#[test]
+fn a_guest_without_a_balloon_driver_is_done_with_a_warning_after_a_bounded_wait() {
+    // The balloon would take the cut after an hour: the step stops waiting once it stalls.
+    let steps = "  - vm: web\n    memory: 512MiB\n";
+    let rig = Rig::new(
+        steps,
+        "",
+        vec![web().slow_balloon(chrono::Duration::hours(1))],
+        "2026-12-01T04:00:00Z",
+    );
+    rig.run();
+    let lock = rig.lock();
+    let step = &lock.steps[0];
+    assert_eq!(step.status, StepStatus::Done);
+    assert!(
+        step.message.contains("without a balloon driver"),
+        "{step:?}"
+    );
+    let waited = step.finished_at.unwrap() - step.started_at.unwrap();
+    assert!(
+        waited <= chrono::Duration::seconds(3),
+        "waited {waited} for a balloon that never moves"
+    );
+}
+
+#[test]
 fn force_mode_destroys_at_once() {
     let steps = "  - vm: web\n    power: shutoff\n    shutdown: { mode: force }\n";
     let rig = Rig::new(steps, "", vec![web()], "2026-12-01T04:00:00Z");

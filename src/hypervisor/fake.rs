@@ -25,6 +25,11 @@ pub struct FakeDomain {
     pub run_id: Option<u32>,
     /// The guest's clock as last set through the agent.
     pub guest_time: Option<DateTime<Utc>>,
+    /// How long (on the hypervisor's clock) a live memory change takes to land, as a real
+    /// balloon driver inflates page by page; zero (or no clock): at once.
+    pub balloon_lag: chrono::Duration,
+    /// A live memory target the balloon has not reached yet, and when it will.
+    balloon_pending: Option<(Kib, DateTime<Utc>)>,
 }
 
 impl FakeDomain {
@@ -55,6 +60,30 @@ impl FakeDomain {
             agent: false,
             run_id: None,
             guest_time: None,
+            balloon_lag: chrono::Duration::zero(),
+            balloon_pending: None,
+        }
+    }
+
+    /// A guest whose balloon takes a live memory change `lag` after the call (needs a clock:
+    /// [`FakeHypervisor::with_clock`]).
+    #[must_use]
+    pub fn slow_balloon(mut self, lag: chrono::Duration) -> Self {
+        self.balloon_lag = lag;
+        self
+    }
+
+    /// Lands a pending balloon change that is due at `now`.
+    fn balloon_step(&mut self, now: Option<DateTime<Utc>>) {
+        let Some((target, due)) = self.balloon_pending else {
+            return;
+        };
+        if now.is_some_and(|now| now < due) {
+            return;
+        }
+        self.balloon_pending = None;
+        if let Some(live) = self.state.live.as_mut() {
+            live.memory = target;
         }
     }
 
@@ -288,7 +317,7 @@ impl FakeHypervisor {
         &self,
         op: &'static str,
         uuid: &str,
-        f: impl FnOnce(&FakeDomain) -> T,
+        f: impl FnOnce(&mut FakeDomain) -> T,
     ) -> HvResult<T> {
         let mut inner = self.inner();
         if Self::crash_point(&mut inner).is_some() {
@@ -300,7 +329,7 @@ impl FakeHypervisor {
         }
         inner
             .domains
-            .get(uuid)
+            .get_mut(uuid)
             .map(f)
             .ok_or_else(|| not_found(uuid))
     }
@@ -440,7 +469,9 @@ impl Hypervisor for FakeHypervisor {
     }
 
     fn observe(&self, uuid: &str, with_clock: bool) -> HvResult<DomainState> {
+        let now = self.clock.as_ref().map(|c| c.now());
         self.read("observe", uuid, |d| {
+            d.balloon_step(now);
             let mut state = d.state.clone();
             if !with_clock {
                 state.clock = None;
@@ -450,7 +481,7 @@ impl Hypervisor for FakeHypervisor {
     }
 
     fn domain_xml(&self, uuid: &str, _inactive: bool) -> HvResult<String> {
-        self.read("domain_xml", uuid, xml_of)
+        self.read("domain_xml", uuid, |d| xml_of(d))
     }
 
     fn host_cpus(&self) -> HvResult<u32> {
@@ -538,6 +569,7 @@ impl Hypervisor for FakeHypervisor {
     }
 
     fn set_memory(&self, uuid: &str, memory: Kib, scope: Scope) -> HvResult<()> {
+        let now = self.clock.as_ref().map(|c| c.now());
         self.mutate(
             "set_memory",
             uuid,
@@ -557,7 +589,10 @@ impl Hypervisor for FakeHypervisor {
                 if scope.config {
                     d.state.memory = memory;
                 }
-                if scope.live {
+                let lagging = now.filter(|_| d.balloon_lag > chrono::Duration::zero());
+                if let (true, Some(now)) = (scope.live, lagging) {
+                    d.balloon_pending = Some((memory, now + d.balloon_lag));
+                } else if scope.live {
                     if let Some(live) = d.state.live.as_mut() {
                         live.memory = memory;
                     }

@@ -45,24 +45,12 @@ fn acpi_rung_shuts_down_a_guest_without_an_agent_channel() {
         ..GuestSpec::default()
     };
     let guest = Guest::boot(&uri, "acpi-rung", &spec);
-    let dir = tempfile::tempdir().unwrap();
     // No force: a guest that ignored the power button would fail the step, not be destroyed.
-    let plan = apply(
-        dir.path(),
-        &uri,
-        &format!(
-            "  - vm: {}
-    power: shutoff
-    shutdown: {{ mode: graceful, timeout: 60s, force_after_timeout: false }}
-",
-            guest.name()
-        ),
+    let step = &shut_down_gracefully(&guest, &uri);
+    assert!(
+        step.message.contains("shut down gracefully (through ACPI)"),
+        "{step:?}"
     );
-    let lock = lock_of(&plan);
-    let step = &lock.steps[0];
-    assert_eq!(step.status, StepStatus::Done, "{step:?}");
-    assert!(step.message.contains("shut down gracefully"), "{step:?}");
-    assert!(!guest.is_active(), "the guest is still running");
     eprintln!("ACPI shutdown took {}", took(step));
     assert!(
         took(step) < chrono::Duration::seconds(30),
@@ -165,4 +153,66 @@ fn live_changes_and_snapshots_on_a_real_guest() {
     let mut names = guest.snapshots();
     names.sort();
     assert_eq!(names, ["live-1", "off-1"]);
+}
+
+/// A graceful shutdown of `guest` without force, through `virtplan apply`; returns the record.
+fn shut_down_gracefully(guest: &Guest, uri: &str) -> StepRecord {
+    let dir = tempfile::tempdir().unwrap();
+    let plan = apply(
+        dir.path(),
+        uri,
+        &format!(
+            "  - vm: {}
+    power: shutoff
+    shutdown: {{ mode: graceful, timeout: 60s, force_after_timeout: false }}
+",
+            guest.name()
+        ),
+    );
+    let step = lock_of(&plan).steps[0].clone();
+    assert_eq!(step.status, StepStatus::Done, "{step:?}");
+    assert!(!guest.is_active(), "the guest is still running");
+    step
+}
+
+#[test]
+fn agent_rung_shuts_down_a_guest_that_ignores_the_power_button() {
+    let Some(uri) = qemu_uri() else { return };
+    // The guest ignores ACPI: only its agent can shut it down.
+    let spec = GuestSpec {
+        power_button: false,
+        disk: Disk::None,
+        ..GuestSpec::default()
+    };
+    let guest = Guest::boot(&uri, "agent-rung", &spec);
+    let step = shut_down_gracefully(&guest, &uri);
+    assert!(
+        step.message
+            .contains("shut down gracefully (through the guest agent)"),
+        "{step:?}"
+    );
+    eprintln!("agent shutdown took {}", took(&step));
+    assert!(took(&step) < chrono::Duration::seconds(30), "{step:?}");
+}
+
+#[test]
+fn a_failed_agent_shutdown_falls_back_to_acpi() {
+    let Some(uri) = qemu_uri() else { return };
+    let spec = GuestSpec {
+        agent_shutdown_fails: true,
+        disk: Disk::None,
+        ..GuestSpec::default()
+    };
+    let guest = Guest::boot(&uri, "agent-fallback", &spec);
+    let step = shut_down_gracefully(&guest, &uri);
+    assert!(
+        step.message
+            .contains("the guest agent did not take the shutdown request"),
+        "{step:?}"
+    );
+    assert!(
+        step.message.contains("shut down gracefully (through ACPI)"),
+        "{step:?}"
+    );
+    eprintln!("agent failure, then ACPI shutdown, took {}", took(&step));
 }

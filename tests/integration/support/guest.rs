@@ -101,16 +101,20 @@ pub enum Disk {
     Raw,
 }
 
-/// What the guest looks like. The default: agent channel, ACPI, a qcow2 disk, 256 MiB of a
+/// What the guest looks like. The default: agent channel, power button answered, a qcow2 disk, 256 MiB of a
 /// 384 MiB maximum, 1 of 2 vCPUs.
 #[derive(Debug, Clone)]
 pub struct GuestSpec {
     /// The `org.qemu.guest_agent.0` channel (qemu-ga runs in the guest either way; without the
     /// channel it has no port to talk on).
     pub agent: bool,
-    /// `<features><acpi/>`: without it the power button never reaches the guest.
-    pub acpi: bool,
+    /// The guest powers off when the ACPI power button is pressed (busybox acpid); without,
+    /// it ignores the button and only its agent can shut it down.
+    pub power_button: bool,
     pub disk: Disk,
+    /// The agent answers, but its `guest-shutdown` fails (the guest's `/sbin/shutdown` exits 1):
+    /// a shutdown ladder must fall back to ACPI.
+    pub agent_shutdown_fails: bool,
     pub memory_kib: u64,
     pub max_memory_kib: u64,
     pub vcpus: u32,
@@ -121,8 +125,9 @@ impl Default for GuestSpec {
     fn default() -> Self {
         Self {
             agent: true,
-            acpi: true,
+            power_button: true,
             disk: Disk::Qcow2,
+            agent_shutdown_fails: false,
             memory_kib: 256 * 1024,
             max_memory_kib: 384 * 1024,
             vcpus: 1,
@@ -187,12 +192,14 @@ impl Guest {
         } else {
             ""
         };
-        let acpi = if spec.acpi {
-            "<features><acpi/></features>"
-        } else {
-            ""
-        };
         let console = dir.path().join("console.log");
+        let mut cmdline = String::from("console=ttyS0 panic=-1");
+        if spec.agent_shutdown_fails {
+            cmdline.push_str(" virtplan.agent_shutdown=fail");
+        }
+        if !spec.power_button {
+            cmdline.push_str(" virtplan.power_button=ignore");
+        }
         let domain = TestDomain::define_with(uri, test, |name| {
             format!(
                 "<domain type='{kind}'>
@@ -204,9 +211,9 @@ impl Guest {
     <type arch='x86_64'>hvm</type>
     <kernel>{kernel}</kernel>
     <initrd>{initrd}</initrd>
-    <cmdline>console=ttyS0 panic=-1</cmdline>
+    <cmdline>{cmdline}</cmdline>
   </os>
-  {acpi}
+  <features><acpi/></features>
   <clock offset='utc'>
     <timer name='rtc' track='guest'/>
   </clock>
