@@ -9,6 +9,7 @@ use marked_yaml::types::MarkedMappingNode;
 use marked_yaml::Node;
 
 use super::diag::{did_you_mean, Diagnostic, Pos};
+use super::time::show_time;
 use super::time::{parse_at, parse_instant, parse_zone};
 use super::units::{self, parse_duration, parse_size};
 use super::yaml::{self, pos, Checker};
@@ -19,7 +20,6 @@ use super::{
 };
 use crate::attr::Attr;
 use crate::config::Config;
-use crate::render::show_time;
 
 pub const TOP_KEYS: &[&str] = &[
     "version",

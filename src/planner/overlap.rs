@@ -8,8 +8,8 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 
 use super::{ChangeAction, Plan, PlanProblem};
+use crate::plan_file::time::show_time;
 use crate::plan_file::PlanFile;
-use crate::render::show_time;
 
 /// When one step of one plan may run on one domain.
 struct Slot<'a> {

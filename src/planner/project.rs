@@ -299,7 +299,7 @@ fn past_steps(input: &PlanInput<'_>, resolved: &Resolved<'_>, warnings: &mut Vec
                 "step {} ({}) was due at {} and its grace ({}) has passed: apply would record it as missed and not run it",
                 step.number,
                 id.name,
-                crate::render::show_time(at.value, file.timezone),
+                crate::plan_file::time::show_time(at.value, file.timezone),
                 format_duration(file.grace)
             ));
         }

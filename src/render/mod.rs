@@ -14,18 +14,7 @@ use crate::planner::{Change, Plan, PlanMeta, Summary, FORMAT_VERSION};
 pub use human::human;
 pub use markdown::markdown;
 
-/// A time as the plan's readers wrote it: in the plan's zone when it has one, else UTC.
-#[must_use]
-pub fn show_time(t: DateTime<Utc>, zone: Option<Tz>) -> String {
-    zone.map_or_else(
-        || t.format("%Y-%m-%d %H:%M:%S UTC").to_string(),
-        |z| {
-            t.with_timezone(&z)
-                .format("%Y-%m-%d %H:%M:%S %Z")
-                .to_string()
-        },
-    )
-}
+pub use crate::plan_file::time::show_time;
 
 /// The time heading of a step: its `at`, or "when apply starts".
 fn step_time(at: Option<DateTime<Utc>>, zone: Option<Tz>) -> String {

@@ -2,6 +2,7 @@
 
 mod apply;
 mod guest;
+mod layers;
 mod libvirt_adapter;
 mod ops;
 mod plan;
