@@ -1,4 +1,5 @@
-//! Reading and editing the domain XML `<clock>` element with an XML library.
+//! Reading and editing the domain XML `<clock>` element with an XML library; reading the other
+//! parts of a definition virtplan needs (figures, agent channel, disks).
 //!
 //! libvirt has no API for clock timers, so a clock change reads the persistent XML, rewrites the
 //! `<clock>` element here and defines the result. The rewrite streams every other event through
@@ -114,6 +115,82 @@ pub fn has_agent_channel(xml: &str) -> Result<bool, XmlError> {
                 path.pop();
             }
             Event::Eof => return Ok(false),
+            _ => {}
+        }
+    }
+}
+
+/// One `<disk>` of a domain definition, as far as snapshots care.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiskDef {
+    /// `<target dev>`: `vda`, `hdc`, ...
+    pub target: String,
+    /// The `device` attribute: `disk` (the default), `cdrom`, `floppy`, `lun`.
+    pub device: String,
+    /// The `type` attribute: `file` (the default), `block`, `network`, `volume`, ...
+    pub source_type: String,
+    /// `<driver type>`: the image format; `None` when not given (libvirt then uses raw).
+    pub format: Option<String>,
+    /// `<readonly/>`.
+    pub readonly: bool,
+    /// No `<source>` with a file, device, volume or network name: an empty drive.
+    pub empty: bool,
+    /// The disk's `snapshot` attribute (`internal`, `external`, `no`), when given.
+    pub snapshot: Option<String>,
+}
+
+/// Reads every `<disk>` under `<devices>`.
+///
+/// # Errors
+///
+/// Returns [`XmlError`] when the XML is not well-formed.
+pub fn disks(xml: &str) -> Result<Vec<DiskDef>, XmlError> {
+    let mut reader = Reader::from_str(xml);
+    let mut path: Vec<String> = Vec::new();
+    let mut out = Vec::new();
+    loop {
+        let event = reader.read_event().map_err(|e| syntax(&reader, e))?;
+        match event {
+            Event::Start(ref e) | Event::Empty(ref e) => {
+                let name = element_name(e);
+                let at = |depth: usize, names: &[&str]| {
+                    path.len() == depth && path.iter().zip(names).all(|(p, n)| p == n)
+                };
+                if at(2, &["domain", "devices"]) && name == "disk" {
+                    out.push(DiskDef {
+                        target: String::new(),
+                        device: attribute(e, "device")?.unwrap_or_else(|| "disk".to_owned()),
+                        source_type: attribute(e, "type")?.unwrap_or_else(|| "file".to_owned()),
+                        format: None,
+                        readonly: false,
+                        empty: true,
+                        snapshot: attribute(e, "snapshot")?,
+                    });
+                } else if at(3, &["domain", "devices", "disk"]) {
+                    if let Some(disk) = out.last_mut() {
+                        match name.as_str() {
+                            "driver" => disk.format = attribute(e, "type")?,
+                            "readonly" => disk.readonly = true,
+                            "target" => disk.target = attribute(e, "dev")?.unwrap_or_default(),
+                            "source" => {
+                                for key in ["file", "dev", "volume", "name", "dir"] {
+                                    if attribute(e, key)?.is_some_and(|v| !v.is_empty()) {
+                                        disk.empty = false;
+                                    }
+                                }
+                            }
+                            _ => {}
+                        }
+                    }
+                }
+                if matches!(event, Event::Start(_)) {
+                    path.push(name);
+                }
+            }
+            Event::End(_) => {
+                path.pop();
+            }
+            Event::Eof => return Ok(out),
             _ => {}
         }
     }

@@ -37,6 +37,7 @@ use virt::error::{Error as VirtError, ErrorNumber};
 use virt::sys;
 
 use super::domain_xml::{self, DefinitionSummary};
+use super::snapshot::{self, QemuImg, SnapshotSupport};
 use super::{DomainId, ErrorKind, HvError, HvResult, Hypervisor, Observation, Scope, Want};
 use crate::state::{DomainState, Kib, LiveFigures, PowerState};
 
@@ -58,6 +59,8 @@ pub struct Libvirt {
     /// The test driver refuses `VIR_DOMAIN_AFFECT_LIVE | VIR_DOMAIN_AFFECT_CONFIG` in one
     /// memory call ("mutually exclusive"), so live+config memory changes go in two calls there.
     split_memory_scope: bool,
+    /// The QEMU driver, whose snapshots have limits ([`super::snapshot`]).
+    qemu: bool,
 }
 
 impl std::fmt::Debug for Libvirt {
@@ -186,13 +189,12 @@ impl Libvirt {
                 ),
             )
         })?;
-        let split_memory_scope = conn
-            .driver_type()
-            .is_ok_and(|t| t.eq_ignore_ascii_case("test"));
+        let driver = conn.driver_type().unwrap_or_default();
         Ok(Self {
             uri: uri.to_owned(),
             conn,
-            split_memory_scope,
+            split_memory_scope: driver.eq_ignore_ascii_case("test"),
+            qemu: driver.eq_ignore_ascii_case("qemu"),
         })
     }
 
@@ -565,6 +567,37 @@ impl Hypervisor for Libvirt {
         let nanos = i32::try_from(time.timestamp_subsec_nanos()).unwrap_or(0);
         self.with_domain(uuid, "set the guest time of", |d| {
             d.set_time(time.timestamp(), nanos, 0)
+        })
+    }
+
+    fn snapshot_support(&self, uuid: &str) -> HvResult<SnapshotSupport> {
+        if !self.qemu {
+            return Ok(SnapshotSupport::default());
+        }
+        // A running snapshot takes the running domain's disks; a shut-off one the persistent
+        // definition's (they differ after a disk hotplug).
+        let persistent = self.domain_xml(uuid, true)?;
+        let active = self.with_domain(uuid, "read the state of", Domain::is_active)?;
+        let live = if active {
+            self.domain_xml(uuid, false)?
+        } else {
+            persistent.clone()
+        };
+        let disks = |xml: &str| {
+            domain_xml::disks(xml).map_err(|e| {
+                HvError::new(
+                    ErrorKind::Other,
+                    format!("reading the disks of {uuid}: {e}"),
+                )
+            })
+        };
+        let qemu_img = match snapshot::remote_host(&self.uri) {
+            Some(host) => QemuImg::Unknown(host.to_owned()),
+            None => snapshot::local_qemu_img(std::env::var_os("PATH").as_deref()),
+        };
+        Ok(SnapshotSupport {
+            running: snapshot::qemu_verdict(&disks(&live)?, true, &qemu_img),
+            shut_off: snapshot::qemu_verdict(&disks(&persistent)?, false, &qemu_img),
         })
     }
 }

@@ -7,6 +7,7 @@ pub mod fleet;
 // The bulk-stats FFI needs `unsafe`; it is confined to this module, each block with a SAFETY note.
 #[allow(unsafe_code)]
 pub mod libvirt;
+pub mod snapshot;
 
 use std::time::Duration;
 
@@ -208,6 +209,12 @@ pub trait Hypervisor: Send + Sync {
 
     /// Sets the guest's clock to `time` (libvirt's domain time API, through the guest agent).
     fn set_guest_time(&self, uuid: &str, time: DateTime<Utc>) -> HvResult<()>;
+
+    /// Whether libvirt can take an internal snapshot of the domain, running and shut off
+    /// (see [`snapshot`]). The default, for drivers without such limits: always.
+    fn snapshot_support(&self, _uuid: &str) -> HvResult<snapshot::SnapshotSupport> {
+        Ok(snapshot::SnapshotSupport::default())
+    }
 }
 
 /// How long a graceful shutdown may take before the executor decides what to do next.

@@ -10,6 +10,7 @@ use super::{
     PlannedDomain, PlannedStep, Policy, Summary,
 };
 use crate::attr::{Attr, Figure};
+use crate::hypervisor::snapshot::{SnapshotSupport, Verdict};
 use crate::hypervisor::{domain_xml, DomainId, ErrorKind, Hypervisor, Observation, Want};
 use crate::plan_file::units::format_duration;
 use crate::plan_file::{
@@ -219,11 +220,15 @@ fn observe(
                 state,
                 xml: definition,
                 snapshots: BTreeSet::new(),
+                snapshot_support: SnapshotSupport::default(),
                 host_cpus,
             };
             if steps.iter().any(|s| s.attributes.has(Attr::Snapshot)) {
                 obs.snapshots = snapshot_names(hv.as_ref(), &key.1)
                     .map_err(libvirt(format!("listing snapshots of {}", obs.state.name)))?;
+                obs.snapshot_support = hv
+                    .snapshot_support(&key.1)
+                    .map_err(libvirt(format!("reading the disks of {}", obs.state.name)))?;
             }
             result.insert(key, obs);
         }
@@ -253,6 +258,8 @@ struct Observed {
     state: DomainState,
     xml: Option<String>,
     snapshots: BTreeSet<String>,
+    /// Whether libvirt can snapshot the domain running / shut off (snapshot steps only).
+    snapshot_support: SnapshotSupport,
     host_cpus: Option<u32>,
 }
 
@@ -578,11 +585,27 @@ impl DomainCtx<'_> {
         if let Some(snap) = &a.snapshot {
             let name = &snap.value.name;
             let exists = carry.snapshots.contains(name);
-            let notes = if exists {
-                vec![format!("a snapshot named `{name}` exists: nothing to do")]
+            let mut notes = Vec::new();
+            if exists {
+                notes.push(format!("a snapshot named `{name}` exists: nothing to do"));
             } else {
-                vec![]
-            };
+                let running = carry.state.power.is_active();
+                match self.observed.snapshot_support.at(running) {
+                    Verdict::Possible => {}
+                    Verdict::Unverified(note) => notes.push(note.clone()),
+                    Verdict::Impossible { reason, help } => {
+                        let when = if running { "running" } else { "shut off" };
+                        return Err(b.problem(
+                            snap.pos,
+                            format!(
+                                "libvirt cannot snapshot {} ({when} at this step): {reason}",
+                                self.id.name
+                            ),
+                            help,
+                        ));
+                    }
+                }
+            }
             b.change(
                 Attr::Snapshot,
                 if exists {

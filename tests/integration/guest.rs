@@ -216,3 +216,102 @@ fn a_failed_agent_shutdown_falls_back_to_acpi() {
     );
     eprintln!("agent failure, then ACPI shutdown, took {}", took(&step));
 }
+
+/// `virtplan plan` of `steps` on `uri` with `PATH` set to `path`; returns stdout and stderr.
+fn plan_with_path(uri: &str, steps: &str, path: &str, status: i32) -> (String, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let plan = dir.path().join("plan.yaml");
+    std::fs::write(
+        &plan,
+        format!("version: 1\nconnection: {uri}\nsteps:\n{steps}"),
+    )
+    .unwrap();
+    let ran = Cli::new()
+        .args(["plan", plan.to_str().unwrap()])
+        .env("PATH", path)
+        .status(status)
+        .run();
+    (ran.stdout, ran.stderr)
+}
+
+/// The system PATH, and one without qemu-img (an empty folder: virtplan runs no program).
+fn paths() -> (String, String) {
+    let system = std::env::var("PATH").unwrap_or_else(|_| "/usr/sbin:/usr/bin:/sbin:/bin".into());
+    (system, "/nonexistent".to_owned())
+}
+
+#[test]
+fn plan_refuses_a_snapshot_of_a_domain_without_a_disk() {
+    let Some(uri) = qemu_uri() else { return };
+    let spec = GuestSpec {
+        disk: Disk::None,
+        ..GuestSpec::default()
+    };
+    let guest = Guest::define(&uri, "snap-nodisk", &spec);
+    let steps = format!("  - vm: {}\n    snapshot: {{ name: s1 }}\n", guest.name());
+    let (_, stderr) = plan_with_path(&uri, &steps, &paths().0, 1);
+    assert!(
+        stderr.contains(&format!(
+            "step 1 ({}): libvirt cannot snapshot {} (shut off at this step): the domain has no disk",
+            guest.name(),
+            guest.name()
+        )),
+        "{stderr}"
+    );
+    assert!(stderr.contains("plan.yaml:5:15"), "{stderr}");
+    assert!(stderr.contains("give the domain a qcow2 disk"), "{stderr}");
+}
+
+#[test]
+fn plan_refuses_a_snapshot_of_a_raw_disk() {
+    let Some(uri) = qemu_uri() else { return };
+    let spec = GuestSpec {
+        disk: Disk::Raw,
+        ..GuestSpec::default()
+    };
+    let guest = Guest::define(&uri, "snap-raw", &spec);
+    let steps = format!("  - vm: {}\n    snapshot: {{ name: s1 }}\n", guest.name());
+    let (_, stderr) = plan_with_path(&uri, &steps, &paths().0, 1);
+    assert!(
+        stderr.contains(
+            "disk vda is raw: an internal snapshot needs every writable disk in qcow2 format"
+        ),
+        "{stderr}"
+    );
+    assert!(stderr.contains("plan.yaml:5:15"), "{stderr}");
+}
+
+/// libvirt runs qemu-img only for a shut-off domain: without it, `plan` refuses the snapshot
+/// of a shut-off qcow2 domain (and of a running one the plan powers off first), and accepts the
+/// snapshot of a running one (QEMU's own savevm).
+#[test]
+fn plan_refuses_a_shut_off_snapshot_without_qemu_img() {
+    let Some(uri) = qemu_uri() else { return };
+    let (system, no_qemu_img) = paths();
+    let off = Guest::define(&uri, "snap-noimg-off", &GuestSpec::default());
+    let steps = format!("  - vm: {}\n    snapshot: {{ name: s1 }}\n", off.name());
+    let (_, stderr) = plan_with_path(&uri, &steps, &no_qemu_img, 1);
+    assert!(
+        stderr.contains("(shut off at this step): libvirt runs qemu-img to snapshot a shut-off domain, and qemu-img is not installed on this host"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("qemu-utils"), "{stderr}");
+    // With qemu-img: green.
+    let (stdout, _) = plan_with_path(&uri, &steps, &system, 0);
+    assert!(stdout.contains("snapshot"), "{stdout}");
+
+    // A running domain (booting is enough: plan only reads it).
+    let on = Guest::define(&uri, "snap-noimg-on", &GuestSpec::default());
+    on.start();
+    let steps = format!("  - vm: {}\n    snapshot: {{ name: s1 }}\n", on.name());
+    plan_with_path(&uri, &steps, &no_qemu_img, 0);
+    let steps = format!(
+        "  - vm: {}\n    power: shutoff\n    snapshot: {{ name: s1 }}\n",
+        on.name()
+    );
+    let (_, stderr) = plan_with_path(&uri, &steps, &no_qemu_img, 1);
+    assert!(
+        stderr.contains("(shut off at this step): libvirt runs qemu-img"),
+        "{stderr}"
+    );
+}

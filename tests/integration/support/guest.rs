@@ -97,7 +97,6 @@ pub enum Disk {
     /// A 16 MiB qcow2 image: internal snapshots, live and shut off.
     Qcow2,
     /// A 16 MiB raw image: no internal snapshots.
-    #[allow(dead_code)] // for the plan-time snapshot refusals, next
     Raw,
 }
 
