@@ -14,7 +14,8 @@ LIBVIRTD_LOG="$LOG_DIR/libvirtd.log"
 # qemu-utils (qemu-img) must be installed before libvirtd starts: the QEMU driver looks for
 # qemu-img once, at start, and needs it for snapshots of shut-off qcow2 domains.
 PACKAGES=(libvirt-dev pkg-config libvirt-clients libvirt-daemon libvirt-daemon-driver-qemu qemu-system-x86
-    qemu-utils)
+    qemu-utils
+    libssl-dev python3-aiosmtpd) # notify: TLS for webhooks/SMTP; a real SMTP server for its tests
 
 say() { printf 'setup-libvirt: %s\n' "$*"; }
 

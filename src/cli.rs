@@ -115,6 +115,8 @@ pub enum SchemaKind {
     PlanOutput,
     /// `status --format json` output.
     Status,
+    /// The notification event sent to webhooks and commands.
+    NotifyEvent,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

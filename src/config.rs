@@ -30,6 +30,8 @@ pub struct Config {
     pub grace: Option<Duration>,
     pub shutdown: ShutdownPolicy,
     pub parallelism: usize,
+    /// `[[notify]]` targets: used by plans without a `notify` of their own.
+    pub notify: Vec<crate::notify::Target>,
 }
 
 impl Default for Config {
@@ -42,6 +44,7 @@ impl Default for Config {
             grace: None,
             shutdown: ShutdownPolicy::default(),
             parallelism: DEFAULT_PARALLELISM,
+            notify: Vec::new(),
         }
     }
 }
@@ -56,6 +59,33 @@ struct RawConfig {
     grace: Option<toml::Spanned<String>>,
     shutdown: Option<RawShutdown>,
     parallelism: Option<toml::Spanned<i64>>,
+    #[serde(default)]
+    notify: Vec<toml::Spanned<RawNotify>>,
+}
+
+type Spanned<T> = toml::Spanned<T>;
+
+/// One `[[notify]]` table (the same keys as a plan's `notify` entry).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawNotify {
+    on: Option<Spanned<Vec<Spanned<String>>>>,
+    webhook: Option<Spanned<String>>,
+    format: Option<Spanned<String>>,
+    email: Option<Spanned<RawNotifyEmail>>,
+    command: Option<Spanned<Vec<Spanned<String>>>>,
+    timeout: Option<Spanned<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawNotifyEmail {
+    to: Option<Spanned<Vec<Spanned<String>>>>,
+    from: Option<Spanned<String>>,
+    smtp: Option<Spanned<String>>,
+    username: Option<Spanned<String>>,
+    password_env: Option<Spanned<String>>,
+    password_file: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -73,6 +103,7 @@ const KEYS: &[&str] = &[
     "grace",
     "shutdown",
     "parallelism",
+    "notify",
 ];
 
 /// libvirt's own default connection, used (as virsh does) when nothing else names one.
@@ -221,10 +252,74 @@ pub fn load(path: &Path) -> Result<Config, Diagnostics> {
             Err(d) => diags.push(d),
         }
     }
+    config.notify = notify_targets(path, &text, raw.notify, &mut diags);
     if diags.is_empty() {
         Ok(config)
     } else {
         Err(fail(Some(text), diags))
+    }
+}
+
+/// Checks the `[[notify]]` tables, adding located problems to `diags`.
+fn notify_targets(
+    path: &Path,
+    text: &str,
+    tables: Vec<Spanned<RawNotify>>,
+    diags: &mut Vec<Diagnostic>,
+) -> Vec<crate::notify::Target> {
+    let mut targets = Vec::new();
+    for (i, table) in tables.into_iter().enumerate() {
+        let what = format!("[[notify]] table {}", i + 1);
+        let raw = notify_target(text, table);
+        match crate::notify::target::check(&raw, &what) {
+            Ok(target) => targets.push(target),
+            Err(problems) => diags.extend(
+                problems
+                    .into_iter()
+                    .map(|p| Diagnostic::new(path, p.pos, p.message).with_help(p.help)),
+            ),
+        }
+    }
+    targets
+}
+
+/// A `[[notify]]` table in the positioned form the plan's `notify` entries also take.
+fn notify_target(text: &str, table: Spanned<RawNotify>) -> crate::notify::target::RawTarget {
+    use crate::notify::target::{RawEmail, RawTarget};
+    use crate::plan_file::Located;
+    let at = |span: std::ops::Range<usize>| Pos::of_offset(text, span.start);
+    let one = |s: Spanned<String>| Located {
+        pos: at(s.span()),
+        value: s.into_inner(),
+    };
+    let list = |s: Spanned<Vec<Spanned<String>>>| Located {
+        pos: at(s.span()),
+        value: s.into_inner().into_iter().map(one).collect(),
+    };
+    let pos = at(table.span());
+    let raw = table.into_inner();
+    RawTarget {
+        pos,
+        on: raw.on.map(list),
+        webhook: raw.webhook.map(one),
+        format: raw.format.map(one),
+        email: raw.email.map(|e| {
+            let pos = at(e.span());
+            let e = e.into_inner();
+            Located {
+                pos,
+                value: RawEmail {
+                    to: e.to.map(list),
+                    from: e.from.map(one),
+                    smtp: e.smtp.map(one),
+                    username: e.username.map(one),
+                    password_env: e.password_env.map(one),
+                    password_file: e.password_file.map(one),
+                },
+            }
+        }),
+        command: raw.command.map(list),
+        timeout: raw.timeout.map(one),
     }
 }
 

@@ -19,6 +19,7 @@ pub mod executor;
 pub mod fsutil;
 pub mod hypervisor;
 pub mod lockfile;
+pub mod notify;
 pub mod overview;
 pub mod plan_file;
 pub mod planner;

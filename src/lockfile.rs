@@ -207,6 +207,89 @@ pub struct Lockfile {
     /// Sorted by time, step number, domain name and UUID.
     #[serde(default, rename = "step")]
     pub steps: Vec<StepRecord>,
+    /// Notification events and whether they were delivered (see `notify`); written in the
+    /// same atomic replacement as the step change they announce.
+    #[serde(default, rename = "event", skip_serializing_if = "Vec::is_empty")]
+    pub events: Vec<EventRecord>,
+}
+
+/// Where a notification event is in its delivery.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema, Default,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum Delivery {
+    /// Not yet delivered to every target that wants it (sent at the next chance, or by the
+    /// next `apply`).
+    #[default]
+    Pending,
+    /// Every target took it.
+    Sent,
+    /// A target refused it after every retry; the next `apply` tries again.
+    Failed,
+}
+
+/// One notification event in the outbox.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EventRecord {
+    /// The event's stable id (receivers deduplicate on it).
+    pub id: String,
+    /// `step-failed`, `plan-finished`, ...
+    pub event: String,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub step: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub vm: Option<String>,
+    pub delivery: Delivery,
+    /// Keys of the targets that want it (hashes: no secret is written here).
+    #[serde(default)]
+    pub targets: Vec<String>,
+    /// Keys of the targets that took it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub sent_to: Vec<String>,
+    /// Keys of the targets that refused it after every retry.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub failed_to: Vec<String>,
+    /// The last failure, with the target redacted.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub error: String,
+    /// The event JSON, kept until every target took it, so a resumed run re-sends exactly it.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub body: String,
+}
+
+impl EventRecord {
+    /// Records one target's result and updates [`EventRecord::delivery`].
+    pub fn note(&mut self, target: &str, result: Result<(), &str>) {
+        self.sent_to.retain(|t| t != target);
+        self.failed_to.retain(|t| t != target);
+        match result {
+            Ok(()) => self.sent_to.push(target.to_owned()),
+            Err(e) => {
+                self.failed_to.push(target.to_owned());
+                e.clone_into(&mut self.error);
+            }
+        }
+        let settled = |t: &String| self.sent_to.contains(t) || self.failed_to.contains(t);
+        if self.targets.iter().all(|t| self.sent_to.contains(t)) {
+            self.delivery = Delivery::Sent;
+            self.error.clear();
+            // Delivered: the body has served its purpose; keep the lockfile small.
+            self.body.clear();
+        } else if self.targets.iter().all(settled) {
+            self.delivery = Delivery::Failed;
+        }
+    }
+}
+
+/// Sees every change of a step record as it is made, so the notification it announces is
+/// written in the same atomic replacement: a crash cannot separate a step's status from its
+/// event. Implemented by `notify`.
+pub trait Observer: Send + Sync {
+    /// The event to record for a record whose status was `before`, if any.
+    fn on_change(&self, before: StepStatus, after: &StepRecord) -> Option<EventRecord>;
+    /// `event` is durable: deliver it.
+    fn on_recorded(&self, event: &EventRecord);
 }
 
 impl Lockfile {
@@ -216,6 +299,7 @@ impl Lockfile {
             version: LOCKFILE_VERSION,
             plan_sha256: plan_sha256.into(),
             steps: Vec::new(),
+            events: Vec::new(),
         }
     }
 
@@ -251,6 +335,9 @@ impl Lockfile {
         let mut text = sorted.header_toml()?;
         for r in &sorted.steps {
             text.push_str(&record_toml(r)?);
+        }
+        for e in &sorted.events {
+            text.push_str(&event_toml(e)?);
         }
         Ok(text)
     }
@@ -389,6 +476,17 @@ fn record_toml(r: &StepRecord) -> Result<String, LockError> {
     Ok(format!("\n{text}"))
 }
 
+/// One `[[event]]` table.
+fn event_toml(e: &EventRecord) -> Result<String, LockError> {
+    #[derive(Serialize)]
+    struct One<'a> {
+        event: [&'a EventRecord; 1],
+    }
+    let text =
+        toml::to_string(&One { event: [e] }).map_err(|e| LockError::Serialize(e.to_string()))?;
+    Ok(format!("\n{text}"))
+}
+
 /// Why the lockfile or the executor lock could not be used.
 #[derive(Debug, thiserror::Error)]
 pub enum LockError {
@@ -458,6 +556,14 @@ pub struct LockStore {
     path: PathBuf,
     shared: Mutex<Shared>,
     flushed: Condvar,
+    /// Turns step changes into notification events (set when the plan has targets).
+    observer: std::sync::OnceLock<std::sync::Arc<dyn Observer>>,
+}
+
+impl fmt::Debug for dyn Observer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Observer")
+    }
 }
 
 #[derive(Debug)]
@@ -473,6 +579,8 @@ struct Shared {
     failed: Option<(u64, String)>,
     /// TOML text of records unchanged since the last write, by (step id, uuid).
     rendered: HashMap<(String, String), String>,
+    /// TOML text of events unchanged since the last write, by id.
+    rendered_events: HashMap<String, String>,
 }
 
 impl Shared {
@@ -487,6 +595,15 @@ impl Shared {
                 let fresh = record_toml(r)?;
                 text.push_str(&fresh);
                 self.rendered.insert(key, fresh);
+            }
+        }
+        for e in &self.data.events {
+            if let Some(cached) = self.rendered_events.get(&e.id) {
+                text.push_str(cached);
+            } else {
+                let fresh = event_toml(e)?;
+                text.push_str(&fresh);
+                self.rendered_events.insert(e.id.clone(), fresh);
             }
         }
         Ok(text)
@@ -524,8 +641,10 @@ impl LockStore {
                 flushing: false,
                 failed: None,
                 rendered: HashMap::new(),
+                rendered_events: HashMap::new(),
             }),
             flushed: Condvar::new(),
+            observer: std::sync::OnceLock::new(),
         })
     }
 
@@ -600,11 +719,71 @@ impl LockStore {
                 source: std::io::Error::other(format!("no record of step {step_id} on {uuid}")),
             });
         };
+        let before = record.status;
         f(record);
+        let event = self
+            .observer
+            .get()
+            .and_then(|o| o.on_change(before, record));
         shared
             .rendered
             .remove(&(step_id.to_owned(), uuid.to_owned()));
+        if let Some(e) = &event {
+            shared.data.events.push(e.clone());
+        }
         shared.seq += 1;
+        let seq = shared.seq;
+        self.commit(shared, seq)?;
+        if let (Some(e), Some(o)) = (event, self.observer.get()) {
+            o.on_recorded(&e);
+        }
+        Ok(())
+    }
+
+    /// Sets the observer that turns step changes into notification events; only the first
+    /// call has an effect.
+    pub fn observe(&self, observer: std::sync::Arc<dyn Observer>) {
+        let _ = self.observer.set(observer);
+    }
+
+    /// Records a plan-level event durably, then hands it to the observer for delivery.
+    ///
+    /// # Errors
+    /// The file could not be written (the event is not delivered then).
+    pub fn record_event(&self, event: EventRecord) -> Result<(), LockError> {
+        let mut shared = self.lock();
+        shared.rendered_events.remove(&event.id);
+        shared.data.events.retain(|e| e.id != event.id);
+        let recorded = event.clone();
+        shared.data.events.push(event);
+        shared.seq += 1;
+        let seq = shared.seq;
+        self.commit(shared, seq)?;
+        if let Some(o) = self.observer.get() {
+            o.on_recorded(&recorded);
+        }
+        Ok(())
+    }
+
+    /// Notes one target's delivery result in memory. It reaches the disk with the next write
+    /// (or [`LockStore::sync`]): losing it in a crash only means the event is sent again,
+    /// with the same id.
+    pub fn note_delivery(&self, event_id: &str, target: &str, result: Result<(), &str>) {
+        let mut shared = self.lock();
+        let Some(e) = shared.data.events.iter_mut().find(|e| e.id == event_id) else {
+            return;
+        };
+        e.note(target, result);
+        shared.rendered_events.remove(event_id);
+        shared.seq += 1;
+    }
+
+    /// Writes whatever changed since the last write (delivery results).
+    ///
+    /// # Errors
+    /// The file could not be written.
+    pub fn sync(&self) -> Result<(), LockError> {
+        let shared = self.lock();
         let seq = shared.seq;
         self.commit(shared, seq)
     }

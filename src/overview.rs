@@ -18,6 +18,42 @@ use crate::plan_file::{Attributes, PlanFile};
 pub struct StatusDoc {
     /// One entry per step and domain, in time order.
     pub steps: Vec<StatusStep>,
+    /// Notification events not delivered to every target yet (absent when there are none).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub notifications: Vec<StatusNotification>,
+}
+
+/// A notification event that some target has not taken.
+#[derive(Debug, Clone, Serialize, schemars::JsonSchema)]
+pub struct StatusNotification {
+    /// The event's stable id.
+    pub id: String,
+    /// `step-failed`, `plan-finished`, ...
+    pub event: String,
+    pub step: Option<usize>,
+    pub vm: Option<String>,
+    /// `pending` (not tried to the end yet) or `failed` (refused after every retry); the next
+    /// `apply` sends both again.
+    pub delivery: lockfile::Delivery,
+    /// The last failure, with the target redacted.
+    pub error: String,
+}
+
+/// The lockfile's notification events that some target has not taken.
+#[must_use]
+pub fn undelivered(lock: &Lockfile) -> Vec<StatusNotification> {
+    lock.events
+        .iter()
+        .filter(|e| e.delivery != lockfile::Delivery::Sent)
+        .map(|e| StatusNotification {
+            id: e.id.clone(),
+            event: e.event.clone(),
+            step: e.step,
+            vm: e.vm.clone(),
+            delivery: e.delivery,
+            error: e.error.clone(),
+        })
+        .collect()
 }
 
 /// One step on one domain.
@@ -51,6 +87,7 @@ impl From<&Lockfile> for StatusDoc {
     fn from(lock: &Lockfile) -> Self {
         Self {
             steps: rows(None, Some(lock), &[], None),
+            notifications: undelivered(lock),
         }
     }
 }

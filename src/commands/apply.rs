@@ -16,6 +16,7 @@ use crate::executor::{Executor, Outcome, Settings};
 use crate::hypervisor::libvirt::Libvirt;
 use crate::hypervisor::Hypervisor;
 use crate::lockfile::{self, ExecutorLock, LockStore, StepStatus};
+use crate::notify::{Notifier, Retry, RunInfo};
 use crate::planner::saved::SavedPlan;
 use crate::planner::{self, Connections, Plan, PlanInput};
 use crate::printer::{Printer, Tone};
@@ -74,6 +75,12 @@ pub fn run(args: &Args<'_>, clock: &dyn Clock, printer: &Printer) -> anyhow::Res
         (None, None) => return Ok(ExitStatus::Error),
     };
 
+    let targets = match (&saved, &loaded) {
+        (_, Some((_, file))) => file.notify.clone(),
+        (Some(_), None) => saved_plan_targets(&plan_path, args.config, printer),
+        (None, None) => Vec::new(),
+    };
+
     // A saved plan was reviewed when it was made; anything else needs a yes or the flag. Asked
     // after loading, so a mistyped path or a broken plan is reported as what it is.
     if saved.is_none() && !args.auto_approve && !interactive {
@@ -124,6 +131,7 @@ pub fn run(args: &Args<'_>, clock: &dyn Clock, printer: &Printer) -> anyhow::Res
     // nothing yet: a declined prompt leaves the lockfile as it was).
     store.snapshot().reconcile(store.path(), &plan)?;
     printer.out(&render::human(&plan, printer));
+    printer.out(&crate::notify::describe_targets(&targets));
     if !args.auto_approve && interactive && !confirm(&plan, printer)? {
         printer.info("Nothing applied.");
         return Ok(ExitStatus::Error);
@@ -144,6 +152,10 @@ pub fn run(args: &Args<'_>, clock: &dyn Clock, printer: &Printer) -> anyhow::Res
             printer.err_line(&progress_line(o, clock, printer));
         }
     };
+    let notifier = start_notifier(targets, &plan, &store, printer);
+    if let Some(n) = &notifier {
+        n.plan_started(clock.now())?;
+    }
     let pending = plan.steps.len();
     printer.info(&format!(
         "Applying {pending} step(s); progress is recorded in {} (Ctrl-C stops after the step in flight).",
@@ -156,6 +168,7 @@ pub fn run(args: &Args<'_>, clock: &dyn Clock, printer: &Printer) -> anyhow::Res
         ));
         watch(
             args,
+            notifier.clone(),
             connect.as_deref(),
             config,
             file,
@@ -182,6 +195,9 @@ pub fn run(args: &Args<'_>, clock: &dyn Clock, printer: &Printer) -> anyhow::Res
         .run()?
     };
 
+    if let Some(n) = &notifier {
+        finish_notifier(n, &report, &store, clock, printer);
+    }
     let lock = store.snapshot();
     let doc = super::status::StatusDoc::from(&lock);
     printer.out(&format!(
@@ -209,6 +225,7 @@ pub fn run(args: &Args<'_>, clock: &dyn Clock, printer: &Printer) -> anyhow::Res
 #[allow(clippy::too_many_arguments)] // the pieces apply has already checked, handed over
 fn watch(
     args: &Args<'_>,
+    notifier: Option<Arc<Notifier>>,
     connect: Option<&str>,
     config: crate::config::Config,
     file: crate::plan_file::PlanFile,
@@ -239,8 +256,80 @@ fn watch(
         file,
         plan,
         store: Arc::clone(store),
+        notifier,
     };
     reconciler::apply_watch(&env, applying, stop)
+}
+
+/// How long `apply` waits at exit for notifications still being delivered.
+const NOTIFY_FLUSH: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Starts delivering notifications when the plan has targets (re-sending what an earlier run
+/// left undelivered).
+fn start_notifier(
+    targets: Vec<crate::notify::Target>,
+    plan: &Plan,
+    store: &Arc<LockStore>,
+    printer: &Printer,
+) -> Option<Arc<Notifier>> {
+    if targets.is_empty() {
+        return None;
+    }
+    let info = RunInfo::of(plan);
+    let log_printer = printer.clone();
+    let log = Box::new(move |m: &str| log_printer.warning(&format!("notify: {m}")));
+    Some(Notifier::start(targets, info, store, log, Retry::default()))
+}
+
+/// A saved plan carries no notification targets (webhook URLs and SMTP settings are secrets,
+/// and a saved plan is not): they come from its plan file, whose sha256 was just checked, and
+/// that file's virtplan.toml. When those no longer load, the run goes on without notifications.
+fn saved_plan_targets(
+    plan_path: &Path,
+    config: Option<&Path>,
+    printer: &Printer,
+) -> Vec<crate::notify::Target> {
+    let loaded = crate::config::discover(config, Some(plan_path)).and_then(|config| {
+        crate::plan_file::load(plan_path, &crate::plan_file::LoadContext { config })
+    });
+    match loaded {
+        Ok(file) => file.notify,
+        Err(diags) => {
+            printer.warning(&format!(
+                "no notifications for this run: their targets come from {}, which does not load now ({diags})",
+                plan_path.display()
+            ));
+            Vec::new()
+        }
+    }
+}
+
+/// Records `plan-finished` and waits (a bounded time) for deliveries to finish.
+fn finish_notifier(
+    notifier: &Notifier,
+    report: &crate::executor::Report,
+    store: &LockStore,
+    clock: &dyn Clock,
+    printer: &Printer,
+) {
+    let message = match (&report.fatal, report.interrupted) {
+        (Some(fatal), _) => format!("stopped: progress could not be recorded: {fatal}"),
+        (None, true) => "interrupted; run `virtplan apply` again to resume".to_owned(),
+        (None, false) => String::new(),
+    };
+    if let Err(e) = notifier.plan_finished(clock.now(), message) {
+        printer.warning(&format!(
+            "cannot record the plan-finished notification: {e}"
+        ));
+    }
+    let left = notifier.flush(NOTIFY_FLUSH);
+    if left > 0 {
+        printer.warning(&format!(
+            "{left} notification delivery(ies) not done within {}s; they stay pending in {} and go out with the next `virtplan apply`",
+            NOTIFY_FLUSH.as_secs(),
+            store.path().display()
+        ));
+    }
 }
 
 /// Takes the executor lock, waiting up to `timeout` for its holder to let go (polling: a held

@@ -67,8 +67,12 @@ pub fn run(args: &Args<'_>, clock: &dyn Clock, printer: &Printer) -> anyhow::Res
             PlanFormat::Markdown => render::markdown(plan),
         };
         printer.out(&text);
+        if args.format != PlanFormat::Json {
+            printer.out(&crate::notify::describe_targets(&file.notify));
+        }
         if let Some(out) = args.out {
-            SavedPlan::new(plan.clone(), file.source.clone())
+            // The plan text as reviewed, with webhook tokens masked: a saved plan is no secret.
+            SavedPlan::new(plan.clone(), crate::notify::redact_source(file))
                 .write(out)
                 .with_context(|| format!("cannot write the saved plan {}", out.display()))?;
             printer.info(&format!(

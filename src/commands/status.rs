@@ -57,6 +57,7 @@ pub fn run(
     let cancels = paths.cancels.read()?;
     let doc = StatusDoc {
         steps: overview::rows(file.as_ref(), lock.as_ref(), &cancels, zone),
+        notifications: lock.as_ref().map(overview::undelivered).unwrap_or_default(),
     };
     let text = match format {
         StatusFormat::Json => {
@@ -131,6 +132,34 @@ pub fn human(doc: &StatusDoc, zone: Option<Tz>, printer: &Printer) -> String {
         count(StepStatus::Running),
         count(StepStatus::Pending),
     );
+    if !doc.notifications.is_empty() {
+        let _ = writeln!(
+            out,
+            "{} notification(s) not delivered (the next `virtplan apply` sends them again):",
+            doc.notifications.len()
+        );
+        for n in &doc.notifications {
+            let about = match (n.step, &n.vm) {
+                (Some(step), Some(vm)) => format!(" step {step} {vm}"),
+                _ => String::new(),
+            };
+            let _ = writeln!(
+                out,
+                "  {} {}{about} ({}){}",
+                printer.paint(
+                    Tone::Removed,
+                    &format!("{:<7}", format!("{:?}", n.delivery).to_lowercase())
+                ),
+                n.event,
+                n.id,
+                if n.error.is_empty() {
+                    String::new()
+                } else {
+                    format!(": {}", n.error)
+                }
+            );
+        }
+    }
     out
 }
 
@@ -187,6 +216,7 @@ mod tests {
         }];
         let doc = StatusDoc {
             steps: crate::overview::rows(None, Some(&sample()), &cancels, Some(zone)),
+            notifications: Vec::new(),
         };
         insta::assert_snapshot!(super::human(&doc, Some(zone), &Printer::plain()));
     }

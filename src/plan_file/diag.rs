@@ -74,7 +74,11 @@ impl Diagnostic {
             self.pos
         );
         if let Some(text) = source.and_then(|s| s.lines().nth(self.pos.line.saturating_sub(1))) {
-            let shown: String = text.chars().take(200).collect();
+            // A webhook URL carries its token in the path: never shown, even in a plan's own line.
+            let shown: String = crate::notify::secret::redact_urls(text)
+                .chars()
+                .take(200)
+                .collect();
             let caret_at = " ".repeat(self.pos.column.saturating_sub(1).min(200));
             let _ = write!(out, "\n{pad} |\n{number} | {shown}\n{pad} | {caret_at}^");
         }

@@ -5,6 +5,7 @@
 //! and validates every key, collecting all problems with file:line:column before giving up.
 
 pub mod diag;
+mod notify;
 pub mod schema;
 pub mod step_id;
 pub mod time;
@@ -19,6 +20,7 @@ pub mod keys {
         ATTRIBUTE_KEYS, CHECK_KEYS, CLOCK_KEYS, DEFAULTS_KEYS, SHUTDOWN_KEYS, SNAPSHOT_KEYS,
         STEP_KEYS, TOP_KEYS, WINDOW_KEYS,
     };
+    pub use crate::notify::target::{EMAIL_KEYS as NOTIFY_EMAIL_KEYS, TARGET_KEYS as NOTIFY_KEYS};
 }
 
 use std::fmt;
@@ -66,6 +68,8 @@ pub struct PlanFile {
     /// How many steps may run at once (virtplan.toml `parallelism`).
     pub parallelism: usize,
     pub steps: Vec<Step>,
+    /// Notification targets in effect: the plan's `notify`, else virtplan.toml's `[[notify]]`.
+    pub notify: Vec<crate::notify::Target>,
 }
 
 /// The maintenance window: every step lies in `[start, end)`.

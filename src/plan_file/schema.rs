@@ -34,6 +34,47 @@ pub struct PlanSchema {
     /// The steps, each applied at its time.
     #[schemars(length(min = 1))]
     steps: Vec<StepSchema>,
+    /// Where events are sent (replaces virtplan.toml's `[[notify]]`; `[]` turns them off).
+    notify: Option<Vec<NotifySchema>>,
+}
+
+/// One notification target: exactly one of `webhook`, `email`, `command`.
+#[derive(JsonSchema)]
+#[schemars(deny_unknown_fields)]
+struct NotifySchema {
+    /// Events sent to this target (default: every event).
+    #[schemars(length(min = 1))]
+    on: Option<Vec<crate::notify::EventKind>>,
+    /// http(s) URL the event JSON is POSTed to. A secret: never printed.
+    webhook: Option<String>,
+    /// `json` (default) posts the event; `slack` posts {"text": "..."} for chat webhooks.
+    #[schemars(extend("enum" = ["json", "slack"]))]
+    format: Option<String>,
+    email: Option<EmailSchema>,
+    /// Program and arguments (no shell); the event JSON arrives on stdin.
+    #[schemars(length(min = 1))]
+    command: Option<Vec<String>>,
+    /// How long one delivery attempt may take (default 10s webhook, 30s email and command).
+    #[schemars(regex(pattern = DURATION_PATTERN))]
+    timeout: Option<String>,
+}
+
+/// One mail per event over SMTP. Credentials never come from the plan text.
+#[derive(JsonSchema)]
+#[schemars(deny_unknown_fields)]
+struct EmailSchema {
+    #[schemars(length(min = 1))]
+    to: Vec<String>,
+    from: String,
+    /// `smtp://HOST[:PORT]` (STARTTLS when offered), `smtp://HOST[:PORT]?tls=required`, or
+    /// `smtps://HOST[:PORT]`; default smtp://localhost:25.
+    smtp: Option<String>,
+    /// SMTP login name; needs `password_env` or `password_file`.
+    username: Option<String>,
+    /// Name of the environment variable holding the SMTP password.
+    password_env: Option<String>,
+    /// File holding the SMTP password.
+    password_file: Option<String>,
 }
 
 /// The maintenance window; every step must lie inside it.

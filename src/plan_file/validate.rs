@@ -30,6 +30,7 @@ pub const TOP_KEYS: &[&str] = &[
     "grace",
     "defaults",
     "steps",
+    "notify",
 ];
 pub const WINDOW_KEYS: &[&str] = &["start", "end"];
 pub const DEFAULTS_KEYS: &[&str] = &["shutdown", "on_failure"];
@@ -146,6 +147,12 @@ pub fn validate(path: &Path, text: &str, ctx: &LoadContext) -> Result<PlanFile, 
         Some(node) => check_defaults(&mut c, node, config.shutdown),
         None => (config.shutdown, OnFailure::default()),
     };
+    // A plan's own `notify` replaces the configuration's, like every other setting (`notify: []`
+    // turns the configuration's targets off for this plan).
+    let notify = match map.get_node("notify") {
+        Some(node) => super::notify::check(&mut c, node),
+        None => config.notify.clone(),
+    };
     let settings = Settings {
         zone,
         window,
@@ -179,6 +186,7 @@ pub fn validate(path: &Path, text: &str, ctx: &LoadContext) -> Result<PlanFile, 
             on_failure,
             parallelism: config.parallelism,
             steps,
+            notify,
         }),
         _ => Err(c.diags),
     }

@@ -28,6 +28,8 @@ use crate::executor::{Outcome, Report, Settings};
 use crate::hypervisor::libvirt::Libvirt;
 use crate::hypervisor::ErrorKind;
 use crate::lockfile::{self, ExecutorLock, LockError, LockStore, StepStatus};
+use crate::notify::event::PlanRef;
+use crate::notify::{Notifier, Retry, RunInfo};
 use crate::plan_file::{self, Diagnostic, Diagnostics, LoadContext, PlanFile};
 use crate::planner::{self, Connections, Plan, PlanError, PlanInput};
 use crate::printer::Tone;
@@ -134,6 +136,10 @@ struct Slot<'scope> {
     #[allow(dead_code)] // held for its Drop: the OS lock lasts as long as the value
     held: Option<ExecutorLock>,
     store: Option<Arc<LockStore>>,
+    /// Delivers the plan's notifications (when it has targets).
+    notifier: Option<Arc<Notifier>>,
+    /// `plan-started` went out and `plan-finished` not yet.
+    announced: bool,
     accepted: Option<Accepted>,
     run: Option<Runner<'scope>>,
     next: Next,
@@ -152,6 +158,8 @@ impl Slot<'_> {
             seen: None,
             held: None,
             store: None,
+            notifier: None,
+            announced: false,
             accepted: None,
             run: None,
             next: Next::Nothing,
@@ -257,6 +265,8 @@ pub struct Applying {
     pub plan: Plan,
     /// Under an executor lock the caller holds.
     pub store: Arc<LockStore>,
+    /// The caller's notifier (it announces the plan's start and end itself).
+    pub notifier: Option<Arc<Notifier>>,
 }
 
 /// `apply --watch`: runs `applying` and follows edits of its file until every step is terminal,
@@ -281,6 +291,8 @@ pub fn apply_watch(env: &Env<'_>, applying: Applying, stop: &AtomicBool) -> anyh
             config: Ok(applying.config.clone()),
         });
         slot.store = Some(Arc::clone(&applying.store));
+        slot.notifier.clone_from(&applying.notifier);
+        slot.announced = true;
         let loaded = Loaded {
             config: applying.config,
             file: applying.file,
@@ -379,6 +391,7 @@ impl<'scope, 'env> Reconciler<'scope, 'env> {
             }
         }
         if matches!(self.target, Target::Dir(_)) {
+            self.flush_notifications();
             self.log().info(
                 None,
                 "stopped",
@@ -397,6 +410,9 @@ impl<'scope, 'env> Reconciler<'scope, 'env> {
             &format!("signal received: stopping {running} executor(s) after their steps in flight"),
         );
         for slot in self.slots.values_mut() {
+            if let Some(n) = &slot.notifier {
+                n.quiet_cancellations(false);
+            }
             if let Some(run) = &slot.run {
                 run.stop();
                 // A removed plan still has its steps recorded as cancelled for the removal.
@@ -533,6 +549,9 @@ impl<'scope, 'env> Reconciler<'scope, 'env> {
         }
         self.describe(slot, &loaded, &plan);
         if let Some(run) = &slot.run {
+            if let Some(n) = &slot.notifier {
+                n.quiet_cancellations(true);
+            }
             run.stop();
             slot.next = Next::Replan(Box::new(loaded));
             log.info(
@@ -632,8 +651,25 @@ impl<'scope, 'env> Reconciler<'scope, 'env> {
             .map_err(|e| e.to_string())?;
         let store = LockStore::open(&lockfile::lock_path(&file.path), &file.sha256)
             .map_err(|e| e.to_string())?;
+        let store = Arc::new(store);
+        if !file.notify.is_empty() {
+            slot.notifier = Some(Notifier::start(
+                file.notify.clone(),
+                RunInfo {
+                    plan: PlanRef {
+                        name: file.name.clone(),
+                        file: file.path.display().to_string(),
+                        sha256: file.sha256.clone(),
+                    },
+                    connections: BTreeMap::new(),
+                },
+                &store,
+                notify_log(self.env.log, &slot.label),
+                Retry::default(),
+            ));
+        }
         slot.held = Some(lock);
-        slot.store = Some(Arc::new(store));
+        slot.store = Some(store);
         Ok(())
     }
 
@@ -706,6 +742,17 @@ impl<'scope, 'env> Reconciler<'scope, 'env> {
         }
         let mut settings = Settings::for_plan(&plan);
         settings.failpoint.clone_from(&self.env.failpoint);
+        if let Some(n) = &slot.notifier {
+            n.set_connections(crate::notify::queue::step_connections(&plan));
+            n.quiet_cancellations(false);
+            if !slot.announced {
+                if let Err(e) = n.plan_started(self.env.clock.now()) {
+                    self.log()
+                        .warn(Some(&slot.label), "notify", &format!("plan-started: {e}"));
+                }
+                slot.announced = true;
+            }
+        }
         let plan = Arc::new(plan);
         let left = plan.steps.iter().filter(|s| !s.done).count();
         self.log().info(
@@ -747,10 +794,12 @@ impl<'scope, 'env> Reconciler<'scope, 'env> {
             match next {
                 Next::Nothing => {
                     self.ended(&slot, &result);
+                    self.finish_notify(&mut slot, "");
                     slot.last = result.ok();
                 }
                 Next::Shutdown => {
                     self.stopped(&slot, &result);
+                    self.finish_notify(&mut slot, "stopped by a signal; the steps left run when `virtplan watch` starts again");
                     slot.last = result.ok();
                 }
                 Next::Replan(loaded) => {
@@ -791,6 +840,9 @@ impl<'scope, 'env> Reconciler<'scope, 'env> {
                     return;
                 }
             }
+        }
+        if let Some(n) = &slot.notifier {
+            n.quiet_cancellations(false);
         }
         let attempt = self
             .project(&loaded.file, &store)
@@ -869,6 +921,36 @@ impl<'scope, 'env> Reconciler<'scope, 'env> {
                 );
             }
         }
+    }
+
+    /// Waits (a bounded time, shared by every plan) for notifications still being delivered.
+    fn flush_notifications(&self) {
+        let deadline = Instant::now() + NOTIFY_FLUSH;
+        for slot in self.slots.values() {
+            let Some(n) = &slot.notifier else { continue };
+            let left = n.flush(deadline.saturating_duration_since(Instant::now()));
+            if left > 0 {
+                self.log().warn(
+                    Some(&slot.label),
+                    "notify",
+                    &format!("{left} notification delivery(ies) not done in time; they stay pending in the lockfile and go out when the plan runs again"),
+                );
+            }
+        }
+    }
+
+    /// `plan-finished` for a watched folder's plan (`apply --watch` sends its own).
+    fn finish_notify(&self, slot: &mut Slot<'scope>, message: &str) {
+        if !matches!(self.target, Target::Dir(_)) || !slot.announced {
+            return;
+        }
+        if let Some(n) = &slot.notifier {
+            if let Err(e) = n.plan_finished(self.env.clock.now(), message.to_owned()) {
+                self.log()
+                    .warn(Some(&slot.label), "notify", &format!("plan-finished: {e}"));
+            }
+        }
+        slot.announced = false;
     }
 
     /// An executor stopped for a signal.
@@ -952,6 +1034,26 @@ impl<'scope, 'env> Reconciler<'scope, 'env> {
             ),
         );
     }
+}
+
+/// How long a stopping `watch` waits for notifications still being delivered.
+const NOTIFY_FLUSH: Duration = Duration::from_secs(30);
+
+/// A notifier's failure reports as `notify` warnings of the reconciler's log (format and
+/// stream as configured; timestamps from the system clock, as the notifier's threads outlive
+/// any borrowed clock).
+fn notify_log(log: &Log<'_>, label: &str) -> Box<crate::notify::queue::Log> {
+    let (format, stream, printer) = (log.format, log.stream, log.printer.clone());
+    let label = label.to_owned();
+    Box::new(move |message: &str| {
+        let log = Log {
+            format,
+            stream,
+            printer: printer.clone(),
+            clock: &crate::clock::SystemClock,
+        };
+        log.warn(Some(&label), "notify", message);
+    })
 }
 
 /// Whether `plan` may replace what the lockfile records: a done (or running) step must still be

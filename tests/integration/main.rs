@@ -4,6 +4,7 @@ mod apply;
 mod guest;
 mod layers;
 mod libvirt_adapter;
+mod notify;
 mod ops;
 mod plan;
 mod safe_windows;

@@ -316,6 +316,7 @@ fn validator_key_lists_match_the_schema_properties() {
     let root: Value = serde_json::from_str(&plan_file::schema::plan_schema_json()).unwrap();
     let defaults = property(&root, &root, "defaults");
     let step = resolve(&root, &property(&root, &root, "steps")["items"]);
+    let notify = resolve(&root, &property(&root, &root, "notify")["items"]);
     let objects = [
         ("the plan", &root, keys::TOP_KEYS),
         (
@@ -344,6 +345,12 @@ fn validator_key_lists_match_the_schema_properties() {
             "step.snapshot",
             property(&root, step, "snapshot"),
             keys::SNAPSHOT_KEYS,
+        ),
+        ("notify entry", notify, keys::NOTIFY_KEYS),
+        (
+            "notify.email",
+            property(&root, notify, "email"),
+            keys::NOTIFY_EMAIL_KEYS,
         ),
         (
             "step.check",

@@ -1,0 +1,523 @@
+//! The notifier: turns step changes into events recorded in the lockfile (the outbox), and
+//! delivers them off the executor's path, one bounded queue and one thread per target, with
+//! retries and backoff, flushed with a deadline at exit.
+//!
+//! Delivery is at least once: an event is recorded pending in the same lockfile write as the
+//! step change it announces, and marked sent only after its target took it; a run that
+//! crashed in between re-sends it (same id) when `apply` runs again.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError, Weak};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
+
+use super::deliver::deliver;
+use super::event::{event_id, Event, EventKind, EventSummary, PlanRef, EVENT_FORMAT_VERSION};
+use super::target::Target;
+use crate::lockfile::{Delivery, EventRecord, LockError, LockStore, Observer, StepRecord};
+
+/// Jobs one target's queue holds; beyond that an event waits in the lockfile for the next run.
+pub const QUEUE_CAPACITY: usize = 1024;
+
+/// How often and how patiently a delivery is retried.
+#[derive(Debug, Clone, Copy)]
+pub struct Retry {
+    /// Attempts in all (the first included).
+    pub attempts: u32,
+    /// Wait before the second attempt; doubled each time.
+    pub backoff: Duration,
+}
+
+impl Default for Retry {
+    fn default() -> Self {
+        Self {
+            attempts: 4,
+            backoff: Duration::from_secs(1),
+        }
+    }
+}
+
+/// Where the notifier reports delivery failures (never a secret: targets print redacted).
+pub type Log = dyn Fn(&str) + Send + Sync;
+
+/// The notifier of one plan run.
+pub struct Notifier {
+    inner: Arc<Inner>,
+    workers: Mutex<Vec<JoinHandle<()>>>,
+}
+
+struct Inner {
+    plan: PlanRef,
+    /// Redacted libvirt URI of each (step id, domain UUID); replaced when a watched plan is
+    /// re-planned.
+    connections: Mutex<BTreeMap<(String, String), String>>,
+    /// A stop for a re-plan is under way: the steps it leaves unstarted run under the new
+    /// version, so their `cancelled` is no news.
+    quiet_cancellations: std::sync::atomic::AtomicBool,
+    targets: Vec<Target>,
+    keys: Vec<String>,
+    queues: Vec<Queue>,
+    store: Weak<LockStore>,
+    log: Box<Log>,
+    retry: Retry,
+}
+
+struct Queue {
+    state: Mutex<QueueState>,
+    cond: Condvar,
+}
+
+#[derive(Default)]
+struct QueueState {
+    jobs: VecDeque<Arc<Event>>,
+    busy: bool,
+    /// Set by [`Notifier::flush`]: give up what is left at this instant.
+    deadline: Option<Instant>,
+}
+
+impl Queue {
+    fn lock(&self) -> MutexGuard<'_, QueueState> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// What a run's events say about the plan and its steps.
+pub struct RunInfo {
+    pub plan: PlanRef,
+    /// libvirt URI of each (step id, domain UUID); redacted here.
+    pub connections: BTreeMap<(String, String), String>,
+}
+
+impl RunInfo {
+    /// The plan's identity and each step's connection, from a projected plan.
+    #[must_use]
+    pub fn of(plan: &crate::planner::Plan) -> Self {
+        Self {
+            plan: PlanRef {
+                name: plan.meta.name.clone(),
+                file: plan.meta.file.clone(),
+                sha256: plan.meta.sha256.clone(),
+            },
+            connections: step_connections(plan),
+        }
+    }
+}
+
+/// The libvirt URI of each (step id, domain UUID) of `plan`.
+#[must_use]
+pub fn step_connections(plan: &crate::planner::Plan) -> BTreeMap<(String, String), String> {
+    plan.steps
+        .iter()
+        .map(|s| {
+            (
+                (s.step_id.clone(), s.domain.uuid.clone()),
+                s.connection.clone(),
+            )
+        })
+        .collect()
+}
+
+impl Notifier {
+    /// Starts one delivery thread per target and makes `store` record events for step changes.
+    /// Events a previous run left undelivered are queued first.
+    pub fn start(
+        targets: Vec<Target>,
+        info: RunInfo,
+        store: &Arc<LockStore>,
+        log: Box<Log>,
+        retry: Retry,
+    ) -> Arc<Self> {
+        let keys = targets.iter().map(Target::key).collect();
+        let queues = targets
+            .iter()
+            .map(|_| Queue {
+                state: Mutex::new(QueueState::default()),
+                cond: Condvar::new(),
+            })
+            .collect();
+        let inner = Arc::new(Inner {
+            plan: info.plan,
+            connections: Mutex::new(redact_all(info.connections)),
+            quiet_cancellations: std::sync::atomic::AtomicBool::new(false),
+            targets,
+            keys,
+            queues,
+            store: Arc::downgrade(store),
+            log,
+            retry,
+        });
+        let workers = (0..inner.targets.len())
+            .map(|i| {
+                let inner = Arc::clone(&inner);
+                std::thread::spawn(move || inner.work(i))
+            })
+            .collect();
+        let notifier = Arc::new(Self {
+            inner,
+            workers: Mutex::new(workers),
+        });
+        for record in store.snapshot().events {
+            if record.delivery != Delivery::Sent && !record.body.is_empty() {
+                notifier.inner.enqueue(&record);
+            }
+        }
+        store.observe(Arc::clone(&notifier) as Arc<dyn Observer>);
+        notifier
+    }
+
+    /// The libvirt URI of each (step id, domain UUID) of a new version of the plan.
+    pub fn set_connections(&self, connections: BTreeMap<(String, String), String>) {
+        *self
+            .inner
+            .connections
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = redact_all(connections);
+    }
+
+    /// While on, a step recorded `cancelled` raises no event: set while a watched plan's
+    /// executor stops for a re-plan, whose steps then run under the new version.
+    pub fn quiet_cancellations(&self, on: bool) {
+        self.inner
+            .quiet_cancellations
+            .store(on, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Records and queues `plan-started`.
+    ///
+    /// # Errors
+    /// The lockfile could not be written.
+    pub fn plan_started(&self, now: DateTime<Utc>) -> Result<(), LockError> {
+        self.plan_event(EventKind::PlanStarted, now, None, String::new())
+    }
+
+    /// Records and queues `plan-finished` with the summary of the lockfile's steps.
+    ///
+    /// # Errors
+    /// The lockfile could not be written.
+    pub fn plan_finished(&self, now: DateTime<Utc>, message: String) -> Result<(), LockError> {
+        let Some(store) = self.inner.store.upgrade() else {
+            return Ok(());
+        };
+        let summary = EventSummary::count(store.snapshot().steps.iter().map(|r| r.status));
+        self.plan_event(EventKind::PlanFinished, now, Some(summary), message)
+    }
+
+    fn plan_event(
+        &self,
+        kind: EventKind,
+        now: DateTime<Utc>,
+        summary: Option<EventSummary>,
+        message: String,
+    ) -> Result<(), LockError> {
+        let inner = &self.inner;
+        let targets = inner.wanting(kind);
+        let Some(store) = inner.store.upgrade() else {
+            return Ok(());
+        };
+        if targets.is_empty() {
+            return Ok(());
+        }
+        let finished = kind == EventKind::PlanFinished;
+        let event = Event {
+            format_version: EVENT_FORMAT_VERSION,
+            event: kind,
+            id: event_id(&inner.plan.file, kind, None, None, Some(now)),
+            plan: inner.plan.clone(),
+            step: None,
+            vm: None,
+            uuid: None,
+            connection: None,
+            at: None,
+            status: summary.as_ref().map(EventSummary::outcome),
+            started_at: (!finished).then_some(now),
+            finished_at: finished.then_some(now),
+            message,
+            summary,
+        };
+        store.record_event(record_of(&event, targets))
+    }
+
+    /// Waits until every queue is empty or `timeout` has passed, then writes the delivery
+    /// results. Returns how many deliveries were left undone (they stay pending in the
+    /// lockfile and go out with the next `apply`).
+    pub fn flush(&self, timeout: Duration) -> usize {
+        let deadline = Instant::now() + timeout;
+        for q in &self.inner.queues {
+            q.lock().deadline = Some(deadline);
+            q.cond.notify_all();
+        }
+        let mut left = 0;
+        for q in &self.inner.queues {
+            let mut state = q.lock();
+            while state.busy || !state.jobs.is_empty() {
+                let now = Instant::now();
+                if now >= deadline {
+                    break;
+                }
+                state = q
+                    .cond
+                    .wait_timeout(state, deadline - now)
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .0;
+            }
+            left += state.jobs.len() + usize::from(state.busy);
+        }
+        if left == 0 {
+            let workers =
+                std::mem::take(&mut *self.workers.lock().unwrap_or_else(PoisonError::into_inner));
+            for w in workers {
+                let _ = w.join();
+            }
+        }
+        if let Some(store) = self.inner.store.upgrade() {
+            if let Err(e) = store.sync() {
+                (self.inner.log)(&format!("cannot record notification deliveries: {e}"));
+            }
+        }
+        left
+    }
+}
+
+impl Observer for Notifier {
+    fn on_change(
+        &self,
+        before: crate::lockfile::StepStatus,
+        after: &StepRecord,
+    ) -> Option<EventRecord> {
+        let kind = EventKind::of_transition(before, after.status)?;
+        let inner = &self.inner;
+        if kind == EventKind::StepCancelled
+            && inner
+                .quiet_cancellations
+                .load(std::sync::atomic::Ordering::SeqCst)
+        {
+            return None;
+        }
+        let targets = inner.wanting(kind);
+        if targets.is_empty() {
+            return None;
+        }
+        let instant = if kind == EventKind::StepStarted {
+            after.started_at
+        } else {
+            after.finished_at
+        };
+        let event = Event {
+            format_version: EVENT_FORMAT_VERSION,
+            event: kind,
+            id: event_id(
+                &inner.plan.file,
+                kind,
+                Some(&after.step_id),
+                Some(&after.uuid),
+                instant,
+            ),
+            plan: inner.plan.clone(),
+            step: Some(after.step),
+            vm: Some(after.vm.clone()),
+            uuid: Some(after.uuid.clone()),
+            connection: inner
+                .connections
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .get(&(after.step_id.clone(), after.uuid.clone()))
+                .cloned(),
+            at: after.at,
+            status: Some(after.status),
+            started_at: after.started_at,
+            finished_at: after.finished_at,
+            message: after.message.clone(),
+            summary: None,
+        };
+        Some(record_of(&event, targets))
+    }
+
+    fn on_recorded(&self, event: &EventRecord) {
+        self.inner.enqueue(event);
+    }
+}
+
+fn record_of(event: &Event, targets: Vec<String>) -> EventRecord {
+    EventRecord {
+        id: event.id.clone(),
+        event: event.event.as_str().to_owned(),
+        step: event.step,
+        vm: event.vm.clone(),
+        delivery: Delivery::Pending,
+        targets,
+        sent_to: Vec::new(),
+        failed_to: Vec::new(),
+        error: String::new(),
+        body: serde_json::to_string(event).unwrap_or_default(),
+    }
+}
+
+impl Inner {
+    /// Keys of the targets that want `kind`.
+    fn wanting(&self, kind: EventKind) -> Vec<String> {
+        self.targets
+            .iter()
+            .zip(&self.keys)
+            .filter(|(t, _)| t.wants(kind))
+            .map(|(_, k)| k.clone())
+            .collect()
+    }
+
+    /// Queues a recorded event for each target that wants it and has not taken it yet.
+    fn enqueue(&self, record: &EventRecord) {
+        let Ok(event) = serde_json::from_str::<Event>(&record.body) else {
+            (self.log)(&format!(
+                "notification {} in the lockfile cannot be read back; it is not sent",
+                record.id
+            ));
+            return;
+        };
+        let event = Arc::new(event);
+        for (i, key) in self.keys.iter().enumerate() {
+            if !record.targets.contains(key) || record.sent_to.contains(key) {
+                continue;
+            }
+            let q = &self.queues[i];
+            let mut state = q.lock();
+            if state.jobs.len() >= QUEUE_CAPACITY {
+                drop(state);
+                (self.log)(&format!(
+                    "notification queue of {} is full: {} ({}) stays pending in the lockfile and is sent by the next `virtplan apply`",
+                    self.targets[i],
+                    event.headline(),
+                    event.id
+                ));
+                continue;
+            }
+            state.jobs.push_back(Arc::clone(&event));
+            q.cond.notify_all();
+        }
+    }
+
+    /// One target's delivery thread.
+    fn work(&self, i: usize) {
+        let q = &self.queues[i];
+        loop {
+            let event = {
+                let mut state = q.lock();
+                loop {
+                    let expired = state.deadline.is_some_and(|d| Instant::now() >= d);
+                    if expired {
+                        return;
+                    }
+                    if let Some(event) = state.jobs.pop_front() {
+                        state.busy = true;
+                        break event;
+                    }
+                    if state.deadline.is_some() {
+                        return;
+                    }
+                    state = q.cond.wait(state).unwrap_or_else(PoisonError::into_inner);
+                }
+            };
+            self.deliver(i, &event);
+            q.lock().busy = false;
+            q.cond.notify_all();
+        }
+    }
+
+    /// Delivers with retries; records the result unless the flush deadline cut it short.
+    fn deliver(&self, i: usize, event: &Event) {
+        let target = &self.targets[i];
+        let mut wait = self.retry.backoff;
+        for attempt in 1..=self.retry.attempts.max(1) {
+            let error = match deliver(target, event) {
+                Ok(()) => {
+                    if let Some(store) = self.store.upgrade() {
+                        store.note_delivery(&event.id, &self.keys[i], Ok(()));
+                    }
+                    return;
+                }
+                Err(e) => e.0,
+            };
+            if attempt == self.retry.attempts.max(1) {
+                (self.log)(&format!(
+                    "notification {} ({}) not delivered to {target} after {attempt} attempt(s): {error}; the next `virtplan apply` tries again",
+                    event.headline(),
+                    event.id
+                ));
+                if let Some(store) = self.store.upgrade() {
+                    store.note_delivery(&event.id, &self.keys[i], Err(&error));
+                }
+                return;
+            }
+            (self.log)(&format!(
+                "notification {} to {target} failed (attempt {attempt}): {error}; retrying in {}",
+                event.headline(),
+                humantime::format_duration(wait)
+            ));
+            if !self.pause(i, wait) {
+                return;
+            }
+            wait = wait.saturating_mul(2);
+        }
+    }
+
+    /// Waits `wait` between attempts; `false` when the flush deadline comes first.
+    fn pause(&self, i: usize, wait: Duration) -> bool {
+        let q = &self.queues[i];
+        let until = Instant::now() + wait;
+        let mut state = q.lock();
+        loop {
+            let now = Instant::now();
+            if state.deadline.is_some_and(|d| now >= d) {
+                return false;
+            }
+            if now >= until {
+                return true;
+            }
+            let limit = state.deadline.map_or(until, |d| d.min(until));
+            state = q
+                .cond
+                .wait_timeout(state, limit.saturating_duration_since(now))
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
+        }
+    }
+}
+
+fn redact_all(
+    connections: BTreeMap<(String, String), String>,
+) -> BTreeMap<(String, String), String> {
+    connections
+        .into_iter()
+        .map(|(k, uri)| (k, redact_uri(&uri)))
+        .collect()
+}
+
+/// A libvirt URI with any password replaced by `***`.
+#[must_use]
+pub fn redact_uri(uri: &str) -> String {
+    match url::Url::parse(uri) {
+        Ok(mut url) if url.password().is_some() => {
+            let _ = url.set_password(Some("***"));
+            url.to_string()
+        }
+        Ok(_) => uri.to_owned(),
+        // Not a URL: show only the part before any `@`, which is where a secret would be.
+        Err(_) => uri
+            .rsplit_once('@')
+            .map_or_else(|| uri.to_owned(), |(_, host)| format!("***@{host}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn uri_passwords_are_redacted() {
+        assert_eq!(
+            redact_uri("qemu+ssh://root:hunter2@hv1/system"),
+            "qemu+ssh://root:***@hv1/system"
+        );
+        assert_eq!(redact_uri("qemu:///system"), "qemu:///system");
+    }
+}
