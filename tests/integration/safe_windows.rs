@@ -1,10 +1,12 @@
 //! Safe windows (issue 11) end to end: `power: reboot`, `check`, `always` on real QEMU
 //! domains, and what `plan` refuses before the window (an edited done step).
 //!
-//! The domains are the rig's small diskless guests: nothing in them handles ACPI, so every
-//! reboot here takes the ladder's force path (ACPI request, timeout, destroy, start). The
-//! guest-agent rung is proven on the fake hypervisor (executor unit tests) and, for the
-//! libvirt calls themselves, by `libvirt_adapter::qemu_agent_channel_detected_but_no_agent_answers_a_diskless_guest`.
+//! Most domains are the rig's small diskless domains: nothing in them handles ACPI, so those
+//! reboots take the ladder's force path (ACPI request, timeout, destroy, start). The agent
+//! paths (agent reboot, `guest_agent` check, `clock.sync`) run on the rig's real guest
+//! (support/guest.rs: kernel, busybox, qemu-guest-agent) in
+//! `qemu_real_guest_reboot_through_its_agent_syncs_the_clock_and_passes_an_agent_check`, and the
+//! agent's failure paths on a diskless domain with an agent channel but no agent.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
@@ -546,4 +548,61 @@ steps:
         "{message}"
     );
     assert_ne!(run_id(&hv, &dom.uuid), Some(before));
+}
+
+#[test]
+fn qemu_real_guest_reboot_through_its_agent_syncs_the_clock_and_passes_an_agent_check() {
+    let Some(uri) = qemu_uri() else { return };
+    // The rig's real guest: kernel + busybox + qemu-guest-agent, with an agent channel.
+    let spec = crate::support::guest::GuestSpec {
+        disk: crate::support::guest::Disk::None,
+        ..crate::support::guest::GuestSpec::default()
+    };
+    let guest = crate::support::guest::Guest::boot(&uri, "safe-agent-reboot", &spec);
+    let hv = Libvirt::connect(&uri).unwrap();
+    let before = run_id(&hv, guest.uuid()).expect("running");
+    let dir = tempfile::tempdir().unwrap();
+    let plan = write_plan(
+        dir.path(),
+        &format!(
+            "version: 1
+connection: {uri}
+steps:
+  - vm: {vm}
+    power: reboot
+    shutdown: {{ mode: graceful, timeout: 60s, force_after_timeout: false }}
+    clock: {{ sync: true }}
+    check: {{ state: running, guest_agent: true, timeout: 2m, interval: 2s }}
+",
+            vm = guest.name()
+        ),
+    );
+    let out = apply(&plan, &[]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let lock = lock_of(&plan);
+    let message = &lock.steps[0].message;
+    assert_eq!(lock.steps[0].status, StepStatus::Done, "{message}");
+    assert!(
+        message.contains("shut down gracefully (through the guest agent)"),
+        "{message}"
+    );
+    assert!(
+        message.contains("guest time set from the host"),
+        "{message}"
+    );
+    assert!(message.contains("check passed"), "{message}");
+    assert_ne!(
+        run_id(&hv, guest.uuid()),
+        Some(before),
+        "rebooted: a new domain id"
+    );
+    // The agent answers after the reboot, and the guest's clock is the host's (to the second,
+    // give or take the round trip).
+    let time = guest.agent("guest-get-time").expect("guest-get-time");
+    let guest_ns = time.as_i64().expect("nanoseconds since the epoch");
+    let host_ns = SystemClock.now().timestamp_nanos_opt().unwrap();
+    assert!(
+        (host_ns - guest_ns).abs() < 5_000_000_000,
+        "guest {guest_ns} host {host_ns}"
+    );
 }
