@@ -235,12 +235,14 @@ impl fmt::Display for Figure {
             Self::Count(n) => fmt::Display::fmt(n, f),
             Self::Flag(b) => fmt::Display::fmt(b, f),
             Self::Text(s) if s.is_empty() => f.write_str("\"\""),
-            Self::Text(s) => f.write_str(s),
+            // User text (titles, descriptions, names read back from libvirt): shown escaped,
+            // so no figure can drive the terminal of whoever reads a plan or a status.
+            Self::Text(s) => f.write_str(&crate::text::escape(s)),
             Self::Clock(c) => write!(
                 f,
                 "offset={} track={}",
-                c.offset.as_deref().unwrap_or("-"),
-                c.rtc_track.as_deref().unwrap_or("-")
+                crate::text::escape(c.offset.as_deref().unwrap_or("-")),
+                crate::text::escape(c.rtc_track.as_deref().unwrap_or("-"))
             ),
         }
     }

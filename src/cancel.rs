@@ -10,8 +10,8 @@
 //! A cancellation persists: later applies read the same file and skip the step. Running a
 //! cancelled step after all is a reviewed edit of the step (which gives it a new id).
 
-use std::fs::{File, OpenOptions};
-use std::io::{Read as _, Write as _};
+use std::fs::File;
+use std::io::Write as _;
 use std::path::{Path, PathBuf};
 
 use chrono::{DateTime, Utc};
@@ -106,14 +106,12 @@ impl CancelLog {
     /// Unreadable file, or a complete line that is not a record. A last line without its
     /// newline (a writer that died mid-append) is ignored.
     pub fn read(&self) -> Result<Vec<CancelRecord>, CancelError> {
-        let mut text = String::new();
-        match File::open(&self.path) {
-            Ok(mut f) => {
-                f.read_to_string(&mut text).map_err(|e| self.io(e))?;
-            }
+        // Regular, bounded files only: a FIFO here must not hang `status` or an executor.
+        let text = match crate::fsutil::read_own_text(&self.path, 64 << 20) {
+            Ok(text) => text,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-            Err(e) => return Err(self.io(e)),
-        }
+            Err(e) => return Err(self.io(std::io::Error::new(e.kind(), e.to_string()))),
+        };
         parse(&self.path, &text)
     }
 
@@ -165,15 +163,10 @@ impl CancelLog {
         Ok((Gate { _file: file }, found))
     }
 
+    /// Never through a symlink, and only a regular file (a FIFO would hang the read).
     fn open(&self) -> Result<File, CancelError> {
-        use std::os::unix::fs::OpenOptionsExt as _;
-        OpenOptions::new()
-            .read(true)
-            .append(true)
-            .create(true)
-            .mode(0o600)
-            .open(&self.path)
-            .map_err(|e| self.io(e))
+        crate::fsutil::open_append_nofollow(&self.path, 0o600)
+            .map_err(|e| self.io(std::io::Error::new(e.kind(), e.to_string())))
     }
 }
 

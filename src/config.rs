@@ -12,6 +12,7 @@ use crate::plan_file::diag::{did_you_mean, Diagnostic, Diagnostics, Pos};
 use crate::plan_file::time::parse_zone;
 use crate::plan_file::units::parse_duration;
 use crate::plan_file::{ShutdownMode, ShutdownPolicy};
+use crate::uri::Uri;
 
 /// The configuration file's name.
 pub const FILE_NAME: &str = "virtplan.toml";
@@ -24,8 +25,9 @@ pub const DEFAULT_PARALLELISM: usize = 8;
 pub struct Config {
     /// Where it was read from.
     pub path: Option<PathBuf>,
-    pub connection: Option<String>,
-    pub hosts: BTreeMap<String, String>,
+    /// The default connection, a host alias already resolved.
+    pub connection: Option<Uri>,
+    pub hosts: BTreeMap<String, Uri>,
     pub timezone: Option<Tz>,
     pub grace: Option<Duration>,
     pub shutdown: ShutdownPolicy,
@@ -54,7 +56,7 @@ impl Default for Config {
 struct RawConfig {
     connection: Option<toml::Spanned<String>>,
     #[serde(default)]
-    hosts: BTreeMap<String, String>,
+    hosts: BTreeMap<String, toml::Spanned<String>>,
     timezone: Option<toml::Spanned<String>>,
     grace: Option<toml::Spanned<String>>,
     shutdown: Option<RawShutdown>,
@@ -109,19 +111,6 @@ const KEYS: &[&str] = &[
 /// libvirt's own default connection, used (as virsh does) when nothing else names one.
 pub const LIBVIRT_DEFAULT_URI: &str = "LIBVIRT_DEFAULT_URI";
 
-impl Config {
-    /// `name` when it is a URI, else the URI of the host of that name in `[hosts]`; `None`
-    /// when it is neither.
-    #[must_use]
-    pub fn resolve_connection(&self, name: &str) -> Option<String> {
-        if name.contains(":/") {
-            Some(name.to_owned())
-        } else {
-            self.hosts.get(name).cloned()
-        }
-    }
-}
-
 /// Finds the configuration for a plan: `explicit` if given, else the nearest `virtplan.toml` in
 /// the plan's folder or its parents, else the user's config folder, else defaults.
 /// `LIBVIRT_DEFAULT_URI` is the connection when none of them sets one: the lowest precedence
@@ -134,7 +123,8 @@ pub fn discover(explicit: Option<&Path>, plan: Option<&Path>) -> Result<Config, 
     if config.connection.is_none() {
         config.connection = std::env::var(LIBVIRT_DEFAULT_URI)
             .ok()
-            .filter(|uri| !uri.trim().is_empty());
+            .filter(|uri| !uri.trim().is_empty())
+            .map(Uri::new);
     }
     Ok(config)
 }
@@ -150,12 +140,14 @@ fn discover_file(explicit: Option<&Path>, plan: Option<&Path>) -> Result<Config,
         .iter()
         .flat_map(|dir| dir.ancestors())
         .map(|dir| dir.join(FILE_NAME))
-        .find(|candidate| candidate.is_file());
+        // Whatever is there counts, so a folder or FIFO named virtplan.toml is reported by
+        // `load` rather than silently skipped.
+        .find(|candidate| candidate.symlink_metadata().is_ok());
     let user = std::env::var_os("XDG_CONFIG_HOME")
         .map(PathBuf::from)
         .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".config")))
         .map(|dir| dir.join("virtplan").join(FILE_NAME))
-        .filter(|p| p.is_file());
+        .filter(|p| p.symlink_metadata().is_ok());
     nearest
         .or(user)
         .map_or_else(|| Ok(Config::default()), |p| load(&p))
@@ -171,17 +163,7 @@ pub fn load(path: &Path) -> Result<Config, Diagnostics> {
         text,
         items,
     };
-    let text = std::fs::read_to_string(path).map_err(|e| {
-        fail(
-            None,
-            vec![Diagnostic::new(
-                path,
-                Pos::new(1, 1),
-                format!("cannot read the configuration: {e}"),
-            )
-            .with_help("check the path given to --config")],
-        )
-    })?;
+    let text = read(path).map_err(|item| fail(None, vec![item]))?;
     let at = |span: std::ops::Range<usize>| Pos::of_offset(&text, span.start);
     let raw: RawConfig = toml::from_str(&text).map_err(|e| {
         let pos = e.span().map_or(Pos::new(1, 1), at);
@@ -198,16 +180,15 @@ pub fn load(path: &Path) -> Result<Config, Diagnostics> {
     let mut diags = Vec::new();
     let mut config = Config {
         path: Some(path.to_path_buf()),
-        connection: None,
-        hosts: raw.hosts,
         ..Config::default()
     };
-    if let Some(name) = raw.connection {
-        match config.resolve_connection(name.get_ref()) {
-            Some(uri) => config.connection = Some(uri),
-            None => diags.push(unknown_host(path, &config, &name, at(name.span()))),
-        }
-    }
+    diags.extend(connections(
+        &mut config,
+        raw.hosts,
+        raw.connection,
+        path,
+        &text,
+    ));
     if let Some(tz) = raw.timezone {
         match parse_zone(tz.get_ref()) {
             Ok(zone) => config.timezone = Some(zone),
@@ -339,34 +320,111 @@ fn parallelism(path: &Path, p: &toml::Spanned<i64>, pos: Pos) -> Result<usize, D
     }
 }
 
-/// `connection = "nowhere"`: neither a URI nor a `[hosts]` name.
-fn unknown_host(
-    path: &Path,
-    config: &Config,
-    name: &toml::Spanned<String>,
-    pos: Pos,
-) -> Diagnostic {
-    let names: Vec<&str> = config.hosts.keys().map(String::as_str).collect();
-    let help = match did_you_mean(name.get_ref(), &names) {
-        Some(close) => format!("did you mean the host `{close}`?"),
-        None if names.is_empty() => {
-            "write a libvirt URI such as qemu:///system, or add the host to a `[hosts]` table"
-                .to_owned()
+impl Config {
+    /// A connection as written in a plan, virtplan.toml or `--connect`: a libvirt URI (it has
+    /// `:/`) as is, else the URI of the host alias of that name; `None` when it is neither.
+    #[must_use]
+    pub fn resolve_connection(&self, text: &str) -> Option<Uri> {
+        if text.chars().any(char::is_control) {
+            return None;
         }
-        None => format!(
-            "write a libvirt URI, or one of the hosts: {}",
-            names.join(", ")
-        ),
-    };
+        if text.contains(":/") {
+            return Some(Uri::new(text));
+        }
+        self.hosts.get(text).cloned()
+    }
+
+    /// How to fix a connection that is neither a URI nor a known host.
+    #[must_use]
+    pub fn hosts_help(&self, text: &str) -> String {
+        let names: Vec<&str> = self.hosts.keys().map(String::as_str).collect();
+        if let Some(close) = did_you_mean(text, &names) {
+            return format!("did you mean the host `{close}`?");
+        }
+        if self.hosts.is_empty() {
+            "write a libvirt URI such as qemu:///system, or name a host from the `[hosts]` table of virtplan.toml".to_owned()
+        } else {
+            format!(
+                "write a libvirt URI, or one of the hosts in virtplan.toml: {}",
+                names.join(", ")
+            )
+        }
+    }
+}
+
+/// The `[hosts]` table and the default `connection`, resolved through it.
+fn connections(
+    config: &mut Config,
+    hosts: BTreeMap<String, toml::Spanned<String>>,
+    connection: Option<toml::Spanned<String>>,
+    path: &Path,
+    text: &str,
+) -> Vec<Diagnostic> {
+    let at = |span: std::ops::Range<usize>| Pos::of_offset(text, span.start);
+    let mut diags = Vec::new();
+    for (name, uri) in hosts {
+        match uri.get_ref().chars().find(|c| c.is_control()) {
+            Some(c) => diags.push(
+                Diagnostic::new(
+                    path,
+                    at(uri.span()),
+                    format!(
+                        "host `{}` has a URI with the control character U+{:04X}",
+                        crate::text::escape(&name),
+                        u32::from(c)
+                    ),
+                )
+                .with_help("write the libvirt URI as plain text, such as qemu+ssh://hv1/system"),
+            ),
+            None => {
+                config.hosts.insert(name, Uri::new(uri.into_inner()));
+            }
+        }
+    }
+    if let Some(connection) = connection {
+        match config.resolve_connection(connection.get_ref()) {
+            Some(uri) => config.connection = Some(uri),
+            None => diags.push(unknown_connection(
+                config,
+                path,
+                at(connection.span()),
+                connection.get_ref(),
+            )),
+        }
+    }
+    diags
+}
+
+/// Configuration files are small; anything larger is not one.
+const MAX_CONFIG_BYTES: u64 = 1024 * 1024;
+
+/// The file's text: a regular file (a folder named virtplan.toml is an error, not skipped),
+/// bounded, without a byte-order mark.
+fn read(path: &Path) -> Result<String, Diagnostic> {
+    let text = crate::fsutil::read_regular_text(path, MAX_CONFIG_BYTES).map_err(|e| {
+        Diagnostic::new(
+            path,
+            Pos::new(1, 1),
+            format!("cannot read the configuration: {e}"),
+        )
+        .with_help("virtplan.toml must be a regular TOML file; fix or remove it, or name another with --config")
+    })?;
+    Ok(match text.strip_prefix('\u{feff}') {
+        Some(rest) => rest.to_owned(),
+        None => text,
+    })
+}
+
+fn unknown_connection(config: &Config, path: &Path, pos: Pos, text: &str) -> Diagnostic {
     Diagnostic::new(
         path,
         pos,
         format!(
             "connection `{}` is neither a libvirt URI nor a host in [hosts]",
-            name.get_ref()
+            crate::text::escape(text)
         ),
     )
-    .with_help(help)
+    .with_help(config.hosts_help(text))
 }
 
 fn unknown_key_help(message: &str) -> String {

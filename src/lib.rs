@@ -27,6 +27,8 @@ pub mod printer;
 pub mod reconciler;
 pub mod render;
 pub mod state;
+pub mod text;
+pub mod uri;
 
 use std::ffi::OsString;
 
@@ -66,11 +68,58 @@ where
         Err(status) => return status,
     };
     let printer = printer::Printer::new(cli.color_choice(), cli.verbosity());
-    match commands::dispatch(cli, &printer) {
+    let status = match commands::dispatch(cli, &printer) {
         Ok(status) => status,
         Err(err) => {
-            printer.error(&format!("{err:#}"));
+            printer.error(&error_chain(&err));
             ExitStatus::Error
         }
+    };
+    match printer.stdout_error() {
+        Some(e) => {
+            printer.error(&format!(
+                "cannot write to standard output: {e}; the output is incomplete"
+            ));
+            ExitStatus::Error
+        }
+        None => status,
+    }
+}
+
+/// An error and its causes, `: `-separated like `{:#}`, leaving out a cause whose text an outer
+/// message already quotes (thiserror messages often embed their source), so nothing is said
+/// twice ("Is a directory (os error 21): Is a directory (os error 21)").
+#[must_use]
+pub fn error_chain(err: &anyhow::Error) -> String {
+    let mut text = String::new();
+    for cause in err.chain() {
+        let part = cause.to_string();
+        if text.contains(&part) {
+            continue;
+        }
+        if !text.is_empty() {
+            text.push_str(": ");
+        }
+        text.push_str(&part);
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn io_errors_print_their_cause_once() {
+        #[derive(Debug, thiserror::Error)]
+        #[error("cannot read x: {source}")]
+        struct E {
+            source: std::io::Error,
+        }
+        let err = anyhow::Error::new(E {
+            source: std::io::Error::from_raw_os_error(21),
+        })
+        .context("plan p.yaml");
+        let text = super::error_chain(&err);
+        assert_eq!(text.matches("os error 21").count(), 1, "{text}");
+        assert!(text.starts_with("plan p.yaml: cannot read x: "), "{text}");
     }
 }

@@ -8,7 +8,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io::{Read, Seek, Write};
 use std::path::{Path, PathBuf};
 use std::sync::{Condvar, Mutex, MutexGuard, PoisonError};
@@ -381,6 +381,22 @@ impl Lockfile {
                 reason: "version 0 is not a lockfile version".to_owned(),
             });
         }
+        // Two records of one step on one domain: which one is true is unknowable (a hand edit
+        // or a merge), and the executor would trust whichever it found first.
+        let mut seen = BTreeSet::new();
+        for r in &lock.steps {
+            if !seen.insert((r.step_id.as_str(), r.uuid.as_str())) {
+                return Err(LockError::Corrupt {
+                    path: path.to_path_buf(),
+                    reason: format!(
+                        "step {} ({}, id {}) is recorded twice",
+                        r.step,
+                        crate::text::escape(&r.vm),
+                        r.step_id
+                    ),
+                });
+            }
+        }
         Ok(lock)
     }
 
@@ -494,13 +510,13 @@ pub enum LockError {
     Read {
         path: PathBuf,
         #[source]
-        source: std::io::Error,
+        source: crate::fsutil::FileError,
     },
     #[error("cannot write the lockfile {}: {source}", path.display())]
     Write {
         path: PathBuf,
         #[source]
-        source: std::io::Error,
+        source: crate::fsutil::FileError,
     },
     #[error("the lockfile {} is corrupt ({reason}); virtplan will not overwrite it: inspect it, and if the progress it recorded is known, move it aside (e.g. `mv {0} {0}.bad`) and run `virtplan plan` to see what still needs doing", path.display())]
     Corrupt { path: PathBuf, reason: String },
@@ -528,22 +544,32 @@ pub enum LockError {
     Lock {
         path: PathBuf,
         #[source]
-        source: std::io::Error,
+        source: crate::fsutil::FileError,
     },
     #[error("another virtplan is applying this plan: {holder} holds {}; wait for it to finish (check with `virtplan status`), or stop that process", path.display())]
     Held { path: PathBuf, holder: String },
 }
 
-/// `plans/web.yaml` -> `plans/web.lock`.
-#[must_use]
-pub fn lock_path(plan: &Path) -> PathBuf {
-    plan.with_extension("lock")
+/// Lockfiles larger than this are refused unread (a plan of thousands of steps stays far below).
+pub const MAX_LOCKFILE_BYTES: u64 = 64 << 20;
+
+/// The plan's real path: every name of one file (a symlink, `./`, `..`) gives the same lock
+/// and lockfile, so two `apply`s through two names cannot both run it. A file that does not
+/// exist (yet) keeps the path as given.
+fn canonical(plan: &Path) -> PathBuf {
+    std::fs::canonicalize(plan).unwrap_or_else(|_| plan.to_path_buf())
 }
 
-/// `plans/web.yaml` -> `plans/web.lock.pid`.
+/// `plans/web.yaml` -> `plans/web.lock`, beside the plan's real file.
+#[must_use]
+pub fn lock_path(plan: &Path) -> PathBuf {
+    canonical(plan).with_extension("lock")
+}
+
+/// `plans/web.yaml` -> `plans/web.lock.pid`, beside the plan's real file.
 #[must_use]
 pub fn pid_path(plan: &Path) -> PathBuf {
-    plan.with_extension("lock.pid")
+    canonical(plan).with_extension("lock.pid")
 }
 
 /// The progress file on disk, shared by the executor's threads.
@@ -616,10 +642,12 @@ impl LockStore {
     /// # Errors
     /// Unreadable, corrupt or newer-format files: never overwritten.
     pub fn open(path: &Path, plan_sha256: &str) -> Result<Self, LockError> {
-        let data = match std::fs::read_to_string(path) {
+        let data = match crate::fsutil::read_regular_text(path, MAX_LOCKFILE_BYTES) {
             Ok(text) => Lockfile::parse(path, &text)?,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Lockfile::new(plan_sha256),
-            Err(e) if e.kind() == std::io::ErrorKind::InvalidData => {
+            Err(e) if e.io_kind() == Some(std::io::ErrorKind::NotFound) => {
+                Lockfile::new(plan_sha256)
+            }
+            Err(e) if e.io_kind() == Some(std::io::ErrorKind::InvalidData) => {
                 return Err(LockError::Corrupt {
                     path: path.to_path_buf(),
                     reason: "not UTF-8 text".to_owned(),
@@ -653,10 +681,13 @@ impl LockStore {
     /// # Errors
     /// As [`LockStore::open`]; a missing file is an error too.
     pub fn read(path: &Path) -> Result<Lockfile, LockError> {
-        let text = std::fs::read_to_string(path).map_err(|source| LockError::Read {
-            path: path.to_path_buf(),
-            source,
-        })?;
+        let text =
+            crate::fsutil::read_regular_text(path, MAX_LOCKFILE_BYTES).map_err(|source| {
+                LockError::Read {
+                    path: path.to_path_buf(),
+                    source,
+                }
+            })?;
         Lockfile::parse(path, &text)
     }
 
@@ -716,7 +747,9 @@ impl LockStore {
         let Some(record) = shared.data.get_mut(step_id, uuid) else {
             return Err(LockError::Write {
                 path: self.path.clone(),
-                source: std::io::Error::other(format!("no record of step {step_id} on {uuid}")),
+                source: crate::fsutil::FileError::Io(std::io::Error::other(format!(
+                    "no record of step {step_id} on {uuid}"
+                ))),
             });
         };
         let before = record.status;
@@ -798,7 +831,9 @@ impl LockStore {
                 if *upto >= seq {
                     return Err(LockError::Write {
                         path: self.path.clone(),
-                        source: std::io::Error::other(message.clone()),
+                        source: crate::fsutil::FileError::Io(std::io::Error::other(
+                            message.clone(),
+                        )),
                     });
                 }
             }
@@ -855,7 +890,7 @@ impl Progress for Lockfile {
 /// when the process dies, however it dies.
 #[derive(Debug)]
 pub struct ExecutorLock {
-    _file: File,
+    file: File,
     path: PathBuf,
 }
 
@@ -866,33 +901,36 @@ impl ExecutorLock {
     /// [`LockError::Held`] naming pid, host and since; I/O failures.
     pub fn acquire(path: &Path, now: DateTime<Utc>) -> Result<Self, LockError> {
         use fs4::fs_std::FileExt as _;
-        use std::os::unix::fs::OpenOptionsExt as _;
-        let lock_err = |source| LockError::Lock {
+        let lock_err = |source: crate::fsutil::FileError| LockError::Lock {
             path: path.to_path_buf(),
             source,
         };
-        let mut file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .mode(0o600)
-            .open(path)
-            .map_err(lock_err)?;
-        if !file.try_lock_exclusive().map_err(lock_err)? {
-            let mut holder = String::new();
-            let _ = file.read_to_string(&mut holder);
-            let holder = holder.split_whitespace().collect::<Vec<_>>().join(" ");
-            let holder = if holder.is_empty() {
-                "a process that has not written its details yet".to_owned()
-            } else {
-                holder
-            };
-            return Err(LockError::Held {
-                path: path.to_path_buf(),
-                holder,
-            });
-        }
+        // Never through a symlink: `ln -s /etc/passwd plan.lock.pid` must not truncate it.
+        // The file is removed when the lock is dropped, so a holder may find that the file it
+        // locked was unlinked meanwhile: then it locks the new file instead.
+        let mut attempts = 0;
+        let mut file = loop {
+            let mut file =
+                crate::fsutil::open_write_nofollow(path, true, 0o600).map_err(lock_err)?;
+            if !file.try_lock_exclusive().map_err(|e| lock_err(e.into()))? {
+                let mut holder = String::new();
+                let _ = file.read_to_string(&mut holder);
+                let holder = holder.split_whitespace().collect::<Vec<_>>().join(" ");
+                let holder = if holder.is_empty() {
+                    "a process that has not written its details yet".to_owned()
+                } else {
+                    holder
+                };
+                return Err(LockError::Held {
+                    path: path.to_path_buf(),
+                    holder,
+                });
+            }
+            if same_file(&file, path) || attempts >= 10 {
+                break file;
+            }
+            attempts += 1;
+        };
         let host = gethostname::gethostname().to_string_lossy().into_owned();
         let info = format!(
             "pid={} host={host} since={}\n",
@@ -903,9 +941,9 @@ impl ExecutorLock {
             .and_then(|()| file.rewind())
             .and_then(|()| file.write_all(info.as_bytes()))
             .and_then(|()| file.sync_all())
-            .map_err(lock_err)?;
+            .map_err(|e| lock_err(e.into()))?;
         Ok(Self {
-            _file: file,
+            file,
             path: path.to_path_buf(),
         })
     }
@@ -913,6 +951,26 @@ impl ExecutorLock {
     #[must_use]
     pub fn path(&self) -> &Path {
         &self.path
+    }
+}
+
+/// Removes the lock file while still holding the lock: no `.lock.pid` is left behind. A
+/// process that opened the old file before the unlink sees (by [`same_file`]) that it
+/// locked a removed file and starts over.
+impl Drop for ExecutorLock {
+    fn drop(&mut self) {
+        if same_file(&self.file, &self.path) {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+}
+
+/// Whether `file` is still the file at `path` (same device and inode, not a replacement).
+fn same_file(file: &File, path: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt as _;
+    match (file.metadata(), std::fs::symlink_metadata(path)) {
+        (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
+        _ => false,
     }
 }
 
@@ -1016,6 +1074,33 @@ mod tests {
             std::fs::read_to_string(&path).unwrap(),
             "version = 1\nplan_sha256 = \n[[step"
         );
+    }
+
+    #[test]
+    fn regression_duplicate_lockfile_records_accepted() {
+        let mut lock = sample();
+        lock.steps.push(lock.steps[0].clone());
+        let text = toml::to_string(&lock).unwrap();
+        let err = Lockfile::parse(Path::new("p.lock"), &text).unwrap_err();
+        assert!(matches!(err, LockError::Corrupt { .. }), "{err}");
+        assert!(err.to_string().contains("recorded twice"), "{err}");
+    }
+
+    #[test]
+    fn regression_lock_pid_left_behind_by_plans_that_never_ran() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("p.lock.pid");
+        let now = t("2026-12-01T09:00:00Z");
+        let lock = ExecutorLock::acquire(&path, now).unwrap();
+        assert!(matches!(
+            ExecutorLock::acquire(&path, now),
+            Err(LockError::Held { .. })
+        ));
+        drop(lock);
+        assert!(!path.exists(), "the lock file is removed with the lock");
+        let again = ExecutorLock::acquire(&path, now).unwrap();
+        assert!(path.exists());
+        drop(again);
     }
 
     #[test]

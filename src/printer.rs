@@ -39,6 +39,8 @@ impl Tone {
 pub struct Printer {
     stdout_color: bool,
     stderr_color: bool,
+    /// The first stdout write error other than a closed pipe (a full disk): the run fails.
+    stdout_error: std::sync::Arc<std::sync::Mutex<Option<String>>>,
     verbosity: Verbosity,
     stderr_tty: bool,
 }
@@ -56,6 +58,7 @@ impl Printer {
         Self {
             stdout_color: decide(std::io::stdout().is_terminal()),
             stderr_color: decide(std::io::stderr().is_terminal()),
+            stdout_error: std::sync::Arc::default(),
             verbosity,
             stderr_tty: std::io::stderr().is_terminal(),
         }
@@ -86,6 +89,7 @@ impl Printer {
         Self {
             stdout_color: false,
             stderr_color: false,
+            stdout_error: std::sync::Arc::default(),
             verbosity: Verbosity::Normal,
             stderr_tty: false,
         }
@@ -104,11 +108,31 @@ impl Printer {
     }
 
     /// Prints to stdout. A closed pipe (`virtplan plan | head`) is not an error: output stops.
+    /// Any other failure (a full disk behind `> plan.txt`) is kept for [`Printer::stdout_error`],
+    /// so the run exits non-zero instead of leaving a truncated file that looks complete.
     pub fn out(&self, text: &str) {
         let mut stdout = std::io::stdout().lock();
-        let _ = stdout
+        let result = stdout
             .write_all(text.as_bytes())
             .and_then(|()| stdout.flush());
+        if let Err(e) = result {
+            if e.kind() != std::io::ErrorKind::BrokenPipe {
+                let mut slot = self
+                    .stdout_error
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                slot.get_or_insert_with(|| e.to_string());
+            }
+        }
+    }
+
+    /// The first stdout write failure other than a closed pipe, if any.
+    #[must_use]
+    pub fn stdout_error(&self) -> Option<String> {
+        self.stdout_error
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
     }
 
     /// Prints one line to stderr.
@@ -138,16 +162,18 @@ impl Printer {
             .and_then(|()| stderr.flush());
     }
 
-    /// Prints an error, prefixed with `error:`.
+    /// Prints an error, prefixed with `error:`. Messages quote user text (names, paths,
+    /// libvirt's words), so every control character but the line breaks is escaped.
     pub fn error(&self, message: &str) {
         let prefix = paint(self.stderr_color, Tone::Error, "error:");
-        self.err_line(&format!("{prefix} {message}"));
+        self.err_line(&format!("{prefix} {}", escape_lines(message)));
     }
 
-    /// Prints a warning, prefixed with `warning:` (also under `-q`: warnings are results).
+    /// Prints a warning, prefixed with `warning:` (also under `-q`: warnings are results);
+    /// escaped like [`Printer::error`].
     pub fn warning(&self, message: &str) {
         let prefix = paint(self.stderr_color, Tone::Warning, "warning:");
-        self.err_line(&format!("{prefix} {message}"));
+        self.err_line(&format!("{prefix} {}", escape_lines(message)));
     }
 
     /// Whether stderr is coloured (for diagnostics rendering).
@@ -165,3 +191,5 @@ fn paint(enabled: bool, tone: Tone, text: &str) -> String {
         text.to_owned()
     }
 }
+
+pub use crate::text::{escape, escape_lines};

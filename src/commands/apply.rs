@@ -20,6 +20,7 @@ use crate::notify::{Notifier, Retry, RunInfo};
 use crate::planner::saved::SavedPlan;
 use crate::planner::{self, Connections, Plan, PlanInput};
 use crate::printer::{Printer, Tone};
+use crate::uri::Uri;
 use crate::{render, ExitStatus};
 
 /// Test-only crash switch: `after-running:<step id>` or `before-done:<step id>` aborts the
@@ -104,18 +105,20 @@ pub fn run(args: &Args<'_>, clock: &dyn Clock, printer: &Printer) -> anyhow::Res
         &plan_sha256,
     )?);
     let (plan, connections, loaded) = if let Some(saved) = saved {
-        let connections = common::open_uris(saved.plan.policy.connections.iter().cloned())?;
-        (saved.plan, connections, None)
+        let mut plan = saved.plan;
+        restore_credentials(&mut plan, args.config)?;
+        let connections = common::open_uris(plan.policy.connections.iter().cloned())?;
+        (plan, connections, None)
     } else {
         let Some((config, file)) = loaded else {
             return Ok(ExitStatus::Error);
         };
-        let connect = common::connect_uri(&config, args.connect)?;
-        let connections = common::open_connections(&file, connect.as_deref())?;
+        let connect = common::resolve_connect(&config, args.connect)?;
+        let connections = common::open_connections(&file, connect.as_ref())?;
         let input = PlanInput {
             file: &file,
             connections: &connections,
-            connect_override: connect.as_deref(),
+            connect_override: connect.as_ref(),
             now: clock.now(),
             progress: &*store,
         };
@@ -169,7 +172,7 @@ pub fn run(args: &Args<'_>, clock: &dyn Clock, printer: &Printer) -> anyhow::Res
         watch(
             args,
             notifier.clone(),
-            connect.as_deref(),
+            connect.as_ref(),
             config,
             file,
             plan,
@@ -188,7 +191,7 @@ pub fn run(args: &Args<'_>, clock: &dyn Clock, printer: &Printer) -> anyhow::Res
             settings: &settings,
             stop: &stop,
             on_outcome: &on_outcome,
-            reconnect: Some(&|uri: &str| {
+            reconnect: Some(&|uri: &Uri| {
                 Libvirt::connect(uri).map(|hv| Arc::new(hv) as Arc<dyn Hypervisor>)
             }),
         }
@@ -226,7 +229,7 @@ pub fn run(args: &Args<'_>, clock: &dyn Clock, printer: &Printer) -> anyhow::Res
 fn watch(
     args: &Args<'_>,
     notifier: Option<Arc<Notifier>>,
-    connect: Option<&str>,
+    connect: Option<&Uri>,
     config: crate::config::Config,
     file: crate::plan_file::PlanFile,
     plan: Plan,
@@ -402,6 +405,54 @@ fn unchanged_since_review(saved: &SavedPlan, saved_path: &Path) -> anyhow::Resul
     Ok(())
 }
 
+/// Saved plans hold redacted connections (no password is ever written to disk by virtplan):
+/// give each masked one back its credentials from where the operator keeps them, the plan
+/// file (only while it is byte for byte the reviewed one) or virtplan.toml. Nothing else of
+/// the plan file or configuration is used: the saved plan runs from itself.
+fn restore_credentials(plan: &mut Plan, config: Option<&Path>) -> anyhow::Result<()> {
+    let masked = |u: &Uri| u.expose().contains(crate::uri::MASK);
+    if !plan.policy.connections.iter().any(masked) {
+        return Ok(());
+    }
+    let plan_path = PathBuf::from(&plan.meta.file);
+    let mut known: Vec<Uri> = Vec::new();
+    if let Ok(config) = crate::config::discover(config, Some(&plan_path)) {
+        known.extend(config.hosts.values().cloned());
+        known.extend(config.connection.clone());
+        let context = crate::plan_file::LoadContext { config };
+        if let Ok(file) = crate::plan_file::load(&plan_path, &context) {
+            if file.sha256 == plan.meta.sha256 {
+                known.extend(file.connection_uris(None));
+            }
+        }
+    }
+    let restore = |saved: &Uri| -> anyhow::Result<Uri> {
+        if !masked(saved) {
+            return Ok(saved.clone());
+        }
+        known
+            .iter()
+            .find(|k| k.redacted() == saved.expose())
+            .cloned()
+            .ok_or_else(|| anyhow::anyhow!(
+                "the saved plan's connection {saved} had credentials, which saved plans never store, and neither the unchanged plan file nor virtplan.toml names it; name the URI in virtplan.toml `[hosts]` (or keep the password in libvirt's auth.conf) and run `virtplan plan --out` again"
+            ))
+    };
+    plan.policy.connections = plan
+        .policy
+        .connections
+        .iter()
+        .map(restore)
+        .collect::<anyhow::Result<_>>()?;
+    for step in &mut plan.steps {
+        step.connection = restore(&step.connection)?;
+    }
+    for change in &mut plan.changes {
+        change.connection = restore(&change.connection)?;
+    }
+    Ok(())
+}
+
 fn short(hash: &str) -> &str {
     hash.get(..12).unwrap_or(hash)
 }
@@ -430,12 +481,12 @@ fn progress_line(o: &Outcome, clock: &dyn Clock, printer: &Printer) -> String {
         "{} step {} {}: {}",
         clock.now().format("%H:%M:%S%.3f"),
         o.step,
-        o.vm,
+        crate::printer::escape(&o.vm),
         printer.paint(tone, o.status.as_str())
     );
     if !o.message.is_empty() {
         line.push_str(" - ");
-        line.push_str(&o.message);
+        line.push_str(&crate::printer::escape(&o.message));
     }
     line
 }

@@ -10,6 +10,7 @@ use crate::hypervisor::libvirt::Libvirt;
 use crate::plan_file::{self, LoadContext, PlanFile};
 use crate::planner::{Connections, PlanError};
 use crate::printer::Printer;
+use crate::uri::Uri;
 
 /// Loads configuration and plan, printing located diagnostics; `None` when invalid.
 pub fn load_plan(
@@ -35,37 +36,37 @@ pub fn load_plan(
     }
 }
 
-/// `--connect` as a URI: a host alias from virtplan.toml `[hosts]` resolves like the plan's.
-pub fn connect_uri(config: &Config, connect: Option<&str>) -> anyhow::Result<Option<String>> {
-    let Some(name) = connect else {
+/// `--connect` resolved like any connection: a libvirt URI, or a host alias of virtplan.toml.
+pub fn resolve_connect(config: &Config, connect: Option<&str>) -> anyhow::Result<Option<Uri>> {
+    let Some(text) = connect else {
         return Ok(None);
     };
-    if let Some(uri) = config.resolve_connection(name) {
-        return Ok(Some(uri));
-    }
-    let hosts: Vec<&str> = config.hosts.keys().map(String::as_str).collect();
-    anyhow::bail!(
-        "--connect {name}: neither a libvirt URI (such as qemu:///system) nor a host in the [hosts] table of {}{}",
-        config.path.as_ref().map_or_else(
-            || "virtplan.toml (none was found)".to_owned(),
-            |p| p.display().to_string()
-        ),
-        if hosts.is_empty() {
-            String::new()
-        } else {
-            format!(" (hosts: {})", hosts.join(", "))
-        }
-    )
+    config.resolve_connection(text).map(Some).ok_or_else(|| {
+        let hosts: Vec<&str> = config.hosts.keys().map(String::as_str).collect();
+        anyhow::anyhow!(
+            "--connect {}: neither a libvirt URI (such as qemu:///system) nor a host in the [hosts] table of {}{}",
+            crate::printer::escape(text),
+            config.path.as_ref().map_or_else(
+                || "virtplan.toml (none was found)".to_owned(),
+                |p| p.display().to_string()
+            ),
+            if hosts.is_empty() {
+                String::new()
+            } else {
+                format!(" (hosts: {})", hosts.join(", "))
+            }
+        )
+    })
 }
 
 /// Opens each connection the plan uses once (`--connect` replaces all of them).
-pub fn open_connections(file: &PlanFile, connect: Option<&str>) -> anyhow::Result<Connections> {
+pub fn open_connections(file: &PlanFile, connect: Option<&Uri>) -> anyhow::Result<Connections> {
     open_uris(file.connection_uris(connect))
         .with_context(|| format!("plan {}", file.path.display()))
 }
 
 /// Opens each of `uris` once.
-pub fn open_uris(uris: impl IntoIterator<Item = String>) -> anyhow::Result<Connections> {
+pub fn open_uris(uris: impl IntoIterator<Item = Uri>) -> anyhow::Result<Connections> {
     let mut connections = Connections::new();
     for uri in uris.into_iter().collect::<std::collections::BTreeSet<_>>() {
         let hv = Libvirt::connect(&uri)?;

@@ -19,7 +19,8 @@ pub fn run(out_dir: Option<&Path>, printer: &Printer) -> anyhow::Result<ExitStat
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     for (name, text) in &pages {
         let path = dir.join(name);
-        std::fs::write(&path, text).with_context(|| format!("cannot write {}", path.display()))?;
+        crate::fsutil::write_atomic(&path, text, 0o644)
+            .with_context(|| format!("cannot write {}", path.display()))?;
     }
     printer.info(&format!(
         "Wrote {} man pages to {} (try `man -l {}`).",

@@ -28,6 +28,8 @@ pub struct Args<'a> {
 struct Planned {
     file: PlanFile,
     plan: Plan,
+    /// Every URI the plan may name, credentials included: masked in the saved plan's text.
+    uris: Vec<crate::uri::Uri>,
 }
 
 pub fn run(args: &Args<'_>, clock: &dyn Clock, printer: &Printer) -> anyhow::Result<ExitStatus> {
@@ -60,7 +62,7 @@ pub fn run(args: &Args<'_>, clock: &dyn Clock, printer: &Printer) -> anyhow::Res
         }
         return Ok(ExitStatus::Error);
     }
-    for Planned { file, plan } in &planned {
+    for Planned { file, plan, uris } in &planned {
         let text = match args.format {
             PlanFormat::Human => render::human(plan, printer),
             PlanFormat::Json => render::json(plan),
@@ -71,8 +73,10 @@ pub fn run(args: &Args<'_>, clock: &dyn Clock, printer: &Printer) -> anyhow::Res
             printer.out(&crate::notify::describe_targets(&file.notify));
         }
         if let Some(out) = args.out {
-            // The plan text as reviewed, with webhook tokens masked: a saved plan is no secret.
-            SavedPlan::new(plan.clone(), crate::notify::redact_source(file))
+            // The plan text as reviewed, with webhook tokens and connection credentials masked:
+            // a saved plan is no secret.
+            let source = crate::uri::redact_in(&crate::notify::redact_source(file), uris);
+            SavedPlan::new(plan.clone(), source)
                 .write(out)
                 .with_context(|| format!("cannot write the saved plan {}", out.display()))?;
             printer.info(&format!(
@@ -100,7 +104,7 @@ fn project_one(
     let Some((config, file)) = common::load_plan(path, args.config, printer) else {
         return Ok(None);
     };
-    let connect = common::connect_uri(&config, args.connect)?;
+    let connect = common::resolve_connect(&config, args.connect)?;
     // With a lockfile beside the plan, done steps are shown as done rather than as changes.
     let lock_path = lockfile::lock_path(path);
     let recorded = if lock_path.exists() {
@@ -115,11 +119,11 @@ fn project_one(
         Some(lock) => lock,
         None => &NoProgress,
     };
-    let connections = common::open_connections(&file, connect.as_deref())?;
+    let connections = common::open_connections(&file, connect.as_ref())?;
     let input = PlanInput {
         file: &file,
         connections: &connections,
-        connect_override: connect.as_deref(),
+        connect_override: connect.as_ref(),
         now: clock.now(),
         progress,
     };
@@ -138,5 +142,11 @@ fn project_one(
             return Ok(None);
         }
     }
-    Ok(Some(Planned { file, plan }))
+    let uris = file
+        .connection_uris(None)
+        .into_iter()
+        .chain(config.hosts.values().cloned())
+        .chain(connect)
+        .collect();
+    Ok(Some(Planned { file, plan, uris }))
 }

@@ -9,7 +9,7 @@ use crate::cli::StatusFormat;
 use crate::lockfile::StepStatus;
 use crate::overview;
 use crate::planner::saved::SavedPlan;
-use crate::printer::{Printer, Tone};
+use crate::printer::{escape, Printer, Tone};
 use crate::render::when;
 use crate::ExitStatus;
 
@@ -35,19 +35,39 @@ pub fn run(
     format: StatusFormat,
     printer: &Printer,
 ) -> anyhow::Result<ExitStatus> {
-    if !plan.exists() {
-        anyhow::bail!("{}: no such plan file", plan.display());
-    }
-    let plan = plan_file_of(plan)?;
+    // A removed plan whose lockfile remains still has its recorded progress shown.
+    let plan_exists = plan.symlink_metadata().is_ok();
+    let plan = if plan_exists {
+        plan_file_of(plan)?
+    } else {
+        plan.to_path_buf()
+    };
     let paths = overview::StatePaths::of(&plan);
     // The plan gives the zone times are shown in, and the steps of a plan never applied; a
     // plan that no longer validates still has its recorded progress shown.
-    let file = crate::config::discover(config, Some(&plan))
-        .and_then(|c| crate::plan_file::load(&plan, &crate::plan_file::LoadContext { config: c }))
-        .ok();
+    let loaded = crate::config::discover(config, Some(&plan))
+        .and_then(|c| crate::plan_file::load(&plan, &crate::plan_file::LoadContext { config: c }));
+    let file = loaded.as_ref().ok().cloned();
     let zone = file.as_ref().and_then(|f| f.timezone);
     let lock = paths.read_lock()?;
-    if lock.is_none() {
+    if !plan_exists {
+        if lock.is_none() {
+            anyhow::bail!(
+                "{}: no such plan file, and no lockfile {} either",
+                plan.display(),
+                paths.lockfile.display()
+            );
+        }
+        printer.info(&format!(
+            "The plan file {} is gone; showing the progress its lockfile {} recorded.",
+            plan.display(),
+            paths.lockfile.display()
+        ));
+    } else if let (None, Err(diags)) = (&lock, &loaded) {
+        // Nothing recorded and nothing readable (a FIFO, a broken plan): say why, not "0".
+        super::validate::report(printer, diags);
+        return Ok(ExitStatus::Error);
+    } else if lock.is_none() {
         printer.info(&format!(
             "No progress recorded for {}: `virtplan apply` has not run it ({} does not exist).",
             plan.display(),
@@ -96,7 +116,7 @@ pub fn human(doc: &StatusDoc, zone: Option<Tz>, printer: &Printer) -> String {
             s.at.map_or_else(|| "apply start".to_owned(), |t| when::date_time(t, zone)),
         );
         if !s.what.is_empty() {
-            let _ = writeln!(out, "          {}", s.what);
+            let _ = writeln!(out, "          {}", escape(&s.what));
         }
         match (s.started_at, s.finished_at) {
             (Some(a), Some(b)) => {
@@ -117,7 +137,11 @@ pub fn human(doc: &StatusDoc, zone: Option<Tz>, printer: &Printer) -> String {
             (None, None) => {}
         }
         if !s.message.is_empty() {
-            let _ = writeln!(out, "          {}", printer.paint(Tone::Dim, &s.message));
+            let _ = writeln!(
+                out,
+                "          {}",
+                printer.paint(Tone::Dim, &escape(&s.message))
+            );
         }
     }
     let count = |st: StepStatus| doc.steps.iter().filter(|s| s.status == st).count();

@@ -47,8 +47,8 @@ fn check(path: &Path, config_path: Option<&Path>) -> Result<String, Diagnostics>
         .collect();
     Ok(format!(
         "{}: plan `{}`, {} steps on {} domains",
-        path.display(),
-        plan.name,
+        crate::printer::escape(&path.display().to_string()),
+        crate::printer::escape(&plan.name),
         plan.steps.len(),
         domains.len()
     ))

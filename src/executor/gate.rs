@@ -152,7 +152,12 @@ impl Gate<'_> {
             .arg(command)
             .env("VIRTPLAN_VM", &step.domain.name)
             .env("VIRTPLAN_UUID", &step.domain.uuid)
-            .env("VIRTPLAN_CONNECTION", redact_uri(&step.connection))
+            .env(
+                "VIRTPLAN_CONNECTION",
+                // No password at all (libvirt's auth.conf may supply it); secret query values
+                // masked too.
+                crate::uri::redact(&redact_uri(step.connection.expose())),
+            )
             .env("VIRTPLAN_STEP", step.step.to_string())
             .env("VIRTPLAN_PLAN", &step.plan_file)
             .stdin(Stdio::null())

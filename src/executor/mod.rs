@@ -23,6 +23,7 @@ use crate::hypervisor::{ErrorKind, HvError, HvResult, Hypervisor};
 use crate::lockfile::{LockError, LockStore, StepStatus};
 use crate::plan_file::{OnFailure, Window};
 use crate::planner::{Connections, Plan, PlannedStep, Policy};
+use crate::uri::Uri;
 
 /// How the executor behaves: the plan's timing and failure policy, and its own limits.
 #[derive(Debug, Clone)]
@@ -151,7 +152,7 @@ pub struct Executor<'a> {
 }
 
 /// Opens a new connection to a URI.
-pub type Reconnect<'a> = dyn Fn(&str) -> HvResult<Arc<dyn Hypervisor>> + Sync + 'a;
+pub type Reconnect<'a> = dyn Fn(&Uri) -> HvResult<Arc<dyn Hypervisor>> + Sync + 'a;
 
 /// Shared state of one run.
 struct Run<'a> {
@@ -161,7 +162,7 @@ struct Run<'a> {
     fatal: Mutex<Option<String>>,
     outcomes: Mutex<Vec<Outcome>>,
     /// The connections in use: replaced when a lost one is reopened.
-    conns: Mutex<BTreeMap<String, Arc<dyn Hypervisor>>>,
+    conns: Mutex<BTreeMap<Uri, Arc<dyn Hypervisor>>>,
     /// Attributes each (step id, uuid) changes, from the plan's changes.
     touched: BTreeMap<(String, String), Vec<Attr>>,
 }
@@ -204,7 +205,7 @@ impl Executor<'_> {
             touched,
         };
         // Each domain's steps in plan (time) order.
-        let mut domains: Vec<((String, String), Vec<&PlannedStep>)> = Vec::new();
+        let mut domains: Vec<((Uri, String), Vec<&PlannedStep>)> = Vec::new();
         for s in &self.plan.steps {
             let key = (s.connection.clone(), s.domain.uuid.clone());
             match domains.iter_mut().find(|(k, _)| *k == key) {
@@ -246,7 +247,7 @@ impl Executor<'_> {
 
 impl Run<'_> {
     /// The current connection to `uri`.
-    fn connection(&self, uri: &str) -> HvResult<Arc<dyn Hypervisor>> {
+    fn connection(&self, uri: &Uri) -> HvResult<Arc<dyn Hypervisor>> {
         self.conns
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
@@ -257,7 +258,7 @@ impl Run<'_> {
 
     /// Replaces the connection `failed` to `uri` by a fresh one, once, however many threads
     /// saw it fail. A failed reconnect leaves the old one: the next retry tries again.
-    fn reconnect(&self, uri: &str, failed: &Arc<dyn Hypervisor>) {
+    fn reconnect(&self, uri: &Uri, failed: &Arc<dyn Hypervisor>) {
         let Some(open) = self.ex.reconnect else {
             return;
         };

@@ -15,6 +15,7 @@ use crate::plan_file::units::format_duration;
 use crate::plan_file::{ClockOffset, RtcTrack, ShutdownMode, ShutdownPolicy};
 use crate::planner::{Action, PlannedStep};
 use crate::state::DomainState;
+use crate::uri::Uri;
 
 /// How a step ended, as far as the domain's later steps care.
 #[derive(Debug, Clone, Copy)]
@@ -634,7 +635,7 @@ impl Run<'_> {
 
     /// Calls `f`, retrying transient failures a bounded number of times with backoff. Every
     /// call addresses the domain by UUID, so a retry finds the same domain or none.
-    fn retry<T>(&self, uri: &str, f: impl Fn(&dyn Hypervisor) -> HvResult<T>) -> HvResult<T> {
+    fn retry<T>(&self, uri: &Uri, f: impl Fn(&dyn Hypervisor) -> HvResult<T>) -> HvResult<T> {
         let settings = self.ex.settings;
         let mut wait = settings.backoff;
         let mut attempt = 0;

@@ -96,7 +96,7 @@ impl Rig {
         let clock = GatedClock::new(t(start));
         let hv = Arc::new(FakeHypervisor::new(URI, domains).with_clock(clock.clone()));
         let mut connections = Connections::new();
-        connections.insert(URI.to_owned(), hv.clone() as Arc<dyn Hypervisor>);
+        connections.insert(crate::uri::Uri::new(URI), hv.clone() as Arc<dyn Hypervisor>);
         Self {
             clock,
             hv,
@@ -412,8 +412,8 @@ fn a_lost_connection_is_reopened_and_the_call_retried() {
     let plan = rig.plan(&store);
     let reopened = std::sync::atomic::AtomicUsize::new(0);
     let hv = rig.hv.clone();
-    let reconnect = |uri: &str| {
-        assert_eq!(uri, URI);
+    let reconnect = |uri: &crate::uri::Uri| {
+        assert_eq!(uri.expose(), URI);
         reopened.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         hv.clear_faults();
         Ok(hv.clone() as Arc<dyn Hypervisor>)

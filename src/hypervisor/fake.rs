@@ -169,7 +169,7 @@ struct Inner {
 
 /// See the module documentation.
 pub struct FakeHypervisor {
-    uri: String,
+    uri: crate::uri::Uri,
     inner: Mutex<Inner>,
     clock: Option<Arc<dyn Clock>>,
 }
@@ -190,7 +190,7 @@ impl FakeHypervisor {
             .map(|d| (d.state.uuid.clone(), d))
             .collect();
         Self {
-            uri: uri.to_owned(),
+            uri: crate::uri::Uri::new(uri),
             inner: Mutex::new(Inner {
                 domains,
                 next_run_id: 100,
@@ -446,7 +446,7 @@ fn xml_of(d: &FakeDomain) -> String {
 }
 
 impl Hypervisor for FakeHypervisor {
-    fn uri(&self) -> &str {
+    fn uri(&self) -> &crate::uri::Uri {
         &self.uri
     }
 

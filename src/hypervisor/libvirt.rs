@@ -40,6 +40,7 @@ use super::domain_xml::{self, DefinitionSummary};
 use super::snapshot::{self, QemuImg, SnapshotSupport};
 use super::{DomainId, ErrorKind, HvError, HvResult, Hypervisor, Observation, Scope, Want};
 use crate::state::{DomainState, Kib, LiveFigures, PowerState};
+use crate::uri::Uri;
 
 /// Stops libvirt from printing every handled error to stderr; call once before connecting.
 pub fn silence_stderr_printer() {
@@ -54,7 +55,7 @@ static SILENCE: Once = Once::new();
 /// API call takes the connection's lock), so `Libvirt` is too and may be shared through an `Arc`
 /// by the executor's worker threads. Each call keeps its own `Domain` handle.
 pub struct Libvirt {
-    uri: String,
+    uri: Uri,
     conn: Connect,
     /// The test driver refuses `VIR_DOMAIN_AFFECT_LIVE | VIR_DOMAIN_AFFECT_CONFIG` in one
     /// memory call ("mutually exclusive"), so live+config memory changes go in two calls there.
@@ -176,22 +177,26 @@ impl Libvirt {
     /// # Errors
     ///
     /// Fails with a message naming the URI and how to check it when libvirt cannot be reached.
-    pub fn connect(uri: &str) -> HvResult<Self> {
+    pub fn connect(uri: impl Into<Uri>) -> HvResult<Self> {
+        let uri = &uri.into();
         SILENCE.call_once(silence_stderr_printer);
-        let conn = Connect::open(Some(uri)).map_err(|e| {
+        // virt 0.5 turns an `Option<&str>` into a C string with `unwrap`: a NUL would panic.
+        no_nul(&format!("connect to {uri}"), uri.expose())?;
+        // libvirt may quote the URI in its message: redact the message as well.
+        let conn = Connect::open(Some(uri.expose())).map_err(|e| {
             let kind = classify(&e);
             HvError::new(
                 kind,
                 format!(
                     "cannot connect to libvirt at {uri}: {}; is libvirtd running and may this \
                      user use it? try `virsh -c {uri} version`",
-                    e.message().trim_end()
+                    redact_message(e.message().trim_end(), uri)
                 ),
             )
         })?;
         let driver = conn.driver_type().unwrap_or_default();
         Ok(Self {
-            uri: uri.to_owned(),
+            uri: uri.clone(),
             conn,
             split_memory_scope: driver.eq_ignore_ascii_case("test"),
             qemu: driver.eq_ignore_ascii_case("qemu"),
@@ -216,6 +221,8 @@ impl Libvirt {
         if persistent {
             flags |= sys::VIR_DOMAIN_AFFECT_CONFIG;
         }
+        // virt 0.5 converts this `Option<&str>` with `unwrap`: a NUL would panic mid-step.
+        no_nul(&what, text)?;
         // An empty text removes the element rather than leaving `<title></title>`.
         let text = (!text.is_empty()).then_some(text);
         dom.set_metadata(metadata_kind(kind), text, None, None, flags)
@@ -260,7 +267,7 @@ impl Libvirt {
 }
 
 impl Hypervisor for Libvirt {
-    fn uri(&self) -> &str {
+    fn uri(&self) -> &Uri {
         &self.uri
     }
 
@@ -591,7 +598,7 @@ impl Hypervisor for Libvirt {
                 )
             })
         };
-        let qemu_img = match snapshot::remote_host(&self.uri) {
+        let qemu_img = match snapshot::remote_host(self.uri.expose()) {
             Some(host) => QemuImg::Unknown(host.to_owned()),
             None => snapshot::local_qemu_img(std::env::var_os("PATH").as_deref()),
         };
@@ -707,6 +714,33 @@ fn classify(e: &VirtError) -> ErrorKind {
 
 fn hv_error(what: &str, e: &VirtError) -> HvError {
     HvError::new(classify(e), format!("{what}: {}", e.message().trim_end()))
+}
+
+/// Refuses text with a NUL before it reaches a `virt` call that would panic converting it.
+fn no_nul(what: &str, text: &str) -> HvResult<()> {
+    if text.contains('\0') {
+        return Err(HvError::new(
+            ErrorKind::InvalidArgument,
+            format!("{what}: the text contains a NUL character, which libvirt cannot take"),
+        ));
+    }
+    Ok(())
+}
+
+/// A libvirt message with the URI's secrets masked, in case libvirt quoted the URI or a part.
+fn redact_message(message: &str, uri: &Uri) -> String {
+    let mut out = crate::uri::redact_in(message, [uri]);
+    if let Ok(url) = url::Url::parse(uri.expose()) {
+        if let Some(password) = url.password().filter(|p| p.len() > 2) {
+            out = out.replace(password, crate::uri::MASK);
+        }
+        for (key, value) in url.query_pairs() {
+            if crate::uri::is_secret_key(&key) && value.len() > 2 {
+                out = out.replace(&*value, crate::uri::MASK);
+            }
+        }
+    }
+    out
 }
 
 /// What one domain's record of a bulk statistics call holds.

@@ -100,7 +100,7 @@ impl Scope {
 /// usable from several threads (the executor runs domains concurrently).
 pub trait Hypervisor: Send + Sync {
     /// The URI this connection was opened with.
-    fn uri(&self) -> &str;
+    fn uri(&self) -> &crate::uri::Uri;
 
     /// Resolves a plan's `vm:` value, a domain name or a UUID string.
     fn resolve(&self, name_or_uuid: &str) -> HvResult<DomainId>;

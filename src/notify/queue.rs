@@ -18,9 +18,6 @@ use super::event::{event_id, Event, EventKind, EventSummary, PlanRef, EVENT_FORM
 use super::target::Target;
 use crate::lockfile::{Delivery, EventRecord, LockError, LockStore, Observer, StepRecord};
 
-/// Jobs one target's queue holds; beyond that an event waits in the lockfile for the next run.
-pub const QUEUE_CAPACITY: usize = 1024;
-
 /// How often and how patiently a delivery is retried.
 #[derive(Debug, Clone, Copy)]
 pub struct Retry {
@@ -28,6 +25,9 @@ pub struct Retry {
     pub attempts: u32,
     /// Wait before the second attempt; doubled each time.
     pub backoff: Duration,
+    /// Events one target's queue holds; beyond that an event stays pending in the lockfile
+    /// for the next run, and the executor is never held up.
+    pub queue: usize,
 }
 
 impl Default for Retry {
@@ -35,6 +35,7 @@ impl Default for Retry {
         Self {
             attempts: 4,
             backoff: Duration::from_secs(1),
+            queue: 1024,
         }
     }
 }
@@ -113,7 +114,8 @@ pub fn step_connections(plan: &crate::planner::Plan) -> BTreeMap<(String, String
         .map(|s| {
             (
                 (s.step_id.clone(), s.domain.uuid.clone()),
-                s.connection.clone(),
+                // Redacted at the source (query secrets too); `redact_all` masks again.
+                s.connection.redacted(),
             )
         })
         .collect()
@@ -381,7 +383,7 @@ impl Inner {
             }
             let q = &self.queues[i];
             let mut state = q.lock();
-            if state.jobs.len() >= QUEUE_CAPACITY {
+            if state.jobs.len() >= self.retry.queue.max(1) {
                 drop(state);
                 (self.log)(&format!(
                     "notification queue of {} is full: {} ({}) stays pending in the lockfile and is sent by the next `virtplan apply`",
@@ -511,6 +513,88 @@ pub fn redact_uri(uri: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn command_target(argv: &[&str]) -> Target {
+        use crate::notify::target::{check, RawTarget};
+        use crate::plan_file::{Located, Pos};
+        let l = |s: &str| Located {
+            value: s.to_owned(),
+            pos: Pos::new(1, 1),
+        };
+        check(
+            &RawTarget {
+                command: Some(Located {
+                    value: argv.iter().map(|a| l(a)).collect(),
+                    pos: Pos::new(1, 1),
+                }),
+                ..RawTarget::default()
+            },
+            "t",
+        )
+        .unwrap()
+    }
+
+    /// A target slower than the events it gets: its bounded queue overflows, the executor is
+    /// not held up, and what did not fit stays pending in the lockfile for the next run.
+    #[test]
+    fn a_full_queue_leaves_the_event_pending_in_the_lockfile() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(LockStore::open(&dir.path().join("p.lock"), "abc").unwrap());
+        let logged = Arc::new(Mutex::new(Vec::<String>::new()));
+        let sink = Arc::clone(&logged);
+        let notifier = Notifier::start(
+            vec![command_target(&["sh", "-c", "cat >/dev/null; sleep 0.3"])],
+            RunInfo {
+                plan: PlanRef {
+                    name: "p".into(),
+                    file: "p.yaml".into(),
+                    sha256: "abc".into(),
+                },
+                connections: BTreeMap::new(),
+            },
+            &store,
+            Box::new(move |m: &str| sink.lock().unwrap().push(m.to_owned())),
+            Retry {
+                attempts: 1,
+                backoff: Duration::ZERO,
+                queue: 1,
+            },
+        );
+        let t0 = DateTime::parse_from_rfc3339("2026-12-01T09:00:00Z")
+            .unwrap()
+            .with_timezone(&Utc);
+        let started = Instant::now();
+        for i in 0..4 {
+            notifier
+                .plan_started(t0 + chrono::Duration::seconds(i))
+                .unwrap();
+        }
+        assert!(
+            started.elapsed() < Duration::from_millis(250),
+            "recording four events waited for a delivery"
+        );
+        assert_eq!(notifier.flush(Duration::from_secs(10)), 0);
+        let events = store.snapshot().events;
+        let sent = events
+            .iter()
+            .filter(|e| e.delivery == Delivery::Sent)
+            .count();
+        let pending: Vec<_> = events
+            .iter()
+            .filter(|e| e.delivery == Delivery::Pending)
+            .collect();
+        assert_eq!(sent + pending.len(), 4, "{events:#?}");
+        assert!(!pending.is_empty(), "{events:#?}");
+        assert!(
+            pending.iter().all(|e| !e.body.is_empty()),
+            "kept for a re-send"
+        );
+        let logged = logged.lock().unwrap();
+        assert!(logged.iter().any(|m| m.contains("is full")), "{logged:?}");
+        // What the lockfile says on disk is what a resumed run re-sends.
+        let on_disk = LockStore::read(&dir.path().join("p.lock")).unwrap();
+        assert_eq!(on_disk.events, events);
+    }
 
     #[test]
     fn uri_passwords_are_redacted() {

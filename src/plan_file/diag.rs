@@ -1,5 +1,6 @@
 //! Located diagnostics for user input: what is wrong, where (file:line:column) and how to fix it.
 
+use crate::text::escape;
 use std::fmt;
 use std::path::{Path, PathBuf};
 
@@ -69,21 +70,24 @@ impl Diagnostic {
         let pad = " ".repeat(number.len());
         let mut out = format!(
             "{}\n{pad}--> {}:{}",
-            self.message,
-            self.file.display(),
+            escape(&self.message),
+            escape(&self.file.display().to_string()),
             self.pos
         );
         if let Some(text) = source.and_then(|s| s.lines().nth(self.pos.line.saturating_sub(1))) {
             // A webhook URL carries its token in the path: never shown, even in a plan's own line.
+            // One column per character, so the caret stays under the problem.
             let shown: String = crate::notify::secret::redact_urls(text)
                 .chars()
                 .take(200)
+                .map(|c| if c == '\t' { ' ' } else { c })
                 .collect();
+            let shown = escape(&shown);
             let caret_at = " ".repeat(self.pos.column.saturating_sub(1).min(200));
             let _ = write!(out, "\n{pad} |\n{number} | {shown}\n{pad} | {caret_at}^");
         }
         if let Some(help) = &self.help {
-            let _ = write!(out, "\n{pad} = help: {help}");
+            let _ = write!(out, "\n{pad} = help: {}", escape(help));
         }
         out
     }
@@ -92,9 +96,15 @@ impl Diagnostic {
 /// One line: `file:line:column: message (help: ...)`, the form tests and logs use.
 impl fmt::Display for Diagnostic {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}:{}: {}", self.file.display(), self.pos, self.message)?;
+        write!(
+            f,
+            "{}:{}: {}",
+            escape(&self.file.display().to_string()),
+            self.pos,
+            escape(&self.message)
+        )?;
         if let Some(help) = &self.help {
-            write!(f, " (help: {help})")?;
+            write!(f, " (help: {})", escape(help))?;
         }
         Ok(())
     }

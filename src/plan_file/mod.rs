@@ -36,6 +36,7 @@ pub use diag::{Diagnostic, Diagnostics, Pos};
 use crate::attr::Attr;
 use crate::config::Config;
 use crate::state::{Kib, PowerState};
+use crate::uri::Uri;
 
 /// Files larger than this are refused before parsing: a plan is a page of YAML, not a data set.
 pub const MAX_PLAN_BYTES: u64 = 4 * 1024 * 1024;
@@ -60,7 +61,7 @@ pub struct PlanFile {
     pub source: String,
     pub name: String,
     /// Resolved default libvirt URI (plan, else config); `None` when neither sets one.
-    pub connection: Option<String>,
+    pub connection: Option<Uri>,
     pub timezone: Option<Tz>,
     pub window: Option<Window>,
     pub grace: Duration,
@@ -382,7 +383,7 @@ pub struct Step {
     pub at: Option<Located<DateTime<Utc>>>,
     pub targets: Vec<Target>,
     /// Resolved libvirt URI for this step (step, plan, then config).
-    pub connection: Option<String>,
+    pub connection: Option<Uri>,
     pub shutdown: ShutdownPolicy,
     pub attributes: Attributes,
     /// A gate after the step's changes.
@@ -433,36 +434,34 @@ fn read_text(path: &Path) -> Result<String, Diagnostics> {
         items: vec![Diagnostic::new(path, pos, message).with_help(help)],
     };
     let start = Pos::new(1, 1);
-    let metadata = std::fs::metadata(path).map_err(|e| {
-        fail(
-            start,
-            format!("cannot read the plan file: {e}"),
-            "check the path and that you may read it",
-        )
-    })?;
-    if metadata.is_dir() {
-        return Err(fail(
+    // Checked on the opened file: a FIFO or device is refused before anything is read (a FIFO
+    // would block forever, /dev/zero reports a size of 0 and never ends).
+    let bytes = crate::fsutil::read_regular(path, MAX_PLAN_BYTES).map_err(|e| match e {
+        crate::fsutil::FileError::NotRegular("a folder") => fail(
             start,
             "this is a folder, not a plan file".to_owned(),
             "name a .yaml plan file (use `virtplan watch DIR` for a folder of plans)",
-        ));
-    }
-    if metadata.len() > MAX_PLAN_BYTES {
-        return Err(fail(
+        ),
+        crate::fsutil::FileError::NotRegular(kind) => fail(
             start,
-            format!(
-                "the file is {} bytes; plans are limited to {MAX_PLAN_BYTES} bytes",
-                metadata.len()
-            ),
+            format!("this is {kind}, not a plan file"),
+            "name a regular .yaml file; virtplan reads plans only from regular files",
+        ),
+        crate::fsutil::FileError::TooLarge { limit, size } => fail(
+            start,
+            match size {
+                Some(size) => {
+                    format!("the file is {size} bytes; plans are limited to {limit} bytes")
+                }
+                None => format!("the file is larger than {limit} bytes, the limit for plans"),
+            },
             "split the plan into several files",
-        ));
-    }
-    let bytes = std::fs::read(path).map_err(|e| {
-        fail(
+        ),
+        other => fail(
             start,
-            format!("cannot read the plan file: {e}"),
+            format!("cannot read the plan file: {other}"),
             "check the path and that you may read it",
-        )
+        ),
     })?;
     String::from_utf8(bytes).map_err(|e| {
         let valid = e.utf8_error().valid_up_to();
@@ -486,9 +485,9 @@ fn read_text(path: &Path) -> Result<String, Diagnostics> {
 impl PlanFile {
     /// The libvirt URIs the steps use; `--connect` (`connect`) replaces all of them.
     #[must_use]
-    pub fn connection_uris(&self, connect: Option<&str>) -> std::collections::BTreeSet<String> {
+    pub fn connection_uris(&self, connect: Option<&Uri>) -> std::collections::BTreeSet<Uri> {
         match connect {
-            Some(uri) => std::iter::once(uri.to_owned()).collect(),
+            Some(uri) => std::iter::once(uri.clone()).collect(),
             None => self
                 .steps
                 .iter()

@@ -141,7 +141,7 @@ impl<'a> StepIdentity<'a> {
                 .iter()
                 .map(|t| t.name_or_uuid.as_str())
                 .collect(),
-            connection: step.connection.as_deref(),
+            connection: step.connection.as_ref().map(crate::uri::Uri::expose),
             shutdown: ShutdownId {
                 mode: step.shutdown.mode,
                 timeout: DurationId(step.shutdown.timeout),

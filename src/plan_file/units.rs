@@ -103,7 +103,7 @@ pub fn parse_duration(text: &str) -> Result<Duration, ValueError> {
             format!("write `{text}s` for seconds or `{text}m` for minutes"),
         ));
     }
-    humantime::parse_duration(text).map_err(|e| {
+    let duration = humantime::parse_duration(text).map_err(|e| {
         // humantime's own wording ("expected number at 0") speaks of byte offsets; say it plainly.
         let why = match e {
             humantime::DurationError::UnknownUnit { unit, .. } if !unit.is_empty() => {
@@ -113,8 +113,18 @@ pub fn parse_duration(text: &str) -> Result<Duration, ValueError> {
             _ => String::new(),
         };
         ValueError::new(format!("`{text}` is not a duration{why}"), DURATION_HELP)
-    })
+    })?;
+    if duration > MAX_DURATION {
+        return Err(ValueError::new(
+            format!("duration `{text}` is longer than 7 days"),
+            "no maintenance step waits, times out or is late by more than a week; a larger value is almost certainly a typo (and would overflow time arithmetic)",
+        ));
+    }
+    Ok(duration)
 }
+
+/// The longest duration a plan or virtplan.toml may give (grace, timeouts, offsets).
+pub const MAX_DURATION: Duration = Duration::from_secs(7 * 24 * 3600);
 
 /// The short human form of a duration (`5m`, `2m 30s`), as `humantime` prints it.
 #[must_use]
@@ -125,6 +135,18 @@ pub fn format_duration(duration: Duration) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn regression_huge_shutdown_timeout_accepted() {
+        let err = parse_duration("18446744073709551615s").unwrap_err();
+        assert!(
+            err.message.contains("longer than 7 days"),
+            "{}",
+            err.message
+        );
+        assert!(parse_duration("8d").is_err());
+        assert_eq!(parse_duration("7d"), Ok(MAX_DURATION));
+    }
 
     #[test]
     fn sizes_in_binary_units_become_kib() {

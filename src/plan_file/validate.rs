@@ -20,6 +20,7 @@ use super::{
 };
 use crate::attr::Attr;
 use crate::config::Config;
+use crate::uri::Uri;
 
 pub const TOP_KEYS: &[&str] = &[
     "version",
@@ -79,12 +80,15 @@ struct Settings {
     window: Option<Window>,
     /// The plan has a `window` key, even if it did not validate.
     window_written: bool,
-    connection: Option<String>,
+    connection: Option<Uri>,
     shutdown: ShutdownPolicy,
 }
 
 pub fn validate(path: &Path, text: &str, ctx: &LoadContext) -> Result<PlanFile, Vec<Diagnostic>> {
-    let root = yaml::parse(path, text).map_err(|d| vec![d])?;
+    // Editors on Windows may start the file with a byte-order mark: it is not part of the YAML
+    // (the hash still covers the file's bytes as they are).
+    let yaml_text = text.strip_prefix('\u{feff}').unwrap_or(text);
+    let root = yaml::parse(path, yaml_text).map_err(|d| vec![d])?;
     let mut c = Checker::new(path);
     let Some(map) = root.as_mapping() else {
         c.error(
@@ -232,13 +236,10 @@ fn duration(c: &mut Checker<'_>, node: &Node, what: &str, example: &str) -> Opti
         .ok()
 }
 
-fn connection(c: &mut Checker<'_>, node: &Node, config: &Config) -> Option<String> {
+fn connection(c: &mut Checker<'_>, node: &Node, config: &Config) -> Option<Uri> {
     let text = c.text(node, "`connection`", "connection: qemu:///system")?;
-    if text.contains(":/") {
-        return Some(text.to_owned());
-    }
-    if let Some(uri) = config.hosts.get(text) {
-        return Some(uri.clone());
+    if let Some(uri) = config.resolve_connection(text) {
+        return Some(uri);
     }
     let names: Vec<&str> = config.hosts.keys().map(String::as_str).collect();
     let help = match (did_you_mean(text, &names), names.is_empty()) {

@@ -261,7 +261,9 @@ impl<'a> Checker<'a> {
     /// `node` as non-empty text, or a diagnostic.
     pub fn text<'n>(&mut self, node: &'n Node, what: &str, example: &str) -> Option<&'n str> {
         match node.as_scalar() {
-            Some(s) if !is_null(node) && !s.as_str().trim().is_empty() => Some(s.as_str()),
+            Some(s) if !is_null(node) && !s.as_str().trim().is_empty() => {
+                self.no_controls(node, what, s.as_str(), &[])
+            }
             _ => {
                 self.wrong_type(node, what, "text", example);
                 None
@@ -272,10 +274,55 @@ impl<'a> Checker<'a> {
     /// `node` as text that may be empty (titles and descriptions can be cleared).
     pub fn any_text<'n>(&mut self, node: &'n Node, what: &str, example: &str) -> Option<&'n str> {
         match node.as_scalar() {
-            Some(s) if !is_null(node) || !s.may_coerce() => Some(s.as_str()),
+            Some(s) if !is_null(node) || !s.may_coerce() => {
+                // Only a description may span lines (and hold tabs); a line break in a title
+                // gets the title's own message from its caller.
+                let allowed: &[char] = if what.contains("description") {
+                    &['\t', '\n']
+                } else if what == "`title`" {
+                    &['\n']
+                } else {
+                    &[]
+                };
+                self.no_controls(node, what, s.as_str(), allowed)
+            }
             Some(s) if s.as_str().is_empty() => Some(""),
             _ => {
                 self.wrong_type(node, what, "text", example);
+                None
+            }
+        }
+    }
+
+    /// `text`, unless it holds a control character (a YAML escape such as `"\0"` or `"\e"`
+    /// writes one): libvirt's C strings end at a NUL, and an ESC would drive the terminal of
+    /// whoever reads the plan. `allowed` lists the control characters this value may hold.
+    fn no_controls<'n>(
+        &mut self,
+        node: &Node,
+        what: &str,
+        text: &'n str,
+        allowed: &[char],
+    ) -> Option<&'n str> {
+        let multi_line = allowed.contains(&'\t');
+        let bad = text
+            .chars()
+            .find(|&c| c.is_control() && !allowed.contains(&c));
+        match bad {
+            None => Some(text),
+            Some(c) => {
+                self.error(
+                    pos(node),
+                    format!(
+                        "{what} contains the control character U+{:04X}",
+                        u32::from(c)
+                    ),
+                    if multi_line {
+                        "remove it; only tab and line feed are allowed in a description"
+                    } else {
+                        "remove it; this value is one line of printable text"
+                    },
+                );
                 None
             }
         }

@@ -21,6 +21,7 @@ use crate::plan_file::{
     CheckSpec, ClockTarget, OnFailure, PlanFile, Pos, ShutdownPolicy, SnapshotSpec, Window,
 };
 use crate::state::{DomainState, Kib};
+use crate::uri::Uri;
 
 pub use project::project;
 
@@ -28,7 +29,7 @@ pub use project::project;
 pub const FORMAT_VERSION: u32 = 1;
 
 /// Open hypervisor connections, one per URI.
-pub type Connections = BTreeMap<String, Arc<dyn Hypervisor>>;
+pub type Connections = BTreeMap<Uri, Arc<dyn Hypervisor>>;
 
 /// What a change does.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -53,7 +54,7 @@ pub struct Change {
     pub at: Option<DateTime<Utc>>,
     pub vm: String,
     pub uuid: String,
-    pub connection: String,
+    pub connection: Uri,
     pub attribute: Attr,
     pub before: Figure,
     pub after: Figure,
@@ -74,7 +75,7 @@ struct ChangeRepr {
     at: Option<DateTime<Utc>>,
     vm: String,
     uuid: String,
-    connection: String,
+    connection: Uri,
     attribute: Attr,
     before: serde_json::Value,
     after: serde_json::Value,
@@ -171,7 +172,7 @@ pub struct PlannedStep {
     pub step_id: String,
     pub at: Option<DateTime<Utc>>,
     pub domain: PlannedDomain,
-    pub connection: String,
+    pub connection: Uri,
     /// The projected state before the step (what the reviewer saw).
     pub before: DomainState,
     /// The state the step must leave behind (verified after applying).
@@ -243,7 +244,7 @@ pub struct Policy {
     /// How many steps run at the same time.
     pub parallelism: usize,
     /// Every libvirt URI the steps use, host aliases and `--connect` resolved.
-    pub connections: BTreeSet<String>,
+    pub connections: BTreeSet<Uri>,
 }
 
 impl Policy {
@@ -357,7 +358,7 @@ pub struct PlanInput<'a> {
     pub file: &'a PlanFile,
     pub connections: &'a Connections,
     /// `--connect`, which overrides every step's connection.
-    pub connect_override: Option<&'a str>,
+    pub connect_override: Option<&'a Uri>,
     pub now: DateTime<Utc>,
     pub progress: &'a dyn Progress,
 }

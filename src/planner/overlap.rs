@@ -41,7 +41,7 @@ fn slots<'a>(file: &'a PlanFile, plan: &'a Plan) -> Vec<Slot<'a>> {
                 file,
                 step: s.step,
                 vm: &s.domain.name,
-                key: (s.connection.as_str(), s.domain.uuid.as_str()),
+                key: (s.connection.expose(), s.domain.uuid.as_str()),
                 start,
                 end,
                 timed: s.at.is_some(),

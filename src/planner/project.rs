@@ -17,6 +17,7 @@ use crate::plan_file::{
     Attributes, ClockTarget, Located, PlanFile, PowerTarget, ShutdownMode, ShutdownPolicy, Step,
 };
 use crate::state::{ClockState, DomainState, LiveFigures, PowerState};
+use crate::uri::Uri;
 
 /// Projects the plan over live state read through `input.connections`.
 ///
@@ -29,8 +30,8 @@ pub fn project(input: &PlanInput<'_>) -> Result<Plan, PlanError> {
     let resolved = resolve_targets(input, &mut problems)?;
 
     // Group each domain's steps, in time order (steps without `at` run first).
-    let mut per_domain: BTreeMap<(String, String), Vec<&Step>> = BTreeMap::new();
-    let mut ids: BTreeMap<(String, String), DomainId> = BTreeMap::new();
+    let mut per_domain: BTreeMap<(Uri, String), Vec<&Step>> = BTreeMap::new();
+    let mut ids: BTreeMap<(Uri, String), DomainId> = BTreeMap::new();
     for (step, uri, id) in &resolved {
         let key = (uri.clone(), id.uuid.clone());
         per_domain.entry(key.clone()).or_default().push(step);
@@ -108,7 +109,7 @@ pub fn project(input: &PlanInput<'_>) -> Result<Plan, PlanError> {
     })
 }
 
-type Resolved<'a> = Vec<(&'a Step, String, DomainId)>;
+type Resolved<'a> = Vec<(&'a Step, Uri, DomainId)>;
 
 /// Resolves every step's domains: each name once per connection, all of a connection's names
 /// in one bulk call.
@@ -118,12 +119,12 @@ fn resolve_targets<'a>(
 ) -> Result<Resolved<'a>, PlanError> {
     let file = input.file;
     // First every step's connection and names, so each connection resolves its names at once.
-    let mut steps: Vec<(&Step, String)> = Vec::with_capacity(file.steps.len());
-    let mut wanted: BTreeMap<String, BTreeSet<&str>> = BTreeMap::new();
+    let mut steps: Vec<(&Step, Uri)> = Vec::with_capacity(file.steps.len());
+    let mut wanted: BTreeMap<Uri, BTreeSet<&str>> = BTreeMap::new();
     for step in &file.steps {
         let Some(uri) = input
             .connect_override
-            .map(str::to_owned)
+            .cloned()
             .or_else(|| step.connection.clone())
         else {
             problems.push(problem(file, step, step.pos, "-", "the step has no libvirt connection".to_owned(),
@@ -143,7 +144,7 @@ fn resolve_targets<'a>(
         names.extend(step.targets.iter().map(|t| t.name_or_uuid.as_str()));
         steps.push((step, uri));
     }
-    let mut cache: BTreeMap<(String, String), Option<DomainId>> = BTreeMap::new();
+    let mut cache: BTreeMap<(Uri, String), Option<DomainId>> = BTreeMap::new();
     for (uri, names) in wanted {
         let names: Vec<String> = names.into_iter().map(str::to_owned).collect();
         let found = input.connections[&uri]
@@ -180,9 +181,9 @@ fn resolve_targets<'a>(
 /// configuration figures live only there), snapshot names only for domains with snapshot steps.
 fn observe(
     connections: &Connections,
-    per_domain: &BTreeMap<(String, String), Vec<&Step>>,
-) -> Result<BTreeMap<(String, String), Observed>, PlanError> {
-    let mut by_uri: BTreeMap<&str, Vec<Want>> = BTreeMap::new();
+    per_domain: &BTreeMap<(Uri, String), Vec<&Step>>,
+) -> Result<BTreeMap<(Uri, String), Observed>, PlanError> {
+    let mut by_uri: BTreeMap<&Uri, Vec<Want>> = BTreeMap::new();
     for ((uri, uuid), steps) in per_domain {
         let any = |f: fn(&Step) -> bool| steps.iter().any(|s| f(s));
         by_uri.entry(uri).or_default().push(Want {
@@ -212,7 +213,7 @@ fn observe(
             None
         };
         for Observation { state, definition } in observations {
-            let key = (uri.to_owned(), state.uuid.clone());
+            let key = (uri.clone(), state.uuid.clone());
             let Some(steps) = per_domain.get(&key) else {
                 continue;
             };
@@ -315,7 +316,7 @@ fn past_steps(input: &PlanInput<'_>, resolved: &Resolved<'_>, warnings: &mut Vec
 
 struct DomainCtx<'a> {
     file: &'a PlanFile,
-    uri: &'a str,
+    uri: &'a Uri,
     id: &'a DomainId,
     input: &'a PlanInput<'a>,
     observed: &'a Observed,
@@ -350,7 +351,7 @@ impl StepBuild<'_> {
             at: self.step.at.as_ref().map(|a| a.value),
             vm: self.base.id.name.clone(),
             uuid: self.base.id.uuid.clone(),
-            connection: self.base.uri.to_owned(),
+            connection: self.base.uri.clone(),
             attribute,
             before,
             after,
@@ -448,7 +449,7 @@ impl DomainCtx<'_> {
                 step_id: b.step_id.clone(),
                 at: step.at.as_ref().map(|a| a.value),
                 domain: PlannedDomain::from(self.id.clone()),
-                connection: self.uri.to_owned(),
+                connection: self.uri.clone(),
                 before,
                 after: carry.state.clone(),
                 actions: b.actions,
@@ -630,7 +631,7 @@ impl DomainCtx<'_> {
         self.vcpu_steps(b, &mut carry.state, &mut out.warnings)?;
         if let Some(clock) = &a.clock {
             if clock.value.track == Some(crate::plan_file::RtcTrack::Boot)
-                && self.uri.starts_with("qemu")
+                && self.uri.expose().starts_with("qemu")
             {
                 return Err(b.problem(
                     clock.pos,

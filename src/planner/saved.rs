@@ -7,6 +7,9 @@ use serde::{Deserialize, Serialize};
 
 use super::Plan;
 
+/// Saved plans larger than this are refused unread.
+const MAX_SAVED_BYTES: u64 = 256 << 20;
+
 /// The marker key that tells a saved plan from a YAML plan file.
 const KIND: &str = "virtplan-saved-plan";
 
@@ -47,9 +50,13 @@ impl SavedPlan {
     }
 
     /// Writes the saved plan atomically (temporary file in the same folder, fsync, rename).
-    pub fn write(&self, path: &Path) -> std::io::Result<()> {
-        let text = serde_json::to_string_pretty(self).map_err(std::io::Error::other)?;
-        crate::fsutil::write_atomic(path, text.as_bytes(), 0o644)
+    ///
+    /// Mode 0600 like the lockfile: a saved plan names hosts and domains, and is written
+    /// without following a symlink at `path`.
+    pub fn write(&self, path: &Path) -> Result<(), crate::fsutil::FileError> {
+        let text = serde_json::to_string_pretty(self)
+            .map_err(|e| crate::fsutil::FileError::Io(std::io::Error::other(e)))?;
+        crate::fsutil::write_atomic(path, text.as_bytes(), 0o600)
     }
 
     /// Reads a saved plan; `Ok(None)` when the file is not one (a YAML plan file).
@@ -57,7 +64,9 @@ impl SavedPlan {
     /// A file that cannot be read, or is not JSON, is left to the plan-file loader, which
     /// reports it with its location and a fix.
     pub fn read(path: &Path) -> anyhow::Result<Option<Self>> {
-        let Ok(bytes) = std::fs::read(path) else {
+        // Regular, bounded files only (a FIFO must not hang `apply`); anything else is left
+        // to the plan-file loader, which says what is wrong with it.
+        let Ok(bytes) = crate::fsutil::read_regular(path, MAX_SAVED_BYTES) else {
             return Ok(None);
         };
         if bytes.trim_ascii_start().first() != Some(&b'{') {

@@ -52,7 +52,7 @@ pub struct Env<'a> {
     /// `--config`; else each plan finds its nearest `virtplan.toml`.
     pub config: Option<&'a Path>,
     /// `--connect`: replaces every step's connection.
-    pub connect: Option<&'a str>,
+    pub connect: Option<&'a crate::uri::Uri>,
     /// Test-only crash switch handed to every executor (see `apply::FAILPOINT_ENV`).
     pub failpoint: Option<String>,
     pub pool: Pool,
@@ -70,7 +70,11 @@ impl Pool {
     }
 
     /// The connections `file`'s steps use, opening those not open yet.
-    fn for_file(&self, file: &PlanFile, connect: Option<&str>) -> Result<Connections, String> {
+    fn for_file(
+        &self,
+        file: &PlanFile,
+        connect: Option<&crate::uri::Uri>,
+    ) -> Result<Connections, String> {
         let uris = file.connection_uris(connect);
         let mut pool = self.0.lock().unwrap_or_else(PoisonError::into_inner);
         let mut out = Connections::new();
@@ -457,7 +461,8 @@ impl<'scope, 'env> Reconciler<'scope, 'env> {
     }
 
     fn inputs(&self, path: &Path) -> Inputs {
-        let sha256 = match std::fs::read(path) {
+        // Bounded and regular files only: a FIFO named `*.yaml` must not hang the reconciler.
+        let sha256 = match crate::fsutil::read_regular(path, crate::plan_file::MAX_PLAN_BYTES) {
             Ok(bytes) => crate::plan_file::sha256_hex(&bytes),
             Err(e) => format!("unreadable: {e}"),
         };

@@ -46,8 +46,9 @@ impl<'scope> Runner<'scope> {
                     log.step(label, o);
                 }
             };
-            let reconnect =
-                |uri: &str| Libvirt::connect(uri).map(|hv| Arc::new(hv) as Arc<dyn Hypervisor>);
+            let reconnect = |uri: &crate::uri::Uri| {
+                Libvirt::connect(uri).map(|hv| Arc::new(hv) as Arc<dyn Hypervisor>)
+            };
             Executor {
                 plan: &job.plan,
                 connections: &job.connections,

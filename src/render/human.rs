@@ -5,7 +5,7 @@ use std::fmt::Write as _;
 
 use super::{step_time, zone_of};
 use crate::planner::{ChangeAction, Plan};
-use crate::printer::{Printer, Tone};
+use crate::printer::{escape, Printer, Tone};
 
 /// Renders the plan; colour comes from `printer`.
 #[must_use]
@@ -17,8 +17,8 @@ pub fn human(plan: &Plan, printer: &Printer) -> String {
         out,
         "{} {} ({}, sha256 {short_hash})",
         printer.paint(Tone::Heading, "Plan"),
-        printer.paint(Tone::Heading, &plan.meta.name),
-        plan.meta.file
+        printer.paint(Tone::Heading, &escape(&plan.meta.name)),
+        escape(&plan.meta.file)
     );
     let mut heading = None;
     for c in &plan.changes {
@@ -29,7 +29,7 @@ pub fn human(plan: &Plan, printer: &Printer) -> String {
                 "\n{}  step {}  {}",
                 printer.paint(Tone::Heading, &step_time(c.at, zone)),
                 c.step,
-                printer.paint(Tone::Heading, &c.vm)
+                printer.paint(Tone::Heading, &escape(&c.vm))
             );
             heading = Some(this);
         }
@@ -61,7 +61,7 @@ pub fn human(plan: &Plan, printer: &Printer) -> String {
             printer.paint(Tone::Dim, &how)
         );
         for note in &c.notes {
-            let _ = writeln!(out, "      note: {note}");
+            let _ = writeln!(out, "      note: {}", escape(note));
         }
         if let (Some(diff), ChangeAction::Change) = (&c.xml_diff, c.action) {
             let _ = writeln!(out, "      domain XML:");
@@ -71,14 +71,14 @@ pub fn human(plan: &Plan, printer: &Printer) -> String {
                     Some('-') if !line.starts_with("---") => Tone::Removed,
                     _ => Tone::Dim,
                 };
-                let _ = writeln!(out, "        {}", printer.paint(tone, line));
+                let _ = writeln!(out, "        {}", printer.paint(tone, &escape(line)));
             }
         }
     }
     if !plan.warnings.is_empty() {
         let _ = writeln!(out, "\n{}", printer.paint(Tone::Warning, "Warnings:"));
         for w in &plan.warnings {
-            let _ = writeln!(out, "  ! {w}");
+            let _ = writeln!(out, "  ! {}", escape(w));
         }
     }
     let s = plan.summary;

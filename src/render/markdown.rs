@@ -66,5 +66,6 @@ pub fn markdown(plan: &Plan) -> String {
 
 /// Text safe inside a table cell: no pipes or line breaks.
 fn cell(text: &str) -> String {
-    text.replace('|', "\\|").replace(['\n', '\r'], " ")
+    let text = text.replace('|', "\\|").replace(['\n', '\r'], " ");
+    crate::printer::escape(&text).into_owned()
 }

@@ -302,7 +302,7 @@ fn test_driver_observe_many_on_a_200_domain_fleet() {
                 .clock(Some("utc"), Some("guest"))
         })
         .collect();
-    let hv = Libvirt::connect(&write_fleet(dir.path(), &fleet).unwrap()).unwrap();
+    let hv = Libvirt::connect(write_fleet(dir.path(), &fleet).unwrap()).unwrap();
     let uuids: Vec<String> = (0..200)
         .map(|i| hv.resolve(&format!("vm-{i:03}")).unwrap().uuid)
         .collect();

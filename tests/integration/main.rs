@@ -2,6 +2,7 @@
 
 mod apply;
 mod guest;
+mod harden;
 mod layers;
 mod libvirt_adapter;
 mod notify;

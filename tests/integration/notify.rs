@@ -896,3 +896,84 @@ steps:
     assert_eq!(finished["summary"]["done"], 2, "{finished}");
     assert_eq!(finished["status"], "done");
 }
+
+/// `?tls=required` and `smtps://` never fall back to plain text: against a server without TLS
+/// the mail is not sent, and the error names the server, never the password.
+#[test]
+fn required_tls_is_never_downgraded_to_plain_smtp() {
+    use virtplan::notify::deliver::deliver;
+    use virtplan::notify::event::{Event, EventKind, PlanRef};
+    use virtplan::notify::target::{check, RawEmail, RawTarget};
+    use virtplan::plan_file::{Located, Pos};
+    let smtp = SmtpServer::start(None);
+    let dir = tempfile::tempdir().unwrap();
+    let pass = write(dir.path(), "pass", "hunter2-pw\n");
+    let l = |s: &str| Located {
+        value: s.to_owned(),
+        pos: Pos::new(1, 1),
+    };
+    let event = Event {
+        format_version: 1,
+        event: EventKind::StepFailed,
+        id: "e1".into(),
+        plan: PlanRef {
+            name: "web-tier".into(),
+            file: "web-tier.yaml".into(),
+            sha256: "x".into(),
+        },
+        step: Some(3),
+        vm: Some("web-01".into()),
+        uuid: None,
+        connection: None,
+        at: None,
+        status: Some(StepStatus::Failed),
+        started_at: None,
+        finished_at: None,
+        message: "did not reach its desired state".into(),
+        summary: None,
+    };
+    let target = |url: &str, login: bool| {
+        let raw = RawTarget {
+            email: Some(Located {
+                value: RawEmail {
+                    to: Some(Located {
+                        value: vec![l("ops@example.org")],
+                        pos: Pos::new(1, 1),
+                    }),
+                    from: Some(l("virtplan@admin1.example.org")),
+                    smtp: Some(l(url)),
+                    username: login.then(|| l("virtplan")),
+                    password_file: login.then(|| l(pass.to_str().unwrap())),
+                    ..RawEmail::default()
+                },
+                pos: Pos::new(1, 1),
+            }),
+            timeout: Some(l("5s")),
+            ..RawTarget::default()
+        };
+        check(&raw, "t").unwrap()
+    };
+    for url in [
+        format!("smtp://127.0.0.1:{}?tls=required", smtp.port),
+        format!("smtps://127.0.0.1:{}", smtp.port),
+    ] {
+        let err = deliver(&target(&url, true), &event).unwrap_err();
+        assert!(err.0.contains("mail via smtp"), "{err}");
+        assert!(!err.0.contains("hunter2"), "{err}");
+    }
+    assert!(smtp.mails().is_empty(), "nothing went out in clear");
+    // Plain smtp:// to a server without STARTTLS delivers (opportunistic), with the subject
+    // the issue asks for.
+    deliver(
+        &target(&format!("smtp://127.0.0.1:{}", smtp.port), false),
+        &event,
+    )
+    .unwrap();
+    let mails = smtp.mails();
+    assert_eq!(mails.len(), 1);
+    assert!(
+        mails[0].contains("Subject: [virtplan] web-tier: step 3 web-01 failed"),
+        "{}",
+        mails[0]
+    );
+}

@@ -67,13 +67,13 @@ impl Fixture {
     fn project(&self, file: &PlanFile) -> Result<Plan, PlanError> {
         let mut connections = Connections::new();
         connections.insert(
-            self.uri.clone(),
+            self.uri.clone().into(),
             Arc::new(Libvirt::connect(&self.uri).unwrap()),
         );
         planner::project(&PlanInput {
             file,
             connections: &connections,
-            connect_override: Some(&self.uri),
+            connect_override: Some(&self.uri.clone().into()),
             now: now(),
             progress: &NoProgress,
         })
@@ -354,7 +354,7 @@ fn several_domains_and_connections_each_opened_once() {
     let file = Fixture::load(&path);
     let mut connections = Connections::new();
     for uri in [&a.uri, &b.uri] {
-        connections.insert(uri.clone(), Arc::new(Libvirt::connect(uri).unwrap()));
+        connections.insert(uri.into(), Arc::new(Libvirt::connect(uri).unwrap()));
     }
     let plan = planner::project(&PlanInput {
         file: &file,
@@ -367,7 +367,7 @@ fn several_domains_and_connections_each_opened_once() {
     let by_vm: Vec<_> = plan
         .changes
         .iter()
-        .map(|c| (c.vm.as_str(), c.connection == a.uri))
+        .map(|c| (c.vm.as_str(), c.connection.expose() == a.uri))
         .collect();
     assert_eq!(by_vm, [("web-01", true), ("web-02", false)]);
 }
@@ -426,11 +426,14 @@ fn classic_window_against_a_real_qemu_domain() {
     )
     .unwrap();
     let mut connections = Connections::new();
-    connections.insert(uri.clone(), Arc::new(Libvirt::connect(&uri).unwrap()));
+    connections.insert(
+        uri.clone().into(),
+        Arc::new(Libvirt::connect(&uri).unwrap()),
+    );
     let plan = planner::project(&PlanInput {
         file: &file,
         connections: &connections,
-        connect_override: Some(&uri),
+        connect_override: Some(&uri.clone().into()),
         now: now(),
         progress: &NoProgress,
     })
@@ -669,12 +672,15 @@ fn done_steps_raise_no_warnings() {
     );
     let file = Fixture::load(&path);
     let mut connections = Connections::new();
-    connections.insert(fx.uri.clone(), Arc::new(Libvirt::connect(&fx.uri).unwrap()));
+    connections.insert(
+        fx.uri.clone().into(),
+        Arc::new(Libvirt::connect(&fx.uri).unwrap()),
+    );
     let input = |progress: &dyn virtplan::planner::Progress| {
         planner::project(&PlanInput {
             file: &file,
             connections: &connections,
-            connect_override: Some(&fx.uri),
+            connect_override: Some(&fx.uri.clone().into()),
             now: now(),
             progress,
         })
