@@ -10,7 +10,7 @@ use std::fmt;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::state::{ClockState, DomainState, Kib, PowerState};
+use crate::state::{ClockState, DomainState, Kib, LifecycleAction, PowerState};
 
 /// An attribute a step can set, spelled as its key in the plan file and in `plan` output.
 #[derive(
@@ -38,6 +38,10 @@ pub enum Attr {
     Title,
     Description,
     Snapshot,
+    /// What libvirt does when the guest powers off (`<on_poweroff>`).
+    OnPoweroff,
+    /// What libvirt does when the guest reboots (`<on_reboot>`).
+    OnReboot,
     /// The guest's clock set from the host through the agent (`clock: {sync: true}`): an
     /// action shown as its own line, not a key of its own in the plan file.
     GuestTime,
@@ -45,7 +49,7 @@ pub enum Attr {
 
 impl Attr {
     /// Every attribute a plan's `plan` output can show.
-    pub const ALL: [Self; 11] = [
+    pub const ALL: [Self; 13] = [
         Self::Power,
         Self::Memory,
         Self::MaxMemory,
@@ -56,11 +60,13 @@ impl Attr {
         Self::Title,
         Self::Description,
         Self::Snapshot,
+        Self::OnPoweroff,
+        Self::OnReboot,
         Self::GuestTime,
     ];
 
     /// The attributes that are keys of a step, in the order the plan file documents them.
-    pub const KEYS: [Self; 10] = [
+    pub const KEYS: [Self; 12] = [
         Self::Power,
         Self::Memory,
         Self::MaxMemory,
@@ -71,6 +77,8 @@ impl Attr {
         Self::Title,
         Self::Description,
         Self::Snapshot,
+        Self::OnPoweroff,
+        Self::OnReboot,
     ];
 
     /// The key in the plan file and the `attribute` in `plan` output.
@@ -87,6 +95,8 @@ impl Attr {
             Self::Title => "title",
             Self::Description => "description",
             Self::Snapshot => "snapshot",
+            Self::OnPoweroff => "on_poweroff",
+            Self::OnReboot => "on_reboot",
             Self::GuestTime => "guest_time",
         }
     }
@@ -110,6 +120,8 @@ impl Attr {
             Self::Autostart => &[Self::Autostart],
             Self::Title => &[Self::Title],
             Self::Description => &[Self::Description],
+            Self::OnPoweroff => &[Self::OnPoweroff],
+            Self::OnReboot => &[Self::OnReboot],
             // Verified by their own action: a snapshot by name, the guest time by the agent.
             Self::Snapshot | Self::GuestTime => &[],
         }
@@ -119,7 +131,7 @@ impl Attr {
     #[must_use]
     pub fn needs_xml(self) -> bool {
         match self {
-            Self::Clock => true,
+            Self::Clock | Self::OnPoweroff | Self::OnReboot => true,
             Self::Power
             | Self::Memory
             | Self::MaxMemory
@@ -147,6 +159,8 @@ impl Attr {
             Self::Autostart => Figure::Flag(s.autostart),
             Self::Title => Figure::Text(s.title.clone()),
             Self::Description => Figure::Text(s.description.clone()),
+            Self::OnPoweroff => Figure::Lifecycle(s.lifecycle?.on_poweroff),
+            Self::OnReboot => Figure::Lifecycle(s.lifecycle?.on_reboot),
             Self::Snapshot | Self::GuestTime => return None,
         })
     }
@@ -195,6 +209,11 @@ impl Attr {
                 }))
             }
             Self::Autostart => value.as_bool().map(Figure::Flag).ok_or_else(wrong),
+            Self::OnPoweroff | Self::OnReboot => value
+                .as_str()
+                .and_then(LifecycleAction::parse)
+                .map(Figure::Lifecycle)
+                .ok_or_else(wrong),
             Self::Title | Self::Description | Self::Snapshot | Self::GuestTime => {
                 text().map(Figure::Text)
             }
@@ -224,6 +243,7 @@ pub enum Figure {
     Flag(bool),
     Text(String),
     Clock(ClockState),
+    Lifecycle(LifecycleAction),
 }
 
 impl fmt::Display for Figure {
@@ -238,6 +258,7 @@ impl fmt::Display for Figure {
             // User text (titles, descriptions, names read back from libvirt): shown escaped,
             // so no figure can drive the terminal of whoever reads a plan or a status.
             Self::Text(s) => f.write_str(&crate::text::escape(s)),
+            Self::Lifecycle(a) => fmt::Display::fmt(a, f),
             Self::Clock(c) => write!(
                 f,
                 "offset={} track={}",
@@ -262,6 +283,7 @@ impl Serialize for Figure {
             Self::Count(n) => s.serialize_u32(*n),
             Self::Flag(b) => s.serialize_bool(*b),
             Self::Text(t) => s.serialize_str(t),
+            Self::Lifecycle(a) => s.serialize_str(a.as_str()),
             Self::Clock(c) => Clock {
                 offset: &c.offset,
                 track: &c.rtc_track,

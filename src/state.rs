@@ -98,6 +98,96 @@ pub struct ClockState {
     pub rtc_track: Option<String>,
 }
 
+/// What libvirt does when a guest powers off or reboots (`<on_poweroff>`, `<on_reboot>`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum LifecycleAction {
+    /// The domain stops.
+    Destroy,
+    /// The domain starts again.
+    Restart,
+    /// The domain is started again under a new name.
+    RenameRestart,
+    /// The domain is kept in its state for inspection.
+    Preserve,
+}
+
+impl LifecycleAction {
+    pub const ALL: [Self; 4] = [
+        Self::Destroy,
+        Self::Restart,
+        Self::RenameRestart,
+        Self::Preserve,
+    ];
+
+    /// The spelling of the domain XML and the plan file.
+    #[must_use]
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Destroy => "destroy",
+            Self::Restart => "restart",
+            Self::RenameRestart => "rename-restart",
+            Self::Preserve => "preserve",
+        }
+    }
+
+    /// The action spelled `text`.
+    #[must_use]
+    pub fn parse(text: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|a| a.as_str() == text)
+    }
+}
+
+impl fmt::Display for LifecycleAction {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A guest event libvirt acts on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LifecycleEvent {
+    /// The guest powered itself off.
+    Poweroff,
+    /// The guest rebooted.
+    Reboot,
+}
+
+/// `<on_poweroff>` and `<on_reboot>` of the persistent definition (libvirt's defaults when
+/// absent: destroy and restart).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Lifecycle {
+    pub on_poweroff: LifecycleAction,
+    pub on_reboot: LifecycleAction,
+}
+
+impl Default for Lifecycle {
+    fn default() -> Self {
+        Self {
+            on_poweroff: LifecycleAction::Destroy,
+            on_reboot: LifecycleAction::Restart,
+        }
+    }
+}
+
+impl Lifecycle {
+    #[must_use]
+    pub fn get(self, event: LifecycleEvent) -> LifecycleAction {
+        match event {
+            LifecycleEvent::Poweroff => self.on_poweroff,
+            LifecycleEvent::Reboot => self.on_reboot,
+        }
+    }
+
+    pub fn set(&mut self, event: LifecycleEvent, action: LifecycleAction) {
+        match event {
+            LifecycleEvent::Poweroff => self.on_poweroff = action,
+            LifecycleEvent::Reboot => self.on_reboot = action,
+        }
+    }
+}
+
 /// What a running domain actually has right now, as opposed to its persistent config.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct LiveFigures {
@@ -124,6 +214,9 @@ pub struct DomainState {
     pub persistent: bool,
     /// `None` when not read (only steps that touch the clock need the domain XML).
     pub clock: Option<ClockState>,
+    /// `None` when not read (read with the clock, from the same persistent definition).
+    #[serde(default)]
+    pub lifecycle: Option<Lifecycle>,
     pub title: String,
     pub description: String,
     /// `Some` only for active domains.

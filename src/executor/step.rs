@@ -88,6 +88,9 @@ fn satisfied(action: &Action, s: &DomainState) -> bool {
                     .is_none_or(|t| c.rtc_track.as_deref() == Some(t.as_str()))
         }),
         Action::SetAutostart { on } => s.autostart == *on,
+        Action::SetLifecycle { event, action } => {
+            s.lifecycle.is_some_and(|l| l.get(*event) == *action)
+        }
         Action::SetTitle { title } => s.title == *title,
         Action::SetDescription { description } => s.description == *description,
         // Setting the guest's time again is harmless; a snapshot is checked by name.
@@ -737,6 +740,9 @@ impl Run<'_> {
                 )
                 .map_err(|e| HvError::new(ErrorKind::Other, e.to_string()))?;
                 hv.define_xml(&edited)
+            }),
+            Action::SetLifecycle { event, action: to } => self.call(step, action, resuming, |hv| {
+                hv.set_lifecycle(uuid, *event, *to)
             }),
             Action::SetAutostart { on } => {
                 self.call(step, action, resuming, |hv| hv.set_autostart(uuid, *on))

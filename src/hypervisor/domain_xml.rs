@@ -10,7 +10,7 @@ use std::borrow::Cow;
 use quick_xml::events::{BytesEnd, BytesStart, BytesText, Event};
 use quick_xml::{Reader, Writer};
 
-use crate::state::{ClockState, Kib};
+use crate::state::{ClockState, Kib, Lifecycle, LifecycleAction, LifecycleEvent};
 
 /// The domain XML could not be read or rewritten.
 #[derive(Debug, thiserror::Error)]
@@ -44,6 +44,8 @@ pub struct DefinitionSummary {
     pub description: String,
     /// The `<clock>` element.
     pub clock: ClockState,
+    /// `<on_poweroff>` and `<on_reboot>`.
+    pub lifecycle: Lifecycle,
 }
 
 /// Memory, maximum memory, vCPUs and maximum vCPUs of a domain definition.
@@ -62,6 +64,15 @@ pub struct ConfigFigures {
 /// Returns [`XmlError`] when the XML is not well-formed.
 pub fn read_clock(xml: &str) -> Result<ClockState, XmlError> {
     Ok(scan(xml)?.clock)
+}
+
+/// Reads `<on_poweroff>` and `<on_reboot>` (libvirt's defaults where absent).
+///
+/// # Errors
+///
+/// Returns [`XmlError`] when the XML is not well-formed or names an unknown action.
+pub fn read_lifecycle(xml: &str) -> Result<Lifecycle, XmlError> {
+    Ok(scan(xml)?.lifecycle)
 }
 
 /// Reads memory, maximum memory, vCPUs and maximum vCPUs from a domain definition.
@@ -225,6 +236,7 @@ pub fn summarize(xml: &str) -> Result<DefinitionSummary, XmlError> {
         title: raw.title.unwrap_or_default(),
         description: raw.description.unwrap_or_default(),
         clock: raw.clock,
+        lifecycle: raw.lifecycle,
     })
 }
 
@@ -238,6 +250,7 @@ struct RawSummary {
     title: Option<String>,
     description: Option<String>,
     clock: ClockState,
+    lifecycle: Lifecycle,
     /// `<devices><memballoon model='none'/>`.
     no_balloon: bool,
 }
@@ -259,7 +272,8 @@ fn scan(xml: &str) -> Result<RawSummary, XmlError> {
                 let is_empty = matches!(event, Event::Empty(_));
                 if path.len() == 1 {
                     match name.as_str() {
-                        "memory" | "currentMemory" | "vcpu" | "title" | "description" => {
+                        "memory" | "currentMemory" | "vcpu" | "title" | "description"
+                        | "on_poweroff" | "on_reboot" => {
                             if name == "vcpu" {
                                 if let Some(current) = attribute(e, "current")? {
                                     out.vcpus_current = Some(parse_number(&name, &current)?);
@@ -327,6 +341,17 @@ fn finish_text(
         "vcpu" => out.max_vcpus = Some(parse_number(name, text)?),
         "title" => out.title = Some(text.to_owned()),
         "description" => out.description = Some(text.to_owned()),
+        "on_poweroff" | "on_reboot" => {
+            let action = LifecycleAction::parse(text.trim()).ok_or_else(|| {
+                XmlError::Invalid(format!("<{name}> holds {text:?}, not a lifecycle action"))
+            })?;
+            let event = if name == "on_poweroff" {
+                LifecycleEvent::Poweroff
+            } else {
+                LifecycleEvent::Reboot
+            };
+            out.lifecycle.set(event, action);
+        }
         _ => {}
     }
     Ok(())

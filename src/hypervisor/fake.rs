@@ -10,7 +10,10 @@ use chrono::{DateTime, Utc};
 
 use super::{domain_xml, DomainId, ErrorKind, HvError, HvResult, Hypervisor, Scope};
 use crate::clock::Clock;
-use crate::state::{ClockState, DomainState, Kib, LiveFigures, PowerState};
+use crate::state::{
+    ClockState, DomainState, Kib, Lifecycle, LifecycleAction, LifecycleEvent, LiveFigures,
+    PowerState,
+};
 
 /// One domain of a [`FakeHypervisor`].
 #[derive(Debug, Clone)]
@@ -51,6 +54,7 @@ impl FakeDomain {
                     offset: Some("utc".to_owned()),
                     rtc_track: None,
                 }),
+                lifecycle: Some(Lifecycle::default()),
                 title: String::new(),
                 description: String::new(),
                 live: None,
@@ -431,6 +435,13 @@ fn xml_of(d: &FakeDomain) -> String {
             None => clock.push_str("/>\n"),
         }
     }
+    if let Some(l) = s.lifecycle {
+        let _ = write!(
+            clock,
+            "  <on_poweroff>{}</on_poweroff>\n  <on_reboot>{}</on_reboot>\n",
+            l.on_poweroff, l.on_reboot
+        );
+    }
     let devices = if d.agent {
         format!(
             "  <devices>\n    <channel type='unix'>\n      <target type='virtio' name='{}'/>\n    </channel>\n  </devices>\n",
@@ -475,6 +486,7 @@ impl Hypervisor for FakeHypervisor {
             let mut state = d.state.clone();
             if !with_clock {
                 state.clock = None;
+                state.lifecycle = None;
             }
             state
         })
@@ -672,8 +684,11 @@ impl Hypervisor for FakeHypervisor {
             clock.offset.as_deref().unwrap_or("-"),
             clock.rtc_track.as_deref().unwrap_or("-")
         );
+        let lifecycle = domain_xml::read_lifecycle(xml)
+            .map_err(|e| HvError::new(ErrorKind::InvalidArgument, e.to_string()))?;
         self.mutate("define_xml", &uuid, arg, |d| {
             d.state.clock = Some(clock);
+            d.state.lifecycle = Some(lifecycle);
             Ok(())
         })
     }
@@ -681,6 +696,21 @@ impl Hypervisor for FakeHypervisor {
     fn set_autostart(&self, uuid: &str, on: bool) -> HvResult<()> {
         self.mutate("set_autostart", uuid, on.to_string(), |d| {
             d.state.autostart = on;
+            Ok(())
+        })
+    }
+
+    fn set_lifecycle(
+        &self,
+        uuid: &str,
+        event: LifecycleEvent,
+        action: LifecycleAction,
+    ) -> HvResult<()> {
+        self.mutate("set_lifecycle", uuid, format!("{event:?} {action}"), |d| {
+            d.state
+                .lifecycle
+                .get_or_insert_with(Lifecycle::default)
+                .set(event, action);
             Ok(())
         })
     }

@@ -39,7 +39,7 @@ use virt::sys;
 use super::domain_xml::{self, DefinitionSummary};
 use super::snapshot::{self, QemuImg, SnapshotSupport};
 use super::{DomainId, ErrorKind, HvError, HvResult, Hypervisor, Observation, Scope, Want};
-use crate::state::{DomainState, Kib, LiveFigures, PowerState};
+use crate::state::{DomainState, Kib, LifecycleAction, LifecycleEvent, LiveFigures, PowerState};
 use crate::uri::Uri;
 
 /// Stops libvirt from printing every handled error to stderr; call once before connecting.
@@ -99,6 +99,7 @@ impl Libvirt {
                         autostart: autostart.contains(&key),
                         persistent: true,
                         clock: None,
+                        lifecycle: None,
                         title: String::new(),
                         description: String::new(),
                         live: None,
@@ -164,6 +165,7 @@ impl Libvirt {
                 autostart: autostart.contains(&key),
                 persistent,
                 clock: want.clock.then_some(summary.clock),
+                lifecycle: want.clock.then_some(summary.lifecycle),
                 title: summary.title,
                 description: summary.description,
                 live,
@@ -364,6 +366,7 @@ impl Hypervisor for Libvirt {
             autostart,
             persistent,
             clock: with_clock.then_some(summary.clock),
+            lifecycle: with_clock.then_some(summary.lifecycle),
             title: summary.title,
             description: summary.description,
             live,
@@ -529,6 +532,28 @@ impl Hypervisor for Libvirt {
 
     fn set_autostart(&self, uuid: &str, on: bool) -> HvResult<()> {
         self.with_domain(uuid, "set autostart of", |d| d.set_autostart(on))
+    }
+
+    fn set_lifecycle(
+        &self,
+        uuid: &str,
+        event: LifecycleEvent,
+        action: LifecycleAction,
+    ) -> HvResult<()> {
+        let kind = match event {
+            LifecycleEvent::Poweroff => sys::VIR_DOMAIN_LIFECYCLE_POWEROFF,
+            LifecycleEvent::Reboot => sys::VIR_DOMAIN_LIFECYCLE_REBOOT,
+        };
+        let value = match action {
+            LifecycleAction::Destroy => sys::VIR_DOMAIN_LIFECYCLE_ACTION_DESTROY,
+            LifecycleAction::Restart => sys::VIR_DOMAIN_LIFECYCLE_ACTION_RESTART,
+            LifecycleAction::RenameRestart => sys::VIR_DOMAIN_LIFECYCLE_ACTION_RESTART_RENAME,
+            LifecycleAction::Preserve => sys::VIR_DOMAIN_LIFECYCLE_ACTION_PRESERVE,
+        };
+        // The persistent definition only, like the clock: it takes effect at the next start.
+        self.with_domain(uuid, &format!("set on_{event:?} of").to_lowercase(), |d| {
+            d.set_lifecycle_action(kind, value, sys::VIR_DOMAIN_AFFECT_CONFIG)
+        })
     }
 
     fn set_title(&self, uuid: &str, title: &str) -> HvResult<()> {

@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 
-use crate::state::{DomainState, Kib};
+use crate::state::{DomainState, Kib, LifecycleAction, LifecycleEvent};
 
 /// A domain as resolved from a plan's `vm:` entry: its real name and UUID.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -181,6 +181,13 @@ pub trait Hypervisor: Send + Sync {
     /// Replaces the persistent definition (used for clock edits).
     fn define_xml(&self, xml: &str) -> HvResult<()>;
     fn set_autostart(&self, uuid: &str, on: bool) -> HvResult<()>;
+    /// Sets what the persistent definition does on a guest power-off or reboot.
+    fn set_lifecycle(
+        &self,
+        uuid: &str,
+        event: LifecycleEvent,
+        action: LifecycleAction,
+    ) -> HvResult<()>;
     fn set_title(&self, uuid: &str, title: &str) -> HvResult<()>;
     fn set_description(&self, uuid: &str, description: &str) -> HvResult<()>;
     fn create_snapshot(&self, uuid: &str, name: &str, description: Option<&str>) -> HvResult<()>;

@@ -35,6 +35,7 @@ pub use diag::{Diagnostic, Diagnostics, Pos};
 
 use crate::attr::Attr;
 use crate::config::Config;
+pub use crate::state::LifecycleAction;
 use crate::state::{Kib, PowerState};
 use crate::uri::Uri;
 
@@ -322,6 +323,8 @@ pub struct Attributes {
     pub title: Option<Located<String>>,
     pub description: Option<Located<String>>,
     pub snapshot: Option<Located<SnapshotSpec>>,
+    pub on_poweroff: Option<Located<LifecycleAction>>,
+    pub on_reboot: Option<Located<LifecycleAction>>,
 }
 
 impl Attributes {
@@ -340,6 +343,8 @@ impl Attributes {
             title,
             description,
             snapshot,
+            on_poweroff,
+            on_reboot,
         } = self;
         [
             (Attr::Power, power.as_ref().map(|l| l.pos)),
@@ -352,6 +357,8 @@ impl Attributes {
             (Attr::Title, title.as_ref().map(|l| l.pos)),
             (Attr::Description, description.as_ref().map(|l| l.pos)),
             (Attr::Snapshot, snapshot.as_ref().map(|l| l.pos)),
+            (Attr::OnPoweroff, on_poweroff.as_ref().map(|l| l.pos)),
+            (Attr::OnReboot, on_reboot.as_ref().map(|l| l.pos)),
         ]
         .into_iter()
         .filter_map(|(attr, pos)| Some((attr, pos?)))

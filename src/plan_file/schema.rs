@@ -153,6 +153,12 @@ struct StepSchema {
     /// Description (libvirt metadata).
     description: Option<String>,
     snapshot: Option<SnapshotSchema>,
+    /// What libvirt does when the guest powers off (persistent definition; next start).
+    #[schemars(extend("enum" = ["destroy", "restart", "rename-restart", "preserve"]))]
+    on_poweroff: Option<String>,
+    /// What libvirt does when the guest reboots (persistent definition; next start).
+    #[schemars(extend("enum" = ["destroy", "restart", "rename-restart", "preserve"]))]
+    on_reboot: Option<String>,
     check: Option<CheckSchema>,
     /// Run this step even after an earlier step of its domain failed, was skipped or missed,
     /// or the plan was aborted (at its own time and grace), so the window restores service.

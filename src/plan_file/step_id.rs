@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use serde::ser::{self, Serialize};
 
-use super::{Attributes, ClockOffset, PowerTarget, RtcTrack, ShutdownMode, Step};
+use super::{Attributes, ClockOffset, LifecycleAction, PowerTarget, RtcTrack, ShutdownMode, Step};
 
 /// Everything a step asks for, and nothing about where it sits in the file: reordering or
 /// inserting steps keeps ids, editing a step gives it a new id.
@@ -47,6 +47,10 @@ pub struct StepIdentity<'a> {
     #[serde(rename = "snapshot")]
     pub snapshot: Option<SnapshotId<'a>>,
     // Left out when unset, so steps written before these keys existed keep their ids.
+    #[serde(rename = "on_poweroff", skip_serializing_if = "Option::is_none")]
+    pub on_poweroff: Option<LifecycleAction>,
+    #[serde(rename = "on_reboot", skip_serializing_if = "Option::is_none")]
+    pub on_reboot: Option<LifecycleAction>,
     #[serde(rename = "check", skip_serializing_if = "Option::is_none")]
     pub check: Option<CheckId<'a>>,
     #[serde(rename = "always", skip_serializing_if = "std::ops::Not::not")]
@@ -133,6 +137,8 @@ impl<'a> StepIdentity<'a> {
             title,
             description,
             snapshot,
+            on_poweroff,
+            on_reboot,
         } = &step.attributes;
         Self {
             at: step.at.as_ref().map(|a| a.value.to_rfc3339()),
@@ -164,6 +170,8 @@ impl<'a> StepIdentity<'a> {
                 name: &l.value.name,
                 description: l.value.description.as_deref(),
             }),
+            on_poweroff: on_poweroff.as_ref().map(|l| l.value),
+            on_reboot: on_reboot.as_ref().map(|l| l.value),
             check: step.check.as_ref().map(|l| CheckId {
                 state: l.value.state,
                 guest_agent: l.value.guest_agent,
@@ -628,5 +636,29 @@ steps:
              always=true"
         );
         assert_eq!(file.steps[0].id(), "s47872aaa3c");
+    }
+}
+
+#[cfg(test)]
+mod lifecycle_ids {
+    use std::path::Path;
+
+    use crate::plan_file::{parse, LoadContext};
+
+    /// `on_poweroff`/`on_reboot` join the notation only when set: the step without them keeps
+    /// the id it had before they existed (`sb2d891d355`, pinned above).
+    #[test]
+    fn lifecycle_actions_are_pinned_and_leave_other_ids_alone() {
+        let plan = "version: 1\nconnection: qemu:///system\nsteps:\n  - vm: db\n    connection: test:///default\n    power: running\n    shutdown: { mode: force }\n  - vm: db\n    on_poweroff: preserve\n    on_reboot: rename-restart\n";
+        let file = parse(
+            Path::new("pin.yaml"),
+            plan.to_owned(),
+            &LoadContext::default(),
+        )
+        .unwrap_or_else(|d| panic!("{d}"));
+        let ids: Vec<String> = file.steps.iter().map(crate::plan_file::Step::id).collect();
+        assert_eq!(ids, ["sb2d891d355", "sf2a4826c43"]);
+        assert!(super::notation(&super::StepIdentity::of(&file.steps[1]))
+            .ends_with(";on_poweroff=Some(Preserve);on_reboot=Some(Rename-restart)"));
     }
 }

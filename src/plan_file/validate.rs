@@ -20,6 +20,7 @@ use super::{
 };
 use crate::attr::Attr;
 use crate::config::Config;
+use crate::state::LifecycleAction;
 use crate::uri::Uri;
 
 pub const TOP_KEYS: &[&str] = &[
@@ -581,6 +582,8 @@ fn check_attributes(c: &mut Checker<'_>, map: &MarkedMappingNode) -> Attributes 
                     .map(|t| located(n, t.to_owned()));
             }
             Attr::Snapshot => a.snapshot = snapshot(c, n).map(|v| located(n, v)),
+            Attr::OnPoweroff => a.on_poweroff = lifecycle(c, n, key).map(|v| located(n, v)),
+            Attr::OnReboot => a.on_reboot = lifecycle(c, n, key).map(|v| located(n, v)),
             // Not a key: `clock: {sync: true}` asks for it.
             Attr::GuestTime => {}
         }
@@ -641,6 +644,20 @@ fn power(c: &mut Checker<'_>, node: &Node) -> Option<PowerTarget> {
         ],
         "`running`, `shutoff`, `paused` or `reboot`",
         "use `running` (alias `on`), `shutoff` (alias `off`), `paused` (alias `suspended`) or `reboot`",
+    )
+}
+
+fn lifecycle(c: &mut Checker<'_>, node: &Node, key: &str) -> Option<LifecycleAction> {
+    let choices: Vec<(&str, LifecycleAction)> = LifecycleAction::ALL
+        .into_iter()
+        .map(|a| (a.as_str(), a))
+        .collect();
+    c.choice(
+        node,
+        &format!("`{key}`"),
+        &choices,
+        "`destroy`, `restart`, `rename-restart` or `preserve`",
+        &format!("use `{key}: destroy` (the domain stops) or `{key}: restart` (it starts again)"),
     )
 }
 

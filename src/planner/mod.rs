@@ -20,7 +20,7 @@ use crate::hypervisor::{DomainId, HvError, Hypervisor};
 use crate::plan_file::{
     CheckSpec, ClockTarget, OnFailure, PlanFile, Pos, ShutdownPolicy, SnapshotSpec, Window,
 };
-use crate::state::{DomainState, Kib};
+use crate::state::{DomainState, Kib, LifecycleAction, LifecycleEvent};
 use crate::uri::Uri;
 
 pub use project::project;
@@ -157,6 +157,10 @@ pub enum Action {
     },
     SetDescription {
         description: String,
+    },
+    SetLifecycle {
+        event: LifecycleEvent,
+        action: LifecycleAction,
     },
     Start,
     Resume,

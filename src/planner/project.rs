@@ -16,7 +16,7 @@ use crate::plan_file::units::format_duration;
 use crate::plan_file::{
     Attributes, ClockTarget, Located, PlanFile, PowerTarget, ShutdownMode, ShutdownPolicy, Step,
 };
-use crate::state::{ClockState, DomainState, LiveFigures, PowerState};
+use crate::state::{ClockState, DomainState, LifecycleEvent, LiveFigures, PowerState};
 use crate::uri::Uri;
 
 /// Projects the plan over live state read through `input.connections`.
@@ -240,7 +240,7 @@ fn observe(
 /// Steps whose projection reads the persistent XML: clock edits, and whatever depends on a
 /// guest agent channel (a reboot's ladder, `clock.sync`, a `guest_agent` check).
 fn needs_xml(s: &Step) -> bool {
-    s.attributes.clock.is_some()
+    s.attributes.set().iter().any(|(a, _)| a.needs_xml())
         || s.attributes
             .power
             .as_ref()
@@ -511,6 +511,8 @@ impl DomainCtx<'_> {
             title: _,
             description: _,
             snapshot: _,
+            on_poweroff: _,
+            on_reboot: _,
         } = a;
         let power = a.power.as_ref().map(|p| p.value);
         settled(b, &carry.state, a.power.as_ref())?;
@@ -696,6 +698,37 @@ impl DomainCtx<'_> {
                     description: description.value.clone(),
                 });
                 state.description.clone_from(&description.value);
+            }
+        }
+        for (event, attr, wanted) in [
+            (LifecycleEvent::Poweroff, Attr::OnPoweroff, &a.on_poweroff),
+            (LifecycleEvent::Reboot, Attr::OnReboot, &a.on_reboot),
+        ] {
+            let Some(wanted) = wanted else { continue };
+            let current = state.lifecycle.unwrap_or_default();
+            let before = current.get(event);
+            let notes = if state.power.is_active() && before != wanted.value {
+                vec![format!(
+                    "the running domain keeps `{before}` until it is next started"
+                )]
+            } else {
+                vec![]
+            };
+            b.change(
+                attr,
+                Figure::Lifecycle(before),
+                Figure::Lifecycle(wanted.value),
+                Some("config".into()),
+                notes,
+            );
+            if before != wanted.value {
+                b.actions.push(Action::SetLifecycle {
+                    event,
+                    action: wanted.value,
+                });
+                let mut next = current;
+                next.set(event, wanted.value);
+                state.lifecycle = Some(next);
             }
         }
 

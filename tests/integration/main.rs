@@ -5,6 +5,7 @@ mod guest;
 mod harden;
 mod layers;
 mod libvirt_adapter;
+mod lifecycle;
 mod notify;
 mod ops;
 mod plan;
