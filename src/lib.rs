@@ -20,6 +20,7 @@ pub mod fsutil;
 pub mod hypervisor;
 pub mod lockfile;
 pub mod notify;
+pub mod ops;
 pub mod overview;
 pub mod plan_file;
 pub mod planner;

@@ -1,12 +1,41 @@
-//! The progress file `<plan stem>.lock` (versioned TOML, replaced atomically) and the exclusive
-//! OS lock `<plan stem>.lock.pid` that keeps a second executor off the same plan.
+//! The progress file `<plan stem>.lock` and the exclusive OS lock `<plan stem>.lock.pid` that
+//! keeps a second executor off the same plan.
 //!
 //! The progress file is what makes `apply` resumable: a step is recorded `running` durably
 //! before libvirt is called, and `done` only after its result was read back and verified.
-//! The OS lock lives on a separate file that is never renamed: locking the progress file itself
-//! would not work, because every atomic replace puts a new, unlocked inode at its path.
+//!
+//! # Format: a journal of JSON lines (version 2)
+//!
+//! One JSON object per line, readable with `jq` or any editor: first a header (`version`,
+//! `plan_sha256`), then one `{"step": {...}}` record per step and domain (the *compacted*
+//! part, in a deterministic order), then, appended while `apply` runs, one `{"step": {...}}`
+//! line per state change: the whole new record of that step on that domain, which supersedes
+//! the earlier lines of the same (step id, UUID). Appending costs a few hundred bytes per change
+//! and one `fdatasync` per group commit, however many steps the plan has; the previous design
+//! rewrote the whole file per change (quadratic in steps). The file is *compacted* (rewritten
+//! atomically: temporary file, fsync, rename, fsync of the folder) when an executor opens it
+//! and when it finishes, so at rest it holds one line per record.
+//!
+//! A crash can leave the last append torn. A line counts only when it ends with its newline
+//! and parses; unparsable or unterminated lines at the end of the file are a torn tail, dropped
+//! (and cut off at the next compaction), never misread. An unparsable line followed by a good
+//! one is not a torn write but damage: the file is refused as corrupt, never overwritten.
+//! Version 1 files (one TOML document) are still read, and compacted to version 2 by `apply`.
+//!
+//! # Appending from another process (`cancel`)
+//!
+//! Every append, the executor's and anyone else's, happens under an exclusive `flock` of the
+//! progress file itself, held only for that append: lock, check that the locked file is still
+//! the one at the path (a compaction may have renamed a new one over it: then reopen and lock
+//! again), read whatever was appended since this writer last looked, write the new lines with
+//! one `write` at the end, `fdatasync`, unlock. [`append_external`] does exactly that for a
+//! process that does not hold the executor lock (an operator's `cancel` while `apply` runs).
+//! The executor merges lines others appended before writing its own, at every group commit
+//! and at compaction, so nothing appended is lost, and [`LockStore::refresh`] lets it look
+//! before starting a step. An external line never overrides a record the executor has made
+//! `running` or `done`: those are the executor's alone.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::fs::File;
 use std::io::{Read, Seek, Write};
@@ -19,8 +48,8 @@ use serde::{Deserialize, Serialize};
 use crate::planner::{Plan, Progress};
 use crate::state::{DomainState, Kib, PowerState};
 
-/// The lockfile format this build reads and writes.
-pub const LOCKFILE_VERSION: u32 = 1;
+/// The lockfile format this build writes (JSON lines); version 1 (TOML) is still read.
+pub const LOCKFILE_VERSION: u32 = 2;
 
 /// Where a step is in its life.
 #[derive(
@@ -303,17 +332,12 @@ impl Lockfile {
         }
     }
 
-    /// The record of `step_id` on the domain `uuid`.
+    /// The record of `step_id` on the domain `uuid` (a linear scan: for many look-ups, build
+    /// an [`Index`]).
     #[must_use]
     pub fn get(&self, step_id: &str, uuid: &str) -> Option<&StepRecord> {
         self.steps
             .iter()
-            .find(|r| r.step_id == step_id && r.uuid == uuid)
-    }
-
-    fn get_mut(&mut self, step_id: &str, uuid: &str) -> Option<&mut StepRecord> {
-        self.steps
-            .iter_mut()
             .find(|r| r.step_id == step_id && r.uuid == uuid)
     }
 
@@ -325,97 +349,48 @@ impl Lockfile {
         });
     }
 
-    /// The TOML text (deterministic order).
+    /// The compacted text: header line, then one line per record, in deterministic order.
     ///
     /// # Errors
-    /// Only if a value cannot be written as TOML, which the types rule out.
-    pub fn to_toml(&self) -> Result<String, LockError> {
+    /// Only if a value cannot be written as JSON, which the types rule out.
+    pub fn to_text(&self) -> Result<String, LockError> {
         let mut sorted = self.clone();
         sorted.sort();
-        let mut text = sorted.header_toml()?;
+        let mut text = header_line(&sorted.plan_sha256)?;
         for r in &sorted.steps {
-            text.push_str(&record_toml(r)?);
+            text.push_str(&record_line(r)?);
         }
         for e in &sorted.events {
-            text.push_str(&event_toml(e)?);
+            text.push_str(&line(None, Some(e))?);
         }
         Ok(text)
     }
 
-    /// The comment, `version` and `plan_sha256`.
-    fn header_toml(&self) -> Result<String, LockError> {
-        #[derive(Serialize)]
-        struct Header<'a> {
-            version: u32,
-            plan_sha256: &'a str,
-        }
-        let header = toml::to_string(&Header {
-            version: self.version,
-            plan_sha256: &self.plan_sha256,
-        })
-        .map_err(|e| LockError::Serialize(e.to_string()))?;
-        Ok(format!(
-            "# virtplan progress file: written by `virtplan apply`, read by `virtplan status`.\n\
-             # Do not edit by hand; move it aside to start the plan over.\n{header}"
-        ))
-    }
-
-    /// Parses a lockfile's text, refusing newer formats.
+    /// Parses a lockfile's text (either format), refusing newer formats and damage; a torn
+    /// last append is dropped.
     ///
     /// # Errors
     /// [`LockError::Corrupt`] or [`LockError::NewerVersion`], both naming `path`.
     pub fn parse(path: &Path, text: &str) -> Result<Self, LockError> {
-        let lock: Self = toml::from_str(text).map_err(|e| LockError::Corrupt {
-            path: path.to_path_buf(),
-            reason: e.message().trim().to_owned(),
-        })?;
-        if lock.version > LOCKFILE_VERSION {
-            return Err(LockError::NewerVersion {
-                path: path.to_path_buf(),
-                version: lock.version,
-            });
-        }
-        if lock.version == 0 {
-            return Err(LockError::Corrupt {
-                path: path.to_path_buf(),
-                reason: "version 0 is not a lockfile version".to_owned(),
-            });
-        }
-        // Two records of one step on one domain: which one is true is unknowable (a hand edit
-        // or a merge), and the executor would trust whichever it found first.
-        let mut seen = BTreeSet::new();
-        for r in &lock.steps {
-            if !seen.insert((r.step_id.as_str(), r.uuid.as_str())) {
-                return Err(LockError::Corrupt {
-                    path: path.to_path_buf(),
-                    reason: format!(
-                        "step {} ({}, id {}) is recorded twice",
-                        r.step,
-                        crate::text::escape(&r.vm),
-                        r.step_id
-                    ),
-                });
-            }
-        }
-        Ok(lock)
+        Ok(parse_text(path, text.as_bytes())?.lock)
     }
 
     /// Checks recorded progress against `plan` before anything runs, and brings the records in
     /// line with it: new steps become `pending`, records of removed steps that never ran are
-    /// dropped.
+    /// dropped. Linear in records and steps.
     ///
     /// # Errors
     /// A done (or interrupted) step that is no longer in the plan, or a domain whose UUID
     /// differs from the recorded one.
     pub fn reconcile(&mut self, path: &Path, plan: &Plan) -> Result<(), LockError> {
-        let planned: BTreeSet<(&str, &str)> = plan
+        let planned: HashSet<(&str, &str)> = plan
             .steps
             .iter()
             .map(|s| (s.step_id.as_str(), s.domain.uuid.as_str()))
             .collect();
         // Same step, same name, other UUID: the domain was deleted and re-created (or another
         // was renamed over it). Keyed by step too, since hosts of one plan may share names.
-        let mut recorded_uuid: BTreeMap<(&str, &str), &str> = BTreeMap::new();
+        let mut recorded_uuid: HashMap<(&str, &str), &str> = HashMap::new();
         for r in &self.steps {
             recorded_uuid.insert((r.step_id.as_str(), r.vm.as_str()), r.uuid.as_str());
         }
@@ -453,54 +428,318 @@ impl Lockfile {
         self.plan_sha256.clone_from(&plan.meta.sha256);
         self.steps
             .retain(|r| planned.contains(&(r.step_id.as_str(), r.uuid.as_str())));
+        let descriptions = describe_all(plan);
+        let describe = |step_id: &str, uuid: &str| {
+            descriptions
+                .get(&(step_id, uuid))
+                .cloned()
+                .unwrap_or_default()
+        };
+        let index = Index::of(self);
+        let mut added = Vec::new();
         for s in &plan.steps {
-            match self.get_mut(&s.step_id, &s.domain.uuid) {
-                Some(r) => {
+            match index.position(&s.step_id, &s.domain.uuid) {
+                Some(i) => {
+                    let r = &mut self.steps[i];
                     r.step = s.step;
                     r.vm.clone_from(&s.domain.name);
                     r.at = s.at;
                     // A step that ran keeps the description of what it did.
                     if r.status == StepStatus::Pending || r.what.is_empty() {
-                        r.what = plan.describe(&s.step_id, &s.domain.uuid);
+                        r.what = describe(&s.step_id, &s.domain.uuid);
                     }
                 }
-                None => self.steps.push(StepRecord::new(
+                None => added.push(StepRecord::new(
                     s.step,
                     &s.step_id,
                     &s.domain.name,
                     &s.domain.uuid,
-                    plan.describe(&s.step_id, &s.domain.uuid),
+                    describe(&s.step_id, &s.domain.uuid),
                     s.at,
                     StepStatus::Pending,
                 )),
             }
         }
+        self.steps.extend(added);
         self.sort();
         Ok(())
     }
 }
 
-/// One `[[step]]` table. Records are written one by one so the store can keep the text of
-/// records that did not change (serializing TOML is the costly part of a write).
-fn record_toml(r: &StepRecord) -> Result<String, LockError> {
-    #[derive(Serialize)]
-    struct One<'a> {
-        step: [&'a StepRecord; 1],
+/// Positions of a lockfile's records by (step id, domain UUID): constant-time look-ups.
+#[derive(Debug, Default, Clone)]
+pub struct Index(HashMap<(String, String), usize>);
+
+impl Index {
+    /// Indexes `lock`'s records as they are now.
+    #[must_use]
+    pub fn of(lock: &Lockfile) -> Self {
+        Self(
+            lock.steps
+                .iter()
+                .enumerate()
+                .map(|(i, r)| ((r.step_id.clone(), r.uuid.clone()), i))
+                .collect(),
+        )
     }
-    let text =
-        toml::to_string(&One { step: [r] }).map_err(|e| LockError::Serialize(e.to_string()))?;
-    Ok(format!("\n{text}"))
+
+    /// Where the record of `step_id` on `uuid` is in the indexed lockfile's `steps`.
+    #[must_use]
+    pub fn position(&self, step_id: &str, uuid: &str) -> Option<usize> {
+        // Borrowed look-up without allocating would need a custom key type; the strings are
+        // short and this is off the hot path of a step (one look-up per state change).
+        self.0.get(&(step_id.to_owned(), uuid.to_owned())).copied()
+    }
+
+    fn insert(&mut self, r: &StepRecord, i: usize) {
+        self.0.insert((r.step_id.clone(), r.uuid.clone()), i);
+    }
 }
 
-/// One `[[event]]` table.
-fn event_toml(e: &EventRecord) -> Result<String, LockError> {
+/// The first line of a version 2 file.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Header {
+    version: u32,
+    plan_sha256: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    about: String,
+}
+
+/// The header line as read.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct HeaderIn {
+    header: Header,
+}
+
+/// Every line after the header: the whole record of one step on one domain, and/or one
+/// notification event; a later line of the same (step id, UUID), or of the same event id,
+/// supersedes earlier ones. A step change and the event it announces share one line, so a
+/// torn write can never keep one without the other.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Line {
+    #[serde(default)]
+    step: Option<StepRecord>,
+    #[serde(default)]
+    event: Option<EventRecord>,
+}
+
+#[derive(Serialize)]
+struct LineRef<'a> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    step: Option<&'a StepRecord>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    event: Option<&'a EventRecord>,
+}
+
+fn header_line(plan_sha256: &str) -> Result<String, LockError> {
     #[derive(Serialize)]
-    struct One<'a> {
-        event: [&'a EventRecord; 1],
+    struct HeaderLine {
+        header: Header,
     }
-    let text =
-        toml::to_string(&One { event: [e] }).map_err(|e| LockError::Serialize(e.to_string()))?;
-    Ok(format!("\n{text}"))
+    let header = Header {
+        version: LOCKFILE_VERSION,
+        plan_sha256: plan_sha256.to_owned(),
+        about: "virtplan progress file: written by `virtplan apply`, read by `virtplan status`; \
+                one JSON object per line, later step lines supersede earlier ones; do not edit \
+                by hand, move it aside to start the plan over"
+            .to_owned(),
+    };
+    let mut text = serde_json::to_string(&HeaderLine { header })
+        .map_err(|e| LockError::Serialize(e.to_string()))?;
+    text.push('\n');
+    Ok(text)
+}
+
+/// One `{"step": {...}}` line, newline included.
+fn record_line(r: &StepRecord) -> Result<String, LockError> {
+    line(Some(r), None)
+}
+
+/// One line with a step record, an event, or both; newline included.
+fn line(step: Option<&StepRecord>, event: Option<&EventRecord>) -> Result<String, LockError> {
+    let mut text = serde_json::to_string(&LineRef { step, event })
+        .map_err(|e| LockError::Serialize(e.to_string()))?;
+    text.push('\n');
+    Ok(text)
+}
+
+/// A parsed file: its progress, and how many bytes of it are whole lines (the rest is a torn
+/// tail, if `torn`).
+struct Parsed {
+    lock: Lockfile,
+    index: Index,
+    good_len: usize,
+    torn: bool,
+}
+
+fn corrupt(path: &Path, reason: impl Into<String>) -> LockError {
+    LockError::Corrupt {
+        path: path.to_path_buf(),
+        reason: reason.into(),
+    }
+}
+
+fn parse_text(path: &Path, bytes: &[u8]) -> Result<Parsed, LockError> {
+    if !bytes.trim_ascii_start().starts_with(b"{") {
+        let text = std::str::from_utf8(bytes).map_err(|_| corrupt(path, "not UTF-8 text"))?;
+        let lock = parse_v1(path, text)?;
+        let index = Index::of(&lock);
+        return Ok(Parsed {
+            lock,
+            index,
+            good_len: bytes.len(),
+            torn: false,
+        });
+    }
+    let Some(header_end) = bytes.iter().position(|b| *b == b'\n') else {
+        return Err(corrupt(path, "the header line is incomplete"));
+    };
+    let header: serde_json::Value = serde_json::from_slice(&bytes[..header_end])
+        .map_err(|e| corrupt(path, format!("line 1: {e}")))?;
+    let version = header
+        .get("header")
+        .and_then(|h| h.get("version"))
+        .and_then(serde_json::Value::as_u64)
+        .ok_or_else(|| corrupt(path, "line 1 is not a virtplan header"))?;
+    if version > u64::from(LOCKFILE_VERSION) {
+        return Err(LockError::NewerVersion {
+            path: path.to_path_buf(),
+            version: u32::try_from(version).unwrap_or(u32::MAX),
+        });
+    }
+    if version < 2 {
+        return Err(corrupt(
+            path,
+            format!("version {version} is not a JSON-lines lockfile version"),
+        ));
+    }
+    let header: HeaderIn =
+        serde_json::from_value(header).map_err(|e| corrupt(path, format!("line 1: {e}")))?;
+    let mut lock = Lockfile {
+        version: header.header.version,
+        plan_sha256: header.header.plan_sha256,
+        steps: Vec::new(),
+        events: Vec::new(),
+    };
+    let mut index = Index::default();
+    let mut offset = header_end + 1;
+    let mut line_no = 1;
+    // The first bad line, if any: a torn tail only if no good line follows it.
+    let mut bad: Option<(usize, usize, String)> = None;
+    while offset < bytes.len() {
+        line_no += 1;
+        let rest = &bytes[offset..];
+        let Some(end) = rest.iter().position(|b| *b == b'\n') else {
+            // No newline: the last append did not finish.
+            bad.get_or_insert((offset, line_no, "an unterminated last line".to_owned()));
+            break;
+        };
+        // serde_json checks the line is UTF-8: a torn multi-byte character is a bad line.
+        match serde_json::from_slice::<Line>(&rest[..end]) {
+            Ok(parsed) if parsed.step.is_some() || parsed.event.is_some() => {
+                if let Some((_, at, reason)) = &bad {
+                    return Err(corrupt(
+                        path,
+                        format!("line {at} is damaged ({reason}) and is followed by good lines, so it is not a torn last write"),
+                    ));
+                }
+                if let Some(record) = parsed.step {
+                    apply_line(&mut lock, &mut index, record);
+                }
+                if let Some(event) = parsed.event {
+                    upsert_event(&mut lock.events, event);
+                }
+            }
+            Ok(_) => {
+                bad.get_or_insert((offset, line_no, "an empty record".to_owned()));
+            }
+            Err(e) => {
+                bad.get_or_insert((offset, line_no, e.to_string()));
+            }
+        }
+        offset += end + 1;
+    }
+    let (good_len, torn) = match bad {
+        Some((at, _, _)) => (at, true),
+        None => (bytes.len(), false),
+    };
+    Ok(Parsed {
+        lock,
+        index,
+        good_len,
+        torn,
+    })
+}
+
+/// Upserts one event by id (events are few per step; their order is kept).
+fn upsert_event(events: &mut Vec<EventRecord>, event: EventRecord) {
+    if let Some(e) = events.iter_mut().rev().find(|e| e.id == event.id) {
+        *e = event;
+    } else {
+        events.push(event);
+    }
+}
+
+/// Upserts one record line.
+fn apply_line(lock: &mut Lockfile, index: &mut Index, record: StepRecord) {
+    if let Some(i) = index.position(&record.step_id, &record.uuid) {
+        lock.steps[i] = record;
+    } else {
+        index.insert(&record, lock.steps.len());
+        lock.steps.push(record);
+    }
+}
+
+/// A version 1 file: one TOML document.
+fn parse_v1(path: &Path, text: &str) -> Result<Lockfile, LockError> {
+    let lock: Lockfile =
+        toml::from_str(text).map_err(|e| corrupt(path, e.message().trim().to_owned()))?;
+    if lock.version > 1 {
+        return Err(LockError::NewerVersion {
+            path: path.to_path_buf(),
+            version: lock.version,
+        });
+    }
+    if lock.version == 0 {
+        return Err(corrupt(path, "version 0 is not a lockfile version"));
+    }
+    // Two records of one step on one domain: which one is true is unknowable (a hand edit
+    // or a merge), and the executor would trust whichever it found first. (In version 2, a
+    // later line superseding an earlier one is the format itself: the journal.)
+    let mut seen = HashSet::new();
+    for r in &lock.steps {
+        if !seen.insert((r.step_id.as_str(), r.uuid.as_str())) {
+            return Err(corrupt(
+                path,
+                format!(
+                    "step {} ({}, id {}) is recorded twice",
+                    r.step,
+                    crate::text::escape(&r.vm),
+                    r.step_id
+                ),
+            ));
+        }
+    }
+    Ok(lock)
+}
+
+/// What each step does to each domain (see [`Plan::describe`]), for every step and domain of
+/// `plan` in one pass over its changes: one `describe` per record made reconciling quadratic.
+fn describe_all(plan: &Plan) -> HashMap<(&str, &str), String> {
+    let mut out: HashMap<(&str, &str), String> = HashMap::new();
+    for c in &plan.changes {
+        let text = out
+            .entry((c.step_id.as_str(), c.uuid.as_str()))
+            .or_default();
+        if !text.is_empty() {
+            text.push_str("; ");
+        }
+        text.push_str(&c.describe());
+    }
+    out
 }
 
 /// Why the lockfile or the executor lock could not be used.
@@ -574,9 +813,9 @@ pub fn pid_path(plan: &Path) -> PathBuf {
 
 /// The progress file on disk, shared by the executor's threads.
 ///
-/// Every update returns only once a version of the file that contains it is durable (written
-/// atomically, mode 0600). Updates from several threads share writes (group commit): while
-/// one thread writes, the others queue their changes, and the next write carries them all.
+/// Every update returns only once a version of the file that contains it is durable. Updates
+/// from several threads share appends (group commit): while one thread appends and syncs, the
+/// others queue their changes, and the next append carries them all, each changed record once.
 #[derive(Debug)]
 pub struct LockStore {
     path: PathBuf,
@@ -595,100 +834,154 @@ impl fmt::Debug for dyn Observer {
 #[derive(Debug)]
 struct Shared {
     data: Lockfile,
+    index: Index,
+    /// Records changed since the last append, by position in `data.steps`, each with the id
+    /// of the event its change produced, if any (written on the same line).
+    dirty: Vec<usize>,
+    is_dirty: Vec<bool>,
+    step_event: HashMap<usize, String>,
+    /// Events changed since the last append, not tied to a step line.
+    dirty_events: Vec<String>,
     /// Number of the latest change.
     seq: u64,
     /// Every change up to this number is on disk.
     durable: u64,
-    /// A thread is writing the file.
+    /// A thread is appending.
     flushing: bool,
-    /// The last write failed: changes up to this number may not be on disk.
+    /// The last append failed: changes up to this number may not be on disk.
     failed: Option<(u64, String)>,
-    /// TOML text of records unchanged since the last write, by (step id, uuid).
-    rendered: HashMap<(String, String), String>,
-    /// TOML text of events unchanged since the last write, by id.
-    rendered_events: HashMap<String, String>,
+    /// The file appended to, and how many of its bytes this store has read or written.
+    file: Option<Appender>,
+    io: IoStats,
+}
+
+/// What the store has written since it was opened: for benchmarks and tests.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct IoStats {
+    /// Record changes committed (`update` calls).
+    pub changes: u64,
+    /// Bytes appended (journal lines).
+    pub appended_bytes: u64,
+    /// Appends (group commits), each followed by one `fdatasync`.
+    pub appends: u64,
+    /// Bytes written by compactions (whole-file atomic rewrites).
+    pub compacted_bytes: u64,
+    pub compactions: u64,
+}
+
+/// The progress file opened for appending, with the length this store knows of.
+#[derive(Debug)]
+struct Appender {
+    file: File,
+    len: u64,
 }
 
 impl Shared {
-    /// The whole file, re-serializing only records that changed.
-    fn render(&mut self) -> Result<String, LockError> {
-        let mut text = self.data.header_toml()?;
-        for r in &self.data.steps {
-            let key = (r.step_id.clone(), r.uuid.clone());
-            if let Some(cached) = self.rendered.get(&key) {
-                text.push_str(cached);
-            } else {
-                let fresh = record_toml(r)?;
-                text.push_str(&fresh);
-                self.rendered.insert(key, fresh);
-            }
+    fn mark(&mut self, i: usize) {
+        if self.is_dirty.len() < self.data.steps.len() {
+            self.is_dirty.resize(self.data.steps.len(), false);
         }
-        for e in &self.data.events {
-            if let Some(cached) = self.rendered_events.get(&e.id) {
-                text.push_str(cached);
-            } else {
-                let fresh = event_toml(e)?;
-                text.push_str(&fresh);
-                self.rendered_events.insert(e.id.clone(), fresh);
+        if !self.is_dirty[i] {
+            self.is_dirty[i] = true;
+            self.dirty.push(i);
+        }
+    }
+
+    fn event(&self, id: &str) -> Option<&EventRecord> {
+        self.data.events.iter().rev().find(|e| e.id == id)
+    }
+
+    /// The lines of every record and event changed since the last append.
+    fn take_dirty_lines(&mut self) -> Result<String, LockError> {
+        let mut text = String::new();
+        let mut written: HashSet<String> = HashSet::new();
+        for i in std::mem::take(&mut self.dirty) {
+            self.is_dirty[i] = false;
+            let event = self.step_event.remove(&i);
+            let event = event.as_deref().and_then(|id| self.event(id));
+            if let Some(e) = event {
+                written.insert(e.id.clone());
+            }
+            text.push_str(&line(Some(&self.data.steps[i]), event)?);
+        }
+        for id in std::mem::take(&mut self.dirty_events) {
+            if written.insert(id.clone()) {
+                if let Some(e) = self.event(&id) {
+                    text.push_str(&line(None, Some(e))?);
+                }
             }
         }
         Ok(text)
     }
+
+    /// Merges lines another process appended (see the module doc): never over a record this
+    /// executor made `running` or `done`.
+    fn merge_external(&mut self, records: Vec<StepRecord>) {
+        for record in records {
+            if let Some(i) = self.index.position(&record.step_id, &record.uuid) {
+                let ours = matches!(
+                    self.data.steps[i].status,
+                    StepStatus::Running | StepStatus::Done
+                );
+                if !ours {
+                    self.data.steps[i] = record;
+                }
+            } else {
+                self.index.insert(&record, self.data.steps.len());
+                self.data.steps.push(record);
+            }
+        }
+    }
 }
 
 impl LockStore {
-    /// Reads `path`, or starts empty progress for `plan_sha256` when it does not exist.
+    /// Reads `path`, or starts empty progress for `plan_sha256` when it does not exist. The
+    /// file is compacted by [`LockStore::reconcile`], which every run starts with.
     ///
     /// # Errors
     /// Unreadable, corrupt or newer-format files: never overwritten.
     pub fn open(path: &Path, plan_sha256: &str) -> Result<Self, LockError> {
-        let data = match crate::fsutil::read_regular_text(path, MAX_LOCKFILE_BYTES) {
-            Ok(text) => Lockfile::parse(path, &text)?,
-            Err(e) if e.io_kind() == Some(std::io::ErrorKind::NotFound) => {
-                Lockfile::new(plan_sha256)
+        let (data, index) = match read_text(path)? {
+            Some(text) => {
+                let parsed = parse_text(path, &text)?;
+                (parsed.lock, parsed.index)
             }
-            Err(e) if e.io_kind() == Some(std::io::ErrorKind::InvalidData) => {
-                return Err(LockError::Corrupt {
-                    path: path.to_path_buf(),
-                    reason: "not UTF-8 text".to_owned(),
-                })
-            }
-            Err(source) => {
-                return Err(LockError::Read {
-                    path: path.to_path_buf(),
-                    source,
-                })
-            }
+            None => (Lockfile::new(plan_sha256), Index::default()),
         };
         Ok(Self {
             path: path.to_path_buf(),
             shared: Mutex::new(Shared {
                 data,
+                index,
+                dirty: Vec::new(),
+                is_dirty: Vec::new(),
+                step_event: HashMap::new(),
+                dirty_events: Vec::new(),
                 seq: 0,
                 durable: 0,
                 flushing: false,
                 failed: None,
-                rendered: HashMap::new(),
-                rendered_events: HashMap::new(),
+                file: None,
+                io: IoStats::default(),
             }),
             flushed: Condvar::new(),
             observer: std::sync::OnceLock::new(),
         })
     }
 
-    /// Reads an existing lockfile without the intent to write it (`status`).
+    /// Reads an existing lockfile without the intent to write it (`status`): a torn last
+    /// append is ignored.
     ///
     /// # Errors
     /// As [`LockStore::open`]; a missing file is an error too.
     pub fn read(path: &Path) -> Result<Lockfile, LockError> {
-        let text =
-            crate::fsutil::read_regular_text(path, MAX_LOCKFILE_BYTES).map_err(|source| {
-                LockError::Read {
-                    path: path.to_path_buf(),
-                    source,
-                }
-            })?;
-        Lockfile::parse(path, &text)
+        let bytes = read_text(path)?.ok_or_else(|| LockError::Read {
+            path: path.to_path_buf(),
+            source: crate::fsutil::FileError::Io(std::io::Error::from(
+                std::io::ErrorKind::NotFound,
+            )),
+        })?;
+        Ok(parse_text(path, &bytes)?.lock)
     }
 
     #[must_use]
@@ -702,35 +995,131 @@ impl LockStore {
         self.lock().data.clone()
     }
 
+    /// What this store has written so far.
+    #[must_use]
+    pub fn io_stats(&self) -> IoStats {
+        self.lock().io
+    }
+
     /// A copy of the record of `step_id` on `uuid`.
     #[must_use]
     pub fn record(&self, step_id: &str, uuid: &str) -> Option<StepRecord> {
-        self.lock().data.get(step_id, uuid).cloned()
+        let shared = self.lock();
+        shared
+            .index
+            .position(step_id, uuid)
+            .map(|i| shared.data.steps[i].clone())
     }
 
     /// The recorded status of `step_id` on `uuid`.
     #[must_use]
     pub fn status(&self, step_id: &str, uuid: &str) -> Option<StepStatus> {
-        self.lock().data.get(step_id, uuid).map(|r| r.status)
+        let shared = self.lock();
+        shared
+            .index
+            .position(step_id, uuid)
+            .map(|i| shared.data.steps[i].status)
     }
 
     fn lock(&self) -> MutexGuard<'_, Shared> {
         self.shared.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Reconciles with `plan` (see [`Lockfile::reconcile`]) and writes the result.
+    /// Reconciles with `plan` (see [`Lockfile::reconcile`]) and compacts the file with the
+    /// result.
     ///
     /// # Errors
     /// Refusals from reconciling (nothing is written then); write failures.
     pub fn reconcile(&self, plan: &Plan) -> Result<(), LockError> {
-        let mut shared = self.lock();
+        let mut shared = self.wait_idle();
         let mut next = shared.data.clone();
         next.reconcile(&self.path, plan)?;
+        shared.index = Index::of(&next);
         shared.data = next;
-        shared.rendered.clear();
+        self.compact_locked(&mut shared)
+    }
+
+    /// Rewrites the file atomically with one line per record (merging what others appended),
+    /// dropping superseded lines and any torn tail. Called at the end of a run.
+    ///
+    /// # Errors
+    /// Write failures; the journal then stays as it was, still whole.
+    pub fn compact(&self) -> Result<(), LockError> {
+        let mut shared = self.wait_idle();
+        self.compact_locked(&mut shared)
+    }
+
+    /// Reads what other processes appended since this store last looked (an operator's
+    /// `cancel`), so a step about to start sees it.
+    ///
+    /// # Errors
+    /// The file cannot be read or locked.
+    pub fn refresh(&self) -> Result<(), LockError> {
+        let mut shared = self.wait_idle();
+        let Some(appender) = shared.file.as_mut() else {
+            return Ok(());
+        };
+        let guard = FileLock::exclusive(&appender.file).map_err(|e| self.write_err(e))?;
+        let external = read_external(&self.path, &appender.file, &mut appender.len)?;
+        drop(guard);
+        shared.merge_external(external);
+        Ok(())
+    }
+
+    /// Waits until no append is in flight, so the file can be replaced.
+    fn wait_idle(&self) -> MutexGuard<'_, Shared> {
+        let mut shared = self.lock();
+        while shared.flushing {
+            shared = self
+                .flushed
+                .wait(shared)
+                .unwrap_or_else(PoisonError::into_inner);
+        }
+        shared
+    }
+
+    fn compact_locked(&self, shared: &mut Shared) -> Result<(), LockError> {
+        // Lines others appended to the file about to be replaced are merged first, under its
+        // lock, which is held until the new file is in place.
+        let mut old = shared.file.take();
+        let guard = match &mut old {
+            Some(Appender { file, len }) => {
+                let guard = FileLock::exclusive(file).map_err(|e| self.write_err(e))?;
+                let external = read_external(&self.path, file, len)?;
+                shared.merge_external(external);
+                Some(guard)
+            }
+            None => None,
+        };
+        shared.data.sort();
+        shared.index = Index::of(&shared.data);
+        shared.dirty.clear();
+        shared.is_dirty.clear();
+        shared.step_event.clear();
+        shared.dirty_events.clear();
+        let text = shared.data.to_text()?;
+        crate::fsutil::write_atomic(&self.path, text.as_bytes(), 0o600)
+            .map_err(|e| self.write_err(e))?;
+        drop(guard);
+        shared.io.compacted_bytes += text.len() as u64;
+        shared.io.compactions += 1;
+        shared.file = Some(self.open_appender(text.len() as u64)?);
         shared.seq += 1;
-        let seq = shared.seq;
-        self.commit(shared, seq)
+        shared.durable = shared.seq;
+        Ok(())
+    }
+
+    fn open_appender(&self, len: u64) -> Result<Appender, LockError> {
+        let file = crate::fsutil::open_append_nofollow(&self.path, 0o600)
+            .map_err(|e| self.write_err(e))?;
+        Ok(Appender { file, len })
+    }
+
+    fn write_err(&self, source: impl Into<crate::fsutil::FileError>) -> LockError {
+        LockError::Write {
+            path: self.path.clone(),
+            source: source.into(),
+        }
     }
 
     /// Applies `f` to the record of (`step_id`, `uuid`) and returns once that is on disk.
@@ -744,26 +1133,23 @@ impl LockStore {
         f: impl FnOnce(&mut StepRecord),
     ) -> Result<(), LockError> {
         let mut shared = self.lock();
-        let Some(record) = shared.data.get_mut(step_id, uuid) else {
-            return Err(LockError::Write {
-                path: self.path.clone(),
-                source: crate::fsutil::FileError::Io(std::io::Error::other(format!(
-                    "no record of step {step_id} on {uuid}"
-                ))),
-            });
+        let Some(i) = shared.index.position(step_id, uuid) else {
+            return Err(self.write_err(std::io::Error::other(format!(
+                "no record of step {step_id} on {uuid}"
+            ))));
         };
-        let before = record.status;
-        f(record);
+        let before = shared.data.steps[i].status;
+        f(&mut shared.data.steps[i]);
         let event = self
             .observer
             .get()
-            .and_then(|o| o.on_change(before, record));
-        shared
-            .rendered
-            .remove(&(step_id.to_owned(), uuid.to_owned()));
+            .and_then(|o| o.on_change(before, &shared.data.steps[i]));
+        shared.mark(i);
         if let Some(e) = &event {
-            shared.data.events.push(e.clone());
+            shared.step_event.insert(i, e.id.clone());
+            upsert_event(&mut shared.data.events, e.clone());
         }
+        shared.io.changes += 1;
         shared.seq += 1;
         let seq = shared.seq;
         self.commit(shared, seq)?;
@@ -785,10 +1171,9 @@ impl LockStore {
     /// The file could not be written (the event is not delivered then).
     pub fn record_event(&self, event: EventRecord) -> Result<(), LockError> {
         let mut shared = self.lock();
-        shared.rendered_events.remove(&event.id);
-        shared.data.events.retain(|e| e.id != event.id);
         let recorded = event.clone();
-        shared.data.events.push(event);
+        shared.dirty_events.push(event.id.clone());
+        upsert_event(&mut shared.data.events, event);
         shared.seq += 1;
         let seq = shared.seq;
         self.commit(shared, seq)?;
@@ -803,11 +1188,17 @@ impl LockStore {
     /// with the same id.
     pub fn note_delivery(&self, event_id: &str, target: &str, result: Result<(), &str>) {
         let mut shared = self.lock();
-        let Some(e) = shared.data.events.iter_mut().find(|e| e.id == event_id) else {
+        let Some(e) = shared
+            .data
+            .events
+            .iter_mut()
+            .rev()
+            .find(|e| e.id == event_id)
+        else {
             return;
         };
         e.note(target, result);
-        shared.rendered_events.remove(event_id);
+        shared.dirty_events.push(event_id.to_owned());
         shared.seq += 1;
     }
 
@@ -821,7 +1212,7 @@ impl LockStore {
         self.commit(shared, seq)
     }
 
-    /// Waits until change `seq` is on disk, writing the file itself when no one else is.
+    /// Waits until change `seq` is on disk, appending itself when no one else is.
     fn commit<'a>(&'a self, mut shared: MutexGuard<'a, Shared>, seq: u64) -> Result<(), LockError> {
         loop {
             if shared.durable >= seq {
@@ -829,12 +1220,7 @@ impl LockStore {
             }
             if let Some((upto, message)) = &shared.failed {
                 if *upto >= seq {
-                    return Err(LockError::Write {
-                        path: self.path.clone(),
-                        source: crate::fsutil::FileError::Io(std::io::Error::other(
-                            message.clone(),
-                        )),
-                    });
+                    return Err(self.write_err(std::io::Error::other(message.clone())));
                 }
             }
             if shared.flushing {
@@ -844,38 +1230,182 @@ impl LockStore {
                     .unwrap_or_else(PoisonError::into_inner);
                 continue;
             }
+            if shared.file.is_none() {
+                // Never compacted by this store (no reconcile): start the file now.
+                let result = self.compact_locked(&mut shared);
+                self.flushed.notify_all();
+                result?;
+                continue;
+            }
             let upto = shared.seq;
-            let text = shared.render();
+            let lines = shared.take_dirty_lines();
+            let mut appender = shared.file.take();
             shared.flushing = true;
             drop(shared);
-            let result = text.and_then(|text| self.write(&text));
+            let result = match (lines, appender.as_mut()) {
+                (Ok(lines), Some(a)) => self.append(a, lines.as_bytes()),
+                (Err(e), _) => Err(e),
+                (Ok(_), None) => Ok((Vec::new(), 0)),
+            };
             shared = self.lock();
             shared.flushing = false;
-            match &result {
-                Ok(()) => shared.durable = upto,
-                Err(e) => shared.failed = Some((upto, e.to_string())),
+            shared.file = appender;
+            match result {
+                Ok((external, written)) => {
+                    shared.durable = upto;
+                    shared.io.appended_bytes += written;
+                    shared.io.appends += 1;
+                    shared.merge_external(external);
+                }
+                Err(e) => {
+                    shared.failed = Some((upto, e.to_string()));
+                    self.flushed.notify_all();
+                    return Err(e);
+                }
             }
             self.flushed.notify_all();
-            result?;
         }
     }
 
-    fn write(&self, text: &str) -> Result<(), LockError> {
-        crate::fsutil::write_atomic(&self.path, text.as_bytes(), 0o600).map_err(|source| {
+    /// One group commit: lock, pick up others' lines, append ours in one write, fdatasync.
+    fn append(&self, a: &mut Appender, bytes: &[u8]) -> Result<(Vec<StepRecord>, u64), LockError> {
+        let _guard = FileLock::exclusive(&a.file).map_err(|e| self.write_err(e))?;
+        let external = read_external(&self.path, &a.file, &mut a.len)?;
+        (&a.file)
+            .write_all(bytes)
+            .and_then(|()| a.file.sync_data())
+            .map_err(|e| self.write_err(e))?;
+        a.len += bytes.len() as u64;
+        Ok((external, bytes.len() as u64))
+    }
+}
+
+/// The file's bytes; `None` when it does not exist.
+fn read_text(path: &Path) -> Result<Option<Vec<u8>>, LockError> {
+    match crate::fsutil::read_regular(path, MAX_LOCKFILE_BYTES) {
+        Ok(bytes) => Ok(Some(bytes)),
+        Err(e) if e.io_kind() == Some(std::io::ErrorKind::NotFound) => Ok(None),
+        Err(source) => Err(LockError::Read {
+            path: path.to_path_buf(),
+            source,
+        }),
+    }
+}
+
+/// Whole lines appended by other processes past `known` bytes of `file` (the caller holds the
+/// file's lock); `known` moves to the end of the file.
+fn read_external(path: &Path, file: &File, known: &mut u64) -> Result<Vec<StepRecord>, LockError> {
+    let read_err = |source: std::io::Error| LockError::Read {
+        path: path.to_path_buf(),
+        source: crate::fsutil::FileError::Io(source),
+    };
+    let end = file.metadata().map_err(read_err)?.len();
+    if end <= *known {
+        return Ok(Vec::new());
+    }
+    let mut buf = Vec::new();
+    let mut reader = file;
+    reader
+        .seek(std::io::SeekFrom::Start(*known))
+        .and_then(|_| reader.take(end - *known).read_to_end(&mut buf))
+        .map_err(read_err)?;
+    // Only whole lines count: an appender holds the lock until its line is written, so a
+    // partial line here is one that a crashed appender left torn.
+    let whole = buf.iter().rposition(|b| *b == b'\n').map_or(0, |i| i + 1);
+    let mut out = Vec::new();
+    for line in buf[..whole]
+        .split(|b| *b == b'\n')
+        .filter(|l| !l.is_empty())
+    {
+        if let Ok(Line {
+            step: Some(record), ..
+        }) = serde_json::from_slice::<Line>(line)
+        {
+            out.push(record);
+        }
+    }
+    *known = end;
+    Ok(out)
+}
+
+/// An exclusive `flock` on an open file, released when dropped.
+struct FileLock<'a>(&'a File);
+
+impl<'a> FileLock<'a> {
+    fn exclusive(file: &'a File) -> std::io::Result<Self> {
+        fs4::fs_std::FileExt::lock_exclusive(file)?;
+        Ok(Self(file))
+    }
+}
+
+impl Drop for FileLock<'_> {
+    fn drop(&mut self) {
+        let _ = fs4::fs_std::FileExt::unlock(self.0);
+    }
+}
+
+/// Appends `records` (whole records, superseding earlier lines of the same step and domain) to
+/// the progress file at `path` from a process that does not hold the executor lock, following
+/// the protocol in the module doc. `f` sees the current progress, under the file's lock, and
+/// returns the records to append.
+///
+/// # Errors
+/// The file is missing, corrupt, or cannot be locked or written.
+pub fn append_external(
+    path: &Path,
+    f: impl FnOnce(&Lockfile) -> Vec<StepRecord>,
+) -> Result<usize, LockError> {
+    let write_err = |source: std::io::Error| LockError::Write {
+        path: path.to_path_buf(),
+        source: crate::fsutil::FileError::Io(source),
+    };
+    loop {
+        // Never create it: progress is started by an executor, with its header.
+        std::fs::symlink_metadata(path).map_err(|source| LockError::Read {
+            path: path.to_path_buf(),
+            source: crate::fsutil::FileError::Io(source),
+        })?;
+        let file = crate::fsutil::open_append_nofollow(path, 0o600).map_err(|source| {
             LockError::Write {
-                path: self.path.clone(),
+                path: path.to_path_buf(),
                 source,
             }
-        })
+        })?;
+        let guard = FileLock::exclusive(&file).map_err(write_err)?;
+        // A compaction renamed a new file over the one we locked: lock that one instead.
+        if !same_file(&file, path) {
+            drop(guard);
+            continue;
+        }
+        let mut text = Vec::new();
+        (&file)
+            .read_to_end(&mut text)
+            .map_err(|e| LockError::Read {
+                path: path.to_path_buf(),
+                source: crate::fsutil::FileError::Io(e),
+            })?;
+        let parsed = parse_text(path, &text)?;
+        if parsed.torn {
+            // Never append after a torn line: it would turn a torn tail into damage.
+            file.set_len(parsed.good_len as u64).map_err(write_err)?;
+        }
+        let records = f(&parsed.lock);
+        let mut lines = String::new();
+        for r in &records {
+            lines.push_str(&record_line(r)?);
+        }
+        (&file)
+            .write_all(lines.as_bytes())
+            .and_then(|()| file.sync_data())
+            .map_err(write_err)?;
+        drop(guard);
+        return Ok(records.len());
     }
 }
 
 impl Progress for LockStore {
     fn is_done(&self, step_id: &str, uuid: &str) -> bool {
-        self.lock()
-            .data
-            .get(step_id, uuid)
-            .is_some_and(|r| r.status == StepStatus::Done)
+        self.status(step_id, uuid) == Some(StepStatus::Done)
     }
 }
 
@@ -1024,18 +1554,211 @@ mod tests {
     #[test]
     fn round_trip_is_lossless_and_deterministic() {
         let lock = sample();
-        let text = lock.to_toml().unwrap();
+        let text = lock.to_text().unwrap();
         let back = Lockfile::parse(Path::new("x.lock"), &text).unwrap();
         let mut sorted = lock.clone();
         sorted.sort();
         assert_eq!(back, sorted);
-        assert_eq!(back.to_toml().unwrap(), text);
+        assert_eq!(back.to_text().unwrap(), text);
         // Same-time records come out in step, then domain order.
         let order: Vec<_> = back.steps.iter().map(|r| (r.step, r.vm.as_str())).collect();
         assert_eq!(order, [(1, "web-01"), (1, "web-02"), (2, "web-01")]);
-        assert!(text.contains("version = 1"));
-        assert!(text.contains("status = \"done\""));
-        assert!(text.contains("power = \"shutting-down\""), "{text}");
+        assert!(text.starts_with("{\"header\":{\"version\":2,"), "{text}");
+        assert!(text.contains("\"status\":\"done\""));
+        assert!(text.contains("\"power\":\"shutting-down\""), "{text}");
+        assert_eq!(text.lines().count(), 4, "a header and one line per record");
+    }
+
+    /// Version 1 lockfiles (one TOML document) are still read.
+    #[test]
+    fn version_1_toml_lockfiles_are_read() {
+        let text = "version = 1\nplan_sha256 = \"abc\"\n\n[[step]]\nstep = 1\nstep_id = \"s1\"\n\
+                    vm = \"web-01\"\nuuid = \"u1\"\nstatus = \"done\"\n";
+        let lock = Lockfile::parse(Path::new("p.lock"), text).unwrap();
+        assert_eq!(lock.plan_sha256, "abc");
+        assert_eq!(lock.steps[0].status, StepStatus::Done);
+    }
+
+    /// A store whose file holds `records`, compacted.
+    fn seeded(path: &Path, records: Vec<StepRecord>) -> LockStore {
+        let store = LockStore::open(path, "abc").unwrap();
+        {
+            let mut shared = store.lock();
+            shared.data.steps.extend(records);
+            shared.index = Index::of(&shared.data);
+        }
+        store.compact().unwrap();
+        store
+    }
+
+    fn fleet(n: usize) -> Vec<StepRecord> {
+        (0..n)
+            .map(|i| {
+                record(
+                    i + 1,
+                    &format!("s{i}"),
+                    &format!("vm-{i:05}"),
+                    StepStatus::Pending,
+                )
+            })
+            .collect()
+    }
+
+    /// A crash can cut the last append anywhere: every cut of the last record reads as the
+    /// progress before it (never a misread record), and compacting drops the torn tail.
+    #[test]
+    fn a_lockfile_cut_at_every_byte_of_its_last_record_reads_as_before_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("p.lock");
+        let store = seeded(&path, fleet(3));
+        store
+            .update("s0", "uuid-vm-00000", |r| r.status = StepStatus::Running)
+            .unwrap();
+        let before_last = LockStore::read(&path).unwrap();
+        let text_before = std::fs::read(&path).unwrap();
+        store
+            .update("s0", "uuid-vm-00000", |r| {
+                r.status = StepStatus::Done;
+                r.message = "applied; \"quoted\"\nsecond line".to_owned();
+                r.finished_at = Some(t("2026-12-01T09:00:01Z"));
+            })
+            .unwrap();
+        let after_last = LockStore::read(&path).unwrap();
+        assert_eq!(
+            after_last.get("s0", "uuid-vm-00000").unwrap().status,
+            StepStatus::Done
+        );
+        let full = std::fs::read(&path).unwrap();
+        assert!(full.len() > text_before.len() + 100);
+        let cut_path = dir.path().join("cut.lock");
+        for cut in text_before.len()..full.len() {
+            std::fs::write(&cut_path, &full[..cut]).unwrap();
+            let read = LockStore::read(&cut_path).unwrap_or_else(|e| panic!("cut at {cut}: {e}"));
+            assert_eq!(read, before_last, "cut at byte {cut}");
+            // An executor opening it compacts it: the torn tail is gone, the rest kept.
+            let reopened = LockStore::open(&cut_path, "abc").unwrap();
+            reopened.compact().unwrap();
+            let text = std::fs::read_to_string(&cut_path).unwrap();
+            assert!(text.ends_with('\n'), "cut at {cut}");
+            assert_eq!(LockStore::read(&cut_path).unwrap().steps.len(), 3);
+        }
+        // Garbage (a torn write filled with zeros) reads the same.
+        let mut zeros = text_before.clone();
+        zeros.extend_from_slice(&[0; 300]);
+        std::fs::write(&cut_path, &zeros).unwrap();
+        assert_eq!(LockStore::read(&cut_path).unwrap(), before_last);
+    }
+
+    /// A damaged line followed by good ones is not a torn write: refused, never overwritten.
+    #[test]
+    fn a_damaged_line_before_good_ones_is_corrupt() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("p.lock");
+        let store = seeded(&path, fleet(2));
+        store
+            .update("s0", "uuid-vm-00000", |r| r.status = StepStatus::Running)
+            .unwrap();
+        drop(store);
+        let text = std::fs::read_to_string(&path).unwrap();
+        let damaged = text.replacen("\"step\":{", "\"step\":{{", 1);
+        std::fs::write(&path, &damaged).unwrap();
+        let err = LockStore::open(&path, "abc").unwrap_err();
+        assert!(matches!(err, LockError::Corrupt { .. }), "{err}");
+        assert!(err.to_string().contains("line 2"), "{err}");
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), damaged);
+    }
+
+    /// Appends cost the changed record, not the file: the bytes written per update do not grow
+    /// with the number of records.
+    #[test]
+    fn bytes_written_per_update_do_not_grow_with_the_plan() {
+        let per_update = |n: usize| {
+            let dir = tempfile::tempdir().unwrap();
+            let store = seeded(&dir.path().join("p.lock"), fleet(n));
+            let start = store.io_stats();
+            for i in 0..20 {
+                store
+                    .update(&format!("s{i}"), &format!("uuid-vm-{i:05}"), |r| {
+                        r.status = StepStatus::Running;
+                    })
+                    .unwrap();
+            }
+            let end = store.io_stats();
+            assert_eq!(end.appends - start.appends, 20);
+            assert_eq!(end.compactions, start.compactions);
+            (end.appended_bytes - start.appended_bytes) / 20
+        };
+        let (small, large) = (per_update(20), per_update(5000));
+        assert!(small < 1024, "{small} bytes per update");
+        assert_eq!(small, large, "bytes per update grew with the plan");
+    }
+
+    /// Another process (an operator's `cancel`) appends while the store has the file open:
+    /// merged at the next group commit, and never over a step this executor runs.
+    #[test]
+    fn external_appends_are_merged_but_never_over_a_running_step() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("p.lock");
+        let store = seeded(&path, fleet(3));
+        store
+            .update("s0", "uuid-vm-00000", |r| r.status = StepStatus::Running)
+            .unwrap();
+        let appended = append_external(&path, |lock| {
+            ["s0", "s1"]
+                .iter()
+                .zip(["uuid-vm-00000", "uuid-vm-00001"])
+                .map(|(id, uuid)| {
+                    let mut r = lock.get(id, uuid).unwrap().clone();
+                    r.status = StepStatus::Cancelled;
+                    r.message = "cancelled by ops".to_owned();
+                    r
+                })
+                .collect()
+        })
+        .unwrap();
+        assert_eq!(appended, 2);
+        store.refresh().unwrap();
+        assert_eq!(
+            store.status("s1", "uuid-vm-00001"),
+            Some(StepStatus::Cancelled)
+        );
+        assert_eq!(
+            store.status("s0", "uuid-vm-00000"),
+            Some(StepStatus::Running)
+        );
+        // A compaction keeps what was merged.
+        store
+            .update("s2", "uuid-vm-00002", |r| r.status = StepStatus::Done)
+            .unwrap();
+        store.compact().unwrap();
+        let on_disk = LockStore::read(&path).unwrap();
+        assert_eq!(
+            on_disk.get("s1", "uuid-vm-00001").unwrap().status,
+            StepStatus::Cancelled
+        );
+        assert_eq!(
+            on_disk.get("s0", "uuid-vm-00000").unwrap().status,
+            StepStatus::Running
+        );
+        assert_eq!(
+            on_disk.get("s2", "uuid-vm-00002").unwrap().status,
+            StepStatus::Done
+        );
+        // After the compaction renamed a new file into place, an external append still lands.
+        append_external(&path, |lock| {
+            let mut r = lock.get("s2", "uuid-vm-00002").unwrap().clone();
+            r.message = "noted".to_owned();
+            vec![r]
+        })
+        .unwrap();
+        assert_eq!(
+            LockStore::read(&path)
+                .unwrap()
+                .get("s2", "uuid-vm-00002")
+                .unwrap()
+                .message,
+            "noted"
+        );
     }
 
     /// Regression: done records were only checked when the plan file's hash changed, so a
@@ -1080,6 +1803,9 @@ mod tests {
     fn regression_duplicate_lockfile_records_accepted() {
         let mut lock = sample();
         lock.steps.push(lock.steps[0].clone());
+        // Version 1 (one TOML document): a record twice is damage. (In version 2 a later line
+        // superseding an earlier one is the journal itself.)
+        lock.version = 1;
         let text = toml::to_string(&lock).unwrap();
         let err = Lockfile::parse(Path::new("p.lock"), &text).unwrap_err();
         assert!(matches!(err, LockError::Corrupt { .. }), "{err}");
@@ -1105,9 +1831,15 @@ mod tests {
 
     #[test]
     fn newer_lockfile_is_refused() {
-        let err =
-            Lockfile::parse(Path::new("p.lock"), "version = 2\nplan_sha256 = \"x\"\n").unwrap_err();
-        assert!(matches!(err, LockError::NewerVersion { version: 2, .. }));
+        let err = Lockfile::parse(
+            Path::new("p.lock"),
+            "{\"header\":{\"version\":3,\"plan_sha256\":\"x\",\"new\":1}}\n{\"whatever\":{}}\n",
+        )
+        .unwrap_err();
+        assert!(
+            matches!(err, LockError::NewerVersion { version: 3, .. }),
+            "{err}"
+        );
         assert!(err.to_string().contains("upgrade virtplan"));
     }
 
@@ -1116,14 +1848,7 @@ mod tests {
         use std::os::unix::fs::PermissionsExt;
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("p.lock");
-        let store = LockStore::open(&path, "abc").unwrap();
-        {
-            let mut shared = store.lock();
-            shared
-                .data
-                .steps
-                .push(record(1, "s1", "a", StepStatus::Pending));
-        }
+        let store = seeded(&path, vec![record(1, "s1", "a", StepStatus::Pending)]);
         store
             .update("s1", "uuid-a", |r| r.status = StepStatus::Running)
             .unwrap();

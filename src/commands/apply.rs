@@ -13,12 +13,11 @@ use anyhow::Context as _;
 use super::common;
 use crate::clock::Clock;
 use crate::executor::{Executor, Outcome, Settings};
-use crate::hypervisor::libvirt::Libvirt;
-use crate::hypervisor::Hypervisor;
 use crate::lockfile::{self, ExecutorLock, LockStore, StepStatus};
 use crate::notify::{Notifier, Retry, RunInfo};
+use crate::ops;
 use crate::planner::saved::SavedPlan;
-use crate::planner::{self, Connections, Plan, PlanInput};
+use crate::planner::{Connections, Plan};
 use crate::printer::{Printer, Tone};
 use crate::uri::Uri;
 use crate::{render, ExitStatus};
@@ -115,14 +114,7 @@ pub fn run(args: &Args<'_>, clock: &dyn Clock, printer: &Printer) -> anyhow::Res
         };
         let connect = common::resolve_connect(&config, args.connect)?;
         let connections = common::open_connections(&file, connect.as_ref())?;
-        let input = PlanInput {
-            file: &file,
-            connections: &connections,
-            connect_override: connect.as_ref(),
-            now: clock.now(),
-            progress: &*store,
-        };
-        match planner::project(&input) {
+        match ops::project(&file, &connections, connect.as_ref(), clock.now(), &*store) {
             Ok(plan) => (plan, connections, Some((config, file, connect))),
             Err(e) => {
                 common::report_plan_error(printer, &file, &e);
@@ -191,9 +183,7 @@ pub fn run(args: &Args<'_>, clock: &dyn Clock, printer: &Printer) -> anyhow::Res
             settings: &settings,
             stop: &stop,
             on_outcome: &on_outcome,
-            reconnect: Some(&|uri: &Uri| {
-                Libvirt::connect(uri).map(|hv| Arc::new(hv) as Arc<dyn Hypervisor>)
-            }),
+            reconnect: Some(&ops::connect),
         }
         .run()?
     };
@@ -201,6 +191,11 @@ pub fn run(args: &Args<'_>, clock: &dyn Clock, printer: &Printer) -> anyhow::Res
     if let Some(n) = &notifier {
         finish_notifier(n, &report, &store, clock, printer);
     }
+    let io = store.io_stats();
+    printer.detail(&format!(
+        "lockfile: {} changes in {} group commits ({} bytes appended, one fdatasync each); {} compactions ({} bytes)",
+        io.changes, io.appends, io.appended_bytes, io.compactions, io.compacted_bytes
+    ));
     let lock = store.snapshot();
     let doc = super::status::StatusDoc::from(&lock);
     printer.out(&format!(

@@ -1,13 +1,12 @@
 //! Steps shared by the commands that read a plan and talk to libvirt.
 
 use std::path::Path;
-use std::sync::Arc;
 
 use anyhow::Context as _;
 
-use crate::config::{self, Config};
-use crate::hypervisor::libvirt::Libvirt;
-use crate::plan_file::{self, LoadContext, PlanFile};
+use crate::config::Config;
+use crate::ops;
+use crate::plan_file::{self, PlanFile};
 use crate::planner::{Connections, PlanError};
 use crate::printer::Printer;
 use crate::uri::Uri;
@@ -18,17 +17,8 @@ pub fn load_plan(
     config_path: Option<&Path>,
     printer: &Printer,
 ) -> Option<(Config, PlanFile)> {
-    let result = config::discover(config_path, Some(path)).and_then(|config| {
-        let plan = plan_file::load(
-            path,
-            &LoadContext {
-                config: config.clone(),
-            },
-        )?;
-        Ok((config, plan))
-    });
-    match result {
-        Ok(loaded) => Some(loaded),
+    match ops::load(path, config_path) {
+        Ok(loaded) => Some((loaded.config, loaded.file)),
         Err(diags) => {
             super::validate::report(printer, &diags);
             None
@@ -67,12 +57,7 @@ pub fn open_connections(file: &PlanFile, connect: Option<&Uri>) -> anyhow::Resul
 
 /// Opens each of `uris` once.
 pub fn open_uris(uris: impl IntoIterator<Item = Uri>) -> anyhow::Result<Connections> {
-    let mut connections = Connections::new();
-    for uri in uris.into_iter().collect::<std::collections::BTreeSet<_>>() {
-        let hv = Libvirt::connect(&uri)?;
-        connections.insert(uri, Arc::new(hv));
-    }
-    Ok(connections)
+    Ok(ops::open(uris)?)
 }
 
 /// Prints a lockfile refusal (apply's message) located at the step it names, when the plan

@@ -8,9 +8,10 @@ use super::common;
 use crate::cli::PlanFormat;
 use crate::clock::Clock;
 use crate::lockfile::{self, LockStore};
+use crate::ops;
 use crate::plan_file::PlanFile;
 use crate::planner::saved::SavedPlan;
-use crate::planner::{self, NoProgress, Plan, PlanError, PlanInput, Progress};
+use crate::planner::{self, NoProgress, Plan, PlanError, Progress};
 use crate::printer::Printer;
 use crate::{render, ExitStatus};
 
@@ -120,14 +121,7 @@ fn project_one(
         None => &NoProgress,
     };
     let connections = common::open_connections(&file, connect.as_ref())?;
-    let input = PlanInput {
-        file: &file,
-        connections: &connections,
-        connect_override: connect.as_ref(),
-        now: clock.now(),
-        progress,
-    };
-    let plan = match planner::project(&input) {
+    let plan = match ops::project(&file, &connections, connect.as_ref(), clock.now(), progress) {
         Ok(plan) => plan,
         Err(e) => {
             common::report_plan_error(printer, &file, &e);

@@ -2,15 +2,20 @@
 //! every step at its time and never outside its grace or window, recorded in the lockfile
 //! before and after each libvirt change.
 //!
-//! One thread per domain waits for that domain's next step; a semaphore bounds how many steps
-//! run at once. Time comes only from the [`Clock`], so tests run on a fake one.
+//! A scheduler (the calling thread) keeps each domain's next due time in a heap and hands a
+//! domain to a bounded pool of `parallelism` worker threads when its next step is due; the
+//! worker runs that domain's steps while they are due (or need no waiting: skipped, cancelled,
+//! done before) and gives the domain back with its next due time. Nothing sleeps per domain:
+//! only the scheduler waits, for the earliest due time or a finished turn, and re-reads the
+//! clock after every wake-up. Time comes only from the [`Clock`], so tests run on a fake one.
 
 mod gate;
 mod step;
 
 pub use gate::redact_uri;
 
-use std::collections::BTreeMap;
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BinaryHeap, HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::time::Duration;
@@ -167,6 +172,41 @@ struct Run<'a> {
     touched: BTreeMap<(String, String), Vec<Attr>>,
 }
 
+/// Where one domain is in its steps.
+#[derive(Default)]
+struct Cursor {
+    /// Index of its next step.
+    next: usize,
+    /// Why its later steps do not run, once one failed.
+    blocked: Option<Blocked>,
+}
+
+/// The scheduler's hand-off to the workers.
+#[derive(Default)]
+struct Pool {
+    state: Mutex<PoolState>,
+    /// Workers wait here for domains; the scheduler for finished turns.
+    wake: Condvar,
+}
+
+#[derive(Default)]
+struct PoolState {
+    /// Domains due now, by index.
+    jobs: VecDeque<usize>,
+    /// Turns ended: the domain and the due time of its next step (`None`: no steps left).
+    finished: Vec<(usize, Option<DateTime<Utc>>)>,
+    /// No more work: workers exit.
+    closed: bool,
+    /// A worker panicked: re-raised by the scheduler.
+    panic: Option<Box<dyn std::any::Any + Send>>,
+}
+
+impl Pool {
+    fn lock(&self) -> std::sync::MutexGuard<'_, PoolState> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
 /// Why a step ended the way it did, for the domain's later steps.
 enum Blocked {
     /// The domain is gone: its later steps fail.
@@ -204,21 +244,18 @@ impl Executor<'_> {
             conns: Mutex::new(self.connections.clone()),
             touched,
         };
-        // Each domain's steps in plan (time) order.
-        let mut domains: Vec<((Uri, String), Vec<&PlannedStep>)> = Vec::new();
+        // Each domain's steps in plan (time) order, grouped in one pass.
+        let mut slots: HashMap<(&Uri, &str), usize> = HashMap::new();
+        let mut domains: Vec<Vec<&PlannedStep>> = Vec::new();
         for s in &self.plan.steps {
-            let key = (s.connection.clone(), s.domain.uuid.clone());
-            match domains.iter_mut().find(|(k, _)| *k == key) {
-                Some((_, steps)) => steps.push(s),
-                None => domains.push((key, vec![s])),
-            }
+            let key = (&s.connection, s.domain.uuid.as_str());
+            let i = *slots.entry(key).or_insert_with(|| {
+                domains.push(Vec::new());
+                domains.len() - 1
+            });
+            domains[i].push(s);
         }
-        std::thread::scope(|scope| {
-            for (_, steps) in &domains {
-                let run = &run;
-                scope.spawn(move || run.domain(steps));
-            }
-        });
+        run.schedule(&domains);
         let mut outcomes = run
             .outcomes
             .into_inner()
@@ -235,6 +272,9 @@ impl Executor<'_> {
             .fatal
             .into_inner()
             .unwrap_or_else(PoisonError::into_inner);
+        // The journal is whole either way; compacting only folds it back to one line per
+        // record, so a failure here loses nothing and is not the run's failure.
+        let _ = self.store.compact();
         let interrupted = self.stop.load(Ordering::SeqCst)
             && outcomes.iter().any(|o| o.status == StepStatus::Cancelled);
         Ok(Report {
@@ -274,10 +314,146 @@ impl Run<'_> {
         self.ex.stop.load(Ordering::SeqCst) || self.abort.load(Ordering::SeqCst)
     }
 
-    /// Runs one domain's steps in order.
-    fn domain(&self, steps: &[&PlannedStep]) {
-        let mut blocked: Option<Blocked> = None;
-        for step in steps {
+    /// Runs domains on a pool of at most `parallelism` workers, each domain's steps in order,
+    /// every step when it is due.
+    fn schedule(&self, domains: &[Vec<&PlannedStep>]) {
+        const SLICE: Duration = Duration::from_secs(1);
+        let workers = self.ex.settings.parallelism.clamp(1, domains.len().max(1));
+        let pool = Pool::default();
+        let cursors: Vec<Mutex<Cursor>> = domains.iter().map(|_| Mutex::default()).collect();
+        let panic = std::thread::scope(|scope| {
+            for _ in 0..workers {
+                scope.spawn(|| self.work(&pool, domains, &cursors));
+            }
+            let mut waiting: BinaryHeap<Reverse<(DateTime<Utc>, usize)>> = BinaryHeap::new();
+            let mut in_flight = domains.len();
+            pool.lock().jobs.extend(0..domains.len());
+            pool.wake.notify_all();
+            let mut signals = self.signals();
+            let mut state = pool.lock();
+            loop {
+                if state.closed {
+                    break;
+                }
+                for (i, next) in state.finished.drain(..) {
+                    in_flight -= 1;
+                    if let Some(due) = next {
+                        waiting.push(Reverse((due, i)));
+                    }
+                }
+                // A signal or an abort changes what waiting domains do (cancel their steps
+                // at once): hand them all out; those that still wait come back.
+                let now_signals = self.signals();
+                let flush = now_signals != signals;
+                signals = now_signals;
+                let now = self.ex.clock.now();
+                let mut dispatched = false;
+                while let Some(Reverse((due, i))) = waiting.peek().copied() {
+                    if due > now && !flush {
+                        break;
+                    }
+                    waiting.pop();
+                    state.jobs.push_back(i);
+                    in_flight += 1;
+                    dispatched = true;
+                }
+                if dispatched {
+                    pool.wake.notify_all();
+                }
+                if in_flight == 0 && waiting.is_empty() {
+                    state.closed = true;
+                    pool.wake.notify_all();
+                    break;
+                }
+                let left = waiting.peek().map_or(SLICE, |Reverse((due, _))| {
+                    (*due - now).to_std().unwrap_or(Duration::ZERO).min(SLICE)
+                });
+                if in_flight > 0 {
+                    // Woken by a finished turn, or when the next domain is due.
+                    state = pool
+                        .wake
+                        .wait_timeout(state, left.max(Duration::from_millis(1)))
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .0;
+                } else {
+                    drop(state);
+                    self.ex.clock.sleep(left);
+                    state = pool.lock();
+                }
+            }
+            let panic = state.panic.take();
+            drop(state);
+            pool.wake.notify_all();
+            panic
+        });
+        if let Some(panic) = panic {
+            std::panic::resume_unwind(panic);
+        }
+    }
+
+    /// Whether a signal or an abort stopped the run, as one comparable value.
+    fn signals(&self) -> (bool, bool) {
+        (
+            self.ex.stop.load(Ordering::SeqCst),
+            self.abort.load(Ordering::SeqCst),
+        )
+    }
+
+    /// A worker: takes a due domain, runs its turn, gives it back.
+    fn work(&self, pool: &Pool, domains: &[Vec<&PlannedStep>], cursors: &[Mutex<Cursor>]) {
+        loop {
+            let i = {
+                let mut state = pool.lock();
+                loop {
+                    if let Some(i) = state.jobs.pop_front() {
+                        break i;
+                    }
+                    if state.closed {
+                        return;
+                    }
+                    state = pool
+                        .wake
+                        .wait(state)
+                        .unwrap_or_else(PoisonError::into_inner);
+                }
+            };
+            let turn = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                let mut cursor = cursors[i].lock().unwrap_or_else(PoisonError::into_inner);
+                self.turn(&domains[i], &mut cursor)
+            }));
+            let mut state = pool.lock();
+            match turn {
+                Ok(next) => state.finished.push((i, next)),
+                // A panic (a simulated crash in tests) ends the run as it ends this worker:
+                // the scheduler stops handing out work and re-raises it once all have exited.
+                Err(panic) => {
+                    state.panic.get_or_insert(panic);
+                    state.closed = true;
+                }
+            }
+            drop(state);
+            pool.wake.notify_all();
+        }
+    }
+
+    /// When `step` is about to run but not due yet: its due time. A step recorded `running`
+    /// by an interrupted run is re-checked at once; one without `at` runs when apply starts,
+    /// but never before the window opens.
+    fn not_yet(&self, step: &PlannedStep, recorded: StepStatus) -> Option<DateTime<Utc>> {
+        if recorded == StepStatus::Running {
+            return None;
+        }
+        let due = step
+            .at
+            .or_else(|| self.ex.settings.window.map(|w| w.start))?;
+        (self.ex.clock.now() < due).then_some(due)
+    }
+
+    /// Runs one domain's steps in order from its cursor, while they are due; returns the due
+    /// time of the step it stopped before, or `None` when the domain has no steps left.
+    fn turn(&self, steps: &[&PlannedStep], cursor: &mut Cursor) -> Option<DateTime<Utc>> {
+        while let Some(&step) = steps.get(cursor.next) {
+            let blocked = &cursor.blocked;
             let mut gone = false;
             let recorded = self
                 .ex
@@ -292,6 +468,7 @@ impl Run<'_> {
                         "done in an earlier run".to_owned(),
                         true,
                     );
+                    cursor.next += 1;
                     continue;
                 }
                 (StepStatus::Missed, _) => {
@@ -302,6 +479,9 @@ impl Run<'_> {
                 // An `always` step runs whatever happened before it (but never twice, and
                 // never after a signal).
                 _ if step.always && !self.ex.stop.load(Ordering::SeqCst) => {
+                    if let Some(due) = self.not_yet(step, recorded) {
+                        return Some(due);
+                    }
                     let ended = self.step(
                         step,
                         recorded,
@@ -316,20 +496,26 @@ impl Run<'_> {
                         Blocked::Earlier(m) => (StepStatus::Skipped, m.clone()),
                     };
                     self.finish(step, status, message);
+                    cursor.next += 1;
                     continue;
                 }
                 _ if self.stopping() => {
                     self.cancel(step);
+                    cursor.next += 1;
                     continue;
                 }
                 _ => {
+                    if let Some(due) = self.not_yet(step, recorded) {
+                        return Some(due);
+                    }
                     let ended = self.step(step, recorded, false);
                     gone = ended.gone;
                     ended.status
                 }
             };
+            cursor.next += 1;
             if result.is_failure() {
-                blocked = Some(if gone {
+                cursor.blocked = Some(if gone {
                     Blocked::Gone(format!(
                         "domain {} ({}) no longer exists",
                         step.domain.name, step.domain.uuid
@@ -342,6 +528,7 @@ impl Run<'_> {
                 });
             }
         }
+        None
     }
 
     /// Records a final status without running anything (skipped, failed because gone).

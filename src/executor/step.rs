@@ -170,7 +170,7 @@ impl Run<'_> {
             after_failure,
             ..Mode::default()
         };
-        self.apply(step, now, mode, Some(gate))
+        self.apply(step, now, mode, Some(gate), None)
     }
 
     /// Whether `step` must not start: a signal stops everything; an abort stops every step
@@ -285,7 +285,7 @@ impl Run<'_> {
             match (live.power.is_active(), from, id) {
                 // Shut down by the interrupted run: finish the reboot, late or not, rather
                 // than leave the domain off.
-                (false, _, _) => return self.apply(step, now, mode, None),
+                (false, _, _) => return self.apply(step, now, mode, None, Some(live)),
                 (true, Some(from), Some(id)) if from != id => mode.rebooted = true,
                 // Still under the id it had: the reboot did not happen yet.
                 _ => {
@@ -298,7 +298,7 @@ impl Run<'_> {
                             Some(&live),
                         );
                     }
-                    return self.apply(step, now, mode, None);
+                    return self.apply(step, now, mode, None, Some(live));
                 }
             }
         }
@@ -326,7 +326,7 @@ impl Run<'_> {
                 Some(&live),
             );
         }
-        self.apply(step, now, mode, None)
+        self.apply(step, now, mode, None, Some(live))
     }
 
     /// Records `running`, checks for drift, runs the actions, verifies, runs the check,
@@ -340,6 +340,7 @@ impl Run<'_> {
         now: DateTime<Utc>,
         mode: Mode,
         gate: Option<Gate>,
+        read: Option<DomainState>,
     ) -> Ended {
         let resuming = mode.resuming;
         let write = self.ex.store.update(&step.step_id, &step.domain.uuid, |r| {
@@ -364,7 +365,8 @@ impl Run<'_> {
         }
         self.failpoint("after-running", step);
 
-        let before = match self.observe(step) {
+        // A resumed step was just read to decide whether to resume it: not read again.
+        let before = match read.map_or_else(|| self.observe(step), Ok) {
             Ok(s) => s,
             Err(e) => return self.fail(step, e, None),
         };
@@ -407,10 +409,14 @@ impl Run<'_> {
         }
         self.failpoint("before-done", step);
 
-        let after = match self
-            .observe(step)
-            .and_then(|after| self.settle_live(step, after))
-        {
+        // A step with nothing to do changes nothing: the state read before it is its result.
+        let read_after = if step.actions.is_empty() && reboot_from.is_none() {
+            Ok(before.clone())
+        } else {
+            self.observe(step)
+                .and_then(|after| self.settle_live(step, after))
+        };
+        let after = match read_after {
             Ok(s) => s,
             Err(e) => return self.fail_with(step, e, &notes, Some(&before), None),
         };

@@ -1549,3 +1549,53 @@ fn reboot_of_a_paused_domain_is_refused_at_plan_time() {
     let text = err.to_string();
     assert!(text.contains("web is paused at this step"), "{text}");
 }
+
+/// Regression (issue 10): a step with nothing to change read its domain twice, before and
+/// after; the read before it is its result.
+#[test]
+fn a_step_with_nothing_to_change_reads_its_domain_once() {
+    let steps = "  - at: 2026-12-01T04:00:00Z\n    vm: web\n    autostart: false\n";
+    let rig = Rig::new(steps, "", vec![web()], "2026-12-01T03:59:00Z");
+    let store = LockStore::open(&rig.lock_path, &rig.file.sha256).unwrap();
+    let plan = rig.plan(&store);
+    drop(store);
+    assert!(
+        plan.steps[0].actions.is_empty(),
+        "{:?}",
+        plan.steps[0].actions
+    );
+    let reads = rig.hv.count("observe");
+    let report = rig.run_plan(&plan, &rig.settings(), &|_| {}).unwrap();
+    assert_eq!(report.outcomes[0].status, StepStatus::Done);
+    assert_eq!(rig.hv.count("observe") - reads, 1);
+}
+
+/// Regression (issue 10): one OS thread per domain, each waking every second; domains now
+/// run on a pool of `parallelism` workers, and every step still runs at its time.
+#[test]
+fn many_domains_run_on_a_pool_of_parallelism_workers() {
+    let names: Vec<String> = (0..40).map(|i| format!("d{i:02}")).collect();
+    let domains = names
+        .iter()
+        .enumerate()
+        .map(|(i, n)| FakeDomain::new(n, &format!("00000000-0000-4000-8000-{i:012}")).running())
+        .collect();
+    let steps = format!(
+        "  - at: 2026-12-01T04:00:00Z\n    vms: [{}]\n    autostart: true\n  - at: 2026-12-01T04:01:00Z\n    vms: [{}]\n    autostart: false\n",
+        names.join(", "),
+        names.join(", ")
+    );
+    let rig = Rig::new(&steps, "", domains, "2026-12-01T03:59:00Z");
+    let threads = Mutex::new(std::collections::HashSet::new());
+    let report = rig.run_with(&rig.settings(), &|o| {
+        threads.lock().unwrap().insert(std::thread::current().id());
+        assert!(
+            o.at.is_some_and(|at| rig.clock.now() >= at),
+            "{o:?} ran early"
+        );
+    });
+    assert_eq!(report.outcomes.len(), 80);
+    assert!(report.outcomes.iter().all(|o| o.status == StepStatus::Done));
+    let used = threads.lock().unwrap().len();
+    assert!(used <= 4, "{used} threads ran steps with parallelism 4");
+}

@@ -266,6 +266,12 @@ impl FakeHypervisor {
         self.inner().calls.clone()
     }
 
+    /// How many times `op` (a read such as `observe`, or a change) was called so far.
+    #[must_use]
+    pub fn count(&self, op: &str) -> usize {
+        self.inner().counts.get(op).copied().unwrap_or(0)
+    }
+
     /// Successful mutating calls so far.
     #[must_use]
     pub fn successful_calls(&self) -> Vec<Call> {

@@ -25,13 +25,13 @@ use std::time::{Duration, Instant};
 use crate::clock::Clock;
 use crate::config::{self, Config};
 use crate::executor::{Outcome, Report, Settings};
-use crate::hypervisor::libvirt::Libvirt;
 use crate::hypervisor::ErrorKind;
 use crate::lockfile::{self, ExecutorLock, LockError, LockStore, StepStatus};
 use crate::notify::event::PlanRef;
 use crate::notify::{Notifier, Retry, RunInfo};
-use crate::plan_file::{self, Diagnostic, Diagnostics, LoadContext, PlanFile};
-use crate::planner::{self, Connections, Plan, PlanError, PlanInput};
+use crate::ops;
+use crate::plan_file::{Diagnostic, Diagnostics, PlanFile};
+use crate::planner::{self, Connections, Plan, PlanError};
 use crate::printer::Tone;
 
 use debounce::{Debouncer, Wake, QUIET};
@@ -80,8 +80,8 @@ impl Pool {
         let mut out = Connections::new();
         for uri in uris {
             if !pool.contains_key(&uri) {
-                let hv = Libvirt::connect(&uri).map_err(|e| format!("cannot connect: {e}"))?;
-                pool.insert(uri.clone(), Arc::new(hv));
+                let hv = ops::connect(&uri).map_err(|e| format!("cannot connect: {e}"))?;
+                pool.insert(uri.clone(), hv);
             }
             if let Some(hv) = pool.get(&uri) {
                 out.insert(uri, Arc::clone(hv));
@@ -99,11 +99,7 @@ impl Pool {
     }
 }
 
-/// A plan file and the configuration it was validated with.
-struct Loaded {
-    config: Config,
-    file: PlanFile,
-}
+use crate::ops::Loaded;
 
 /// The version of a plan in force.
 struct Accepted {
@@ -478,16 +474,7 @@ impl<'scope, 'env> Reconciler<'scope, 'env> {
         let log = self.log();
         let label = slot.label.clone();
         let label = Some(label.as_str());
-        let loaded = config::discover(self.env.config, Some(&slot.path)).and_then(|config| {
-            let file = plan_file::load(
-                &slot.path,
-                &LoadContext {
-                    config: config.clone(),
-                },
-            )?;
-            Ok(Loaded { config, file })
-        });
-        let loaded = match loaded {
+        let loaded = match ops::load(&slot.path, self.env.config) {
             Ok(loaded) => loaded,
             Err(diags) => {
                 let keep = if slot.in_force().is_some() {
@@ -683,14 +670,13 @@ impl<'scope, 'env> Reconciler<'scope, 'env> {
         let mut retried = false;
         loop {
             let connections = self.env.pool.for_file(file, self.env.connect)?;
-            let input = PlanInput {
+            match ops::project(
                 file,
-                connections: &connections,
-                connect_override: self.env.connect,
-                now: self.env.clock.now(),
-                progress: store,
-            };
-            match planner::project(&input) {
+                &connections,
+                self.env.connect,
+                self.env.clock.now(),
+                store,
+            ) {
                 Ok(plan) => return Ok((plan, connections)),
                 // A long-lived connection may have broken: open it again, once.
                 Err(PlanError::Libvirt { ref source, .. })
@@ -1065,5 +1051,5 @@ fn notify_log(log: &Log<'_>, label: &str) -> Box<crate::notify::queue::Log> {
 /// in it, whatever changed (the plan file or only its configuration), and the domains must be
 /// the same ones. Checked on a copy: nothing is written.
 fn check(store: &LockStore, plan: &Plan) -> Result<(), LockError> {
-    store.snapshot().reconcile(store.path(), plan)
+    ops::check(&store.snapshot(), store.path(), plan)
 }

@@ -6,8 +6,6 @@ use std::sync::Arc;
 use std::thread::{Scope, ScopedJoinHandle};
 
 use crate::executor::{Executor, Outcome, Report, Settings};
-use crate::hypervisor::libvirt::Libvirt;
-use crate::hypervisor::Hypervisor;
 use crate::lockfile::{LockError, LockStore, StepStatus};
 use crate::planner::{Connections, Plan};
 
@@ -46,9 +44,7 @@ impl<'scope> Runner<'scope> {
                     log.step(label, o);
                 }
             };
-            let reconnect = |uri: &crate::uri::Uri| {
-                Libvirt::connect(uri).map(|hv| Arc::new(hv) as Arc<dyn Hypervisor>)
-            };
+            let reconnect = crate::ops::connect;
             Executor {
                 plan: &job.plan,
                 connections: &job.connections,

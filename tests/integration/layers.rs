@@ -13,6 +13,7 @@ const MODEL: &[&str] = &[
     "src/lockfile.rs",
     "src/executor",
     "src/hypervisor",
+    "src/ops.rs",
 ];
 
 /// Paths into presentation modules, however the `use` is written (`crate::render::x`,
@@ -56,4 +57,24 @@ fn model_layers_import_no_presentation_code() {
         }
     }
     assert!(offences.is_empty(), "{}", offences.join("\n"));
+}
+
+/// One connector: every libvirt connection is opened by `ops::connect` (the adapter's own
+/// constructor aside), so a connection setting (keepalive, redaction) is made in one place.
+#[test]
+fn libvirt_connections_are_opened_in_one_place() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut files = Vec::new();
+    rust_files(&root.join("src"), &mut files);
+    let callers: Vec<String> = files
+        .iter()
+        .filter(|f| !f.starts_with(root.join("src/hypervisor")))
+        .filter(|f| {
+            std::fs::read_to_string(f)
+                .unwrap()
+                .contains("Libvirt::connect(")
+        })
+        .map(|f| f.strip_prefix(root).unwrap().display().to_string())
+        .collect();
+    assert_eq!(callers, ["src/ops.rs"]);
 }

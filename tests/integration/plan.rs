@@ -628,7 +628,7 @@ fn steps_done_in_the_lockfile_show_as_done_not_as_changes() {
     record.started_at = first.at;
     record.finished_at = first.at;
     lock.steps.push(record);
-    std::fs::write(lock_path(&path), lock.to_toml().unwrap()).unwrap();
+    std::fs::write(lock_path(&path), lock.to_text().unwrap()).unwrap();
     crate::support::cli::Cli::new()
         .args([
             "plan",

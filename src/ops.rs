@@ -1,0 +1,92 @@
+//! The operations `plan`, `apply`, `apply --watch` and `watch DIR` share, in their one order:
+//! [`load`] the plan file with the virtplan.toml it inherits from → [`open`] each connection
+//! once through the one connector ([`connect`]) → take the executor lock (the lockfile module)
+//! → [`project`] the steps over observed state → [`check`] the plan against recorded progress.
+//! Commands and the reconciler call these instead of repeating the sequence.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use chrono::{DateTime, Utc};
+
+use crate::config::{self, Config};
+use crate::hypervisor::libvirt::Libvirt;
+use crate::hypervisor::{HvResult, Hypervisor};
+use crate::lockfile::{LockError, Lockfile};
+use crate::plan_file::{self, Diagnostics, LoadContext, PlanFile};
+use crate::planner::{self, Connections, Plan, PlanError, PlanInput, Progress};
+use crate::uri::Uri;
+
+/// A plan file and the configuration it was validated with.
+#[derive(Debug, Clone)]
+pub struct Loaded {
+    pub config: Config,
+    pub file: PlanFile,
+}
+
+/// Finds the plan's virtplan.toml (`config` when given) and validates the plan under it.
+///
+/// # Errors
+/// Every problem of the configuration or the plan, located.
+pub fn load(path: &Path, config: Option<&Path>) -> Result<Loaded, Diagnostics> {
+    let config = config::discover(config, Some(path))?;
+    let file = plan_file::load(
+        path,
+        &LoadContext {
+            config: config.clone(),
+        },
+    )?;
+    Ok(Loaded { config, file })
+}
+
+/// The one connector: every libvirt connection virtplan opens (to plan, to apply, to reopen a
+/// lost one, in the reconciler's pool) is made here.
+///
+/// # Errors
+/// libvirt cannot be reached at `uri` (the message names it, credentials redacted).
+pub fn connect(uri: &Uri) -> HvResult<Arc<dyn Hypervisor>> {
+    Libvirt::connect(uri.clone()).map(|hv| Arc::new(hv) as Arc<dyn Hypervisor>)
+}
+
+/// Opens each of `uris` once.
+///
+/// # Errors
+/// The first URI that cannot be reached.
+pub fn open(uris: impl IntoIterator<Item = Uri>) -> HvResult<Connections> {
+    let mut connections = Connections::new();
+    for uri in uris.into_iter().collect::<std::collections::BTreeSet<_>>() {
+        let hv = connect(&uri)?;
+        connections.insert(uri, hv);
+    }
+    Ok(connections)
+}
+
+/// Projects `file` over the live state of `connections` at `now`, with `progress` marking
+/// the steps already done; `connect` (`--connect`) replaces every step's connection.
+///
+/// # Errors
+/// As [`planner::project`].
+pub fn project(
+    file: &PlanFile,
+    connections: &Connections,
+    connect: Option<&Uri>,
+    now: DateTime<Utc>,
+    progress: &dyn Progress,
+) -> Result<Plan, PlanError> {
+    planner::project(&PlanInput {
+        file,
+        connections,
+        connect_override: connect,
+        now,
+        progress,
+    })
+}
+
+/// What apply would refuse before running anything (an edited or removed done step, a
+/// recreated domain), checked on a copy of `recorded` so nothing is written.
+///
+/// # Errors
+/// The lockfile's refusal, naming the step.
+pub fn check(recorded: &Lockfile, lock_path: &Path, plan: &Plan) -> Result<(), LockError> {
+    recorded.clone().reconcile(lock_path, plan)
+}
