@@ -93,16 +93,27 @@ pub fn run(args: &Args<'_>, clock: &dyn Clock, printer: &Printer) -> anyhow::Res
         return Ok(ExitStatus::Error);
     }
 
-    let _lock = acquire_lock(
-        &lockfile::pid_path(&plan_path),
-        args.lock_timeout,
-        clock,
-        printer,
-    )?;
-    let store = Arc::new(LockStore::open(
-        &lockfile::lock_path(&plan_path),
-        &plan_sha256,
-    )?);
+    // Where state lives is not part of the reviewed plan but of the host: a saved plan and
+    // its plan file must share one lockfile and one executor lock.
+    let state_dir = match &loaded {
+        Some((config, _)) => config.state_dir.clone(),
+        None => match crate::config::discover(args.config, Some(&plan_path)) {
+            Ok(config) => config.state_dir,
+            Err(diags) => {
+                super::validate::report(printer, &diags);
+                return Ok(ExitStatus::Error);
+            }
+        },
+    };
+    let paths = crate::overview::StatePaths::of(&plan_path, state_dir.as_deref());
+    paths.prepare().with_context(|| {
+        format!(
+            "cannot create the state folder {} (state_dir in virtplan.toml)",
+            paths.lockfile.parent().unwrap_or(Path::new(".")).display()
+        )
+    })?;
+    let _lock = acquire_lock(&paths.pid, args.lock_timeout, clock, printer)?;
+    let store = Arc::new(LockStore::open(&paths.lockfile, &plan_sha256)?);
     let (plan, connections, loaded) = if let Some(saved) = saved {
         let mut plan = saved.plan;
         restore_credentials(&mut plan, args.config)?;
@@ -114,6 +125,7 @@ pub fn run(args: &Args<'_>, clock: &dyn Clock, printer: &Printer) -> anyhow::Res
         };
         let connect = common::resolve_connect(&config, args.connect)?;
         let connections = common::open_connections(&file, connect.as_ref())?;
+        common::settle_interrupted(&store.snapshot(), &connections, clock, printer)?;
         match ops::project(&file, &connections, connect.as_ref(), clock.now(), &*store) {
             Ok(plan) => (plan, connections, Some((config, file, connect))),
             Err(e) => {

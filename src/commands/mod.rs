@@ -4,6 +4,7 @@ mod apply;
 mod cancel;
 mod common;
 mod completions;
+mod ls;
 mod man;
 mod plan;
 mod schema;
@@ -23,6 +24,13 @@ pub fn dispatch(cli: Cli, printer: &Printer) -> anyhow::Result<ExitStatus> {
     match cli.command {
         Command::Validate { plans } => Ok(validate::run(&plans, cli.config.as_deref(), printer)),
         Command::Schema { which } => Ok(schema::run(which, printer)),
+        Command::Ls { paths, format } => ls::run(
+            &paths,
+            cli.config.as_deref(),
+            format,
+            &crate::clock::SystemClock,
+            printer,
+        ),
         Command::Cancel { plan, step } => cancel::run(
             &cancel::Args {
                 plan: &plan,

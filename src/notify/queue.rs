@@ -6,7 +6,7 @@
 //! step change it announces, and marked sent only after its target took it; a run that
 //! crashed in between re-sends it (same id) when `apply` runs again.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError, Weak};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -63,6 +63,21 @@ struct Inner {
     store: Weak<LockStore>,
     log: Box<Log>,
     retry: Retry,
+    /// The order events were recorded in, so every target gets them in that order.
+    order: Mutex<Order>,
+}
+
+/// Sequence numbers in recording order. An event is numbered while the lockfile write that
+/// carries it is prepared (under the store's lock), and queued once that write is durable;
+/// a target starts on an event only when no earlier-numbered one is still on its way, so two
+/// threads finishing their writes in the other order cannot swap their events.
+#[derive(Default)]
+struct Order {
+    next: u64,
+    /// Number of each event not queued yet, by id.
+    numbers: HashMap<String, u64>,
+    /// Numbers handed out whose events are not queued (or abandoned) yet.
+    outstanding: BTreeSet<u64>,
 }
 
 struct Queue {
@@ -72,7 +87,8 @@ struct Queue {
 
 #[derive(Default)]
 struct QueueState {
-    jobs: VecDeque<Arc<Event>>,
+    /// Sorted by recording order.
+    jobs: VecDeque<(u64, Arc<Event>)>,
     busy: bool,
     /// Set by [`Notifier::flush`]: give up what is left at this instant.
     deadline: Option<Instant>,
@@ -149,6 +165,7 @@ impl Notifier {
             store: Arc::downgrade(store),
             log,
             retry,
+            order: Mutex::new(Order::default()),
         });
         let workers = (0..inner.targets.len())
             .map(|i| {
@@ -162,6 +179,7 @@ impl Notifier {
         });
         for record in store.snapshot().events {
             if record.delivery != Delivery::Sent && !record.body.is_empty() {
+                notifier.inner.number(&record.id);
                 notifier.inner.enqueue(&record);
             }
         }
@@ -238,7 +256,13 @@ impl Notifier {
             message,
             summary,
         };
-        store.record_event(record_of(&event, targets))
+        let record = record_of(&event, targets);
+        inner.number(&record.id);
+        let result = store.record_event(record.clone());
+        if result.is_err() {
+            inner.abandon(&record.id);
+        }
+        result
     }
 
     /// Waits until every queue is empty or `timeout` has passed, then writes the delivery
@@ -333,11 +357,17 @@ impl Observer for Notifier {
             message: after.message.clone(),
             summary: None,
         };
-        Some(record_of(&event, targets))
+        let record = record_of(&event, targets);
+        inner.number(&record.id);
+        Some(record)
     }
 
     fn on_recorded(&self, event: &EventRecord) {
         self.inner.enqueue(event);
+    }
+
+    fn on_failed(&self, event: &EventRecord) {
+        self.inner.abandon(&event.id);
     }
 }
 
@@ -367,15 +397,55 @@ impl Inner {
             .collect()
     }
 
+    fn order(&self) -> MutexGuard<'_, Order> {
+        self.order.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Gives the event `id` the next number in recording order.
+    fn number(&self, id: &str) {
+        let mut order = self.order();
+        let n = order.next;
+        order.next += 1;
+        order.numbers.insert(id.to_owned(), n);
+        order.outstanding.insert(n);
+    }
+
+    /// The number of `id` is no longer on its way (queued or abandoned): wake the targets.
+    fn settle(&self, id: &str) {
+        let mut order = self.order();
+        if let Some(n) = order.numbers.remove(id) {
+            order.outstanding.remove(&n);
+        }
+        drop(order);
+        for q in &self.queues {
+            // Taking the lock first: a worker between its check and its wait gets the wake-up.
+            drop(q.lock());
+            q.cond.notify_all();
+        }
+    }
+
+    /// The write that carried `id` failed: later events must not wait for it.
+    fn abandon(&self, id: &str) {
+        self.settle(id);
+    }
+
+    /// The lowest number still on its way, if any.
+    fn first_outstanding(&self) -> Option<u64> {
+        self.order().outstanding.first().copied()
+    }
+
     /// Queues a recorded event for each target that wants it and has not taken it yet.
     fn enqueue(&self, record: &EventRecord) {
+        let number = self.order().numbers.get(&record.id).copied();
         let Ok(event) = serde_json::from_str::<Event>(&record.body) else {
             (self.log)(&format!(
                 "notification {} in the lockfile cannot be read back; it is not sent",
                 record.id
             ));
+            self.settle(&record.id);
             return;
         };
+        let number = number.unwrap_or(u64::MAX);
         let event = Arc::new(event);
         for (i, key) in self.keys.iter().enumerate() {
             if !record.targets.contains(key) || record.sent_to.contains(key) {
@@ -393,9 +463,11 @@ impl Inner {
                 ));
                 continue;
             }
-            state.jobs.push_back(Arc::clone(&event));
+            let at = state.jobs.partition_point(|(n, _)| *n <= number);
+            state.jobs.insert(at, (number, Arc::clone(&event)));
             q.cond.notify_all();
         }
+        self.settle(&record.id);
     }
 
     /// One target's delivery thread.
@@ -405,18 +477,32 @@ impl Inner {
             let event = {
                 let mut state = q.lock();
                 loop {
-                    let expired = state.deadline.is_some_and(|d| Instant::now() >= d);
-                    if expired {
+                    let now = Instant::now();
+                    if state.deadline.is_some_and(|d| now >= d) {
                         return;
                     }
-                    if let Some(event) = state.jobs.pop_front() {
-                        state.busy = true;
-                        break event;
+                    // An earlier event still on its way to the queue goes first.
+                    let ready = state.jobs.front().is_some_and(|(n, _)| {
+                        self.first_outstanding().is_none_or(|first| *n < first)
+                    });
+                    if ready {
+                        if let Some((_, event)) = state.jobs.pop_front() {
+                            state.busy = true;
+                            break event;
+                        }
                     }
-                    if state.deadline.is_some() {
+                    if state.deadline.is_some() && state.jobs.is_empty() {
                         return;
                     }
-                    state = q.cond.wait(state).unwrap_or_else(PoisonError::into_inner);
+                    state = match state.deadline {
+                        Some(d) => {
+                            q.cond
+                                .wait_timeout(state, d.saturating_duration_since(now))
+                                .unwrap_or_else(PoisonError::into_inner)
+                                .0
+                        }
+                        None => q.cond.wait(state).unwrap_or_else(PoisonError::into_inner),
+                    };
                 }
             };
             self.deliver(i, &event);
@@ -594,6 +680,58 @@ mod tests {
         // What the lockfile says on disk is what a resumed run re-sends.
         let on_disk = LockStore::read(&dir.path().join("p.lock")).unwrap();
         assert_eq!(on_disk.events, events);
+    }
+
+    /// Two domains' threads finish their lockfile writes in the other order than they
+    /// recorded their events: the target still gets them in recording order.
+    #[test]
+    fn events_reach_a_target_in_recording_order() {
+        use crate::clock::{Clock as _, SystemClock};
+        use crate::lockfile::{StepRecord, StepStatus};
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(LockStore::open(&dir.path().join("p.lock"), "abc").unwrap());
+        let got = dir.path().join("got");
+        let append = format!("echo $VIRTPLAN_EVENT_ID >> {}", got.display());
+        let notifier = Notifier::start(
+            vec![command_target(&["sh", "-c", &append])],
+            RunInfo {
+                plan: PlanRef {
+                    name: "p".into(),
+                    file: "p.yaml".into(),
+                    sha256: "abc".into(),
+                },
+                connections: BTreeMap::new(),
+            },
+            &store,
+            Box::new(|_: &str| {}),
+            Retry::default(),
+        );
+        let running = |vm: &str| {
+            let mut r = StepRecord::new(
+                1,
+                "s1",
+                vm,
+                format!("uuid-{vm}"),
+                "",
+                None,
+                StepStatus::Running,
+            );
+            r.started_at = Some(SystemClock.now());
+            r
+        };
+        let a = notifier
+            .on_change(StepStatus::Pending, &running("web-01"))
+            .unwrap();
+        let b = notifier
+            .on_change(StepStatus::Pending, &running("web-02"))
+            .unwrap();
+        notifier.on_recorded(&b);
+        SystemClock.sleep(Duration::from_millis(300));
+        assert!(!got.exists(), "b went out while a was still on its way");
+        notifier.on_recorded(&a);
+        assert_eq!(notifier.flush(Duration::from_secs(10)), 0);
+        let order = std::fs::read_to_string(&got).unwrap();
+        assert_eq!(order, format!("{}\n{}\n", a.id, b.id));
     }
 
     #[test]
