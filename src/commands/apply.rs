@@ -13,7 +13,7 @@ use anyhow::Context as _;
 use super::common;
 use crate::clock::Clock;
 use crate::executor::{Executor, Outcome, Settings};
-use crate::lockfile::{self, ExecutorLock, LockStore, StepStatus};
+use crate::lockfile::{self, ExecutorLock, LockStore};
 use crate::notify::{Notifier, Retry, RunInfo};
 use crate::ops;
 use crate::planner::saved::SavedPlan;
@@ -152,13 +152,14 @@ pub fn run(args: &Args<'_>, clock: &dyn Clock, printer: &Printer) -> anyhow::Res
     }
     let file_zone: Option<chrono_tz::Tz> =
         plan.meta.timezone.as_deref().and_then(|z| z.parse().ok());
-    let mut settings = Settings::for_plan(&plan);
+    let mut settings = Settings::for_plan(&plan).with_lease_config(lease_config(
+        loaded.as_ref().map(|(config, _, _)| config),
+        args.config,
+        &plan_path,
+    )?);
     settings.failpoint = std::env::var(FAILPOINT_ENV).ok().filter(|f| !f.is_empty());
-    let on_outcome = |o: &Outcome| {
-        if !o.earlier {
-            printer.err_line(&progress_line(o, clock, printer));
-        }
-    };
+    let progress = super::progress::Progress::new(printer, clock, file_zone);
+    let on_outcome = |o: &Outcome| progress.outcome(o);
     let notifier = start_notifier(targets, &plan, &store, printer);
     if let Some(n) = &notifier {
         n.plan_started(clock.now())?;
@@ -187,17 +188,23 @@ pub fn run(args: &Args<'_>, clock: &dyn Clock, printer: &Printer) -> anyhow::Res
             printer,
         )?
     } else {
-        Executor {
-            plan: &plan,
-            connections: &connections,
-            clock,
-            store: &store,
-            settings: &settings,
-            stop: &stop,
-            on_outcome: &on_outcome,
-            reconnect: Some(&ops::connect),
-        }
-        .run()?
+        let done = AtomicBool::new(false);
+        std::thread::scope(|scope| {
+            scope.spawn(|| progress.run(&store, &done));
+            let report = Executor {
+                plan: &plan,
+                connections: &connections,
+                clock,
+                store: &store,
+                settings: &settings,
+                stop: &stop,
+                on_outcome: &on_outcome,
+                reconnect: Some(&ops::connect),
+            }
+            .run();
+            done.store(true, std::sync::atomic::Ordering::SeqCst);
+            report
+        })?
     };
 
     if let Some(n) = &notifier {
@@ -412,6 +419,22 @@ fn unchanged_since_review(saved: &SavedPlan, saved_path: &Path) -> anyhow::Resul
     Ok(())
 }
 
+/// The fleet's lease timing (virtplan.toml `[lease]`): not part of a reviewed plan, since every
+/// executor of a fleet must use the same one whatever plan it runs. A saved plan reads the
+/// configuration its plan file would find.
+fn lease_config(
+    loaded: Option<&crate::config::Config>,
+    explicit: Option<&Path>,
+    plan_path: &Path,
+) -> anyhow::Result<crate::lease::LeaseConfig> {
+    if let Some(config) = loaded {
+        return Ok(config.lease);
+    }
+    crate::config::discover(explicit, Some(plan_path))
+        .map(|c| c.lease)
+        .map_err(|d| anyhow::anyhow!("{}", d.render()))
+}
+
 /// Saved plans hold redacted connections (no password is ever written to disk by virtplan):
 /// give each masked one back its credentials from where the operator keeps them, the plan
 /// file (only while it is byte for byte the reviewed one) or virtplan.toml. Nothing else of
@@ -476,24 +499,4 @@ fn confirm(plan: &Plan, printer: &Printer) -> anyhow::Result<bool> {
     let mut answer = String::new();
     std::io::stdin().lock().read_line(&mut answer)?;
     Ok(answer.trim() == "yes")
-}
-
-fn progress_line(o: &Outcome, clock: &dyn Clock, printer: &Printer) -> String {
-    let tone = match o.status {
-        StepStatus::Done => Tone::Added,
-        StepStatus::Failed | StepStatus::Missed => Tone::Removed,
-        _ => Tone::Changed,
-    };
-    let mut line = format!(
-        "{} step {} {}: {}",
-        clock.now().format("%H:%M:%S%.3f"),
-        o.step,
-        crate::printer::escape(&o.vm),
-        printer.paint(tone, o.status.as_str())
-    );
-    if !o.message.is_empty() {
-        line.push_str(" - ");
-        line.push_str(&crate::printer::escape(&o.message));
-    }
-    line
 }

@@ -7,6 +7,7 @@ mod completions;
 mod ls;
 mod man;
 mod plan;
+mod progress;
 mod schema;
 pub mod status;
 mod validate;

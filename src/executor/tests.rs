@@ -118,6 +118,8 @@ impl Rig {
         .unwrap_or_else(|e| panic!("{e}"))
     }
 
+    /// Without leases: their settle delay would move every step on the fake clock; the
+    /// lease tests turn them on.
     fn settings(&self) -> Settings {
         let mut policy = planner::Policy::of(&self.file);
         policy.parallelism = 4;

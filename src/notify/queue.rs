@@ -17,6 +17,7 @@ use super::deliver::deliver;
 use super::event::{event_id, Event, EventKind, EventSummary, PlanRef, EVENT_FORMAT_VERSION};
 use super::target::Target;
 use crate::lockfile::{Delivery, EventRecord, LockError, LockStore, Observer, StepRecord};
+use crate::uri::Uri;
 
 /// How often and how patiently a delivery is retried.
 #[derive(Debug, Clone, Copy)]
@@ -51,9 +52,9 @@ pub struct Notifier {
 
 struct Inner {
     plan: PlanRef,
-    /// Redacted libvirt URI of each (step id, domain UUID); replaced when a watched plan is
-    /// re-planned.
-    connections: Mutex<BTreeMap<(String, String), String>>,
+    /// libvirt URI of each (step id, domain UUID), printed redacted; replaced when a watched
+    /// plan is re-planned.
+    connections: Mutex<BTreeMap<(String, String), Uri>>,
     /// A stop for a re-plan is under way: the steps it leaves unstarted run under the new
     /// version, so their `cancelled` is no news.
     quiet_cancellations: std::sync::atomic::AtomicBool,
@@ -103,8 +104,8 @@ impl Queue {
 /// What a run's events say about the plan and its steps.
 pub struct RunInfo {
     pub plan: PlanRef,
-    /// libvirt URI of each (step id, domain UUID); redacted here.
-    pub connections: BTreeMap<(String, String), String>,
+    /// libvirt URI of each (step id, domain UUID); events carry it redacted.
+    pub connections: BTreeMap<(String, String), Uri>,
 }
 
 impl RunInfo {
@@ -124,14 +125,13 @@ impl RunInfo {
 
 /// The libvirt URI of each (step id, domain UUID) of `plan`.
 #[must_use]
-pub fn step_connections(plan: &crate::planner::Plan) -> BTreeMap<(String, String), String> {
+pub fn step_connections(plan: &crate::planner::Plan) -> BTreeMap<(String, String), Uri> {
     plan.steps
         .iter()
         .map(|s| {
             (
                 (s.step_id.clone(), s.domain.uuid.clone()),
-                // Redacted at the source (query secrets too); `redact_all` masks again.
-                s.connection.redacted(),
+                s.connection.clone(),
             )
         })
         .collect()
@@ -157,7 +157,7 @@ impl Notifier {
             .collect();
         let inner = Arc::new(Inner {
             plan: info.plan,
-            connections: Mutex::new(redact_all(info.connections)),
+            connections: Mutex::new(info.connections),
             quiet_cancellations: std::sync::atomic::AtomicBool::new(false),
             targets,
             keys,
@@ -188,12 +188,12 @@ impl Notifier {
     }
 
     /// The libvirt URI of each (step id, domain UUID) of a new version of the plan.
-    pub fn set_connections(&self, connections: BTreeMap<(String, String), String>) {
+    pub fn set_connections(&self, connections: BTreeMap<(String, String), Uri>) {
         *self
             .inner
             .connections
             .lock()
-            .unwrap_or_else(PoisonError::into_inner) = redact_all(connections);
+            .unwrap_or_else(PoisonError::into_inner) = connections;
     }
 
     /// While on, a step recorded `cancelled` raises no event: set while a watched plan's
@@ -349,7 +349,7 @@ impl Observer for Notifier {
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner)
                 .get(&(after.step_id.clone(), after.uuid.clone()))
-                .cloned(),
+                .map(Uri::redacted),
             at: after.at,
             status: Some(after.status),
             started_at: after.started_at,
@@ -571,31 +571,6 @@ impl Inner {
     }
 }
 
-fn redact_all(
-    connections: BTreeMap<(String, String), String>,
-) -> BTreeMap<(String, String), String> {
-    connections
-        .into_iter()
-        .map(|(k, uri)| (k, redact_uri(&uri)))
-        .collect()
-}
-
-/// A libvirt URI with any password replaced by `***`.
-#[must_use]
-pub fn redact_uri(uri: &str) -> String {
-    match url::Url::parse(uri) {
-        Ok(mut url) if url.password().is_some() => {
-            let _ = url.set_password(Some("***"));
-            url.to_string()
-        }
-        Ok(_) => uri.to_owned(),
-        // Not a URL: show only the part before any `@`, which is where a secret would be.
-        Err(_) => uri
-            .rsplit_once('@')
-            .map_or_else(|| uri.to_owned(), |(_, host)| format!("***@{host}")),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -682,6 +657,42 @@ mod tests {
         assert_eq!(on_disk.events, events);
     }
 
+    /// An event names the step's connection with its credentials masked (the `Uri` type's
+    /// redaction), and the lockfile's copy of the event too.
+    #[test]
+    fn an_events_connection_never_carries_a_password() {
+        use crate::lockfile::{StepRecord, StepStatus};
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(LockStore::open(&dir.path().join("p.lock"), "abc").unwrap());
+        let uri = Uri::new("qemu+ssh://root:hunter2@hv1/system?password=hunter3");
+        let notifier = Notifier::start(
+            vec![command_target(&["true"])],
+            RunInfo {
+                plan: PlanRef {
+                    name: "p".into(),
+                    file: "p.yaml".into(),
+                    sha256: "abc".into(),
+                },
+                connections: [(("s1".to_owned(), "uuid-a".to_owned()), uri)].into(),
+            },
+            &store,
+            Box::new(|_: &str| {}),
+            Retry::default(),
+        );
+        let record = StepRecord::new(1, "s1", "a", "uuid-a", "", None, StepStatus::Failed);
+        let event = notifier
+            .on_change(StepStatus::Running, &record)
+            .expect("an event");
+        assert!(!event.body.contains("hunter"), "{}", event.body);
+        let body: Event = serde_json::from_str(&event.body).unwrap();
+        assert_eq!(
+            body.connection.as_deref(),
+            Some("qemu+ssh://root:***@hv1/system?password=***")
+        );
+        notifier.on_failed(&event);
+        assert_eq!(notifier.flush(Duration::from_secs(5)), 0);
+    }
+
     /// Two domains' threads finish their lockfile writes in the other order than they
     /// recorded their events: the target still gets them in recording order.
     #[test]
@@ -732,14 +743,5 @@ mod tests {
         assert_eq!(notifier.flush(Duration::from_secs(10)), 0);
         let order = std::fs::read_to_string(&got).unwrap();
         assert_eq!(order, format!("{}\n{}\n", a.id, b.id));
-    }
-
-    #[test]
-    fn uri_passwords_are_redacted() {
-        assert_eq!(
-            redact_uri("qemu+ssh://root:hunter2@hv1/system"),
-            "qemu+ssh://root:***@hv1/system"
-        );
-        assert_eq!(redact_uri("qemu:///system"), "qemu:///system");
     }
 }

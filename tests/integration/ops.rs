@@ -107,6 +107,11 @@ fn quiet_keeps_results_and_drops_status_messages() {
         .stdout_contains("web-01")
         .run();
     assert_eq!(quiet.stderr, "", "-q prints nothing but errors");
+    let applied = Cli::new()
+        .args(["-q", "apply", s(&plan), "--auto-approve"])
+        .stdout_contains("Result:")
+        .run();
+    assert_eq!(applied.stderr, "", "-q apply: no progress lines");
     // An error still shows under -q.
     Cli::new()
         .args(["-q", "status", s(&rig.path("nope.yaml"))])
@@ -621,4 +626,47 @@ fn state_dir_keeps_lockfiles_out_of_the_plan_folder() {
         .stderr_contains("virtplan.toml:1:13")
         .stderr_contains("state_dir is empty")
         .run();
+}
+
+/// On a terminal the next step is one live line redrawn in place (`script` gives apply a pty).
+#[test]
+fn on_a_terminal_apply_redraws_one_live_line() {
+    let rig = Rig::new();
+    let plan = rig.write(
+        "web.yaml",
+        &format!(
+            "version: 1\nconnection: {}\ntimezone: America/Toronto\ngrace: 1m\nsteps:\n  - at: {}\n    vm: web-01\n    vcpus: 2\n",
+            rig.uri,
+            at(2)
+        ),
+    );
+    let command = format!(
+        "{} apply {} --auto-approve",
+        env!("CARGO_BIN_EXE_virtplan"),
+        s(&plan)
+    );
+    let out = Command::new("script")
+        .args(["-qec", &command, "/dev/null"])
+        .env("NO_COLOR", "1")
+        .stdin(Stdio::null())
+        .output()
+        .expect("script(1) from util-linux runs apply on a pseudo-terminal");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert!(
+        text.contains("\r\u{1b}[2Knext: step 1 web-01 vcpus 1 → 2 at "),
+        "{text:?}"
+    );
+    assert!(
+        text.contains(" EST, in ") || text.contains(" EDT, in "),
+        "{text:?}"
+    );
+    // The live line is cleared before the result line.
+    assert!(text.contains("\r\u{1b}[2K"), "{text:?}");
+    assert!(
+        text.lines()
+            .any(|l| l.contains(" EST step 1 web-01: done")
+                || l.contains(" EDT step 1 web-01: done")),
+        "{text:?}"
+    );
 }
