@@ -19,6 +19,7 @@ pub mod config;
 pub mod executor;
 pub mod fsutil;
 pub mod hypervisor;
+pub mod lease;
 pub mod lockfile;
 pub mod notify;
 pub mod ops;
