@@ -897,6 +897,14 @@ fn power_state(state: Enum<VirtState, sys::virDomainState>) -> PowerState {
 
 /// Classifies a libvirt error by its code, so callers can tell "retry" from "give up".
 fn classify(e: &VirtError) -> ErrorKind {
+    // The RPC layer reports a connection it closed (keepalive gave up on a hung daemon, the
+    // daemon restarted) as an internal error: "client socket is closed". It is a lost
+    // connection, so the executor reconnects, and re-checks the deadline before any change.
+    if e.code() == Enum::Known(ErrorNumber::InternalError)
+        && e.domain() == Enum::Known(virt::error::ErrorDomain::Rpc)
+    {
+        return ErrorKind::Transient;
+    }
     match e.code() {
         Enum::Known(ErrorNumber::NoDomain) => ErrorKind::NotFound,
         Enum::Known(ErrorNumber::OperationInvalid) => ErrorKind::OperationInvalid,
