@@ -115,6 +115,8 @@ pub enum SchemaKind {
     PlanOutput,
     /// `status --format json` output.
     Status,
+    /// `ls --format json` output.
+    Ls,
     /// The notification event sent to webhooks and commands.
     NotifyEvent,
 }
@@ -214,6 +216,18 @@ pub enum Command {
         /// Log lines for people, or JSON lines (ts, level, plan, event, message).
         #[arg(long, value_enum, default_value_t = LogFormat::Human)]
         log_format: LogFormat,
+    },
+    /// List plans: next pending step and when, counts per status, executor, lockfile.
+    ///
+    /// Offline (no libvirt call). A folder lists every `*.yaml` directly in it (as `watch`
+    /// runs them) and the lockfiles of plans removed from it.
+    Ls {
+        /// Folders of plans, or plan files (default: the current folder).
+        #[arg(value_name = "DIR|PLAN")]
+        paths: Vec<PathBuf>,
+        /// Output format.
+        #[arg(long, value_enum, default_value_t = StatusFormat::Human)]
+        format: StatusFormat,
     },
     /// Cancel pending steps (or one): recorded with who and when; a running apply or watch
     /// never starts them, and later applies skip them.

@@ -32,6 +32,9 @@ pub struct Config {
     pub grace: Option<Duration>,
     pub shutdown: ShutdownPolicy,
     pub parallelism: usize,
+    /// Where lockfiles live instead of beside each plan (absolute; relative paths in the file
+    /// are resolved against the file's folder).
+    pub state_dir: Option<PathBuf>,
     /// `[[notify]]` targets: used by plans without a `notify` of their own.
     pub notify: Vec<crate::notify::Target>,
 }
@@ -46,6 +49,7 @@ impl Default for Config {
             grace: None,
             shutdown: ShutdownPolicy::default(),
             parallelism: DEFAULT_PARALLELISM,
+            state_dir: None,
             notify: Vec::new(),
         }
     }
@@ -61,6 +65,7 @@ struct RawConfig {
     grace: Option<toml::Spanned<String>>,
     shutdown: Option<RawShutdown>,
     parallelism: Option<toml::Spanned<i64>>,
+    state_dir: Option<toml::Spanned<String>>,
     #[serde(default)]
     notify: Vec<toml::Spanned<RawNotify>>,
 }
@@ -105,6 +110,7 @@ const KEYS: &[&str] = &[
     "grace",
     "shutdown",
     "parallelism",
+    "state_dir",
     "notify",
 ];
 
@@ -227,6 +233,12 @@ pub fn load(path: &Path) -> Result<Config, Diagnostics> {
             config.shutdown.force_after_timeout = force;
         }
     }
+    if let Some(dir) = raw.state_dir {
+        match state_dir(path, &dir, at(dir.span())) {
+            Ok(dir) => config.state_dir = Some(dir),
+            Err(d) => diags.push(d),
+        }
+    }
     if let Some(p) = raw.parallelism {
         match parallelism(path, &p, at(p.span())) {
             Ok(n) => config.parallelism = n,
@@ -239,6 +251,36 @@ pub fn load(path: &Path) -> Result<Config, Diagnostics> {
     } else {
         Err(fail(Some(text), diags))
     }
+}
+
+/// `state_dir`: resolved against the configuration file's folder.
+fn state_dir(path: &Path, dir: &toml::Spanned<String>, pos: Pos) -> Result<PathBuf, Diagnostic> {
+    if dir.get_ref().trim().is_empty() {
+        return Err(
+            Diagnostic::new(path, pos, "state_dir is empty".to_owned()).with_help(
+                "name the folder for lockfiles, such as \"/var/lib/virtplan\", or leave the key out to keep them beside each plan",
+            ),
+        );
+    }
+    let base = path.parent().unwrap_or_else(|| Path::new("."));
+    Ok(normalize(&base.join(dir.get_ref())))
+}
+
+/// An absolute path with `.` and `..` resolved lexically (the folder may not exist yet).
+fn normalize(path: &Path) -> PathBuf {
+    use std::path::Component;
+    let absolute = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
+    let mut out = PathBuf::new();
+    for c in absolute.components() {
+        match c {
+            Component::CurDir => {}
+            Component::ParentDir => {
+                out.pop();
+            }
+            other => out.push(other),
+        }
+    }
+    out
 }
 
 /// Checks the `[[notify]]` tables, adding located problems to `diags`.

@@ -319,6 +319,8 @@ pub trait Observer: Send + Sync {
     fn on_change(&self, before: StepStatus, after: &StepRecord) -> Option<EventRecord>;
     /// `event` is durable: deliver it.
     fn on_recorded(&self, event: &EventRecord);
+    /// The write that carried `event` failed: it will not be delivered.
+    fn on_failed(&self, event: &EventRecord);
 }
 
 impl Lockfile {
@@ -1152,11 +1154,15 @@ impl LockStore {
         shared.io.changes += 1;
         shared.seq += 1;
         let seq = shared.seq;
-        self.commit(shared, seq)?;
+        let result = self.commit(shared, seq);
         if let (Some(e), Some(o)) = (event, self.observer.get()) {
-            o.on_recorded(&e);
+            if result.is_ok() {
+                o.on_recorded(&e);
+            } else {
+                o.on_failed(&e);
+            }
         }
-        Ok(())
+        result
     }
 
     /// Sets the observer that turns step changes into notification events; only the first

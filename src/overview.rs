@@ -271,14 +271,42 @@ pub struct StatePaths {
 }
 
 impl StatePaths {
-    /// The files of the plan at `plan`.
+    /// The files of the plan at `plan`: beside it (`web.lock`, `web.lock.pid`), or in
+    /// `state_dir` when virtplan.toml sets one, named after the plan's stem and a hash of its
+    /// canonical path (`web-1a2b3c4d.lock`), so plans of the same name in different folders
+    /// never share a lockfile.
     #[must_use]
-    pub fn of(plan: &Path) -> Self {
-        let lockfile = lockfile::lock_path(plan);
+    pub fn of(plan: &Path, state_dir: Option<&Path>) -> Self {
+        let (lockfile, pid) = match state_dir {
+            None => (lockfile::lock_path(plan), lockfile::pid_path(plan)),
+            Some(dir) => {
+                let name = state_name(plan);
+                (
+                    dir.join(format!("{name}.lock")),
+                    dir.join(format!("{name}.lock.pid")),
+                )
+            }
+        };
         Self {
             cancels: CancelLog::for_lockfile(&lockfile),
-            pid: lockfile::pid_path(plan),
+            pid,
             lockfile,
+        }
+    }
+
+    /// Creates the state folder when it is not the plan's own (mode 0700: lockfiles record
+    /// what ran where).
+    ///
+    /// # Errors
+    /// The folder cannot be created.
+    pub fn prepare(&self) -> std::io::Result<()> {
+        use std::os::unix::fs::DirBuilderExt as _;
+        match self.lockfile.parent() {
+            Some(dir) if !dir.as_os_str().is_empty() && !dir.exists() => std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir),
+            _ => Ok(()),
         }
     }
 
@@ -296,6 +324,68 @@ impl StatePaths {
             }
             Err(e) => Err(e),
         }
+    }
+}
+
+/// `web-1a2b3c4d`: the plan's stem and the first 8 hex digits of the SHA-256 of its canonical
+/// path (symlinks resolved; the absolute path when the plan no longer exists).
+#[must_use]
+pub fn state_name(plan: &Path) -> String {
+    // A removed plan's folder usually remains: resolve it the same way.
+    let canonical = std::fs::canonicalize(plan)
+        .or_else(|_| {
+            let parent = plan.parent().filter(|p| !p.as_os_str().is_empty());
+            let dir = std::fs::canonicalize(parent.unwrap_or(Path::new(".")))?;
+            Ok::<_, std::io::Error>(dir.join(plan.file_name().unwrap_or_default()))
+        })
+        .or_else(|_| std::path::absolute(plan))
+        .unwrap_or_else(|_| plan.to_path_buf());
+    let hash = crate::plan_file::sha256_hex(canonical.as_os_str().as_encoded_bytes());
+    let stem = plan
+        .file_stem()
+        .map_or_else(|| "plan".into(), |s| s.to_string_lossy());
+    format!("{stem}-{}", &hash[..8])
+}
+
+/// A plan looked at offline: its configuration, the plan itself when it validates, and where
+/// its state lives.
+#[derive(Debug)]
+pub struct Inspected {
+    pub file: Option<PlanFile>,
+    /// Why the plan (or its virtplan.toml) does not validate.
+    pub problems: Option<crate::plan_file::Diagnostics>,
+    pub paths: StatePaths,
+}
+
+impl Inspected {
+    /// Discovers the configuration and validates the plan at `plan` (which may be gone: its
+    /// state can outlive it). An invalid virtplan.toml leaves the state beside the plan.
+    #[must_use]
+    pub fn of(plan: &Path, config: Option<&Path>) -> Self {
+        let config = crate::config::discover(config, Some(plan));
+        let state_dir = config.as_ref().ok().and_then(|c| c.state_dir.clone());
+        let paths = StatePaths::of(plan, state_dir.as_deref());
+        let loaded = config.and_then(|config| {
+            crate::plan_file::load(plan, &crate::plan_file::LoadContext { config })
+        });
+        match loaded {
+            Ok(file) => Self {
+                file: Some(file),
+                problems: None,
+                paths,
+            },
+            Err(d) => Self {
+                file: None,
+                problems: Some(d),
+                paths,
+            },
+        }
+    }
+
+    /// The plan's zone, for showing times.
+    #[must_use]
+    pub fn zone(&self) -> Option<Tz> {
+        self.file.as_ref().and_then(|f| f.timezone)
     }
 }
 
@@ -345,4 +435,219 @@ mod tests {
             "released: the file stays but nobody holds it"
         );
     }
+}
+
+/// `ls --format json`: its schema is printed by `virtplan schema ls`.
+#[derive(Debug, Serialize, schemars::JsonSchema)]
+pub struct LsDoc {
+    pub format_version: u32,
+    /// When the listing was made (RFC 3339); `in_seconds` counts from here.
+    pub now: DateTime<Utc>,
+    pub plans: Vec<PlanSummary>,
+}
+
+/// One plan (or the leftover state of a removed one).
+#[derive(Debug, Serialize, schemars::JsonSchema)]
+pub struct PlanSummary {
+    /// The plan file as given or found.
+    pub plan: PathBuf,
+    /// `name` in the plan (its stem when the plan is gone or invalid).
+    pub name: String,
+    /// `ok`, `invalid` (does not validate; its recorded progress is still shown) or `removed`
+    /// (the plan file is gone; only its lockfile remains).
+    pub state: PlanState,
+    /// Why the plan does not validate (the first problem, located).
+    pub problem: Option<String>,
+    /// The plan's IANA zone (times for people are shown in it).
+    pub timezone: Option<String>,
+    /// The progress file, and whether it exists (an apply has run).
+    pub lockfile: PathBuf,
+    pub lockfile_exists: bool,
+    /// The executor holding the plan right now (`apply` or `watch`), if any.
+    pub holder: Option<Holder>,
+    /// The earliest step not started yet.
+    pub next: Option<NextStep>,
+    /// Step records per status (per step and domain; per step and named domain before the
+    /// first apply).
+    pub counts: BTreeMap<StepStatus, usize>,
+}
+
+/// The state of a listed plan.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, schemars::JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum PlanState {
+    Ok,
+    Invalid,
+    Removed,
+}
+
+/// The next step to start.
+#[derive(Debug, Serialize, schemars::JsonSchema)]
+pub struct NextStep {
+    pub step: usize,
+    pub vms: Vec<String>,
+    /// What it changes.
+    pub what: String,
+    /// When it is due (RFC 3339); null: as soon as apply starts.
+    pub at: Option<DateTime<Utc>>,
+    /// Seconds from `now` until `at` (negative: overdue).
+    pub in_seconds: Option<i64>,
+    /// Its grace has passed: an apply would record it missed.
+    pub overdue: bool,
+}
+
+/// The JSON Schema of [`LsDoc`], pretty-printed with a trailing newline.
+#[must_use]
+pub fn ls_schema() -> String {
+    let schema = schemars::schema_for!(LsDoc);
+    let mut text = serde_json::to_string_pretty(&schema).unwrap_or_default();
+    text.push('\n');
+    text
+}
+
+/// Summarizes the plan at `plan` (which may be gone, leaving its lockfile).
+#[must_use]
+pub fn summarize(plan: &Path, config: Option<&Path>, now: DateTime<Utc>) -> PlanSummary {
+    let inspected = Inspected::of(plan, config);
+    let stem = plan
+        .file_stem()
+        .map_or_else(String::new, |s| s.to_string_lossy().into_owned());
+    let mut problems: Vec<String> = Vec::new();
+    let state = if !plan.exists() {
+        PlanState::Removed
+    } else if let Some(d) = &inspected.problems {
+        if let Some(first) = d.items.first() {
+            problems.push(format!(
+                "{}:{}: {}",
+                first.file.display(),
+                first.pos,
+                first.message
+            ));
+        }
+        PlanState::Invalid
+    } else {
+        PlanState::Ok
+    };
+    let paths = &inspected.paths;
+    let lock = paths.read_lock().unwrap_or_else(|e| {
+        problems.push(e.to_string());
+        None
+    });
+    let cancels = paths.cancels.read().unwrap_or_else(|e| {
+        problems.push(e.to_string());
+        Vec::new()
+    });
+    let file = inspected.file.as_ref();
+    let zone = inspected.zone();
+    let rows = rows(file, lock.as_ref(), &cancels, zone);
+    let grace = file.map_or(std::time::Duration::from_secs(300), |f| f.grace);
+    PlanSummary {
+        plan: plan.to_path_buf(),
+        name: file.map_or(stem, |f| f.name.clone()),
+        state,
+        problem: (!problems.is_empty()).then(|| problems.join("; ")),
+        timezone: zone.map(|z| z.name().to_owned()),
+        lockfile: paths.lockfile.clone(),
+        lockfile_exists: paths.lockfile.exists(),
+        holder: holder(&paths.pid),
+        next: next_step(&rows, now, grace),
+        counts: counts(&rows),
+    }
+}
+
+fn next_step(
+    rows: &[StatusStep],
+    now: DateTime<Utc>,
+    grace: std::time::Duration,
+) -> Option<NextStep> {
+    let first = rows
+        .iter()
+        .filter(|r| r.status == StepStatus::Pending)
+        .min_by_key(|r| (r.at, r.step))?;
+    let vms = rows
+        .iter()
+        .filter(|r| r.id == first.id && r.status == StepStatus::Pending)
+        .map(|r| r.vm.clone())
+        .collect();
+    let grace = chrono::Duration::from_std(grace).unwrap_or(chrono::Duration::MAX);
+    Some(NextStep {
+        step: first.step,
+        vms,
+        what: first.what.clone(),
+        at: first.at,
+        in_seconds: first.at.map(|at| (at - now).num_seconds()),
+        overdue: first
+            .at
+            .and_then(|at| at.checked_add_signed(grace))
+            .is_some_and(|deadline| now > deadline),
+    })
+}
+
+/// The plans to list for `paths` (folders: every `*.yaml` directly in them, plus lockfiles
+/// whose plan is gone), in the order given, each folder's sorted by name.
+///
+/// # Errors
+/// A path that is neither a folder, a plan file, nor the former place of a plan whose
+/// lockfile remains; an unreadable folder.
+pub fn plans_in(paths: &[PathBuf], config: Option<&Path>) -> Result<Vec<PathBuf>, String> {
+    let mut out: Vec<PathBuf> = Vec::new();
+    for path in paths {
+        if path.is_dir() {
+            let mut found = Vec::new();
+            let entries = std::fs::read_dir(path)
+                .map_err(|e| format!("cannot list {}: {e}", path.display()))?;
+            for entry in entries.flatten() {
+                let p = entry.path();
+                let name = entry.file_name().to_string_lossy().into_owned();
+                if name.starts_with('.') {
+                    continue;
+                }
+                // Exactly `*.yaml`, as `watch` picks plans up.
+                if p.extension().is_some_and(|e| e == "yaml") && p.is_file() {
+                    found.push(p);
+                } else if let Some(stem) = name.strip_suffix(".lock") {
+                    // A lockfile beside where its plan was.
+                    let plan = path.join(format!("{stem}.yaml"));
+                    if !plan.exists() {
+                        found.push(plan);
+                    }
+                }
+            }
+            // Leftover state of removed plans in a state_dir shared by the folder's plans.
+            if let Ok(cfg) = crate::config::discover(config, Some(&path.join("_.yaml"))) {
+                if let Some(dir) = cfg.state_dir {
+                    found.extend(orphans_in_state_dir(&dir, path, &found));
+                }
+            }
+            found.sort();
+            found.dedup();
+            out.extend(found);
+        } else if path.is_file() || Inspected::of(path, config).paths.lockfile.exists() {
+            out.push(path.clone());
+        } else {
+            return Err(format!(
+                "{}: no such plan file or folder (and no lockfile of a removed plan there)",
+                path.display()
+            ));
+        }
+    }
+    Ok(out)
+}
+
+/// Lockfiles in `state_dir` named after a plan of `folder` (`<stem>-<hash>.lock`) whose plan is
+/// gone: the hash of `folder/<stem>.yaml` identifies them.
+fn orphans_in_state_dir(state_dir: &Path, folder: &Path, known: &[PathBuf]) -> Vec<PathBuf> {
+    let Ok(entries) = std::fs::read_dir(state_dir) else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let base = name.strip_suffix(".lock")?;
+            let (stem, _) = base.rsplit_once('-')?;
+            let plan = folder.join(format!("{stem}.yaml"));
+            (!known.contains(&plan) && state_name(&plan) == base).then_some(plan)
+        })
+        .collect()
 }

@@ -13,7 +13,7 @@ use anyhow::Context as _;
 use super::common;
 use crate::clock::Clock;
 use crate::executor::{Executor, Outcome, Settings};
-use crate::lockfile::{self, ExecutorLock, LockStore, StepStatus};
+use crate::lockfile::{self, ExecutorLock, LockStore};
 use crate::notify::{Notifier, Retry, RunInfo};
 use crate::ops;
 use crate::planner::saved::SavedPlan;
@@ -93,16 +93,27 @@ pub fn run(args: &Args<'_>, clock: &dyn Clock, printer: &Printer) -> anyhow::Res
         return Ok(ExitStatus::Error);
     }
 
-    let _lock = acquire_lock(
-        &lockfile::pid_path(&plan_path),
-        args.lock_timeout,
-        clock,
-        printer,
-    )?;
-    let store = Arc::new(LockStore::open(
-        &lockfile::lock_path(&plan_path),
-        &plan_sha256,
-    )?);
+    // Where state lives is not part of the reviewed plan but of the host: a saved plan and
+    // its plan file must share one lockfile and one executor lock.
+    let state_dir = match &loaded {
+        Some((config, _)) => config.state_dir.clone(),
+        None => match crate::config::discover(args.config, Some(&plan_path)) {
+            Ok(config) => config.state_dir,
+            Err(diags) => {
+                super::validate::report(printer, &diags);
+                return Ok(ExitStatus::Error);
+            }
+        },
+    };
+    let paths = crate::overview::StatePaths::of(&plan_path, state_dir.as_deref());
+    paths.prepare().with_context(|| {
+        format!(
+            "cannot create the state folder {} (state_dir in virtplan.toml)",
+            paths.lockfile.parent().unwrap_or(Path::new(".")).display()
+        )
+    })?;
+    let _lock = acquire_lock(&paths.pid, args.lock_timeout, clock, printer)?;
+    let store = Arc::new(LockStore::open(&paths.lockfile, &plan_sha256)?);
     let (plan, connections, loaded) = if let Some(saved) = saved {
         let mut plan = saved.plan;
         restore_credentials(&mut plan, args.config)?;
@@ -114,6 +125,7 @@ pub fn run(args: &Args<'_>, clock: &dyn Clock, printer: &Printer) -> anyhow::Res
         };
         let connect = common::resolve_connect(&config, args.connect)?;
         let connections = common::open_connections(&file, connect.as_ref())?;
+        common::settle_interrupted(&store.snapshot(), &connections, clock, printer)?;
         match ops::project(&file, &connections, connect.as_ref(), clock.now(), &*store) {
             Ok(plan) => (plan, connections, Some((config, file, connect))),
             Err(e) => {
@@ -142,11 +154,8 @@ pub fn run(args: &Args<'_>, clock: &dyn Clock, printer: &Printer) -> anyhow::Res
         plan.meta.timezone.as_deref().and_then(|z| z.parse().ok());
     let mut settings = Settings::for_plan(&plan);
     settings.failpoint = std::env::var(FAILPOINT_ENV).ok().filter(|f| !f.is_empty());
-    let on_outcome = |o: &Outcome| {
-        if !o.earlier {
-            printer.err_line(&progress_line(o, clock, printer));
-        }
-    };
+    let progress = super::progress::Progress::new(printer, clock, file_zone);
+    let on_outcome = |o: &Outcome| progress.outcome(o);
     let notifier = start_notifier(targets, &plan, &store, printer);
     if let Some(n) = &notifier {
         n.plan_started(clock.now())?;
@@ -175,17 +184,23 @@ pub fn run(args: &Args<'_>, clock: &dyn Clock, printer: &Printer) -> anyhow::Res
             printer,
         )?
     } else {
-        Executor {
-            plan: &plan,
-            connections: &connections,
-            clock,
-            store: &store,
-            settings: &settings,
-            stop: &stop,
-            on_outcome: &on_outcome,
-            reconnect: Some(&ops::connect),
-        }
-        .run()?
+        let done = AtomicBool::new(false);
+        std::thread::scope(|scope| {
+            scope.spawn(|| progress.run(&store, &done));
+            let report = Executor {
+                plan: &plan,
+                connections: &connections,
+                clock,
+                store: &store,
+                settings: &settings,
+                stop: &stop,
+                on_outcome: &on_outcome,
+                reconnect: Some(&ops::connect),
+            }
+            .run();
+            done.store(true, std::sync::atomic::Ordering::SeqCst);
+            report
+        })?
     };
 
     if let Some(n) = &notifier {
@@ -464,24 +479,4 @@ fn confirm(plan: &Plan, printer: &Printer) -> anyhow::Result<bool> {
     let mut answer = String::new();
     std::io::stdin().lock().read_line(&mut answer)?;
     Ok(answer.trim() == "yes")
-}
-
-fn progress_line(o: &Outcome, clock: &dyn Clock, printer: &Printer) -> String {
-    let tone = match o.status {
-        StepStatus::Done => Tone::Added,
-        StepStatus::Failed | StepStatus::Missed => Tone::Removed,
-        _ => Tone::Changed,
-    };
-    let mut line = format!(
-        "{} step {} {}: {}",
-        clock.now().format("%H:%M:%S%.3f"),
-        o.step,
-        crate::printer::escape(&o.vm),
-        printer.paint(tone, o.status.as_str())
-    );
-    if !o.message.is_empty() {
-        line.push_str(" - ");
-        line.push_str(&crate::printer::escape(&o.message));
-    }
-    line
 }

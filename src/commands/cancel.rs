@@ -7,7 +7,7 @@ use std::path::Path;
 use crate::cancel::{self, CancelRecord};
 use crate::clock::Clock;
 use crate::lockfile::StepStatus;
-use crate::overview::{self, StatePaths, StatusStep};
+use crate::overview::{self, StatusStep};
 use crate::printer::Printer;
 use crate::render::when;
 use crate::ExitStatus;
@@ -32,23 +32,24 @@ pub fn run(args: &Args<'_>, clock: &dyn Clock, printer: &Printer) -> anyhow::Res
         anyhow::bail!("{}: no such plan file", args.plan.display());
     }
     let plan = super::status::plan_file_of(args.plan)?;
-    let paths = StatePaths::of(&plan);
+    let inspected = overview::Inspected::of(&plan, args.config);
+    let paths = &inspected.paths;
     let lock = paths.read_lock()?;
     // Offline: the plan names its steps; an executor may run a version of it that has been
     // edited since, so the lockfile's records count too.
-    let file = match super::common::load_plan(&plan, args.config, printer) {
-        Some((_, file)) => Some(file),
-        None if lock.is_some() => {
-            printer.warning(
-                "the plan does not validate (above); cancelling by the steps its lockfile records",
-            );
-            None
+    if let Some(problems) = &inspected.problems {
+        super::validate::report(printer, problems);
+        if lock.is_none() {
+            return Ok(ExitStatus::Error);
         }
-        None => return Ok(ExitStatus::Error),
-    };
-    let zone = file.as_ref().and_then(|f| f.timezone);
+        printer.warning(
+            "the plan does not validate (above); cancelling by the steps its lockfile records",
+        );
+    }
+    let zone = inspected.zone();
+    let file = inspected.file.as_ref();
     let existing = paths.cancels.read()?;
-    let rows = overview::rows(file.as_ref(), lock.as_ref(), &existing, zone);
+    let rows = overview::rows(file, lock.as_ref(), &existing, zone);
 
     let chosen = match args.step {
         Some(n) => {

@@ -4,8 +4,10 @@ mod apply;
 mod cancel;
 mod common;
 mod completions;
+mod ls;
 mod man;
 mod plan;
+mod progress;
 mod schema;
 pub mod status;
 mod validate;
@@ -23,6 +25,13 @@ pub fn dispatch(cli: Cli, printer: &Printer) -> anyhow::Result<ExitStatus> {
     match cli.command {
         Command::Validate { plans } => Ok(validate::run(&plans, cli.config.as_deref(), printer)),
         Command::Schema { which } => Ok(schema::run(which, printer)),
+        Command::Ls { paths, format } => ls::run(
+            &paths,
+            cli.config.as_deref(),
+            format,
+            &crate::clock::SystemClock,
+            printer,
+        ),
         Command::Cancel { plan, step } => cancel::run(
             &cancel::Args {
                 plan: &plan,

@@ -7,7 +7,7 @@ use anyhow::Context as _;
 use super::common;
 use crate::cli::PlanFormat;
 use crate::clock::Clock;
-use crate::lockfile::{self, LockStore};
+use crate::lockfile::LockStore;
 use crate::ops;
 use crate::plan_file::PlanFile;
 use crate::planner::saved::SavedPlan;
@@ -106,8 +106,8 @@ fn project_one(
         return Ok(None);
     };
     let connect = common::resolve_connect(&config, args.connect)?;
-    // With a lockfile beside the plan, done steps are shown as done rather than as changes.
-    let lock_path = lockfile::lock_path(path);
+    // With a lockfile, done steps are shown as done rather than as changes.
+    let lock_path = crate::overview::StatePaths::of(path, config.state_dir.as_deref()).lockfile;
     let recorded = if lock_path.exists() {
         Some(
             LockStore::read(&lock_path)

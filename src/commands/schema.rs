@@ -10,6 +10,7 @@ pub fn run(which: SchemaKind, printer: &Printer) -> ExitStatus {
         SchemaKind::Plan => crate::plan_file::schema::plan_schema_json(),
         SchemaKind::PlanOutput => crate::render::json_schema(),
         SchemaKind::Status => super::status::json_schema(),
+        SchemaKind::Ls => crate::overview::ls_schema(),
         SchemaKind::NotifyEvent => crate::notify::event::json_schema(),
     };
     printer.out(&text);

@@ -42,13 +42,10 @@ pub fn run(
     } else {
         plan.to_path_buf()
     };
-    let paths = overview::StatePaths::of(&plan);
     // The plan gives the zone times are shown in, and the steps of a plan never applied; a
     // plan that no longer validates still has its recorded progress shown.
-    let loaded = crate::config::discover(config, Some(&plan))
-        .and_then(|c| crate::plan_file::load(&plan, &crate::plan_file::LoadContext { config: c }));
-    let file = loaded.as_ref().ok().cloned();
-    let zone = file.as_ref().and_then(|f| f.timezone);
+    let inspected = overview::Inspected::of(&plan, config);
+    let (paths, zone, file) = (&inspected.paths, inspected.zone(), inspected.file.as_ref());
     let lock = paths.read_lock()?;
     if !plan_exists {
         if lock.is_none() {
@@ -63,7 +60,7 @@ pub fn run(
             plan.display(),
             paths.lockfile.display()
         ));
-    } else if let (None, Err(diags)) = (&lock, &loaded) {
+    } else if let (None, Some(diags)) = (&lock, &inspected.problems) {
         // Nothing recorded and nothing readable (a FIFO, a broken plan): say why, not "0".
         super::validate::report(printer, diags);
         return Ok(ExitStatus::Error);
@@ -76,7 +73,7 @@ pub fn run(
     }
     let cancels = paths.cancels.read()?;
     let doc = StatusDoc {
-        steps: overview::rows(file.as_ref(), lock.as_ref(), &cancels, zone),
+        steps: overview::rows(file, lock.as_ref(), &cancels, zone),
         notifications: lock.as_ref().map(overview::undelivered).unwrap_or_default(),
     };
     let text = match format {

@@ -9,6 +9,7 @@ use chrono::{DateTime, Utc};
 use super::{Permit, Run};
 use crate::attr::Attr;
 use crate::cancel::Gate;
+use crate::hypervisor::SETTLE_LIMIT;
 use crate::hypervisor::{domain_xml, ErrorKind, HvError, HvResult, Hypervisor, Scope};
 use crate::lockfile::{Figures, StepStatus};
 use crate::plan_file::units::format_duration;
@@ -254,6 +255,16 @@ impl Run<'_> {
         })
     }
 
+    /// Why no change of `step` may be sent now: its start deadline (`at + grace`, the
+    /// window's end) has passed. A resumed reboot is exempt: an interrupted run shut the
+    /// domain down, and finishing it beats leaving the domain off.
+    fn too_late_to_change(&self, step: &PlannedStep, resuming: bool) -> Option<String> {
+        if resuming && step.reboot {
+            return None;
+        }
+        self.late(step, self.ex.clock.now())
+    }
+
     /// A step recorded `running` by an interrupted run: never blindly repeated.
     fn resume(
         &self,
@@ -262,6 +273,28 @@ impl Run<'_> {
         late: Option<String>,
         after_failure: bool,
     ) -> Ended {
+        // A domain caught between two states (QEMU starting with its CPUs held, a shutdown in
+        // progress, a job in flight) would be misjudged: "paused" while QEMU starts is not the
+        // paused a step asked for. Wait, bounded, until it settles.
+        let settled = self.retry(&step.connection, |hv| {
+            crate::hypervisor::wait_settled(hv, &step.domain.uuid, self.ex.clock, SETTLE_LIMIT)
+        });
+        match settled {
+            Ok(None) => {}
+            Ok(Some(reason)) => {
+                return self.end(
+                    step,
+                    StepStatus::Failed,
+                    format!(
+                        "an interrupted run had started this step and the domain is still {reason} after {}; nothing was judged or called: run `virtplan apply` again once it settles",
+                        format_duration(SETTLE_LIMIT)
+                    ),
+                    None,
+                    None,
+                )
+            }
+            Err(e) => return self.fail(step, e.into(), None),
+        }
         let live = match self.observe(step) {
             Ok(live) => live,
             Err(e) => return self.fail(step, e, None),
@@ -394,11 +427,33 @@ impl Run<'_> {
             Ok(id) => id,
             Err(ended) => return ended,
         };
+        let mut sent = 0;
         for action in &step.actions {
             let reboot_half = matches!(action, Action::PowerOff { .. } | Action::Start);
             if step.reboot && mode.rebooted && reboot_half {
                 continue;
             }
+            // A daemon that hung on the reads above may have held the step past its deadline:
+            // no change is sent late (only a reboot an interrupted run began is finished).
+            if let Some(reason) = self.too_late_to_change(step, resuming) {
+                if sent == 0 {
+                    return self.end(
+                        step,
+                        StepStatus::Missed,
+                        format!(
+                            "missed, nothing was changed: libvirt answered too late ({reason})"
+                        ),
+                        Some(&before),
+                        Some(&before),
+                    );
+                }
+                let e = StepError::new(format!(
+                    "stopped partway: libvirt answered too late ({reason}); the remaining actions were not sent"
+                ));
+                let after = self.observe(step).ok();
+                return self.fail_with(step, e, &notes, Some(&before), after.as_ref());
+            }
+            sent += 1;
             if let Err(e) = self.action(step, action, resuming || mode.after_failure, &mut notes) {
                 let after = self.observe(step).ok();
                 return self.fail_with(step, e, &notes, Some(&before), after.as_ref());
@@ -674,7 +729,20 @@ impl Run<'_> {
         if resuming && satisfied(action, &self.observe(step)?) {
             return Ok(());
         }
-        match self.retry(&step.connection, f) {
+        // Every retry is a new change: sent only while the step's deadline holds.
+        let first = std::cell::Cell::new(true);
+        let attempt = |hv: &dyn Hypervisor| {
+            if !first.replace(false) {
+                if let Some(reason) = self.too_late_to_change(step, resuming) {
+                    return Err(HvError::new(
+                        ErrorKind::Other,
+                        format!("not retried: {reason}"),
+                    ));
+                }
+            }
+            f(hv)
+        };
+        match self.retry(&step.connection, attempt) {
             Ok(()) => Ok(()),
             Err(e) if e.kind == ErrorKind::OperationInvalid => {
                 if satisfied(action, &self.observe(step)?) {

@@ -1457,6 +1457,54 @@ fn always_step_runs_after_an_abort_of_another_domain_but_ordinary_steps_do_not()
     assert_eq!(rig.hv.state(A).title, "restored");
 }
 
+#[test]
+fn regression_hung_libvirtd_lands_changes_late() {
+    // The reads before the change stall (each wait of the retry stretched to three minutes by
+    // a hung daemon): the step's deadline passes before anything is sent.
+    let steps = "  - at: 2026-12-01T04:00:00Z\n    vm: web\n    memory: 2GiB\n";
+    let rig = Rig::new(steps, "grace: 1m\n", vec![web()], "2026-12-01T04:00:00Z");
+    // Call 1 is the planner's read; the executor's reads 2 and 3 fail like a lost connection.
+    rig.hv.fail("observe", 2, 2, ErrorKind::Transient);
+    *rig.clock.on_sleep.lock().unwrap() =
+        Box::new(|c: &FakeClock| c.advance(chrono::Duration::minutes(3)));
+    let report = rig.run();
+    assert!(report.any_failed());
+    assert!(
+        rig.hv.successful_calls().is_empty(),
+        "{:?}",
+        rig.hv.successful_calls()
+    );
+    let lock = rig.lock();
+    assert_eq!(lock.steps[0].status, StepStatus::Missed, "{lock:?}");
+    assert!(
+        lock.steps[0].message.contains("libvirt answered too late"),
+        "{}",
+        lock.steps[0].message
+    );
+}
+
+#[test]
+fn regression_a_change_is_retried_past_its_deadline() {
+    let steps = "  - at: 2026-12-01T04:00:00Z\n    vm: web\n    memory: 2GiB\n";
+    let rig = Rig::new(steps, "grace: 1m\n", vec![web()], "2026-12-01T04:00:00Z");
+    rig.hv.fail("set_memory", 1, 1, ErrorKind::Transient);
+    *rig.clock.on_sleep.lock().unwrap() =
+        Box::new(|c: &FakeClock| c.advance(chrono::Duration::minutes(3)));
+    rig.run();
+    assert!(
+        rig.hv.successful_calls().is_empty(),
+        "{:?}",
+        rig.hv.successful_calls()
+    );
+    let lock = rig.lock();
+    assert_eq!(lock.steps[0].status, StepStatus::Failed, "{lock:?}");
+    assert!(
+        lock.steps[0].message.contains("not retried"),
+        "{}",
+        lock.steps[0].message
+    );
+}
+
 /// Regression (issue 10): a step with nothing to change read its domain twice, before and
 /// after; the read before it is its result.
 #[test]
@@ -1505,4 +1553,88 @@ fn many_domains_run_on_a_pool_of_parallelism_workers() {
     assert!(report.outcomes.iter().all(|o| o.status == StepStatus::Done));
     let used = threads.lock().unwrap().len();
     assert!(used <= 4, "{used} threads ran steps with parallelism 4");
+}
+
+#[test]
+fn regression_false_done_after_kill_during_paused_step_from_shutoff_fake() {
+    use crate::hypervisor::fake::Settling;
+    use crate::state::LiveFigures;
+    // `power: paused` from shut-off is start, then suspend. The run that started QEMU died;
+    // the resumed run finds the domain "paused" only because QEMU holds its CPUs until its
+    // start-up completes, five seconds later, after which it runs.
+    let steps = "  - at: 2026-12-01T04:00:00Z\n    vm: web\n    power: paused\n";
+    let rig = Rig::new(
+        steps,
+        "",
+        vec![FakeDomain::new("web", A)],
+        "2026-12-01T04:00:01Z",
+    );
+    let store = LockStore::open(&rig.lock_path, &rig.file.sha256).unwrap();
+    let plan = rig.plan(&store);
+    store.reconcile(&plan).unwrap();
+    store
+        .update(&plan.steps[0].step_id, A, |r| {
+            r.status = StepStatus::Running;
+        })
+        .unwrap();
+    drop(store);
+    rig.hv.edit(A, |d| {
+        d.state.power = PowerState::Paused;
+        d.state.live = Some(LiveFigures {
+            memory: d.state.memory,
+            vcpus: d.state.vcpus,
+        });
+        d.run_id = Some(7);
+        d.settling = Some(Settling {
+            reason: "starting".to_owned(),
+            until: t("2026-12-01T04:00:06Z"),
+            then: PowerState::Running,
+        });
+    });
+    rig.run_plan(&plan, &rig.settings(), &|_| {}).unwrap();
+    // Whatever libvirt was doing has finished by the time anyone looks.
+    rig.hv.settle_now(A);
+    let lock = rig.lock();
+    assert_eq!(lock.steps[0].status, StepStatus::Done, "{lock:?}");
+    assert_eq!(
+        rig.hv.state(A).power,
+        PowerState::Paused,
+        "recorded done, but the domain ended {}",
+        rig.hv.state(A).power
+    );
+}
+
+#[test]
+fn a_domain_that_never_settles_fails_its_resumed_step_without_a_call() {
+    use crate::hypervisor::fake::Settling;
+    let steps = "  - at: 2026-12-01T04:00:00Z\n    vm: web\n    power: shutoff\n";
+    let rig = Rig::new(steps, "", vec![web()], "2026-12-01T04:00:01Z");
+    let store = LockStore::open(&rig.lock_path, &rig.file.sha256).unwrap();
+    let plan = rig.plan(&store);
+    store.reconcile(&plan).unwrap();
+    store
+        .update(&plan.steps[0].step_id, A, |r| {
+            r.status = StepStatus::Running;
+        })
+        .unwrap();
+    drop(store);
+    rig.hv.edit(A, |d| {
+        d.state.power = PowerState::ShuttingDown;
+        d.settling = Some(Settling {
+            reason: "shutting down".to_owned(),
+            until: t("2026-12-01T05:00:00Z"),
+            then: PowerState::Shutoff,
+        });
+    });
+    rig.run_plan(&plan, &rig.settings(), &|_| {}).unwrap();
+    assert!(rig.hv.calls().is_empty(), "{:?}", rig.hv.calls());
+    let lock = rig.lock();
+    assert_eq!(lock.steps[0].status, StepStatus::Failed, "{lock:?}");
+    assert!(
+        lock.steps[0]
+            .message
+            .contains("still shutting down after 1m"),
+        "{}",
+        lock.steps[0].message
+    );
 }

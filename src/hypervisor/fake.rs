@@ -33,6 +33,18 @@ pub struct FakeDomain {
     pub balloon_lag: chrono::Duration,
     /// A live memory target the balloon has not reached yet, and when it will.
     balloon_pending: Option<(Kib, DateTime<Utc>)>,
+    /// libvirt still moving the domain between two states (see [`Settling`]).
+    pub settling: Option<Settling>,
+}
+
+/// libvirt still moving a domain between two states, as QEMU starting with its CPUs held
+/// ("paused, starting up") or a shutdown in progress: [`Hypervisor::unsettled`] gives `reason`
+/// until the hypervisor's clock reaches `until`; then the domain is `then`.
+#[derive(Debug, Clone)]
+pub struct Settling {
+    pub reason: String,
+    pub until: DateTime<Utc>,
+    pub then: PowerState,
 }
 
 impl FakeDomain {
@@ -66,6 +78,7 @@ impl FakeDomain {
             guest_time: None,
             balloon_lag: chrono::Duration::zero(),
             balloon_pending: None,
+            settling: None,
         }
     }
 
@@ -213,6 +226,15 @@ impl FakeHypervisor {
 
     fn inner(&self) -> std::sync::MutexGuard<'_, Inner> {
         self.inner.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Finishes a transition in progress at once (QEMU completed its start-up meanwhile).
+    pub fn settle_now(&self, uuid: &str) {
+        self.edit(uuid, |d| {
+            if let Some(s) = d.settling.take() {
+                d.state.power = s.then;
+            }
+        });
     }
 
     /// Makes calls `from ..` (1-based) of `op` fail `count` times with `kind`.
@@ -483,6 +505,20 @@ impl Hypervisor for FakeHypervisor {
                     format!("Domain not found: no domain with matching name '{name_or_uuid}'"),
                 )
             })
+    }
+
+    fn unsettled(&self, uuid: &str) -> HvResult<Option<String>> {
+        let now = self.clock.as_ref().map(|c| c.now());
+        self.read("unsettled", uuid, |d| {
+            let s = d.settling.clone()?;
+            if now.is_none_or(|now| now >= s.until) {
+                d.state.power = s.then;
+                d.settling = None;
+                None
+            } else {
+                Some(s.reason)
+            }
+        })
     }
 
     fn observe(&self, uuid: &str, with_clock: bool) -> HvResult<DomainState> {

@@ -49,6 +49,58 @@ pub fn silence_stderr_printer() {
 
 static SILENCE: Once = Once::new();
 
+/// libvirt's keepalive, on every connection: after `interval` seconds without a word from the
+/// daemon the client pings it, and after `count` unanswered pings it closes the connection,
+/// which fails every call waiting on it. A hung libvirtd (stopped, deadlocked) therefore costs
+/// a call at most about `interval * (count + 1)` seconds instead of blocking it forever.
+const KEEPALIVE: Keepalive = Keepalive {
+    interval_secs: 5,
+    count: 3,
+};
+
+/// Test knob: `INTERVAL,COUNT` replaces [`KEEPALIVE`] (the hung-daemon test uses `1,2`).
+pub const KEEPALIVE_ENV: &str = "VIRTPLAN_KEEPALIVE";
+
+#[derive(Debug, Clone, Copy)]
+struct Keepalive {
+    interval_secs: u16,
+    count: u16,
+}
+
+impl Keepalive {
+    fn current() -> Self {
+        std::env::var(KEEPALIVE_ENV)
+            .ok()
+            .and_then(|v| {
+                let (i, c) = v.split_once(',')?;
+                Some(Self {
+                    interval_secs: i.trim().parse().ok().filter(|&i| i > 0)?,
+                    count: c.trim().parse().ok()?,
+                })
+            })
+            .unwrap_or(KEEPALIVE)
+    }
+
+    /// How long a dead daemon can keep a call waiting: also the bound on opening a connection,
+    /// which happens before keepalive can run.
+    fn bound(self) -> std::time::Duration {
+        std::time::Duration::from_secs(u64::from(self.interval_secs) * (u64::from(self.count) + 1))
+    }
+}
+
+static EVENT_LOOP: Once = Once::new();
+
+/// Keepalive needs libvirt's event loop: registered before the first connection opens, and
+/// run by a thread of its own for the life of the process.
+fn start_event_loop() {
+    if virt::event::event_register_default_impl().is_err() {
+        return;
+    }
+    let _ = std::thread::Builder::new()
+        .name("libvirt-events".to_owned())
+        .spawn(|| while virt::event::event_run_default_impl().is_ok() {});
+}
+
 /// One libvirt connection.
 ///
 /// `virt::connect::Connect` is `Send + Sync` (libvirt connections are thread-safe: every public
@@ -184,8 +236,36 @@ impl Libvirt {
         SILENCE.call_once(silence_stderr_printer);
         // virt 0.5 turns an `Option<&str>` into a C string with `unwrap`: a NUL would panic.
         no_nul(&format!("connect to {uri}"), uri.expose())?;
+        EVENT_LOOP.call_once(start_event_loop);
+        let keepalive = Keepalive::current();
+        // Opening talks to the daemon before keepalive can run: a thread of its own with a
+        // deadline bounds it. A thread that gives up stays blocked until the daemon answers
+        // (or the process exits); the connection it then opens is dropped unused.
+        let (tx, rx) = std::sync::mpsc::channel();
+        let text = uri.expose().to_owned();
+        let spawned = std::thread::Builder::new()
+            .name("libvirt-open".to_owned())
+            .spawn(move || {
+                let _ = tx.send(Connect::open(Some(&text)));
+            });
+        if let Err(e) = spawned {
+            return Err(HvError::new(
+                ErrorKind::Other,
+                format!("cannot connect to libvirt at {uri}: cannot start a thread: {e}"),
+            ));
+        }
+        let opened = rx.recv_timeout(keepalive.bound()).map_err(|_| {
+            HvError::new(
+                ErrorKind::Transient,
+                format!(
+                    "cannot connect to libvirt at {uri}: no answer within {}s; is libvirtd hung \
+                     (stopped, overloaded)? try `virsh -c {uri} version`",
+                    keepalive.bound().as_secs()
+                ),
+            )
+        })?;
         // libvirt may quote the URI in its message: redact the message as well.
-        let conn = Connect::open(Some(uri.expose())).map_err(|e| {
+        let conn = opened.map_err(|e| {
             let kind = classify(&e);
             HvError::new(
                 kind,
@@ -196,6 +276,11 @@ impl Libvirt {
                 ),
             )
         })?;
+        // Drivers without a daemon (test:///) do not support keepalive, and need none.
+        let _ = conn.set_keep_alive(
+            i32::from(keepalive.interval_secs),
+            u32::from(keepalive.count),
+        );
         let driver = conn.driver_type().unwrap_or_default();
         Ok(Self {
             uri: uri.clone(),
@@ -428,6 +513,36 @@ impl Hypervisor for Libvirt {
                 }
             }
             Ok(out)
+        })
+    }
+
+    fn unsettled(&self, uuid: &str) -> HvResult<Option<String>> {
+        let dom = self.lookup(uuid)?;
+        let (state, reason) =
+            domain_state(&dom).map_err(|e| hv_error(&format!("read the state of {uuid}"), &e))?;
+        if state == sys::VIR_DOMAIN_SHUTDOWN {
+            return Ok(Some("shutting down".to_owned()));
+        }
+        if state == sys::VIR_DOMAIN_PAUSED
+            && u32::try_from(reason).ok() == Some(sys::VIR_DOMAIN_PAUSED_STARTING_UP)
+        {
+            return Ok(Some(
+                "starting (QEMU holds its CPUs until start-up completes)".to_owned(),
+            ));
+        }
+        if state == sys::VIR_DOMAIN_SHUTOFF {
+            return Ok(None);
+        }
+        let control = match control_state(&dom) {
+            Ok(control) => control,
+            // It stopped between the two reads: a shut-off domain has settled.
+            Err(e) if classify(&e) == ErrorKind::OperationInvalid => return Ok(None),
+            Err(e) => return Err(hv_error(&format!("read the control state of {uuid}"), &e)),
+        };
+        Ok(match control {
+            sys::VIR_DOMAIN_CONTROL_OK | sys::VIR_DOMAIN_CONTROL_ERROR => None,
+            sys::VIR_DOMAIN_CONTROL_JOB => Some("a libvirt job is in flight".to_owned()),
+            _ => Some("libvirt is busy with it (monitor occupied)".to_owned()),
         })
     }
 
@@ -739,6 +854,48 @@ fn classify(e: &VirtError) -> ErrorKind {
 
 fn hv_error(what: &str, e: &VirtError) -> HvError {
     HvError::new(classify(e), format!("{what}: {}", e.message().trim_end()))
+}
+
+/// `virDomainGetState`: virt 0.5's `Domain::state` ignores errors, so it is called directly.
+#[allow(unsafe_code)] // raw libvirt FFI; see SAFETY
+fn domain_state(dom: &Domain) -> Result<(sys::virDomainState, i32), VirtError> {
+    let mut state: std::os::raw::c_int = -1;
+    let mut reason: std::os::raw::c_int = -1;
+    // SAFETY: the domain pointer is valid while `dom` is borrowed; both out-parameters are
+    // plain integers this frame owns.
+    let rc = unsafe {
+        sys::virDomainGetState(
+            dom.as_ptr(),
+            std::ptr::addr_of_mut!(state),
+            std::ptr::addr_of_mut!(reason),
+            0,
+        )
+    };
+    if rc < 0 {
+        return Err(VirtError::last_error());
+    }
+    Ok((
+        sys::virDomainState::try_from(state).unwrap_or_default(),
+        reason,
+    ))
+}
+
+/// `virDomainGetControlInfo`'s state: whether libvirt is busy with the domain (a job, the
+/// monitor); virt 0.5 has no wrapper.
+#[allow(unsafe_code)] // raw libvirt FFI; see SAFETY
+fn control_state(dom: &Domain) -> Result<u32, VirtError> {
+    let mut info = sys::virDomainControlInfo {
+        state: 0,
+        details: 0,
+        stateTime: 0,
+    };
+    // SAFETY: the domain pointer is valid while `dom` is borrowed; `info` is a plain struct
+    // this frame owns, which libvirt fills in.
+    let rc = unsafe { sys::virDomainGetControlInfo(dom.as_ptr(), std::ptr::addr_of_mut!(info), 0) };
+    if rc < 0 {
+        return Err(VirtError::last_error());
+    }
+    Ok(info.state)
 }
 
 /// Refuses text with a NUL before it reaches a `virt` call that would panic converting it.

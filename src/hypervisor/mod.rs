@@ -105,6 +105,13 @@ pub trait Hypervisor: Send + Sync {
     /// Resolves a plan's `vm:` value, a domain name or a UUID string.
     fn resolve(&self, name_or_uuid: &str) -> HvResult<DomainId>;
 
+    /// Why the domain is still between two states (QEMU starting with its CPUs held, a shutdown
+    /// in progress, a libvirt job in flight), or `None` once it has settled. A resumed run
+    /// judges "already at the target" only on a settled domain.
+    fn unsettled(&self, _uuid: &str) -> HvResult<Option<String>> {
+        Ok(None)
+    }
+
     /// Reads one domain's state; `with_clock` also reads and parses the persistent XML.
     fn observe(&self, uuid: &str, with_clock: bool) -> HvResult<DomainState>;
 
@@ -226,3 +233,28 @@ pub trait Hypervisor: Send + Sync {
 
 /// How long a graceful shutdown may take before the executor decides what to do next.
 pub const DEFAULT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// How long a resumed run waits for a domain caught between two states to settle.
+pub const SETTLE_LIMIT: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Polls [`Hypervisor::unsettled`] until the domain settles (`Ok(None)`) or `limit` passes
+/// (`Ok(Some(reason))`, the last reason seen). Sleeps through `clock`.
+pub fn wait_settled(
+    hv: &dyn Hypervisor,
+    uuid: &str,
+    clock: &dyn crate::clock::Clock,
+    limit: std::time::Duration,
+) -> HvResult<Option<String>> {
+    const POLL: std::time::Duration = std::time::Duration::from_millis(250);
+    let start = clock.now();
+    loop {
+        let Some(reason) = hv.unsettled(uuid)? else {
+            return Ok(None);
+        };
+        let waited = (clock.now() - start).to_std().unwrap_or_default();
+        if waited >= limit {
+            return Ok(Some(reason));
+        }
+        clock.sleep(POLL.min(limit.saturating_sub(waited)));
+    }
+}

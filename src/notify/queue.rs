@@ -6,7 +6,7 @@
 //! step change it announces, and marked sent only after its target took it; a run that
 //! crashed in between re-sends it (same id) when `apply` runs again.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError, Weak};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -17,6 +17,7 @@ use super::deliver::deliver;
 use super::event::{event_id, Event, EventKind, EventSummary, PlanRef, EVENT_FORMAT_VERSION};
 use super::target::Target;
 use crate::lockfile::{Delivery, EventRecord, LockError, LockStore, Observer, StepRecord};
+use crate::uri::Uri;
 
 /// How often and how patiently a delivery is retried.
 #[derive(Debug, Clone, Copy)]
@@ -51,9 +52,9 @@ pub struct Notifier {
 
 struct Inner {
     plan: PlanRef,
-    /// Redacted libvirt URI of each (step id, domain UUID); replaced when a watched plan is
-    /// re-planned.
-    connections: Mutex<BTreeMap<(String, String), String>>,
+    /// libvirt URI of each (step id, domain UUID), printed redacted; replaced when a watched
+    /// plan is re-planned.
+    connections: Mutex<BTreeMap<(String, String), Uri>>,
     /// A stop for a re-plan is under way: the steps it leaves unstarted run under the new
     /// version, so their `cancelled` is no news.
     quiet_cancellations: std::sync::atomic::AtomicBool,
@@ -63,6 +64,21 @@ struct Inner {
     store: Weak<LockStore>,
     log: Box<Log>,
     retry: Retry,
+    /// The order events were recorded in, so every target gets them in that order.
+    order: Mutex<Order>,
+}
+
+/// Sequence numbers in recording order. An event is numbered while the lockfile write that
+/// carries it is prepared (under the store's lock), and queued once that write is durable;
+/// a target starts on an event only when no earlier-numbered one is still on its way, so two
+/// threads finishing their writes in the other order cannot swap their events.
+#[derive(Default)]
+struct Order {
+    next: u64,
+    /// Number of each event not queued yet, by id.
+    numbers: HashMap<String, u64>,
+    /// Numbers handed out whose events are not queued (or abandoned) yet.
+    outstanding: BTreeSet<u64>,
 }
 
 struct Queue {
@@ -72,7 +88,8 @@ struct Queue {
 
 #[derive(Default)]
 struct QueueState {
-    jobs: VecDeque<Arc<Event>>,
+    /// Sorted by recording order.
+    jobs: VecDeque<(u64, Arc<Event>)>,
     busy: bool,
     /// Set by [`Notifier::flush`]: give up what is left at this instant.
     deadline: Option<Instant>,
@@ -87,8 +104,8 @@ impl Queue {
 /// What a run's events say about the plan and its steps.
 pub struct RunInfo {
     pub plan: PlanRef,
-    /// libvirt URI of each (step id, domain UUID); redacted here.
-    pub connections: BTreeMap<(String, String), String>,
+    /// libvirt URI of each (step id, domain UUID); events carry it redacted.
+    pub connections: BTreeMap<(String, String), Uri>,
 }
 
 impl RunInfo {
@@ -108,14 +125,13 @@ impl RunInfo {
 
 /// The libvirt URI of each (step id, domain UUID) of `plan`.
 #[must_use]
-pub fn step_connections(plan: &crate::planner::Plan) -> BTreeMap<(String, String), String> {
+pub fn step_connections(plan: &crate::planner::Plan) -> BTreeMap<(String, String), Uri> {
     plan.steps
         .iter()
         .map(|s| {
             (
                 (s.step_id.clone(), s.domain.uuid.clone()),
-                // Redacted at the source (query secrets too); `redact_all` masks again.
-                s.connection.redacted(),
+                s.connection.clone(),
             )
         })
         .collect()
@@ -141,7 +157,7 @@ impl Notifier {
             .collect();
         let inner = Arc::new(Inner {
             plan: info.plan,
-            connections: Mutex::new(redact_all(info.connections)),
+            connections: Mutex::new(info.connections),
             quiet_cancellations: std::sync::atomic::AtomicBool::new(false),
             targets,
             keys,
@@ -149,6 +165,7 @@ impl Notifier {
             store: Arc::downgrade(store),
             log,
             retry,
+            order: Mutex::new(Order::default()),
         });
         let workers = (0..inner.targets.len())
             .map(|i| {
@@ -162,6 +179,7 @@ impl Notifier {
         });
         for record in store.snapshot().events {
             if record.delivery != Delivery::Sent && !record.body.is_empty() {
+                notifier.inner.number(&record.id);
                 notifier.inner.enqueue(&record);
             }
         }
@@ -170,12 +188,12 @@ impl Notifier {
     }
 
     /// The libvirt URI of each (step id, domain UUID) of a new version of the plan.
-    pub fn set_connections(&self, connections: BTreeMap<(String, String), String>) {
+    pub fn set_connections(&self, connections: BTreeMap<(String, String), Uri>) {
         *self
             .inner
             .connections
             .lock()
-            .unwrap_or_else(PoisonError::into_inner) = redact_all(connections);
+            .unwrap_or_else(PoisonError::into_inner) = connections;
     }
 
     /// While on, a step recorded `cancelled` raises no event: set while a watched plan's
@@ -238,7 +256,13 @@ impl Notifier {
             message,
             summary,
         };
-        store.record_event(record_of(&event, targets))
+        let record = record_of(&event, targets);
+        inner.number(&record.id);
+        let result = store.record_event(record.clone());
+        if result.is_err() {
+            inner.abandon(&record.id);
+        }
+        result
     }
 
     /// Waits until every queue is empty or `timeout` has passed, then writes the delivery
@@ -325,7 +349,7 @@ impl Observer for Notifier {
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner)
                 .get(&(after.step_id.clone(), after.uuid.clone()))
-                .cloned(),
+                .map(Uri::redacted),
             at: after.at,
             status: Some(after.status),
             started_at: after.started_at,
@@ -333,11 +357,17 @@ impl Observer for Notifier {
             message: after.message.clone(),
             summary: None,
         };
-        Some(record_of(&event, targets))
+        let record = record_of(&event, targets);
+        inner.number(&record.id);
+        Some(record)
     }
 
     fn on_recorded(&self, event: &EventRecord) {
         self.inner.enqueue(event);
+    }
+
+    fn on_failed(&self, event: &EventRecord) {
+        self.inner.abandon(&event.id);
     }
 }
 
@@ -367,15 +397,55 @@ impl Inner {
             .collect()
     }
 
+    fn order(&self) -> MutexGuard<'_, Order> {
+        self.order.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Gives the event `id` the next number in recording order.
+    fn number(&self, id: &str) {
+        let mut order = self.order();
+        let n = order.next;
+        order.next += 1;
+        order.numbers.insert(id.to_owned(), n);
+        order.outstanding.insert(n);
+    }
+
+    /// The number of `id` is no longer on its way (queued or abandoned): wake the targets.
+    fn settle(&self, id: &str) {
+        let mut order = self.order();
+        if let Some(n) = order.numbers.remove(id) {
+            order.outstanding.remove(&n);
+        }
+        drop(order);
+        for q in &self.queues {
+            // Taking the lock first: a worker between its check and its wait gets the wake-up.
+            drop(q.lock());
+            q.cond.notify_all();
+        }
+    }
+
+    /// The write that carried `id` failed: later events must not wait for it.
+    fn abandon(&self, id: &str) {
+        self.settle(id);
+    }
+
+    /// The lowest number still on its way, if any.
+    fn first_outstanding(&self) -> Option<u64> {
+        self.order().outstanding.first().copied()
+    }
+
     /// Queues a recorded event for each target that wants it and has not taken it yet.
     fn enqueue(&self, record: &EventRecord) {
+        let number = self.order().numbers.get(&record.id).copied();
         let Ok(event) = serde_json::from_str::<Event>(&record.body) else {
             (self.log)(&format!(
                 "notification {} in the lockfile cannot be read back; it is not sent",
                 record.id
             ));
+            self.settle(&record.id);
             return;
         };
+        let number = number.unwrap_or(u64::MAX);
         let event = Arc::new(event);
         for (i, key) in self.keys.iter().enumerate() {
             if !record.targets.contains(key) || record.sent_to.contains(key) {
@@ -393,9 +463,11 @@ impl Inner {
                 ));
                 continue;
             }
-            state.jobs.push_back(Arc::clone(&event));
+            let at = state.jobs.partition_point(|(n, _)| *n <= number);
+            state.jobs.insert(at, (number, Arc::clone(&event)));
             q.cond.notify_all();
         }
+        self.settle(&record.id);
     }
 
     /// One target's delivery thread.
@@ -405,18 +477,32 @@ impl Inner {
             let event = {
                 let mut state = q.lock();
                 loop {
-                    let expired = state.deadline.is_some_and(|d| Instant::now() >= d);
-                    if expired {
+                    let now = Instant::now();
+                    if state.deadline.is_some_and(|d| now >= d) {
                         return;
                     }
-                    if let Some(event) = state.jobs.pop_front() {
-                        state.busy = true;
-                        break event;
+                    // An earlier event still on its way to the queue goes first.
+                    let ready = state.jobs.front().is_some_and(|(n, _)| {
+                        self.first_outstanding().is_none_or(|first| *n < first)
+                    });
+                    if ready {
+                        if let Some((_, event)) = state.jobs.pop_front() {
+                            state.busy = true;
+                            break event;
+                        }
                     }
-                    if state.deadline.is_some() {
+                    if state.deadline.is_some() && state.jobs.is_empty() {
                         return;
                     }
-                    state = q.cond.wait(state).unwrap_or_else(PoisonError::into_inner);
+                    state = match state.deadline {
+                        Some(d) => {
+                            q.cond
+                                .wait_timeout(state, d.saturating_duration_since(now))
+                                .unwrap_or_else(PoisonError::into_inner)
+                                .0
+                        }
+                        None => q.cond.wait(state).unwrap_or_else(PoisonError::into_inner),
+                    };
                 }
             };
             self.deliver(i, &event);
@@ -482,31 +568,6 @@ impl Inner {
                 .unwrap_or_else(PoisonError::into_inner)
                 .0;
         }
-    }
-}
-
-fn redact_all(
-    connections: BTreeMap<(String, String), String>,
-) -> BTreeMap<(String, String), String> {
-    connections
-        .into_iter()
-        .map(|(k, uri)| (k, redact_uri(&uri)))
-        .collect()
-}
-
-/// A libvirt URI with any password replaced by `***`.
-#[must_use]
-pub fn redact_uri(uri: &str) -> String {
-    match url::Url::parse(uri) {
-        Ok(mut url) if url.password().is_some() => {
-            let _ = url.set_password(Some("***"));
-            url.to_string()
-        }
-        Ok(_) => uri.to_owned(),
-        // Not a URL: show only the part before any `@`, which is where a secret would be.
-        Err(_) => uri
-            .rsplit_once('@')
-            .map_or_else(|| uri.to_owned(), |(_, host)| format!("***@{host}")),
     }
 }
 
@@ -596,12 +657,91 @@ mod tests {
         assert_eq!(on_disk.events, events);
     }
 
+    /// An event names the step's connection with its credentials masked (the `Uri` type's
+    /// redaction), and the lockfile's copy of the event too.
     #[test]
-    fn uri_passwords_are_redacted() {
-        assert_eq!(
-            redact_uri("qemu+ssh://root:hunter2@hv1/system"),
-            "qemu+ssh://root:***@hv1/system"
+    fn an_events_connection_never_carries_a_password() {
+        use crate::lockfile::{StepRecord, StepStatus};
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(LockStore::open(&dir.path().join("p.lock"), "abc").unwrap());
+        let uri = Uri::new("qemu+ssh://root:hunter2@hv1/system?password=hunter3");
+        let notifier = Notifier::start(
+            vec![command_target(&["true"])],
+            RunInfo {
+                plan: PlanRef {
+                    name: "p".into(),
+                    file: "p.yaml".into(),
+                    sha256: "abc".into(),
+                },
+                connections: [(("s1".to_owned(), "uuid-a".to_owned()), uri)].into(),
+            },
+            &store,
+            Box::new(|_: &str| {}),
+            Retry::default(),
         );
-        assert_eq!(redact_uri("qemu:///system"), "qemu:///system");
+        let record = StepRecord::new(1, "s1", "a", "uuid-a", "", None, StepStatus::Failed);
+        let event = notifier
+            .on_change(StepStatus::Running, &record)
+            .expect("an event");
+        assert!(!event.body.contains("hunter"), "{}", event.body);
+        let body: Event = serde_json::from_str(&event.body).unwrap();
+        assert_eq!(
+            body.connection.as_deref(),
+            Some("qemu+ssh://root:***@hv1/system?password=***")
+        );
+        notifier.on_failed(&event);
+        assert_eq!(notifier.flush(Duration::from_secs(5)), 0);
+    }
+
+    /// Two domains' threads finish their lockfile writes in the other order than they
+    /// recorded their events: the target still gets them in recording order.
+    #[test]
+    fn events_reach_a_target_in_recording_order() {
+        use crate::clock::{Clock as _, SystemClock};
+        use crate::lockfile::{StepRecord, StepStatus};
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(LockStore::open(&dir.path().join("p.lock"), "abc").unwrap());
+        let got = dir.path().join("got");
+        let append = format!("echo $VIRTPLAN_EVENT_ID >> {}", got.display());
+        let notifier = Notifier::start(
+            vec![command_target(&["sh", "-c", &append])],
+            RunInfo {
+                plan: PlanRef {
+                    name: "p".into(),
+                    file: "p.yaml".into(),
+                    sha256: "abc".into(),
+                },
+                connections: BTreeMap::new(),
+            },
+            &store,
+            Box::new(|_: &str| {}),
+            Retry::default(),
+        );
+        let running = |vm: &str| {
+            let mut r = StepRecord::new(
+                1,
+                "s1",
+                vm,
+                format!("uuid-{vm}"),
+                "",
+                None,
+                StepStatus::Running,
+            );
+            r.started_at = Some(SystemClock.now());
+            r
+        };
+        let a = notifier
+            .on_change(StepStatus::Pending, &running("web-01"))
+            .unwrap();
+        let b = notifier
+            .on_change(StepStatus::Pending, &running("web-02"))
+            .unwrap();
+        notifier.on_recorded(&b);
+        SystemClock.sleep(Duration::from_millis(300));
+        assert!(!got.exists(), "b went out while a was still on its way");
+        notifier.on_recorded(&a);
+        assert_eq!(notifier.flush(Duration::from_secs(10)), 0);
+        let order = std::fs::read_to_string(&got).unwrap();
+        assert_eq!(order, format!("{}\n{}\n", a.id, b.id));
     }
 }

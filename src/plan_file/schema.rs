@@ -11,7 +11,12 @@ use schemars::JsonSchema;
 
 const SIZE_PATTERN: &str = r"^[0-9]+(\.[0-9]+)?\s*(B|KiB|MiB|GiB|TiB)$";
 const DURATION_PATTERN: &str = r"^[0-9]+(\.[0-9]+)?\s*[a-z]+(\s*[0-9]+(\.[0-9]+)?\s*[a-z]+)*$";
-const AT_PATTERN: &str = r"^(\+.+|[0-9]{4}-[0-9]{2}-[0-9]{2}[ Tt][0-9]{2}:[0-9]{2}(:[0-9]{2}(\.[0-9]+)?)?([Zz]|[+-][0-9]{2}:[0-9]{2})?)$";
+use super::time::{AT_PATTERN, INSTANT_PATTERN};
+
+/// Where the repository publishes the schema, so an editor can use it without a local copy
+/// (`# yaml-language-server: $schema=<this URL>`).
+pub const SCHEMA_ID: &str =
+    "https://raw.githubusercontent.com/virtplan/virtplan/main/schemas/plan.schema.json";
 
 /// A virtplan plan file (format version 1): timed steps that change libvirt domains.
 #[derive(JsonSchema)]
@@ -82,10 +87,10 @@ struct EmailSchema {
 #[schemars(deny_unknown_fields)]
 struct WindowSchema {
     /// `YYYY-MM-DD HH:MM[:SS]` in the plan's zone, or RFC 3339 with an offset.
-    #[schemars(regex(pattern = AT_PATTERN))]
+    #[schemars(regex(pattern = INSTANT_PATTERN))]
     start: String,
     /// `YYYY-MM-DD HH:MM[:SS]` in the plan's zone, or RFC 3339 with an offset.
-    #[schemars(regex(pattern = AT_PATTERN))]
+    #[schemars(regex(pattern = INSTANT_PATTERN))]
     end: String,
 }
 
@@ -214,6 +219,19 @@ struct SnapshotSchema {
 pub fn plan_schema_json() -> String {
     let mut schema = schemars::schema_for!(PlanSchema).to_value();
     strip_null(&mut schema);
+    if let serde_json::Value::Object(top) = &mut schema {
+        top.insert("$id".to_owned(), SCHEMA_ID.into());
+    }
+    // What the validator asks of every step beyond its keys: exactly one of `vm` and `vms`,
+    // and at least one attribute (the keys of `Attr`, so a new attribute counts at once).
+    if let Some(step) = schema.pointer_mut("/$defs/StepSchema") {
+        let required = |key: &str| serde_json::json!({ "required": [key] });
+        step["oneOf"] = serde_json::json!([required("vm"), required("vms")]);
+        step["anyOf"] = super::keys::ATTRIBUTE_KEYS
+            .iter()
+            .map(|k| required(k))
+            .collect();
+    }
     let mut text = serde_json::to_string_pretty(&schema).unwrap_or_default();
     text.push('\n');
     text
@@ -246,5 +264,28 @@ fn strip_null(value: &mut serde_json::Value) {
         }
         Value::Array(items) => items.iter_mut().for_each(strip_null),
         _ => {}
+    }
+}
+
+#[cfg(test)]
+mod step_rules {
+    /// The schema asks of a step what the validator asks: exactly one of `vm`/`vms`, at least
+    /// one attribute (every key of `Attr`), and it carries an `$id` editors can fetch.
+    #[test]
+    fn steps_need_one_target_and_an_attribute() {
+        let schema: serde_json::Value = serde_json::from_str(&super::plan_schema_json()).unwrap();
+        assert_eq!(schema["$id"], super::SCHEMA_ID);
+        let step = &schema["$defs"]["StepSchema"];
+        assert_eq!(
+            step["oneOf"],
+            serde_json::json!([{"required": ["vm"]}, {"required": ["vms"]}])
+        );
+        let any: Vec<&str> = step["anyOf"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["required"][0].as_str().unwrap())
+            .collect();
+        assert_eq!(any, crate::plan_file::keys::ATTRIBUTE_KEYS);
     }
 }

@@ -7,6 +7,26 @@ use chrono_tz::Tz;
 use super::diag::did_you_mean;
 use super::units::{parse_duration, ValueError};
 
+// The absolute time forms, as one regular expression: `YYYY-MM-DD HH:MM[:SS]` (or with `T`)
+// in the plan's zone, or RFC 3339 with seconds and an offset. The validator checks this shape
+// before parsing, and the JSON Schema uses the same text, so the two accept the same forms.
+macro_rules! absolute_time_pattern {
+    () => {
+        r"[0-9]{4}-[0-9]{2}-[0-9]{2}([ T][0-9]{2}:[0-9]{2}(:[0-9]{2})?|[ Tt][0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]+)?([Zz]|[+-][0-9]{2}:[0-9]{2}))"
+    };
+}
+
+/// An absolute time, anchored: `window.start`, `window.end`.
+pub const INSTANT_PATTERN: &str = concat!("^", absolute_time_pattern!(), "$");
+
+/// A step's `at`: an absolute time or `+DURATION`.
+pub const AT_PATTERN: &str = concat!(r"^(\+.+|", absolute_time_pattern!(), ")$");
+
+fn instant_shape() -> &'static regex::Regex {
+    static SHAPE: std::sync::OnceLock<regex::Regex> = std::sync::OnceLock::new();
+    SHAPE.get_or_init(|| regex::Regex::new(INSTANT_PATTERN).expect("a valid pattern"))
+}
+
 const NAIVE_FORMATS: [&str; 4] = [
     "%Y-%m-%d %H:%M",
     "%Y-%m-%d %H:%M:%S",
@@ -50,6 +70,14 @@ pub fn parse_zone(text: &str) -> Result<Tz, ValueError> {
 /// time that does not exist or happens twice in `zone` (a DST change).
 pub fn parse_instant(text: &str, zone: Option<Tz>) -> Result<DateTime<Utc>, ValueError> {
     let text = text.trim();
+    // The shape first: chrono alone would also take `4:20` for `04:20`, which the schema
+    // (and the contract's `HH:MM`) does not.
+    if !instant_shape().is_match(text) {
+        return Err(ValueError {
+            message: format!("`{text}` is not a time"),
+            help: TIME_HELP.to_owned(),
+        });
+    }
     if let Ok(t) = DateTime::parse_from_rfc3339(text) {
         return Ok(t.with_timezone(&Utc));
     }
@@ -134,6 +162,38 @@ mod tests {
     use super::*;
 
     const TORONTO: Option<Tz> = Some(chrono_tz::America::Toronto);
+
+    /// The schema's pattern and the validator accept the same forms: every combination of
+    /// separator, hour digits, seconds, fraction and offset (regression, issue 9: the schema
+    /// took `2027-11-07 01:30-05:00` and refused `2026-12-01 4:20`; the validator the reverse).
+    #[test]
+    fn schema_pattern_and_validator_accept_the_same_forms() {
+        let shape = regex::Regex::new(INSTANT_PATTERN).unwrap();
+        let mut accepted = 0;
+        let mut checked = 0;
+        for sep in [" ", "T", "t", "_", "  "] {
+            for hm in ["04:20", "4:20", "04:2", "0420"] {
+                for sec in ["", ":30", ":30.5", ":3"] {
+                    for off in ["", "Z", "z", "-05:00", "+01:30", "-0500", "+05", " UTC"] {
+                        let text = format!("2027-11-07{sep}{hm}{sec}{off}");
+                        let schema = shape.is_match(&text);
+                        let validator = parse_instant(&text, Some(Tz::UTC)).is_ok();
+                        assert_eq!(schema, validator, "{text:?}");
+                        checked += 1;
+                        accepted += usize::from(validator);
+                    }
+                }
+            }
+        }
+        // Not vacuous: both sides accept a good share and refuse the rest.
+        assert!(
+            accepted >= 10 && accepted < checked / 2,
+            "{accepted} of {checked}"
+        );
+        assert!(parse_instant("2027-11-07 01:30-05:00", Some(Tz::UTC)).is_err());
+        assert!(parse_instant("2026-12-01 4:20", Some(Tz::UTC)).is_err());
+        assert!(shape.is_match("2027-11-07T01:30:00-05:00"));
+    }
 
     #[test]
     fn local_times_use_the_plan_zone() {

@@ -26,7 +26,7 @@ use crate::clock::Clock;
 use crate::config::{self, Config};
 use crate::executor::{Outcome, Report, Settings};
 use crate::hypervisor::ErrorKind;
-use crate::lockfile::{self, ExecutorLock, LockError, LockStore, StepStatus};
+use crate::lockfile::{ExecutorLock, LockError, LockStore, StepStatus};
 use crate::notify::event::PlanRef;
 use crate::notify::{Notifier, Retry, RunInfo};
 use crate::ops;
@@ -500,7 +500,7 @@ impl<'scope, 'env> Reconciler<'scope, 'env> {
                 return;
             }
         }
-        if let Err(e) = self.ensure_store(slot, &loaded.file) {
+        if let Err(e) = self.ensure_store(slot, &loaded) {
             log.error(label, "lock", &e);
             // Try again at the next rescan: the holder may be gone by then.
             slot.seen = None;
@@ -635,14 +635,21 @@ impl<'scope, 'env> Reconciler<'scope, 'env> {
     }
 
     /// Takes the plan's executor lock and opens its lockfile, once.
-    fn ensure_store(&self, slot: &mut Slot<'scope>, file: &PlanFile) -> Result<(), String> {
+    fn ensure_store(&self, slot: &mut Slot<'scope>, loaded: &Loaded) -> Result<(), String> {
         if slot.store.is_some() {
             return Ok(());
         }
-        let lock = ExecutorLock::acquire(&lockfile::pid_path(&file.path), self.env.clock.now())
-            .map_err(|e| e.to_string())?;
-        let store = LockStore::open(&lockfile::lock_path(&file.path), &file.sha256)
-            .map_err(|e| e.to_string())?;
+        let file = &loaded.file;
+        let paths = crate::overview::StatePaths::of(&file.path, loaded.config.state_dir.as_deref());
+        paths.prepare().map_err(|e| {
+            format!(
+                "cannot create the state folder for {}: {e}",
+                paths.lockfile.display()
+            )
+        })?;
+        let lock =
+            ExecutorLock::acquire(&paths.pid, self.env.clock.now()).map_err(|e| e.to_string())?;
+        let store = LockStore::open(&paths.lockfile, &file.sha256).map_err(|e| e.to_string())?;
         let store = Arc::new(store);
         if !file.notify.is_empty() {
             slot.notifier = Some(Notifier::start(

@@ -3,6 +3,7 @@
 mod apply;
 mod guest;
 mod harden;
+mod harden_daemon;
 mod layers;
 mod libvirt_adapter;
 mod lifecycle;

@@ -23,6 +23,7 @@ impl Rig {
     fn new() -> Self {
         let dir = tempfile::tempdir().unwrap();
         let web = FleetDomain::new("web-01")
+            .uuid("7b0c4f4e-3c1a-4c36-9f6e-0a6d1c2b3e01")
             .memory(Kib(1 << 20), Kib(2 << 20))
             .vcpus(1, 2)
             .running(false);
@@ -106,6 +107,11 @@ fn quiet_keeps_results_and_drops_status_messages() {
         .stdout_contains("web-01")
         .run();
     assert_eq!(quiet.stderr, "", "-q prints nothing but errors");
+    let applied = Cli::new()
+        .args(["-q", "apply", s(&plan), "--auto-approve"])
+        .stdout_contains("Result:")
+        .run();
+    assert_eq!(applied.stderr, "", "-q apply: no progress lines");
     // An error still shows under -q.
     Cli::new()
         .args(["-q", "status", s(&rig.path("nope.yaml"))])
@@ -459,4 +465,208 @@ fn cancel_while_apply_waits_stops_the_step_before_it_starts() {
         .as_str()
         .unwrap()
         .starts_with("night-operator@"));
+}
+
+fn ls_json(args: &[&str], dir: &Path) -> serde_json::Value {
+    let ran = Cli::new()
+        .arg("ls")
+        .args(args)
+        .args(["--format", "json"])
+        .current_dir(dir)
+        .run();
+    serde_json::from_str(&ran.stdout).unwrap()
+}
+
+fn plan_named<'a>(doc: &'a serde_json::Value, file: &str) -> &'a serde_json::Value {
+    doc["plans"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["plan"].as_str().unwrap().ends_with(file))
+        .unwrap_or_else(|| panic!("{file} not listed: {doc:#}"))
+}
+
+#[test]
+fn ls_lists_never_applied_applied_held_invalid_and_removed_plans() {
+    let rig = Rig::new();
+    let uri = &rig.uri;
+    rig.write(
+        "plans/web.yaml",
+        &format!(
+            "version: 1\nname: web-tier\nconnection: {uri}\ntimezone: America/Toronto\nsteps:\n  - at: 2030-01-15 04:05\n    vms: [web-01, web-02]\n    memory: 1GiB\n  - at: 2030-01-15 04:10\n    vm: web-01\n    vcpus: 2\n"
+        ),
+    );
+    let applied = rig.plan("plans/applied.yaml", Some(uri));
+    let gone = rig.plan("plans/gone.yaml", Some(uri));
+    rig.write(
+        "plans/broken.yaml",
+        "version: 1\nsteps:\n  - vm: web-01\n    memroy: 1GiB\n",
+    );
+    for plan in [&applied, &gone] {
+        Cli::new().args(["apply", s(plan), "--auto-approve"]).run();
+    }
+    std::fs::remove_file(&gone).unwrap();
+    let held = ExecutorLock::acquire(&rig.path("plans/web.lock.pid"), SystemClock.now()).unwrap();
+
+    let doc = ls_json(&[], &rig.path("plans"));
+    assert_eq!(doc["format_version"], 1);
+    assert_eq!(doc["plans"].as_array().unwrap().len(), 4, "{doc:#}");
+
+    let web = plan_named(&doc, "web.yaml");
+    assert_eq!(web["name"], "web-tier");
+    assert_eq!(web["state"], "ok");
+    assert_eq!(web["timezone"], "America/Toronto");
+    assert_eq!(web["lockfile_exists"], false);
+    assert_eq!(
+        web["counts"]["pending"], 3,
+        "two domains of step 1, one of step 2"
+    );
+    assert_eq!(web["next"]["step"], 1);
+    assert_eq!(web["next"]["vms"], serde_json::json!(["web-01", "web-02"]));
+    assert_eq!(web["next"]["what"], "memory");
+    assert_eq!(web["next"]["at"], "2030-01-15T09:05:00Z");
+    assert!(web["next"]["in_seconds"].as_i64().unwrap() > 0);
+    assert_eq!(web["holder"]["pid"], std::process::id());
+
+    let applied = plan_named(&doc, "applied.yaml");
+    assert_eq!(applied["state"], "ok");
+    assert_eq!(applied["counts"]["done"], 1);
+    assert_eq!(applied["next"], serde_json::Value::Null);
+    assert_eq!(applied["holder"], serde_json::Value::Null);
+    assert_eq!(applied["lockfile_exists"], true);
+
+    let gone = plan_named(&doc, "gone.yaml");
+    assert_eq!(gone["state"], "removed");
+    assert_eq!(gone["counts"]["done"], 1);
+
+    let broken = plan_named(&doc, "broken.yaml");
+    assert_eq!(broken["state"], "invalid");
+    assert!(
+        broken["problem"]
+            .as_str()
+            .unwrap()
+            .contains("broken.yaml:4:5"),
+        "{broken:#}"
+    );
+    drop(held);
+
+    // Human output: the plan's zone with its abbreviation, and how far away.
+    Cli::new()
+        .args(["ls", "web.yaml"])
+        .current_dir(rig.path("plans"))
+        .stdout_contains("web.yaml (web-tier)")
+        .stdout_contains("next:     step 1 web-01, web-02 memory at 2030-01-15 04:05 EST (in ")
+        .stdout_contains("steps:    3 pending")
+        .stdout_contains("plans/web.lock (not created yet: never applied)")
+        .run();
+    Cli::new()
+        .args(["ls", "nowhere.yaml"])
+        .current_dir(rig.path("plans"))
+        .status(1)
+        .stderr_contains("nowhere.yaml: no such plan file or folder")
+        .run();
+}
+
+#[test]
+fn state_dir_keeps_lockfiles_out_of_the_plan_folder() {
+    let rig = Rig::new();
+    rig.write("repo/virtplan.toml", "state_dir = \"../state\"\n");
+    let plan = rig.plan("repo/plans/web.yaml", Some(&rig.uri));
+    // Same stem in another folder of the same repository: its own lockfile.
+    let other = rig.plan("repo/other/web.yaml", Some(&rig.uri));
+    Cli::new().args(["apply", s(&plan), "--auto-approve"]).run();
+    Cli::new().args(["cancel", s(&other), "--step", "1"]).run();
+    Cli::new()
+        .args(["apply", s(&other), "--auto-approve"])
+        .run();
+    let in_plans: Vec<String> = std::fs::read_dir(rig.path("repo/plans"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(in_plans, ["web.yaml"], "nothing but the plan in its folder");
+    let mut state: Vec<String> = std::fs::read_dir(rig.path("state"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    state.sort();
+    // Per plan a lockfile, beside it the cancel file (the executor creates it to lock it) and,
+    // while an executor runs, its pid file.
+    let lockfiles: Vec<&String> = state
+        .iter()
+        .filter(|n| Path::new(n).extension().is_some_and(|e| e == "lock"))
+        .collect();
+    assert_eq!(lockfiles.len(), 2, "{state:?}");
+    assert!(state.iter().all(|n| n.starts_with("web-")), "{state:?}");
+    // status, ls and plan find it there.
+    let json = status_json(&plan);
+    assert_eq!(json["steps"][0]["status"], "done");
+    let json = status_json(&other);
+    assert_eq!(json["steps"][0]["status"], "cancelled");
+    Cli::new()
+        .args(["plan", s(&plan)])
+        .stdout_contains("✓")
+        .run();
+    let doc = ls_json(&["plans"], &rig.path("repo"));
+    let web = plan_named(&doc, "web.yaml");
+    let lockfile = web["lockfile"].as_str().unwrap();
+    assert!(lockfile.contains("/state/web-"), "{lockfile}");
+    assert_eq!(web["lockfile_exists"], true);
+    // A removed plan's leftover lockfile in the state folder is still listed.
+    std::fs::remove_file(&plan).unwrap();
+    let doc = ls_json(&["plans"], &rig.path("repo"));
+    let gone = plan_named(&doc, "web.yaml");
+    assert_eq!(gone["state"], "removed");
+    assert_eq!(gone["counts"]["done"], 1);
+    // An empty state_dir is a located error.
+    rig.write("bad/virtplan.toml", "state_dir = \"\"\n");
+    let bad = rig.plan("bad/web.yaml", Some(&rig.uri));
+    Cli::new()
+        .args(["validate", s(&bad)])
+        .status(1)
+        .stderr_contains("virtplan.toml:1:13")
+        .stderr_contains("state_dir is empty")
+        .run();
+}
+
+/// On a terminal the next step is one live line redrawn in place (`script` gives apply a pty).
+#[test]
+fn on_a_terminal_apply_redraws_one_live_line() {
+    let rig = Rig::new();
+    let plan = rig.write(
+        "web.yaml",
+        &format!(
+            "version: 1\nconnection: {}\ntimezone: America/Toronto\ngrace: 1m\nsteps:\n  - at: {}\n    vm: web-01\n    vcpus: 2\n",
+            rig.uri,
+            at(2)
+        ),
+    );
+    let command = format!(
+        "{} apply {} --auto-approve",
+        env!("CARGO_BIN_EXE_virtplan"),
+        s(&plan)
+    );
+    let out = Command::new("script")
+        .args(["-qec", &command, "/dev/null"])
+        .env("NO_COLOR", "1")
+        .stdin(Stdio::null())
+        .output()
+        .expect("script(1) from util-linux runs apply on a pseudo-terminal");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert!(
+        text.contains("\r\u{1b}[2Knext: step 1 web-01 vcpus 1 → 2 at "),
+        "{text:?}"
+    );
+    assert!(
+        text.contains(" EST, in ") || text.contains(" EDT, in "),
+        "{text:?}"
+    );
+    // The live line is cleared before the result line.
+    assert!(text.contains("\r\u{1b}[2K"), "{text:?}");
+    assert!(
+        text.lines()
+            .any(|l| l.contains(" EST step 1 web-01: done")
+                || l.contains(" EDT step 1 web-01: done")),
+        "{text:?}"
+    );
 }
