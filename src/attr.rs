@@ -269,6 +269,18 @@ impl fmt::Display for Figure {
     }
 }
 
+impl schemars::JsonSchema for Figure {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "Figure".into()
+    }
+
+    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        schemars::json_schema!({
+            "description": "The attribute's value: memory as an integer in KiB, vCPUs as an integer, power and text as strings, the clock as {offset, track}, null for none."
+        })
+    }
+}
+
 impl Serialize for Figure {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         #[derive(Serialize)]

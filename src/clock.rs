@@ -2,6 +2,7 @@
 //!
 //! Everything else receives a [`Clock`], so tests run on [`FakeClock`] and never wait.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -12,6 +13,17 @@ pub trait Clock: Send + Sync {
     fn now(&self) -> DateTime<Utc>;
     /// Sleeps for at most `duration`; callers re-read [`Clock::now`] after every wake-up.
     fn sleep(&self, duration: Duration);
+
+    /// Waits until [`Clock::now`] reaches `at` or `wake` is set, without moving time itself:
+    /// for background threads (lease renewal) that must follow a fake clock, not drive it.
+    /// Polls every few milliseconds of real time.
+    #[allow(clippy::disallowed_methods)] // the one sanctioned place
+    fn wait_until(&self, at: DateTime<Utc>, wake: &AtomicBool) {
+        const POLL: Duration = Duration::from_millis(10);
+        while !wake.load(Ordering::SeqCst) && self.now() < at {
+            std::thread::sleep(POLL);
+        }
+    }
 }
 
 /// The real wall clock.

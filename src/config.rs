@@ -8,6 +8,7 @@ use std::time::Duration;
 use chrono_tz::Tz;
 use serde::Deserialize;
 
+use crate::lease::LeaseConfig;
 use crate::plan_file::diag::{did_you_mean, Diagnostic, Diagnostics, Pos};
 use crate::plan_file::time::parse_zone;
 use crate::plan_file::units::parse_duration;
@@ -32,6 +33,8 @@ pub struct Config {
     pub grace: Option<Duration>,
     pub shutdown: ShutdownPolicy,
     pub parallelism: usize,
+    /// `[lease]`: timing of domain leases; every executor of a fleet must share it.
+    pub lease: LeaseConfig,
     /// Where lockfiles live instead of beside each plan (absolute; relative paths in the file
     /// are resolved against the file's folder).
     pub state_dir: Option<PathBuf>,
@@ -49,6 +52,7 @@ impl Default for Config {
             grace: None,
             shutdown: ShutdownPolicy::default(),
             parallelism: DEFAULT_PARALLELISM,
+            lease: LeaseConfig::default(),
             state_dir: None,
             notify: Vec::new(),
         }
@@ -65,6 +69,7 @@ struct RawConfig {
     grace: Option<toml::Spanned<String>>,
     shutdown: Option<RawShutdown>,
     parallelism: Option<toml::Spanned<i64>>,
+    lease: Option<RawLease>,
     state_dir: Option<toml::Spanned<String>>,
     #[serde(default)]
     notify: Vec<toml::Spanned<RawNotify>>,
@@ -82,6 +87,14 @@ struct RawNotify {
     email: Option<Spanned<RawNotifyEmail>>,
     command: Option<Spanned<Vec<Spanned<String>>>>,
     timeout: Option<Spanned<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLease {
+    ttl: Option<toml::Spanned<String>>,
+    settle: Option<toml::Spanned<String>>,
+    max_clock_skew: Option<toml::Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -110,6 +123,7 @@ const KEYS: &[&str] = &[
     "grace",
     "shutdown",
     "parallelism",
+    "lease",
     "state_dir",
     "notify",
 ];
@@ -245,11 +259,79 @@ pub fn load(path: &Path) -> Result<Config, Diagnostics> {
             Err(d) => diags.push(d),
         }
     }
+    if let Some(lease) = raw.lease {
+        lease_config(path, &text, lease, &mut config.lease, &mut diags);
+    }
     config.notify = notify_targets(path, &text, raw.notify, &mut diags);
     if diags.is_empty() {
         Ok(config)
     } else {
         Err(fail(Some(text), diags))
+    }
+}
+
+/// `[lease]`: each duration checked and bounded, with its position on error.
+fn lease_config(
+    path: &Path,
+    text: &str,
+    raw: RawLease,
+    lease: &mut LeaseConfig,
+    diags: &mut Vec<Diagnostic>,
+) {
+    let mut read =
+        |value: Option<toml::Spanned<String>>, min: Duration, max: Duration, help: &str| {
+            let value = value?;
+            let pos = Pos::of_offset(text, value.span().start);
+            match parse_duration(value.get_ref()) {
+                Ok(d) if (min..=max).contains(&d) => Some(d),
+                Ok(_) => {
+                    diags.push(
+                        Diagnostic::new(
+                            path,
+                            pos,
+                            format!(
+                                "lease duration `{}` is out of range ({} to {})",
+                                value.get_ref(),
+                                humantime::format_duration(min),
+                                humantime::format_duration(max)
+                            ),
+                        )
+                        .with_help(help),
+                    );
+                    None
+                }
+                Err(e) => {
+                    diags.push(Diagnostic::new(path, pos, e.message).with_help(e.help));
+                    None
+                }
+            }
+        };
+    let settle = read(
+        raw.settle,
+        Duration::from_millis(30),
+        Duration::from_secs(60),
+        "the settle delay must be far longer than one libvirt round trip to the farthest host, such as 300ms",
+    );
+    let ttl = read(
+        raw.ttl,
+        Duration::from_secs(5),
+        Duration::from_secs(3600),
+        "how long a lease outlives a dead executor, such as 60s",
+    );
+    let skew = read(
+        raw.max_clock_skew,
+        Duration::ZERO,
+        Duration::from_secs(600),
+        "how far apart the admin hosts' clocks may be, such as 5s",
+    );
+    if let Some(settle) = settle {
+        *lease = lease.with_settle(settle);
+    }
+    if let Some(ttl) = ttl {
+        lease.ttl = ttl;
+    }
+    if let Some(skew) = skew {
+        lease.max_skew = skew;
     }
 }
 
@@ -479,5 +561,38 @@ fn unknown_key_help(message: &str) -> String {
             "known keys: {}; `[hosts]` maps names to libvirt URIs",
             KEYS.join(", ")
         ),
+    }
+}
+
+#[cfg(test)]
+mod lease_tests {
+    use super::*;
+
+    fn load_text(text: &str) -> Result<Config, Diagnostics> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(FILE_NAME);
+        std::fs::write(&path, text).unwrap();
+        load(&path)
+    }
+
+    #[test]
+    fn lease_settings_set_settle_ttl_and_skew_and_derive_the_write_bound() {
+        let config =
+            load_text("[lease]\nsettle = \"900ms\"\nttl = \"2m\"\nmax_clock_skew = \"1s\"\n")
+                .unwrap();
+        assert_eq!(config.lease.settle, Duration::from_millis(900));
+        assert_eq!(config.lease.max_write_delay, Duration::from_millis(300));
+        assert_eq!(config.lease.ttl, Duration::from_secs(120));
+        assert_eq!(config.lease.max_skew, Duration::from_secs(1));
+    }
+
+    #[test]
+    fn a_lease_settle_too_short_for_any_round_trip_is_a_located_error() {
+        let err = load_text("[lease]\nsettle = \"1ms\"\n").unwrap_err();
+        let item = &err.items[0];
+        assert_eq!((item.pos.line, item.pos.column), (2, 10));
+        assert!(item.message.contains("out of range"), "{}", item.message);
+        let err = load_text("[lease]\nsetle = \"1s\"\n").unwrap_err();
+        assert!(err.items[0].message.contains("setle"), "{err:?}");
     }
 }

@@ -48,17 +48,38 @@ pub fn connect(uri: &Uri) -> HvResult<Arc<dyn Hypervisor>> {
     Libvirt::connect(uri.clone()).map(|hv| Arc::new(hv) as Arc<dyn Hypervisor>)
 }
 
-/// Opens each of `uris` once.
+/// Opens each of `uris` once, all at the same time: a plan over many hypervisors waits for the
+/// slowest handshake (an ssh login, a TLS setup), not for their sum.
 ///
 /// # Errors
-/// The first URI that cannot be reached.
+/// The first URI, in order, that cannot be reached.
 pub fn open(uris: impl IntoIterator<Item = Uri>) -> HvResult<Connections> {
-    let mut connections = Connections::new();
-    for uri in uris.into_iter().collect::<std::collections::BTreeSet<_>>() {
-        let hv = connect(&uri)?;
-        connections.insert(uri, hv);
-    }
-    Ok(connections)
+    let uris: Vec<Uri> = uris
+        .into_iter()
+        .collect::<std::collections::BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    let opened: Vec<HvResult<Arc<dyn Hypervisor>>> = std::thread::scope(|scope| {
+        let handles: Vec<_> = uris
+            .iter()
+            .map(|uri| scope.spawn(move || connect(uri)))
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join().unwrap_or_else(|_| {
+                    Err(crate::hypervisor::HvError::new(
+                        crate::hypervisor::ErrorKind::Other,
+                        "a connection thread panicked",
+                    ))
+                })
+            })
+            .collect()
+    });
+    uris.into_iter()
+        .zip(opened)
+        .map(|(uri, hv)| hv.map(|hv| (uri, hv)))
+        .collect()
 }
 
 /// Projects `file` over the live state of `connections` at `now`, with `progress` marking

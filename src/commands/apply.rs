@@ -152,7 +152,11 @@ pub fn run(args: &Args<'_>, clock: &dyn Clock, printer: &Printer) -> anyhow::Res
     }
     let file_zone: Option<chrono_tz::Tz> =
         plan.meta.timezone.as_deref().and_then(|z| z.parse().ok());
-    let mut settings = Settings::for_plan(&plan);
+    let mut settings = Settings::for_plan(&plan).with_lease_config(lease_config(
+        loaded.as_ref().map(|(config, _, _)| config),
+        args.config,
+        &plan_path,
+    )?);
     settings.failpoint = std::env::var(FAILPOINT_ENV).ok().filter(|f| !f.is_empty());
     let progress = super::progress::Progress::new(printer, clock, file_zone);
     let on_outcome = |o: &Outcome| progress.outcome(o);
@@ -413,6 +417,22 @@ fn unchanged_since_review(saved: &SavedPlan, saved_path: &Path) -> anyhow::Resul
         );
     }
     Ok(())
+}
+
+/// The fleet's lease timing (virtplan.toml `[lease]`): not part of a reviewed plan, since every
+/// executor of a fleet must use the same one whatever plan it runs. A saved plan reads the
+/// configuration its plan file would find.
+fn lease_config(
+    loaded: Option<&crate::config::Config>,
+    explicit: Option<&Path>,
+    plan_path: &Path,
+) -> anyhow::Result<crate::lease::LeaseConfig> {
+    if let Some(config) = loaded {
+        return Ok(config.lease);
+    }
+    crate::config::discover(explicit, Some(plan_path))
+        .map(|c| c.lease)
+        .map_err(|d| anyhow::anyhow!("{}", d.render()))
 }
 
 /// Saved plans hold redacted connections (no password is ever written to disk by virtplan):

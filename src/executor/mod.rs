@@ -10,9 +10,11 @@
 //! clock after every wake-up. Time comes only from the [`Clock`], so tests run on a fake one.
 
 mod gate;
+mod leasing;
 mod step;
 
 pub use gate::redact_uri;
+pub use leasing::Leasing;
 
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BinaryHeap, HashMap, VecDeque};
@@ -49,17 +51,31 @@ pub struct Settings {
     /// Test-only crash switch: `after-running:<step_id>` or `before-done:<step_id>` aborts
     /// the process at that point.
     pub failpoint: Option<String>,
+    /// Domain leases (on by default); `None` acts without them.
+    pub lease: Option<Leasing>,
 }
 
 impl Settings {
     /// The plan's own grace, window, failure policy and parallelism (as reviewed), with
     /// default limits.
     #[must_use]
+    /// Domain leases are on, held as this process running `plan`'s file: every caller holds
+    /// the plan's executor lock (apply, watch), so a lease of this plan from this host with
+    /// another pid was left by a dead executor of it.
     pub fn for_plan(plan: &Plan) -> Self {
-        Self::new(&plan.policy)
+        Self {
+            lease: Some(Leasing {
+                holder: crate::lease::Holder::this_process(plan.meta.file.clone()),
+                config: crate::lease::LeaseConfig {
+                    own_plan_exclusive: true,
+                    ..crate::lease::LeaseConfig::default()
+                },
+            }),
+            ..Self::new(&plan.policy)
+        }
     }
 
-    /// `policy` with default limits.
+    /// `policy` with default limits, without leases.
     #[must_use]
     pub fn new(policy: &Policy) -> Self {
         Self {
@@ -71,7 +87,22 @@ impl Settings {
             backoff: Duration::from_secs(1),
             poll: Duration::from_millis(250),
             failpoint: None,
+            lease: None,
         }
+    }
+}
+
+impl Settings {
+    /// Takes leases with `config`'s timing (virtplan.toml `[lease]`).
+    #[must_use]
+    pub fn with_lease_config(mut self, config: crate::lease::LeaseConfig) -> Self {
+        if let Some(lease) = &mut self.lease {
+            lease.config = crate::lease::LeaseConfig {
+                own_plan_exclusive: lease.config.own_plan_exclusive,
+                ..config
+            };
+        }
+        self
     }
 }
 

@@ -27,7 +27,7 @@ pub(super) struct Ended {
 }
 
 impl Ended {
-    fn with(status: StepStatus) -> Self {
+    pub(super) fn with(status: StepStatus) -> Self {
         Self {
             status,
             gone: false,
@@ -134,6 +134,22 @@ impl Run<'_> {
             self.cancel(step);
             return Ended::with(StepStatus::Cancelled);
         };
+        if resuming || self.late(step, now).is_none() {
+            return self.leased(step, now, |now| {
+                self.act(step, now, resuming, after_failure)
+            });
+        }
+        self.act(step, now, resuming, after_failure)
+    }
+
+    /// Resumes, records missed, or applies `step` at `now`.
+    fn act(
+        &self,
+        step: &PlannedStep,
+        now: DateTime<Utc>,
+        resuming: bool,
+        after_failure: bool,
+    ) -> Ended {
         let late = self.late(step, now);
         if resuming {
             return self.resume(step, now, late, after_failure);
@@ -176,7 +192,7 @@ impl Run<'_> {
 
     /// Whether `step` must not start: a signal stops everything; an abort stops every step
     /// but an `always` one.
-    fn stopping_for(&self, step: &PlannedStep) -> bool {
+    pub(super) fn stopping_for(&self, step: &PlannedStep) -> bool {
         if step.always {
             self.ex.stop.load(std::sync::atomic::Ordering::SeqCst)
         } else {
@@ -228,7 +244,7 @@ impl Run<'_> {
     }
 
     /// Why a step starting at `now` would be too late, if it would.
-    fn late(&self, step: &PlannedStep, now: DateTime<Utc>) -> Option<String> {
+    pub(super) fn late(&self, step: &PlannedStep, now: DateTime<Utc>) -> Option<String> {
         let settings = self.ex.settings;
         if let Some(w) = settings.window {
             if now >= w.end {
@@ -699,7 +715,11 @@ impl Run<'_> {
 
     /// Calls `f`, retrying transient failures a bounded number of times with backoff. Every
     /// call addresses the domain by UUID, so a retry finds the same domain or none.
-    fn retry<T>(&self, uri: &Uri, f: impl Fn(&dyn Hypervisor) -> HvResult<T>) -> HvResult<T> {
+    pub(super) fn retry<T>(
+        &self,
+        uri: &Uri,
+        f: impl Fn(&dyn Hypervisor) -> HvResult<T>,
+    ) -> HvResult<T> {
         let settings = self.ex.settings;
         let mut wait = settings.backoff;
         let mut attempt = 0;
@@ -966,7 +986,7 @@ impl Run<'_> {
     }
 
     /// Records the step's final status with the observed figures, and reports it.
-    fn end(
+    pub(super) fn end(
         &self,
         step: &PlannedStep,
         status: StepStatus,

@@ -180,6 +180,8 @@ struct Inner {
     /// Calls so far, all operations together (for crashes).
     total: usize,
     crash: Option<Crash>,
+    /// Metadata elements by (UUID, namespace), as libvirt would return them.
+    metadata: BTreeMap<(String, String), String>,
     /// The id the next started domain gets.
     next_run_id: u32,
 }
@@ -781,6 +783,43 @@ impl Hypervisor for FakeHypervisor {
         })
     }
 
+    fn list_domains(&self) -> HvResult<Vec<DomainId>> {
+        let mut ids: Vec<DomainId> = self
+            .inner()
+            .domains
+            .values()
+            .map(|d| DomainId {
+                name: d.state.name.clone(),
+                uuid: d.state.uuid.clone(),
+            })
+            .collect();
+        ids.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(ids)
+    }
+
+    fn metadata_element(&self, uuid: &str, namespace: &str) -> HvResult<Option<String>> {
+        self.read("metadata_element", uuid, |_| ())?;
+        let key = (uuid.to_owned(), namespace.to_owned());
+        Ok(self.inner().metadata.get(&key).cloned())
+    }
+
+    /// Not recorded in [`FakeHypervisor::calls`]: those are changes to the domain itself.
+    fn set_metadata_element(
+        &self,
+        uuid: &str,
+        namespace: &str,
+        _prefix: &str,
+        xml: Option<&str>,
+    ) -> HvResult<()> {
+        self.read("set_metadata_element", uuid, |_| ())?;
+        let key = (uuid.to_owned(), namespace.to_owned());
+        let mut inner = self.inner();
+        match xml {
+            Some(xml) => inner.metadata.insert(key, xml.to_owned()),
+            None => inner.metadata.remove(&key),
+        };
+        Ok(())
+    }
     fn run_id(&self, uuid: &str) -> HvResult<Option<u32>> {
         self.read("run_id", uuid, |d| d.run_id)
     }

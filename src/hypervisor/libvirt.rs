@@ -747,6 +747,70 @@ impl Hypervisor for Libvirt {
             shut_off: snapshot::qemu_verdict(&disks(&persistent)?, false, &qemu_img),
         })
     }
+
+    fn list_domains(&self) -> HvResult<Vec<DomainId>> {
+        let domains = self
+            .conn
+            .list_all_domains(0)
+            .map_err(|e| hv_error("list domains", &e))?;
+        let mut ids = domains
+            .iter()
+            .map(|d| {
+                Ok(DomainId {
+                    name: d.name().map_err(|e| hv_error("list domains", &e))?,
+                    uuid: d.uuid_string().map_err(|e| hv_error("list domains", &e))?,
+                })
+            })
+            .collect::<HvResult<Vec<_>>>()?;
+        ids.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(ids)
+    }
+
+    fn metadata_element(&self, uuid: &str, namespace: &str) -> HvResult<Option<String>> {
+        let dom = self.lookup(uuid)?;
+        let what = format!("read metadata of {uuid}");
+        let flags = metadata_scope(&dom).map_err(|e| hv_error(&what, &e))?;
+        match dom.metadata(
+            metadata_kind(sys::VIR_DOMAIN_METADATA_ELEMENT),
+            Some(namespace),
+            flags,
+        ) {
+            Ok(xml) => Ok(Some(xml)),
+            Err(e) if e.code() == Enum::Known(ErrorNumber::NoDomainMetadata) => Ok(None),
+            Err(e) => Err(hv_error(&what, &e)),
+        }
+    }
+
+    fn set_metadata_element(
+        &self,
+        uuid: &str,
+        namespace: &str,
+        prefix: &str,
+        xml: Option<&str>,
+    ) -> HvResult<()> {
+        let dom = self.lookup(uuid)?;
+        let what = format!("write metadata of {uuid}");
+        let flags = metadata_scope(&dom).map_err(|e| hv_error(&what, &e))?;
+        dom.set_metadata(
+            metadata_kind(sys::VIR_DOMAIN_METADATA_ELEMENT),
+            xml,
+            Some(prefix),
+            Some(namespace),
+            flags,
+        )
+        .map_err(|e| hv_error(&what, &e))
+    }
+}
+
+/// Where our own metadata elements live: the persistent definition of a persistent domain
+/// (it survives shutdown and is what every reader looks at, whatever the power state does
+/// meanwhile), the live one of a transient domain (it has no other).
+fn metadata_scope(dom: &Domain) -> Result<u32, VirtError> {
+    Ok(if dom.is_persistent()? {
+        sys::VIR_DOMAIN_AFFECT_CONFIG
+    } else {
+        sys::VIR_DOMAIN_AFFECT_LIVE
+    })
 }
 
 /// `<domainsnapshot>` with a name and an optional description, escaped by the XML writer.
@@ -833,6 +897,14 @@ fn power_state(state: Enum<VirtState, sys::virDomainState>) -> PowerState {
 
 /// Classifies a libvirt error by its code, so callers can tell "retry" from "give up".
 fn classify(e: &VirtError) -> ErrorKind {
+    // The RPC layer reports a connection it closed (keepalive gave up on a hung daemon, the
+    // daemon restarted) as an internal error: "client socket is closed". It is a lost
+    // connection, so the executor reconnects, and re-checks the deadline before any change.
+    if e.code() == Enum::Known(ErrorNumber::InternalError)
+        && e.domain() == Enum::Known(virt::error::ErrorDomain::Rpc)
+    {
+        return ErrorKind::Transient;
+    }
     match e.code() {
         Enum::Known(ErrorNumber::NoDomain) => ErrorKind::NotFound,
         Enum::Known(ErrorNumber::OperationInvalid) => ErrorKind::OperationInvalid,

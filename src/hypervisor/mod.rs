@@ -199,6 +199,21 @@ pub trait Hypervisor: Send + Sync {
     fn set_description(&self, uuid: &str, description: &str) -> HvResult<()>;
     fn create_snapshot(&self, uuid: &str, name: &str, description: Option<&str>) -> HvResult<()>;
 
+    /// Every domain of this connection, active or not, sorted by name (for `vms: {match:}`).
+    fn list_domains(&self) -> HvResult<Vec<DomainId>>;
+
+    /// The element of XML namespace `namespace` in the domain's metadata (of the persistent
+    /// definition when there is one, so it survives power changes); `None` when there is none.
+    fn metadata_element(&self, uuid: &str, namespace: &str) -> HvResult<Option<String>>;
+
+    /// Replaces (`Some`) or removes (`None`) that element; `prefix` is its namespace prefix.
+    fn set_metadata_element(
+        &self,
+        uuid: &str,
+        namespace: &str,
+        prefix: &str,
+        xml: Option<&str>,
+    ) -> HvResult<()>;
     /// libvirt's id of the running domain, new at every start (a reboot shows as a new id);
     /// `None` when the domain is not running.
     fn run_id(&self, uuid: &str) -> HvResult<Option<u32>>;

@@ -17,8 +17,8 @@ mod yaml;
 /// Schema's properties: the validator and the schema cannot drift apart.
 pub mod keys {
     pub use super::validate::{
-        ATTRIBUTE_KEYS, CHECK_KEYS, CLOCK_KEYS, DEFAULTS_KEYS, SHUTDOWN_KEYS, SNAPSHOT_KEYS,
-        STEP_KEYS, TOP_KEYS, WINDOW_KEYS,
+        ATTRIBUTE_KEYS, CHECK_KEYS, CLOCK_KEYS, DEFAULTS_KEYS, MATCH_KEYS, SHUTDOWN_KEYS,
+        SNAPSHOT_KEYS, STEP_KEYS, TOP_KEYS, WINDOW_KEYS,
     };
     pub use crate::notify::target::{EMAIL_KEYS as NOTIFY_EMAIL_KEYS, TARGET_KEYS as NOTIFY_KEYS};
 }
@@ -375,8 +375,31 @@ impl Attributes {
 /// One `vm`/`vms` entry: a domain name or UUID as written.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Target {
+    /// A domain name or UUID; for [`TargetKind::Match`], a validated glob pattern.
     pub name_or_uuid: String,
     pub pos: Pos,
+    pub kind: TargetKind,
+}
+
+/// How a [`Target`] names domains.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum TargetKind {
+    /// `vm: NAME` or an entry of `vms: [..]`: one domain by name or UUID.
+    Domain,
+    /// `vms: {match: GLOB}`: every domain of the step's connection whose name matches, resolved
+    /// when the plan is made (the reviewed set).
+    Match,
+}
+
+impl Target {
+    /// The glob of a [`TargetKind::Match`] target (validated when the file was loaded).
+    #[must_use]
+    pub fn pattern(&self) -> Option<glob::Pattern> {
+        match self.kind {
+            TargetKind::Domain => None,
+            TargetKind::Match => glob::Pattern::new(&self.name_or_uuid).ok(),
+        }
+    }
 }
 
 /// One step of the plan.

@@ -128,9 +128,9 @@ struct StepSchema {
     at: Option<String>,
     /// One domain, by name or UUID.
     vm: Option<String>,
-    /// Several domains, by name or UUID.
-    #[schemars(length(min = 1))]
-    vms: Option<Vec<String>>,
+    /// Several domains: a list of names or UUIDs, or `{match: GLOB}` over the domain names of
+    /// the step's connection, resolved when the plan is made.
+    vms: Option<VmsSchema>,
     /// libvirt URI or virtplan.toml host for this step.
     connection: Option<String>,
     shutdown: Option<ShutdownSchema>,
@@ -204,6 +204,25 @@ struct CheckSchema {
     /// How often to try (default 5s).
     #[schemars(regex(pattern = DURATION_PATTERN))]
     interval: Option<String>,
+}
+
+/// `vms`: a list, or a pattern.
+#[derive(JsonSchema)]
+#[serde(untagged)]
+#[allow(dead_code)] // only its schema is used
+enum VmsSchema {
+    /// Domain names or UUIDs.
+    List(#[schemars(length(min = 1))] Vec<String>),
+    Match(MatchSchema),
+}
+
+/// `{match: GLOB}`: `*`, `?`, `[abc]`, `[!abc]` over domain names; zero matches is an error.
+#[derive(JsonSchema)]
+#[schemars(deny_unknown_fields)]
+struct MatchSchema {
+    #[serde(rename = "match")]
+    #[schemars(length(min = 1))]
+    pattern: String,
 }
 
 /// A snapshot, idempotent by name.

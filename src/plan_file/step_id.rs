@@ -11,7 +11,9 @@ use std::time::Duration;
 
 use serde::ser::{self, Serialize};
 
-use super::{Attributes, ClockOffset, LifecycleAction, PowerTarget, RtcTrack, ShutdownMode, Step};
+use super::{
+    Attributes, ClockOffset, LifecycleAction, PowerTarget, RtcTrack, ShutdownMode, Step, TargetKind,
+};
 
 /// Everything a step asks for, and nothing about where it sits in the file: reordering or
 /// inserting steps keeps ids, editing a step gives it a new id.
@@ -55,6 +57,10 @@ pub struct StepIdentity<'a> {
     pub check: Option<CheckId<'a>>,
     #[serde(rename = "always", skip_serializing_if = "std::ops::Not::not")]
     pub always: bool,
+    /// `vms: {match: GLOB}`: the pattern (then `targets` is empty), so `vms: [web-*]`, a
+    /// domain literally named `web-*`, keeps a different id.
+    #[serde(rename = "match", skip_serializing_if = "Option::is_none")]
+    pub matching: Option<&'a str>,
 }
 
 #[derive(serde::Serialize)]
@@ -145,8 +151,14 @@ impl<'a> StepIdentity<'a> {
             targets: step
                 .targets
                 .iter()
+                .filter(|t| t.kind == TargetKind::Domain)
                 .map(|t| t.name_or_uuid.as_str())
                 .collect(),
+            matching: step
+                .targets
+                .iter()
+                .find(|t| t.kind == TargetKind::Match)
+                .map(|t| t.name_or_uuid.as_str()),
             connection: step.connection.as_ref().map(crate::uri::Uri::expose),
             shutdown: ShutdownId {
                 mode: step.shutdown.mode,

@@ -15,8 +15,8 @@ use super::units::{self, parse_duration, parse_size};
 use super::yaml::{self, pos, Checker};
 use super::{
     Attributes, CheckSpec, ClockOffset, ClockTarget, LoadContext, Located, OnFailure, PlanFile,
-    PowerTarget, RtcTrack, ShutdownMode, ShutdownPolicy, SnapshotSpec, Step, Target, Window,
-    FORMAT_VERSION,
+    PowerTarget, RtcTrack, ShutdownMode, ShutdownPolicy, SnapshotSpec, Step, Target, TargetKind,
+    Window, FORMAT_VERSION,
 };
 use crate::attr::Attr;
 use crate::config::Config;
@@ -37,6 +37,8 @@ pub const TOP_KEYS: &[&str] = &[
 pub const WINDOW_KEYS: &[&str] = &["start", "end"];
 pub const DEFAULTS_KEYS: &[&str] = &["shutdown", "on_failure"];
 pub const SHUTDOWN_KEYS: &[&str] = &["mode", "timeout", "force_after_timeout"];
+/// `vms: {match: GLOB}`.
+pub const MATCH_KEYS: &[&str] = &["match"];
 pub const CLOCK_KEYS: &[&str] = &["offset", "track", "sync"];
 pub const CHECK_KEYS: &[&str] = &["state", "guest_agent", "command", "timeout", "interval"];
 pub const SNAPSHOT_KEYS: &[&str] = &["name", "description"];
@@ -489,6 +491,43 @@ fn check_step(
     })
 }
 
+/// `vms: {match: GLOB}`: one pattern, checked by the glob crate so a broken one (`web-[`) is
+/// refused here with its position, not at plan time.
+fn check_match(c: &mut Checker<'_>, node: &Node) -> Option<Target> {
+    let map = c.mapping(node, "`vms`", "vms: {match: \"web-*\"}")?;
+    c.known_keys(map, MATCH_KEYS, "`vms`");
+    let Some(pattern_node) = map.get_node("match") else {
+        c.error(
+            pos(node),
+            "`vms` as a mapping needs `match`",
+            "select domains by name pattern: `vms: {match: \"web-*\"}`, or list them: `vms: [web-01, web-02]`",
+        );
+        return None;
+    };
+    let text = c.text(pattern_node, "`vms.match`", "\"web-*\"")?.trim();
+    if text.is_empty() {
+        c.error(
+            pos(pattern_node),
+            "`vms.match` is empty",
+            "give a glob over domain names, such as \"web-*\"",
+        );
+        return None;
+    }
+    if let Err(e) = glob::Pattern::new(text) {
+        c.error(
+            pos(pattern_node),
+            format!("`vms.match` is not a valid pattern: {}", e.msg),
+            "`*` matches any run of characters, `?` one, `[abc]` one of a set, `[!abc]` one outside it; write `[[]` for a literal `[`",
+        );
+        return None;
+    }
+    Some(Target {
+        name_or_uuid: text.to_owned(),
+        pos: pos(pattern_node),
+        kind: TargetKind::Match,
+    })
+}
+
 fn check_targets(
     c: &mut Checker<'_>,
     map: &MarkedMappingNode,
@@ -512,8 +551,12 @@ fn check_targets(
                 targets.push(Target {
                     name_or_uuid: name.trim().to_owned(),
                     pos: pos(vm),
+                    kind: TargetKind::Domain,
                 });
             }
+        }
+        (None, Some(vms)) if vms.as_mapping().is_some() => {
+            targets.extend(check_match(c, vms));
         }
         (None, Some(vms)) => {
             if let Some(seq) = c.sequence(vms, "`vms`", "vms: [web-01, web-02]") {
@@ -540,6 +583,7 @@ fn check_targets(
                     targets.push(Target {
                         name_or_uuid: name.to_owned(),
                         pos: pos(item),
+                        kind: TargetKind::Domain,
                     });
                 }
             }

@@ -32,7 +32,7 @@ pub const FORMAT_VERSION: u32 = 1;
 pub type Connections = BTreeMap<Uri, Arc<dyn Hypervisor>>;
 
 /// What a change does.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum ChangeAction {
     /// The attribute will change.
@@ -44,13 +44,14 @@ pub enum ChangeAction {
 }
 
 /// One attribute of one domain at one step: the unit of `plan` output.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(try_from = "ChangeRepr")]
 pub struct Change {
     /// 1-based step number in the plan file.
     pub step: usize,
+    /// Stable step id (as recorded in the lockfile).
     pub step_id: String,
-    /// When the step is due; `None` when it runs as soon as `apply` starts.
+    /// When the step is due (RFC 3339); null when it runs as soon as `apply` starts.
     pub at: Option<DateTime<Utc>>,
     pub vm: String,
     pub uuid: String,
@@ -68,7 +69,7 @@ pub struct Change {
 }
 
 /// [`Change`] as read back from JSON: its figures are read by their attribute.
-#[derive(Deserialize)]
+#[derive(Deserialize, schemars::JsonSchema)]
 struct ChangeRepr {
     step: usize,
     step_id: String,
@@ -217,10 +218,12 @@ impl From<DomainId> for PlannedDomain {
 }
 
 /// Identity of the plan file a [`Plan`] was made from.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct PlanMeta {
     pub name: String,
+    /// The plan file as given on the command line.
     pub file: String,
+    /// SHA-256 of the plan file's bytes.
     pub sha256: String,
     /// The plan's IANA zone, for showing times as the plan's authors wrote them.
     #[serde(skip_serializing_if = "Option::is_none", default)]
@@ -228,7 +231,9 @@ pub struct PlanMeta {
 }
 
 /// Counts of changes by action.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema,
+)]
 pub struct Summary {
     pub change: usize,
     pub noop: usize,

@@ -15,6 +15,7 @@ use crate::hypervisor::{domain_xml, DomainId, ErrorKind, Hypervisor, Observation
 use crate::plan_file::units::format_duration;
 use crate::plan_file::{
     Attributes, ClockTarget, Located, PlanFile, PowerTarget, ShutdownMode, ShutdownPolicy, Step,
+    TargetKind,
 };
 use crate::state::{ClockState, DomainState, LifecycleEvent, LiveFigures, PowerState};
 use crate::uri::Uri;
@@ -141,7 +142,12 @@ fn resolve_targets<'a>(
             });
         }
         let names = wanted.entry(uri.clone()).or_default();
-        names.extend(step.targets.iter().map(|t| t.name_or_uuid.as_str()));
+        names.extend(
+            step.targets
+                .iter()
+                .filter(|t| t.kind == TargetKind::Domain)
+                .map(|t| t.name_or_uuid.as_str()),
+        );
         steps.push((step, uri));
     }
     let mut cache: BTreeMap<(Uri, String), Option<DomainId>> = BTreeMap::new();
@@ -157,9 +163,45 @@ fn resolve_targets<'a>(
             cache.insert((uri.clone(), name), id);
         }
     }
+    // `vms: {match: GLOB}`: one listing per connection, matched by name, in name order.
+    let mut listings: BTreeMap<Uri, Vec<DomainId>> = BTreeMap::new();
     let mut resolved = Vec::new();
     for (step, uri) in steps {
         for target in &step.targets {
+            if let Some(pattern) = target.pattern() {
+                if !listings.contains_key(&uri) {
+                    let listed = input.connections[&uri].list_domains().map_err(|source| {
+                        PlanError::Libvirt {
+                            context: format!("listing the domains of {uri}"),
+                            source,
+                        }
+                    })?;
+                    listings.insert(uri.clone(), listed);
+                }
+                let matched: Vec<&DomainId> = listings[&uri]
+                    .iter()
+                    .filter(|d| pattern.matches(&d.name))
+                    .collect();
+                if matched.is_empty() {
+                    problems.push(problem(
+                        file,
+                        step,
+                        target.pos,
+                        &target.name_or_uuid,
+                        format!(
+                            "`vms: {{match: \"{}\"}}` matches no domain on {uri}",
+                            target.name_or_uuid
+                        ),
+                        &format!("a pattern must select at least one domain; see the names with `virsh -c {uri} list --all --name`"),
+                    ));
+                }
+                resolved.extend(
+                    matched
+                        .into_iter()
+                        .map(|id| (step, uri.clone(), id.clone())),
+                );
+                continue;
+            }
             match cache.get(&(uri.clone(), target.name_or_uuid.clone())).and_then(Option::as_ref) {
                 Some(id) => resolved.push((step, uri.clone(), id.clone())),
                 None => problems.push(problem(

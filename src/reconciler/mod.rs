@@ -738,7 +738,7 @@ impl<'scope, 'env> Reconciler<'scope, 'env> {
         for warning in &plan.warnings {
             self.log().warn(Some(&slot.label), "warning", warning);
         }
-        let mut settings = Settings::for_plan(&plan);
+        let mut settings = Settings::for_plan(&plan).with_lease_config(loaded.config.lease);
         settings.failpoint.clone_from(&self.env.failpoint);
         if let Some(n) = &slot.notifier {
             n.set_connections(crate::notify::queue::step_connections(&plan));

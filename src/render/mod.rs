@@ -7,7 +7,6 @@ pub mod when;
 use chrono::{DateTime, Utc};
 use chrono_tz::Tz;
 use serde::Serialize;
-use serde_json::Value;
 
 use crate::planner::{Change, Plan, PlanMeta, Summary, FORMAT_VERSION};
 
@@ -29,13 +28,10 @@ fn zone_of(meta: &PlanMeta) -> Option<Tz> {
 #[derive(Serialize, schemars::JsonSchema)]
 pub struct JsonPlan<'a> {
     pub format_version: u32,
-    #[schemars(with = "PlanMetaSchema")]
     pub plan: &'a PlanMeta,
     pub planned_at: DateTime<Utc>,
-    #[schemars(with = "Vec<ChangeSchema>")]
     pub changes: &'a [Change],
     pub warnings: &'a [String],
-    #[schemars(with = "SummarySchema")]
     pub summary: Summary,
 }
 
@@ -58,55 +54,12 @@ pub fn json(plan: &Plan) -> String {
 /// JSON Schema of [`json`]'s output.
 #[must_use]
 pub fn json_schema() -> String {
-    let schema = schemars::schema_for!(JsonPlan<'static>);
+    // The output's schema (what serializing writes), from the very types that write it.
+    let schema = schemars::generate::SchemaSettings::default()
+        .for_serialize()
+        .into_generator()
+        .into_root_schema_for::<JsonPlan<'static>>();
     let mut text = serde_json::to_string_pretty(&schema).unwrap_or_default();
     text.push('\n');
     text
-}
-
-/// Schema mirror of [`PlanMeta`].
-#[derive(schemars::JsonSchema)]
-#[allow(dead_code)]
-struct PlanMetaSchema {
-    name: String,
-    /// The plan file as given on the command line.
-    file: String,
-    /// SHA-256 of the plan file's bytes.
-    sha256: String,
-    timezone: Option<String>,
-}
-
-/// Schema mirror of [`Change`].
-#[derive(schemars::JsonSchema)]
-#[allow(dead_code)]
-struct ChangeSchema {
-    /// 1-based step number in the plan file.
-    step: usize,
-    /// Stable step id (as recorded in the lockfile).
-    step_id: String,
-    /// RFC 3339; null when the step runs as soon as apply starts.
-    at: Option<DateTime<Utc>>,
-    vm: String,
-    uuid: String,
-    connection: String,
-    attribute: crate::attr::Attr,
-    /// Memory values are integers in KiB.
-    before: Value,
-    after: Value,
-    #[schemars(extend("enum" = ["change", "noop", "done"]))]
-    action: String,
-    /// How the change is applied (live+config, config, graceful shutdown, ...).
-    method: Option<String>,
-    notes: Vec<String>,
-    /// Unified diff of the persistent domain XML, for XML-level changes.
-    xml_diff: Option<String>,
-}
-
-/// Schema mirror of [`Summary`].
-#[derive(schemars::JsonSchema)]
-#[allow(dead_code)]
-struct SummarySchema {
-    change: usize,
-    noop: usize,
-    done: usize,
 }

@@ -1,10 +1,12 @@
 //! The one integration test binary: every module shares the built CLI and the test rigs.
 
 mod apply;
+mod fleet;
 mod guest;
 mod harden;
 mod harden_daemon;
 mod layers;
+mod lease;
 mod libvirt_adapter;
 mod lifecycle;
 mod notify;

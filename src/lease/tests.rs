@@ -1,0 +1,434 @@
+//! The lease protocol against libvirt's test driver (the metadata really goes through
+//! virDomainSetMetadata / virDomainGetMetadata), on the fake clock.
+
+use std::sync::{Arc, Barrier};
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+
+use super::*;
+use crate::clock::FakeClock;
+use crate::hypervisor::fleet::{write_fleet, FleetDomain};
+
+const UUID: &str = "6f2f4a57-0b0c-4c1e-9a8e-000000000001";
+
+fn t(s: &str) -> DateTime<Utc> {
+    DateTime::parse_from_rfc3339(s).unwrap().with_timezone(&Utc)
+}
+
+fn holder(host: &str, pid: u32, token: &str) -> Holder {
+    Holder {
+        host: host.to_owned(),
+        pid,
+        token: token.to_owned(),
+        plan: "/srv/plans/web.yaml".to_owned(),
+    }
+}
+
+/// A test-driver host with one running domain (the tempdir must outlive the connection).
+fn libvirt() -> (tempfile::TempDir, Arc<dyn Hypervisor>) {
+    let dir = tempfile::tempdir().unwrap();
+    let uri = write_fleet(
+        dir.path(),
+        &[FleetDomain::new("web-01").uuid(UUID).running(true)],
+    )
+    .unwrap();
+    let hv = crate::ops::connect(&uri.into()).unwrap();
+    (dir, hv)
+}
+
+fn config() -> LeaseConfig {
+    LeaseConfig {
+        ttl: Duration::from_secs(30),
+        settle: Duration::from_secs(2),
+        max_write_delay: Duration::from_millis(500),
+        max_skew: Duration::from_secs(5),
+        retry: Duration::from_secs(3),
+        own_plan_exclusive: false,
+    }
+}
+
+#[test]
+fn lease_xml_round_trips_with_awkward_text() {
+    let lease = Lease {
+        holder: Holder {
+            host: "admin<1>&co".to_owned(),
+            pid: 4242,
+            token: "00ff".to_owned(),
+            plan: "/srv/plans/a \"b\" & <c>.yaml".to_owned(),
+        },
+        expires: t("2026-12-01T04:00:30.250Z"),
+    };
+    assert_eq!(Lease::parse(&lease.to_xml()).unwrap(), lease);
+}
+
+#[test]
+fn lease_element_is_stored_in_the_domains_libvirt_metadata() {
+    let (_dir, hv) = libvirt();
+    let clock = FakeClock::new(t("2026-12-01T04:00:00Z"));
+    let me = holder("admin1", 10, "a");
+    let config = config();
+    let leaser = Leaser {
+        register: &Metadata(hv.as_ref()),
+        clock: &clock,
+        me: &me,
+        config: &config,
+    };
+    assert_eq!(
+        leaser.try_acquire(UUID).unwrap(),
+        Attempt::Acquired {
+            expires: t("2026-12-01T04:00:30Z")
+        }
+    );
+    // What `virsh dumpxml --inactive` shows: our namespace, the holder, the expiry.
+    let xml = hv.domain_xml(UUID, true).unwrap();
+    assert!(xml.contains(NAMESPACE), "{xml}");
+    assert!(xml.contains("<virtplan:lease"), "{xml}");
+    assert!(xml.contains("2026-12-01T04:00:30.000Z"), "{xml}");
+    assert_eq!(leaser.read(UUID).unwrap().unwrap().holder, me);
+    assert!(leaser.release(UUID).unwrap());
+    assert_eq!(leaser.read(UUID).unwrap(), None);
+    assert!(!hv.domain_xml(UUID, true).unwrap().contains(NAMESPACE));
+}
+
+/// Both contenders read "free" before either writes (a barrier holds each read and each write
+/// until the other's is done too): both write, and after the settle delay exactly one sees its
+/// own record; the other backs off.
+#[test]
+fn two_contenders_that_both_read_free_never_both_acquire() {
+    struct Lockstep<'a> {
+        inner: Metadata<'a>,
+        barrier: Barrier,
+    }
+    impl Register for Lockstep<'_> {
+        fn get(&self, uuid: &str) -> Result<Option<String>, HvError> {
+            let value = self.inner.get(uuid);
+            self.barrier.wait();
+            value
+        }
+        /// Both writes land before either contender reads back: what a settle delay longer
+        /// than every read-to-write time guarantees in real time.
+        fn set(&self, uuid: &str, xml: Option<&str>) -> Result<(), HvError> {
+            let result = self.inner.set(uuid, xml);
+            self.barrier.wait();
+            result
+        }
+    }
+    let (_dir, hv) = libvirt();
+    for round in 0..5 {
+        let register = Lockstep {
+            inner: Metadata(hv.as_ref()),
+            barrier: Barrier::new(2),
+        };
+        // One clock each: a shared fake clock would count the rival's settle delay as ours.
+        let clocks = [
+            FakeClock::new(t("2026-12-01T04:00:00Z")),
+            FakeClock::new(t("2026-12-01T04:00:00Z")),
+        ];
+        let config = config();
+        let a = holder("admin1", 10, "a");
+        let b = holder("admin2", 10, "b");
+        let results: Vec<Attempt> = std::thread::scope(|s| {
+            let handles: Vec<_> = [&a, &b]
+                .into_iter()
+                .zip(&clocks)
+                .map(|(me, clock)| {
+                    let leaser = Leaser {
+                        register: &register,
+                        clock,
+                        me,
+                        config: &config,
+                    };
+                    s.spawn(move || leaser.try_acquire(UUID).unwrap())
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        let won = results
+            .iter()
+            .filter(|r| matches!(r, Attempt::Acquired { .. }))
+            .count();
+        assert_eq!(won, 1, "round {round}: {results:?}");
+        let lost = results
+            .iter()
+            .find_map(|r| match r {
+                Attempt::Busy(rival) => Some(rival.holder.clone()),
+                _ => None,
+            })
+            .unwrap();
+        let winner = Metadata(hv.as_ref()).get(UUID).unwrap().unwrap();
+        assert_eq!(Lease::parse(&winner).unwrap().holder, lost, "round {round}");
+        Metadata(hv.as_ref()).set(UUID, None).unwrap();
+    }
+}
+
+/// Many executors start at once on one domain (real threads, real libvirt, a short real
+/// settle delay): exactly one acquires.
+#[test]
+fn eight_racing_contenders_on_the_system_clock_elect_exactly_one() {
+    let (_dir, hv) = libvirt();
+    let clock = crate::clock::SystemClock;
+    let config = LeaseConfig {
+        settle: Duration::from_millis(300),
+        max_write_delay: Duration::from_millis(100),
+        ..config()
+    };
+    let holders: Vec<Holder> = (0..8)
+        .map(|i| holder("admin1", i, &i.to_string()))
+        .collect();
+    let start = Arc::new(Barrier::new(holders.len()));
+    let register = Metadata(hv.as_ref());
+    let results: Vec<Attempt> = std::thread::scope(|s| {
+        let handles: Vec<_> = holders
+            .iter()
+            .map(|me| {
+                let leaser = Leaser {
+                    register: &register,
+                    clock: &clock,
+                    me,
+                    config: &config,
+                };
+                let start = Arc::clone(&start);
+                s.spawn(move || {
+                    start.wait();
+                    leaser.try_acquire(UUID).unwrap()
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let won = results
+        .iter()
+        .filter(|r| matches!(r, Attempt::Acquired { .. }))
+        .count();
+    // A contender whose own write was slow backs off; it never acts.
+    assert_eq!(won, 1, "{results:?}");
+}
+
+#[test]
+fn a_live_lease_of_another_holder_keeps_us_out_until_the_deadline() {
+    let (_dir, hv) = libvirt();
+    let clock = FakeClock::new(t("2026-12-01T04:00:00Z"));
+    let config = config();
+    let rival = holder("admin2", 77, "r");
+    let me = holder("admin1", 10, "a");
+    let register = Metadata(hv.as_ref());
+    Leaser {
+        register: &register,
+        clock: &clock,
+        me: &rival,
+        config: &config,
+    }
+    .try_acquire(UUID)
+    .unwrap();
+    let leaser = Leaser {
+        register: &register,
+        clock: &clock,
+        me: &me,
+        config: &config,
+    };
+    let deadline = t("2026-12-01T04:00:20Z");
+    let outcome = leaser.acquire_until(UUID, deadline, &|| false).unwrap();
+    let Acquisition::GaveUp(Some(rival_lease)) = outcome else {
+        panic!("{outcome:?}")
+    };
+    assert_eq!(rival_lease.holder, rival);
+    assert!(clock.now() >= deadline);
+    // Nothing of ours was written.
+    assert_eq!(leaser.read(UUID).unwrap().unwrap().holder, rival);
+}
+
+#[test]
+fn an_expired_lease_is_taken_over_once_the_clock_skew_margin_passed() {
+    let (_dir, hv) = libvirt();
+    let clock = FakeClock::new(t("2026-12-01T04:00:00Z"));
+    let config = config();
+    let register = Metadata(hv.as_ref());
+    let dead = Lease {
+        holder: holder("admin2", 77, "dead"),
+        expires: t("2026-12-01T03:59:57Z"),
+    };
+    register.set(UUID, Some(&dead.to_xml())).unwrap();
+    let me = holder("admin1", 10, "a");
+    let leaser = Leaser {
+        register: &register,
+        clock: &clock,
+        me: &me,
+        config: &config,
+    };
+    // Expired 3 s ago, but clocks may be 5 s apart: not yet.
+    assert_eq!(leaser.try_acquire(UUID).unwrap(), Attempt::Busy(dead));
+    clock.advance(chrono::Duration::seconds(3));
+    assert!(matches!(
+        leaser.try_acquire(UUID).unwrap(),
+        Attempt::Acquired { .. }
+    ));
+    assert_eq!(leaser.read(UUID).unwrap().unwrap().holder, me);
+}
+
+#[test]
+fn a_lease_left_by_a_dead_executor_of_the_same_plan_on_this_host_is_taken_over_at_once() {
+    let (_dir, hv) = libvirt();
+    let clock = FakeClock::new(t("2026-12-01T04:00:00Z"));
+    let register = Metadata(hv.as_ref());
+    let left = Lease {
+        holder: holder("admin1", 9, "old"),
+        expires: t("2026-12-01T04:00:50Z"),
+    };
+    register.set(UUID, Some(&left.to_xml())).unwrap();
+    let me = holder("admin1", 10, "new");
+    let plain = config();
+    let leaser = |config| Leaser {
+        register: &register,
+        clock: &clock,
+        me: &me,
+        config,
+    };
+    assert_eq!(
+        leaser(&plain).try_acquire(UUID).unwrap(),
+        Attempt::Busy(left)
+    );
+    let exclusive = LeaseConfig {
+        own_plan_exclusive: true,
+        ..plain
+    };
+    assert!(matches!(
+        leaser(&exclusive).try_acquire(UUID).unwrap(),
+        Attempt::Acquired { .. }
+    ));
+    // Another plan's live lease on this host is still respected.
+    let other_plan = Lease {
+        holder: Holder {
+            plan: "/srv/plans/db.yaml".to_owned(),
+            ..holder("admin1", 11, "db")
+        },
+        expires: t("2026-12-01T04:05:00Z"),
+    };
+    register.set(UUID, Some(&other_plan.to_xml())).unwrap();
+    assert_eq!(
+        leaser(&exclusive).try_acquire(UUID).unwrap(),
+        Attempt::Busy(other_plan)
+    );
+}
+
+#[test]
+fn a_contender_whose_own_write_was_slow_backs_off_without_acting_or_erasing() {
+    struct Slow<'a> {
+        inner: Metadata<'a>,
+        clock: &'a FakeClock,
+    }
+    impl Register for Slow<'_> {
+        fn get(&self, uuid: &str) -> Result<Option<String>, HvError> {
+            self.inner.get(uuid)
+        }
+        fn set(&self, uuid: &str, xml: Option<&str>) -> Result<(), HvError> {
+            self.clock.advance(chrono::Duration::milliseconds(800));
+            self.inner.set(uuid, xml)
+        }
+    }
+    let (_dir, hv) = libvirt();
+    let clock = FakeClock::new(t("2026-12-01T04:00:00Z"));
+    let config = config();
+    let me = holder("admin1", 10, "a");
+    let register = Slow {
+        inner: Metadata(hv.as_ref()),
+        clock: &clock,
+    };
+    let leaser = Leaser {
+        register: &register,
+        clock: &clock,
+        me: &me,
+        config: &config,
+    };
+    assert_eq!(
+        leaser.try_acquire(UUID).unwrap(),
+        Attempt::Slow {
+            took: Duration::from_millis(800)
+        }
+    );
+    assert!(leaser.read(UUID).unwrap().is_some());
+}
+
+#[test]
+fn renew_extends_our_lease_and_reports_a_lost_one() {
+    let (_dir, hv) = libvirt();
+    let clock = FakeClock::new(t("2026-12-01T04:00:00Z"));
+    let config = config();
+    let register = Metadata(hv.as_ref());
+    let me = holder("admin1", 10, "a");
+    let leaser = Leaser {
+        register: &register,
+        clock: &clock,
+        me: &me,
+        config: &config,
+    };
+    assert!(matches!(
+        leaser.try_acquire(UUID).unwrap(),
+        Attempt::Acquired { .. }
+    ));
+    clock.advance(chrono::Duration::seconds(10));
+    assert_eq!(
+        leaser.renew(UUID).unwrap(),
+        Renewal::Renewed {
+            expires: t("2026-12-01T04:00:42Z")
+        }
+    );
+    // Someone took it over (we stalled past expiry): renewal says so and writes nothing.
+    let thief = Lease {
+        holder: holder("admin2", 5, "t"),
+        expires: t("2026-12-01T04:01:30Z"),
+    };
+    register.set(UUID, Some(&thief.to_xml())).unwrap();
+    assert_eq!(
+        leaser.renew(UUID).unwrap(),
+        Renewal::Lost(Some(thief.clone()))
+    );
+    // Release leaves someone else's record alone.
+    assert!(!leaser.release(UUID).unwrap());
+    assert_eq!(leaser.read(UUID).unwrap(), Some(thief));
+}
+
+#[test]
+fn an_unreadable_lease_is_an_error_that_says_how_to_remove_it() {
+    let (_dir, hv) = libvirt();
+    let register = Metadata(hv.as_ref());
+    register
+        .set(UUID, Some("<lease version='9'><future/></lease>"))
+        .unwrap();
+    let clock = FakeClock::new(t("2026-12-01T04:00:00Z"));
+    let config = config();
+    let me = holder("admin1", 10, "a");
+    let leaser = Leaser {
+        register: &register,
+        clock: &clock,
+        me: &me,
+        config: &config,
+    };
+    let err = leaser.try_acquire(UUID).unwrap_err().to_string();
+    assert!(err.contains("version 9"), "{err}");
+    assert!(err.contains("virsh metadata"), "{err}");
+    assert!(err.contains(UUID), "{err}");
+}
+
+#[test]
+fn leases_live_in_the_persistent_definition_across_power_changes() {
+    let (_dir, hv) = libvirt();
+    let clock = FakeClock::new(t("2026-12-01T04:00:00Z"));
+    let config = config();
+    let register = Metadata(hv.as_ref());
+    let me = holder("admin1", 10, "a");
+    let leaser = Leaser {
+        register: &register,
+        clock: &clock,
+        me: &me,
+        config: &config,
+    };
+    assert!(matches!(
+        leaser.try_acquire(UUID).unwrap(),
+        Attempt::Acquired { .. }
+    ));
+    hv.destroy(UUID).unwrap();
+    assert_eq!(leaser.read(UUID).unwrap().unwrap().holder, me);
+    hv.start(UUID).unwrap();
+    assert_eq!(leaser.read(UUID).unwrap().unwrap().holder, me);
+}
