@@ -302,24 +302,16 @@ fn scale_and_status(exe: &Path, steps: usize) -> anyhow::Result<()> {
         ms(t.elapsed())
     );
 
-    // An uncompacted journal, as an interrupted run leaves it: two more lines per record.
-    let mut text = lock.to_text()?;
-    for r in &lock.steps {
-        for status in [StepStatus::Running, StepStatus::Done] {
-            let mut r = r.clone();
-            r.status = status;
-            text.push_str(&serde_json::to_string(&serde_json::json!({ "step": r }))?);
-            text.push('\n');
-        }
-    }
-    std::fs::write(&path, &text)?;
-    let time = |cmd: &str| -> anyhow::Result<Duration> {
-        let runs = (0..5)
+    // `status` against `validate` of the same plan, at 2000 steps and at all of them; each
+    // with the lockfile compacted (as a finished run leaves it) and as an uncompacted journal
+    // (as an interrupted run leaves it: two more lines per record).
+    let time = |cmd: &str, plan: &Path| -> anyhow::Result<Duration> {
+        let runs = (0..7)
             .map(|_| {
                 let t = Instant::now();
                 let status = Command::new(exe)
                     .arg(cmd)
-                    .arg(&plan_path)
+                    .arg(plan)
                     .stdout(Stdio::null())
                     .stderr(Stdio::null())
                     .status()?;
@@ -329,17 +321,41 @@ fn scale_and_status(exe: &Path, steps: usize) -> anyhow::Result<()> {
             .collect::<anyhow::Result<Vec<_>>>()?;
         Ok(median(runs))
     };
-    let (status, validate) = (time("status")?, time("validate")?);
-    println!(
-        "\n== status of a {steps}-step lockfile ({} bytes, journal of {} lines)",
-        text.len(),
-        text.lines().count()
-    );
-    println!(
-        "virtplan status {} vs virtplan validate {}: {:.2}x",
-        ms(status),
-        ms(validate),
-        status.as_secs_f64() / validate.as_secs_f64()
-    );
+    println!("\n== status vs validate (whole processes, medians of 7)");
+    for size in [2000.min(steps), steps] {
+        let plan = dir.path().join(format!("status-{size}.yaml"));
+        std::fs::write(
+            &plan,
+            plan_text(
+                &uri,
+                domains[..size].iter().map(|d| d.name.clone()),
+                Some(at.trunc_subsecs(0)),
+            ),
+        )?;
+        let mut part = lock.clone();
+        part.steps.truncate(size);
+        let compacted = part.to_text()?;
+        let mut journal = compacted.clone();
+        for r in &part.steps {
+            for status in [StepStatus::Running, StepStatus::Done] {
+                let mut r = r.clone();
+                r.status = status;
+                journal.push_str(&serde_json::to_string(&serde_json::json!({ "step": r }))?);
+                journal.push('\n');
+            }
+        }
+        let validate = time("validate", &plan)?;
+        for (kind, text) in [("compacted", &compacted), ("journal", &journal)] {
+            std::fs::write(plan.with_extension("lock"), text)?;
+            let status = time("status", &plan)?;
+            println!(
+                "{size} steps, lockfile {kind} ({} bytes): status {} vs validate {}: {:.2}x",
+                text.len(),
+                ms(status),
+                ms(validate),
+                status.as_secs_f64() / validate.as_secs_f64()
+            );
+        }
+    }
     Ok(())
 }

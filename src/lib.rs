@@ -6,7 +6,8 @@
 //! or executed by [`executor`], which records progress in a [`lockfile`].
 //!
 //! [`cli`] is the only module that knows about clap; [`commands`] are thin wrappers, one per
-//! subcommand; [`clock`] is the only place that reads the wall clock or sleeps. [`reconciler`]
+//! subcommand over [`ops`] (load → connect → project → check, shared with the reconciler);
+//! [`clock`] is the only place that reads the wall clock or sleeps. [`reconciler`]
 //! keeps executors running while plan files change (`apply --watch`, `watch DIR`).
 
 pub mod attr;

@@ -111,3 +111,38 @@ pub fn project(
 pub fn check(recorded: &Lockfile, lock_path: &Path, plan: &Plan) -> Result<(), LockError> {
     recorded.clone().reconcile(lock_path, plan)
 }
+
+/// Domains that match a `vms: {match: GLOB}` step of `file` now but are not in the reviewed
+/// `plan`: one warning each (they are never touched; `virtplan plan` reviews them).
+#[must_use]
+pub fn unreviewed_matches(file: &PlanFile, plan: &Plan, connections: &Connections) -> Vec<String> {
+    let mut warnings = Vec::new();
+    for step in &file.steps {
+        let id = step.id();
+        let reviewed: Vec<&crate::planner::PlannedStep> =
+            plan.steps.iter().filter(|s| s.step_id == id).collect();
+        let Some(uri) = reviewed.first().map(|s| &s.connection) else {
+            continue;
+        };
+        let Some(hv) = connections.get(uri) else {
+            continue;
+        };
+        for target in &step.targets {
+            let Some(pattern) = target.pattern() else {
+                continue;
+            };
+            let Ok(listed) = hv.list_domains() else {
+                continue;
+            };
+            for d in listed {
+                if pattern.matches(&d.name) && !reviewed.iter().any(|s| s.domain.uuid == d.uuid) {
+                    warnings.push(format!(
+                        "{} ({}) now matches `{}` of step {} but was not in the reviewed plan: it is not touched; run `virtplan plan` to review it",
+                        d.name, d.uuid, target.name_or_uuid, step.number
+                    ));
+                }
+            }
+        }
+    }
+    warnings
+}

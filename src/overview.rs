@@ -152,9 +152,12 @@ pub fn rows(
         }));
     }
     if let Some(file) = file {
+        // A set, not a scan of the rows per step: that made `status` quadratic in steps.
+        let recorded: std::collections::HashSet<String> =
+            out.iter().map(|r| r.id.clone()).collect();
         for step in &file.steps {
             let id = step.id();
-            if out.iter().any(|r| r.id == id) {
+            if recorded.contains(&id) {
                 continue;
             }
             for target in &step.targets {
@@ -175,8 +178,13 @@ pub fn rows(
             }
         }
     }
+    let mut cancelled: std::collections::HashMap<&str, &CancelRecord> =
+        std::collections::HashMap::new();
+    for c in cancels {
+        cancelled.entry(c.step_id.as_str()).or_insert(c);
+    }
     for row in &mut out {
-        if let Some(c) = cancels.iter().find(|c| c.step_id == row.id) {
+        if let Some(c) = cancelled.get(row.id.as_str()) {
             row.cancelled_by = Some(c.by.clone());
             row.cancelled_at = Some(c.at);
             // A step that never ran stays cancelled; one that ran keeps what happened.

@@ -118,6 +118,9 @@ pub fn run(args: &Args<'_>, clock: &dyn Clock, printer: &Printer) -> anyhow::Res
         let mut plan = saved.plan;
         restore_credentials(&mut plan, args.config)?;
         let connections = common::open_uris(plan.policy.connections.iter().cloned())?;
+        for warning in unreviewed_matches(&plan, &connections, args.config) {
+            printer.warning(&warning);
+        }
         (plan, connections, None)
     } else {
         let Some((config, file)) = loaded else {
@@ -439,6 +442,25 @@ fn lease_config(
 /// give each masked one back its credentials from where the operator keeps them, the plan
 /// file (only while it is byte for byte the reviewed one) or virtplan.toml. Nothing else of
 /// the plan file or configuration is used: the saved plan runs from itself.
+/// `vms: {match:}` domains that match now but were not reviewed (the plan file is read only
+/// while it is byte for byte the reviewed one; otherwise apply refused already).
+fn unreviewed_matches(
+    plan: &Plan,
+    connections: &crate::planner::Connections,
+    config: Option<&Path>,
+) -> Vec<String> {
+    let plan_path = PathBuf::from(&plan.meta.file);
+    let Ok(config) = crate::config::discover(config, Some(&plan_path)) else {
+        return Vec::new();
+    };
+    match crate::plan_file::load(&plan_path, &crate::plan_file::LoadContext { config }) {
+        Ok(file) if file.sha256 == plan.meta.sha256 => {
+            crate::ops::unreviewed_matches(&file, plan, connections)
+        }
+        _ => Vec::new(),
+    }
+}
+
 fn restore_credentials(plan: &mut Plan, config: Option<&Path>) -> anyhow::Result<()> {
     let masked = |u: &Uri| u.expose().contains(crate::uri::MASK);
     if !plan.policy.connections.iter().any(masked) {

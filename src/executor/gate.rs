@@ -3,6 +3,7 @@
 //! lockfile message as it happens, so `status` shows a check in progress.
 
 use std::io::Read as _;
+use std::os::unix::process::CommandExt as _;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
@@ -162,6 +163,9 @@ impl Gate<'_> {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
+            // Its own process group, so a timed-out command is killed with its children
+            // (`sh -c 'curl ...'` leaves curl holding the pipes otherwise).
+            .process_group(0)
             .spawn()
             .map_err(|e| format!("command could not start: {e}"))?;
         // Read stderr on a thread so a chatty command cannot fill the pipe and block.
@@ -175,23 +179,25 @@ impl Gate<'_> {
             }
             String::from_utf8_lossy(&text).into_owned()
         });
-        // Waited for in slices of real time of at most a second, so a signal stops it soon;
-        // the deadline itself is read from the clock.
+        // The command runs in real time: its budget is what is left of the check at its start,
+        // waited for in slices of at most a second (a slice that times out has fully passed),
+        // so a signal stops it soon.
+        let budget = (deadline - self.clock.now())
+            .to_std()
+            .unwrap_or(Duration::ZERO);
+        let mut waited = Duration::ZERO;
         let status = loop {
-            let left = (deadline - self.clock.now())
-                .to_std()
-                .unwrap_or(Duration::ZERO);
+            let left = budget.saturating_sub(waited);
             if left.is_zero() || (self.stopping)() {
-                let _ = child.kill();
-                let _ = child.wait();
+                kill_group(&mut child);
                 break None;
             }
-            match child.wait_timeout(left.min(Duration::from_secs(1))) {
+            let slice = left.min(Duration::from_secs(1));
+            match child.wait_timeout(slice) {
                 Ok(Some(status)) => break Some(status),
-                Ok(None) => {}
+                Ok(None) => waited += slice,
                 Err(e) => {
-                    let _ = child.kill();
-                    let _ = child.wait();
+                    kill_group(&mut child);
                     return Err(format!("command: {e}"));
                 }
             }
@@ -219,6 +225,20 @@ impl Gate<'_> {
             }),
         }
     }
+}
+
+/// Kills a check command and everything it started (its process group), and reaps it.
+fn kill_group(child: &mut std::process::Child) {
+    // `kill -KILL -- -PGID`: the group the command leads (see `process_group(0)`); no unsafe
+    // FFI needed for one signal.
+    let _ = Command::new("kill")
+        .args(["-KILL", "--", &format!("-{}", child.id())])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status();
+    let _ = child.kill();
+    let _ = child.wait();
 }
 
 /// One line, control characters replaced, at most 200 characters: safe for a TOML message

@@ -1460,6 +1460,99 @@ fn always_step_runs_after_an_abort_of_another_domain_but_ordinary_steps_do_not()
 }
 
 #[test]
+fn shutoff_takes_the_agent_rung_of_the_ladder_too() {
+    let steps = "  - at: 2026-12-01T04:00:00Z\n    vm: web\n    power: shutoff\n";
+    let rig = Rig::new(
+        steps,
+        "",
+        vec![web().stubborn().with_agent()],
+        "2026-12-01T04:00:00Z",
+    );
+    rig.run();
+    assert_eq!(rig.ops(), ["agent_shutdown"]);
+    assert_eq!(rig.lock().steps[0].status, StepStatus::Done);
+}
+
+#[test]
+fn always_step_after_a_failure_calls_nothing_already_satisfied() {
+    // The shutdown fails, so the domain still runs when the always power-on comes.
+    let rig = Rig::new(RESIZE, "", vec![web()], "2026-12-01T04:00:00Z");
+    rig.hv.fail("destroy", 1, 10, ErrorKind::InvalidArgument);
+    rig.run();
+    let statuses: Vec<StepStatus> = rig.lock().steps.iter().map(|r| r.status).collect();
+    assert_eq!(
+        statuses,
+        [StepStatus::Failed, StepStatus::Skipped, StepStatus::Done]
+    );
+    assert!(rig.ops().is_empty(), "{:?}", rig.ops());
+    assert_eq!(rig.hv.state(A).power, PowerState::Running);
+}
+
+#[test]
+fn always_steps_do_not_run_after_a_signal() {
+    let rig = Rig::new(RESIZE, "", vec![web()], "2026-12-01T04:00:00Z");
+    let store = LockStore::open(&rig.lock_path, &rig.file.sha256).unwrap();
+    let plan = rig.plan(&store);
+    let stop = AtomicBool::new(true);
+    Executor {
+        plan: &plan,
+        connections: &rig.connections,
+        clock: rig.clock.as_ref(),
+        store: &store,
+        settings: &rig.settings(),
+        stop: &stop,
+        on_outcome: &|_| {},
+        reconnect: None,
+    }
+    .run()
+    .unwrap();
+    drop(store);
+    assert!(rig.ops().is_empty());
+    assert!(rig
+        .lock()
+        .steps
+        .iter()
+        .all(|r| r.status == StepStatus::Cancelled));
+}
+
+#[test]
+fn check_command_still_running_at_the_deadline_is_killed_with_its_children() {
+    let steps = "  - at: 2026-12-01T04:00:00Z
+    vm: web
+    autostart: true
+    check: { command: 'sleep 30', timeout: 1s, interval: 1s }
+";
+    let rig = Rig::new(steps, "", vec![web()], "2026-12-01T04:00:00Z");
+    rig.run();
+    let lock = rig.lock();
+    assert_eq!(lock.steps[0].status, StepStatus::Failed);
+    assert!(
+        lock.steps[0]
+            .message
+            .contains("command still running at the check's deadline, killed"),
+        "{}",
+        lock.steps[0].message
+    );
+}
+
+#[test]
+fn reboot_of_a_paused_domain_is_refused_at_plan_time() {
+    let rig = Rig::new(REBOOT, "", vec![web()], "2026-12-01T03:00:00Z");
+    rig.hv.edit(A, |d| d.state.power = PowerState::Paused);
+    let store = LockStore::open(&rig.lock_path, &rig.file.sha256).unwrap();
+    let err = planner::project(&PlanInput {
+        file: &rig.file,
+        connections: &rig.connections,
+        connect_override: None,
+        now: rig.clock.now(),
+        progress: &store,
+    })
+    .unwrap_err();
+    let text = err.to_string();
+    assert!(text.contains("web is paused at this step"), "{text}");
+}
+
+#[test]
 fn regression_hung_libvirtd_lands_changes_late() {
     // The reads before the change stall (each wait of the retry stretched to three minutes by
     // a hung daemon): the step's deadline passes before anything is sent.

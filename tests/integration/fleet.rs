@@ -143,6 +143,14 @@ fn a_saved_plan_applies_the_reviewed_set_only() {
     fleet(dir.path(), &["web-01", "web-02", "web-03", "db-01"]);
     let out = run(&["apply", saved.to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let said = text(&out);
+    assert!(
+        said.contains("web-03 (")
+            && said.contains(
+                "now matches `web-*` of step 1 but was not in the reviewed plan: it is not touched"
+            ),
+        "{said}"
+    );
     let lock = LockStore::read(&plan.with_extension("lock")).unwrap();
     let vms: Vec<(&str, StepStatus)> = lock
         .steps

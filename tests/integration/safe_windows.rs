@@ -1,10 +1,12 @@
 //! Safe windows (issue 11) end to end: `power: reboot`, `check`, `always` on real QEMU
 //! domains, and what `plan` refuses before the window (an edited done step).
 //!
-//! The domains are the rig's small diskless guests: nothing in them handles ACPI, so every
-//! reboot here takes the ladder's force path (ACPI request, timeout, destroy, start). The
-//! guest-agent rung is proven on the fake hypervisor (executor unit tests) and, for the
-//! libvirt calls themselves, by `libvirt_adapter::qemu_agent_channel_detected_but_no_agent_answers_a_diskless_guest`.
+//! Most domains are the rig's small diskless domains: nothing in them handles ACPI, so those
+//! reboots take the ladder's force path (ACPI request, timeout, destroy, start). The agent
+//! paths (agent reboot, `guest_agent` check, `clock.sync`) run on the rig's real guest
+//! (support/guest.rs: kernel, busybox, qemu-guest-agent) in
+//! `qemu_real_guest_reboot_through_its_agent_syncs_the_clock_and_passes_an_agent_check`, and the
+//! agent's failure paths on a diskless domain with an agent channel but no agent.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
@@ -375,4 +377,232 @@ fn plan_of_two_files_refuses_overlapping_changes_of_one_domain_and_accepts_apart
         &[],
     );
     assert_eq!(refused.status.code(), Some(1), "{}", text(&refused));
+}
+
+/// A test-driver host with a running and a shut-off domain (fixed UUIDs).
+fn fleet(dir: &Path) -> String {
+    use virtplan::hypervisor::fleet::{write_fleet, FleetDomain};
+    write_fleet(
+        dir,
+        &[
+            FleetDomain::new("web-01")
+                .uuid("5a1e0000-0000-4000-8000-0000000000a1")
+                .running(true),
+            FleetDomain::new("web-02").uuid("5a1e0000-0000-4000-8000-0000000000a2"),
+        ],
+    )
+    .unwrap()
+}
+
+#[test]
+fn plan_shows_reboots_checks_and_always_steps() {
+    let dir = tempfile::tempdir().unwrap();
+    let uri = fleet(dir.path());
+    let plan = write_plan(
+        dir.path(),
+        &format!(
+            "version: 1
+connection: {uri}
+steps:
+  - at: 2030-01-01T04:00:00Z
+    vms: [web-01, web-02]
+    power: reboot
+    check: {{ state: running, command: 'true', timeout: 2m, interval: 10s }}
+  - at: 2030-01-01T04:30:00Z
+    vm: web-01
+    power: running
+    always: true
+"
+        ),
+    );
+    let human = virtplan(&["plan", plan.to_str().unwrap()], &[]);
+    assert_eq!(human.status.code(), Some(0), "{}", text(&human));
+    let out = String::from_utf8_lossy(&human.stdout);
+    for expected in [
+        "power        running → running  [reboot: ACPI graceful shutdown, force after 2m, then start]",
+        "power        shutoff → running  [the domain is off at this step: the reboot starts it]",
+        "then waits for the check: state running, `true` exits 0 (within 2m, every 10s)",
+        "always: runs even after an earlier step of this domain failed",
+    ] {
+        assert!(out.contains(expected), "no {expected:?} in\n{out}");
+    }
+    let json = virtplan(&["plan", plan.to_str().unwrap(), "--format", "json"], &[]);
+    let json: serde_json::Value = serde_json::from_slice(&json.stdout).unwrap();
+    let reboot = &json["changes"][0];
+    assert_eq!(reboot["attribute"], "power");
+    assert_eq!(
+        reboot["action"], "change",
+        "a reboot is never a noop: {reboot}"
+    );
+    assert_eq!(json["summary"]["change"], 2, "{json}");
+}
+
+#[test]
+fn plan_refuses_checks_and_syncs_that_could_never_pass() {
+    let dir = tempfile::tempdir().unwrap();
+    let uri = fleet(dir.path());
+    let plan = write_plan(
+        dir.path(),
+        &format!(
+            "version: 1
+connection: {uri}
+steps:
+  - at: 2030-01-01T04:00:00Z
+    vm: web-01
+    power: reboot
+    check: {{ guest_agent: true }}
+  - at: 2030-01-01T04:10:00Z
+    vm: web-01
+    power: shutoff
+    check: {{ state: running }}
+  - at: 2030-01-01T04:20:00Z
+    vm: web-02
+    clock: {{ sync: true }}
+"
+        ),
+    );
+    let out = virtplan(&["plan", plan.to_str().unwrap()], &[]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    let err = String::from_utf8_lossy(&out.stderr);
+    for expected in [
+        "plan.yaml:7:12",
+        "the check waits for the guest agent, and web-01 has no guest agent channel: it could never pass",
+        "plan.yaml:11:12",
+        "the check waits for web-01 to be running, but this step leaves it shutoff",
+        "plan.yaml:14:12",
+        "`clock.sync` sets the guest's time through its agent, but web-02 is shutoff after this step",
+    ] {
+        assert!(err.contains(expected), "no {expected:?} in\n{err}");
+    }
+}
+
+#[test]
+fn qemu_agent_channel_without_an_agent_reboot_falls_back_to_acpi_and_sync_fails_the_step() {
+    let Some(uri) = qemu_uri() else { return };
+    let dom = TestDomain::define_with_devices(
+        &uri,
+        "safe-agent",
+        crate::libvirt_adapter::AGENT_CHANNEL_XML,
+    );
+    dom.start();
+    let hv = Libvirt::connect(&uri).unwrap();
+    let before = run_id(&hv, &dom.uuid).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let plan = write_plan(
+        dir.path(),
+        &format!(
+            "version: 1
+connection: {uri}
+steps:
+  - vm: {vm}
+    power: reboot
+    shutdown: {{ mode: graceful, timeout: 1s, force_after_timeout: true }}
+    clock: {{ sync: true }}
+    check: {{ state: running, timeout: 3s, interval: 1s }}
+",
+            vm = dom.name
+        ),
+    );
+    // The domain has an agent channel: plan accepts the sync and says the agent shuts it down.
+    let shown = virtplan(&["plan", plan.to_str().unwrap()], &[]);
+    assert_eq!(shown.status.code(), Some(0), "{}", text(&shown));
+    let stdout = String::from_utf8_lossy(&shown.stdout);
+    assert!(
+        stdout.contains("reboot: guest agent graceful shutdown"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("guest_time"), "{stdout}");
+
+    // A clock edit on this running domain with an agent channel: plan suggests `sync`.
+    let clock_plan = dir.path().join("clock.yaml");
+    std::fs::write(
+        &clock_plan,
+        format!(
+            "version: 1\nconnection: {uri}\nsteps:\n  - vm: {}\n    clock: {{ track: wall }}\n",
+            dom.name
+        ),
+    )
+    .unwrap();
+    let shown = virtplan(&["plan", clock_plan.to_str().unwrap()], &[]);
+    assert_eq!(shown.status.code(), Some(0), "{}", text(&shown));
+    let stdout = String::from_utf8_lossy(&shown.stdout);
+    assert!(
+        stdout.contains("`sync: true` on the step that boots it"),
+        "{stdout}"
+    );
+
+    // Nothing answers on the channel (no OS): the ladder falls back to ACPI, then force; the
+    // sync waits for the agent up to the check's timeout and fails the step, with the reboot
+    // itself done (a new domain id).
+    let out = apply(&plan, &[]);
+    assert_eq!(out.status.code(), Some(3), "{}", text(&out));
+    let lock = lock_of(&plan);
+    let message = &lock.steps[0].message;
+    assert_eq!(lock.steps[0].status, StepStatus::Failed, "{message}");
+    assert!(
+        message.contains("the guest agent did not take the shutdown request"),
+        "{message}"
+    );
+    assert!(
+        message.contains("clock sync: the guest agent did not answer within 3s"),
+        "{message}"
+    );
+    assert_ne!(run_id(&hv, &dom.uuid), Some(before));
+}
+
+#[test]
+fn qemu_real_guest_reboot_through_its_agent_syncs_the_clock_and_passes_an_agent_check() {
+    let Some(uri) = qemu_uri() else { return };
+    // The rig's real guest: kernel + busybox + qemu-guest-agent, with an agent channel.
+    let spec = crate::support::guest::GuestSpec {
+        disk: crate::support::guest::Disk::None,
+        ..crate::support::guest::GuestSpec::default()
+    };
+    let guest = crate::support::guest::Guest::boot(&uri, "safe-agent-reboot", &spec);
+    let hv = Libvirt::connect(&uri).unwrap();
+    let before = run_id(&hv, guest.uuid()).expect("running");
+    let dir = tempfile::tempdir().unwrap();
+    let plan = write_plan(
+        dir.path(),
+        &format!(
+            "version: 1
+connection: {uri}
+steps:
+  - vm: {vm}
+    power: reboot
+    shutdown: {{ mode: graceful, timeout: 60s, force_after_timeout: false }}
+    clock: {{ sync: true }}
+    check: {{ state: running, guest_agent: true, timeout: 2m, interval: 2s }}
+",
+            vm = guest.name()
+        ),
+    );
+    let out = apply(&plan, &[]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let lock = lock_of(&plan);
+    let message = &lock.steps[0].message;
+    assert_eq!(lock.steps[0].status, StepStatus::Done, "{message}");
+    assert!(
+        message.contains("shut down gracefully (through the guest agent)"),
+        "{message}"
+    );
+    assert!(
+        message.contains("guest time set from the host"),
+        "{message}"
+    );
+    assert!(message.contains("check passed"), "{message}");
+    assert_ne!(
+        run_id(&hv, guest.uuid()),
+        Some(before),
+        "rebooted: a new domain id"
+    );
+    // The agent answers after the reboot, and the guest's clock is the host's (to the second,
+    // give or take the round trip).
+    let time = guest.agent("guest-get-time").expect("guest-get-time");
+    let guest_ns = time.as_i64().expect("nanoseconds since the epoch");
+    let host_ns = SystemClock.now().timestamp_nanos_opt().unwrap();
+    assert!(
+        (host_ns - guest_ns).abs() < 5_000_000_000,
+        "guest {guest_ns} host {host_ns}"
+    );
 }
