@@ -122,11 +122,13 @@ steps:
     vm: {vm}
     power: running
 ",
-            at(t0, 3),
+            // The first step leaves 8 s for apply to start, connect and plan: on a loaded CI
+            // machine 3 s was not always enough, and the step then started late.
             at(t0, 8),
-            at(t0, 9),
-            at(t0, 10),
-            at(t0, 12)
+            at(t0, 13),
+            at(t0, 14),
+            at(t0, 15),
+            at(t0, 17)
         ),
     );
     let out = virtplan(&["apply", plan.to_str().unwrap(), "--auto-approve"], &[]);
