@@ -14,8 +14,8 @@
 # Idempotent and cached: the build is keyed by the candidate versions of the three packages and
 # by this script's own hash, so it is rebuilt when either changes (`apt-get update` brings a new
 # kernel: the next run rebuilds) and otherwise costs one `apt-cache policy` call. Concurrent runs
-# serialise on a lock; a build is assembled aside and published by renaming a symlink, so a
-# reader never sees half a guest.
+# serialise on a lock; a build is assembled aside and published by renaming its folder into
+# place, so a reader never sees half a guest.
 set -euo pipefail
 
 CACHE="${VIRTPLAN_GUEST_DIR:-/var/cache/virtplan-guest}"
@@ -48,14 +48,17 @@ fi
 SCRIPT_HASH=$(sha256sum "$0" | cut -c1-16)
 KEY=$(printf '%s\nscript=%s\n' "$VERSIONS" "$SCRIPT_HASH" | sha256sum | cut -c1-16)
 
-current_ok() {
-    [[ -f $CACHE/current/versions && -f $CACHE/current/domain-type ]] &&
-        [[ $(readlink "$CACHE/current") == "$KEY" ]]
+# Each build lives in its own folder named by its key (a complete one has `domain-type`, its
+# last file), so checkouts with different versions of this script (branches, worktrees) share the
+# cache without rebuilding over each other.
+current_ok() { [[ -f $CACHE/$KEY/domain-type ]]; }
+publish_path() {
+    touch "$CACHE/$KEY" 2>/dev/null || true # in use: kept by the clean-up below
+    echo "$CACHE/$KEY"
 }
-publish_path() { readlink -f "$CACHE/current"; }
 
 if current_ok; then
-    say "up to date ($(tr '\n' ' ' <"$CACHE/current/versions"))"
+    say "up to date ($(tr '\n' ' ' <"$CACHE/$KEY/versions"))"
     publish_path
     exit 0
 fi
@@ -157,6 +160,10 @@ mount -t devtmpfs devtmpfs /dev 2>/dev/null
 for m in ${MODULES[*]}; do
     insmod /lib/modules/\$m.ko || echo "virtplan-guest: insmod \$m failed"
 done
+# virtplan.clock_skew=SECONDS: a guest whose clock is off by that much at boot (tests of
+# clock: {sync: true}, which sets it from the host through the agent).
+skew=\$(sed -n 's/.*virtplan.clock_skew=\([-0-9]*\).*/\1/p' /proc/cmdline)
+[ -n "\$skew" ] && date -s "@\$((\$(date +%s) + skew))" >/dev/null
 # virtplan.power_button=ignore: a guest that ignores the power button (tests of the agent rung).
 grep -q virtplan.power_button=ignore /proc/cmdline || acpid -c /etc/acpi -l /run/acpid.log
 echo "virtplan-guest: up"
@@ -244,11 +251,8 @@ chmod 0755 "$out"
 chmod 0644 "$out"/*
 rm -rf "${CACHE:?}/$KEY"
 mv "$out" "$CACHE/$KEY"
-ln -sfn "$KEY" "$CACHE/.current.new"
-mv -T "$CACHE/.current.new" "$CACHE/current"
-# Keep only the build just published (domains running on an older one keep their open files).
-for old in "$CACHE"/*; do
-    [[ $(basename "$old") == "$KEY" || $(basename "$old") == current ]] || rm -rf "$old"
-done
+# Remove builds nobody used for a week (a defined domain may still point at a recent one).
+find "$CACHE" -mindepth 1 -maxdepth 1 -type d ! -name "$KEY" ! -name '.*' -mtime +7 \
+    -exec rm -rf {} +
 say "built in $((SECONDS - started)) s: $(du -sh "$CACHE/$KEY" | cut -f1)"
 publish_path

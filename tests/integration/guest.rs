@@ -1,11 +1,14 @@
 //! The executor's paths on a real guest (support/guest.rs): graceful shutdowns on each rung of
 //! the ladder, snapshots of a qcow2 disk, a balloon that takes a live memory cut, vCPU hotplug
-//! the guest agent reports. Every change goes through `virtplan apply`; the assertions read what
-//! an operator would look at: the step's status and message, libvirt, and the guest itself.
+//! the guest agent reports, a reboot through the agent with a `guest_agent` check and a clock
+//! sync; and `plan` refusing snapshots libvirt cannot take. Every change goes through `virtplan
+//! apply`; the assertions read what an operator would look at: the step's status and message,
+//! libvirt, and the guest itself.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use virtplan::clock::{Clock, SystemClock};
 use virtplan::lockfile::{LockStore, Lockfile, StepRecord, StepStatus};
 
 use crate::support::cli::Cli;
@@ -314,4 +317,60 @@ fn plan_refuses_a_shut_off_snapshot_without_qemu_img() {
         stderr.contains("(shut off at this step): libvirt runs qemu-img"),
         "{stderr}"
     );
+}
+
+/// The safe-windows features that need a real agent, on the real guest: a reboot whose
+/// shutdown goes through the agent, a `guest_agent` check that passes once the rebooted guest's
+/// agent answers, and `clock: {sync: true}` setting the guest's clock (a day off at every boot)
+/// from the host, seen through the agent.
+#[test]
+fn reboot_through_the_agent_with_check_and_clock_sync() {
+    let Some(uri) = qemu_uri() else { return };
+    let day = 86_400;
+    let spec = GuestSpec {
+        disk: Disk::None,
+        clock_skew_secs: -day,
+        ..GuestSpec::default()
+    };
+    let guest = Guest::boot(&uri, "reboot-sync", &spec);
+    let skew = |guest: &Guest| guest.guest_time().expect("guest time") - SystemClock.now();
+    assert!(
+        skew(&guest) < -chrono::Duration::hours(23),
+        "the guest boots a day behind: {}",
+        skew(&guest)
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let plan = apply(
+        dir.path(),
+        &uri,
+        &format!(
+            "  - vm: {}
+    power: reboot
+    shutdown: {{ mode: graceful, timeout: 60s, force_after_timeout: false }}
+    clock: {{ track: wall, sync: true }}
+    check: {{ state: running, guest_agent: true, timeout: 2m, interval: 1s }}
+",
+            guest.name()
+        ),
+    );
+    let step = lock_of(&plan).steps[0].clone();
+    assert_eq!(step.status, StepStatus::Done, "{step:?}");
+    for expected in [
+        "shut down gracefully (through the guest agent)",
+        "rebooted: domain id",
+        "guest time set from the host",
+        "check passed",
+    ] {
+        assert!(step.message.contains(expected), "{expected:?}: {step:?}");
+    }
+    // The guest rebooted a day behind again; the sync put it right.
+    let skew = skew(&guest);
+    assert!(
+        skew.abs() < chrono::Duration::seconds(10),
+        "the guest's clock is {skew} off the host's after the sync"
+    );
+    assert!(guest
+        .virsh(&["dumpxml", "--inactive", guest.uuid()])
+        .contains("track='wall'"));
+    eprintln!("reboot with check and clock sync took {}", took(&step));
 }

@@ -670,3 +670,206 @@ fn on_a_terminal_apply_redraws_one_live_line() {
         "{text:?}"
     );
 }
+
+/// `ExecStart=` of an example unit, with `/srv/plans` replaced by `checkout`.
+fn exec_start(unit: &str, checkout: &Path) -> String {
+    let text = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("examples/ops")
+            .join(unit),
+    )
+    .unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix("ExecStart="))
+        .unwrap()
+        .replace("/srv/plans", s(checkout))
+}
+
+fn sh(dir: &Path, command: &str) {
+    let out = Command::new("sh")
+        .args(["-c", command])
+        .current_dir(dir)
+        .env("GIT_AUTHOR_NAME", "t")
+        .env("GIT_AUTHOR_EMAIL", "t@example.org")
+        .env("GIT_COMMITTER_NAME", "t")
+        .env("GIT_COMMITTER_EMAIL", "t@example.org")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "`{command}` failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// The CI model replayed: two plans merged in one commit reach the watch service's checkout
+/// through the pull unit's own command, and both run at their times; no CI job waits.
+#[test]
+#[allow(clippy::too_many_lines)] // one replayed story, in the order it happens
+fn ci_model_two_plans_merged_together_both_run_at_their_times() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let web = |name: &str, uuid: &str| {
+        FleetDomain::new(name)
+            .uuid(uuid)
+            .memory(Kib(1 << 20), Kib(2 << 20))
+            .vcpus(1, 2)
+            .running(false)
+    };
+    let uri = write_fleet(
+        root,
+        &[
+            web("web-01", "7b0c4f4e-3c1a-4c36-9f6e-0a6d1c2b3e01"),
+            web("db-01", "7b0c4f4e-3c1a-4c36-9f6e-0a6d1c2b3e02"),
+        ],
+    )
+    .unwrap();
+    sh(
+        root,
+        "git init -q --bare origin.git && git clone -q origin.git work 2>/dev/null",
+    );
+    let work = root.join("work");
+    std::fs::create_dir_all(work.join("plans")).unwrap();
+    std::fs::write(
+        work.join("plans/virtplan.toml"),
+        format!(
+            "connection = \"{uri}\"\nstate_dir = \"{}\"\ngrace = \"1m\"\n",
+            s(&root.join("state"))
+        ),
+    )
+    .unwrap();
+    sh(
+        &work,
+        "git add -A && git commit -qm init && git push -q origin HEAD",
+    );
+    // The host: its own checkout, and the watch service on it.
+    sh(root, "git clone -q origin.git srv");
+    let srv = root.join("srv");
+    let watch = Command::new(env!("CARGO_BIN_EXE_virtplan"))
+        .args(["watch", s(&srv.join("plans"))])
+        .env("NO_COLOR", "1")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+
+    // A pull request with two plans, merged in one commit. Its CI job: validate and plan.
+    std::fs::write(
+        work.join("plans/web.yaml"),
+        format!(
+            "version: 1\nsteps:\n  - at: {}\n    vm: web-01\n    vcpus: 2\n",
+            at(6)
+        ),
+    )
+    .unwrap();
+    std::fs::write(
+        work.join("plans/db.yaml"),
+        format!(
+            "version: 1\nsteps:\n  - at: {}\n    vm: db-01\n    memory: 2GiB\n",
+            at(7)
+        ),
+    )
+    .unwrap();
+    Cli::new()
+        .args(["validate", "plans/web.yaml", "plans/db.yaml"])
+        .current_dir(&work)
+        .run();
+    Cli::new()
+        .args(["plan", "plans/web.yaml", "--format", "markdown"])
+        .current_dir(&work)
+        .stdout_contains("web-01")
+        .run();
+    sh(
+        &work,
+        "git add -A && git commit -qm 'two plans' && git push -q origin HEAD",
+    );
+    // The pull timer fires: the unit's own command, on the host's checkout.
+    sh(root, &exec_start("virtplan-pull.service", &srv));
+
+    let state = root.join("state");
+    let done = |plan: &str| {
+        let paths = virtplan::overview::StatePaths::of(&srv.join("plans").join(plan), Some(&state));
+        virtplan::lockfile::LockStore::read(&paths.lockfile)
+            .ok()
+            .filter(|l| l.steps.iter().all(|r| r.status == StepStatus::Done) && !l.steps.is_empty())
+    };
+    wait_for("both plans done", || {
+        done("web.yaml").is_some() && done("db.yaml").is_some()
+    });
+    for plan in ["web.yaml", "db.yaml"] {
+        let lock = done(plan).unwrap();
+        for r in &lock.steps {
+            let (due, started) = (r.at.unwrap(), r.started_at.unwrap());
+            assert!(started >= due, "{plan} started early: {r:?}");
+            assert!(
+                started - due < chrono::Duration::seconds(5),
+                "{plan} late: {r:?}"
+            );
+        }
+    }
+    assert!(
+        !srv.join("plans/web.lock").exists(),
+        "state lives outside the checkout"
+    );
+    // The service stops cleanly.
+    sh(root, &format!("kill -TERM {}", watch.id()));
+    let out = watch.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+}
+
+/// The README's two-minute tour, command by command: test driver only, no root, no daemon.
+#[test]
+fn readme_tour_runs_without_root_or_daemon() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::copy(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/tour.yaml"),
+        dir.path().join("tour.yaml"),
+    )
+    .unwrap();
+    let readme =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md")).unwrap();
+    let run = |args: &[&str]| {
+        Cli::new()
+            .args(args.iter().copied())
+            .current_dir(dir.path())
+    };
+    for command in [
+        "virtplan validate tour.yaml",
+        "virtplan plan tour.yaml",
+        "virtplan ls",
+        "virtplan cancel tour.yaml --step 3",
+        "virtplan apply tour.yaml --auto-approve",
+        "virtplan status tour.yaml",
+    ] {
+        assert!(
+            readme.contains(command),
+            "the README's tour runs `{command}`"
+        );
+    }
+    run(&["validate", "tour.yaml"])
+        .stdout_contains("ok tour.yaml")
+        .run();
+    run(&["plan", "tour.yaml"])
+        .stdout_contains("power        running → shutoff")
+        .stdout_contains("memory       2GiB → 1GiB")
+        .run();
+    run(&["ls"])
+        .stdout_contains("next:     step 1 test power when apply starts")
+        .run();
+    run(&["cancel", "tour.yaml", "--step", "3"])
+        .stdout_contains("Cancelled step 3 (test: autostart)")
+        .run();
+    run(&["apply", "tour.yaml", "--auto-approve"])
+        .stdout_contains("2 done, 0 failed, 0 missed, 0 skipped, 1 cancelled")
+        .run();
+    run(&["status", "tour.yaml"])
+        .stdout_contains("cancelled step 3 test")
+        .stdout_contains(" EST")
+        .run();
+}

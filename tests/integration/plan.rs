@@ -374,7 +374,8 @@ fn several_domains_and_connections_each_opened_once() {
 
 #[test]
 fn every_example_plans_against_a_matching_fleet() {
-    let names = ["web-01", "web-02", "web-03", "db-01", "cache-01"];
+    // `test`: the domain of test:///default, which examples/tour.yaml (the README tour) uses.
+    let names = ["web-01", "web-02", "web-03", "db-01", "cache-01", "test"];
     let fleet: Vec<_> = names.iter().map(|n| web(n)).collect();
     let fx = Fixture::new(&fleet);
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples");

@@ -15,6 +15,7 @@
 //! so tests may run in parallel; boot one guest per test and exercise several features on it
 //! rather than one guest per assertion (each boot costs a few seconds of TCG).
 
+use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
@@ -61,21 +62,22 @@ pub fn image() -> &'static GuestImage {
         } else {
             // E.g. a user who may not write /var/cache, after root built it once.
             let cache = std::env::var_os("VIRTPLAN_GUEST_DIR")
-                .map_or_else(|| PathBuf::from("/var/cache/virtplan-guest"), PathBuf::from)
-                .join("current");
-            assert!(
-                cache.join("domain-type").is_file(),
-                "scripts/build-guest.sh failed ({}) and there is no earlier build:\n{}\n\
-                 run `sudo scripts/build-guest.sh`",
-                out.status,
-                String::from_utf8_lossy(&out.stderr)
-            );
+                .map_or_else(|| PathBuf::from("/var/cache/virtplan-guest"), PathBuf::from);
+            let Some(newest) = newest_build(&cache) else {
+                panic!(
+                    "scripts/build-guest.sh failed ({}) and there is no earlier build in {}:\n{}\n\
+                     run `sudo scripts/build-guest.sh`",
+                    out.status,
+                    cache.display(),
+                    String::from_utf8_lossy(&out.stderr)
+                );
+            };
             eprintln!(
                 "scripts/build-guest.sh failed; using the earlier build in {}:\n{}",
-                cache.display(),
+                newest.display(),
                 String::from_utf8_lossy(&out.stderr)
             );
-            cache
+            newest
         };
         let domain_type = std::fs::read_to_string(dir.join("domain-type"))
             .unwrap_or_else(|e| panic!("{}/domain-type: {e}", dir.display()))
@@ -87,6 +89,25 @@ pub fn image() -> &'static GuestImage {
             domain_type,
         }
     })
+}
+
+/// The most recently used complete build in the cache (`domain-type` is a build's last file).
+fn newest_build(cache: &Path) -> Option<PathBuf> {
+    std::fs::read_dir(cache)
+        .ok()?
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .filter(|p| p.join("domain-type").is_file())
+        .max_by_key(|p| std::fs::metadata(p).and_then(|m| m.modified()).ok())
+}
+
+/// Hard-links (or, across file systems, copies) `from` to `to`: the guest's own copy of the
+/// kernel and initramfs, which no rebuild or clean-up of the cache can pull from under it.
+fn link_or_copy(from: &Path, to: &Path) {
+    if std::fs::hard_link(from, to).is_err() {
+        std::fs::copy(from, to)
+            .unwrap_or_else(|e| panic!("copy {} to {}: {e}", from.display(), to.display()));
+    }
 }
 
 /// The guest's disk, created per domain with `qemu-img`.
@@ -114,6 +135,8 @@ pub struct GuestSpec {
     /// The agent answers, but its `guest-shutdown` fails (the guest's `/sbin/shutdown` exits 1):
     /// a shutdown ladder must fall back to ACPI.
     pub agent_shutdown_fails: bool,
+    /// Seconds the guest's clock is off at every boot (init sets it so): 0 for none.
+    pub clock_skew_secs: i64,
     pub memory_kib: u64,
     pub max_memory_kib: u64,
     pub vcpus: u32,
@@ -127,6 +150,7 @@ impl Default for GuestSpec {
             power_button: true,
             disk: Disk::Qcow2,
             agent_shutdown_fails: false,
+            clock_skew_secs: 0,
             memory_kib: 256 * 1024,
             max_memory_kib: 384 * 1024,
             vcpus: 1,
@@ -191,10 +215,16 @@ impl Guest {
         } else {
             ""
         };
+        let (kernel, initrd) = (dir.path().join("vmlinuz"), dir.path().join("initrd.img"));
+        link_or_copy(&image.kernel, &kernel);
+        link_or_copy(&image.initrd, &initrd);
         let console = dir.path().join("console.log");
         let mut cmdline = String::from("console=ttyS0 panic=-1");
         if spec.agent_shutdown_fails {
             cmdline.push_str(" virtplan.agent_shutdown=fail");
+        }
+        if spec.clock_skew_secs != 0 {
+            let _ = write!(cmdline, " virtplan.clock_skew={}", spec.clock_skew_secs);
         }
         if !spec.power_button {
             cmdline.push_str(" virtplan.power_button=ignore");
@@ -232,8 +262,8 @@ impl Guest {
                 mem = spec.memory_kib,
                 vcpus = spec.vcpus,
                 max_vcpus = spec.max_vcpus,
-                kernel = image.kernel.display(),
-                initrd = image.initrd.display(),
+                kernel = kernel.display(),
+                initrd = initrd.display(),
                 console = console.display(),
             )
         });
@@ -375,6 +405,19 @@ impl Guest {
             );
             SystemClock.sleep(Duration::from_millis(200));
         }
+    }
+
+    /// The guest's own time, through its agent (`guest-get-time`).
+    ///
+    /// # Errors
+    ///
+    /// When the agent does not answer.
+    pub fn guest_time(&self) -> Result<chrono::DateTime<chrono::Utc>, String> {
+        let nanos = self.agent("guest-get-time")?;
+        let nanos = nanos
+            .as_i64()
+            .ok_or_else(|| format!("guest-get-time returned {nanos}"))?;
+        Ok(chrono::DateTime::from_timestamp_nanos(nanos))
     }
 
     /// Runs `virsh -c URI ARGS...` and returns its stdout.
