@@ -146,3 +146,48 @@ pub fn unreviewed_matches(file: &PlanFile, plan: &Plan, connections: &Connection
     }
     warnings
 }
+
+/// Before planning a resumed run: every domain an interrupted step was working on is waited
+/// for (bounded) until it settles, so the plan starts from a settled state ("shutting down"
+/// right after a kill during a forced power-off is not a state to plan from). `waiting` hears
+/// each wait before it starts. `apply`, `apply --watch` and `watch` all call this.
+///
+/// # Errors
+/// A libvirt failure, or a domain still unsettled after [`crate::hypervisor::SETTLE_LIMIT`]
+/// (nothing is planned or applied then), as a message that names the domain.
+pub fn settle_interrupted(
+    lock: &Lockfile,
+    connections: &Connections,
+    clock: &dyn crate::clock::Clock,
+    waiting: &mut dyn FnMut(&str),
+) -> Result<(), String> {
+    use crate::hypervisor::{wait_settled, ErrorKind, SETTLE_LIMIT};
+    let limit = crate::plan_file::units::format_duration(SETTLE_LIMIT);
+    let interrupted = lock
+        .steps
+        .iter()
+        .filter(|r| r.status == crate::lockfile::StepStatus::Running);
+    for record in interrupted {
+        let vm = crate::text::escape(&record.vm);
+        for hv in connections.values() {
+            let reason = match hv.unsettled(&record.uuid) {
+                Err(e) if e.kind == ErrorKind::NotFound => continue,
+                Err(e) => return Err(e.to_string()),
+                Ok(None) => break,
+                Ok(Some(reason)) => reason,
+            };
+            waiting(&format!(
+                "Waiting (up to {limit}) for {vm} to settle: it is {reason} after an interrupted run."
+            ));
+            if let Some(reason) = wait_settled(hv.as_ref(), &record.uuid, clock, SETTLE_LIMIT)
+                .map_err(|e| e.to_string())?
+            {
+                return Err(format!(
+                    "{vm} is still {reason} after {limit}; nothing was planned or applied: run `virtplan apply` again once it settles"
+                ));
+            }
+            break;
+        }
+    }
+    Ok(())
+}

@@ -103,42 +103,14 @@ pub fn report_plan_error(printer: &Printer, file: &PlanFile, error: &PlanError) 
     }
 }
 
-/// Before planning a resumed run: every domain an interrupted step was working on is waited
-/// for (bounded) until it settles, so the plan starts from a settled state ("shutting down"
-/// right after a kill during a forced power-off is not a state to plan from).
+/// Before planning a resumed run, waits (bounded) for every domain an interrupted step was
+/// working on to settle (see [`crate::ops::settle_interrupted`]), saying so on the printer.
 pub fn settle_interrupted(
     lock: &crate::lockfile::Lockfile,
     connections: &Connections,
     clock: &dyn crate::clock::Clock,
     printer: &Printer,
 ) -> anyhow::Result<()> {
-    use crate::hypervisor::{wait_settled, ErrorKind, SETTLE_LIMIT};
-    let interrupted = lock
-        .steps
-        .iter()
-        .filter(|r| r.status == crate::lockfile::StepStatus::Running);
-    for record in interrupted {
-        for hv in connections.values() {
-            let reason = match hv.unsettled(&record.uuid) {
-                Err(e) if e.kind == ErrorKind::NotFound => continue,
-                Err(e) => return Err(e.into()),
-                Ok(None) => break,
-                Ok(Some(reason)) => reason,
-            };
-            printer.info(&format!(
-                "Waiting (up to {}) for {} to settle: it is {reason} after an interrupted run.",
-                crate::plan_file::units::format_duration(SETTLE_LIMIT),
-                crate::printer::escape(&record.vm)
-            ));
-            if let Some(reason) = wait_settled(hv.as_ref(), &record.uuid, clock, SETTLE_LIMIT)? {
-                anyhow::bail!(
-                    "{} is still {reason} after {}; nothing was planned or applied: run `virtplan apply` again once it settles",
-                    crate::printer::escape(&record.vm),
-                    crate::plan_file::units::format_duration(SETTLE_LIMIT)
-                );
-            }
-            break;
-        }
-    }
-    Ok(())
+    crate::ops::settle_interrupted(lock, connections, clock, &mut |m| printer.info(m))
+        .map_err(anyhow::Error::msg)
 }

@@ -677,6 +677,11 @@ impl<'scope, 'env> Reconciler<'scope, 'env> {
         let mut retried = false;
         loop {
             let connections = self.env.pool.for_file(file, self.env.connect)?;
+            // A resumed plan starts from settled domains, as `apply` does.
+            let log = self.log();
+            ops::settle_interrupted(&store.snapshot(), &connections, self.env.clock, &mut |m| {
+                log.info(None, "settling", m)
+            })?;
             match ops::project(
                 file,
                 &connections,
