@@ -680,7 +680,7 @@ impl<'scope, 'env> Reconciler<'scope, 'env> {
             // A resumed plan starts from settled domains, as `apply` does.
             let log = self.log();
             ops::settle_interrupted(&store.snapshot(), &connections, self.env.clock, &mut |m| {
-                log.info(None, "settling", m)
+                log.info(None, "settling", m);
             })?;
             match ops::project(
                 file,
