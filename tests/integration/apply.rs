@@ -14,26 +14,16 @@ use virtplan::hypervisor::domain_xml;
 use virtplan::hypervisor::fleet::{write_fleet, FleetDomain};
 use virtplan::hypervisor::libvirt::Libvirt;
 use virtplan::hypervisor::Hypervisor;
-use virtplan::lockfile::{LockStore, Lockfile, StepStatus};
+use virtplan::lockfile::{LockStore, StepStatus};
 use virtplan::state::{Kib, PowerState};
 
+use crate::support::helpers::{at, lock_of, text, write_plan};
 use crate::support::qemu::{qemu_uri, TestDomain};
 
 const BIN: &str = env!("CARGO_BIN_EXE_virtplan");
 
 fn now() -> DateTime<Utc> {
     SystemClock.now()
-}
-
-/// `now + secs` in RFC 3339, whole seconds.
-fn at(base: DateTime<Utc>, secs: i64) -> String {
-    (base + chrono::Duration::seconds(secs)).to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
-}
-
-fn write_plan(dir: &Path, body: &str) -> PathBuf {
-    let path = dir.join("plan.yaml");
-    std::fs::write(&path, body).expect("write plan");
-    path
 }
 
 /// Runs the CLI with no terminal on stdin.
@@ -45,19 +35,6 @@ fn virtplan(args: &[&str], env: &[(&str, &str)]) -> Output {
         .stdin(Stdio::null())
         .output()
         .expect("run virtplan")
-}
-
-fn text(out: &Output) -> String {
-    format!(
-        "status {:?}\n--- stdout\n{}\n--- stderr\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
-
-fn lock_of(plan: &Path) -> Lockfile {
-    LockStore::read(&plan.with_extension("lock")).expect("lockfile")
 }
 
 /// Step ids by step number, from `plan --format json`.

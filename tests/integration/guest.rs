@@ -9,10 +9,11 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use virtplan::clock::{Clock, SystemClock};
-use virtplan::lockfile::{LockStore, Lockfile, StepRecord, StepStatus};
+use virtplan::lockfile::{StepRecord, StepStatus};
 
 use crate::support::cli::Cli;
 use crate::support::guest::{Disk, Guest, GuestSpec};
+use crate::support::helpers::lock_of;
 use crate::support::qemu::qemu_uri;
 
 /// Writes `steps` (YAML list items, indented by two) as a plan on `uri` and applies it; returns
@@ -28,10 +29,6 @@ fn apply(dir: &Path, uri: &str, steps: &str) -> PathBuf {
         .args(["apply", plan.to_str().unwrap(), "--auto-approve"])
         .run();
     plan
-}
-
-fn lock_of(plan: &Path) -> Lockfile {
-    LockStore::read(&plan.with_extension("lock")).expect("lockfile")
 }
 
 /// How long the step took, from its record.

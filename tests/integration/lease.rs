@@ -3,37 +3,25 @@
 //! expired one is taken over.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Stdio};
 
 use chrono::{DateTime, Utc};
 use virtplan::clock::{Clock, SystemClock};
 use virtplan::hypervisor::libvirt::Libvirt;
 use virtplan::hypervisor::Hypervisor;
 use virtplan::lease::{Holder, Lease, Metadata, Register};
-use virtplan::lockfile::{LockStore, Lockfile, StepStatus};
+use virtplan::lockfile::StepStatus;
 use virtplan::state::PowerState;
 
+use crate::support::helpers::{at, lock_of, text};
 use crate::support::qemu::{qemu_uri, TestDomain};
 
 const BIN: &str = env!("CARGO_BIN_EXE_virtplan");
-
-fn at(base: DateTime<Utc>, secs: i64) -> String {
-    (base + chrono::Duration::seconds(secs)).to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
-}
 
 fn write_plan(dir: &Path, name: &str, body: &str) -> PathBuf {
     let path = dir.join(name);
     std::fs::write(&path, body).expect("write plan");
     path
-}
-
-fn text(out: &Output) -> String {
-    format!(
-        "status {:?}\n--- stdout\n{}\n--- stderr\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
 }
 
 fn apply(plan: &Path) -> Command {
@@ -45,10 +33,6 @@ fn apply(plan: &Path) -> Command {
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
     command
-}
-
-fn lock_of(plan: &Path) -> Lockfile {
-    LockStore::read(&plan.with_extension("lock")).expect("lockfile")
 }
 
 fn foreign_lease(expires: DateTime<Utc>) -> Lease {

@@ -11,6 +11,7 @@ use virtplan::hypervisor::Hypervisor;
 use virtplan::lockfile::{LockStore, StepStatus};
 use virtplan::state::{Kib, LifecycleAction};
 
+use crate::support::helpers::text;
 use crate::support::qemu::{qemu_uri, TestDomain};
 
 const BIN: &str = env!("CARGO_BIN_EXE_virtplan");
@@ -22,15 +23,6 @@ fn virtplan(args: &[&str]) -> Output {
         .stdin(Stdio::null())
         .output()
         .expect("run virtplan")
-}
-
-fn text(out: &Output) -> String {
-    format!(
-        "status {:?}\n--- stdout\n{}\n--- stderr\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
 }
 
 fn lifecycle_of(uri: &str, uuid: &str) -> (LifecycleAction, LifecycleAction) {

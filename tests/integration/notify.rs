@@ -11,8 +11,10 @@ use std::time::{Duration, Instant};
 
 use virtplan::clock::{Clock, SystemClock};
 use virtplan::hypervisor::fleet::{write_fleet, FleetDomain};
-use virtplan::lockfile::{Delivery, LockStore, Lockfile, StepStatus};
+use virtplan::lockfile::{Delivery, LockStore, StepStatus};
 use virtplan::state::Kib;
+
+use crate::support::helpers::{lock_of, text};
 
 const BIN: &str = env!("CARGO_BIN_EXE_virtplan");
 const TOKEN: &str = "T0KEN-s3cr3t";
@@ -240,19 +242,6 @@ fn virtplan(args: &[&str], env: &[(&str, &str)]) -> Output {
         .stdin(Stdio::null())
         .output()
         .expect("run virtplan")
-}
-
-fn text(out: &Output) -> String {
-    format!(
-        "status {:?}\n--- stdout\n{}\n--- stderr\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
-
-fn lock_of(plan: &Path) -> Lockfile {
-    LockStore::read(&plan.with_extension("lock")).expect("lockfile")
 }
 
 fn kinds(bodies: &[serde_json::Value]) -> Vec<String> {

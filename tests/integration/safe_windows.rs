@@ -15,9 +15,10 @@ use std::time::{Duration, Instant};
 use virtplan::clock::{Clock, SystemClock};
 use virtplan::hypervisor::libvirt::Libvirt;
 use virtplan::hypervisor::Hypervisor;
-use virtplan::lockfile::{LockStore, Lockfile, StepStatus};
+use virtplan::lockfile::{LockStore, StepStatus};
 use virtplan::state::{Kib, PowerState};
 
+use crate::support::helpers::{lock_of, text, write_plan};
 use crate::support::qemu::{qemu_uri, TestDomain};
 
 const BIN: &str = env!("CARGO_BIN_EXE_virtplan");
@@ -30,25 +31,6 @@ fn virtplan(args: &[&str], env: &[(&str, &str)]) -> Output {
         .stdin(Stdio::null())
         .output()
         .expect("run virtplan")
-}
-
-fn text(out: &Output) -> String {
-    format!(
-        "status {:?}\n--- stdout\n{}\n--- stderr\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
-
-fn write_plan(dir: &Path, body: &str) -> PathBuf {
-    let path = dir.join("plan.yaml");
-    std::fs::write(&path, body).expect("write plan");
-    path
-}
-
-fn lock_of(plan: &Path) -> Lockfile {
-    LockStore::read(&plan.with_extension("lock")).expect("lockfile")
 }
 
 fn apply(plan: &Path, env: &[(&str, &str)]) -> Output {

@@ -17,9 +17,10 @@ use virtplan::clock::{Clock, SystemClock};
 use virtplan::hypervisor::fleet::{write_fleet, FleetDomain};
 use virtplan::hypervisor::libvirt::Libvirt;
 use virtplan::hypervisor::Hypervisor;
-use virtplan::lockfile::{LockStore, Lockfile, StepStatus};
+use virtplan::lockfile::StepStatus;
 use virtplan::state::Kib;
 
+use crate::support::helpers::{at, lock_of};
 use crate::support::qemu::{qemu_uri, TestDomain};
 
 const BIN: &str = env!("CARGO_BIN_EXE_virtplan");
@@ -31,11 +32,6 @@ fn now() -> DateTime<Utc> {
     SystemClock.now()
 }
 
-/// `now + secs` in RFC 3339, whole seconds.
-fn at(base: DateTime<Utc>, secs: i64) -> String {
-    (base + chrono::Duration::seconds(secs)).to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
-}
-
 /// Saves like an editor: a temporary file beside the plan, renamed over it.
 fn save(path: &Path, body: &str) {
     let tmp = path.with_file_name(format!(
@@ -44,10 +40,6 @@ fn save(path: &Path, body: &str) {
     ));
     std::fs::write(&tmp, body).unwrap();
     std::fs::rename(&tmp, path).unwrap();
-}
-
-fn lock_of(plan: &Path) -> Lockfile {
-    LockStore::read(&plan.with_extension("lock")).expect("lockfile")
 }
 
 fn statuses(plan: &Path) -> Vec<StepStatus> {

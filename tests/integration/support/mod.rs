@@ -2,4 +2,5 @@
 
 pub mod cli;
 pub mod guest;
+pub mod helpers;
 pub mod qemu;
