@@ -637,7 +637,8 @@ fn on_a_terminal_apply_redraws_one_live_line() {
         &format!(
             "version: 1\nconnection: {}\ntimezone: America/Toronto\ngrace: 1m\nsteps:\n  - at: {}\n    vm: web-01\n    vcpus: 2\n",
             rig.uri,
-            at(2)
+            // Far enough ahead that a loaded machine still shows a countdown ("in 4s"), not "now".
+            at(6)
         ),
     );
     let command = format!(
