@@ -409,8 +409,9 @@ fn cancel_while_apply_waits_stops_the_step_before_it_starts() {
         &format!(
             "version: 1\nconnection: {}\ngrace: 1m\nsteps:\n  - vm: web-01\n    memory: 1GiB\n  - at: {}\n    vm: web-01\n    vcpus: 2\n  - at: {}\n    vm: web-01\n    autostart: true\n",
             rig.uri,
-            at(3),
-            at(3)
+            // Far enough ahead that step 1 and the cancel finish first on a loaded machine.
+            at(8),
+            at(8)
         ),
     );
     let apply = Command::new(env!("CARGO_BIN_EXE_virtplan"))
