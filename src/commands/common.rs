@@ -87,13 +87,7 @@ pub fn report_plan_error(printer: &Printer, file: &PlanFile, error: &PlanError) 
     match error {
         PlanError::Problems(problems) => {
             for p in problems {
-                let diag = plan_file::Diagnostic::new(
-                    &file.path,
-                    p.pos,
-                    format!("step {} ({}): {}", p.step, p.vm, p.message),
-                )
-                .with_help(p.help.clone());
-                printer.error(&diag.render(Some(&file.source)));
+                printer.error(&p.diagnostic(&file.path).render(Some(&file.source)));
                 printer.err_line("");
             }
         }

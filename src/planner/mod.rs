@@ -324,6 +324,19 @@ pub struct PlanProblem {
     pub help: String,
 }
 
+impl PlanProblem {
+    /// The problem as a located diagnostic of the plan file at `path`, rendered like
+    /// validation problems (source line, caret, help).
+    pub fn diagnostic(&self, path: &std::path::Path) -> crate::plan_file::Diagnostic {
+        crate::plan_file::Diagnostic::new(
+            path,
+            self.pos,
+            format!("step {} ({}): {}", self.step, self.vm, self.message),
+        )
+        .with_help(self.help.clone())
+    }
+}
+
 impl std::fmt::Display for PlanProblem {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(

@@ -30,7 +30,7 @@ use crate::lockfile::{ExecutorLock, LockError, LockStore, StepStatus};
 use crate::notify::event::PlanRef;
 use crate::notify::{Notifier, Retry, RunInfo};
 use crate::ops;
-use crate::plan_file::{Diagnostic, Diagnostics, PlanFile};
+use crate::plan_file::{Diagnostics, PlanFile};
 use crate::planner::{self, Connections, Plan, PlanError};
 use crate::printer::Tone;
 
@@ -573,22 +573,7 @@ impl<'scope, 'env> Reconciler<'scope, 'env> {
         if problems.is_empty() {
             return None;
         }
-        let diags = Diagnostics {
-            file: file.path.clone(),
-            text: Some(file.source.clone()),
-            items: problems
-                .iter()
-                .map(|p| {
-                    Diagnostic::new(
-                        &file.path,
-                        p.pos,
-                        format!("step {} ({}): {}", p.step, p.vm, p.message),
-                    )
-                    .with_help(p.help.clone())
-                })
-                .collect(),
-        };
-        Some(self.located(&diags, ""))
+        Some(self.located(&problem_diagnostics(file, &problems), ""))
     }
 
     /// Logs what a new version changes: the file's diff and the projected changes.
@@ -698,22 +683,7 @@ impl<'scope, 'env> Reconciler<'scope, 'env> {
                     retried = true;
                 }
                 Err(PlanError::Problems(problems)) => {
-                    let diags = Diagnostics {
-                        file: file.path.clone(),
-                        text: Some(file.source.clone()),
-                        items: problems
-                            .iter()
-                            .map(|p| {
-                                Diagnostic::new(
-                                    &file.path,
-                                    p.pos,
-                                    format!("step {} ({}): {}", p.step, p.vm, p.message),
-                                )
-                                .with_help(p.help.clone())
-                            })
-                            .collect(),
-                    };
-                    return Err(self.located(&diags, ""));
+                    return Err(self.located(&problem_diagnostics(file, &problems), ""));
                 }
                 Err(e) => return Err(e.to_string()),
             }
@@ -1064,4 +1034,13 @@ fn notify_log(log: &Log<'_>, label: &str) -> Box<crate::notify::queue::Log> {
 /// the same ones. Checked on a copy: nothing is written.
 fn check(store: &LockStore, plan: &Plan) -> Result<(), LockError> {
     ops::check(&store.snapshot(), store.path(), plan)
+}
+
+/// Plan-time problems of `file` as its located diagnostics.
+fn problem_diagnostics(file: &PlanFile, problems: &[planner::PlanProblem]) -> Diagnostics {
+    Diagnostics {
+        file: file.path.clone(),
+        text: Some(file.source.clone()),
+        items: problems.iter().map(|p| p.diagnostic(&file.path)).collect(),
+    }
 }
