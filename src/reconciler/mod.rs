@@ -53,7 +53,7 @@ pub struct Env<'a> {
     pub config: Option<&'a Path>,
     /// `--connect`: replaces every step's connection.
     pub connect: Option<&'a crate::uri::Uri>,
-    /// Test-only crash switch handed to every executor (see `apply::FAILPOINT_ENV`).
+    /// Test-only crash switch handed to every executor (`ops::failpoint`).
     pub failpoint: Option<String>,
     pub pool: Pool,
 }
@@ -77,17 +77,19 @@ impl Pool {
     ) -> Result<Connections, String> {
         let uris = file.connection_uris(connect);
         let mut pool = self.0.lock().unwrap_or_else(PoisonError::into_inner);
-        let mut out = Connections::new();
-        for uri in uris {
-            if !pool.contains_key(&uri) {
-                let hv = ops::connect(&uri).map_err(|e| format!("cannot connect: {e}"))?;
-                pool.insert(uri.clone(), hv);
-            }
-            if let Some(hv) = pool.get(&uri) {
-                out.insert(uri, Arc::clone(hv));
-            }
+        let missing: Vec<crate::uri::Uri> = uris
+            .iter()
+            .filter(|u| !pool.contains_key(*u))
+            .cloned()
+            .collect();
+        if !missing.is_empty() {
+            let opened = ops::open(missing).map_err(|e| format!("cannot connect: {e}"))?;
+            pool.extend(opened);
         }
-        Ok(out)
+        Ok(uris
+            .into_iter()
+            .filter_map(|uri| pool.get(&uri).map(|hv| (uri, Arc::clone(hv))))
+            .collect())
     }
 
     /// Forgets connections that broke, so the next use opens them again.
@@ -625,17 +627,17 @@ impl<'scope, 'env> Reconciler<'scope, 'env> {
             return Ok(());
         }
         let file = &loaded.file;
-        let paths = crate::overview::StatePaths::of(&file.path, loaded.config.state_dir.as_deref());
-        paths.prepare().map_err(|e| {
-            format!(
-                "cannot create the state folder for {}: {e}",
-                paths.lockfile.display()
-            )
-        })?;
-        let lock =
-            ExecutorLock::acquire(&paths.pid, self.env.clock.now()).map_err(|e| e.to_string())?;
-        let store = LockStore::open(&paths.lockfile, &file.sha256).map_err(|e| e.to_string())?;
-        let store = Arc::new(store);
+        // No waiting here: a held plan is tried again at the next rescan.
+        let locked = ops::lock(
+            &file.path,
+            loaded.config.state_dir.as_deref(),
+            &file.sha256,
+            self.env.clock,
+            None,
+            &mut |_| {},
+        )
+        .map_err(|e| e.to_string())?;
+        let (lock, store) = (locked.lock, locked.store);
         if !file.notify.is_empty() {
             slot.notifier = Some(Notifier::start(
                 file.notify.clone(),
