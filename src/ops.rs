@@ -262,16 +262,14 @@ pub fn lock(
 ) -> Result<Locked, LockFailure> {
     use crate::lockfile::{ExecutorLock, LockStore};
     let paths = crate::overview::StatePaths::of(plan_path, state_dir);
-    paths
-        .prepare()
-        .map_err(|source| LockFailure::StateFolder {
-            folder: paths
-                .lockfile
-                .parent()
-                .unwrap_or(Path::new("."))
-                .to_path_buf(),
-            source,
-        })?;
+    paths.prepare().map_err(|source| LockFailure::StateFolder {
+        folder: paths
+            .lockfile
+            .parent()
+            .unwrap_or(Path::new("."))
+            .to_path_buf(),
+        source,
+    })?;
     let start = clock.now();
     let mut told = false;
     let lock = loop {

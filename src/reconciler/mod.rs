@@ -14,6 +14,8 @@ pub mod debounce;
 pub mod diff;
 pub mod log;
 mod runner;
+#[cfg(test)]
+mod tests;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -247,15 +249,7 @@ fn is_plan_name(path: &Path) -> bool {
 /// The folder cannot be read or watched.
 pub fn watch_dir(env: &Env<'_>, dir: &Path, stop: &AtomicBool) -> anyhow::Result<()> {
     std::thread::scope(|scope| {
-        let mut r = Reconciler {
-            scope,
-            env,
-            target: Target::Dir(dir.to_path_buf()),
-            slots: BTreeMap::new(),
-            shutting_down: false,
-            dirty: false,
-        };
-        r.run(stop)
+        Reconciler::new(scope, env, Target::Dir(dir.to_path_buf())).run(stop)
     })
 }
 
@@ -279,14 +273,7 @@ pub struct Applying {
 pub fn apply_watch(env: &Env<'_>, applying: Applying, stop: &AtomicBool) -> anyhow::Result<Report> {
     let path = applying.file.path.clone();
     std::thread::scope(|scope| {
-        let mut r = Reconciler {
-            scope,
-            env,
-            target: Target::File(path.clone()),
-            slots: BTreeMap::new(),
-            shutting_down: false,
-            dirty: false,
-        };
+        let mut r = Reconciler::new(scope, env, Target::File(path.clone()));
         let mut slot = Slot::new(&path);
         slot.seen = Some(Inputs {
             sha256: applying.file.sha256.clone(),
@@ -342,6 +329,20 @@ struct Reconciler<'scope, 'env> {
 }
 
 impl<'scope, 'env> Reconciler<'scope, 'env> {
+    /// A reconciler with no plan seen yet. Its state machine moves only through [`Self::rescan`]
+    /// (files changed), [`Self::poll`] (executors ended) and [`Self::shut_down`] (a signal);
+    /// [`Self::run`] drives them from file events, and the unit tests drive them directly.
+    fn new(scope: &'scope Scope<'scope, 'env>, env: &'env Env<'env>, target: Target) -> Self {
+        Self {
+            scope,
+            env,
+            target,
+            slots: BTreeMap::new(),
+            shutting_down: false,
+            dirty: false,
+        }
+    }
+
     fn log(&self) -> &'env Log<'env> {
         self.env.log
     }
