@@ -421,6 +421,9 @@ pub struct Step {
     /// Runs even after an earlier step of its domain failed, was skipped or missed, or the
     /// plan was aborted, so a window can always restore service.
     pub always: bool,
+    /// Which occurrence of an identical step this is (1 for a step written once; 2 for the
+    /// second `autostart: true` of `true → false → true`), so every step has its own id.
+    pub repeat: usize,
 }
 
 /// Defaults a plan inherits from `virtplan.toml` and that validation needs.
