@@ -15,8 +15,6 @@ mod leasing;
 mod step;
 
 pub use admission::Peaks;
-
-pub use gate::redact_uri;
 pub use leasing::Leasing;
 
 use std::cmp::Reverse;

@@ -471,6 +471,9 @@ pub struct Step {
     pub always: bool,
     /// How the step goes through its domains (a step with `vms` only).
     pub rollout: Option<Located<RolloutSpec>>,
+    /// Which occurrence of an identical step this is (1 for a step written once; 2 for the
+    /// second `autostart: true` of `true → false → true`), so every step has its own id.
+    pub repeat: usize,
 }
 
 /// Defaults a plan inherits from `virtplan.toml` and that validation needs.

@@ -397,10 +397,20 @@ fn check_steps(
             "add at least one step, such as `- {vm: web-01, power: shutoff}`",
         );
     }
-    seq.iter()
+    let mut steps: Vec<Step> = seq
+        .iter()
         .enumerate()
         .filter_map(|(i, n)| check_step(c, n, i + 1, settings, config))
-        .collect()
+        .collect();
+    // Identical steps (a toggle back, `true → false → true`) would share an id and one
+    // lockfile record: number the repeats, so the first keeps the id it always had.
+    let mut seen: std::collections::HashMap<String, usize> = std::collections::HashMap::new();
+    for step in &mut steps {
+        let count = seen.entry(step.id()).or_default();
+        *count += 1;
+        step.repeat = *count;
+    }
+    steps
 }
 
 fn check_step(
@@ -505,6 +515,7 @@ fn check_step(
         check,
         always,
         rollout,
+        repeat: 1,
     })
 }
 
