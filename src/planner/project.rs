@@ -94,6 +94,10 @@ pub fn project(input: &PlanInput<'_>) -> Result<Plan, PlanError> {
     }
     let mut seen = BTreeSet::new();
     out.warnings.retain(|w| seen.insert(w.clone()));
+    place_rollouts(&resolved, &mut out.steps);
+    let connections: BTreeSet<Uri> = out.steps.iter().map(|s| s.connection.clone()).collect();
+    let mut host_caps = file.host_caps.clone();
+    host_caps.retain(|uri, _| connections.contains(uri));
     Ok(Plan {
         meta: PlanMeta {
             name: file.name.clone(),
@@ -102,7 +106,8 @@ pub fn project(input: &PlanInput<'_>) -> Result<Plan, PlanError> {
             timezone: file.timezone.map(|z| z.name().to_owned()),
         },
         policy: Policy {
-            connections: out.steps.iter().map(|s| s.connection.clone()).collect(),
+            connections,
+            host_caps,
             ..Policy::of(file)
         },
         planned_at: input.now,
@@ -114,6 +119,32 @@ pub fn project(input: &PlanInput<'_>) -> Result<Plan, PlanError> {
 }
 
 type Resolved<'a> = Vec<(&'a Step, Uri, DomainId)>;
+
+/// Resolves each `rollout` over its step's domains, in the order they were selected (as
+/// written in `vms`, name order for a pattern), and gives each planned step its place.
+fn place_rollouts(resolved: &Resolved<'_>, steps: &mut [PlannedStep]) {
+    let mut order: BTreeMap<usize, Vec<&str>> = BTreeMap::new();
+    for (step, _, id) in resolved {
+        if step.rollout.is_some() {
+            let list = order.entry(step.number).or_default();
+            if !list.contains(&id.uuid.as_str()) {
+                list.push(&id.uuid);
+            }
+        }
+    }
+    let specs: BTreeMap<usize, crate::plan_file::RolloutSpec> = resolved
+        .iter()
+        .filter_map(|(step, _, _)| Some((step.number, step.rollout.as_ref()?.value)))
+        .collect();
+    for planned in steps {
+        let (Some(list), Some(spec)) = (order.get(&planned.step), specs.get(&planned.step)) else {
+            continue;
+        };
+        if let Some(position) = list.iter().position(|u| *u == planned.domain.uuid) {
+            planned.rollout = Some(super::Rollout::resolve(*spec, list.len(), position));
+        }
+    }
+}
 
 /// Resolves every step's domains: each name once per connection, all of a connection's names
 /// in one bulk call.
@@ -541,6 +572,7 @@ impl DomainCtx<'_> {
                 check: step.check.as_ref().map(|c| c.value.clone()),
                 always: step.always,
                 plan_file: self.file.path.display().to_string(),
+                rollout: None,
             });
             out.changes.extend(b.changes);
         }
