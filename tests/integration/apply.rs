@@ -4,7 +4,7 @@
 
 use std::io::{BufRead as _, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
@@ -17,24 +17,11 @@ use virtplan::hypervisor::Hypervisor;
 use virtplan::lockfile::{LockStore, StepStatus};
 use virtplan::state::{Kib, PowerState};
 
-use crate::support::helpers::{at, lock_of, text, write_plan};
+use crate::support::helpers::{at, lock_of, save_plan, text, virtplan, write_plan, BIN};
 use crate::support::qemu::{qemu_uri, TestDomain};
-
-const BIN: &str = env!("CARGO_BIN_EXE_virtplan");
 
 fn now() -> DateTime<Utc> {
     SystemClock.now()
-}
-
-/// Runs the CLI with no terminal on stdin.
-fn virtplan(args: &[&str], env: &[(&str, &str)]) -> Output {
-    Command::new(BIN)
-        .args(args)
-        .envs(env.iter().copied())
-        .env("NO_COLOR", "1")
-        .stdin(Stdio::null())
-        .output()
-        .expect("run virtplan")
 }
 
 /// Step ids by step number, from `plan --format json`.
@@ -285,16 +272,7 @@ fn a_saved_plan_refuses_drift_and_an_edited_plan_file() {
         format!("version: 1\nconnection: {uri}\nsteps:\n  - vm: vm-01\n    memory: 256MiB\n");
     let plan = write_plan(dir.path(), &body);
     let saved = dir.path().join("saved.json");
-    let out = virtplan(
-        &[
-            "plan",
-            plan.to_str().unwrap(),
-            "--out",
-            saved.to_str().unwrap(),
-        ],
-        &[],
-    );
-    assert!(out.status.success(), "{}", text(&out));
+    save_plan(&plan, &saved);
 
     // Someone resized the domain after the review (the test driver rereads its node file).
     fleet(dir.path(), 192);
@@ -588,16 +566,7 @@ fn a_saved_plan_runs_as_reviewed_after_virtplan_toml_grace_is_edited() {
     );
     let plan = write_plan(dir.path(), &body);
     let saved = dir.path().join("saved.json");
-    let out = virtplan(
-        &[
-            "plan",
-            plan.to_str().unwrap(),
-            "--out",
-            saved.to_str().unwrap(),
-        ],
-        &[],
-    );
-    assert!(out.status.success(), "{}", text(&out));
+    save_plan(&plan, &saved);
 
     std::fs::write(&config, "grace = \"1s\"\n").unwrap();
     let out = virtplan(&["apply", saved.to_str().unwrap()], &[]);
@@ -623,5 +592,46 @@ fn a_saved_plan_of_format_1_is_refused_with_how_to_remake_it() {
         stderr.contains("format 1") && stderr.contains("virtplan plan plan.yaml --out"),
         "{}",
         text(&out)
+    );
+}
+
+/// Regression: steps 1 and 3 of `memory 256 → 192 → 256 MiB` were one lockfile record (same
+/// step id): step 3 ran first, step 1 stayed `pending`, the domain ended at 192 MiB, and apply
+/// exited 0. Each step now runs once, in order, and the domain ends as the plan says.
+#[test]
+fn a_step_repeated_later_in_the_plan_runs_in_its_turn() {
+    let dir = tempfile::tempdir().unwrap();
+    let uri = fleet(dir.path(), 128);
+    let step = |mib: u32| format!("  - vm: vm-01\n    memory: {mib}MiB\n");
+    let plan = write_plan(
+        dir.path(),
+        &format!(
+            "version: 1\nconnection: {uri}\nsteps:\n{}{}{}",
+            step(256),
+            step(192),
+            step(256)
+        ),
+    );
+    let out = virtplan(&["apply", plan.to_str().unwrap(), "--auto-approve"], &[]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let lock = lock_of(&plan);
+    let steps: Vec<(usize, StepStatus, &str)> = lock
+        .steps
+        .iter()
+        .map(|r| (r.step, r.status, r.what.as_str()))
+        .collect();
+    assert_eq!(
+        steps,
+        [
+            (1, StepStatus::Done, "memory 128MiB → 256MiB"),
+            (2, StepStatus::Done, "memory 256MiB → 192MiB"),
+            (3, StepStatus::Done, "memory 192MiB → 256MiB"),
+        ]
+    );
+    assert!(lock.steps[1].started_at > lock.steps[0].finished_at);
+    assert!(lock.steps[2].started_at > lock.steps[1].finished_at);
+    assert_eq!(
+        lock.steps[2].after.as_ref().map(|f| f.memory_kib),
+        Some(Kib::from_mib(256))
     );
 }
