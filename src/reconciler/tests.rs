@@ -115,10 +115,11 @@ impl Rig {
             settle(&mut r, |r| r.slots.values().all(|s| s.run.is_none()));
         });
     }
+}
 
-    fn lock(&self, plan: &Path) -> crate::lockfile::Lockfile {
-        LockStore::read(&crate::lockfile::lock_path(plan)).unwrap()
-    }
+/// What the plan's lockfile records.
+fn recorded(plan: &Path) -> crate::lockfile::Lockfile {
+    LockStore::read(&crate::lockfile::lock_path(plan)).unwrap()
 }
 
 /// Polls the reconciler until `done` holds (ten seconds of real time at most).
@@ -165,7 +166,7 @@ fn a_new_plan_file_takes_its_lock_and_runs_to_the_end() {
         assert!(matches!(r.slots[&plan].next, Next::Nothing));
     });
     assert_eq!(rig.hv.state(A).memory, Kib::from_mib(2048));
-    let lock = rig.lock(&plan);
+    let lock = recorded(&plan);
     assert_eq!(lock.steps.len(), 1);
     assert_eq!(lock.steps[0].status, StepStatus::Done);
 }
@@ -202,7 +203,7 @@ fn an_edit_before_the_step_replans_and_only_the_new_version_runs() {
         set[0].starts_with("3GiB") || set[0].starts_with("3072"),
         "{set:?}"
     );
-    let lock = rig.lock(&plan);
+    let lock = recorded(&plan);
     let done: Vec<_> = lock
         .steps
         .iter()
@@ -251,7 +252,7 @@ fn a_removed_plan_stops_and_records_its_steps_cancelled() {
     });
     assert_eq!(rig.hv.state(A).memory, Kib::from_mib(1024));
     assert_eq!(rig.hv.count("set_memory"), 0);
-    let lock = rig.lock(&plan);
+    let lock = recorded(&plan);
     assert_eq!(lock.steps.len(), 1);
     assert_eq!(lock.steps[0].status, StepStatus::Cancelled);
     assert_eq!(lock.steps[0].message, "not run: the plan file was removed");
@@ -325,5 +326,5 @@ fn a_resumed_plan_waits_for_a_transitional_domain_to_settle_before_planning() {
         settle(r, |r| !running(r, &plan));
     });
     assert_eq!(rig.hv.count("shutdown") + rig.hv.count("destroy"), 0);
-    assert_eq!(rig.lock(&plan).steps[0].status, StepStatus::Done);
+    assert_eq!(recorded(&plan).steps[0].status, StepStatus::Done);
 }
