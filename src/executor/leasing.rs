@@ -49,7 +49,7 @@ fn show(t: DateTime<Utc>) -> String {
 
 impl Run<'_> {
     /// The last moment `step` may start: `at + grace`, and never after the window closes.
-    fn start_deadline(&self, step: &PlannedStep, now: DateTime<Utc>) -> DateTime<Utc> {
+    pub(super) fn start_deadline(&self, step: &PlannedStep, now: DateTime<Utc>) -> DateTime<Utc> {
         let settings = self.ex.settings;
         let grace = chrono::Duration::from_std(settings.grace).unwrap_or(chrono::Duration::MAX);
         let by_grace = step
@@ -92,6 +92,11 @@ impl Run<'_> {
             }
             Ok(Acquisition::GaveUp(rival)) => {
                 let message = missed_message(&step.domain.name, rival.as_ref(), deadline);
+                return self.end(step, StepStatus::Missed, message, None, None);
+            }
+            // The host went away while the lease was taken: nothing was changed.
+            Err(e) if self.host_down(&step.connection).is_some() => {
+                let message = format!("missed, nothing was changed: {e}");
                 return self.end(step, StepStatus::Missed, message, None, None);
             }
             Err(e) => {
