@@ -258,6 +258,18 @@ pub enum Delivery {
     Failed,
 }
 
+impl Delivery {
+    /// The word `status` prints and the lockfile stores.
+    #[must_use]
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Pending => "pending",
+            Self::Sent => "sent",
+            Self::Failed => "failed",
+        }
+    }
+}
+
 /// One notification event in the outbox.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct EventRecord {

@@ -50,6 +50,18 @@ impl Uri {
         redact(&self.0)
     }
 
+    /// Where, never credentials: no password at all (libvirt's auth.conf may supply it) and
+    /// secret query values masked. What a check command gets in `VIRTPLAN_CONNECTION`.
+    #[must_use]
+    pub fn without_password(&self) -> String {
+        if let Ok(mut url) = url::Url::parse(&self.0) {
+            if url.password().is_some() && url.set_password(None).is_ok() {
+                return redact(url.as_str());
+            }
+        }
+        self.redacted()
+    }
+
     /// Whether printing would hide something (the URI carries credentials).
     #[must_use]
     pub fn has_secrets(&self) -> bool {
@@ -197,6 +209,26 @@ pub fn redact_in<'a>(text: &str, uris: impl IntoIterator<Item = &'a Uri>) -> Str
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn without_password_drops_the_password_and_masks_secret_values() {
+        let cases = [
+            (
+                "qemu+ssh://root:s3cret@hv1:22/system?keyfile=/k&mode=legacy",
+                "qemu+ssh://root@hv1:22/system?keyfile=***&mode=legacy",
+            ),
+            ("qemu:///system", "qemu:///system"),
+            ("qemu+tcp://admin@hv2/system", "qemu+tcp://admin@hv2/system"),
+            ("test:///tmp/a@b/node.xml", "test:///tmp/a@b/node.xml"),
+            (
+                "qemu+tcp://admin:PW@hv3/system?password=X",
+                "qemu+tcp://admin@hv3/system?password=***",
+            ),
+        ];
+        for (given, expected) in cases {
+            assert_eq!(Uri::new(given).without_password(), expected, "{given}");
+        }
+    }
 
     #[test]
     fn userinfo_password_and_secret_query_values_are_masked() {

@@ -167,10 +167,7 @@ pub fn human(doc: &StatusDoc, zone: Option<Tz>, printer: &Printer) -> String {
             let _ = writeln!(
                 out,
                 "  {} {}{about} ({}){}",
-                printer.paint(
-                    Tone::Removed,
-                    &format!("{:<7}", format!("{:?}", n.delivery).to_lowercase())
-                ),
+                printer.paint(Tone::Removed, &format!("{:<7}", n.delivery.as_str())),
                 n.event,
                 n.id,
                 if n.error.is_empty() {

@@ -152,12 +152,7 @@ impl Gate<'_> {
             .arg(command)
             .env("VIRTPLAN_VM", &step.domain.name)
             .env("VIRTPLAN_UUID", &step.domain.uuid)
-            .env(
-                "VIRTPLAN_CONNECTION",
-                // No password at all (libvirt's auth.conf may supply it); secret query values
-                // masked too.
-                crate::uri::redact(&redact_uri(step.connection.expose())),
-            )
+            .env("VIRTPLAN_CONNECTION", step.connection.without_password())
             .env("VIRTPLAN_STEP", step.step.to_string())
             .env("VIRTPLAN_PLAN", &step.plan_file)
             .stdin(Stdio::null())
@@ -257,44 +252,9 @@ fn one_line(text: &str) -> String {
     }
 }
 
-/// A libvirt URI without a password (`qemu+ssh://user:secret@host/system` →
-/// `qemu+ssh://user@host/system`): the check command gets where, never credentials.
-#[must_use]
-pub fn redact_uri(uri: &str) -> String {
-    let Some((scheme, rest)) = uri.split_once("://") else {
-        return uri.to_owned();
-    };
-    let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
-    let (authority, tail) = rest.split_at(authority_end);
-    match authority.rsplit_once('@') {
-        Some((userinfo, host)) => {
-            let user = userinfo.split_once(':').map_or(userinfo, |(u, _)| u);
-            format!("{scheme}://{user}@{host}{tail}")
-        }
-        None => uri.to_owned(),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn redact_uri_drops_the_password_only() {
-        assert_eq!(
-            redact_uri("qemu+ssh://root:s3cret@hv1:22/system?keyfile=/k"),
-            "qemu+ssh://root@hv1:22/system?keyfile=/k"
-        );
-        assert_eq!(redact_uri("qemu:///system"), "qemu:///system");
-        assert_eq!(
-            redact_uri("qemu+tcp://admin@hv2/system"),
-            "qemu+tcp://admin@hv2/system"
-        );
-        assert_eq!(
-            redact_uri("test:///tmp/a@b/node.xml"),
-            "test:///tmp/a@b/node.xml"
-        );
-    }
 
     #[test]
     fn summary_keeps_the_last_attempts() {

@@ -13,7 +13,6 @@ mod gate;
 mod leasing;
 mod step;
 
-pub use gate::redact_uri;
 pub use leasing::Leasing;
 
 use std::cmp::Reverse;

@@ -68,6 +68,16 @@ pub enum WebhookFormat {
     Slack,
 }
 
+impl WebhookFormat {
+    /// Its part of a target's delivery key (on disk: never rename).
+    const fn identity(self) -> &'static str {
+        match self {
+            Self::Json => "Json",
+            Self::Slack => "Slack",
+        }
+    }
+}
+
 /// One mail per event, over SMTP.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Email {
@@ -96,6 +106,17 @@ pub enum SmtpTls {
     Implicit,
 }
 
+impl SmtpTls {
+    /// Its part of a target's delivery key (on disk: never rename).
+    const fn identity(self) -> &'static str {
+        match self {
+            Self::Opportunistic => "Opportunistic",
+            Self::Required => "Required",
+            Self::Implicit => "Implicit",
+        }
+    }
+}
+
 /// SMTP login: a user name, and where the password is read at send time.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SmtpAuth {
@@ -119,18 +140,21 @@ impl Target {
     }
 
     /// A short stable key for delivery records in the lockfile: a hash, so a webhook's token
-    /// is not written there.
+    /// is not written there. Built from explicit names, never derived `Debug` output, so a
+    /// rename cannot change what is on disk (pinned by `delivery_keys_are_pinned`).
     #[must_use]
     pub fn key(&self) -> String {
         let canon = match &self.kind {
-            TargetKind::Webhook { url, format } => format!("webhook {} {format:?}", url.expose()),
+            TargetKind::Webhook { url, format } => {
+                format!("webhook {} {}", url.expose(), format.identity())
+            }
             TargetKind::Email(e) => format!(
-                "email {:?} {} {}:{} {:?}",
+                "email {:?} {} {}:{} {}",
                 e.to.iter().map(ToString::to_string).collect::<Vec<_>>(),
                 e.from,
                 e.smtp.host,
                 e.smtp.port,
-                e.smtp.tls
+                e.smtp.tls.identity()
             ),
             TargetKind::Command { argv } => format!("command {argv:?}"),
         };
@@ -713,6 +737,45 @@ mod tests {
         let target = check(&ok, "t").unwrap();
         assert!(target.wants(EventKind::StepFailed));
         assert!(!target.wants(EventKind::StepDone));
+    }
+
+    /// Delivery keys are on disk (lockfile records of sent notifications): pinned with literal
+    /// values, so a renamed variant or field cannot silently re-send after an upgrade.
+    #[test]
+    fn delivery_keys_are_pinned() {
+        let webhook = |format: &str| RawTarget {
+            pos: at(1),
+            webhook: Some(l("https://chat.example.org/hooks/T0KEN", 2)),
+            format: Some(l(format, 3)),
+            ..RawTarget::default()
+        };
+        let command = RawTarget {
+            pos: at(1),
+            command: Some(list(&["/bin/notify", "--to", "ops"], 2)),
+            ..RawTarget::default()
+        };
+        let keys: Vec<String> = [
+            webhook("json"),
+            webhook("slack"),
+            command,
+            email("smtp://mail"),
+            email("smtp://mail?tls=required"),
+            email("smtps://mail"),
+        ]
+        .iter()
+        .map(|raw| check(raw, "t").unwrap().key())
+        .collect();
+        assert_eq!(
+            keys,
+            [
+                "webhook-6885fc93",
+                "webhook-55e92be4",
+                "command-795364a3",
+                "email-104a4f1d",
+                "email-19a39754",
+                "email-9979eb52"
+            ]
+        );
     }
 
     #[test]

@@ -4,7 +4,7 @@
 
 use std::io::{BufRead as _, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
@@ -17,24 +17,11 @@ use virtplan::hypervisor::Hypervisor;
 use virtplan::lockfile::{LockStore, StepStatus};
 use virtplan::state::{Kib, PowerState};
 
-use crate::support::helpers::{at, lock_of, text, write_plan};
+use crate::support::helpers::{at, lock_of, save_plan, text, virtplan, write_plan, BIN};
 use crate::support::qemu::{qemu_uri, TestDomain};
-
-const BIN: &str = env!("CARGO_BIN_EXE_virtplan");
 
 fn now() -> DateTime<Utc> {
     SystemClock.now()
-}
-
-/// Runs the CLI with no terminal on stdin.
-fn virtplan(args: &[&str], env: &[(&str, &str)]) -> Output {
-    Command::new(BIN)
-        .args(args)
-        .envs(env.iter().copied())
-        .env("NO_COLOR", "1")
-        .stdin(Stdio::null())
-        .output()
-        .expect("run virtplan")
 }
 
 /// Step ids by step number, from `plan --format json`.
@@ -285,16 +272,7 @@ fn a_saved_plan_refuses_drift_and_an_edited_plan_file() {
         format!("version: 1\nconnection: {uri}\nsteps:\n  - vm: vm-01\n    memory: 256MiB\n");
     let plan = write_plan(dir.path(), &body);
     let saved = dir.path().join("saved.json");
-    let out = virtplan(
-        &[
-            "plan",
-            plan.to_str().unwrap(),
-            "--out",
-            saved.to_str().unwrap(),
-        ],
-        &[],
-    );
-    assert!(out.status.success(), "{}", text(&out));
+    save_plan(&plan, &saved);
 
     // Someone resized the domain after the review (the test driver rereads its node file).
     fleet(dir.path(), 192);
@@ -588,16 +566,7 @@ fn a_saved_plan_runs_as_reviewed_after_virtplan_toml_grace_is_edited() {
     );
     let plan = write_plan(dir.path(), &body);
     let saved = dir.path().join("saved.json");
-    let out = virtplan(
-        &[
-            "plan",
-            plan.to_str().unwrap(),
-            "--out",
-            saved.to_str().unwrap(),
-        ],
-        &[],
-    );
-    assert!(out.status.success(), "{}", text(&out));
+    save_plan(&plan, &saved);
 
     std::fs::write(&config, "grace = \"1s\"\n").unwrap();
     let out = virtplan(&["apply", saved.to_str().unwrap()], &[]);

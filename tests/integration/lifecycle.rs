@@ -2,7 +2,6 @@
 //! applied and verified on the test driver and on a real QEMU domain.
 
 use std::path::Path;
-use std::process::{Command, Output, Stdio};
 
 use virtplan::hypervisor::domain_xml;
 use virtplan::hypervisor::fleet::{write_fleet, FleetDomain};
@@ -11,19 +10,8 @@ use virtplan::hypervisor::Hypervisor;
 use virtplan::lockfile::{LockStore, StepStatus};
 use virtplan::state::{Kib, LifecycleAction};
 
-use crate::support::helpers::text;
+use crate::support::helpers::{text, virtplan};
 use crate::support::qemu::{qemu_uri, TestDomain};
-
-const BIN: &str = env!("CARGO_BIN_EXE_virtplan");
-
-fn virtplan(args: &[&str]) -> Output {
-    Command::new(BIN)
-        .args(args)
-        .env("NO_COLOR", "1")
-        .stdin(Stdio::null())
-        .output()
-        .expect("run virtplan")
-}
 
 fn lifecycle_of(uri: &str, uuid: &str) -> (LifecycleAction, LifecycleAction) {
     let hv = Libvirt::connect(uri).unwrap();
@@ -52,7 +40,7 @@ fn plan_apply_replan(dir: &Path, uri: &str, vm: &str, uuid: &str, check_live: bo
     .unwrap();
     let plan_arg = plan.to_str().unwrap();
 
-    let out = virtplan(&["plan", plan_arg, "--format", "json"]);
+    let out = virtplan(&["plan", plan_arg, "--format", "json"], &[]);
     assert!(out.status.success(), "{}", text(&out));
     let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let changes: Vec<(String, String, String, String)> = json["changes"]
@@ -78,7 +66,7 @@ fn plan_apply_replan(dir: &Path, uri: &str, vm: &str, uuid: &str, check_live: bo
             owned("on_reboot", reboot.as_str(), target.as_str(), "change"),
         ]
     );
-    let out = virtplan(&["plan", plan_arg]);
+    let out = virtplan(&["plan", plan_arg], &[]);
     assert!(
         String::from_utf8_lossy(&out.stdout)
             .contains(&format!("on_reboot    {reboot} → {target}  [config]")),
@@ -86,7 +74,7 @@ fn plan_apply_replan(dir: &Path, uri: &str, vm: &str, uuid: &str, check_live: bo
         text(&out)
     );
 
-    let out = virtplan(&["apply", plan_arg, "--auto-approve"]);
+    let out = virtplan(&["apply", plan_arg, "--auto-approve"], &[]);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));
     let lock = LockStore::read(&plan.with_extension("lock")).unwrap();
     assert_eq!(
@@ -104,7 +92,7 @@ fn plan_apply_replan(dir: &Path, uri: &str, vm: &str, uuid: &str, check_live: bo
     }
 
     // Applied and verified: the plan now shows it done, nothing left to change.
-    let out = virtplan(&["plan", plan_arg, "--detailed-exitcode"]);
+    let out = virtplan(&["plan", plan_arg, "--detailed-exitcode"], &[]);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));
 }
 
@@ -144,7 +132,7 @@ fn an_unknown_lifecycle_action_is_refused_with_the_choices() {
         "version: 1\nconnection: test:///default\nsteps:\n  - vm: a\n    on_reboot: reboot\n",
     )
     .unwrap();
-    let out = virtplan(&["validate", plan.to_str().unwrap()]);
+    let out = virtplan(&["validate", plan.to_str().unwrap()], &[]);
     assert_eq!(out.status.code(), Some(1), "{}", text(&out));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(

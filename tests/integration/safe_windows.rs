@@ -18,20 +18,8 @@ use virtplan::hypervisor::Hypervisor;
 use virtplan::lockfile::{LockStore, StepStatus};
 use virtplan::state::{Kib, PowerState};
 
-use crate::support::helpers::{lock_of, text, write_plan};
+use crate::support::helpers::{lock_of, text, virtplan, write_plan, BIN};
 use crate::support::qemu::{qemu_uri, TestDomain};
-
-const BIN: &str = env!("CARGO_BIN_EXE_virtplan");
-
-fn virtplan(args: &[&str], env: &[(&str, &str)]) -> Output {
-    Command::new(BIN)
-        .args(args)
-        .envs(env.iter().copied())
-        .env("NO_COLOR", "1")
-        .stdin(Stdio::null())
-        .output()
-        .expect("run virtplan")
-}
 
 fn apply(plan: &Path, env: &[(&str, &str)]) -> Output {
     virtplan(&["apply", plan.to_str().unwrap(), "--auto-approve"], env)

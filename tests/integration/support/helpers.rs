@@ -1,7 +1,7 @@
 //! Small helpers the integration tests share: plan files, `at` times, lockfiles and CLI output.
 
 use std::path::{Path, PathBuf};
-use std::process::Output;
+use std::process::{Command, Output, Stdio};
 
 use chrono::{DateTime, Utc};
 use virtplan::lockfile::{LockStore, Lockfile};
@@ -31,4 +31,32 @@ pub fn text(out: &Output) -> String {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     )
+}
+
+/// The virtplan binary under test.
+pub const BIN: &str = env!("CARGO_BIN_EXE_virtplan");
+
+/// Runs virtplan with `args` and extra `env`, no colour, stdin closed.
+pub fn virtplan(args: &[&str], env: &[(&str, &str)]) -> Output {
+    Command::new(BIN)
+        .args(args)
+        .envs(env.iter().copied())
+        .env("NO_COLOR", "1")
+        .stdin(Stdio::null())
+        .output()
+        .expect("run virtplan")
+}
+
+/// `plan PLAN --out SAVED`, which must succeed: the reviewed plan a test then applies.
+pub fn save_plan(plan: &Path, saved: &Path) {
+    let out = virtplan(
+        &[
+            "plan",
+            plan.to_str().unwrap(),
+            "--out",
+            saved.to_str().unwrap(),
+        ],
+        &[],
+    );
+    assert!(out.status.success(), "{}", text(&out));
 }
