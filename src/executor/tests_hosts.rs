@@ -62,10 +62,16 @@ struct Fleet {
 
 impl Fleet {
     fn new() -> Self {
+        Self::with_header("")
+    }
+
+    /// The fleet, with `header` (such as `on_failure: abort`) added to the plan.
+    fn with_header(header: &str) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("plan.yaml");
-        std::fs::write(&path, PLAN).unwrap();
-        let file = plan_file::parse(&path, PLAN.to_owned(), &LoadContext::default())
+        let text = PLAN.replacen("version: 1\n", &format!("version: 1\n{header}"), 1);
+        std::fs::write(&path, &text).unwrap();
+        let file = plan_file::parse(&path, text, &LoadContext::default())
             .unwrap_or_else(|d| panic!("{}", d.render()));
         let clock = Arc::new(FakeClock::new(t("2026-12-01T03:59:00Z")));
         let a = Arc::new(
@@ -305,4 +311,18 @@ fn a_host_back_within_the_grace_runs_the_step_that_waited_for_it() {
             "{r:?}"
         );
     }
+}
+
+#[test]
+fn under_on_failure_abort_a_lost_host_aborts_the_plan_on_every_host() {
+    let fleet = Fleet::with_header("defaults: { on_failure: abort }\n");
+    fleet.b.set_down(true);
+    let attempts = Mutex::new(Vec::new());
+    let reopen = reopener(&fleet, t("2026-12-01T04:05:00Z"), &attempts);
+    fleet.run(fleet.b.clone(), 4, &reopen);
+    assert_eq!(fleet.record(1, "web-a").status, StepStatus::Done);
+    // Host A's later step does not start: the plan was aborted by the lost host's step.
+    let r = fleet.record(3, "web-a");
+    assert_eq!(r.status, StepStatus::Cancelled, "{r:?}");
+    assert!(r.message.contains("on_failure: abort"), "{}", r.message);
 }

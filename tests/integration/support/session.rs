@@ -110,7 +110,10 @@ impl SessionDaemon {
             SystemClock.sleep(Duration::from_millis(50));
         }
         let log = std::fs::read_to_string(root.join("libvirtd.log")).unwrap_or_default();
-        Err(format!("it did not answer on {} within 10 s: {log}", self.uri))
+        Err(format!(
+            "it did not answer on {} within 10 s: {log}",
+            self.uri
+        ))
     }
 
     /// Kills the daemon at once (SIGKILL): its clients see the connection drop. The QEMU
@@ -122,7 +125,7 @@ impl SessionDaemon {
         }
     }
 
-    /// Where the daemon keeps its running domains' pid files.
+    /// The pids of the QEMU processes this daemon started (from its own pid files).
     fn qemu_pids(&self) -> Vec<i32> {
         let run = self.dir.path().join("run/libvirt/qemu/run");
         let Ok(entries) = std::fs::read_dir(run) else {
@@ -134,11 +137,6 @@ impl SessionDaemon {
             .filter_map(|e| std::fs::read_to_string(e.path()).ok())
             .filter_map(|t| t.trim().parse().ok())
             .collect()
-    }
-
-    /// The daemon's folder.
-    pub fn path(&self) -> &Path {
-        self.dir.path()
     }
 }
 
@@ -152,7 +150,9 @@ impl Drop for SessionDaemon {
         self.kill();
         // Only the QEMU processes this daemon started (their pid files are in its folder).
         for pid in self.qemu_pids() {
-            let _ = Command::new("kill").args(["-KILL", &pid.to_string()]).status();
+            let _ = Command::new("kill")
+                .args(["-KILL", &pid.to_string()])
+                .status();
         }
     }
 }
