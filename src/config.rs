@@ -29,6 +29,8 @@ pub struct Config {
     /// The default connection, a host alias already resolved.
     pub connection: Option<Uri>,
     pub hosts: BTreeMap<String, Uri>,
+    /// `[hosts.NAME] max_parallel = N`: at most N steps at once on that host's connection.
+    pub host_caps: BTreeMap<Uri, usize>,
     pub timezone: Option<Tz>,
     pub grace: Option<Duration>,
     pub shutdown: ShutdownPolicy,
@@ -48,6 +50,7 @@ impl Default for Config {
             path: None,
             connection: None,
             hosts: BTreeMap::new(),
+            host_caps: BTreeMap::new(),
             timezone: None,
             grace: None,
             shutdown: ShutdownPolicy::default(),
@@ -64,7 +67,7 @@ impl Default for Config {
 struct RawConfig {
     connection: Option<toml::Spanned<String>>,
     #[serde(default)]
-    hosts: BTreeMap<String, toml::Spanned<String>>,
+    hosts: BTreeMap<String, toml::Spanned<RawHost>>,
     timezone: Option<toml::Spanned<String>>,
     grace: Option<toml::Spanned<String>>,
     shutdown: Option<RawShutdown>,
@@ -76,6 +79,12 @@ struct RawConfig {
 }
 
 type Spanned<T> = toml::Spanned<T>;
+
+/// One entry of `[hosts]`: `hv1 = "qemu+ssh://hv1/system"`, or a table
+/// `[hosts.hv1] uri = "…"  max_parallel = 4` (`uri` may be left out when the table's name is
+/// itself a URI: `[hosts."qemu:///system"] max_parallel = 4`). Read as a TOML value and checked
+/// by hand: serde's untagged enums lose the positions errors need.
+type RawHost = toml::Value;
 
 /// One `[[notify]]` table (the same keys as a plan's `notify` entry).
 #[derive(Deserialize)]
@@ -444,6 +453,19 @@ fn parallelism(path: &Path, p: &toml::Spanned<i64>, pos: Pos) -> Result<usize, D
     }
 }
 
+/// `[hosts.NAME] max_parallel`: 1 to 256.
+fn host_cap(path: &Path, p: &toml::Value, pos: Pos) -> Result<usize, Diagnostic> {
+    match p.as_integer().map(usize::try_from) {
+        Some(Ok(n)) if (1..=256).contains(&n) => Ok(n),
+        _ => Err(Diagnostic::new(
+            path,
+            pos,
+            format!("a host's max_parallel must be a whole number between 1 and 256, found {p}"),
+        )
+        .with_help("how many steps may run at once on this host, such as 4")),
+    }
+}
+
 impl Config {
     /// A connection as written in a plan, virtplan.toml or `--connect`: a libvirt URI (it has
     /// `:/`) as is, else the URI of the host alias of that name; `None` when it is neither.
@@ -479,14 +501,17 @@ impl Config {
 /// The `[hosts]` table and the default `connection`, resolved through it.
 fn connections(
     config: &mut Config,
-    hosts: BTreeMap<String, toml::Spanned<String>>,
+    hosts: BTreeMap<String, toml::Spanned<RawHost>>,
     connection: Option<toml::Spanned<String>>,
     path: &Path,
     text: &str,
 ) -> Vec<Diagnostic> {
     let at = |span: std::ops::Range<usize>| Pos::of_offset(text, span.start);
     let mut diags = Vec::new();
-    for (name, uri) in hosts {
+    for (name, host) in hosts {
+        let Some(uri) = host_entry(config, &name, host, path, text, &mut diags) else {
+            continue;
+        };
         match uri.get_ref().chars().find(|c| c.is_control()) {
             Some(c) => diags.push(
                 Diagnostic::new(
@@ -500,6 +525,8 @@ fn connections(
                 )
                 .with_help("write the libvirt URI as plain text, such as qemu+ssh://hv1/system"),
             ),
+            // A table named by its URI only sets limits: it is no alias.
+            None if name.contains(":/") => {}
             None => {
                 config.hosts.insert(name, Uri::new(uri.into_inner()));
             }
@@ -517,6 +544,89 @@ fn connections(
         }
     }
     diags
+}
+
+/// One `[hosts]` entry: its URI (a string, or a table's `uri`), recording a table's
+/// `max_parallel` in `config.host_caps`; `None` (with a diagnostic) when it is malformed.
+fn host_entry(
+    config: &mut Config,
+    name: &str,
+    host: toml::Spanned<RawHost>,
+    path: &Path,
+    text: &str,
+    diags: &mut Vec<Diagnostic>,
+) -> Option<toml::Spanned<String>> {
+    let span = host.span();
+    let at = |span: std::ops::Range<usize>| Pos::of_offset(text, span.start);
+    // Where `key` is written inside this host's entry (else the entry itself).
+    let key_pos = |key: &str| {
+        let start = span.start.min(text.len());
+        let end = span.end.min(text.len()).max(start);
+        text.get(start..end)
+            .and_then(|t| t.find(key))
+            .map_or_else(|| at(span.clone()), |i| Pos::of_offset(text, start + i))
+    };
+    let uri = match host.into_inner() {
+        toml::Value::String(uri) => toml::Spanned::new(span.clone(), uri),
+        toml::Value::Table(table) => {
+            if let Some(key) = table
+                .keys()
+                .find(|k| !["uri", "max_parallel"].contains(&k.as_str()))
+            {
+                diags.push(
+                    Diagnostic::new(
+                        path,
+                        key_pos(key),
+                        format!(
+                            "unknown key `{}` in host `{}`",
+                            crate::text::escape(key),
+                            crate::text::escape(name)
+                        ),
+                    )
+                    .with_help("a host table takes `uri` and `max_parallel`"),
+                );
+                return None;
+            }
+            let uri = match table.get("uri") {
+                Some(toml::Value::String(uri)) => toml::Spanned::new(span.clone(), uri.clone()),
+                None if name.contains(":/") => toml::Spanned::new(span.clone(), name.to_owned()),
+                found => {
+                    diags.push(
+                        Diagnostic::new(
+                            path,
+                            found.map_or_else(|| at(span.clone()), |_| key_pos("uri")),
+                            format!("host `{}` has no `uri` text", crate::text::escape(name)),
+                        )
+                        .with_help(format!(
+                            "give its libvirt URI: `[hosts.{name}]` then `uri = \"qemu+ssh://{name}/system\"`"
+                        )),
+                    );
+                    return None;
+                }
+            };
+            if let Some(cap) = table.get("max_parallel") {
+                match host_cap(path, cap, key_pos("max_parallel")) {
+                    Ok(n) => {
+                        config.host_caps.insert(Uri::new(uri.get_ref()), n);
+                    }
+                    Err(d) => diags.push(d),
+                }
+            }
+            uri
+        }
+        other => {
+            diags.push(
+                Diagnostic::new(
+                    path,
+                    at(span.clone()),
+                    format!("host `{}` must be a URI or a table, found {}", crate::text::escape(name), other.type_str()),
+                )
+                .with_help("write `hv1 = \"qemu+ssh://hv1/system\"`, or a `[hosts.hv1]` table with `uri` and `max_parallel`"),
+            );
+            return None;
+        }
+    };
+    Some(uri)
 }
 
 /// Configuration files are small; anything larger is not one.
@@ -584,6 +694,53 @@ mod lease_tests {
         assert_eq!(config.lease.max_write_delay, Duration::from_millis(300));
         assert_eq!(config.lease.ttl, Duration::from_secs(120));
         assert_eq!(config.lease.max_skew, Duration::from_secs(1));
+    }
+
+    #[test]
+    fn host_tables_set_per_host_caps_and_keep_aliases() {
+        let config = load_text(
+            "[hosts]\nhv2 = \"qemu+ssh://hv2/system\"\n\n[hosts.hv1]\nuri = \"qemu+ssh://hv1/system\"\nmax_parallel = 4\n\n[hosts.\"qemu:///system\"]\nmax_parallel = 2\n",
+        )
+        .unwrap();
+        assert_eq!(
+            config.resolve_connection("hv1"),
+            Some(Uri::new("qemu+ssh://hv1/system"))
+        );
+        assert_eq!(
+            config.resolve_connection("hv2"),
+            Some(Uri::new("qemu+ssh://hv2/system"))
+        );
+        assert_eq!(config.hosts.len(), 2, "a table named by a URI is no alias");
+        assert_eq!(
+            config.host_caps.get(&Uri::new("qemu+ssh://hv1/system")),
+            Some(&4)
+        );
+        assert_eq!(config.host_caps.get(&Uri::new("qemu:///system")), Some(&2));
+        assert_eq!(config.host_caps.len(), 2);
+    }
+
+    #[test]
+    fn a_bad_host_cap_or_a_table_without_uri_is_a_located_error() {
+        let err =
+            load_text("[hosts.hv1]\nuri = \"qemu:///system\"\nmax_parallel = 0\n").unwrap_err();
+        let item = &err.items[0];
+        assert_eq!((item.pos.line, item.pos.column), (3, 1));
+        assert!(
+            item.message.contains("between 1 and 256"),
+            "{}",
+            item.message
+        );
+        let err = load_text("[hosts.hv1]\nmax_parallel = 3\n").unwrap_err();
+        assert!(err.items[0].message.contains("has no `uri`"), "{err:?}");
+        let err = load_text("[hosts]\nhv1 = 3\n").unwrap_err();
+        assert!(
+            err.items[0].message.contains("must be a URI or a table"),
+            "{err:?}"
+        );
+        let err =
+            load_text("[hosts.hv1]\nuri = \"qemu:///system\"\nmax_paralel = 3\n").unwrap_err();
+        let message = &err.items[0].message;
+        assert!(message.contains("max_paralel"), "{message}");
     }
 
     #[test]

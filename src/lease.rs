@@ -204,7 +204,22 @@ pub struct Leaser<'a> {
     pub config: &'a LeaseConfig,
 }
 
-impl Leaser<'_> {
+impl<'a> Leaser<'a> {
+    #[must_use]
+    pub fn new(
+        register: &'a dyn Register,
+        clock: &'a dyn Clock,
+        me: &'a Holder,
+        config: &'a LeaseConfig,
+    ) -> Self {
+        Self {
+            register,
+            clock,
+            me,
+            config,
+        }
+    }
+
     /// The domain's current lease record, if any.
     pub fn read(&self, uuid: &str) -> Result<Option<Lease>, LeaseError> {
         let xml = self

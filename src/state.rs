@@ -171,6 +171,49 @@ impl Default for Lifecycle {
     }
 }
 
+/// Which `<on_poweroff>`/`<on_reboot>` values a libvirt driver takes. libvirt's QEMU driver
+/// refuses `preserve` and `rename-restart` for both, and rebooting to `destroy` while a power-off
+/// restarts (checked against libvirt 9 on a real daemon; `tests/integration/lifecycle.rs`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum LifecycleRules {
+    /// Drivers without such limits (the test driver).
+    #[default]
+    Any,
+    /// libvirt's QEMU driver.
+    Qemu,
+}
+
+/// Why a driver refuses a lifecycle configuration.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LifecycleRefusal {
+    /// The driver never takes `action` for `event`.
+    Action(LifecycleEvent, LifecycleAction),
+    /// `on_reboot: destroy` with `on_poweroff: restart`.
+    RebootDestroysWhilePoweroffRestarts,
+}
+
+impl LifecycleRules {
+    /// Why the driver would refuse `lifecycle`, or `None` when it takes it.
+    #[must_use]
+    pub fn refusal(self, lifecycle: Lifecycle) -> Option<LifecycleRefusal> {
+        if self == Self::Any {
+            return None;
+        }
+        for event in [LifecycleEvent::Poweroff, LifecycleEvent::Reboot] {
+            let action = lifecycle.get(event);
+            if matches!(
+                action,
+                LifecycleAction::Preserve | LifecycleAction::RenameRestart
+            ) {
+                return Some(LifecycleRefusal::Action(event, action));
+            }
+        }
+        (lifecycle.on_reboot == LifecycleAction::Destroy
+            && lifecycle.on_poweroff == LifecycleAction::Restart)
+            .then_some(LifecycleRefusal::RebootDestroysWhilePoweroffRestarts)
+    }
+}
+
 impl Lifecycle {
     #[must_use]
     pub fn get(self, event: LifecycleEvent) -> LifecycleAction {
@@ -221,4 +264,39 @@ pub struct DomainState {
     pub description: String,
     /// `Some` only for active domains.
     pub live: Option<LiveFigures>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn qemu_lifecycle_rules_match_what_libvirt_refuses() {
+        use LifecycleAction::{Destroy, Preserve, RenameRestart, Restart};
+        let pair = |on_poweroff, on_reboot| Lifecycle {
+            on_poweroff,
+            on_reboot,
+        };
+        let mut refused = 0;
+        for p in LifecycleAction::ALL {
+            for r in LifecycleAction::ALL {
+                assert_eq!(LifecycleRules::Any.refusal(pair(p, r)), None);
+                let verdict = LifecycleRules::Qemu.refusal(pair(p, r));
+                let supported = matches!(p, Destroy | Restart) && matches!(r, Destroy | Restart);
+                match verdict {
+                    None => assert!(supported && !(p == Restart && r == Destroy)),
+                    Some(LifecycleRefusal::Action(_, a)) => {
+                        assert!(matches!(a, Preserve | RenameRestart));
+                        refused += 1;
+                    }
+                    Some(LifecycleRefusal::RebootDestroysWhilePoweroffRestarts) => {
+                        assert_eq!((p, r), (Restart, Destroy));
+                        refused += 1;
+                    }
+                }
+            }
+        }
+        // 16 pairs: 12 name `preserve` or `rename-restart`, 1 is the refused combination.
+        assert_eq!(refused, 13);
+    }
 }

@@ -184,6 +184,19 @@ pub fn run(args: &Args<'_>, clock: &dyn Clock, printer: &Printer) -> anyhow::Res
         n.plan_started(clock.now())?;
     }
     let pending = plan.steps.len();
+    // What this run must leave finished (a watched plan may change under the run).
+    let reviewed = (!args.watch).then(|| {
+        plan.steps
+            .iter()
+            .map(|s| {
+                (
+                    s.step_id.clone(),
+                    s.domain.uuid.clone(),
+                    format!("step {} {}", s.step, s.domain.name),
+                )
+            })
+            .collect::<Vec<_>>()
+    });
     printer.info(&format!(
         "Applying {pending} step(s); progress is recorded in {} (Ctrl-C stops after the step in flight).",
         store.path().display()
@@ -254,7 +267,39 @@ pub fn run(args: &Args<'_>, clock: &dyn Clock, printer: &Printer) -> anyhow::Res
         printer.error("interrupted: the step in flight was finished and recorded; run `virtplan apply` again to resume");
         return Ok(ExitStatus::Error);
     }
+    if let Some(reviewed) = &reviewed {
+        if let Some(left) = unfinished(reviewed, &lock) {
+            // Never "success" while the lockfile says a reviewed step has not run.
+            printer.error(&format!(
+                "{left} still recorded pending or running after the run ended: this is a virtplan bug; run `virtplan apply` again to resume, and report it"
+            ));
+            return Ok(ExitStatus::Error);
+        }
+    }
     Ok(ExitStatus::Success)
+}
+
+/// The reviewed steps (id, domain UUID, label) the lockfile still holds as pending or running
+/// (`step 3 web-01, ...`).
+fn unfinished(
+    reviewed: &[(String, String, String)],
+    lock: &crate::lockfile::Lockfile,
+) -> Option<String> {
+    use crate::lockfile::{Index, StepStatus};
+    let index = Index::of(lock);
+    let left: Vec<&str> = reviewed
+        .iter()
+        .filter(|(id, uuid, _)| {
+            index.position(id, uuid).is_none_or(|i| {
+                matches!(
+                    lock.steps[i].status,
+                    StepStatus::Pending | StepStatus::Running
+                )
+            })
+        })
+        .map(|(.., label)| label.as_str())
+        .collect();
+    (!left.is_empty()).then(|| left.join(", "))
 }
 
 /// `--watch`: the reconciler runs the plan and follows edits of its file.
@@ -537,4 +582,56 @@ fn confirm(plan: &Plan, printer: &Printer) -> anyhow::Result<bool> {
     let mut answer = String::new();
     std::io::stdin().lock().read_line(&mut answer)?;
     Ok(answer.trim() == "yes")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::unfinished;
+    use crate::lockfile::{Lockfile, StepRecord, StepStatus};
+
+    #[test]
+    fn a_reviewed_step_left_pending_or_unrecorded_is_named() {
+        let reviewed: Vec<(String, String, String)> = [
+            ("s1", "u1", "step 1 a"),
+            ("s2", "u1", "step 2 a"),
+            ("s3", "u2", "step 3 b"),
+        ]
+        .iter()
+        .map(|(i, u, l)| ((*i).to_owned(), (*u).to_owned(), (*l).to_owned()))
+        .collect();
+        let mut lock = Lockfile::new("sha");
+        lock.steps.push(StepRecord::new(
+            1,
+            "s1",
+            "a",
+            "u1",
+            "",
+            None,
+            StepStatus::Done,
+        ));
+        lock.steps.push(StepRecord::new(
+            2,
+            "s2",
+            "a",
+            "u1",
+            "",
+            None,
+            StepStatus::Pending,
+        ));
+        assert_eq!(
+            unfinished(&reviewed, &lock).as_deref(),
+            Some("step 2 a, step 3 b")
+        );
+        lock.steps[1].status = StepStatus::Skipped;
+        lock.steps.push(StepRecord::new(
+            3,
+            "s3",
+            "b",
+            "u2",
+            "",
+            None,
+            StepStatus::Missed,
+        ));
+        assert_eq!(unfinished(&reviewed, &lock), None);
+    }
 }

@@ -48,12 +48,13 @@ fn show(t: DateTime<Utc>) -> String {
 }
 
 impl Run<'_> {
-    /// The last moment `step` may start: `at + grace`, and never after the window closes.
+    /// The last moment `step` may start: `at + grace` (for a rollout's domain, from when the
+    /// rollout dispatched it), and never after the window closes.
     pub(super) fn start_deadline(&self, step: &PlannedStep, now: DateTime<Utc>) -> DateTime<Utc> {
         let settings = self.ex.settings;
         let grace = chrono::Duration::from_std(settings.grace).unwrap_or(chrono::Duration::MAX);
-        let by_grace = step
-            .at
+        let by_grace = self
+            .effective_at(step)
             .unwrap_or(now)
             .checked_add_signed(grace)
             .unwrap_or(DateTime::<Utc>::MAX_UTC);

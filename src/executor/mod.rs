@@ -9,10 +9,12 @@
 //! only the scheduler waits, for the earliest due time or a finished turn, and re-reads the
 //! clock after every wake-up. Time comes only from the [`Clock`], so tests run on a fake one.
 
+mod admission;
 mod gate;
 mod leasing;
 mod step;
 
+pub use admission::Peaks;
 pub use leasing::Leasing;
 
 use std::cmp::Reverse;
@@ -30,6 +32,7 @@ use crate::lockfile::{LockError, LockStore, StepStatus};
 use crate::plan_file::{OnFailure, Window};
 use crate::planner::{Connections, Plan, PlannedStep, Policy};
 use crate::uri::Uri;
+use admission::Arrival;
 
 /// How the executor behaves: the plan's timing and failure policy, and its own limits.
 #[derive(Debug, Clone)]
@@ -128,6 +131,8 @@ pub struct Report {
     pub interrupted: bool,
     /// Progress could not be recorded: the run stopped.
     pub fatal: Option<String>,
+    /// The most domains each rollout step and each capped host had in flight at once.
+    pub peaks: Peaks,
 }
 
 impl Report {
@@ -200,6 +205,21 @@ struct Run<'a> {
     conns: Mutex<BTreeMap<Uri, Host>>,
     /// Attributes each (step id, uuid) changes, from the plan's changes.
     touched: BTreeMap<(String, String), Vec<Attr>>,
+    /// Rollouts and per-host caps.
+    admission: admission::Admission,
+    /// The scheduler's hand-off to the workers.
+    pool: Pool,
+}
+
+/// Where a domain's turn stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Next {
+    /// Its next step is due then.
+    Due(DateTime<Utc>),
+    /// Its next step waits for a share of a rollout or of its host's cap.
+    Parked,
+    /// No steps left.
+    Finished,
 }
 
 /// One host's connection, and whether the host can be reached.
@@ -257,8 +277,10 @@ struct Pool {
 struct PoolState {
     /// Domains due now, by index.
     jobs: VecDeque<usize>,
-    /// Turns ended: the domain and the due time of its next step (`None`: no steps left).
-    finished: Vec<(usize, Option<DateTime<Utc>>)>,
+    /// Turns ended: the domain and where it stopped.
+    finished: Vec<(usize, Next)>,
+    /// A share of a rollout or host was freed: the scheduler hands parked domains out.
+    kicked: bool,
     /// No more work: workers exit.
     closed: bool,
     /// A worker panicked: re-raised by the scheduler.
@@ -330,6 +352,8 @@ impl Executor<'_> {
             outcomes: Mutex::new(Vec::new()),
             conns: Mutex::new(self.hosts()),
             touched,
+            admission: admission::Admission::new(self.plan, self.settings.on_failure),
+            pool: Pool::default(),
         };
         // Each domain's steps in plan (time) order, grouped in one pass.
         let mut slots: HashMap<(&Uri, &str), usize> = HashMap::new();
@@ -355,6 +379,7 @@ impl Executor<'_> {
             .map(|(i, s)| ((s.step_id.as_str(), s.domain.uuid.as_str()), i))
             .collect();
         outcomes.sort_by_key(|o| order.get(&(o.step_id.as_str(), o.uuid.as_str())).copied());
+        let peaks = run.admission.peaks();
         let fatal = run
             .fatal
             .into_inner()
@@ -368,6 +393,7 @@ impl Executor<'_> {
             outcomes,
             interrupted,
             fatal,
+            peaks,
         })
     }
 }
@@ -529,18 +555,19 @@ impl Run<'_> {
     }
 
     /// Runs domains on a pool of at most `parallelism` workers, each domain's steps in order,
-    /// every step when it is due.
+    /// every step when it is due and, when paced, when its rollout or host gives it a share.
     fn schedule(&self, domains: &[Vec<&PlannedStep>]) {
         const SLICE: Duration = Duration::from_secs(1);
         let workers = self.ex.settings.parallelism.clamp(1, domains.len().max(1));
-        let pool = Pool::default();
+        let pool = &self.pool;
         let cursors: Vec<Mutex<Cursor>> = domains.iter().map(|_| Mutex::default()).collect();
         let panic = std::thread::scope(|scope| {
             for _ in 0..workers {
-                scope.spawn(|| self.work(&pool, domains, &cursors));
+                scope.spawn(|| self.work(pool, domains, &cursors));
             }
             let mut waiting: BinaryHeap<Reverse<(DateTime<Utc>, usize)>> = BinaryHeap::new();
             let mut in_flight = domains.len();
+            let mut parked = 0usize;
             pool.lock().jobs.extend(0..domains.len());
             pool.wake.notify_all();
             let mut signals = self.signals();
@@ -549,10 +576,13 @@ impl Run<'_> {
                 if state.closed {
                     break;
                 }
+                state.kicked = false;
                 for (i, next) in state.finished.drain(..) {
                     in_flight -= 1;
-                    if let Some(due) = next {
-                        waiting.push(Reverse((due, i)));
+                    match next {
+                        Next::Due(due) => waiting.push(Reverse((due, i))),
+                        Next::Parked => parked += 1,
+                        Next::Finished => {}
                     }
                 }
                 // A signal or an abort changes what waiting domains do (cancel their steps
@@ -571,24 +601,43 @@ impl Run<'_> {
                     in_flight += 1;
                     dispatched = true;
                 }
+                let mut wake = None;
+                if parked > 0 {
+                    // Nothing running and nothing due that could free a share: relax the
+                    // rollout order rather than wait forever (never its caps).
+                    let stuck = in_flight == 0 && waiting.is_empty();
+                    let (go, next) = self.admission.pump(now, flush, stuck);
+                    parked -= go.len();
+                    in_flight += go.len();
+                    dispatched |= !go.is_empty();
+                    state.jobs.extend(go);
+                    wake = next;
+                }
                 if dispatched {
                     pool.wake.notify_all();
                 }
-                if in_flight == 0 && waiting.is_empty() {
+                if in_flight == 0 && waiting.is_empty() && parked == 0 {
                     state.closed = true;
                     pool.wake.notify_all();
                     break;
                 }
-                let left = waiting.peek().map_or(SLICE, |Reverse((due, _))| {
-                    (*due - now).to_std().unwrap_or(Duration::ZERO).min(SLICE)
+                let next = match (waiting.peek(), wake) {
+                    (Some(Reverse((due, _))), Some(w)) => Some((*due).min(w)),
+                    (Some(Reverse((due, _))), None) => Some(*due),
+                    (None, w) => w,
+                };
+                let left = next.map_or(SLICE, |due| {
+                    (due - now).to_std().unwrap_or(Duration::ZERO).min(SLICE)
                 });
                 if in_flight > 0 {
-                    // Woken by a finished turn, or when the next domain is due.
-                    state = pool
-                        .wake
-                        .wait_timeout(state, left.max(Duration::from_millis(1)))
-                        .unwrap_or_else(PoisonError::into_inner)
-                        .0;
+                    // Woken by a finished turn, a freed share, or when the next domain is due.
+                    if !state.kicked && state.finished.is_empty() {
+                        state = pool
+                            .wake
+                            .wait_timeout(state, left.max(Duration::from_millis(1)))
+                            .unwrap_or_else(PoisonError::into_inner)
+                            .0;
+                    }
                 } else {
                     drop(state);
                     self.ex.clock.sleep(left);
@@ -603,6 +652,12 @@ impl Run<'_> {
         if let Some(panic) = panic {
             std::panic::resume_unwind(panic);
         }
+    }
+
+    /// Tells the scheduler a share was freed, so parked domains are handed out at once.
+    fn kick(&self) {
+        self.pool.lock().kicked = true;
+        self.pool.wake.notify_all();
     }
 
     /// Whether a signal or an abort stopped the run, as one comparable value.
@@ -633,7 +688,7 @@ impl Run<'_> {
             };
             let turn = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                 let mut cursor = cursors[i].lock().unwrap_or_else(PoisonError::into_inner);
-                self.turn(&domains[i], &mut cursor)
+                self.turn(i, &domains[i], &mut cursor)
             }));
             let mut state = pool.lock();
             match turn {
@@ -663,18 +718,23 @@ impl Run<'_> {
         (self.ex.clock.now() < due).then_some(due)
     }
 
-    /// Runs one domain's steps in order from its cursor, while they are due; returns the due
-    /// time of the step it stopped before, or `None` when the domain has no steps left.
-    fn turn(&self, steps: &[&PlannedStep], cursor: &mut Cursor) -> Option<DateTime<Utc>> {
+    /// Runs one domain's steps in order from its cursor, while they are due (and, when paced,
+    /// admitted); says where it stopped.
+    // One match over what the lockfile and the domain's history say, then one epilogue;
+    // splitting it would scatter the order the statuses are decided in.
+    #[allow(clippy::too_many_lines)]
+    fn turn(&self, domain: usize, steps: &[&PlannedStep], cursor: &mut Cursor) -> Next {
         while let Some(&step) = steps.get(cursor.next) {
-            let blocked = &cursor.blocked;
             let mut gone = false;
+            let gated = self.admission.gated(step);
             let recorded = self
                 .ex
                 .store
                 .status(&step.step_id, &step.domain.uuid)
                 .unwrap_or(StepStatus::Pending);
-            let result = match (recorded, &blocked) {
+            // The status it ended with, and whether a failure blocks the domain's later steps
+            // (`false` when it was only a consequence of an earlier block or a stop).
+            let (status, blocks) = match (recorded, &cursor.blocked) {
                 (StepStatus::Done, _) => {
                     self.report(
                         step,
@@ -682,32 +742,39 @@ impl Run<'_> {
                         "done in an earlier run".to_owned(),
                         true,
                     );
-                    cursor.next += 1;
-                    continue;
+                    (StepStatus::Done, false)
                 }
                 (StepStatus::Missed, _) => {
                     let message = "missed in an earlier run; a missed step never runs".to_owned();
                     self.report(step, StepStatus::Missed, message, true);
-                    StepStatus::Missed
+                    (StepStatus::Missed, true)
                 }
                 // An `always` step runs whatever happened before it (but never twice, and
                 // never after a signal).
                 _ if step.always && !self.ex.stop.load(Ordering::SeqCst) => {
                     if let Some(due) = self.not_yet(step, recorded) {
-                        return Some(due);
+                        return Next::Due(due);
                     }
+                    // A lost host first: its domain takes no rollout share while it waits.
                     match self.host_gate(step) {
-                        HostGate::Up => {
-                            let ended = self.step(
-                                step,
-                                recorded,
-                                blocked.is_some() || self.abort.load(Ordering::SeqCst),
-                            );
-                            gone = ended.gone;
-                            ended.status
-                        }
-                        HostGate::Wait(until) => return Some(until),
-                        HostGate::Lost(reason) => self.host_lost(step, recorded, &reason),
+                        HostGate::Wait(until) => return Next::Due(until),
+                        HostGate::Lost(reason) => (self.host_lost(step, recorded, &reason), true),
+                        HostGate::Up => match self.admit(step, domain, recorded, gated) {
+                            Some(Arrival::Parked) => return Next::Parked,
+                            Some(Arrival::Skip(reason)) => {
+                                self.finish(step, StepStatus::Skipped, reason);
+                                (StepStatus::Skipped, true)
+                            }
+                            _ => {
+                                let ended = self.step(
+                                    step,
+                                    recorded,
+                                    cursor.blocked.is_some() || self.abort.load(Ordering::SeqCst),
+                                );
+                                gone = ended.gone;
+                                (ended.status, true)
+                            }
+                        },
                     }
                 }
                 (_, Some(b)) => {
@@ -716,31 +783,54 @@ impl Run<'_> {
                         Blocked::Earlier(m) => (StepStatus::Skipped, m.clone()),
                     };
                     self.finish(step, status, message);
-                    cursor.next += 1;
-                    continue;
+                    (status, false)
+                }
+                // A rollout past its error budget: its domains not started are skipped, not
+                // cancelled, whatever `on_failure` did to the rest of the plan.
+                _ if gated && self.admission.tripped(step).is_some() => {
+                    let reason = self.admission.tripped(step).unwrap_or_default();
+                    self.finish(step, StepStatus::Skipped, reason);
+                    (StepStatus::Skipped, true)
                 }
                 _ if self.stopping() => {
                     self.cancel(step);
-                    cursor.next += 1;
-                    continue;
+                    (StepStatus::Cancelled, false)
                 }
                 _ => {
                     if let Some(due) = self.not_yet(step, recorded) {
-                        return Some(due);
+                        return Next::Due(due);
                     }
                     match self.host_gate(step) {
-                        HostGate::Up => {
-                            let ended = self.step(step, recorded, false);
-                            gone = ended.gone;
-                            ended.status
-                        }
-                        HostGate::Wait(until) => return Some(until),
-                        HostGate::Lost(reason) => self.host_lost(step, recorded, &reason),
+                        HostGate::Wait(until) => return Next::Due(until),
+                        HostGate::Lost(reason) => (self.host_lost(step, recorded, &reason), true),
+                        HostGate::Up => match self.admit(step, domain, recorded, gated) {
+                            Some(Arrival::Parked) => return Next::Parked,
+                            Some(Arrival::Skip(reason)) => {
+                                self.finish(step, StepStatus::Skipped, reason);
+                                (StepStatus::Skipped, true)
+                            }
+                            _ => {
+                                let ended = self.step(step, recorded, false);
+                                gone = ended.gone;
+                                (ended.status, true)
+                            }
+                        },
                     }
                 }
             };
+            if gated {
+                // The budget is spent under `on_failure: abort`: the plan stops.
+                if self
+                    .admission
+                    .leave(step, status, self.ex.clock.now())
+                    .is_some()
+                {
+                    self.abort.store(true, Ordering::SeqCst);
+                }
+                self.kick();
+            }
             cursor.next += 1;
-            if result.is_failure() {
+            if blocks && status.is_failure() {
                 cursor.blocked = Some(if gone {
                     Blocked::Gone(format!(
                         "domain {} ({}) no longer exists",
@@ -749,12 +839,33 @@ impl Run<'_> {
                 } else {
                     Blocked::Earlier(format!(
                         "step {} of {} was {}",
-                        step.step, step.domain.name, result
+                        step.step, step.domain.name, status
                     ))
                 });
             }
         }
-        None
+        Next::Finished
+    }
+
+    /// Asks the pacing whether `step` may start on its domain now (`None`: not paced).
+    /// A step recorded `running` by an interrupted run is re-checked at once, holding a share.
+    fn admit(
+        &self,
+        step: &PlannedStep,
+        domain: usize,
+        recorded: StepStatus,
+        gated: bool,
+    ) -> Option<Arrival> {
+        if !gated {
+            return None;
+        }
+        let now = self.ex.clock.now();
+        let late = recorded != StepStatus::Running && self.late(step, now).is_some();
+        let deadline = self.start_deadline(step, now);
+        Some(
+            self.admission
+                .arrive(step, domain, now, late, Some(deadline)),
+        )
     }
 
     /// Records a final status without running anything (skipped, failed because gone).
@@ -803,7 +914,11 @@ impl Run<'_> {
     /// Publishes a step's outcome. Under `on_failure: abort` a failure stops every other
     /// domain here, before anyone hears of it.
     fn report(&self, step: &PlannedStep, status: StepStatus, message: String, earlier: bool) {
-        if status.is_failure() && self.ex.settings.on_failure == OnFailure::Abort {
+        // A rollout's failures abort only once they exceed its `max_errors` (see `turn`).
+        if status.is_failure()
+            && self.ex.settings.on_failure == OnFailure::Abort
+            && step.rollout.is_none()
+        {
             self.abort.store(true, Ordering::SeqCst);
         }
         let outcome = Outcome {

@@ -243,6 +243,17 @@ impl Run<'_> {
         }
     }
 
+    /// When `step`'s grace starts: its `at`, or for a domain a rollout dispatched later, the
+    /// moment it was dispatched (waiting for its turn in the rollout is not being late).
+    pub(super) fn effective_at(&self, step: &PlannedStep) -> Option<DateTime<Utc>> {
+        let at = step.at?;
+        Some(
+            self.admission
+                .dispatched(step)
+                .map_or(at, |dispatched| dispatched.max(at)),
+        )
+    }
+
     /// Why a step starting at `now` would be too late, if it would.
     pub(super) fn late(&self, step: &PlannedStep, now: DateTime<Utc>) -> Option<String> {
         let settings = self.ex.settings;
@@ -255,7 +266,7 @@ impl Run<'_> {
                 ));
             }
         }
-        let at = step.at?;
+        let at = self.effective_at(step)?;
         let grace = chrono::Duration::from_std(settings.grace).unwrap_or(chrono::Duration::MAX);
         let deadline = at
             .checked_add_signed(grace)

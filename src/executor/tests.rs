@@ -1733,3 +1733,6 @@ fn a_domain_that_never_settles_fails_its_resumed_step_without_a_call() {
         lock.steps[0].message
     );
 }
+
+/// Rollouts and per-host caps on the fake clock.
+mod rollout;

@@ -724,6 +724,14 @@ impl Hypervisor for Libvirt {
         })
     }
 
+    fn lifecycle_rules(&self) -> crate::state::LifecycleRules {
+        if self.qemu {
+            crate::state::LifecycleRules::Qemu
+        } else {
+            crate::state::LifecycleRules::Any
+        }
+    }
+
     fn snapshot_support(&self, uuid: &str) -> HvResult<SnapshotSupport> {
         if !self.qemu {
             return Ok(SnapshotSupport::default());

@@ -246,6 +246,11 @@ pub trait Hypervisor: Send + Sync {
     /// Sets the guest's clock to `time` (libvirt's domain time API, through the guest agent).
     fn set_guest_time(&self, uuid: &str, time: DateTime<Utc>) -> HvResult<()>;
 
+    /// Which lifecycle actions the driver takes. The default, for drivers without limits: any.
+    fn lifecycle_rules(&self) -> crate::state::LifecycleRules {
+        crate::state::LifecycleRules::Any
+    }
+
     /// Whether libvirt can take an internal snapshot of the domain, running and shut off
     /// (see [`snapshot`]). The default, for drivers without such limits: always.
     fn snapshot_support(&self, _uuid: &str) -> HvResult<snapshot::SnapshotSupport> {

@@ -68,12 +68,8 @@ fn lease_element_is_stored_in_the_domains_libvirt_metadata() {
     let clock = FakeClock::new(t("2026-12-01T04:00:00Z"));
     let me = holder("admin1", 10, "a");
     let config = config();
-    let leaser = Leaser {
-        register: &Metadata(hv.as_ref()),
-        clock: &clock,
-        me: &me,
-        config: &config,
-    };
+    let register = Metadata(hv.as_ref());
+    let leaser = Leaser::new(&register, &clock, &me, &config);
     assert_eq!(
         leaser.try_acquire(UUID).unwrap(),
         Attempt::Acquired {
@@ -133,12 +129,7 @@ fn two_contenders_that_both_read_free_never_both_acquire() {
                 .into_iter()
                 .zip(&clocks)
                 .map(|(me, clock)| {
-                    let leaser = Leaser {
-                        register: &register,
-                        clock,
-                        me,
-                        config: &config,
-                    };
+                    let leaser = Leaser::new(&register, clock, me, &config);
                     s.spawn(move || leaser.try_acquire(UUID).unwrap())
                 })
                 .collect();
@@ -182,12 +173,7 @@ fn eight_racing_contenders_on_the_system_clock_elect_exactly_one() {
         let handles: Vec<_> = holders
             .iter()
             .map(|me| {
-                let leaser = Leaser {
-                    register: &register,
-                    clock: &clock,
-                    me,
-                    config: &config,
-                };
+                let leaser = Leaser::new(&register, &clock, me, &config);
                 let start = Arc::clone(&start);
                 s.spawn(move || {
                     start.wait();
@@ -213,20 +199,10 @@ fn a_live_lease_of_another_holder_keeps_us_out_until_the_deadline() {
     let rival = holder("admin2", 77, "r");
     let me = holder("admin1", 10, "a");
     let register = Metadata(hv.as_ref());
-    Leaser {
-        register: &register,
-        clock: &clock,
-        me: &rival,
-        config: &config,
-    }
-    .try_acquire(UUID)
-    .unwrap();
-    let leaser = Leaser {
-        register: &register,
-        clock: &clock,
-        me: &me,
-        config: &config,
-    };
+    Leaser::new(&register, &clock, &rival, &config)
+        .try_acquire(UUID)
+        .unwrap();
+    let leaser = Leaser::new(&register, &clock, &me, &config);
     let deadline = t("2026-12-01T04:00:20Z");
     let outcome = leaser.acquire_until(UUID, deadline, &|| false).unwrap();
     let Acquisition::GaveUp(Some(rival_lease)) = outcome else {
@@ -250,12 +226,7 @@ fn an_expired_lease_is_taken_over_once_the_clock_skew_margin_passed() {
     };
     register.set(UUID, Some(&dead.to_xml())).unwrap();
     let me = holder("admin1", 10, "a");
-    let leaser = Leaser {
-        register: &register,
-        clock: &clock,
-        me: &me,
-        config: &config,
-    };
+    let leaser = Leaser::new(&register, &clock, &me, &config);
     // Expired 3 s ago, but clocks may be 5 s apart: not yet.
     assert_eq!(leaser.try_acquire(UUID).unwrap(), Attempt::Busy(dead));
     clock.advance(chrono::Duration::seconds(3));
@@ -278,12 +249,7 @@ fn a_lease_left_by_a_dead_executor_of_the_same_plan_on_this_host_is_taken_over_a
     register.set(UUID, Some(&left.to_xml())).unwrap();
     let me = holder("admin1", 10, "new");
     let plain = config();
-    let leaser = |config| Leaser {
-        register: &register,
-        clock: &clock,
-        me: &me,
-        config,
-    };
+    let leaser = |config| Leaser::new(&register, &clock, &me, config);
     assert_eq!(
         leaser(&plain).try_acquire(UUID).unwrap(),
         Attempt::Busy(left)
@@ -334,12 +300,7 @@ fn a_contender_whose_own_write_was_slow_backs_off_without_acting_or_erasing() {
         inner: Metadata(hv.as_ref()),
         clock: &clock,
     };
-    let leaser = Leaser {
-        register: &register,
-        clock: &clock,
-        me: &me,
-        config: &config,
-    };
+    let leaser = Leaser::new(&register, &clock, &me, &config);
     assert_eq!(
         leaser.try_acquire(UUID).unwrap(),
         Attempt::Slow {
@@ -356,12 +317,7 @@ fn renew_extends_our_lease_and_reports_a_lost_one() {
     let config = config();
     let register = Metadata(hv.as_ref());
     let me = holder("admin1", 10, "a");
-    let leaser = Leaser {
-        register: &register,
-        clock: &clock,
-        me: &me,
-        config: &config,
-    };
+    let leaser = Leaser::new(&register, &clock, &me, &config);
     assert!(matches!(
         leaser.try_acquire(UUID).unwrap(),
         Attempt::Acquired { .. }
@@ -398,12 +354,7 @@ fn an_unreadable_lease_is_an_error_that_says_how_to_remove_it() {
     let clock = FakeClock::new(t("2026-12-01T04:00:00Z"));
     let config = config();
     let me = holder("admin1", 10, "a");
-    let leaser = Leaser {
-        register: &register,
-        clock: &clock,
-        me: &me,
-        config: &config,
-    };
+    let leaser = Leaser::new(&register, &clock, &me, &config);
     let err = leaser.try_acquire(UUID).unwrap_err().to_string();
     assert!(err.contains("version 9"), "{err}");
     assert!(err.contains("virsh metadata"), "{err}");
@@ -417,12 +368,7 @@ fn leases_live_in_the_persistent_definition_across_power_changes() {
     let config = config();
     let register = Metadata(hv.as_ref());
     let me = holder("admin1", 10, "a");
-    let leaser = Leaser {
-        register: &register,
-        clock: &clock,
-        me: &me,
-        config: &config,
-    };
+    let leaser = Leaser::new(&register, &clock, &me, &config);
     assert!(matches!(
         leaser.try_acquire(UUID).unwrap(),
         Attempt::Acquired { .. }

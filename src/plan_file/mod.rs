@@ -17,8 +17,8 @@ mod yaml;
 /// Schema's properties: the validator and the schema cannot drift apart.
 pub mod keys {
     pub use super::validate::{
-        ATTRIBUTE_KEYS, CHECK_KEYS, CLOCK_KEYS, DEFAULTS_KEYS, MATCH_KEYS, SHUTDOWN_KEYS,
-        SNAPSHOT_KEYS, STEP_KEYS, TOP_KEYS, WINDOW_KEYS,
+        ATTRIBUTE_KEYS, CHECK_KEYS, CLOCK_KEYS, DEFAULTS_KEYS, MATCH_KEYS, ROLLOUT_KEYS,
+        SHUTDOWN_KEYS, SNAPSHOT_KEYS, STEP_KEYS, TOP_KEYS, WINDOW_KEYS,
     };
     pub use crate::notify::target::{EMAIL_KEYS as NOTIFY_EMAIL_KEYS, TARGET_KEYS as NOTIFY_KEYS};
 }
@@ -69,6 +69,9 @@ pub struct PlanFile {
     pub on_failure: OnFailure,
     /// How many steps may run at once (virtplan.toml `parallelism`).
     pub parallelism: usize,
+    /// How many steps may run at once on one connection (virtplan.toml `[hosts.NAME]
+    /// max_parallel`), by resolved URI.
+    pub host_caps: std::collections::BTreeMap<Uri, usize>,
     pub steps: Vec<Step>,
     /// Notification targets in effect: the plan's `notify`, else virtplan.toml's `[[notify]]`.
     pub notify: Vec<crate::notify::Target>,
@@ -303,6 +306,51 @@ mod duration_millis {
     }
 }
 
+/// A number of a rollout's domains: a count, or a percentage of the reviewed set.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Share {
+    Count(u32),
+    /// 0 to 100.
+    Percent(u8),
+}
+
+impl Share {
+    /// The share of `domains`: a percentage is rounded down (`25%` of 6 is 1), like a
+    /// playbook runner's `serial`/`max_fail_percentage`, so a limit never lets more through
+    /// than written.
+    #[must_use]
+    pub fn of(self, domains: usize) -> usize {
+        match self {
+            Self::Count(n) => usize::try_from(n).unwrap_or(usize::MAX),
+            Self::Percent(p) => domains.saturating_mul(usize::from(p)) / 100,
+        }
+    }
+}
+
+impl fmt::Display for Share {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Count(n) => write!(f, "{n}"),
+            Self::Percent(p) => write!(f, "{p}%"),
+        }
+    }
+}
+
+/// `rollout`: how a step with several domains goes through them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct RolloutSpec {
+    /// At most this many domains at once (a domain's share includes its check); `None`: no
+    /// limit beyond `parallelism`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_parallel: Option<Share>,
+    /// Once more domains than this failed, no further domain starts.
+    pub max_errors: Share,
+    /// How long a slot freed by a finished domain stays empty before the next domain starts.
+    #[serde(with = "duration_millis")]
+    pub pause: Duration,
+}
+
 /// A snapshot a step takes (idempotent by name).
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct SnapshotSpec {
@@ -421,6 +469,11 @@ pub struct Step {
     /// Runs even after an earlier step of its domain failed, was skipped or missed, or the
     /// plan was aborted, so a window can always restore service.
     pub always: bool,
+    /// How the step goes through its domains (a step with `vms` only).
+    pub rollout: Option<Located<RolloutSpec>>,
+    /// Which occurrence of an identical step this is (1 for a step written once; 2 for the
+    /// second `autostart: true` of `true → false → true`), so every step has its own id.
+    pub repeat: usize,
 }
 
 /// Defaults a plan inherits from `virtplan.toml` and that validation needs.

@@ -168,6 +168,32 @@ struct StepSchema {
     /// Run this step even after an earlier step of its domain failed, was skipped or missed,
     /// or the plan was aborted (at its own time and grace), so the window restores service.
     always: Option<bool>,
+    rollout: Option<RolloutSchema>,
+}
+
+/// How a step with several domains goes through them: in the reviewed order, at most
+/// `max_parallel` at once (a domain's share includes its check), `pause` before a freed slot
+/// is reused; once more than `max_errors` domains failed, the rest are skipped and
+/// `on_failure` applies.
+#[derive(JsonSchema)]
+#[schemars(deny_unknown_fields)]
+struct RolloutSchema {
+    /// At least 1 (or `"1%"`..`"100%"`; a percentage of the domains, rounded down, at least 1).
+    max_parallel: Option<ShareSchema>,
+    /// Failed domains tolerated (default 0; a percentage is rounded down).
+    max_errors: Option<ShareSchema>,
+    /// How long a freed slot stays empty before the next domain starts (default 0s).
+    #[schemars(regex(pattern = DURATION_PATTERN))]
+    pause: Option<String>,
+}
+
+/// A count, or a percentage of the step's domains such as `"25%"`.
+#[derive(JsonSchema)]
+#[serde(untagged)]
+#[allow(dead_code)] // only its schema is used
+enum ShareSchema {
+    Count(#[schemars(range(min = 0))] u32),
+    Percent(#[schemars(regex(pattern = r"^[0-9]{1,3}%$"))] String),
 }
 
 /// The domain clock; offset and track take effect at the next boot.

@@ -61,6 +61,15 @@ pub struct StepIdentity<'a> {
     /// domain literally named `web-*`, keeps a different id.
     #[serde(rename = "match", skip_serializing_if = "Option::is_none")]
     pub matching: Option<&'a str>,
+    /// The occurrence of an identical step (see [`Step::repeat`]): left out for the first, so
+    /// only repeats, which shared an id before, get new ones.
+    #[serde(rename = "repeat", skip_serializing_if = "is_first")]
+    pub repeat: usize,
+}
+
+#[allow(clippy::trivially_copy_pass_by_ref)] // serde's skip_serializing_if passes a reference
+fn is_first(repeat: &usize) -> bool {
+    *repeat <= 1
 }
 
 #[derive(serde::Serialize)]
@@ -192,6 +201,7 @@ impl<'a> StepIdentity<'a> {
                 interval: DurationId(l.value.interval),
             }),
             always: step.always,
+            repeat: step.repeat,
         }
     }
 
@@ -672,5 +682,34 @@ mod lifecycle_ids {
         assert_eq!(ids, ["sb2d891d355", "sf2a4826c43"]);
         assert!(super::notation(&super::StepIdentity::of(&file.steps[1]))
             .ends_with(";on_poweroff=Some(Preserve);on_reboot=Some(Rename-restart)"));
+    }
+}
+
+#[cfg(test)]
+mod repeat_ids {
+    use std::path::Path;
+
+    use crate::plan_file::{parse, LoadContext};
+
+    /// Regression: `autostart: true → false → true` gave steps 1 and 3 one id, so they shared
+    /// one lockfile record: step 3 ran before step 2, step 1 stayed `pending`, and the domain
+    /// ended with autostart off. The first occurrence keeps its id; repeats get their own.
+    #[test]
+    fn identical_steps_get_their_own_ids_and_the_first_keeps_its_id() {
+        let plan = "version: 1\nconnection: test:///default\nsteps:\n  - vm: test\n    autostart: true\n  - vm: test\n    autostart: false\n  - vm: test\n    autostart: true\n  - vm: test\n    autostart: true\n";
+        let file = parse(
+            Path::new("pin.yaml"),
+            plan.to_owned(),
+            &LoadContext::default(),
+        )
+        .unwrap_or_else(|d| panic!("{d}"));
+        let ids: Vec<String> = file.steps.iter().map(crate::plan_file::Step::id).collect();
+        assert_eq!(
+            ids,
+            ["s3484643050", "s87d0fcb66a", "s5c2fc24e51", "s87e0dd308d"]
+        );
+        let repeats: Vec<usize> = file.steps.iter().map(|s| s.repeat).collect();
+        assert_eq!(repeats, [1, 1, 2, 3]);
+        assert!(super::notation(&super::StepIdentity::of(&file.steps[3])).ends_with(";repeat=3"));
     }
 }

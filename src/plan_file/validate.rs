@@ -15,8 +15,8 @@ use super::units::{self, parse_duration, parse_size};
 use super::yaml::{self, pos, Checker};
 use super::{
     Attributes, CheckSpec, ClockOffset, ClockTarget, LoadContext, Located, OnFailure, PlanFile,
-    PowerTarget, RtcTrack, ShutdownMode, ShutdownPolicy, SnapshotSpec, Step, Target, TargetKind,
-    Window, FORMAT_VERSION,
+    PowerTarget, RolloutSpec, RtcTrack, Share, ShutdownMode, ShutdownPolicy, SnapshotSpec, Step,
+    Target, TargetKind, Window, FORMAT_VERSION,
 };
 use crate::attr::Attr;
 use crate::config::Config;
@@ -42,6 +42,7 @@ pub const MATCH_KEYS: &[&str] = &["match"];
 pub const CLOCK_KEYS: &[&str] = &["offset", "track", "sync"];
 pub const CHECK_KEYS: &[&str] = &["state", "guest_agent", "command", "timeout", "interval"];
 pub const SNAPSHOT_KEYS: &[&str] = &["name", "description"];
+pub const ROLLOUT_KEYS: &[&str] = &["max_parallel", "max_errors", "pause"];
 /// The attribute keys, as [`Attr`] spells them.
 pub const ATTRIBUTE_KEYS: [&str; Attr::KEYS.len()] = {
     let mut keys = [""; Attr::KEYS.len()];
@@ -55,7 +56,7 @@ pub const ATTRIBUTE_KEYS: [&str; Attr::KEYS.len()] = {
 /// A step's own keys, before its attributes.
 const STEP_OWN_KEYS: [&str; 5] = ["at", "vm", "vms", "connection", "shutdown"];
 /// A step's keys after its attributes: how it is gated and when it runs.
-const STEP_GATE_KEYS: [&str; 2] = ["check", "always"];
+const STEP_GATE_KEYS: [&str; 3] = ["check", "always", "rollout"];
 /// Every key a step allows: its own, the attributes, then the gates.
 pub const STEP_KEYS: [&str; STEP_OWN_KEYS.len() + ATTRIBUTE_KEYS.len() + STEP_GATE_KEYS.len()] = {
     let mut keys = [""; STEP_OWN_KEYS.len() + ATTRIBUTE_KEYS.len() + STEP_GATE_KEYS.len()];
@@ -87,6 +88,8 @@ struct Settings {
     shutdown: ShutdownPolicy,
 }
 
+// The plan's top-level keys in the order they depend on each other, then the one result.
+#[allow(clippy::too_many_lines)]
 pub fn validate(path: &Path, text: &str, ctx: &LoadContext) -> Result<PlanFile, Vec<Diagnostic>> {
     // Editors on Windows may start the file with a byte-order mark: it is not part of the YAML
     // (the hash still covers the file's bytes as they are).
@@ -192,6 +195,7 @@ pub fn validate(path: &Path, text: &str, ctx: &LoadContext) -> Result<PlanFile, 
             grace,
             on_failure,
             parallelism: config.parallelism,
+            host_caps: config.host_caps.clone(),
             steps,
             notify,
         }),
@@ -393,10 +397,20 @@ fn check_steps(
             "add at least one step, such as `- {vm: web-01, power: shutoff}`",
         );
     }
-    seq.iter()
+    let mut steps: Vec<Step> = seq
+        .iter()
         .enumerate()
         .filter_map(|(i, n)| check_step(c, n, i + 1, settings, config))
-        .collect()
+        .collect();
+    // Identical steps (a toggle back, `true → false → true`) would share an id and one
+    // lockfile record: number the repeats, so the first keeps the id it always had.
+    let mut seen: std::collections::HashMap<String, usize> = std::collections::HashMap::new();
+    for step in &mut steps {
+        let count = seen.entry(step.id()).or_default();
+        *count += 1;
+        step.repeat = *count;
+    }
+    steps
 }
 
 fn check_step(
@@ -470,6 +484,18 @@ fn check_step(
         .get_node("always")
         .and_then(|n| c.boolean(n, "`always`"))
         .unwrap_or(false);
+    let rollout = map.get_node("rollout").and_then(|n| {
+        let spec = rollout(c, n)?;
+        if map.get_node("vm").is_some() {
+            c.error(
+                pos(n),
+                format!("{what} has `rollout` but names one domain (`vm`)"),
+                "a rollout paces a step over several domains: select them with `vms: [A, B]` or `vms: {match: \"web-*\"}`, or remove `rollout`",
+            );
+            return None;
+        }
+        Some(located(n, spec))
+    });
 
     if !has_unknown_keys && !ATTRIBUTE_KEYS.iter().any(|k| map.get_node(k).is_some()) {
         c.error(
@@ -488,7 +514,124 @@ fn check_step(
         attributes,
         check,
         always,
+        rollout,
+        repeat: 1,
     })
+}
+
+/// `rollout: {max_parallel, max_errors, pause}`.
+fn rollout(c: &mut Checker<'_>, node: &Node) -> Option<RolloutSpec> {
+    let example = "rollout: {max_parallel: 2, max_errors: 0, pause: 30s}";
+    let map = c.mapping(node, "`rollout`", example)?;
+    let before = c.diags.len();
+    c.known_keys(map, ROLLOUT_KEYS, "`rollout`");
+    let mut spec = RolloutSpec {
+        max_parallel: None,
+        max_errors: Share::Count(0),
+        pause: Duration::ZERO,
+    };
+    if let Some(n) = map.get_node("max_parallel") {
+        spec.max_parallel = share(c, n, "max_parallel", 1);
+    }
+    if let Some(n) = map.get_node("max_errors") {
+        if let Some(s) = share(c, n, "max_errors", 0) {
+            spec.max_errors = s;
+        }
+    }
+    if let Some(n) = map.get_node("pause") {
+        if let Some(d) = duration(c, n, "`rollout.pause`", "pause: 30s") {
+            spec.pause = d;
+        }
+    }
+    (c.diags.len() == before).then_some(spec)
+}
+
+/// A rollout limit: a whole number at least `min`, or a percentage `"N%"` from `min` (above 0
+/// for `max_parallel`) to 100.
+fn share(c: &mut Checker<'_>, node: &Node, key: &str, min: u8) -> Option<Share> {
+    let what = format!("`rollout.{key}`");
+    let help = if min == 0 {
+        format!("write a count of failed domains the rollout tolerates, such as `{key}: 1`, or a share of them, such as `{key}: \"10%\"`")
+    } else {
+        format!("write how many domains may run at once, such as `{key}: 2`, or a share of them, such as `{key}: \"25%\"`")
+    };
+    let text = node
+        .as_scalar()
+        .filter(|_| !yaml::is_null(node))
+        .map(|s| s.as_str().trim());
+    let Some(text) = text else {
+        c.error(
+            pos(node),
+            format!(
+                "{what} must be a whole number or a percentage, found {}",
+                yaml::describe(node)
+            ),
+            help,
+        );
+        return None;
+    };
+    if let Some(number) = text.strip_suffix('%') {
+        return match number.trim().parse::<u32>() {
+            Ok(p) if p > 100 => {
+                c.error(
+                    pos(node),
+                    format!("{what} `{text}` is above 100%"),
+                    "a percentage of the step's domains is at most `100%`",
+                );
+                None
+            }
+            Ok(p) if p < u32::from(min) => {
+                c.error(
+                    pos(node),
+                    format!("{what} `{text}` lets no domain start"),
+                    help,
+                );
+                None
+            }
+            Ok(p) => Some(Share::Percent(u8::try_from(p).unwrap_or(100))),
+            Err(_) => {
+                c.error(
+                    pos(node),
+                    format!("{what} `{text}` is not a percentage"),
+                    help,
+                );
+                None
+            }
+        };
+    }
+    match text.parse::<i64>() {
+        Ok(n) if n < 0 => {
+            c.error(
+                pos(node),
+                format!("{what} cannot be negative, found `{text}`"),
+                help,
+            );
+            None
+        }
+        Ok(n) if n < i64::from(min) => {
+            c.error(
+                pos(node),
+                format!("{what} `{text}` lets no domain start"),
+                help,
+            );
+            None
+        }
+        Ok(n) => {
+            let count = u32::try_from(n).ok().map(Share::Count);
+            if count.is_none() {
+                c.error(pos(node), format!("{what} `{text}` is too large"), help);
+            }
+            count
+        }
+        Err(_) => {
+            c.error(
+                pos(node),
+                format!("{what} must be a whole number or a percentage, found `{text}`"),
+                help,
+            );
+            None
+        }
+    }
 }
 
 /// `vms: {match: GLOB}`: one pattern, checked by the glob crate so a broken one (`web-[`) is

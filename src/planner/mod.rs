@@ -18,7 +18,8 @@ use serde::{Deserialize, Serialize};
 use crate::attr::{Attr, Figure};
 use crate::hypervisor::{DomainId, HvError, Hypervisor};
 use crate::plan_file::{
-    CheckSpec, ClockTarget, OnFailure, PlanFile, Pos, ShutdownPolicy, SnapshotSpec, Window,
+    CheckSpec, ClockTarget, OnFailure, PlanFile, Pos, RolloutSpec, ShutdownPolicy, SnapshotSpec,
+    Window,
 };
 use crate::state::{DomainState, Kib, LifecycleAction, LifecycleEvent};
 use crate::uri::Uri;
@@ -199,6 +200,94 @@ pub struct PlannedStep {
     /// The plan file, for the check command's `VIRTPLAN_PLAN`.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub plan_file: String,
+    /// The step's `rollout`, resolved over its reviewed domains.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rollout: Option<Rollout>,
+}
+
+/// A step's `rollout` resolved over the domains the plan selected: percentages are counts
+/// now, and each domain has its place in the order the domains start in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Rollout {
+    /// As written.
+    pub spec: RolloutSpec,
+    /// How many domains the step selected.
+    pub domains: usize,
+    /// At most this many at once (a percentage rounded down, at least 1); `None`: no limit
+    /// beyond `parallelism`.
+    pub max_parallel: Option<usize>,
+    /// More failures than this stop the rollout.
+    pub max_errors: usize,
+    /// This domain's place in the order (0-based): the order written in `vms`, name order
+    /// for a pattern.
+    pub position: usize,
+}
+
+impl Rollout {
+    /// Resolves `spec` over `domains` domains, for the domain at `position`.
+    #[must_use]
+    pub fn resolve(spec: RolloutSpec, domains: usize, position: usize) -> Self {
+        Self {
+            spec,
+            domains,
+            max_parallel: spec.max_parallel.map(|s| s.of(domains).max(1)),
+            max_errors: spec.max_errors.of(domains),
+            position,
+        }
+    }
+
+    /// How many domains start at once at most: `max_parallel`, bounded by `parallelism` and
+    /// the host's cap.
+    #[must_use]
+    pub fn width(&self, parallelism: usize, host_cap: Option<usize>) -> usize {
+        let mut width = parallelism.max(1).min(self.domains.max(1));
+        if let Some(n) = self.max_parallel {
+            width = width.min(n);
+        }
+        if let Some(n) = host_cap {
+            width = width.min(n.max(1));
+        }
+        width
+    }
+
+    /// `2 at a time; stops after more than 0 failures; 30s pause`: the policy in words, with
+    /// how percentages resolved.
+    #[must_use]
+    pub fn describe(&self, parallelism: usize, host_cap: Option<usize>) -> String {
+        use crate::plan_file::Share;
+        let width = self.width(parallelism, host_cap);
+        let mut parts = Vec::new();
+        let bound = match (self.spec.max_parallel, self.max_parallel) {
+            (Some(Share::Percent(p)), Some(n)) => {
+                format!("max_parallel {p}% of {} = {n}", self.domains)
+            }
+            (Some(_), Some(n)) => format!("max_parallel {n}"),
+            _ => "no max_parallel".to_owned(),
+        };
+        let mut why = vec![bound];
+        if width < self.max_parallel.unwrap_or(usize::MAX).min(self.domains) {
+            if host_cap.is_some_and(|c| c == width) {
+                why.push(format!("host max_parallel {width}"));
+            } else {
+                why.push(format!("parallelism {parallelism}"));
+            }
+        }
+        parts.push(format!("{width} at a time ({})", why.join(", ")));
+        let errors = match self.spec.max_errors {
+            Share::Percent(p) => format!("{p}% of {} = {}", self.domains, self.max_errors),
+            Share::Count(n) => n.to_string(),
+        };
+        parts.push(format!(
+            "stops after more than {errors} failed (max_errors)"
+        ));
+        if !self.spec.pause.is_zero() {
+            parts.push(format!(
+                "pause {} before a freed slot is reused",
+                crate::plan_file::units::format_duration(self.spec.pause)
+            ));
+        }
+        parts.join("; ")
+    }
 }
 
 /// A domain as resolved at plan time.
@@ -254,6 +343,10 @@ pub struct Policy {
     pub parallelism: usize,
     /// Every libvirt URI the steps use, host aliases and `--connect` resolved.
     pub connections: BTreeSet<Uri>,
+    /// At most this many steps at once on a connection (virtplan.toml `[hosts.NAME]
+    /// max_parallel`), for the connections the plan uses.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub host_caps: BTreeMap<Uri, usize>,
 }
 
 impl Policy {
@@ -267,6 +360,7 @@ impl Policy {
             on_failure: file.on_failure,
             parallelism: file.parallelism,
             connections: BTreeSet::new(),
+            host_caps: file.host_caps.clone(),
         }
     }
 }
@@ -285,7 +379,90 @@ pub struct Plan {
     pub steps: Vec<PlannedStep>,
 }
 
+/// One rollout as `plan` shows it: the step, its resolved policy and the batches its
+/// domains start in.
+#[derive(Debug, Clone, PartialEq, Serialize, schemars::JsonSchema)]
+pub struct RolloutView {
+    /// 1-based step number in the plan file.
+    pub step: usize,
+    pub step_id: String,
+    pub at: Option<DateTime<Utc>>,
+    pub connection: Uri,
+    /// How many domains the step selected.
+    pub domains: usize,
+    /// `max_parallel` as written (`2`, `25%`); null when not set.
+    pub max_parallel_written: Option<String>,
+    /// `max_errors` as written (`0`, `10%`).
+    pub max_errors_written: String,
+    /// How many domains run at once at most: `max_parallel` resolved (a percentage rounded
+    /// down, at least 1), bounded by `parallelism` and the host's `max_parallel`.
+    pub max_parallel: usize,
+    /// More failed domains than this stop the rollout (a percentage rounded down).
+    pub max_errors: usize,
+    /// Seconds a freed slot stays empty before the next domain starts.
+    pub pause_seconds: f64,
+    /// The policy in words.
+    pub description: String,
+    /// The domains in the order they start, `max_parallel` to a batch: the first batch
+    /// starts at the step's time, each later domain as a slot frees up (after `pause`).
+    pub batches: Vec<Vec<String>>,
+}
+
 impl Plan {
+    /// The plan's rollouts, in step order, with their batches.
+    #[must_use]
+    pub fn rollouts(&self) -> Vec<RolloutView> {
+        // Per step: its rollout, one of its planned steps, and (position, name) of each domain.
+        type Gathered<'p> = (Rollout, &'p PlannedStep, Vec<(usize, &'p str)>);
+        let mut by_step: BTreeMap<usize, Gathered<'_>> = BTreeMap::new();
+        for s in &self.steps {
+            if let Some(r) = s.rollout {
+                by_step
+                    .entry(s.step)
+                    .or_insert_with(|| (r, s, Vec::new()))
+                    .2
+                    .push((r.position, s.domain.name.as_str()));
+            }
+        }
+        by_step
+            .into_values()
+            .map(|(r, s, mut names)| {
+                names.sort_unstable();
+                let cap = self.host_cap(&s.connection);
+                let width = r.width(self.policy.parallelism, cap);
+                RolloutView {
+                    step: s.step,
+                    step_id: s.step_id.clone(),
+                    at: s.at,
+                    connection: s.connection.clone(),
+                    domains: r.domains,
+                    max_parallel_written: r.spec.max_parallel.map(|m| m.to_string()),
+                    max_errors_written: r.spec.max_errors.to_string(),
+                    max_parallel: width,
+                    max_errors: r.max_errors,
+                    pause_seconds: r.spec.pause.as_secs_f64(),
+                    description: r.describe(self.policy.parallelism, cap),
+                    batches: names
+                        .chunks(width.max(1))
+                        .map(|c| c.iter().map(|(_, n)| (*n).to_owned()).collect())
+                        .collect(),
+                }
+            })
+            .collect()
+    }
+
+    /// The `[hosts.NAME] max_parallel` of `uri`, if one applies (matched on the redacted form,
+    /// which is what a saved plan keeps).
+    #[must_use]
+    pub fn host_cap(&self, uri: &Uri) -> Option<usize> {
+        let shown = uri.redacted();
+        self.policy
+            .host_caps
+            .iter()
+            .find(|(u, _)| u.redacted() == shown)
+            .map(|(_, n)| *n)
+    }
+
     /// What a step does to one domain, in one line: `power running → shutoff; memory 128MiB → 3GiB`.
     #[must_use]
     pub fn describe(&self, step_id: &str, uuid: &str) -> String {

@@ -17,7 +17,10 @@ use crate::plan_file::{
     Attributes, ClockTarget, Located, PlanFile, PowerTarget, ShutdownMode, ShutdownPolicy, Step,
     TargetKind,
 };
-use crate::state::{ClockState, DomainState, LifecycleEvent, LiveFigures, PowerState};
+use crate::state::{
+    ClockState, DomainState, LifecycleEvent, LifecycleRefusal, LifecycleRules, LiveFigures,
+    PowerState,
+};
 use crate::uri::Uri;
 
 /// Projects the plan over live state read through `input.connections`.
@@ -91,6 +94,10 @@ pub fn project(input: &PlanInput<'_>) -> Result<Plan, PlanError> {
     }
     let mut seen = BTreeSet::new();
     out.warnings.retain(|w| seen.insert(w.clone()));
+    place_rollouts(&resolved, &mut out.steps);
+    let connections: BTreeSet<Uri> = out.steps.iter().map(|s| s.connection.clone()).collect();
+    let mut host_caps = file.host_caps.clone();
+    host_caps.retain(|uri, _| connections.contains(uri));
     Ok(Plan {
         meta: PlanMeta {
             name: file.name.clone(),
@@ -99,7 +106,8 @@ pub fn project(input: &PlanInput<'_>) -> Result<Plan, PlanError> {
             timezone: file.timezone.map(|z| z.name().to_owned()),
         },
         policy: Policy {
-            connections: out.steps.iter().map(|s| s.connection.clone()).collect(),
+            connections,
+            host_caps,
             ..Policy::of(file)
         },
         planned_at: input.now,
@@ -111,6 +119,32 @@ pub fn project(input: &PlanInput<'_>) -> Result<Plan, PlanError> {
 }
 
 type Resolved<'a> = Vec<(&'a Step, Uri, DomainId)>;
+
+/// Resolves each `rollout` over its step's domains, in the order they were selected (as
+/// written in `vms`, name order for a pattern), and gives each planned step its place.
+fn place_rollouts(resolved: &Resolved<'_>, steps: &mut [PlannedStep]) {
+    let mut order: BTreeMap<usize, Vec<&str>> = BTreeMap::new();
+    for (step, _, id) in resolved {
+        if step.rollout.is_some() {
+            let list = order.entry(step.number).or_default();
+            if !list.contains(&id.uuid.as_str()) {
+                list.push(&id.uuid);
+            }
+        }
+    }
+    let specs: BTreeMap<usize, crate::plan_file::RolloutSpec> = resolved
+        .iter()
+        .filter_map(|(step, _, _)| Some((step.number, step.rollout.as_ref()?.value)))
+        .collect();
+    for planned in steps {
+        let (Some(list), Some(spec)) = (order.get(&planned.step), specs.get(&planned.step)) else {
+            continue;
+        };
+        if let Some(position) = list.iter().position(|u| *u == planned.domain.uuid) {
+            planned.rollout = Some(super::Rollout::resolve(*spec, list.len(), position));
+        }
+    }
+}
 
 /// Resolves every step's domains: each name once per connection, all of a connection's names
 /// in one bulk call.
@@ -265,6 +299,7 @@ fn observe(
                 snapshots: BTreeSet::new(),
                 snapshot_support: SnapshotSupport::default(),
                 host_cpus,
+                lifecycle_rules: hv.lifecycle_rules(),
             };
             if steps.iter().any(|s| s.attributes.has(Attr::Snapshot)) {
                 obs.snapshots = snapshot_names(hv.as_ref(), &key.1)
@@ -304,6 +339,8 @@ struct Observed {
     /// Whether libvirt can snapshot the domain running / shut off (snapshot steps only).
     snapshot_support: SnapshotSupport,
     host_cpus: Option<u32>,
+    /// Which `on_poweroff`/`on_reboot` values the domain's driver takes.
+    lifecycle_rules: LifecycleRules,
 }
 
 #[derive(Default)]
@@ -417,6 +454,37 @@ impl StepBuild<'_> {
     }
 }
 
+/// A located refusal of a lifecycle pair the domain's driver does not take.
+fn lifecycle_problem(b: &StepBuild, a: &Attributes, refusal: LifecycleRefusal) -> PlanProblem {
+    let name = &b.base.id.name;
+    match refusal {
+        LifecycleRefusal::Action(event, action) => {
+            let (key, wanted) = match event {
+                LifecycleEvent::Poweroff => ("on_poweroff", &a.on_poweroff),
+                LifecycleEvent::Reboot => ("on_reboot", &a.on_reboot),
+            };
+            let pos = wanted.as_ref().map_or(b.step.pos, |w| w.pos);
+            b.problem(
+                pos,
+                format!("`{key}: {action}` is not supported by libvirt's QEMU driver, which runs {name}"),
+                "QEMU domains take only `destroy` or `restart` here; use one of them",
+            )
+        }
+        LifecycleRefusal::RebootDestroysWhilePoweroffRestarts => {
+            let pos = a
+                .on_reboot
+                .as_ref()
+                .or(a.on_poweroff.as_ref())
+                .map_or(b.step.pos, |w| w.pos);
+            b.problem(
+                pos,
+                format!("`on_reboot: destroy` with `on_poweroff: restart` is refused by libvirt's QEMU driver, which runs {name}"),
+                "set `on_poweroff: destroy` in the same step, or keep `on_reboot: restart`",
+            )
+        }
+    }
+}
+
 /// Domain-wide facts carried from step to step.
 struct Carry {
     state: DomainState,
@@ -504,6 +572,7 @@ impl DomainCtx<'_> {
                 check: step.check.as_ref().map(|c| c.value.clone()),
                 always: step.always,
                 plan_file: self.file.path.display().to_string(),
+                rollout: None,
             });
             out.changes.extend(b.changes);
         }
@@ -742,12 +811,35 @@ impl DomainCtx<'_> {
                 state.description.clone_from(&description.value);
             }
         }
-        for (event, attr, wanted) in [
+        let current = state.lifecycle.unwrap_or_default();
+        let mut next = current;
+        for (event, wanted) in [
+            (LifecycleEvent::Poweroff, &a.on_poweroff),
+            (LifecycleEvent::Reboot, &a.on_reboot),
+        ] {
+            if let Some(wanted) = wanted {
+                next.set(event, wanted.value);
+            }
+        }
+        if next != current {
+            if let Some(refusal) = self.observed.lifecycle_rules.refusal(next) {
+                return Err(lifecycle_problem(b, a, refusal));
+            }
+        }
+        // libvirt checks each change against the other setting: change `on_reboot` first when
+        // `on_poweroff` first would pass through a pair the driver refuses.
+        let mut order = [
             (LifecycleEvent::Poweroff, Attr::OnPoweroff, &a.on_poweroff),
             (LifecycleEvent::Reboot, Attr::OnReboot, &a.on_reboot),
-        ] {
+        ];
+        let mut halfway = current;
+        halfway.set(LifecycleEvent::Poweroff, next.on_poweroff);
+        if self.observed.lifecycle_rules.refusal(halfway).is_some() {
+            order.reverse();
+        }
+        let mut shown = Vec::new();
+        for (event, attr, wanted) in order {
             let Some(wanted) = wanted else { continue };
-            let current = state.lifecycle.unwrap_or_default();
             let before = current.get(event);
             let notes = if state.power.is_active() && before != wanted.value {
                 vec![format!(
@@ -756,22 +848,26 @@ impl DomainCtx<'_> {
             } else {
                 vec![]
             };
-            b.change(
+            shown.push((
                 attr,
                 Figure::Lifecycle(before),
                 Figure::Lifecycle(wanted.value),
-                Some("config".into()),
                 notes,
-            );
+            ));
             if before != wanted.value {
                 b.actions.push(Action::SetLifecycle {
                     event,
                     action: wanted.value,
                 });
-                let mut next = current;
-                next.set(event, wanted.value);
-                state.lifecycle = Some(next);
             }
+        }
+        // Shown in the plan file's order whatever the order of the calls.
+        shown.sort_by_key(|(attr, ..)| *attr);
+        for (attr, before, after, notes) in shown {
+            b.change(attr, before, after, Some("config".into()), notes);
+        }
+        if next != current {
+            state.lifecycle = Some(next);
         }
 
         // 4. Power on last, so the new configuration boots.

@@ -16,7 +16,13 @@ const KIND: &str = "virtplan-saved-plan";
 /// The saved-plan format this build writes and reads. Format 2 carries the plan's policy
 /// (grace, window, on_failure, parallelism, connections), so `apply SAVED` needs neither the
 /// plan file nor virtplan.toml to run as reviewed; format 1 did not, and is refused.
-pub const SAVED_FORMAT_VERSION: u32 = 2;
+/// Format 3 is written only when the plan paces domains (a step's `rollout`, or per-host
+/// `max_parallel`): a virtplan that knows only format 2 would ignore those limits, so it must
+/// refuse the file as "newer" instead; every other plan is still written as format 2.
+pub const SAVED_FORMAT_VERSION: u32 = 3;
+
+/// The oldest saved-plan format this build reads.
+const OLDEST_READ_FORMAT: u32 = 2;
 
 /// The fields every saved-plan format has.
 #[derive(Deserialize)]
@@ -42,7 +48,13 @@ impl SavedPlan {
     pub fn new(plan: Plan, plan_source: String) -> Self {
         Self {
             kind: KIND.to_owned(),
-            format_version: SAVED_FORMAT_VERSION,
+            format_version: if plan.policy.host_caps.is_empty()
+                && plan.steps.iter().all(|s| s.rollout.is_none())
+            {
+                OLDEST_READ_FORMAT
+            } else {
+                SAVED_FORMAT_VERSION
+            },
             plan_file: plan.meta.file.clone(),
             plan_source,
             plan,
@@ -95,7 +107,7 @@ impl SavedPlan {
                 header.format_version
             );
         }
-        if header.format_version < SAVED_FORMAT_VERSION {
+        if header.format_version < OLDEST_READ_FORMAT {
             anyhow::bail!(
                 "{} is a saved plan of format {}, from a virtplan that did not record the plan's policy (grace, window, on_failure, parallelism) in it, so it cannot run as reviewed; nothing was applied: run `virtplan plan {} --out {}` again and review it",
                 path.display(),

@@ -75,6 +75,7 @@ pub fn human(plan: &Plan, printer: &Printer) -> String {
             }
         }
     }
+    rollouts(plan, printer, &mut out);
     if !plan.warnings.is_empty() {
         let _ = writeln!(out, "\n{}", printer.paint(Tone::Warning, "Warnings:"));
         for w in &plan.warnings {
@@ -88,4 +89,37 @@ pub fn human(plan: &Plan, printer: &Printer) -> String {
         s.change, s.noop, s.done
     );
     out
+}
+
+/// The rollouts and host limits, when the plan has any: each rollout's policy and batches.
+fn rollouts(plan: &Plan, printer: &Printer, out: &mut String) {
+    let rollouts = plan.rollouts();
+    if rollouts.is_empty() && plan.policy.host_caps.is_empty() {
+        return;
+    }
+    let zone = zone_of(&plan.meta);
+    let _ = writeln!(out, "\n{}", printer.paint(Tone::Heading, "Rollouts:"));
+    for r in &rollouts {
+        let _ = writeln!(
+            out,
+            "  {}  step {}  {} domains on {}: {}",
+            step_time(r.at, zone),
+            r.step,
+            r.domains,
+            escape(&r.connection.to_string()),
+            escape(&r.description)
+        );
+        for (i, batch) in r.batches.iter().enumerate() {
+            let names: Vec<_> = batch.iter().map(|n| escape(n)).collect();
+            let _ = writeln!(out, "    batch {}: {}", i + 1, names.join(", "));
+        }
+    }
+    for (uri, n) in &plan.policy.host_caps {
+        let _ = writeln!(
+            out,
+            "  host {}: at most {n} step{} at once (virtplan.toml max_parallel)",
+            escape(&uri.to_string()),
+            if *n == 1 { "" } else { "s" }
+        );
+    }
 }

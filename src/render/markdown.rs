@@ -41,6 +41,35 @@ pub fn markdown(plan: &Plan) -> String {
             cell(&how.join("; "))
         );
     }
+    let rollouts = plan.rollouts();
+    if !rollouts.is_empty() || !plan.policy.host_caps.is_empty() {
+        out.push_str("\n**Rollouts**\n\n| When | Step | Domains | Policy | Batches |\n|---|---|---|---|---|\n");
+        for r in &rollouts {
+            let batches: Vec<String> = r
+                .batches
+                .iter()
+                .enumerate()
+                .map(|(i, b)| format!("{}: {}", i + 1, b.join(", ")))
+                .collect();
+            let _ = writeln!(
+                out,
+                "| {} | {} | {} on {} | {} | {} |",
+                cell(&step_time(r.at, zone)),
+                r.step,
+                r.domains,
+                cell(&r.connection.to_string()),
+                cell(&r.description),
+                cell(&batches.join(" · "))
+            );
+        }
+        for (uri, n) in &plan.policy.host_caps {
+            let _ = writeln!(
+                out,
+                "\nHost `{}`: at most {n} at once (virtplan.toml `max_parallel`).",
+                cell(&uri.to_string())
+            );
+        }
+    }
     if !plan.warnings.is_empty() {
         out.push_str("\n**Warnings**\n\n");
         for w in &plan.warnings {

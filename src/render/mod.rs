@@ -8,7 +8,7 @@ use chrono::{DateTime, Utc};
 use chrono_tz::Tz;
 use serde::Serialize;
 
-use crate::planner::{Change, Plan, PlanMeta, Summary, FORMAT_VERSION};
+use crate::planner::{Change, Plan, PlanMeta, RolloutView, Summary, FORMAT_VERSION};
 
 pub use human::human;
 pub use markdown::markdown;
@@ -33,6 +33,14 @@ pub struct JsonPlan<'a> {
     pub changes: &'a [Change],
     pub warnings: &'a [String],
     pub summary: Summary,
+    /// Steps with a `rollout`: their resolved limits and the batches their domains start in
+    /// (left out when the plan has none).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub rollouts: Vec<RolloutView>,
+    /// virtplan.toml `[hosts.NAME] max_parallel` for the connections the plan uses, by
+    /// connection (left out when none applies).
+    #[serde(skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub host_limits: std::collections::BTreeMap<String, usize>,
 }
 
 /// `plan --format json`.
@@ -45,6 +53,13 @@ pub fn json(plan: &Plan) -> String {
         changes: &plan.changes,
         warnings: &plan.warnings,
         summary: plan.summary,
+        rollouts: plan.rollouts(),
+        host_limits: plan
+            .policy
+            .host_caps
+            .iter()
+            .map(|(uri, n)| (uri.redacted(), *n))
+            .collect(),
     };
     let mut text = serde_json::to_string_pretty(&doc).unwrap_or_default();
     text.push('\n');

@@ -594,3 +594,44 @@ fn a_saved_plan_of_format_1_is_refused_with_how_to_remake_it() {
         text(&out)
     );
 }
+
+/// Regression: steps 1 and 3 of `memory 256 → 192 → 256 MiB` were one lockfile record (same
+/// step id): step 3 ran first, step 1 stayed `pending`, the domain ended at 192 MiB, and apply
+/// exited 0. Each step now runs once, in order, and the domain ends as the plan says.
+#[test]
+fn a_step_repeated_later_in_the_plan_runs_in_its_turn() {
+    let dir = tempfile::tempdir().unwrap();
+    let uri = fleet(dir.path(), 128);
+    let step = |mib: u32| format!("  - vm: vm-01\n    memory: {mib}MiB\n");
+    let plan = write_plan(
+        dir.path(),
+        &format!(
+            "version: 1\nconnection: {uri}\nsteps:\n{}{}{}",
+            step(256),
+            step(192),
+            step(256)
+        ),
+    );
+    let out = virtplan(&["apply", plan.to_str().unwrap(), "--auto-approve"], &[]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let lock = lock_of(&plan);
+    let steps: Vec<(usize, StepStatus, &str)> = lock
+        .steps
+        .iter()
+        .map(|r| (r.step, r.status, r.what.as_str()))
+        .collect();
+    assert_eq!(
+        steps,
+        [
+            (1, StepStatus::Done, "memory 128MiB → 256MiB"),
+            (2, StepStatus::Done, "memory 256MiB → 192MiB"),
+            (3, StepStatus::Done, "memory 192MiB → 256MiB"),
+        ]
+    );
+    assert!(lock.steps[1].started_at > lock.steps[0].finished_at);
+    assert!(lock.steps[2].started_at > lock.steps[1].finished_at);
+    assert_eq!(
+        lock.steps[2].after.as_ref().map(|f| f.memory_kib),
+        Some(Kib::from_mib(256))
+    );
+}

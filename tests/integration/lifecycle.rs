@@ -141,3 +141,86 @@ fn an_unknown_lifecycle_action_is_refused_with_the_choices() {
         text(&out)
     );
 }
+
+/// libvirt's QEMU driver refuses `preserve`, `rename-restart`, and `on_reboot: destroy` with
+/// `on_poweroff: restart`: `plan` says so at the value's line, so `apply` never meets it.
+#[test]
+fn qemu_refuses_unsupported_lifecycle_actions_at_plan_time() {
+    let Some(uri) = qemu_uri() else { return };
+    let dom = TestDomain::define(&uri, "lifecycle-refused");
+    let dir = tempfile::tempdir().unwrap();
+    let plan = dir.path().join("plan.yaml");
+    let before = lifecycle_of(&uri, &dom.uuid);
+    for (attrs, line, column, says) in [
+        (
+            "    on_poweroff: preserve\n",
+            5,
+            18,
+            "`on_poweroff: preserve` is not supported by libvirt's QEMU driver",
+        ),
+        (
+            "    on_reboot: rename-restart\n",
+            5,
+            16,
+            "`on_reboot: rename-restart` is not supported by libvirt's QEMU driver",
+        ),
+        (
+            "    on_poweroff: restart\n    on_reboot: destroy\n",
+            6,
+            16,
+            "`on_reboot: destroy` with `on_poweroff: restart` is refused",
+        ),
+    ] {
+        std::fs::write(
+            &plan,
+            format!(
+                "version: 1\nconnection: {uri}\nsteps:\n  - vm: {}\n{attrs}",
+                dom.name
+            ),
+        )
+        .unwrap();
+        let path = plan.to_str().unwrap();
+        for args in [&["plan", path][..], &["apply", path, "--auto-approve"]] {
+            let command = args[0];
+            let out = virtplan(args, &[]);
+            assert_eq!(out.status.code(), Some(1), "{command}: {}", text(&out));
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert!(
+                stderr.contains(says) && stderr.contains(&format!("plan.yaml:{line}:{column}")),
+                "{command} of {attrs:?}: {}",
+                text(&out)
+            );
+        }
+        assert_eq!(lifecycle_of(&uri, &dom.uuid), before, "nothing was changed");
+    }
+}
+
+/// From `on_poweroff: destroy, on_reboot: destroy` to `restart, restart`: changing
+/// `on_poweroff` first would pass through a pair QEMU refuses, so `on_reboot` goes first.
+#[test]
+fn qemu_lifecycle_changes_are_ordered_so_libvirt_never_sees_a_refused_pair() {
+    let Some(uri) = qemu_uri() else { return };
+    let dom = TestDomain::define(&uri, "lifecycle-order");
+    let dir = tempfile::tempdir().unwrap();
+    let plan = dir.path().join("plan.yaml");
+    std::fs::write(
+        &plan,
+        format!(
+            "version: 1\nconnection: {uri}\nsteps:\n  - vm: {0}\n    on_poweroff: destroy\n    on_reboot: destroy\n  - vm: {0}\n    on_poweroff: restart\n    on_reboot: restart\n  - vm: {0}\n    on_poweroff: destroy\n    on_reboot: destroy\n",
+            dom.name
+        ),
+    )
+    .unwrap();
+    let out = virtplan(&["apply", plan.to_str().unwrap(), "--auto-approve"], &[]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let lock = LockStore::read(&plan.with_extension("lock")).unwrap();
+    assert!(
+        lock.steps.iter().all(|s| s.status == StepStatus::Done),
+        "{:?}",
+        lock.steps
+    );
+    assert_eq!(
+        lifecycle_of(&uri, &dom.uuid),
+        (LifecycleAction::Destroy, LifecycleAction::Destroy)
+    );
+}

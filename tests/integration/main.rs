@@ -13,6 +13,7 @@ mod lifecycle;
 mod notify;
 mod ops;
 mod plan;
+mod rollout;
 mod safe_windows;
 mod support;
 mod validate;

@@ -357,6 +357,11 @@ fn validator_key_lists_match_the_schema_properties() {
             property(&root, step, "check"),
             keys::CHECK_KEYS,
         ),
+        (
+            "step.rollout",
+            property(&root, step, "rollout"),
+            keys::ROLLOUT_KEYS,
+        ),
     ];
     for (what, object, keys) in objects {
         assert_eq!(property_names(object), sorted(keys), "keys of {what}");
