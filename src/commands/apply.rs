@@ -13,7 +13,7 @@ use anyhow::Context as _;
 use super::common;
 use crate::clock::Clock;
 use crate::executor::{Executor, Outcome, Settings};
-use crate::lockfile::{self, ExecutorLock, LockStore};
+use crate::lockfile::LockStore;
 use crate::notify::{Notifier, Retry, RunInfo};
 use crate::ops;
 use crate::planner::saved::SavedPlan;
@@ -21,10 +21,6 @@ use crate::planner::{Connections, Plan};
 use crate::printer::{Printer, Tone};
 use crate::uri::Uri;
 use crate::{render, ExitStatus};
-
-/// Test-only crash switch: `after-running:<step id>` or `before-done:<step id>` aborts the
-/// process at that point, to test that a resumed run applies nothing twice.
-pub const FAILPOINT_ENV: &str = "VIRTPLAN_FAILPOINT";
 
 pub struct Args<'a> {
     pub plan: &'a Path,
@@ -105,15 +101,16 @@ pub fn run(args: &Args<'_>, clock: &dyn Clock, printer: &Printer) -> anyhow::Res
             }
         },
     };
-    let paths = crate::overview::StatePaths::of(&plan_path, state_dir.as_deref());
-    paths.prepare().with_context(|| {
-        format!(
-            "cannot create the state folder {} (state_dir in virtplan.toml)",
-            paths.lockfile.parent().unwrap_or(Path::new(".")).display()
-        )
-    })?;
-    let _lock = acquire_lock(&paths.pid, args.lock_timeout, clock, printer)?;
-    let store = Arc::new(LockStore::open(&paths.lockfile, &plan_sha256)?);
+    let locked = ops::lock(
+        &plan_path,
+        state_dir.as_deref(),
+        &plan_sha256,
+        clock,
+        args.lock_timeout,
+        &mut |m| printer.info(m),
+    )
+    .map_err(lock_failure)?;
+    let (_lock, store) = (locked.lock, locked.store);
     let (plan, connections, loaded) = if let Some(saved) = saved {
         let mut plan = saved.plan;
         restore_credentials(&mut plan, args.config)?;
@@ -163,12 +160,7 @@ pub fn run(args: &Args<'_>, clock: &dyn Clock, printer: &Printer) -> anyhow::Res
         return Ok(ExitStatus::Error);
     }
 
-    let stop = Arc::new(AtomicBool::new(false));
-    for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
-        // The second signal exits at once: every lockfile write is atomic, so it stays whole.
-        signal_hook::flag::register_conditional_shutdown(signal, 1, Arc::clone(&stop))?;
-        signal_hook::flag::register(signal, Arc::clone(&stop))?;
-    }
+    let stop = ops::stop_on_signals()?;
     let file_zone: Option<chrono_tz::Tz> =
         plan.meta.timezone.as_deref().and_then(|z| z.parse().ok());
     let mut settings = Settings::for_plan(&plan).with_lease_config(lease_config(
@@ -176,7 +168,7 @@ pub fn run(args: &Args<'_>, clock: &dyn Clock, printer: &Printer) -> anyhow::Res
         args.config,
         &plan_path,
     )?);
-    settings.failpoint = std::env::var(FAILPOINT_ENV).ok().filter(|f| !f.is_empty());
+    settings.failpoint = ops::failpoint();
     let progress = super::progress::Progress::new(printer, clock, file_zone);
     let on_outcome = |o: &Outcome| progress.outcome(o);
     let notifier = start_notifier(targets, &plan, &store, printer);
@@ -329,7 +321,7 @@ fn watch(
         log: &log,
         config: args.config,
         connect,
-        failpoint: std::env::var(FAILPOINT_ENV).ok().filter(|f| !f.is_empty()),
+        failpoint: ops::failpoint(),
         pool: reconciler::Pool::with(connections),
     };
     let applying = reconciler::Applying {
@@ -413,47 +405,23 @@ fn finish_notifier(
     }
 }
 
-/// Takes the executor lock, waiting up to `timeout` for its holder to let go (polling: a held
-/// `flock` cannot be waited on with a deadline).
-fn acquire_lock(
-    path: &Path,
-    timeout: Option<Duration>,
-    clock: &dyn Clock,
-    printer: &Printer,
-) -> anyhow::Result<ExecutorLock> {
-    let start = clock.now();
-    let mut told = false;
-    loop {
-        match ExecutorLock::acquire(path, clock.now()) {
-            Ok(lock) => return Ok(lock),
-            Err(err @ lockfile::LockError::Held { .. }) => {
-                let Some(timeout) = timeout else {
-                    return Err(anyhow::Error::new(err).context(
-                        "pass --lock-timeout DURATION (e.g. 10m) to wait for it instead",
-                    ));
-                };
-                let waited = (clock.now() - start).to_std().unwrap_or_default();
-                if waited >= timeout {
-                    return Err(anyhow::Error::new(err).context(format!(
-                        "still held after waiting {} (--lock-timeout)",
-                        crate::plan_file::units::format_duration(timeout)
-                    )));
-                }
-                if !told {
-                    printer.info(&format!(
-                        "Waiting up to {} for the executor lock: {err}",
-                        crate::plan_file::units::format_duration(timeout)
-                    ));
-                    told = true;
-                }
-                clock.sleep(
-                    timeout
-                        .saturating_sub(waited)
-                        .min(Duration::from_millis(250)),
-                );
-            }
-            Err(err) => return Err(err.into()),
-        }
+/// The executor lock could not be taken: with the way to wait for it (`--lock-timeout`), or
+/// how long apply waited.
+fn lock_failure(failure: ops::LockFailure) -> anyhow::Error {
+    match failure {
+        ops::LockFailure::Held {
+            source,
+            waited: None,
+        } => anyhow::Error::new(source)
+            .context("pass --lock-timeout DURATION (e.g. 10m) to wait for it instead"),
+        ops::LockFailure::Held {
+            source,
+            waited: Some(waited),
+        } => anyhow::Error::new(source).context(format!(
+            "still held after waiting {} (--lock-timeout)",
+            crate::plan_file::units::format_duration(waited)
+        )),
+        other => other.into(),
     }
 }
 
