@@ -114,7 +114,21 @@ pub fn run(args: &Args<'_>, clock: &dyn Clock, printer: &Printer) -> anyhow::Res
     let (plan, connections, loaded) = if let Some(saved) = saved {
         let mut plan = saved.plan;
         restore_credentials(&mut plan, args.config)?;
-        let connections = common::open_uris(plan.policy.connections.iter().cloned())?;
+        // The reviewed plan needs no live state to run: a host that cannot be reached now
+        // fails only its own steps (each waits for it within its grace), never the others.
+        let (connections, unreachable) =
+            ops::open_tolerant(plan.policy.connections.iter().cloned());
+        for (uri, e) in &unreachable {
+            let steps = plan
+                .steps
+                .iter()
+                .filter(|s| &s.connection == uri && !s.done)
+                .count();
+            printer.warning(&format!(
+                "host {} cannot be reached now ({e}); its {steps} step(s) wait for it, reopened with backoff within each step's grace, and are recorded missed if it is not back in time; the other hosts' steps go on",
+                uri.redacted()
+            ));
+        }
         for warning in unreviewed_matches(&plan, &connections, args.config) {
             printer.warning(&warning);
         }
@@ -124,7 +138,9 @@ pub fn run(args: &Args<'_>, clock: &dyn Clock, printer: &Printer) -> anyhow::Res
             return Ok(ExitStatus::Error);
         };
         let connect = common::resolve_connect(&config, args.connect)?;
-        let connections = common::open_connections(&file, connect.as_ref())?;
+        let connections = common::open_connections(&file, connect.as_ref()).context(
+            "`apply PLAN` plans from live state, so it needs every host of the plan; a saved plan (`virtplan plan PLAN --out FILE`, made while every host answered) runs the other hosts' steps and waits for this one within each step's grace",
+        )?;
         common::settle_interrupted(&store.snapshot(), &connections, clock, printer)?;
         match ops::project(&file, &connections, connect.as_ref(), clock.now(), &*store) {
             Ok(plan) => (plan, connections, Some((config, file, connect))),
