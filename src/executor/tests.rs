@@ -967,19 +967,17 @@ mod state_machine {
         // The plan as first reviewed; libvirt would refuse some random plans: nothing to test.
         let initial = {
             let store = LockStore::open(&rig.lock_path, &rig.file.sha256).unwrap();
-            match planner::project(&PlanInput {
+            let Ok(plan) = planner::project(&PlanInput {
                 file: &rig.file,
                 connections: &rig.connections,
                 connect_override: None,
                 now: rig.clock.now(),
                 progress: &store,
-            }) {
-                Ok(plan) => plan,
-                Err(_) => {
-                    REFUSED.fetch_add(1, Ordering::SeqCst);
-                    return Ok(());
-                }
-            }
+            }) else {
+                REFUSED.fetch_add(1, Ordering::SeqCst);
+                return Ok(());
+            };
+            plan
         };
         let planned_actions: usize = initial.steps.iter().map(|st| st.actions.len()).sum();
 
