@@ -122,9 +122,10 @@ fn recorded(plan: &Path) -> crate::lockfile::Lockfile {
     LockStore::read(&crate::lockfile::lock_path(plan)).unwrap()
 }
 
-/// Polls the reconciler until `done` holds (ten seconds of real time at most).
+/// Polls the reconciler until `done` holds (half a minute of real time at most: a loaded CI
+/// machine may be slow to schedule the executor's thread).
 fn settle(r: &mut Reconciler<'_, '_>, done: impl Fn(&Reconciler<'_, '_>) -> bool) {
-    for _ in 0..5000 {
+    for _ in 0..15_000 {
         r.poll();
         if done(r) {
             return;
