@@ -51,29 +51,68 @@ pub fn project(input: &PlanInput<'_>) -> Result<Plan, PlanError> {
     }
 
     let observed = observe(input.connections, &per_domain, read)?;
+    let plan_file = file.path.display().to_string();
+    let project_part = |part: &[DomainSteps<'_, '_>]| -> Result<(Output, Vec<PlanProblem>), PlanError> {
+        let mut out = Output::default();
+        let mut problems = Vec::new();
+        for (key, (id, steps)) in part {
+            let (uri, _) = **key;
+            let Some(domain) = observed.get(*key) else {
+                return Err(PlanError::Libvirt {
+                    context: format!("reading {} on {uri}", id.name),
+                    source: crate::hypervisor::HvError::new(
+                        ErrorKind::NotFound,
+                        "the domain disappeared while its state was read",
+                    ),
+                });
+            };
+            let ctx = DomainCtx {
+                file,
+                plan_file: &plan_file,
+                uri,
+                id,
+                input,
+                observed: domain,
+            };
+            ctx.project(steps, &mut out, &mut problems);
+        }
+        Ok((out, problems))
+    };
+    // Each domain is projected on its own: many of them are split over two threads, and
+    // the parts joined in order, so the result is the one a single pass gives.
+    let domains: Vec<DomainSteps<'_, '_>> = per_domain.iter().collect();
+    let parts: Vec<Result<(Output, Vec<PlanProblem>), PlanError>> = if domains.len() < PARALLEL_FROM {
+        vec![project_part(&domains)]
+    } else {
+        std::thread::scope(|scope| {
+            let handles: Vec<_> = domains
+                .chunks(domains.len().div_ceil(2))
+                .map(|part| scope.spawn(|| project_part(part)))
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| {
+                    h.join().unwrap_or_else(|_| {
+                        Err(PlanError::Libvirt {
+                            context: "projecting the plan".to_owned(),
+                            source: crate::hypervisor::HvError::new(
+                                ErrorKind::Other,
+                                "a projection thread panicked",
+                            ),
+                        })
+                    })
+                })
+                .collect()
+        })
+    };
     let mut out = Output::default();
     out.steps.reserve(resolved.len());
-    let plan_file = file.path.display().to_string();
-    for (key, (id, steps)) in &per_domain {
-        let (uri, _) = *key;
-        let Some(domain) = observed.get(key) else {
-            return Err(PlanError::Libvirt {
-                context: format!("reading {} on {uri}", id.name),
-                source: crate::hypervisor::HvError::new(
-                    ErrorKind::NotFound,
-                    "the domain disappeared while its state was read",
-                ),
-            });
-        };
-        let ctx = DomainCtx {
-            file,
-            plan_file: &plan_file,
-            uri,
-            id,
-            input,
-            observed: domain,
-        };
-        ctx.project(steps, &mut out, &mut problems);
+    for part in parts {
+        let (part, part_problems) = part?;
+        out.changes.extend(part.changes);
+        out.steps.extend(part.steps);
+        out.warnings.extend(part.warnings);
+        problems.extend(part_problems);
     }
     if !problems.is_empty() {
         problems.sort_by_key(|p| (p.pos, p.vm.clone()));
@@ -127,6 +166,12 @@ pub fn project(input: &PlanInput<'_>) -> Result<Plan, PlanError> {
 }
 
 type Resolved<'a> = Vec<(&'a Step, Uri, DomainId)>;
+
+/// From this many domains on, they are projected on two threads.
+const PARALLEL_FROM: usize = 256;
+
+/// One entry of [`PerDomain`].
+type DomainSteps<'m, 'a> = (&'m (&'a Uri, &'a str), &'m (&'a DomainId, Vec<&'a Step>));
 
 /// Each domain's steps, by connection and UUID (borrowed from [`Resolved`]).
 type PerDomain<'a> = BTreeMap<(&'a Uri, &'a str), (&'a DomainId, Vec<&'a Step>)>;
