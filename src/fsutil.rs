@@ -15,7 +15,7 @@ pub enum FileError {
     #[error("{0}")]
     Io(#[source] io::Error),
     /// The final path component is a symbolic link, which virtplan never writes through.
-    #[error("it is a symbolic link; virtplan never writes through one (it could point at any file): remove the link")]
+    #[error("it is a symbolic link; virtplan never reads or writes its own files through one (it could point at any file): remove the link")]
     Symlink,
     /// A directory, FIFO, socket or device.
     #[error("it is {0}, not a regular file")]
@@ -124,11 +124,31 @@ pub fn open_append_nofollow(path: &Path, mode: u32) -> Result<File, FileError> {
 /// # Errors
 /// [`FileError::NotRegular`], [`FileError::TooLarge`], I/O errors.
 pub fn read_regular(path: &Path, limit: u64) -> Result<Vec<u8>, FileError> {
+    read_with(path, limit, 0)
+}
+
+/// [`read_regular`] for a file virtplan itself writes (a lockfile and its companions): a
+/// symlink there was not made by virtplan and is refused on open (`O_NOFOLLOW`), as writing
+/// it would be, so `status` never reports another file's contents as progress.
+///
+/// # Errors
+/// [`FileError::Symlink`]; as [`read_regular`].
+pub fn read_own(path: &Path, limit: u64) -> Result<Vec<u8>, FileError> {
+    read_with(path, limit, libc::O_NOFOLLOW)
+}
+
+fn read_with(path: &Path, limit: u64, flags: i32) -> Result<Vec<u8>, FileError> {
     let file = OpenOptions::new()
         .read(true)
-        .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
+        .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC | flags)
         .open(path)
-        .map_err(FileError::Io)?;
+        .map_err(|e| {
+            if flags & libc::O_NOFOLLOW != 0 && e.raw_os_error() == Some(libc::ELOOP) {
+                FileError::Symlink
+            } else {
+                FileError::Io(e)
+            }
+        })?;
     let meta = file.metadata().map_err(FileError::Io)?;
     if !meta.file_type().is_file() {
         return Err(FileError::NotRegular(kind_name(meta.file_type())));
@@ -149,16 +169,12 @@ pub fn read_regular(path: &Path, limit: u64) -> Result<Vec<u8>, FileError> {
     Ok(bytes)
 }
 
-/// [`read_regular_text`] for a file virtplan itself writes (a lockfile's companions): a
-/// symlink there was not made by virtplan and is refused, as writing it would be.
+/// [`read_own`] as UTF-8 text.
 ///
 /// # Errors
-/// [`FileError::Symlink`]; as [`read_regular_text`].
+/// As [`read_own`]; invalid UTF-8 is an `InvalidData` I/O error.
 pub fn read_own_text(path: &Path, limit: u64) -> Result<String, FileError> {
-    if std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_symlink()) {
-        return Err(FileError::Symlink);
-    }
-    read_regular_text(path, limit)
+    utf8(read_own(path, limit)?)
 }
 
 /// [`read_regular`] as UTF-8 text.
@@ -166,7 +182,10 @@ pub fn read_own_text(path: &Path, limit: u64) -> Result<String, FileError> {
 /// # Errors
 /// As [`read_regular`]; invalid UTF-8 is an `InvalidData` I/O error.
 pub fn read_regular_text(path: &Path, limit: u64) -> Result<String, FileError> {
-    let bytes = read_regular(path, limit)?;
+    utf8(read_regular(path, limit)?)
+}
+
+fn utf8(bytes: Vec<u8>) -> Result<String, FileError> {
     String::from_utf8(bytes)
         .map_err(|e| FileError::Io(io::Error::new(io::ErrorKind::InvalidData, e)))
 }

@@ -1298,9 +1298,10 @@ impl LockStore {
     }
 }
 
-/// The file's bytes; `None` when it does not exist.
+/// The file's bytes; `None` when it does not exist. A symlink is refused: virtplan never made
+/// one there, and the file it points at is not this plan's progress.
 fn read_text(path: &Path) -> Result<Option<Vec<u8>>, LockError> {
-    match crate::fsutil::read_regular(path, MAX_LOCKFILE_BYTES) {
+    match crate::fsutil::read_own(path, MAX_LOCKFILE_BYTES) {
         Ok(bytes) => Ok(Some(bytes)),
         Err(e) if e.io_kind() == Some(std::io::ErrorKind::NotFound) => Ok(None),
         Err(source) => Err(LockError::Read {

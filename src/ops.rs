@@ -191,3 +191,122 @@ pub fn settle_interrupted(
     }
     Ok(())
 }
+
+/// Test-only crash switch, read in one place ([`failpoint`]): `after-running:<step id>` or
+/// `before-done:<step id>` aborts the process at that point, to test that a resumed run
+/// applies nothing twice.
+pub const FAILPOINT_ENV: &str = "VIRTPLAN_FAILPOINT";
+
+/// The failpoint every executor of this process gets (`apply`, `apply --watch`, `watch`).
+#[must_use]
+pub fn failpoint() -> Option<String> {
+    std::env::var(FAILPOINT_ENV).ok().filter(|f| !f.is_empty())
+}
+
+/// The stop flag of a run: SIGINT or SIGTERM sets it (start nothing new; the step in flight
+/// finishes and is recorded), and a second one exits at once (every lockfile write is atomic,
+/// so the lockfile stays whole). `apply`, `apply --watch` and `watch` all stop through it.
+///
+/// # Errors
+/// The handlers cannot be installed.
+pub fn stop_on_signals() -> std::io::Result<Arc<std::sync::atomic::AtomicBool>> {
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register_conditional_shutdown(signal, 1, Arc::clone(&stop))?;
+        signal_hook::flag::register(signal, Arc::clone(&stop))?;
+    }
+    Ok(stop)
+}
+
+/// A plan's progress, owned: the executor lock (held for as long as the value lives) and the
+/// plan's lockfile, opened under it.
+pub struct Locked {
+    pub lock: crate::lockfile::ExecutorLock,
+    pub store: Arc<crate::lockfile::LockStore>,
+}
+
+/// Why [`lock`] could not take a plan's executor lock or open its lockfile.
+#[derive(Debug, thiserror::Error)]
+pub enum LockFailure {
+    #[error("cannot create the state folder {} (state_dir in virtplan.toml): {source}", .folder.display())]
+    StateFolder {
+        folder: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    /// Another executor holds the plan; `waited` is how long this one waited (`None`: it was
+    /// not asked to wait).
+    #[error("{source}")]
+    Held {
+        source: LockError,
+        waited: Option<std::time::Duration>,
+    },
+    #[error(transparent)]
+    Lockfile(#[from] LockError),
+}
+
+/// Takes the executor lock of the plan at `plan_path` and opens its lockfile (beside the plan,
+/// or in `state_dir`), the one sequence `apply`, `apply --watch` and `watch` use. While
+/// another executor holds the plan, waits up to `wait` for it to let go (polling: a held
+/// `flock` cannot be waited on with a deadline), telling `waiting` once.
+///
+/// # Errors
+/// The state folder cannot be created, the lock is held (after `wait`), or the lockfile
+/// cannot be read.
+pub fn lock(
+    plan_path: &Path,
+    state_dir: Option<&Path>,
+    plan_sha256: &str,
+    clock: &dyn crate::clock::Clock,
+    wait: Option<std::time::Duration>,
+    waiting: &mut dyn FnMut(&str),
+) -> Result<Locked, LockFailure> {
+    use crate::lockfile::{ExecutorLock, LockStore};
+    let paths = crate::overview::StatePaths::of(plan_path, state_dir);
+    paths.prepare().map_err(|source| LockFailure::StateFolder {
+        folder: paths
+            .lockfile
+            .parent()
+            .unwrap_or(Path::new("."))
+            .to_path_buf(),
+        source,
+    })?;
+    let start = clock.now();
+    let mut told = false;
+    let lock = loop {
+        match ExecutorLock::acquire(&paths.pid, clock.now()) {
+            Ok(lock) => break lock,
+            Err(source @ LockError::Held { .. }) => {
+                let Some(wait) = wait else {
+                    return Err(LockFailure::Held {
+                        source,
+                        waited: None,
+                    });
+                };
+                let waited = (clock.now() - start).to_std().unwrap_or_default();
+                if waited >= wait {
+                    return Err(LockFailure::Held {
+                        source,
+                        waited: Some(wait),
+                    });
+                }
+                if !told {
+                    waiting(&format!(
+                        "Waiting up to {} for the executor lock: {source}",
+                        crate::plan_file::units::format_duration(wait)
+                    ));
+                    told = true;
+                }
+                clock.sleep(
+                    wait.saturating_sub(waited)
+                        .min(std::time::Duration::from_millis(250)),
+                );
+            }
+            Err(e) => return Err(e.into()),
+        }
+    };
+    let store = LockStore::open(&paths.lockfile, plan_sha256)?;
+    Ok(Locked {
+        lock,
+        store: Arc::new(store),
+    })
+}

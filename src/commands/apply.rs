@@ -13,7 +13,7 @@ use anyhow::Context as _;
 use super::common;
 use crate::clock::Clock;
 use crate::executor::{Executor, Outcome, Settings};
-use crate::lockfile::{self, ExecutorLock, LockStore};
+use crate::lockfile::LockStore;
 use crate::notify::{Notifier, Retry, RunInfo};
 use crate::ops;
 use crate::planner::saved::SavedPlan;
@@ -21,10 +21,6 @@ use crate::planner::{Connections, Plan};
 use crate::printer::{Printer, Tone};
 use crate::uri::Uri;
 use crate::{render, ExitStatus};
-
-/// Test-only crash switch: `after-running:<step id>` or `before-done:<step id>` aborts the
-/// process at that point, to test that a resumed run applies nothing twice.
-pub const FAILPOINT_ENV: &str = "VIRTPLAN_FAILPOINT";
 
 pub struct Args<'a> {
     pub plan: &'a Path,
@@ -105,15 +101,16 @@ pub fn run(args: &Args<'_>, clock: &dyn Clock, printer: &Printer) -> anyhow::Res
             }
         },
     };
-    let paths = crate::overview::StatePaths::of(&plan_path, state_dir.as_deref());
-    paths.prepare().with_context(|| {
-        format!(
-            "cannot create the state folder {} (state_dir in virtplan.toml)",
-            paths.lockfile.parent().unwrap_or(Path::new(".")).display()
-        )
-    })?;
-    let _lock = acquire_lock(&paths.pid, args.lock_timeout, clock, printer)?;
-    let store = Arc::new(LockStore::open(&paths.lockfile, &plan_sha256)?);
+    let locked = ops::lock(
+        &plan_path,
+        state_dir.as_deref(),
+        &plan_sha256,
+        clock,
+        args.lock_timeout,
+        &mut |m| printer.info(m),
+    )
+    .map_err(lock_failure)?;
+    let (_lock, store) = (locked.lock, locked.store);
     let (plan, connections, loaded) = if let Some(saved) = saved {
         let mut plan = saved.plan;
         restore_credentials(&mut plan, args.config)?;
@@ -147,12 +144,7 @@ pub fn run(args: &Args<'_>, clock: &dyn Clock, printer: &Printer) -> anyhow::Res
         return Ok(ExitStatus::Error);
     }
 
-    let stop = Arc::new(AtomicBool::new(false));
-    for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
-        // The second signal exits at once: every lockfile write is atomic, so it stays whole.
-        signal_hook::flag::register_conditional_shutdown(signal, 1, Arc::clone(&stop))?;
-        signal_hook::flag::register(signal, Arc::clone(&stop))?;
-    }
+    let stop = ops::stop_on_signals()?;
     let file_zone: Option<chrono_tz::Tz> =
         plan.meta.timezone.as_deref().and_then(|z| z.parse().ok());
     let mut settings = Settings::for_plan(&plan).with_lease_config(lease_config(
@@ -160,7 +152,7 @@ pub fn run(args: &Args<'_>, clock: &dyn Clock, printer: &Printer) -> anyhow::Res
         args.config,
         &plan_path,
     )?);
-    settings.failpoint = std::env::var(FAILPOINT_ENV).ok().filter(|f| !f.is_empty());
+    settings.failpoint = ops::failpoint();
     let progress = super::progress::Progress::new(printer, clock, file_zone);
     let on_outcome = |o: &Outcome| progress.outcome(o);
     let notifier = start_notifier(targets, &plan, &store, printer);
@@ -168,6 +160,19 @@ pub fn run(args: &Args<'_>, clock: &dyn Clock, printer: &Printer) -> anyhow::Res
         n.plan_started(clock.now())?;
     }
     let pending = plan.steps.len();
+    // What this run must leave finished (a watched plan may change under the run).
+    let reviewed = (!args.watch).then(|| {
+        plan.steps
+            .iter()
+            .map(|s| {
+                (
+                    s.step_id.clone(),
+                    s.domain.uuid.clone(),
+                    format!("step {} {}", s.step, s.domain.name),
+                )
+            })
+            .collect::<Vec<_>>()
+    });
     printer.info(&format!(
         "Applying {pending} step(s); progress is recorded in {} (Ctrl-C stops after the step in flight).",
         store.path().display()
@@ -238,7 +243,39 @@ pub fn run(args: &Args<'_>, clock: &dyn Clock, printer: &Printer) -> anyhow::Res
         printer.error("interrupted: the step in flight was finished and recorded; run `virtplan apply` again to resume");
         return Ok(ExitStatus::Error);
     }
+    if let Some(reviewed) = &reviewed {
+        if let Some(left) = unfinished(reviewed, &lock) {
+            // Never "success" while the lockfile says a reviewed step has not run.
+            printer.error(&format!(
+                "{left} still recorded pending or running after the run ended: this is a virtplan bug; run `virtplan apply` again to resume, and report it"
+            ));
+            return Ok(ExitStatus::Error);
+        }
+    }
     Ok(ExitStatus::Success)
+}
+
+/// The reviewed steps (id, domain UUID, label) the lockfile still holds as pending or running
+/// (`step 3 web-01, ...`).
+fn unfinished(
+    reviewed: &[(String, String, String)],
+    lock: &crate::lockfile::Lockfile,
+) -> Option<String> {
+    use crate::lockfile::{Index, StepStatus};
+    let index = Index::of(lock);
+    let left: Vec<&str> = reviewed
+        .iter()
+        .filter(|(id, uuid, _)| {
+            index.position(id, uuid).is_none_or(|i| {
+                matches!(
+                    lock.steps[i].status,
+                    StepStatus::Pending | StepStatus::Running
+                )
+            })
+        })
+        .map(|(.., label)| label.as_str())
+        .collect();
+    (!left.is_empty()).then(|| left.join(", "))
 }
 
 /// `--watch`: the reconciler runs the plan and follows edits of its file.
@@ -268,7 +305,7 @@ fn watch(
         log: &log,
         config: args.config,
         connect,
-        failpoint: std::env::var(FAILPOINT_ENV).ok().filter(|f| !f.is_empty()),
+        failpoint: ops::failpoint(),
         pool: reconciler::Pool::with(connections),
     };
     let applying = reconciler::Applying {
@@ -352,47 +389,23 @@ fn finish_notifier(
     }
 }
 
-/// Takes the executor lock, waiting up to `timeout` for its holder to let go (polling: a held
-/// `flock` cannot be waited on with a deadline).
-fn acquire_lock(
-    path: &Path,
-    timeout: Option<Duration>,
-    clock: &dyn Clock,
-    printer: &Printer,
-) -> anyhow::Result<ExecutorLock> {
-    let start = clock.now();
-    let mut told = false;
-    loop {
-        match ExecutorLock::acquire(path, clock.now()) {
-            Ok(lock) => return Ok(lock),
-            Err(err @ lockfile::LockError::Held { .. }) => {
-                let Some(timeout) = timeout else {
-                    return Err(anyhow::Error::new(err).context(
-                        "pass --lock-timeout DURATION (e.g. 10m) to wait for it instead",
-                    ));
-                };
-                let waited = (clock.now() - start).to_std().unwrap_or_default();
-                if waited >= timeout {
-                    return Err(anyhow::Error::new(err).context(format!(
-                        "still held after waiting {} (--lock-timeout)",
-                        crate::plan_file::units::format_duration(timeout)
-                    )));
-                }
-                if !told {
-                    printer.info(&format!(
-                        "Waiting up to {} for the executor lock: {err}",
-                        crate::plan_file::units::format_duration(timeout)
-                    ));
-                    told = true;
-                }
-                clock.sleep(
-                    timeout
-                        .saturating_sub(waited)
-                        .min(Duration::from_millis(250)),
-                );
-            }
-            Err(err) => return Err(err.into()),
-        }
+/// The executor lock could not be taken: with the way to wait for it (`--lock-timeout`), or
+/// how long apply waited.
+fn lock_failure(failure: ops::LockFailure) -> anyhow::Error {
+    match failure {
+        ops::LockFailure::Held {
+            source,
+            waited: None,
+        } => anyhow::Error::new(source)
+            .context("pass --lock-timeout DURATION (e.g. 10m) to wait for it instead"),
+        ops::LockFailure::Held {
+            source,
+            waited: Some(waited),
+        } => anyhow::Error::new(source).context(format!(
+            "still held after waiting {} (--lock-timeout)",
+            crate::plan_file::units::format_duration(waited)
+        )),
+        other => other.into(),
     }
 }
 
@@ -521,4 +534,56 @@ fn confirm(plan: &Plan, printer: &Printer) -> anyhow::Result<bool> {
     let mut answer = String::new();
     std::io::stdin().lock().read_line(&mut answer)?;
     Ok(answer.trim() == "yes")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::unfinished;
+    use crate::lockfile::{Lockfile, StepRecord, StepStatus};
+
+    #[test]
+    fn a_reviewed_step_left_pending_or_unrecorded_is_named() {
+        let reviewed: Vec<(String, String, String)> = [
+            ("s1", "u1", "step 1 a"),
+            ("s2", "u1", "step 2 a"),
+            ("s3", "u2", "step 3 b"),
+        ]
+        .iter()
+        .map(|(i, u, l)| ((*i).to_owned(), (*u).to_owned(), (*l).to_owned()))
+        .collect();
+        let mut lock = Lockfile::new("sha");
+        lock.steps.push(StepRecord::new(
+            1,
+            "s1",
+            "a",
+            "u1",
+            "",
+            None,
+            StepStatus::Done,
+        ));
+        lock.steps.push(StepRecord::new(
+            2,
+            "s2",
+            "a",
+            "u1",
+            "",
+            None,
+            StepStatus::Pending,
+        ));
+        assert_eq!(
+            unfinished(&reviewed, &lock).as_deref(),
+            Some("step 2 a, step 3 b")
+        );
+        lock.steps[1].status = StepStatus::Skipped;
+        lock.steps.push(StepRecord::new(
+            3,
+            "s3",
+            "b",
+            "u2",
+            "",
+            None,
+            StepStatus::Missed,
+        ));
+        assert_eq!(unfinished(&reviewed, &lock), None);
+    }
 }

@@ -3,10 +3,7 @@
 //! no confirmation is asked, since what lands there was reviewed and merged.
 
 use std::path::Path;
-use std::sync::atomic::AtomicBool;
-use std::sync::Arc;
 
-use super::apply::FAILPOINT_ENV;
 use crate::cli::LogFormat;
 use crate::clock::Clock;
 use crate::printer::Printer;
@@ -27,12 +24,7 @@ pub fn run(args: &Args<'_>, clock: &dyn Clock, printer: &Printer) -> anyhow::Res
             args.dir.display()
         );
     }
-    let stop = Arc::new(AtomicBool::new(false));
-    for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
-        // The second signal exits at once: every lockfile write is atomic, so it stays whole.
-        signal_hook::flag::register_conditional_shutdown(signal, 1, Arc::clone(&stop))?;
-        signal_hook::flag::register(signal, Arc::clone(&stop))?;
-    }
+    let stop = crate::ops::stop_on_signals()?;
     let log = Log {
         format: match args.log_format {
             LogFormat::Human => log::LogFormat::Human,
@@ -47,7 +39,7 @@ pub fn run(args: &Args<'_>, clock: &dyn Clock, printer: &Printer) -> anyhow::Res
         log: &log,
         config: args.config,
         connect: None,
-        failpoint: std::env::var(FAILPOINT_ENV).ok().filter(|f| !f.is_empty()),
+        failpoint: crate::ops::failpoint(),
         pool: Pool::default(),
     };
     reconciler::watch_dir(&env, args.dir, &stop)?;

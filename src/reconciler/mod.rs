@@ -14,6 +14,8 @@ pub mod debounce;
 pub mod diff;
 pub mod log;
 mod runner;
+#[cfg(test)]
+mod tests;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -53,7 +55,7 @@ pub struct Env<'a> {
     pub config: Option<&'a Path>,
     /// `--connect`: replaces every step's connection.
     pub connect: Option<&'a crate::uri::Uri>,
-    /// Test-only crash switch handed to every executor (see `apply::FAILPOINT_ENV`).
+    /// Test-only crash switch handed to every executor (`ops::failpoint`).
     pub failpoint: Option<String>,
     pub pool: Pool,
 }
@@ -77,17 +79,19 @@ impl Pool {
     ) -> Result<Connections, String> {
         let uris = file.connection_uris(connect);
         let mut pool = self.0.lock().unwrap_or_else(PoisonError::into_inner);
-        let mut out = Connections::new();
-        for uri in uris {
-            if !pool.contains_key(&uri) {
-                let hv = ops::connect(&uri).map_err(|e| format!("cannot connect: {e}"))?;
-                pool.insert(uri.clone(), hv);
-            }
-            if let Some(hv) = pool.get(&uri) {
-                out.insert(uri, Arc::clone(hv));
-            }
+        let missing: Vec<crate::uri::Uri> = uris
+            .iter()
+            .filter(|u| !pool.contains_key(*u))
+            .cloned()
+            .collect();
+        if !missing.is_empty() {
+            let opened = ops::open(missing).map_err(|e| format!("cannot connect: {e}"))?;
+            pool.extend(opened);
         }
-        Ok(out)
+        Ok(uris
+            .into_iter()
+            .filter_map(|uri| pool.get(&uri).map(|hv| (uri, Arc::clone(hv))))
+            .collect())
     }
 
     /// Forgets connections that broke, so the next use opens them again.
@@ -245,15 +249,7 @@ fn is_plan_name(path: &Path) -> bool {
 /// The folder cannot be read or watched.
 pub fn watch_dir(env: &Env<'_>, dir: &Path, stop: &AtomicBool) -> anyhow::Result<()> {
     std::thread::scope(|scope| {
-        let mut r = Reconciler {
-            scope,
-            env,
-            target: Target::Dir(dir.to_path_buf()),
-            slots: BTreeMap::new(),
-            shutting_down: false,
-            dirty: false,
-        };
-        r.run(stop)
+        Reconciler::new(scope, env, Target::Dir(dir.to_path_buf())).run(stop)
     })
 }
 
@@ -277,14 +273,7 @@ pub struct Applying {
 pub fn apply_watch(env: &Env<'_>, applying: Applying, stop: &AtomicBool) -> anyhow::Result<Report> {
     let path = applying.file.path.clone();
     std::thread::scope(|scope| {
-        let mut r = Reconciler {
-            scope,
-            env,
-            target: Target::File(path.clone()),
-            slots: BTreeMap::new(),
-            shutting_down: false,
-            dirty: false,
-        };
+        let mut r = Reconciler::new(scope, env, Target::File(path.clone()));
         let mut slot = Slot::new(&path);
         slot.seen = Some(Inputs {
             sha256: applying.file.sha256.clone(),
@@ -340,6 +329,20 @@ struct Reconciler<'scope, 'env> {
 }
 
 impl<'scope, 'env> Reconciler<'scope, 'env> {
+    /// A reconciler with no plan seen yet. Its state machine moves only through [`Self::rescan`]
+    /// (files changed), [`Self::poll`] (executors ended) and [`Self::shut_down`] (a signal);
+    /// [`Self::run`] drives them from file events, and the unit tests drive them directly.
+    fn new(scope: &'scope Scope<'scope, 'env>, env: &'env Env<'env>, target: Target) -> Self {
+        Self {
+            scope,
+            env,
+            target,
+            slots: BTreeMap::new(),
+            shutting_down: false,
+            dirty: false,
+        }
+    }
+
     fn log(&self) -> &'env Log<'env> {
         self.env.log
     }
@@ -625,17 +628,17 @@ impl<'scope, 'env> Reconciler<'scope, 'env> {
             return Ok(());
         }
         let file = &loaded.file;
-        let paths = crate::overview::StatePaths::of(&file.path, loaded.config.state_dir.as_deref());
-        paths.prepare().map_err(|e| {
-            format!(
-                "cannot create the state folder for {}: {e}",
-                paths.lockfile.display()
-            )
-        })?;
-        let lock =
-            ExecutorLock::acquire(&paths.pid, self.env.clock.now()).map_err(|e| e.to_string())?;
-        let store = LockStore::open(&paths.lockfile, &file.sha256).map_err(|e| e.to_string())?;
-        let store = Arc::new(store);
+        // No waiting here: a held plan is tried again at the next rescan.
+        let locked = ops::lock(
+            &file.path,
+            loaded.config.state_dir.as_deref(),
+            &file.sha256,
+            self.env.clock,
+            None,
+            &mut |_| {},
+        )
+        .map_err(|e| e.to_string())?;
+        let (lock, store) = (locked.lock, locked.store);
         if !file.notify.is_empty() {
             slot.notifier = Some(Notifier::start(
                 file.notify.clone(),

@@ -228,6 +228,39 @@ fn regression_symlinked_lockfile_and_saved_plan_are_written_through() {
     assert_eq!(std::fs::read_to_string(&important).unwrap(), "keep me\n");
 }
 
+/// Regression: a lockfile that is a symlink was read through (`status` showed the other
+/// file's contents as progress; `apply` showed the plan and started before refusing at its first
+/// write). Both now refuse before anything else, and the target stays untouched.
+#[test]
+fn regression_symlinked_lockfile_is_read_through() {
+    let (dir, uri) = fleet();
+    let plan = write(
+        dir.path(),
+        "p.yaml",
+        &format!("version: 1\nconnection: {uri}\nsteps:\n  - {{vm: vm1, title: hello}}\n"),
+    );
+    let other = write(
+        dir.path(),
+        "other.lock",
+        "{\"header\":{\"version\":2,\"plan_sha256\":\"x\"}}\n",
+    );
+    std::os::unix::fs::symlink(&other, dir.path().join("p.lock")).unwrap();
+    for args in [
+        &["status", s(&plan)][..],
+        &["apply", s(&plan), "--auto-approve"],
+    ] {
+        Cli::new()
+            .args(args)
+            .status(1)
+            .stderr_contains("p.lock: it is a symbolic link")
+            .stderr_lacks("Applying")
+            .run();
+    }
+    assert!(std::fs::read_to_string(&other)
+        .unwrap()
+        .ends_with("\"x\"}}\n"));
+}
+
 #[test]
 fn regression_symlinked_plan_path_applies_the_step_twice() {
     let (dir, uri) = fleet();
