@@ -107,6 +107,30 @@ fn plan_shows_the_batches_in_the_written_order_in_every_format() {
     );
 }
 
+/// `rollout` is not part of a step's id: tightening it on a rollout half done edits pending
+/// work; the done domains keep their records.
+#[test]
+fn editing_a_rollout_keeps_the_step_ids() {
+    let ids = |rollout: &str| {
+        let text = format!(
+            "version: 1\nconnection: test:///default\nsteps:\n  - vms: [a, b]\n    power: reboot\n{rollout}"
+        );
+        let file = virtplan::plan_file::parse(
+            Path::new("plan.yaml"),
+            text,
+            &virtplan::plan_file::LoadContext::default(),
+        )
+        .unwrap_or_else(|d| panic!("{}", d.render()));
+        file.steps
+            .iter()
+            .map(virtplan::plan_file::Step::id)
+            .collect::<Vec<_>>()
+    };
+    let before = ids("    rollout: { max_parallel: 2, max_errors: 1 }\n");
+    assert_eq!(before, ids("    rollout: { max_parallel: 1, pause: 1m }\n"));
+    assert_eq!(before, ids(""));
+}
+
 #[test]
 fn a_host_cap_narrows_the_batches_and_is_shown() {
     let dir = tempfile::tempdir().unwrap();

@@ -345,3 +345,29 @@ fn a_rollout_still_waiting_when_the_window_closes_records_the_rest_missed() {
     );
     assert!(report.outcomes[3].message.contains("window closed"));
 }
+
+#[test]
+fn an_always_rollout_keeps_its_cap_but_not_its_budget() {
+    let (names, domains) = fleet(4);
+    let steps = rollout_step(
+        &names,
+        "    always: true\n    rollout: { max_parallel: 1, max_errors: 0 }\n",
+    );
+    let rig = Rig::new(&steps, "grace: 1h\n", domains, "2026-12-01T04:00:00Z");
+    rig.hv.fail("destroy", 1, 1, ErrorKind::InvalidArgument);
+    let report = rig.run();
+    let statuses: Vec<StepStatus> = report.outcomes.iter().map(|o| o.status).collect();
+    // The first fails; a restore step still goes through every domain, one at a time.
+    assert_eq!(
+        statuses,
+        [
+            StepStatus::Failed,
+            StepStatus::Done,
+            StepStatus::Done,
+            StepStatus::Done
+        ],
+        "{:#?}",
+        report.outcomes
+    );
+    assert_eq!(peak_overlap(&records(&rig, 1)), 1);
+}
