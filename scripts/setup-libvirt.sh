@@ -54,6 +54,15 @@ if ! getent passwd libvirt-qemu >/dev/null; then
         --home-dir /var/lib/libvirt --shell /usr/sbin/nologin libvirt-qemu
     say "created user libvirt-qemu"
 fi
+# A throw-away unprivileged user: the many-hosts tests start its own per-user libvirtd
+# (qemu:///session, in a temporary folder) as a second host, and kill it to test a lost host,
+# without ever disturbing the system daemon the other tests use.
+SESSION_USER=virtplan-session
+if ! getent passwd "$SESSION_USER" >/dev/null; then
+    useradd --system --user-group --no-create-home --home-dir /nonexistent \
+        --shell /usr/sbin/nologin "$SESSION_USER"
+    say "created user $SESSION_USER (for qemu:///session test daemons)"
+fi
 for dir in "$LOG_DIR" "$RUN_DIR" /var/lib/libvirt /etc/libvirt; do
     if [[ ! -d $dir ]]; then
         mkdir -p "$dir"
@@ -85,7 +94,7 @@ set_conf group '"root"'
 set_conf security_driver '"none"'
 
 # 4. Daemons. Without systemd there is no socket activation: start them ourselves.
-if pgrep -x virtlogd >/dev/null; then
+if pgrep -x -u root virtlogd >/dev/null; then
     say "virtlogd already running"
 else
     virtlogd -d
@@ -95,7 +104,7 @@ fi
 # snapshotting a shut-off qcow2 domain): restart it. Running domains survive a restart.
 started_before_qemu_img() {
     local pid qemu_img now elapsed
-    pid=$(pgrep -xo libvirtd) || return 1
+    pid=$(pgrep -xo -u root libvirtd) || return 1
     qemu_img=$(command -v qemu-img) || return 1
     now=$(date +%s)
     elapsed=$(ps -o etimes= -p "$pid" | tr -d ' ')
@@ -106,7 +115,7 @@ if started_before_qemu_img; then
     if [[ -d /run/systemd/system ]] && systemctl is-active --quiet libvirtd 2>/dev/null; then
         systemctl restart libvirtd
     else
-        pid=$(pgrep -xo libvirtd)
+        pid=$(pgrep -xo -u root libvirtd)
         kill "$pid"
         for _ in $(seq 1 100); do
             kill -0 "$pid" 2>/dev/null || break
@@ -118,7 +127,7 @@ if started_before_qemu_img; then
         fi
     fi
 fi
-if pgrep -x libvirtd >/dev/null; then
+if pgrep -x -u root libvirtd >/dev/null; then
     if ((CONF_CHANGED)); then
         say "warning: qemu.conf changed while libvirtd was running; restart libvirtd to apply it"
     fi

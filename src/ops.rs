@@ -30,12 +30,7 @@ pub struct Loaded {
 /// Every problem of the configuration or the plan, located.
 pub fn load(path: &Path, config: Option<&Path>) -> Result<Loaded, Diagnostics> {
     let config = config::discover(config, Some(path))?;
-    let file = plan_file::load(
-        path,
-        &LoadContext {
-            config: config.clone(),
-        },
-    )?;
+    let file = plan_file::load(path, &LoadContext::from(config.clone()))?;
     Ok(Loaded { config, file })
 }
 
@@ -80,6 +75,51 @@ pub fn open(uris: impl IntoIterator<Item = Uri>) -> HvResult<Connections> {
         .zip(opened)
         .map(|(uri, hv)| hv.map(|hv| (uri, hv)))
         .collect()
+}
+
+/// Opens each of `uris` like [`open`], but a host that cannot be reached does not stop the
+/// others: it gets an [`Unreachable`](crate::hypervisor::unreachable::Unreachable) stand-in,
+/// which the executor reopens when that host's first step is due. For `apply SAVED`, whose
+/// plan was reviewed while every host answered; returns the hosts that did not, with why.
+#[must_use]
+pub fn open_tolerant(
+    uris: impl IntoIterator<Item = Uri>,
+) -> (Connections, Vec<(Uri, crate::hypervisor::HvError)>) {
+    let mut connections = Connections::new();
+    let mut unreachable = Vec::new();
+    let uris: std::collections::BTreeSet<Uri> = uris.into_iter().collect();
+    let opened: Vec<(Uri, HvResult<Arc<dyn Hypervisor>>)> = std::thread::scope(|scope| {
+        let handles: Vec<_> = uris
+            .iter()
+            .map(|uri| (uri, scope.spawn(move || connect(uri))))
+            .collect();
+        handles
+            .into_iter()
+            .map(|(uri, h)| {
+                let hv = h.join().unwrap_or_else(|_| {
+                    Err(crate::hypervisor::HvError::new(
+                        crate::hypervisor::ErrorKind::Other,
+                        "a connection thread panicked",
+                    ))
+                });
+                (uri.clone(), hv)
+            })
+            .collect()
+    });
+    for (uri, hv) in opened {
+        match hv {
+            Ok(hv) => {
+                connections.insert(uri, hv);
+            }
+            Err(e) => {
+                let stand_in =
+                    crate::hypervisor::unreachable::Unreachable::new(uri.clone(), e.clone());
+                connections.insert(uri.clone(), Arc::new(stand_in));
+                unreachable.push((uri, e));
+            }
+        }
+    }
+    (connections, unreachable)
 }
 
 /// Projects `file` over the live state of `connections` at `now`, with `progress` marking

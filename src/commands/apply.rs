@@ -114,7 +114,21 @@ pub fn run(args: &Args<'_>, clock: &dyn Clock, printer: &Printer) -> anyhow::Res
     let (plan, connections, loaded) = if let Some(saved) = saved {
         let mut plan = saved.plan;
         restore_credentials(&mut plan, args.config)?;
-        let connections = common::open_uris(plan.policy.connections.iter().cloned())?;
+        // The reviewed plan needs no live state to run: a host that cannot be reached now
+        // fails only its own steps (each waits for it within its grace), never the others.
+        let (connections, unreachable) =
+            ops::open_tolerant(plan.policy.connections.iter().cloned());
+        for (uri, e) in &unreachable {
+            let steps = plan
+                .steps
+                .iter()
+                .filter(|s| &s.connection == uri && !s.done)
+                .count();
+            printer.warning(&format!(
+                "host {} cannot be reached now ({e}); its {steps} step(s) wait for it, reopened with backoff within each step's grace, and are recorded missed if it is not back in time; the other hosts' steps go on",
+                uri.redacted()
+            ));
+        }
         for warning in unreviewed_matches(&plan, &connections, args.config) {
             printer.warning(&warning);
         }
@@ -124,7 +138,9 @@ pub fn run(args: &Args<'_>, clock: &dyn Clock, printer: &Printer) -> anyhow::Res
             return Ok(ExitStatus::Error);
         };
         let connect = common::resolve_connect(&config, args.connect)?;
-        let connections = common::open_connections(&file, connect.as_ref())?;
+        let connections = common::open_connections(&file, connect.as_ref()).context(
+            "`apply PLAN` plans from live state, so it needs every host of the plan; a saved plan (`virtplan plan PLAN --out FILE`, made while every host answered) runs the other hosts' steps and waits for this one within each step's grace",
+        )?;
         common::settle_interrupted(&store.snapshot(), &connections, clock, printer)?;
         match ops::project(&file, &connections, connect.as_ref(), clock.now(), &*store) {
             Ok(plan) => (plan, connections, Some((config, file, connect))),
@@ -347,7 +363,7 @@ fn saved_plan_targets(
     printer: &Printer,
 ) -> Vec<crate::notify::Target> {
     let loaded = crate::config::discover(config, Some(plan_path)).and_then(|config| {
-        crate::plan_file::load(plan_path, &crate::plan_file::LoadContext { config })
+        crate::plan_file::load(plan_path, &crate::plan_file::LoadContext::from(config))
     });
     match loaded {
         Ok(file) => file.notify,
@@ -466,7 +482,7 @@ fn unreviewed_matches(
     let Ok(config) = crate::config::discover(config, Some(&plan_path)) else {
         return Vec::new();
     };
-    match crate::plan_file::load(&plan_path, &crate::plan_file::LoadContext { config }) {
+    match crate::plan_file::load(&plan_path, &crate::plan_file::LoadContext::from(config)) {
         Ok(file) if file.sha256 == plan.meta.sha256 => {
             crate::ops::unreviewed_matches(&file, plan, connections)
         }
@@ -484,7 +500,7 @@ fn restore_credentials(plan: &mut Plan, config: Option<&Path>) -> anyhow::Result
     if let Ok(config) = crate::config::discover(config, Some(&plan_path)) {
         known.extend(config.hosts.values().cloned());
         known.extend(config.connection.clone());
-        let context = crate::plan_file::LoadContext { config };
+        let context = crate::plan_file::LoadContext::from(config);
         if let Ok(file) = crate::plan_file::load(&plan_path, &context) {
             if file.sha256 == plan.meta.sha256 {
                 known.extend(file.connection_uris(None));

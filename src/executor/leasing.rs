@@ -95,6 +95,11 @@ impl Run<'_> {
                 let message = missed_message(&step.domain.name, rival.as_ref(), deadline);
                 return self.end(step, StepStatus::Missed, message, None, None);
             }
+            // The host went away while the lease was taken: nothing was changed.
+            Err(e) if self.host_down(&step.connection).is_some() => {
+                let message = format!("missed, nothing was changed: {e}");
+                return self.end(step, StepStatus::Missed, message, None, None);
+            }
             Err(e) => {
                 let message = format!("not started: {e}");
                 return self.end(step, StepStatus::Failed, message, None, None);

@@ -201,8 +201,8 @@ struct Run<'a> {
     abort: AtomicBool,
     fatal: Mutex<Option<String>>,
     outcomes: Mutex<Vec<Outcome>>,
-    /// The connections in use: replaced when a lost one is reopened.
-    conns: Mutex<BTreeMap<Uri, Arc<dyn Hypervisor>>>,
+    /// The connections in use, one per host: replaced when a lost one is reopened.
+    conns: Mutex<BTreeMap<Uri, Host>>,
     /// Attributes each (step id, uuid) changes, from the plan's changes.
     touched: BTreeMap<(String, String), Vec<Attr>>,
     /// Rollouts and per-host caps.
@@ -220,6 +220,40 @@ enum Next {
     Parked,
     /// No steps left.
     Finished,
+}
+
+/// One host's connection, and whether the host can be reached.
+struct Host {
+    conn: Arc<dyn Hypervisor>,
+    /// Set while the host cannot be reached (it was unreachable when the run started, or a
+    /// lost connection could not be reopened); cleared by a successful reopen.
+    down: Option<Down>,
+    /// A worker is opening a fresh connection: the others do not queue behind it.
+    reopening: bool,
+}
+
+/// A host that cannot be reached, and when it is tried next.
+#[derive(Debug, Clone)]
+struct Down {
+    since: DateTime<Utc>,
+    error: String,
+    /// Failed attempts to reopen it so far.
+    attempts: u32,
+    /// No reopen is tried before this (bounded exponential backoff).
+    next_try: DateTime<Utc>,
+}
+
+/// The longest wait between two attempts to reopen a lost host.
+pub const HOST_BACKOFF_MAX: Duration = Duration::from_secs(30);
+
+/// What a due step finds of its host.
+enum HostGate {
+    /// Reachable: run the step.
+    Up,
+    /// Down: come back at this time (the next reopen attempt, or the step's deadline).
+    Wait(DateTime<Utc>),
+    /// Down past the step's deadline: not run, for this reason.
+    Lost(String),
 }
 
 /// Where one domain is in its steps.
@@ -268,6 +302,29 @@ enum Blocked {
 }
 
 impl Executor<'_> {
+    /// The run's hosts: an [`Unreachable`](crate::hypervisor::unreachable::Unreachable)
+    /// stand-in starts down, to be opened when its first step is due.
+    fn hosts(&self) -> BTreeMap<Uri, Host> {
+        let now = self.clock.now();
+        self.connections
+            .iter()
+            .map(|(uri, conn)| {
+                let down = conn.unreachable().map(|e| Down {
+                    since: now,
+                    error: e.message.clone(),
+                    attempts: 0,
+                    next_try: now,
+                });
+                let host = Host {
+                    conn: Arc::clone(conn),
+                    down,
+                    reopening: false,
+                };
+                (uri.clone(), host)
+            })
+            .collect()
+    }
+
     /// The operator's cancellations of this plan: the side file beside the lockfile.
     fn store_cancels(&self) -> crate::cancel::CancelLog {
         crate::cancel::CancelLog::for_lockfile(self.store.path())
@@ -293,7 +350,7 @@ impl Executor<'_> {
             abort: AtomicBool::new(false),
             fatal: Mutex::new(None),
             outcomes: Mutex::new(Vec::new()),
-            conns: Mutex::new(self.connections.clone()),
+            conns: Mutex::new(self.hosts()),
             touched,
             admission: admission::Admission::new(self.plan, self.settings.on_failure),
             pool: Pool::default(),
@@ -342,28 +399,155 @@ impl Executor<'_> {
 }
 
 impl Run<'_> {
+    fn hosts(&self) -> std::sync::MutexGuard<'_, BTreeMap<Uri, Host>> {
+        self.conns.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
     /// The current connection to `uri`.
     fn connection(&self, uri: &Uri) -> HvResult<Arc<dyn Hypervisor>> {
-        self.conns
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
+        self.hosts()
             .get(uri)
-            .cloned()
+            .map(|h| Arc::clone(&h.conn))
             .ok_or_else(|| HvError::new(ErrorKind::Other, format!("no open connection to {uri}")))
     }
 
     /// Replaces the connection `failed` to `uri` by a fresh one, once, however many threads
-    /// saw it fail. A failed reconnect leaves the old one: the next retry tries again.
-    fn reconnect(&self, uri: &Uri, failed: &Arc<dyn Hypervisor>) {
+    /// saw it fail; returns whether the host is reachable now. The opening happens outside
+    /// the lock of the run's connections, so a host that hangs at connect holds up only the
+    /// worker that tries it, never another host's steps; meanwhile the others see it down. A
+    /// failed open marks the host down (the first failure's time kept) and schedules the next
+    /// attempt after a doubling backoff of at most [`HOST_BACKOFF_MAX`].
+    fn reconnect(&self, uri: &Uri, failed: &Arc<dyn Hypervisor>) -> bool {
         let Some(open) = self.ex.reconnect else {
-            return;
+            return false;
         };
-        let mut conns = self.conns.lock().unwrap_or_else(PoisonError::into_inner);
-        if conns.get(uri).is_some_and(|c| Arc::ptr_eq(c, failed)) {
-            if let Ok(fresh) = open(uri) {
-                conns.insert(uri.to_owned(), fresh);
+        {
+            let mut hosts = self.hosts();
+            let Some(host) = hosts.get_mut(uri) else {
+                return false;
+            };
+            if !Arc::ptr_eq(&host.conn, failed) {
+                return host.down.is_none();
+            }
+            if host.reopening {
+                return false;
+            }
+            host.reopening = true;
+        }
+        let opened = open(uri);
+        let now = self.ex.clock.now();
+        let mut hosts = self.hosts();
+        let Some(host) = hosts.get_mut(uri) else {
+            return false;
+        };
+        host.reopening = false;
+        match opened {
+            Ok(fresh) => {
+                host.conn = fresh;
+                host.down = None;
+                true
+            }
+            Err(e) => {
+                let (since, attempts) = host
+                    .down
+                    .as_ref()
+                    .map_or((now, 1), |d| (d.since, d.attempts + 1));
+                let backoff = self
+                    .ex
+                    .settings
+                    .backoff
+                    .saturating_mul(2u32.saturating_pow(attempts.saturating_sub(1)))
+                    .min(HOST_BACKOFF_MAX);
+                host.down = Some(Down {
+                    since,
+                    error: e.message,
+                    attempts,
+                    next_try: now
+                        + chrono::Duration::from_std(backoff).unwrap_or(chrono::Duration::MAX),
+                });
+                false
             }
         }
+    }
+
+    /// Why `uri` cannot be reached, when it is down: names the host, since when, and its
+    /// last error (credentials redacted).
+    fn host_down(&self, uri: &Uri) -> Option<String> {
+        let hosts = self.hosts();
+        let down = hosts.get(uri)?.down.as_ref()?;
+        Some(format!(
+            "host {} is unreachable (since {}; {} reconnect attempt(s): {})",
+            uri.redacted(),
+            step::show_time(down.since),
+            down.attempts,
+            down.error
+        ))
+    }
+
+    /// A due step's host: reachable (run it), down but worth waiting for (the next reopen
+    /// attempt comes before the step's deadline), or down past the deadline. A down host is
+    /// reopened here, by one worker at a time, never in a loop: the domain goes back to the
+    /// scheduler until its next attempt, so waiting for a lost host holds no worker and no
+    /// slot that another host's steps could use.
+    fn host_gate(&self, step: &PlannedStep) -> HostGate {
+        let (down, conn, reopening) = {
+            let hosts = self.hosts();
+            let Some(host) = hosts.get(&step.connection) else {
+                return HostGate::Up;
+            };
+            let Some(down) = host.down.clone() else {
+                return HostGate::Up;
+            };
+            (down, Arc::clone(&host.conn), host.reopening)
+        };
+        let now = self.ex.clock.now();
+        let deadline = self.start_deadline(step, now);
+        let reason = || self.host_down(&step.connection).unwrap_or_default();
+        if now > deadline {
+            return HostGate::Lost(reason());
+        }
+        // Back for the deadline itself, so the step is recorded as soon as it is lost.
+        let by_deadline = |t: DateTime<Utc>| t.min(deadline + chrono::Duration::milliseconds(1));
+        if reopening {
+            return HostGate::Wait(by_deadline(now + chrono::Duration::seconds(1)));
+        }
+        if now < down.next_try {
+            return HostGate::Wait(by_deadline(down.next_try));
+        }
+        if self.reconnect(&step.connection, &conn) {
+            return HostGate::Up;
+        }
+        let next = self
+            .hosts()
+            .get(&step.connection)
+            .and_then(|h| h.down.as_ref().map(|d| d.next_try))
+            .unwrap_or(now + chrono::Duration::seconds(1));
+        if self.ex.reconnect.is_none() {
+            // Nothing can reopen it: wait for the deadline, then record the step lost.
+            return HostGate::Wait(by_deadline(DateTime::<Utc>::MAX_UTC));
+        }
+        HostGate::Wait(by_deadline(next))
+    }
+
+    /// Records a step whose host stayed down past its deadline: `missed` when it never
+    /// started, `failed` when an interrupted run had started it (it may have changed things).
+    fn host_lost(&self, step: &PlannedStep, recorded: StepStatus, reason: &str) -> StepStatus {
+        let late = self
+            .late(step, self.ex.clock.now())
+            .unwrap_or_else(|| "its deadline passed".to_owned());
+        let (status, message) = if recorded == StepStatus::Running {
+            (
+                StepStatus::Failed,
+                format!("an interrupted run had started this step and {reason}; not resumed because {late}"),
+            )
+        } else {
+            (
+                StepStatus::Missed,
+                format!("missed, not run: {reason}; {late}"),
+            )
+        };
+        self.finish(step, status, message);
+        status
     }
 
     fn stopping(&self) -> bool {
@@ -571,21 +755,26 @@ impl Run<'_> {
                     if let Some(due) = self.not_yet(step, recorded) {
                         return Next::Due(due);
                     }
-                    match self.admit(step, domain, recorded, gated) {
-                        Some(Arrival::Parked) => return Next::Parked,
-                        Some(Arrival::Skip(reason)) => {
-                            self.finish(step, StepStatus::Skipped, reason);
-                            (StepStatus::Skipped, true)
-                        }
-                        _ => {
-                            let ended = self.step(
-                                step,
-                                recorded,
-                                cursor.blocked.is_some() || self.abort.load(Ordering::SeqCst),
-                            );
-                            gone = ended.gone;
-                            (ended.status, true)
-                        }
+                    // A lost host first: its domain takes no rollout share while it waits.
+                    match self.host_gate(step) {
+                        HostGate::Wait(until) => return Next::Due(until),
+                        HostGate::Lost(reason) => (self.host_lost(step, recorded, &reason), true),
+                        HostGate::Up => match self.admit(step, domain, recorded, gated) {
+                            Some(Arrival::Parked) => return Next::Parked,
+                            Some(Arrival::Skip(reason)) => {
+                                self.finish(step, StepStatus::Skipped, reason);
+                                (StepStatus::Skipped, true)
+                            }
+                            _ => {
+                                let ended = self.step(
+                                    step,
+                                    recorded,
+                                    cursor.blocked.is_some() || self.abort.load(Ordering::SeqCst),
+                                );
+                                gone = ended.gone;
+                                (ended.status, true)
+                            }
+                        },
                     }
                 }
                 (_, Some(b)) => {
@@ -611,17 +800,21 @@ impl Run<'_> {
                     if let Some(due) = self.not_yet(step, recorded) {
                         return Next::Due(due);
                     }
-                    match self.admit(step, domain, recorded, gated) {
-                        Some(Arrival::Parked) => return Next::Parked,
-                        Some(Arrival::Skip(reason)) => {
-                            self.finish(step, StepStatus::Skipped, reason);
-                            (StepStatus::Skipped, true)
-                        }
-                        _ => {
-                            let ended = self.step(step, recorded, false);
-                            gone = ended.gone;
-                            (ended.status, true)
-                        }
+                    match self.host_gate(step) {
+                        HostGate::Wait(until) => return Next::Due(until),
+                        HostGate::Lost(reason) => (self.host_lost(step, recorded, &reason), true),
+                        HostGate::Up => match self.admit(step, domain, recorded, gated) {
+                            Some(Arrival::Parked) => return Next::Parked,
+                            Some(Arrival::Skip(reason)) => {
+                                self.finish(step, StepStatus::Skipped, reason);
+                                (StepStatus::Skipped, true)
+                            }
+                            _ => {
+                                let ended = self.step(step, recorded, false);
+                                gone = ended.gone;
+                                (ended.status, true)
+                            }
+                        },
                     }
                 }
             };
@@ -748,3 +941,5 @@ impl Run<'_> {
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_hosts;

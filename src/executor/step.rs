@@ -99,7 +99,7 @@ fn satisfied(action: &Action, s: &DomainState) -> bool {
     }
 }
 
-fn show_time(t: DateTime<Utc>) -> String {
+pub(super) fn show_time(t: DateTime<Utc>) -> String {
     t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
 }
 
@@ -428,6 +428,11 @@ impl Run<'_> {
         // A resumed step was just read to decide whether to resume it: not read again.
         let before = match read.map_or_else(|| self.observe(step), Ok) {
             Ok(s) => s,
+            // The host went away before anything was sent: nothing changed, the step missed.
+            Err(e) if !resuming && self.host_down(&step.connection).is_some() => {
+                let message = format!("missed, nothing was changed: {}", e.message);
+                return self.end(step, StepStatus::Missed, message, None, None);
+            }
             Err(e) => return self.fail(step, e, None),
         };
         if !resuming && !mode.after_failure {
@@ -742,6 +747,13 @@ impl Run<'_> {
                     self.ex.clock.sleep(wait);
                     wait = wait.saturating_mul(2);
                     self.reconnect(uri, &hv);
+                }
+                // Which host was lost, when the connection could not be reopened.
+                Err(mut e) if e.kind == ErrorKind::Transient => {
+                    if let Some(why) = self.host_down(uri) {
+                        e.message = format!("{}; {why}", e.message);
+                    }
+                    return Err(e);
                 }
                 result => return result,
             }

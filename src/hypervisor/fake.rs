@@ -184,6 +184,8 @@ struct Inner {
     metadata: BTreeMap<(String, String), String>,
     /// The id the next started domain gets.
     next_run_id: u32,
+    /// The host is unreachable: every call fails as a lost connection would.
+    down: bool,
 }
 
 /// See the module documentation.
@@ -279,6 +281,18 @@ impl FakeHypervisor {
             .map(|c| c.after_effect)
     }
 
+    /// Takes the whole host away (`true`: every call fails like a lost connection) or brings
+    /// it back.
+    pub fn set_down(&self, down: bool) {
+        self.inner().down = down;
+    }
+
+    /// Whether the host is down (see [`FakeHypervisor::set_down`]).
+    #[must_use]
+    pub fn is_down(&self) -> bool {
+        self.inner().down
+    }
+
     /// Removes every injected failure (a reconnect that cures a lost connection).
     pub fn clear_faults(&self) {
         self.inner().faults.clear();
@@ -340,6 +354,15 @@ impl FakeHypervisor {
             *count += 1;
             *count
         };
+        if inner.down {
+            return Some(Fault {
+                op,
+                from: n,
+                count: 1,
+                kind: ErrorKind::Transient,
+                effect_first: false,
+            });
+        }
         inner
             .faults
             .iter()
@@ -784,6 +807,12 @@ impl Hypervisor for FakeHypervisor {
     }
 
     fn list_domains(&self) -> HvResult<Vec<DomainId>> {
+        if self.is_down() {
+            return Err(HvError::new(
+                ErrorKind::Transient,
+                "injected list_domains failure",
+            ));
+        }
         let mut ids: Vec<DomainId> = self
             .inner()
             .domains

@@ -8,6 +8,7 @@ pub mod fleet;
 #[allow(unsafe_code)]
 pub mod libvirt;
 pub mod snapshot;
+pub mod unreachable;
 
 use std::time::Duration;
 
@@ -101,6 +102,12 @@ impl Scope {
 pub trait Hypervisor: Send + Sync {
     /// The URI this connection was opened with.
     fn uri(&self) -> &crate::uri::Uri;
+
+    /// `Some(why)` for a stand-in of a host that could not be opened
+    /// ([`unreachable::Unreachable`]); a real connection is `None`.
+    fn unreachable(&self) -> Option<&HvError> {
+        None
+    }
 
     /// Resolves a plan's `vm:` value, a domain name or a UUID string.
     fn resolve(&self, name_or_uuid: &str) -> HvResult<DomainId>;

@@ -40,13 +40,8 @@ fn fleet(dir: &Path, names: &[&str]) -> String {
 fn project(dir: &Path, uri: &str, steps: &str) -> Result<Plan, PlanError> {
     let path = dir.join("plan.yaml");
     std::fs::write(&path, format!("version: 1\nsteps:\n{steps}")).unwrap();
-    let file = plan_file::load(
-        &path,
-        &LoadContext {
-            config: Config::default(),
-        },
-    )
-    .unwrap_or_else(|d| panic!("{}", d.render()));
+    let file = plan_file::load(&path, &LoadContext::from(Config::default()))
+        .unwrap_or_else(|d| panic!("{}", d.render()));
     let mut connections = Connections::new();
     connections.insert(uri.into(), Arc::new(Libvirt::connect(uri).unwrap()));
     planner::project(&PlanInput {

@@ -5,6 +5,7 @@ mod fleet;
 mod guest;
 mod harden;
 mod harden_daemon;
+mod hosts;
 mod layers;
 mod lease;
 mod libvirt_adapter;

@@ -4,3 +4,4 @@ pub mod cli;
 pub mod guest;
 pub mod helpers;
 pub mod qemu;
+pub mod session;
