@@ -1426,12 +1426,24 @@ impl Progress for LockStore {
     fn is_done(&self, step_id: &str, uuid: &str) -> bool {
         self.status(step_id, uuid) == Some(StepStatus::Done)
     }
+
+    fn recorded_domains(&self, step_id: &str) -> Vec<(String, String)> {
+        self.lock().data.recorded_domains(step_id)
+    }
 }
 
 impl Progress for Lockfile {
     fn is_done(&self, step_id: &str, uuid: &str) -> bool {
         self.get(step_id, uuid)
             .is_some_and(|r| r.status == StepStatus::Done)
+    }
+
+    fn recorded_domains(&self, step_id: &str) -> Vec<(String, String)> {
+        self.steps
+            .iter()
+            .filter(|r| r.step_id == step_id)
+            .map(|r| (r.uuid.clone(), r.vm.clone()))
+            .collect()
     }
 }
 

@@ -541,6 +541,12 @@ pub enum PlanError {
 pub trait Progress {
     /// Whether step `step_id` is recorded done for the domain with `uuid`.
     fn is_done(&self, step_id: &str, uuid: &str) -> bool;
+
+    /// The domains (UUID, name) recorded for step `step_id`: for a `vms: {match:}` step, the
+    /// set it resolved to when it was first applied, which re-planning keeps.
+    fn recorded_domains(&self, _step_id: &str) -> Vec<(String, String)> {
+        Vec::new()
+    }
 }
 
 /// No lockfile: nothing is done yet.

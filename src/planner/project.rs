@@ -31,7 +31,8 @@ use crate::uri::Uri;
 pub fn project(input: &PlanInput<'_>) -> Result<Plan, PlanError> {
     let file = input.file;
     let mut problems = Vec::new();
-    let resolved = resolve_targets(input, &mut problems)?;
+    let mut pinned_warnings = Vec::new();
+    let resolved = resolve_targets(input, &mut problems, &mut pinned_warnings)?;
 
     // Group each domain's steps, in time order (steps without `at` run first).
     let mut per_domain: BTreeMap<(Uri, String), Vec<&Step>> = BTreeMap::new();
@@ -46,7 +47,10 @@ pub fn project(input: &PlanInput<'_>) -> Result<Plan, PlanError> {
     }
 
     let observed = observe(input.connections, &per_domain)?;
-    let mut out = Output::default();
+    let mut out = Output {
+        warnings: pinned_warnings,
+        ..Output::default()
+    };
     for (key, steps) in &per_domain {
         let (uri, _) = key;
         let Some(domain) = observed.get(key) else {
@@ -151,6 +155,7 @@ fn place_rollouts(resolved: &Resolved<'_>, steps: &mut [PlannedStep]) {
 fn resolve_targets<'a>(
     input: &PlanInput<'a>,
     problems: &mut Vec<PlanProblem>,
+    warnings: &mut Vec<String>,
 ) -> Result<Resolved<'a>, PlanError> {
     let file = input.file;
     // First every step's connection and names, so each connection resolves its names at once.
@@ -202,38 +207,17 @@ fn resolve_targets<'a>(
     let mut resolved = Vec::new();
     for (step, uri) in steps {
         for target in &step.targets {
-            if let Some(pattern) = target.pattern() {
-                if !listings.contains_key(&uri) {
-                    let listed = input.connections[&uri].list_domains().map_err(|source| {
-                        PlanError::Libvirt {
-                            context: format!("listing the domains of {uri}"),
-                            source,
-                        }
-                    })?;
-                    listings.insert(uri.clone(), listed);
-                }
-                let matched: Vec<&DomainId> = listings[&uri]
-                    .iter()
-                    .filter(|d| pattern.matches(&d.name))
-                    .collect();
-                if matched.is_empty() {
-                    problems.push(problem(
-                        file,
-                        step,
-                        target.pos,
-                        &target.name_or_uuid,
-                        format!(
-                            "`vms: {{match: \"{}\"}}` matches no domain on {uri}",
-                            target.name_or_uuid
-                        ),
-                        &format!("a pattern must select at least one domain; see the names with `virsh -c {uri} list --all --name`"),
-                    ));
-                }
-                resolved.extend(
-                    matched
-                        .into_iter()
-                        .map(|id| (step, uri.clone(), id.clone())),
-                );
+            if target.pattern().is_some() {
+                resolve_pattern(
+                    input,
+                    step,
+                    target,
+                    &uri,
+                    &mut listings,
+                    problems,
+                    warnings,
+                    &mut resolved,
+                )?;
                 continue;
             }
             match cache.get(&(uri.clone(), target.name_or_uuid.clone())).and_then(Option::as_ref) {
@@ -250,6 +234,127 @@ fn resolve_targets<'a>(
         }
     }
     Ok(resolved)
+}
+
+/// Resolves one `vms: {match: GLOB}` target of `step` on `uri` (one listing per connection,
+/// kept in `listings`): the recorded set when the lockfile has one, else every match in name
+/// order; zero matches is a problem at the pattern.
+#[allow(clippy::too_many_arguments)] // the resolver's own state, handed down
+fn resolve_pattern<'a>(
+    input: &PlanInput<'a>,
+    step: &'a Step,
+    target: &crate::plan_file::Target,
+    uri: &Uri,
+    listings: &mut BTreeMap<Uri, Vec<DomainId>>,
+    problems: &mut Vec<PlanProblem>,
+    warnings: &mut Vec<String>,
+    resolved: &mut Resolved<'a>,
+) -> Result<(), PlanError> {
+    let file = input.file;
+    let Some(pattern) = target.pattern() else {
+        return Ok(());
+    };
+    if !listings.contains_key(uri) {
+        let listed =
+            input.connections[uri]
+                .list_domains()
+                .map_err(|source| PlanError::Libvirt {
+                    context: format!("listing the domains of {uri}"),
+                    source,
+                })?;
+        listings.insert(uri.clone(), listed);
+    }
+    // Once the lockfile recorded the set a pattern resolved to, that set is the
+    // reviewed one: re-planning (a resume, `apply PLAN`) never widens it.
+    let recorded: Vec<(String, String)> = input
+        .progress
+        .recorded_domains(&step.id())
+        .into_iter()
+        // A step of several targets: the recorded domains this pattern matched.
+        .filter(|(_, vm)| step.targets.len() == 1 || pattern.matches(vm))
+        .collect();
+    if !recorded.is_empty() {
+        pin_recorded(
+            file,
+            step,
+            target,
+            uri,
+            &listings[uri],
+            &recorded,
+            problems,
+            warnings,
+            resolved,
+        );
+        return Ok(());
+    }
+    let matched: Vec<&DomainId> = listings[uri]
+        .iter()
+        .filter(|d| pattern.matches(&d.name))
+        .collect();
+    if matched.is_empty() {
+        problems.push(problem(
+                file,
+                step,
+                target.pos,
+                &target.name_or_uuid,
+                format!(
+                    "`vms: {{match: \"{}\"}}` matches no domain on {uri}",
+                    target.name_or_uuid
+                ),
+                &format!("a pattern must select at least one domain; see the names with `virsh -c {uri} list --all --name`"),
+            ));
+    }
+    resolved.extend(
+        matched
+            .into_iter()
+            .map(|id| (step, uri.clone(), id.clone())),
+    );
+    Ok(())
+}
+
+/// Resolves a `vms: {match:}` target to the domains the lockfile `recorded` for its step
+/// (UUID, name when recorded), found by UUID in `listed` (renamed since is fine); one that no
+/// longer exists is a problem. A domain that matches now but was not recorded is a warning:
+/// it is not touched.
+#[allow(clippy::too_many_arguments)] // the resolver's own state, handed down
+fn pin_recorded<'a>(
+    file: &PlanFile,
+    step: &'a Step,
+    target: &crate::plan_file::Target,
+    uri: &Uri,
+    listed: &[DomainId],
+    recorded: &[(String, String)],
+    problems: &mut Vec<PlanProblem>,
+    warnings: &mut Vec<String>,
+    resolved: &mut Resolved<'a>,
+) {
+    let pattern_text = &target.name_or_uuid;
+    for (uuid, vm) in recorded {
+        match listed.iter().find(|d| d.uuid == *uuid) {
+            Some(id) => resolved.push((step, uri.clone(), id.clone())),
+            None => problems.push(problem(
+                file,
+                step,
+                target.pos,
+                vm,
+                format!(
+                    "{} ({uuid}) was matched by `vms: {{match: \"{pattern_text}\"}}` and recorded in the lockfile, but no longer exists on {uri}",
+                    crate::text::escape(vm)
+                ),
+                "the lockfile pins the set a pattern matched when the step was first applied; to start the plan over without it, move the lockfile aside (its progress is then forgotten)",
+            )),
+        }
+    }
+    for d in listed {
+        if target.pattern().is_some_and(|p| p.matches(&d.name))
+            && !recorded.iter().any(|(u, _)| *u == d.uuid)
+        {
+            warnings.push(format!(
+                "{} ({}) now matches `{pattern_text}` of step {} but is not in the set the lockfile recorded for it: it is not touched (to act on it, add a step for it)",
+                d.name, d.uuid, step.number
+            ));
+        }
+    }
 }
 
 /// Reads every targeted domain: one bulk read per connection, in which the persistent XML is
