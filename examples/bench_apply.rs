@@ -235,13 +235,8 @@ fn scale_and_status(exe: &Path, steps: usize) -> anyhow::Result<()> {
             Some(at.trunc_subsecs(0)),
         ),
     )?;
-    let file = plan_file::load(
-        &plan_path,
-        &LoadContext {
-            config: Config::default(),
-        },
-    )
-    .map_err(|e| anyhow::anyhow!("{e:?}"))?;
+    let file = plan_file::load(&plan_path, &LoadContext::from(Config::default()))
+        .map_err(|e| anyhow::anyhow!("{e:?}"))?;
     let hv: Arc<dyn Hypervisor> = Arc::new(Libvirt::connect(&uri)?);
     let mut connections = Connections::new();
     connections.insert(uri.as_str().into(), hv);

@@ -19,7 +19,7 @@ use crate::uri::Uri;
 pub const FILE_NAME: &str = "virtplan.toml";
 
 /// Default number of domains changed at the same time.
-pub const DEFAULT_PARALLELISM: usize = 8;
+pub use crate::plan_file::DEFAULT_PARALLELISM;
 
 /// Checked configuration. `Default` is what applies with no file.
 #[derive(Debug, Clone, PartialEq)]
@@ -42,6 +42,22 @@ pub struct Config {
     pub state_dir: Option<PathBuf>,
     /// `[[notify]]` targets: used by plans without a `notify` of their own.
     pub notify: Vec<crate::notify::Target>,
+}
+
+/// What a plan validated under this configuration inherits from it.
+impl From<Config> for crate::plan_file::LoadContext {
+    fn from(config: Config) -> Self {
+        Self {
+            connection: config.connection,
+            hosts: config.hosts,
+            host_caps: config.host_caps,
+            timezone: config.timezone,
+            grace: config.grace,
+            shutdown: config.shutdown,
+            parallelism: config.parallelism,
+            notify: config.notify,
+        }
+    }
 }
 
 impl Default for Config {
@@ -471,13 +487,7 @@ impl Config {
     /// `:/`) as is, else the URI of the host alias of that name; `None` when it is neither.
     #[must_use]
     pub fn resolve_connection(&self, text: &str) -> Option<Uri> {
-        if text.chars().any(char::is_control) {
-            return None;
-        }
-        if text.contains(":/") {
-            return Some(Uri::new(text));
-        }
-        self.hosts.get(text).cloned()
+        crate::uri::resolve_connection(text, &self.hosts)
     }
 
     /// How to fix a connection that is neither a URI nor a known host.

@@ -30,12 +30,7 @@ pub struct Loaded {
 /// Every problem of the configuration or the plan, located.
 pub fn load(path: &Path, config: Option<&Path>) -> Result<Loaded, Diagnostics> {
     let config = config::discover(config, Some(path))?;
-    let file = plan_file::load(
-        path,
-        &LoadContext {
-            config: config.clone(),
-        },
-    )?;
+    let file = plan_file::load(path, &LoadContext::from(config.clone()))?;
     Ok(Loaded { config, file })
 }
 

@@ -366,7 +366,7 @@ impl Inspected {
         let state_dir = config.as_ref().ok().and_then(|c| c.state_dir.clone());
         let paths = StatePaths::of(plan, state_dir.as_deref());
         let loaded = config.and_then(|config| {
-            crate::plan_file::load(plan, &crate::plan_file::LoadContext { config })
+            crate::plan_file::load(plan, &crate::plan_file::LoadContext::from(config))
         });
         match loaded {
             Ok(file) => Self {

@@ -206,6 +206,23 @@ pub fn redact_in<'a>(text: &str, uris: impl IntoIterator<Item = &'a Uri>) -> Str
     out
 }
 
+/// A connection as written in a plan, virtplan.toml or `--connect`: a libvirt URI (it has
+/// `:/`) as is, else the URI of the host alias of that name in `hosts`; `None` when it is
+/// neither (or holds control characters).
+#[must_use]
+pub fn resolve_connection(
+    text: &str,
+    hosts: &std::collections::BTreeMap<String, Uri>,
+) -> Option<Uri> {
+    if text.chars().any(char::is_control) {
+        return None;
+    }
+    if text.contains(":/") {
+        return Some(Uri::new(text));
+    }
+    hosts.get(text).cloned()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

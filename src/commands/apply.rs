@@ -363,7 +363,7 @@ fn saved_plan_targets(
     printer: &Printer,
 ) -> Vec<crate::notify::Target> {
     let loaded = crate::config::discover(config, Some(plan_path)).and_then(|config| {
-        crate::plan_file::load(plan_path, &crate::plan_file::LoadContext { config })
+        crate::plan_file::load(plan_path, &crate::plan_file::LoadContext::from(config))
     });
     match loaded {
         Ok(file) => file.notify,
@@ -482,7 +482,7 @@ fn unreviewed_matches(
     let Ok(config) = crate::config::discover(config, Some(&plan_path)) else {
         return Vec::new();
     };
-    match crate::plan_file::load(&plan_path, &crate::plan_file::LoadContext { config }) {
+    match crate::plan_file::load(&plan_path, &crate::plan_file::LoadContext::from(config)) {
         Ok(file) if file.sha256 == plan.meta.sha256 => {
             crate::ops::unreviewed_matches(&file, plan, connections)
         }
@@ -500,7 +500,7 @@ fn restore_credentials(plan: &mut Plan, config: Option<&Path>) -> anyhow::Result
     if let Ok(config) = crate::config::discover(config, Some(&plan_path)) {
         known.extend(config.hosts.values().cloned());
         known.extend(config.connection.clone());
-        let context = crate::plan_file::LoadContext { config };
+        let context = crate::plan_file::LoadContext::from(config);
         if let Ok(file) = crate::plan_file::load(&plan_path, &context) {
             if file.sha256 == plan.meta.sha256 {
                 known.extend(file.connection_uris(None));

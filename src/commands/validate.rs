@@ -39,7 +39,7 @@ pub fn run(
 
 fn check(path: &Path, config_path: Option<&Path>) -> Result<String, Diagnostics> {
     let config = config::discover(config_path, Some(path))?;
-    let plan = plan_file::load(path, &LoadContext { config })?;
+    let plan = plan_file::load(path, &LoadContext::from(config))?;
     Ok(format!(
         "{}: plan `{}`, {}",
         crate::printer::escape(&path.display().to_string()),

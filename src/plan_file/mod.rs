@@ -34,7 +34,6 @@ use serde::{Deserialize, Serialize};
 pub use diag::{Diagnostic, Diagnostics, Pos};
 
 use crate::attr::Attr;
-use crate::config::Config;
 pub use crate::state::LifecycleAction;
 use crate::state::{Kib, PowerState};
 use crate::uri::Uri;
@@ -476,10 +475,51 @@ pub struct Step {
     pub repeat: usize,
 }
 
-/// Defaults a plan inherits from `virtplan.toml` and that validation needs.
-#[derive(Debug, Clone, Default)]
+/// Default number of domains changed at the same time.
+pub const DEFAULT_PARALLELISM: usize = 8;
+
+/// What a plan inherits from its `virtplan.toml` and validation needs. The configuration
+/// module fills it (`LoadContext::from(config)`); the plan file model imports nothing of the
+/// configuration module, so the two form no cycle.
+#[derive(Debug, Clone)]
 pub struct LoadContext {
-    pub config: Config,
+    /// The default connection, a host alias already resolved.
+    pub connection: Option<Uri>,
+    /// `[hosts]`: the aliases a plan's `connection` may name.
+    pub hosts: std::collections::BTreeMap<String, Uri>,
+    /// `[hosts.NAME] max_parallel`.
+    pub host_caps: std::collections::BTreeMap<Uri, usize>,
+    pub timezone: Option<Tz>,
+    pub grace: Option<Duration>,
+    pub shutdown: ShutdownPolicy,
+    pub parallelism: usize,
+    /// `[[notify]]` targets, for plans without a `notify` of their own.
+    pub notify: Vec<crate::notify::Target>,
+}
+
+impl Default for LoadContext {
+    /// What a plan inherits when there is no `virtplan.toml`.
+    fn default() -> Self {
+        Self {
+            connection: None,
+            hosts: std::collections::BTreeMap::new(),
+            host_caps: std::collections::BTreeMap::new(),
+            timezone: None,
+            grace: None,
+            shutdown: ShutdownPolicy::default(),
+            parallelism: DEFAULT_PARALLELISM,
+            notify: Vec::new(),
+        }
+    }
+}
+
+impl LoadContext {
+    /// A connection as a plan writes it: a libvirt URI, or a host alias (see
+    /// [`crate::uri::resolve_connection`]).
+    #[must_use]
+    pub fn resolve_connection(&self, text: &str) -> Option<Uri> {
+        crate::uri::resolve_connection(text, &self.hosts)
+    }
 }
 
 /// Reads and validates one plan file.

@@ -19,7 +19,6 @@ use super::{
     Target, TargetKind, Window, FORMAT_VERSION,
 };
 use crate::attr::Attr;
-use crate::config::Config;
 use crate::state::LifecycleAction;
 use crate::uri::Uri;
 
@@ -117,7 +116,7 @@ pub fn validate(path: &Path, text: &str, ctx: &LoadContext) -> Result<PlanFile, 
         return Err(c.diags);
     }
     c.known_keys(map, TOP_KEYS, "the plan");
-    let config = &ctx.config;
+    let config = ctx;
 
     check_version(&mut c, map);
     let name = match map.get_node("name") {
@@ -243,7 +242,7 @@ fn duration(c: &mut Checker<'_>, node: &Node, what: &str, example: &str) -> Opti
         .ok()
 }
 
-fn connection(c: &mut Checker<'_>, node: &Node, config: &Config) -> Option<Uri> {
+fn connection(c: &mut Checker<'_>, node: &Node, config: &LoadContext) -> Option<Uri> {
     let text = c.text(node, "`connection`", "connection: qemu:///system")?;
     if let Some(uri) = config.resolve_connection(text) {
         return Some(uri);
@@ -385,7 +384,7 @@ fn check_steps(
     c: &mut Checker<'_>,
     node: &Node,
     settings: &Settings,
-    config: &Config,
+    config: &LoadContext,
 ) -> Vec<Step> {
     let Some(seq) = c.sequence(node, "`steps`", "steps: [{vm: web-01, power: shutoff}]") else {
         return Vec::new();
@@ -418,7 +417,7 @@ fn check_step(
     node: &Node,
     number: usize,
     settings: &Settings,
-    config: &Config,
+    config: &LoadContext,
 ) -> Option<Step> {
     let what = format!("step {number}");
     let map = c.mapping(

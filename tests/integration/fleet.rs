@@ -40,13 +40,8 @@ fn fleet(dir: &Path, names: &[&str]) -> String {
 fn project(dir: &Path, uri: &str, steps: &str) -> Result<Plan, PlanError> {
     let path = dir.join("plan.yaml");
     std::fs::write(&path, format!("version: 1\nsteps:\n{steps}")).unwrap();
-    let file = plan_file::load(
-        &path,
-        &LoadContext {
-            config: Config::default(),
-        },
-    )
-    .unwrap_or_else(|d| panic!("{}", d.render()));
+    let file = plan_file::load(&path, &LoadContext::from(Config::default()))
+        .unwrap_or_else(|d| panic!("{}", d.render()));
     let mut connections = Connections::new();
     connections.insert(uri.into(), Arc::new(Libvirt::connect(uri).unwrap()));
     planner::project(&PlanInput {
@@ -214,13 +209,7 @@ fn regression_a_replanned_apply_widened_the_set_its_lockfile_recorded() {
     };
     {
         let store = LockStore::open(&lock_path, "").unwrap();
-        let file = plan_file::load(
-            &plan,
-            &LoadContext {
-                config: Config::default(),
-            },
-        )
-        .unwrap();
+        let file = plan_file::load(&plan, &LoadContext::from(Config::default())).unwrap();
         let mut connections = Connections::new();
         connections.insert(
             uri.as_str().into(),

@@ -55,13 +55,8 @@ impl Fixture {
     }
 
     fn load(path: &Path) -> PlanFile {
-        plan_file::load(
-            path,
-            &LoadContext {
-                config: Config::default(),
-            },
-        )
-        .unwrap_or_else(|d| panic!("{}", d.render()))
+        plan_file::load(path, &LoadContext::from(Config::default()))
+            .unwrap_or_else(|d| panic!("{}", d.render()))
     }
 
     fn project(&self, file: &PlanFile) -> Result<Plan, PlanError> {
@@ -382,7 +377,7 @@ fn every_example_plans_against_a_matching_fleet() {
     let mut planned = 0;
     for entry in walk(&root) {
         let config = virtplan::config::discover(None, Some(&entry)).unwrap();
-        let file = plan_file::load(&entry, &LoadContext { config }).unwrap();
+        let file = plan_file::load(&entry, &LoadContext::from(config)).unwrap();
         let plan = fx
             .project(&file)
             .unwrap_or_else(|e| panic!("{}: {e}", entry.display()));
@@ -419,13 +414,7 @@ fn classic_window_against_a_real_qemu_domain() {
         classic(&dom.name).replace("track: guest", "track: wall"),
     )
     .unwrap();
-    let file = plan_file::load(
-        &path,
-        &LoadContext {
-            config: Config::default(),
-        },
-    )
-    .unwrap();
+    let file = plan_file::load(&path, &LoadContext::from(Config::default())).unwrap();
     let mut connections = Connections::new();
     connections.insert(
         uri.clone().into(),

@@ -50,9 +50,7 @@ fn corpus_config(plan: &Path) -> Config {
 }
 
 fn load_corpus_plan(plan: &Path) -> Diagnostics {
-    let ctx = LoadContext {
-        config: corpus_config(plan),
-    };
+    let ctx = LoadContext::from(corpus_config(plan));
     match plan_file::load(plan, &ctx) {
         Ok(_) => panic!(
             "{} validated, but it is in the invalid corpus",
@@ -214,7 +212,7 @@ fn every_example_validates() {
     assert!(examples.len() >= 3, "{examples:?}");
     for plan in &examples {
         let config = config::discover(None, Some(plan)).unwrap_or_else(|e| panic!("{e}"));
-        if let Err(diags) = plan_file::load(plan, &LoadContext { config }) {
+        if let Err(diags) = plan_file::load(plan, &LoadContext::from(config)) {
             panic!("{diags}");
         }
         Cli::new()
@@ -503,7 +501,7 @@ proptest! {
         let examples = example_texts();
         let (path, text, config) = &examples[which % examples.len()];
         let text = mutations.iter().fold(text.clone(), |t, m| apply(&t, m));
-        let ctx = LoadContext { config: config.clone() };
+        let ctx = LoadContext::from(config.clone());
         if let Err(diags) = plan_file::parse(path, text, &ctx) {
             prop_assert!(!diags.items.is_empty());
             for d in &diags.items {
