@@ -123,24 +123,29 @@ pub fn open_tolerant(
 }
 
 /// Projects `file` over the live state of `connections` at `now`, with `progress` marking
-/// the steps already done; `connect` (`--connect`) replaces every step's connection.
+/// the steps already done; `connect` (`--connect`) replaces every step's connection; `filter`
+/// (`--only` / `--exclude`) keeps the domains it selects.
 ///
 /// # Errors
-/// As [`planner::project`].
+/// As [`planner::project_selected`].
 pub fn project(
     file: &PlanFile,
     connections: &Connections,
     connect: Option<&Uri>,
     now: DateTime<Utc>,
     progress: &dyn Progress,
+    filter: Option<&crate::filter::Filter>,
 ) -> Result<Plan, PlanError> {
-    planner::project(&PlanInput {
-        file,
-        connections,
-        connect_override: connect,
-        now,
-        progress,
-    })
+    planner::project_selected(
+        &PlanInput {
+            file,
+            connections,
+            connect_override: connect,
+            now,
+            progress,
+        },
+        filter,
+    )
 }
 
 /// What apply would refuse before running anything (an edited or removed done step, a

@@ -29,10 +29,29 @@ use crate::uri::Uri;
 /// [`PlanError::Problems`] for steps libvirt would refuse or domains that cannot be found,
 /// [`PlanError::Libvirt`] when reading state fails.
 pub fn project(input: &PlanInput<'_>) -> Result<Plan, PlanError> {
+    project_selected(input, None)
+}
+
+/// [`project`] for the domains `filter` selects (`--only` / `--exclude`): the others are not
+/// read, planned or checked (a named domain that does not exist is no problem once excluded),
+/// and the plan records the filter and the domains it left out.
+///
+/// # Errors
+/// As [`project`]; [`PlanError::Filter`] for a filter value that matches none of the plan's
+/// domains.
+pub fn project_selected(
+    input: &PlanInput<'_>,
+    filter: Option<&crate::filter::Filter>,
+) -> Result<Plan, PlanError> {
     let file = input.file;
+    let filter = filter.and_then(crate::filter::Filter::non_empty);
     let mut problems = Vec::new();
     let mut pinned_warnings = Vec::new();
-    let resolved = resolve_targets(input, &mut problems, &mut pinned_warnings)?;
+    let mut resolved = resolve_targets(input, &mut problems, &mut pinned_warnings, filter)?;
+    let selection = match filter {
+        Some(filter) => Some(select(file, filter, &mut resolved)?),
+        None => None,
+    };
 
     // Group each domain's steps, in time order (steps without `at` run first).
     let mut per_domain: BTreeMap<(Uri, String), Vec<&Step>> = BTreeMap::new();
@@ -119,6 +138,59 @@ pub fn project(input: &PlanInput<'_>) -> Result<Plan, PlanError> {
         warnings: out.warnings,
         summary,
         steps: out.steps,
+        selection,
+    })
+}
+
+/// Keeps the resolved domains `filter` selects; every filter value must match one of the
+/// plan's domains (resolved, or named by a step).
+fn select(
+    file: &PlanFile,
+    filter: &crate::filter::Filter,
+    resolved: &mut Resolved<'_>,
+) -> Result<crate::filter::Selection, PlanError> {
+    let mut known: Vec<(&str, &str)> = resolved
+        .iter()
+        .map(|(_, _, id)| (id.name.as_str(), id.uuid.as_str()))
+        .collect();
+    known.extend(
+        file.steps
+            .iter()
+            .flat_map(|s| s.targets.iter())
+            .filter(|t| t.kind == TargetKind::Domain)
+            .map(|t| (t.name_or_uuid.as_str(), "")),
+    );
+    let unknown = filter.unknown(&known);
+    if !unknown.is_empty() {
+        let domains = known.iter().map(|(n, _)| (*n).to_owned()).collect();
+        return Err(PlanError::Filter(
+            crate::filter::FilterError::Unknown {
+                unknown,
+                plan: file.path.display().to_string(),
+                domains,
+            }
+            .to_string(),
+        ));
+    }
+    let left_out_steps: Vec<crate::filter::LeftOut> = resolved
+        .iter()
+        .filter(|(_, _, id)| !filter.selects(&id.name, &id.uuid))
+        .map(|(step, _, id)| crate::filter::LeftOut {
+            step: step.number,
+            step_id: step.id(),
+            at: step.at.as_ref().map(|a| a.value),
+            vm: id.name.clone(),
+            uuid: id.uuid.clone(),
+        })
+        .collect();
+    let mut left_out: Vec<String> = left_out_steps.iter().map(|l| l.vm.clone()).collect();
+    left_out.sort();
+    left_out.dedup();
+    resolved.retain(|(_, _, id)| filter.selects(&id.name, &id.uuid));
+    Ok(crate::filter::Selection {
+        filter: filter.clone(),
+        left_out,
+        left_out_steps,
     })
 }
 
@@ -156,6 +228,7 @@ fn resolve_targets<'a>(
     input: &PlanInput<'a>,
     problems: &mut Vec<PlanProblem>,
     warnings: &mut Vec<String>,
+    filter: Option<&crate::filter::Filter>,
 ) -> Result<Resolved<'a>, PlanError> {
     let file = input.file;
     // First every step's connection and names, so each connection resolves its names at once.
@@ -222,6 +295,8 @@ fn resolve_targets<'a>(
             }
             match cache.get(&(uri.clone(), target.name_or_uuid.clone())).and_then(Option::as_ref) {
                 Some(id) => resolved.push((step, uri.clone(), id.clone())),
+                // A domain the run's filter leaves out is not looked for.
+                None if filter.is_some_and(|f| !f.selects(&target.name_or_uuid, &target.name_or_uuid)) => {}
                 None => problems.push(problem(
                     file,
                     step,

@@ -676,6 +676,7 @@ impl<'scope, 'env> Reconciler<'scope, 'env> {
                 self.env.connect,
                 self.env.clock.now(),
                 store,
+                None,
             ) {
                 Ok(plan) => return Ok((plan, connections)),
                 // A long-lived connection may have broken: open it again, once.
