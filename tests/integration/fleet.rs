@@ -260,4 +260,17 @@ fn regression_a_replanned_apply_widened_the_set_its_lockfile_recorded() {
     let lock = LockStore::read(&lock_path).unwrap();
     assert_eq!(recorded(&lock, 1), ["web-01", "web-02"], "{said}");
     assert_eq!(recorded(&lock, 2), ["web-01", "web-02"], "{said}");
+
+    // A recorded domain that was deleted since is an error at the pattern, never dropped
+    // silently.
+    fleet(dir.path(), &["web-01", "web-03", "db-01"]);
+    let out = run(&["plan", plan.to_str().unwrap()]);
+    let said = text(&out);
+    assert_eq!(out.status.code(), Some(1), "{said}");
+    assert!(
+        said.contains("plan.yaml:4:")
+            && said.contains("web-02 (")
+            && said.contains("was matched by `vms: {match: \"web-*\"}` and recorded in the lockfile, but no longer exists on test:///"),
+        "{said}"
+    );
 }
