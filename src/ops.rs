@@ -355,3 +355,42 @@ pub fn lock(
         store: Arc::new(store),
     })
 }
+
+/// Why [`project_resumed`] made no plan.
+#[derive(Debug, thiserror::Error)]
+pub enum ResumeError {
+    /// A domain an interrupted step was working on did not settle, or libvirt failed meanwhile
+    /// (the message names the domain).
+    #[error("{0}")]
+    Unsettled(String),
+    #[error(transparent)]
+    Plan(#[from] PlanError),
+}
+
+/// Observe → project for a plan that may resume, the one sequence `apply`, `apply --watch`
+/// and `watch` plan with: wait for every domain an interrupted step was working on to settle
+/// ([`settle_interrupted`], `waiting` hears each wait), then project `file` with the
+/// lockfile's progress; `filter` (`--only` / `--exclude`) keeps the domains it selects.
+///
+/// # Errors
+/// As [`settle_interrupted`] and [`planner::project_selected`].
+pub fn project_resumed(
+    file: &PlanFile,
+    connections: &Connections,
+    connect: Option<&Uri>,
+    clock: &dyn crate::clock::Clock,
+    store: &crate::lockfile::LockStore,
+    waiting: &mut dyn FnMut(&str),
+    filter: Option<&crate::filter::Filter>,
+) -> Result<Plan, ResumeError> {
+    settle_interrupted(&store.snapshot(), connections, clock, waiting)
+        .map_err(ResumeError::Unsettled)?;
+    Ok(project(
+        file,
+        connections,
+        connect,
+        clock.now(),
+        store,
+        filter,
+    )?)
+}

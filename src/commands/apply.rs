@@ -161,20 +161,23 @@ pub fn run(args: &Args<'_>, clock: &dyn Clock, printer: &Printer) -> anyhow::Res
         let connections = common::open_connections(&file, connect.as_ref()).context(
             "`apply PLAN` plans from live state, so it needs every host of the plan; a saved plan (`virtplan plan PLAN --out FILE`, made while every host answered) runs the other hosts' steps and waits for this one within each step's grace",
         )?;
-        common::settle_interrupted(&store.snapshot(), &connections, clock, printer)?;
-        match ops::project(
+        match ops::project_resumed(
             &file,
             &connections,
             connect.as_ref(),
-            clock.now(),
-            &*store,
+            clock,
+            &store,
+            &mut |m| {
+                printer.info(m);
+            },
             Some(&args.filter),
         ) {
             Ok(plan) => (plan, connections, Some((config, file, connect))),
-            Err(e) => {
+            Err(ops::ResumeError::Plan(e)) => {
                 common::report_plan_error(printer, &file, &e);
                 return Ok(ExitStatus::Error);
             }
+            Err(e) => return Err(e.into()),
         }
     };
     // Refuse an edited done step or a recreated domain before asking anything (and write

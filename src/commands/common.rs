@@ -97,15 +97,3 @@ pub fn report_plan_error(printer: &Printer, file: &PlanFile, error: &PlanError) 
         }
     }
 }
-
-/// Before planning a resumed run, waits (bounded) for every domain an interrupted step was
-/// working on to settle (see [`crate::ops::settle_interrupted`]), saying so on the printer.
-pub fn settle_interrupted(
-    lock: &crate::lockfile::Lockfile,
-    connections: &Connections,
-    clock: &dyn crate::clock::Clock,
-    printer: &Printer,
-) -> anyhow::Result<()> {
-    crate::ops::settle_interrupted(lock, connections, clock, &mut |m| printer.info(m))
-        .map_err(anyhow::Error::msg)
-}

@@ -4,10 +4,17 @@
 //! domain and every configuration figure from the persistent definition (the inactive XML),
 //! because that is what survives a reboot and what the planner projects.
 //!
-//! `plan` reads in bulk, with a fixed number of round trips however many domains it targets:
+//! `plan` reads in bulk, with a fixed number of round trips however many domains it targets,
+//! through `resolve_and_observe`: one `virConnectGetAllDomainStats` over the inactive domains
+//! both resolves the plan's names (each record carries its domain's name and UUID) and reads
+//! those domains, as `observe_wanted` below; a name not among them is looked for in one listing
+//! of the active domains (whose handles then serve the per-domain reads), and only a miss there
+//! falls back to a lookup by name, which reports "not found" exactly as libvirt does. A record
+//! keeps a reference on its domain only when more calls will read it: libvirt formats the UUID
+//! on every call that takes a domain, including taking and dropping a reference.
 //! - `resolve_many`: one `virConnectListAllDomains` gives every name and UUID (both are kept in
 //!   the client's domain handles, so reading them costs no round trip); only a miss falls back
-//!   to a lookup by name, which then reports "not found" exactly as libvirt does.
+//!   to a lookup by name.
 //! - `observe_wanted`: one `virConnectGetAllDomainStats` over the inactive domains with the
 //!   `state`, `balloon` and `vcpu` groups. For a shut-off domain those are its persistent
 //!   figures (`balloon.current`/`maximum` = `<currentMemory>`/`<memory>`, `vcpu.current`/
@@ -38,7 +45,10 @@ use virt::sys;
 
 use super::domain_xml::{self, DefinitionSummary};
 use super::snapshot::{self, QemuImg, SnapshotSupport};
-use super::{DomainId, ErrorKind, HvError, HvResult, Hypervisor, Observation, Scope, Want};
+use super::{
+    DomainId, ErrorKind, HvError, HvResult, Hypervisor, NamedRead, NamedWant, Observation, Scope,
+    Want,
+};
 use crate::state::{DomainState, Kib, LifecycleAction, LifecycleEvent, LiveFigures, PowerState};
 use crate::uri::Uri;
 
@@ -109,11 +119,12 @@ fn start_event_loop() {
 pub struct Libvirt {
     uri: Uri,
     conn: Connect,
-    /// The test driver refuses `VIR_DOMAIN_AFFECT_LIVE | VIR_DOMAIN_AFFECT_CONFIG` in one
-    /// memory call ("mutually exclusive"), so live+config memory changes go in two calls there.
-    split_memory_scope: bool,
-    /// The QEMU driver, whose snapshots have limits ([`super::snapshot`]).
-    qemu: bool,
+    /// The driver's name (`QEMU`, `Test`, ...), asked on first use: `plan` of shut-off domains
+    /// never needs it, and it is a round trip. The test driver refuses
+    /// `VIR_DOMAIN_AFFECT_LIVE | VIR_DOMAIN_AFFECT_CONFIG` in one memory call ("mutually
+    /// exclusive"), so live+config memory changes go in two calls there; the QEMU driver's
+    /// snapshots have limits ([`super::snapshot`]).
+    driver: std::sync::OnceLock<String>,
 }
 
 impl std::fmt::Debug for Libvirt {
@@ -129,11 +140,15 @@ impl Libvirt {
     /// definition is wanted, else from its definition (and live figures when it runs).
     fn read_wanted(
         &self,
-        want: &Want,
-        record: Option<&StatsRecord>,
+        Job {
+            want,
+            record,
+            active,
+        }: &Job<'_>,
         autostart: &HashSet<String>,
         transient: Option<&HashSet<String>>,
     ) -> HvResult<Observation> {
+        let (want, record) = (*want, *record);
         let key = want.uuid.to_ascii_lowercase();
         let needs_xml = want.clock || want.metadata;
         if let Some((record, figures)) = record.and_then(|r| Some((r, r.figures?))) {
@@ -161,8 +176,8 @@ impl Libvirt {
             }
         }
         let looked_up;
-        let dom = if let Some(record) = record {
-            &record.domain
+        let dom = if let Some(dom) = record.and_then(|r| r.domain.as_ref()).or(*active) {
+            dom
         } else {
             looked_up = self.conn.lookup_domain_by_uuid_string(&key).map_err(|e| {
                 if classify(&e) == ErrorKind::NotFound {
@@ -281,13 +296,19 @@ impl Libvirt {
             i32::from(keepalive.interval_secs),
             u32::from(keepalive.count),
         );
-        let driver = conn.driver_type().unwrap_or_default();
         Ok(Self {
             uri: uri.clone(),
             conn,
-            split_memory_scope: driver.eq_ignore_ascii_case("test"),
-            qemu: driver.eq_ignore_ascii_case("qemu"),
+            driver: std::sync::OnceLock::new(),
         })
+    }
+
+    /// Whether the connection's driver is `name` (case-insensitive); an unreadable driver type
+    /// is none of them.
+    fn driver_is(&self, name: &str) -> bool {
+        self.driver
+            .get_or_init(|| self.conn.driver_type().unwrap_or_default())
+            .eq_ignore_ascii_case(name)
     }
 
     fn lookup(&self, uuid: &str) -> HvResult<Domain> {
@@ -338,8 +359,67 @@ impl Libvirt {
             .map_err(|e| hv_error("list domains", &e))?;
         domains
             .iter()
-            .map(|d| d.uuid_string().map_err(|e| hv_error("list domains", &e)))
+            .map(|d| uuid_text(d).map_err(|e| hv_error("list domains", &e)))
             .collect()
+    }
+
+    /// One `virConnectGetAllDomainStats` over the inactive domains (`state`, `balloon`,
+    /// `vcpu`). A record keeps a handle on its domain only where more calls will follow:
+    /// `deep(uuid, name)` (a step reads its definition) or figures the driver left out.
+    fn inactive_stats(&self, deep: &dyn Fn(&str, &str) -> bool) -> HvResult<Vec<StatsRecord>> {
+        all_domain_stats(
+            &self.conn,
+            sys::VIR_DOMAIN_STATS_STATE
+                | sys::VIR_DOMAIN_STATS_BALLOON
+                | sys::VIR_DOMAIN_STATS_VCPU,
+            sys::VIR_CONNECT_GET_ALL_DOMAINS_STATS_INACTIVE,
+            deep,
+        )
+        .map_err(|e| hv_error("read domain statistics", &e))
+    }
+
+    /// Reads each job's domain (see [`Libvirt::read_wanted`]), with one listing for autostart
+    /// and, when a job's domain may be running, one for transient domains.
+    fn read_jobs(&self, jobs: &[Job<'_>]) -> HvResult<Vec<Observation>> {
+        if jobs.is_empty() {
+            return Ok(Vec::new());
+        }
+        let autostart = self.listed_uuids(sys::VIR_CONNECT_LIST_DOMAINS_AUTOSTART)?;
+        let transient = if jobs.iter().any(|j| j.record.is_none()) {
+            Some(self.listed_uuids(sys::VIR_CONNECT_LIST_DOMAINS_TRANSIENT)?)
+        } else {
+            None
+        };
+        let needs_call = |j: &&Job<'_>| {
+            j.want.clock || j.want.metadata || j.record.is_none_or(|r| r.figures.is_none())
+        };
+        let read = |j: &Job<'_>| self.read_wanted(j, &autostart, transient.as_ref());
+        let calls = jobs.iter().filter(needs_call).count();
+        if calls < 8 {
+            return jobs.iter().map(read).collect();
+        }
+        // The per-domain reads are independent round trips: a few threads keep several in
+        // flight on the (thread-safe) connection.
+        let workers = std::thread::available_parallelism()
+            .map_or(2, |n| n.get() * 2)
+            .min(8);
+        let chunk = jobs.len().div_ceil(workers).max(1);
+        std::thread::scope(|scope| {
+            let handles: Vec<_> = jobs
+                .chunks(chunk)
+                .map(|part| scope.spawn(move || part.iter().map(read).collect::<Vec<_>>()))
+                .collect();
+            let mut out = Vec::with_capacity(jobs.len());
+            for handle in handles {
+                let part = handle.join().map_err(|_| {
+                    HvError::new(ErrorKind::Other, "a domain-state reader thread panicked")
+                })?;
+                for one in part {
+                    out.push(one?);
+                }
+            }
+            Ok(out)
+        })
     }
 
     fn with_domain<T>(
@@ -377,7 +457,7 @@ impl Hypervisor for Libvirt {
         let what = format!("domain {name_or_uuid:?}");
         Ok(DomainId {
             name: dom.name().map_err(|e| hv_error(&what, &e))?,
-            uuid: dom.uuid_string().map_err(|e| hv_error(&what, &e))?,
+            uuid: uuid_text(&dom).map_err(|e| hv_error(&what, &e))?,
         })
     }
 
@@ -395,9 +475,7 @@ impl Hypervisor for Libvirt {
             // Both are read from the client's handle: no round trip.
             let id = DomainId {
                 name: dom.name().map_err(|e| hv_error("list domains", &e))?,
-                uuid: dom
-                    .uuid_string()
-                    .map_err(|e| hv_error("list domains", &e))?,
+                uuid: uuid_text(dom).map_err(|e| hv_error("list domains", &e))?,
             };
             by_uuid.insert(id.uuid.clone(), id.clone());
             by_name.insert(id.name.clone(), id);
@@ -442,7 +520,7 @@ impl Hypervisor for Libvirt {
         });
         Ok(DomainState {
             name,
-            uuid: dom.uuid_string().map_err(err)?,
+            uuid: uuid_text(&dom).map_err(err)?,
             power,
             memory: summary.memory,
             max_memory: summary.max_memory,
@@ -462,58 +540,97 @@ impl Hypervisor for Libvirt {
         if wants.is_empty() {
             return Ok(Vec::new());
         }
-        let records = all_domain_stats(
-            &self.conn,
-            sys::VIR_DOMAIN_STATS_STATE
-                | sys::VIR_DOMAIN_STATS_BALLOON
-                | sys::VIR_DOMAIN_STATS_VCPU,
-            sys::VIR_CONNECT_GET_ALL_DOMAINS_STATS_INACTIVE,
-        )
-        .map_err(|e| hv_error("read domain statistics", &e))?;
-        let inactive: HashMap<String, StatsRecord> =
-            records.into_iter().map(|r| (r.uuid.clone(), r)).collect();
-        let autostart = self.listed_uuids(sys::VIR_CONNECT_LIST_DOMAINS_AUTOSTART)?;
-        let jobs: Vec<(&Want, Option<&StatsRecord>)> = wants
+        let deep: HashSet<String> = wants
             .iter()
-            .map(|w| (w, inactive.get(&w.uuid.to_ascii_lowercase())))
+            .filter(|w| w.clock || w.metadata)
+            .map(|w| w.uuid.to_ascii_lowercase())
             .collect();
-        let transient = if jobs.iter().any(|(_, r)| r.is_none()) {
-            Some(self.listed_uuids(sys::VIR_CONNECT_LIST_DOMAINS_TRANSIENT)?)
-        } else {
-            None
-        };
-        let needs_call = |(w, r): &&(&Want, Option<&StatsRecord>)| {
-            w.clock || w.metadata || r.is_none_or(|r| r.figures.is_none())
-        };
-        let read = |(w, r): &(&Want, Option<&StatsRecord>)| {
-            self.read_wanted(w, *r, &autostart, transient.as_ref())
-        };
-        let calls = jobs.iter().filter(needs_call).count();
-        if calls < 8 {
-            return jobs.iter().map(read).collect();
+        let records = self.inactive_stats(&|uuid, _| deep.contains(uuid))?;
+        let by_uuid: HashMap<&str, &StatsRecord> =
+            records.iter().map(|r| (r.uuid.as_str(), r)).collect();
+        let jobs: Vec<Job<'_>> = wants
+            .iter()
+            .map(|w| Job {
+                want: w,
+                record: by_uuid.get(w.uuid.to_ascii_lowercase().as_str()).copied(),
+                active: None,
+            })
+            .collect();
+        self.read_jobs(&jobs)
+    }
+
+    /// One `virConnectGetAllDomainStats` over the inactive domains both resolves the plan's
+    /// names and reads those domains; the running ones come from one listing of the active
+    /// domains, made only when a name is not among the inactive ones.
+    fn resolve_and_observe(&self, names: &[NamedWant]) -> HvResult<NamedRead> {
+        if names.is_empty() {
+            return Ok(NamedRead::default());
         }
-        // The per-domain reads are independent round trips: a few threads keep several in
-        // flight on the (thread-safe) connection.
-        let workers = std::thread::available_parallelism()
-            .map_or(2, |n| n.get() * 2)
-            .min(8);
-        let chunk = jobs.len().div_ceil(workers).max(1);
-        std::thread::scope(|scope| {
-            let handles: Vec<_> = jobs
-                .chunks(chunk)
-                .map(|part| scope.spawn(move || part.iter().map(read).collect::<Vec<_>>()))
-                .collect();
-            let mut out = Vec::with_capacity(wants.len());
-            for handle in handles {
-                let part = handle.join().map_err(|_| {
-                    HvError::new(ErrorKind::Other, "a domain-state reader thread panicked")
-                })?;
-                for one in part {
-                    out.push(one?);
-                }
+        // Which domains a step reads the definition of, by every form a name may take.
+        let mut deep_names: HashSet<&str> = HashSet::new();
+        let mut deep_uuids: HashSet<String> = HashSet::new();
+        for n in names.iter().filter(|n| n.clock || n.metadata) {
+            deep_names.insert(&n.name);
+            deep_uuids.extend(canonical_uuid(&n.name));
+        }
+        let records = self
+            .inactive_stats(&|uuid, name| deep_uuids.contains(uuid) || deep_names.contains(name))?;
+        let inactive = Listing::new(records.iter().map(|r| (r.name.as_str(), r.uuid.as_str())));
+        let mut ids: Vec<Option<DomainId>> = names
+            .iter()
+            .map(|n| inactive.find(&n.name).map(|i| records[i].id()))
+            .collect();
+        let mut active: Vec<(Domain, DomainId)> = Vec::new();
+        if ids.iter().any(Option::is_none) {
+            let listed = self
+                .conn
+                .list_all_domains(sys::VIR_CONNECT_LIST_DOMAINS_ACTIVE)
+                .map_err(|e| hv_error("list domains", &e))?;
+            for dom in listed {
+                let id = DomainId {
+                    name: dom.name().map_err(|e| hv_error("list domains", &e))?,
+                    uuid: uuid_text(&dom).map_err(|e| hv_error("list domains", &e))?,
+                };
+                active.push((dom, id));
             }
-            Ok(out)
-        })
+            let running = Listing::new(
+                active
+                    .iter()
+                    .map(|(_, id)| (id.name.as_str(), id.uuid.as_str())),
+            );
+            for (slot, named) in ids.iter_mut().zip(names) {
+                if slot.is_some() {
+                    continue;
+                }
+                *slot = match running.find(&named.name) {
+                    Some(i) => Some(active[i].1.clone()),
+                    // In neither listing: defined since, or a form the listings cannot match.
+                    // libvirt's own lookup decides, and says "not found" as it always does.
+                    None => match self.resolve(&named.name) {
+                        Ok(id) => Some(id),
+                        Err(e) if e.kind == ErrorKind::NotFound => None,
+                        Err(e) => return Err(e),
+                    },
+                };
+            }
+        }
+        let wants = super::merge_wants(names, &ids);
+        let record_of: HashMap<&str, &StatsRecord> =
+            records.iter().map(|r| (r.uuid.as_str(), r)).collect();
+        let active_of: HashMap<&str, &Domain> = active
+            .iter()
+            .map(|(dom, id)| (id.uuid.as_str(), dom))
+            .collect();
+        let jobs: Vec<Job<'_>> = wants
+            .iter()
+            .map(|w| Job {
+                want: w,
+                record: record_of.get(w.uuid.as_str()).copied(),
+                active: active_of.get(w.uuid.as_str()).copied(),
+            })
+            .collect();
+        let observations = self.read_jobs(&jobs)?;
+        Ok(NamedRead { ids, observations })
     }
 
     fn unsettled(&self, uuid: &str) -> HvResult<Option<String>> {
@@ -602,7 +719,7 @@ impl Hypervisor for Libvirt {
 
     fn set_memory(&self, uuid: &str, memory: Kib, scope: Scope) -> HvResult<()> {
         let what = format!("set memory to {memory} on");
-        if self.split_memory_scope && scope.live && scope.config {
+        if scope.live && scope.config && self.driver_is("test") {
             // Config first: if the live change then fails, the next boot still gets it.
             return self.with_domain(uuid, &what, |d| {
                 d.set_memory_flags(memory.0, sys::VIR_DOMAIN_MEM_CONFIG)?;
@@ -725,7 +842,7 @@ impl Hypervisor for Libvirt {
     }
 
     fn lifecycle_rules(&self) -> crate::state::LifecycleRules {
-        if self.qemu {
+        if self.driver_is("qemu") {
             crate::state::LifecycleRules::Qemu
         } else {
             crate::state::LifecycleRules::Any
@@ -733,7 +850,7 @@ impl Hypervisor for Libvirt {
     }
 
     fn snapshot_support(&self, uuid: &str) -> HvResult<SnapshotSupport> {
-        if !self.qemu {
+        if !self.driver_is("qemu") {
             return Ok(SnapshotSupport::default());
         }
         // A running snapshot takes the running domain's disks; a shut-off one the persistent
@@ -773,7 +890,7 @@ impl Hypervisor for Libvirt {
             .map(|d| {
                 Ok(DomainId {
                     name: d.name().map_err(|e| hv_error("list domains", &e))?,
-                    uuid: d.uuid_string().map_err(|e| hv_error("list domains", &e))?,
+                    uuid: uuid_text(d).map_err(|e| hv_error("list domains", &e))?,
                 })
             })
             .collect::<HvResult<Vec<_>>>()?;
@@ -939,6 +1056,13 @@ fn classify(e: &VirtError) -> ErrorKind {
     }
 }
 
+/// A domain's UUID as libvirt writes it (lower-case, hyphenated), formatted here from its 16
+/// bytes: `virDomainGetUUIDString` formats each byte through `snprintf`, which cost more than
+/// the rest of a bulk read's per-domain work.
+fn uuid_text(dom: &Domain) -> Result<String, VirtError> {
+    Ok(dom.uuid()?.hyphenated().to_string())
+}
+
 fn hv_error(what: &str, e: &VirtError) -> HvError {
     HvError::new(classify(e), format!("{what}: {}", e.message().trim_end()))
 }
@@ -1012,16 +1136,64 @@ fn redact_message(message: &str, uri: &Uri) -> String {
     out
 }
 
+/// One domain of a bulk read: what to read, and what is already at hand.
+struct Job<'a> {
+    want: &'a Want,
+    /// Its record of the inactive statistics, when it is shut off.
+    record: Option<&'a StatsRecord>,
+    /// Its handle from a listing of the active domains.
+    active: Option<&'a Domain>,
+}
+
+/// Finds a `vm:` value in a listing, as libvirt would: as a UUID in any of libvirt's forms,
+/// else as a name.
+struct Listing<'a> {
+    by_name: HashMap<&'a str, usize>,
+    by_uuid: HashMap<&'a str, usize>,
+}
+
+impl<'a> Listing<'a> {
+    /// `domains`: (name, lower-case UUID) pairs; `find` answers with their position.
+    fn new(domains: impl Iterator<Item = (&'a str, &'a str)>) -> Self {
+        let mut listing = Self {
+            by_name: HashMap::new(),
+            by_uuid: HashMap::new(),
+        };
+        for (i, (name, uuid)) in domains.enumerate() {
+            listing.by_name.insert(name, i);
+            listing.by_uuid.insert(uuid, i);
+        }
+        listing
+    }
+
+    fn find(&self, name_or_uuid: &str) -> Option<usize> {
+        canonical_uuid(name_or_uuid)
+            .and_then(|u| self.by_uuid.get(u.as_str()).copied())
+            .or_else(|| self.by_name.get(name_or_uuid).copied())
+    }
+}
+
 /// What one domain's record of a bulk statistics call holds.
 struct StatsRecord {
-    /// Our own reference, valid after the record list is freed.
-    domain: Domain,
+    /// Our own reference, valid after the record list is freed; taken only for a domain that
+    /// more calls will read (every reference costs libvirt a UUID formatting to take and
+    /// another to drop).
+    domain: Option<Domain>,
     name: String,
     uuid: String,
     /// `state.state`; `None` if the driver left it out.
     state: Option<sys::virDomainState>,
     /// The `balloon` and `vcpu` groups, when the driver gave all four figures.
     figures: Option<StatsFigures>,
+}
+
+impl StatsRecord {
+    fn id(&self) -> DomainId {
+        DomainId {
+            name: self.name.clone(),
+            uuid: self.uuid.clone(),
+        }
+    }
 }
 
 /// `balloon.current`, `balloon.maximum` (KiB), `vcpu.current`, `vcpu.maximum`.
@@ -1050,7 +1222,12 @@ impl Drop for StatsList {
 /// virt 0.5's `all_domain_stats` exposes raw record pointers and never frees the list, so
 /// this wraps the C call directly.
 #[allow(unsafe_code)] // raw libvirt FFI; each block states its SAFETY
-fn all_domain_stats(conn: &Connect, stats: u32, flags: u32) -> Result<Vec<StatsRecord>, VirtError> {
+fn all_domain_stats(
+    conn: &Connect,
+    stats: u32,
+    flags: u32,
+    deep: &dyn Fn(&str, &str) -> bool,
+) -> Result<Vec<StatsRecord>, VirtError> {
     let mut list: *mut sys::virDomainStatsRecordPtr = std::ptr::null_mut();
     // SAFETY: the connection pointer stays valid while `conn` is borrowed; `list` is an
     // out-parameter that libvirt sets to a NULL-terminated array it allocated.
@@ -1066,24 +1243,24 @@ fn all_domain_stats(conn: &Connect, stats: u32, flags: u32) -> Result<Vec<StatsR
             // SAFETY: libvirt returned `n` non-null record pointers in `list.0`, alive until
             // `list` is dropped at the end of this function.
             let record = unsafe { &**list.0.add(i) };
-            read_record(record)
+            read_record(record, deep)
         })
         .collect()
 }
 
-/// Copies what we need out of one stats record and takes a reference on its domain.
+/// Copies what we need out of one stats record, and takes a reference on its domain when
+/// `deep(uuid, name)` or the record lacks a figure (see [`StatsRecord::domain`]).
 #[allow(unsafe_code)] // raw libvirt FFI; each block states its SAFETY
-fn read_record(record: &sys::virDomainStatsRecord) -> Result<StatsRecord, VirtError> {
+fn read_record(
+    record: &sys::virDomainStatsRecord,
+    deep: &dyn Fn(&str, &str) -> bool,
+) -> Result<StatsRecord, VirtError> {
     // SAFETY: `record.dom` is a valid domain pointer while the record list lives. Taking a
-    // reference (virDomainRef) lets the `Domain` wrapper own it and free it on drop.
-    let domain = unsafe {
-        if sys::virDomainRef(record.dom) < 0 {
-            return Err(VirtError::last_error());
-        }
-        Domain::from_ptr(record.dom)
-    };
-    let uuid = domain.uuid_string()?;
-    let name = domain.name()?;
+    // reference (virDomainRef) lets the `Domain` wrapper own it and free it on drop; the
+    // borrowed handle is forgotten without freeing, as the list still owns its reference.
+    let borrowed = std::mem::ManuallyDrop::new(unsafe { Domain::from_ptr(record.dom) });
+    let uuid = uuid_text(&borrowed)?;
+    let name = borrowed.name()?;
     let mut state = None;
     let (mut memory, mut max_memory, mut vcpus, mut max_vcpus) = (None, None, None, None);
     for param in typed_params(record) {
@@ -1109,6 +1286,17 @@ fn read_record(record: &sys::virDomainStatsRecord) -> Result<StatsRecord, VirtEr
             max_vcpus,
         }),
         _ => None,
+    };
+    let domain = if figures.is_none() || deep(&uuid, &name) {
+        // SAFETY: as above; the new reference is owned by the returned `Domain`.
+        unsafe {
+            if sys::virDomainRef(record.dom) < 0 {
+                return Err(VirtError::last_error());
+            }
+            Some(Domain::from_ptr(record.dom))
+        }
+    } else {
+        None
     };
     Ok(StatsRecord {
         domain,

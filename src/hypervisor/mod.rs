@@ -33,6 +33,48 @@ pub struct Want {
     pub metadata: bool,
 }
 
+/// A plan's `vm:` value (a name or a UUID, as written) and what its steps need read of the
+/// domain it names, for [`Hypervisor::resolve_and_observe`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NamedWant {
+    pub name: String,
+    /// As [`Want::clock`].
+    pub clock: bool,
+    /// As [`Want::metadata`].
+    pub metadata: bool,
+}
+
+/// What [`Hypervisor::resolve_and_observe`] found.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NamedRead {
+    /// Per name, in the order given: the domain it names, `None` when it names none.
+    pub ids: Vec<Option<DomainId>>,
+    /// Each domain found, read once, as deeply as the wants of all its names together ask.
+    pub observations: Vec<Observation>,
+}
+
+/// The [`Want`]s of the domains `ids` found for `names`: one per domain (in the order first
+/// found), asking for everything any of its names asked for.
+#[must_use]
+pub fn merge_wants(names: &[NamedWant], ids: &[Option<DomainId>]) -> Vec<Want> {
+    let mut wants: Vec<Want> = Vec::new();
+    let mut index: std::collections::HashMap<&str, usize> = std::collections::HashMap::new();
+    for (named, id) in names.iter().zip(ids) {
+        let Some(id) = id else { continue };
+        let i = *index.entry(id.uuid.as_str()).or_insert_with(|| {
+            wants.push(Want {
+                uuid: id.uuid.clone(),
+                clock: false,
+                metadata: false,
+            });
+            wants.len() - 1
+        });
+        wants[i].clock |= named.clock;
+        wants[i].metadata |= named.metadata;
+    }
+    wants
+}
+
 /// One domain from a bulk read.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Observation {
@@ -151,6 +193,17 @@ pub trait Hypervisor: Send + Sync {
                 Ok(Observation { state, definition })
             })
             .collect()
+    }
+
+    /// Resolves a plan's `vm:` values and reads the domains they name (each once, as deeply
+    /// as its names' wants together ask). Implementations may answer both from one bulk call;
+    /// this one resolves ([`Hypervisor::resolve_many`]), then reads
+    /// ([`Hypervisor::observe_wanted`]).
+    fn resolve_and_observe(&self, names: &[NamedWant]) -> HvResult<NamedRead> {
+        let plain: Vec<String> = names.iter().map(|n| n.name.clone()).collect();
+        let ids = self.resolve_many(&plain)?;
+        let observations = self.observe_wanted(&merge_wants(names, &ids))?;
+        Ok(NamedRead { ids, observations })
     }
 
     /// Reads several domains completely (as [`Hypervisor::observe`] does) in one bulk read.

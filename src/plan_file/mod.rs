@@ -412,10 +412,26 @@ impl Attributes {
         .collect()
     }
 
-    /// Whether the step sets `attr`.
+    /// Whether the step sets `attr` (without building [`Attributes::set`]: the planner asks
+    /// this several times per step).
     #[must_use]
     pub fn has(&self, attr: Attr) -> bool {
-        self.set().iter().any(|(a, _)| *a == attr)
+        match attr {
+            Attr::Power => self.power.is_some(),
+            Attr::Memory => self.memory.is_some(),
+            Attr::MaxMemory => self.max_memory.is_some(),
+            Attr::Vcpus => self.vcpus.is_some(),
+            Attr::MaxVcpus => self.max_vcpus.is_some(),
+            Attr::Clock => self.clock.is_some(),
+            Attr::Autostart => self.autostart.is_some(),
+            Attr::Title => self.title.is_some(),
+            Attr::Description => self.description.is_some(),
+            Attr::Snapshot => self.snapshot.is_some(),
+            Attr::OnPoweroff => self.on_poweroff.is_some(),
+            Attr::OnReboot => self.on_reboot.is_some(),
+            // Not a key of its own: never among the attributes a step sets.
+            Attr::GuestTime => false,
+        }
     }
 }
 
@@ -473,6 +489,9 @@ pub struct Step {
     /// Which occurrence of an identical step this is (1 for a step written once; 2 for the
     /// second `autostart: true` of `true → false → true`), so every step has its own id.
     pub repeat: usize,
+    /// [`Step::id`], hashed once: a step is not changed after validation, and `plan`,
+    /// `status` and the executor ask for its id many times.
+    id: std::sync::OnceLock<String>,
 }
 
 /// Default number of domains changed at the same time.
@@ -641,9 +660,64 @@ impl Step {
 }
 
 impl Step {
-    /// A stable identity for the lockfile: see [`step_id`].
+    /// A stable identity for the lockfile: see [`step_id`]. Hashed on first use, then kept.
     #[must_use]
     pub fn id(&self) -> String {
-        step_id::StepIdentity::of(self).id()
+        self.id
+            .get_or_init(|| step_id::StepIdentity::of(self).id())
+            .clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `has` answers from the fields directly; it must agree with `set` for every attribute.
+    #[test]
+    fn attributes_has_agrees_with_set_for_every_attribute() {
+        fn at<T>(value: T) -> Option<Located<T>> {
+            let pos = Pos::new(3, 1);
+            (pos.line > 0).then_some(Located { value, pos })
+        }
+        let p = Pos::new(3, 1);
+        for attr in Attr::ALL {
+            let mut a = Attributes::default();
+            match attr {
+                Attr::Power => a.power = at(PowerTarget::Running),
+                Attr::Memory => a.memory = at(Kib(1024)),
+                Attr::MaxMemory => a.max_memory = at(Kib(1024)),
+                Attr::Vcpus => a.vcpus = at(1),
+                Attr::MaxVcpus => a.max_vcpus = at(1),
+                Attr::Clock => {
+                    let sync = ClockTarget {
+                        offset: None,
+                        track: None,
+                        sync: true,
+                    };
+                    a.clock = at(sync);
+                }
+                Attr::Autostart => a.autostart = at(true),
+                Attr::Title => a.title = at("t".to_owned()),
+                Attr::Description => a.description = at("d".to_owned()),
+                Attr::Snapshot => {
+                    let spec = SnapshotSpec {
+                        name: "s".into(),
+                        description: None,
+                    };
+                    a.snapshot = at(spec);
+                }
+                Attr::OnPoweroff => a.on_poweroff = at(LifecycleAction::Destroy),
+                Attr::OnReboot => a.on_reboot = at(LifecycleAction::Restart),
+                Attr::GuestTime => {}
+            }
+            for other in Attr::ALL {
+                assert_eq!(
+                    a.has(other),
+                    a.set().contains(&(other, p)),
+                    "{other:?} with only {attr:?} set"
+                );
+            }
+        }
     }
 }

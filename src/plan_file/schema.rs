@@ -13,10 +13,13 @@ const SIZE_PATTERN: &str = r"^[0-9]+(\.[0-9]+)?\s*(B|KiB|MiB|GiB|TiB)$";
 const DURATION_PATTERN: &str = r"^[0-9]+(\.[0-9]+)?\s*[a-z]+(\s*[0-9]+(\.[0-9]+)?\s*[a-z]+)*$";
 use super::time::{AT_PATTERN, INSTANT_PATTERN};
 
-/// Where the repository publishes the schema, so an editor can use it without a local copy
-/// (`# yaml-language-server: $schema=<this URL>`).
-pub const SCHEMA_ID: &str =
-    "https://raw.githubusercontent.com/virtplan/virtplan/main/schemas/plan.schema.json";
+/// The schema's `$id`: the checked-in `schemas/plan.schema.json` in the package's repository
+/// (Cargo.toml `repository`), so an editor can use it without a local copy
+/// (`# yaml-language-server: $schema=<this URL>`; README "Editor support").
+pub const SCHEMA_ID: &str = concat!(
+    env!("CARGO_PKG_REPOSITORY"),
+    "/raw/main/schemas/plan.schema.json"
+);
 
 /// A virtplan plan file (format version 1): timed steps that change libvirt domains.
 #[derive(JsonSchema)]
@@ -51,6 +54,7 @@ struct NotifySchema {
     #[schemars(length(min = 1))]
     on: Option<Vec<crate::notify::EventKind>>,
     /// http(s) URL the event JSON is POSTed to. A secret: never printed.
+    #[schemars(regex(pattern = r"^[Hh][Tt][Tt][Pp][Ss]?://\S+$"))]
     webhook: Option<String>,
     /// `json` (default) posts the event; `slack` posts {"text": "..."} for chat webhooks.
     #[schemars(extend("enum" = ["json", "slack"]))]
@@ -72,7 +76,8 @@ struct EmailSchema {
     to: Vec<String>,
     from: String,
     /// `smtp://HOST[:PORT]` (STARTTLS when offered), `smtp://HOST[:PORT]?tls=required`, or
-    /// `smtps://HOST[:PORT]`; default smtp://localhost:25.
+    /// `smtps://HOST[:PORT]`; default smtp://localhost:25. No credentials in the URL.
+    #[schemars(regex(pattern = r"^smtps?://[^@]+$"))]
     smtp: Option<String>,
     /// SMTP login name; needs `password_env` or `password_file`.
     username: Option<String>,
@@ -145,15 +150,16 @@ struct StepSchema {
     #[schemars(regex(pattern = SIZE_PATTERN))]
     max_memory: Option<String>,
     /// Virtual CPUs.
-    #[schemars(range(min = 1))]
+    #[schemars(range(min = 1, max = 4_294_967_295_u32))]
     vcpus: Option<u32>,
     /// Maximum virtual CPUs; needs the domain off.
-    #[schemars(range(min = 1))]
+    #[schemars(range(min = 1, max = 4_294_967_295_u32))]
     max_vcpus: Option<u32>,
     clock: Option<ClockSchema>,
     /// Start the domain when the host boots.
     autostart: Option<bool>,
     /// One-line title (libvirt metadata).
+    #[schemars(regex(pattern = r"^[^\n]*$"))]
     title: Option<String>,
     /// Description (libvirt metadata).
     description: Option<String>,
@@ -238,7 +244,7 @@ struct CheckSchema {
 #[allow(dead_code)] // only its schema is used
 enum VmsSchema {
     /// Domain names or UUIDs.
-    List(#[schemars(length(min = 1))] Vec<String>),
+    List(#[schemars(length(min = 1), extend("uniqueItems" = true))] Vec<String>),
     Match(MatchSchema),
 }
 
@@ -255,6 +261,8 @@ struct MatchSchema {
 #[derive(JsonSchema)]
 #[schemars(deny_unknown_fields)]
 struct SnapshotSchema {
+    /// Letters, digits, `-`, `_` and `.`; no `/` or control characters, not starting with `.`.
+    #[schemars(regex(pattern = r"^[^./\x00-\x1f\x7f-\x9f][^/\x00-\x1f\x7f-\x9f]*$"))]
     name: String,
     description: Option<String>,
 }
@@ -266,6 +274,28 @@ pub fn plan_schema_json() -> String {
     strip_null(&mut schema);
     if let serde_json::Value::Object(top) = &mut schema {
         top.insert("$id".to_owned(), SCHEMA_ID.into());
+    }
+    // The zones `timezone` accepts are the ones the validator parses (`Tz::from_str`, case
+    // and all): an editor completes them and flags a misspelt one.
+    if let Some(zone) = schema.pointer_mut("/properties/timezone") {
+        zone["enum"] = chrono_tz::TZ_VARIANTS.iter().map(|tz| tz.name()).collect();
+    }
+    // A relative `at` counts from `window.start`: a plan with one needs a window.
+    if let serde_json::Value::Object(top) = &mut schema {
+        top.insert(
+            "if".to_owned(),
+            serde_json::json!({
+                "properties": { "steps": { "contains": {
+                    "required": ["at"],
+                    "properties": { "at": { "pattern": "^\\+" } }
+                } } },
+                "required": ["steps"]
+            }),
+        );
+        top.insert(
+            "then".to_owned(),
+            serde_json::json!({ "required": ["window"] }),
+        );
     }
     // What the validator asks of every step beyond its keys: exactly one of `vm` and `vms`,
     // and at least one attribute (the keys of `Attr`, so a new attribute counts at once).
@@ -332,5 +362,26 @@ mod step_rules {
             .map(|r| r["required"][0].as_str().unwrap())
             .collect();
         assert_eq!(any, crate::plan_file::keys::ATTRIBUTE_KEYS);
+    }
+
+    /// The `$id` is the repository's checked-in schema, and the README tells editors that URL.
+    #[test]
+    fn the_schema_id_is_the_repository_file_the_readme_names() {
+        assert_eq!(
+            super::SCHEMA_ID,
+            format!(
+                "{}/raw/main/schemas/plan.schema.json",
+                env!("CARGO_PKG_REPOSITORY")
+            )
+        );
+        let readme = include_str!("../../README.md");
+        assert!(
+            readme.contains(&format!("`$id` is `{}`", super::SCHEMA_ID)),
+            "README does not name the schema's $id"
+        );
+        assert!(readme.contains(&format!(
+            "yaml-language-server: $schema={}",
+            super::SCHEMA_ID
+        )));
     }
 }

@@ -204,11 +204,13 @@ pub fn validate(path: &Path, text: &str, ctx: &LoadContext) -> Result<PlanFile, 
 
 /// Lower-case hex of a digest.
 pub fn hex(bytes: &[u8]) -> String {
-    use std::fmt::Write as _;
-    bytes.iter().fold(String::new(), |mut s, b| {
-        let _ = write!(s, "{b:02x}");
-        s
-    })
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut s = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        s.push(char::from(DIGITS[usize::from(b >> 4)]));
+        s.push(char::from(DIGITS[usize::from(b & 0xf)]));
+    }
+    s
 }
 
 fn check_version(c: &mut Checker<'_>, map: &MarkedMappingNode) {
@@ -405,9 +407,14 @@ fn check_steps(
     // lockfile record: number the repeats, so the first keeps the id it always had.
     let mut seen: std::collections::HashMap<String, usize> = std::collections::HashMap::new();
     for step in &mut steps {
-        let count = seen.entry(step.id()).or_default();
+        // Hashed here without keeping it: a repeat's id changes with its number.
+        let id = super::step_id::StepIdentity::of(step).id();
+        let count = seen.entry(id.clone()).or_default();
         *count += 1;
         step.repeat = *count;
+        if step.repeat == 1 {
+            step.id = id.into();
+        }
     }
     steps
 }
@@ -515,6 +522,7 @@ fn check_step(
         always,
         rollout,
         repeat: 1,
+        id: std::sync::OnceLock::new(),
     })
 }
 

@@ -11,7 +11,9 @@ use super::{
 };
 use crate::attr::{Attr, Figure};
 use crate::hypervisor::snapshot::{SnapshotSupport, Verdict};
-use crate::hypervisor::{domain_xml, DomainId, ErrorKind, Hypervisor, Observation, Want};
+use crate::hypervisor::{
+    domain_xml, merge_wants, DomainId, ErrorKind, Hypervisor, NamedWant, Observation, Want,
+};
 use crate::plan_file::units::format_duration;
 use crate::plan_file::{
     Attributes, ClockTarget, Located, PlanFile, PowerTarget, ShutdownMode, ShutdownPolicy, Step,
@@ -33,7 +35,7 @@ pub fn project(input: &PlanInput<'_>) -> Result<Plan, PlanError> {
 }
 
 /// [`project`] for the domains `filter` selects (`--only` / `--exclude`): the others are not
-/// read, planned or checked (a named domain that does not exist is no problem once excluded),
+/// planned or checked (a named domain that does not exist is no problem once excluded),
 /// and the plan records the filter and the domains it left out.
 ///
 /// # Errors
@@ -47,7 +49,14 @@ pub fn project_selected(
     let filter = filter.and_then(crate::filter::Filter::non_empty);
     let mut problems = Vec::new();
     let mut pinned_warnings = Vec::new();
-    let mut resolved = resolve_targets(input, &mut problems, &mut pinned_warnings, filter)?;
+    let mut read = ReadAlready::default();
+    let mut resolved = resolve_targets(
+        input,
+        &mut problems,
+        &mut pinned_warnings,
+        filter,
+        &mut read,
+    )?;
     let selection = match filter {
         Some(filter) => Some(select(file, filter, &mut resolved)?),
         None => None,
@@ -65,7 +74,7 @@ pub fn project_selected(
         steps.sort_by_key(|s| (s.at.as_ref().map(|a| a.value), s.number));
     }
 
-    let observed = observe(input.connections, &per_domain)?;
+    let observed = observe(input.connections, &per_domain, read)?;
     let mut out = Output {
         warnings: pinned_warnings,
         ..Output::default()
@@ -229,11 +238,13 @@ fn resolve_targets<'a>(
     problems: &mut Vec<PlanProblem>,
     warnings: &mut Vec<String>,
     filter: Option<&crate::filter::Filter>,
+    read: &mut ReadAlready,
 ) -> Result<Resolved<'a>, PlanError> {
     let file = input.file;
-    // First every step's connection and names, so each connection resolves its names at once.
+    // First every step's connection and names, so each connection resolves its names at once
+    // (reading the domains they name in the same pass, as deeply as their steps need).
     let mut steps: Vec<(&Step, Uri)> = Vec::with_capacity(file.steps.len());
-    let mut wanted: BTreeMap<Uri, BTreeSet<&str>> = BTreeMap::new();
+    let mut wanted: BTreeMap<Uri, BTreeMap<&str, (bool, bool)>> = BTreeMap::new();
     for step in &file.steps {
         let Some(uri) = input
             .connect_override
@@ -254,24 +265,23 @@ fn resolve_targets<'a>(
             });
         }
         let names = wanted.entry(uri.clone()).or_default();
-        names.extend(
-            step.targets
-                .iter()
-                .filter(|t| t.kind == TargetKind::Domain)
-                .map(|t| t.name_or_uuid.as_str()),
-        );
+        let (clock, metadata) = (needs_xml(step), needs_metadata(step));
+        for t in step.targets.iter().filter(|t| t.kind == TargetKind::Domain) {
+            let flags = names.entry(t.name_or_uuid.as_str()).or_default();
+            flags.0 |= clock;
+            flags.1 |= metadata;
+        }
         steps.push((step, uri));
     }
     let mut cache: BTreeMap<(Uri, String), Option<DomainId>> = BTreeMap::new();
+    let sets_vcpus: BTreeSet<&Uri> = steps
+        .iter()
+        .filter(|(s, _)| s.attributes.has(Attr::Vcpus) || s.attributes.has(Attr::MaxVcpus))
+        .map(|(_, uri)| uri)
+        .collect();
     for (uri, names) in wanted {
-        let names: Vec<String> = names.into_iter().map(str::to_owned).collect();
-        let found = input.connections[&uri]
-            .resolve_many(&names)
-            .map_err(|source| PlanError::Libvirt {
-                context: format!("looking up the plan's domains on {uri}"),
-                source,
-            })?;
-        for (name, id) in names.into_iter().zip(found) {
+        let hv = input.connections[&uri].as_ref();
+        for (name, id) in read_named(hv, &uri, names, sets_vcpus.contains(&uri), read)? {
             cache.insert((uri.clone(), name), id);
         }
     }
@@ -432,35 +442,125 @@ fn pin_recorded<'a>(
     }
 }
 
+/// Resolves `names` (each with what its steps read: clock, metadata) on `uri` and reads the
+/// domains they name in one pass (with the host's
+/// CPUs, when `cpus`, asked at the same time: one round trip less to wait for), keeping what
+/// was read in `read`; each name with the domain it resolves to.
+fn read_named(
+    hv: &dyn Hypervisor,
+    uri: &Uri,
+    names: BTreeMap<&str, (bool, bool)>,
+    cpus: bool,
+    read: &mut ReadAlready,
+) -> Result<Vec<(String, Option<DomainId>)>, PlanError> {
+    let names: Vec<NamedWant> = names
+        .into_iter()
+        .map(|(name, (clock, metadata))| NamedWant {
+            name: name.to_owned(),
+            clock,
+            metadata,
+        })
+        .collect();
+    let names = &names[..];
+    let (found, host_cpus) = std::thread::scope(|scope| {
+        let host_cpus = cpus.then(|| scope.spawn(|| hv.host_cpus()));
+        let found = hv.resolve_and_observe(names);
+        let host_cpus = host_cpus.map(|h| {
+            h.join().unwrap_or_else(|_| {
+                Err(crate::hypervisor::HvError::new(
+                    ErrorKind::Other,
+                    "the thread reading the host's CPUs panicked",
+                ))
+            })
+        });
+        (found, host_cpus)
+    });
+    let found = found.map_err(|source| PlanError::Libvirt {
+        context: format!("looking up and reading the plan's domains on {uri}"),
+        source,
+    })?;
+    if let Some(host_cpus) = host_cpus {
+        let host_cpus = host_cpus.map_err(|source| PlanError::Libvirt {
+            context: format!("reading host CPUs of {uri}"),
+            source,
+        })?;
+        read.host_cpus.insert(uri.clone(), host_cpus);
+    }
+    let mut wants: BTreeMap<String, Want> = merge_wants(names, &found.ids)
+        .into_iter()
+        .map(|w| (w.uuid.clone(), w))
+        .collect();
+    for observation in found.observations {
+        if let Some(want) = wants.remove(&observation.state.uuid) {
+            read.domains
+                .insert((uri.clone(), want.uuid.clone()), (want, observation));
+        }
+    }
+    Ok(names
+        .iter()
+        .map(|n| n.name.clone())
+        .zip(found.ids)
+        .collect())
+}
+
 /// Reads every targeted domain: one bulk read per connection, in which the persistent XML is
 /// read only where a step needs it (clock, reboot, agent check, title, description) or the domain runs (its
 /// configuration figures live only there), snapshot names only for domains with snapshot steps.
 fn observe(
     connections: &Connections,
     per_domain: &BTreeMap<(Uri, String), Vec<&Step>>,
+    mut read: ReadAlready,
 ) -> Result<BTreeMap<(Uri, String), Observed>, PlanError> {
-    let mut by_uri: BTreeMap<&Uri, Vec<Want>> = BTreeMap::new();
+    // Domains read while resolving their names are taken as read, when that read was as deep
+    // as all their steps need (a domain a pattern also selects may need more).
+    let mut by_uri: BTreeMap<&Uri, (Vec<Want>, Vec<Observation>)> = BTreeMap::new();
     for ((uri, uuid), steps) in per_domain {
         let any = |f: fn(&Step) -> bool| steps.iter().any(|s| f(s));
-        by_uri.entry(uri).or_default().push(Want {
+        let want = Want {
             uuid: uuid.clone(),
             clock: any(needs_xml),
-            metadata: any(|s| s.attributes.has(Attr::Title) || s.attributes.has(Attr::Description)),
-        });
+            metadata: any(needs_metadata),
+        };
+        let entry = by_uri.entry(uri).or_default();
+        match read.domains.remove(&(uri.clone(), uuid.clone())) {
+            Some((done, observation))
+                if (done.clock || !want.clock) && (done.metadata || !want.metadata) =>
+            {
+                entry.1.push(observation);
+            }
+            _ => entry.0.push(want),
+        }
     }
     let mut result = BTreeMap::new();
-    for (uri, wants) in by_uri {
+    for (uri, (wants, mut observations)) in by_uri {
         let hv = &connections[uri];
         let libvirt = |context: String| move |source| PlanError::Libvirt { context, source };
-        let observations = hv
-            .observe_wanted(&wants)
-            .map_err(libvirt(format!("reading domain state on {uri}")))?;
+        if !wants.is_empty() {
+            observations.extend(
+                hv.observe_wanted(&wants)
+                    .map_err(libvirt(format!("reading domain state on {uri}")))?,
+            );
+        }
+        // Asked of the driver only when a step changes a lifecycle action: nothing else
+        // consults the rules (the `on_poweroff`/`on_reboot` phase of `project_step`).
+        let lifecycle_rules = if per_domain
+            .iter()
+            .filter(|((u, _), _)| u == uri)
+            .flat_map(|(_, steps)| steps.iter())
+            .any(|s| s.attributes.has(Attr::OnPoweroff) || s.attributes.has(Attr::OnReboot))
+        {
+            hv.lifecycle_rules()
+        } else {
+            LifecycleRules::Any
+        };
         let needs_host_cpus = per_domain
             .iter()
             .filter(|((u, _), _)| u == uri)
             .flat_map(|(_, steps)| steps.iter())
             .any(|s| s.attributes.has(Attr::Vcpus) || s.attributes.has(Attr::MaxVcpus));
-        let host_cpus = if needs_host_cpus {
+        let host_cpus = if let Some(cpus) = read.host_cpus.get(uri) {
+            Some(*cpus)
+        } else if needs_host_cpus {
             Some(
                 hv.host_cpus()
                     .map_err(libvirt(format!("reading host CPUs of {uri}")))?,
@@ -479,7 +579,7 @@ fn observe(
                 snapshots: BTreeSet::new(),
                 snapshot_support: SnapshotSupport::default(),
                 host_cpus,
-                lifecycle_rules: hv.lifecycle_rules(),
+                lifecycle_rules,
             };
             if steps.iter().any(|s| s.attributes.has(Attr::Snapshot)) {
                 obs.snapshots = snapshot_names(hv.as_ref(), &key.1)
@@ -492,6 +592,20 @@ fn observe(
         }
     }
     Ok(result)
+}
+
+/// What was read while the plan's names were resolved.
+#[derive(Default)]
+struct ReadAlready {
+    /// Each domain found: the [`Want`] it was read for, and what was read.
+    domains: BTreeMap<(Uri, String), (Want, Observation)>,
+    /// The host's CPUs, for connections with vCPU steps.
+    host_cpus: BTreeMap<Uri, u32>,
+}
+
+/// Steps that show (and so read) a shut-off domain's title or description.
+fn needs_metadata(s: &Step) -> bool {
+    s.attributes.has(Attr::Title) || s.attributes.has(Attr::Description)
 }
 
 /// Steps whose projection reads the persistent XML: clock edits, and whatever depends on a

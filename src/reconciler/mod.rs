@@ -667,26 +667,24 @@ impl<'scope, 'env> Reconciler<'scope, 'env> {
             let connections = self.env.pool.for_file(file, self.env.connect)?;
             // A resumed plan starts from settled domains, as `apply` does.
             let log = self.log();
-            ops::settle_interrupted(&store.snapshot(), &connections, self.env.clock, &mut |m| {
-                log.info(None, "settling", m);
-            })?;
-            match ops::project(
+            match ops::project_resumed(
                 file,
                 &connections,
                 self.env.connect,
-                self.env.clock.now(),
+                self.env.clock,
                 store,
+                &mut |m| log.info(None, "settling", m),
                 None,
             ) {
                 Ok(plan) => return Ok((plan, connections)),
                 // A long-lived connection may have broken: open it again, once.
-                Err(PlanError::Libvirt { ref source, .. })
+                Err(ops::ResumeError::Plan(PlanError::Libvirt { ref source, .. }))
                     if source.kind == ErrorKind::Transient && !retried =>
                 {
                     self.env.pool.evict(&connections);
                     retried = true;
                 }
-                Err(PlanError::Problems(problems)) => {
+                Err(ops::ResumeError::Plan(PlanError::Problems(problems))) => {
                     return Err(self.located(&problem_diagnostics(file, &problems), ""));
                 }
                 Err(e) => return Err(e.to_string()),

@@ -122,9 +122,10 @@ fn recorded(plan: &Path) -> crate::lockfile::Lockfile {
     LockStore::read(&crate::lockfile::lock_path(plan)).unwrap()
 }
 
-/// Polls the reconciler until `done` holds (ten seconds of real time at most).
+/// Polls the reconciler until `done` holds (half a minute of real time at most: a loaded CI
+/// machine may be slow to schedule the executor's thread).
 fn settle(r: &mut Reconciler<'_, '_>, done: impl Fn(&Reconciler<'_, '_>) -> bool) {
-    for _ in 0..5000 {
+    for _ in 0..15_000 {
         r.poll();
         if done(r) {
             return;
@@ -327,4 +328,46 @@ fn a_resumed_plan_waits_for_a_transitional_domain_to_settle_before_planning() {
     });
     assert_eq!(rig.hv.count("shutdown") + rig.hv.count("destroy"), 0);
     assert_eq!(recorded(&plan).steps[0].status, StepStatus::Done);
+}
+
+#[test]
+fn an_edit_of_a_done_step_is_refused_and_the_version_in_force_runs_on() {
+    let rig = Rig::new(FakeDomain::new("a", A));
+    let two = |first_mib: u64| {
+        format!(
+            "{}  - at: 2026-12-01 04:20\n    vm: a\n    vcpus: 2\n",
+            memory_step(first_mib)
+        )
+    };
+    let plan = rig.write("web.yaml", &two(2048));
+    rig.with(|r| {
+        r.rescan();
+        let first = sha_in_force(r, &plan).unwrap();
+        rig.clock.inner.set(t("2026-12-01T04:10:00Z"));
+        let done = |r: &Reconciler<'_, '_>| {
+            r.slots[&plan].store.as_ref().is_some_and(|s| {
+                s.snapshot()
+                    .steps
+                    .iter()
+                    .any(|x| x.status == StepStatus::Done)
+            })
+        };
+        settle(r, done);
+        // Step 1 ran: changing it now is refused, and step 2 still runs as reviewed.
+        rig.write("web.yaml", &two(3072));
+        r.rescan();
+        assert!(matches!(r.slots[&plan].next, Next::Nothing), "replanned");
+        assert!(running(r, &plan), "the version in force stopped");
+        assert_eq!(sha_in_force(r, &plan), Some(first));
+        rig.clock.inner.set(t("2026-12-01T04:20:00Z"));
+        settle(r, |r| !running(r, &plan));
+    });
+    assert_eq!(rig.hv.state(A).memory, Kib::from_mib(2048));
+    assert_eq!(rig.hv.state(A).vcpus, 2);
+    let lock = recorded(&plan);
+    assert!(
+        lock.steps.iter().all(|s| s.status == StepStatus::Done),
+        "{:?}",
+        lock.steps
+    );
 }

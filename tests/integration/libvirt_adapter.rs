@@ -27,7 +27,7 @@ use virtplan::clock::{Clock, SystemClock};
 use virtplan::hypervisor::domain_xml;
 use virtplan::hypervisor::fleet::{write_fleet, FleetDomain, FLEET_HOST_CPUS};
 use virtplan::hypervisor::libvirt::Libvirt;
-use virtplan::hypervisor::{ErrorKind, Hypervisor, Scope, Want};
+use virtplan::hypervisor::{ErrorKind, Hypervisor, NamedWant, Scope, Want};
 use virtplan::state::{ClockState, Kib, LiveFigures, PowerState};
 
 use crate::support::qemu::{qemu_uri, TestDomain};
@@ -291,6 +291,41 @@ fn libvirt_is_shareable_between_threads() {
     }
 }
 
+fn named(name: &str, clock: bool, metadata: bool) -> NamedWant {
+    NamedWant {
+        name: name.to_owned(),
+        clock,
+        metadata,
+    }
+}
+
+/// `plan`'s one pass (names resolved from the bulk read itself) finds what `resolve_many`
+/// finds and reads what the per-domain read reads: on the test driver, whose bulk records
+/// carry no figures, so every domain goes through its definition.
+#[test]
+fn test_driver_resolve_and_observe_agrees_with_resolve_then_observe() {
+    let (_dir, hv) = two_domain_fleet();
+    let names = [
+        named("off-01", false, true),
+        named(&ON_UUID.to_uppercase(), true, false),
+        named("no-such-vm", false, false),
+        // The same domain again, by UUID: read once, with the clock this name asks for.
+        named(&OFF_UUID.replace('-', ""), true, false),
+    ];
+    let read = hv.resolve_and_observe(&names).unwrap();
+    let plain: Vec<String> = names.iter().map(|n| n.name.clone()).collect();
+    assert_eq!(read.ids, hv.resolve_many(&plain).unwrap());
+    assert_eq!(read.observations.len(), 2, "{:?}", read.ids);
+    for o in &read.observations {
+        assert_eq!(o.state, hv.observe(&o.state.uuid, true).unwrap());
+        assert_eq!(
+            o.definition.as_deref(),
+            Some(hv.domain_xml(&o.state.uuid, true).unwrap().as_str())
+        );
+    }
+    assert!(hv.resolve_and_observe(&[]).unwrap().ids.is_empty());
+}
+
 /// A quick measurement, printed with `--nocapture`: one bulk call against 200 single reads.
 #[test]
 fn test_driver_observe_many_on_a_200_domain_fleet() {
@@ -489,6 +524,46 @@ fn qemu_bulk_read_agrees_with_the_per_domain_read() {
         ]
     );
     assert_eq!(found[1].as_ref().unwrap().uuid, running.uuid);
+}
+
+/// `plan`'s one pass: names resolved from the inactive domains' bulk record, a running one
+/// from the listing of active domains, a miss through libvirt's own lookup; each domain read
+/// as deeply as its names ask (a shut-off domain's title only where asked), and as the
+/// per-domain read reads it.
+#[test]
+fn qemu_resolve_and_observe_agrees_with_the_per_domain_read() {
+    let Some(uri) = qemu_uri() else { return };
+    let hv = Libvirt::connect(&uri).unwrap();
+    let plain = TestDomain::define(&uri, "one-pass");
+    let titled = TestDomain::define_with(&uri, "one-pass", |name| {
+        format!(
+            "<domain type='{}'><name>{name}</name><title>Web &amp; mail</title>
+  <memory unit='KiB'>262144</memory><currentMemory unit='KiB'>131072</currentMemory>
+  <vcpu placement='static' current='1'>2</vcpu><os><type arch='x86_64'>hvm</type></os>
+  </domain>",
+            crate::support::qemu::domain_type()
+        )
+    });
+    let running = TestDomain::define(&uri, "one-pass");
+    hv.set_autostart(&titled.uuid, true).unwrap();
+    running.start();
+    let names = [
+        named(&plain.name, false, false),
+        named(&running.uuid.to_uppercase(), false, false),
+        named(&titled.uuid.replace('-', ""), false, false),
+        named("vpt-no-such-domain", false, false),
+        named(&titled.name, false, true),
+    ];
+    let read = hv.resolve_and_observe(&names).unwrap();
+    let texts: Vec<String> = names.iter().map(|n| n.name.clone()).collect();
+    assert_eq!(read.ids, hv.resolve_many(&texts).unwrap());
+    assert_eq!(read.ids[3], None);
+    assert_eq!(read.observations.len(), 3, "{:?}", read.ids);
+    for dom in [&plain, &titled, &running] {
+        let bulk = read.observations.iter().find(|o| o.state.uuid == dom.uuid);
+        let bulk = bulk.unwrap_or_else(|| panic!("{} was not read", dom.name));
+        assert_eq!(bulk.state, hv.observe(&dom.uuid, false).unwrap());
+    }
 }
 
 #[test]

@@ -446,6 +446,76 @@ fn classic_window_against_a_real_qemu_domain() {
     assert_eq!(plan.steps[0].before.uuid, dom.uuid);
 }
 
+/// The libvirt procedures (remote protocol numbers) `virtplan plan PLAN` called, in order,
+/// read from libvirt's own client log.
+fn rpc_calls(plan: &Path, log: &Path) -> Vec<String> {
+    let out = crate::support::helpers::virtplan(
+        &["plan", plan.to_str().unwrap(), "--format", "json"],
+        &[
+            ("LIBVIRT_LOG_OUTPUTS", &format!("1:file:{}", log.display())),
+            ("LIBVIRT_LOG_FILTERS", "1:rpc 4:*"),
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        crate::support::helpers::text(&out)
+    );
+    let calls = std::fs::read_to_string(log)
+        .unwrap()
+        .lines()
+        .filter(|l| l.contains("RPC_CLIENT_MSG_TX_QUEUE"))
+        .filter_map(|l| l.split_whitespace().find(|w| w.starts_with("proc=")))
+        .map(str::to_owned)
+        .collect();
+    std::fs::remove_file(log).unwrap();
+    calls
+}
+
+/// Regression (issue 10): `plan` of shut-off domains read them with per-domain lookups and
+/// XML reads, and resolved their names with a listing of its own. It now makes the same calls
+/// for 2 domains as for 12: the connection's handshake, one bulk statistics call (which also
+/// resolves the names), one autostart listing, the host's CPUs for the vCPU steps, and the
+/// close.
+#[test]
+fn plan_of_shut_off_domains_makes_the_same_libvirt_calls_for_2_and_12_domains() {
+    let Some(uri) = qemu_uri() else { return };
+    let doms: Vec<TestDomain> = (0..12)
+        .map(|_| TestDomain::define(&uri, "plan-rpc"))
+        .collect();
+    let dir = tempfile::tempdir().unwrap();
+    let write = |n: usize| {
+        use std::fmt::Write as _;
+        let mut text = format!("version: 1\nconnection: {uri}\ntimezone: UTC\nsteps:\n");
+        for d in &doms[..n] {
+            let _ = write!(
+                text,
+                "  - {{at: 2030-01-01 04:00, vm: {}, memory: 192MiB}}\n  - {{at: 2030-01-01 04:05, vm: {}, vcpus: 2, autostart: false}}\n",
+                d.name, d.uuid
+            );
+        }
+        let path = dir.path().join(format!("rpc-{n}.yaml"));
+        std::fs::write(&path, text).unwrap();
+        path
+    };
+    let log = dir.path().join("libvirt.log");
+    let two = rpc_calls(&write(2), &log);
+    let twelve = rpc_calls(&write(12), &log);
+    assert_eq!(two, twelve);
+    // REMOTE_PROC_CONNECT_GET_ALL_DOMAIN_STATS, once; no lookup (23, 38) nor XML read (14).
+    assert_eq!(
+        twelve.iter().filter(|p| *p == "proc=344").count(),
+        1,
+        "{twelve:?}"
+    );
+    for per_domain in ["proc=14", "proc=23", "proc=38"] {
+        assert!(!twelve.iter().any(|p| p == per_domain), "{twelve:?}");
+    }
+    // Handshake (auth list, open, 3 feature checks), statistics, autostart, host CPUs, close:
+    // 9. Before: also a listing of every domain to resolve names, and the driver type.
+    assert!(twelve.len() <= 9, "{twelve:?}");
+}
+
 mod cli {
     //! `virtplan plan` through the binary: exit codes, colour, saved plans, errors.
 
