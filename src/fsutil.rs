@@ -83,19 +83,9 @@ fn kind_name(t: std::fs::FileType) -> &'static str {
 /// [`FileError::Symlink`] for a symlink, [`FileError::NotRegular`] for a FIFO, device or
 /// folder (opened non-blocking, so a FIFO cannot hang the open), I/O errors.
 pub fn open_write_nofollow(path: &Path, create: bool, mode: u32) -> Result<File, FileError> {
-    let file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(create)
-        .truncate(false)
-        .mode(mode)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
-        .open(path)?;
-    let meta = file.metadata()?;
-    if !meta.file_type().is_file() {
-        return Err(FileError::NotRegular(kind_name(meta.file_type())));
-    }
-    Ok(file)
+    let mut options = OpenOptions::new();
+    options.write(true).create(create).truncate(false);
+    open_nofollow(&options, path, mode)
 }
 
 /// Like [`open_write_nofollow`] (always creating), for appending: every write goes to the end.
@@ -103,13 +93,24 @@ pub fn open_write_nofollow(path: &Path, create: bool, mode: u32) -> Result<File,
 /// # Errors
 /// As [`open_write_nofollow`].
 pub fn open_append_nofollow(path: &Path, mode: u32) -> Result<File, FileError> {
-    let file = OpenOptions::new()
+    let mut options = OpenOptions::new();
+    options.append(true).create(true);
+    open_nofollow(&options, path, mode)
+}
+
+/// Opens with `options` (plus read, `mode`, `O_NOFOLLOW`, non-blocking), then refuses anything
+/// but a regular file, checked on the opened descriptor.
+fn open_nofollow(options: &OpenOptions, path: &Path, mode: u32) -> Result<File, FileError> {
+    let file = options
+        .clone()
         .read(true)
-        .append(true)
-        .create(true)
         .mode(mode)
         .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
         .open(path)?;
+    regular(file)
+}
+
+fn regular(file: File) -> Result<File, FileError> {
     let meta = file.metadata()?;
     if !meta.file_type().is_file() {
         return Err(FileError::NotRegular(kind_name(meta.file_type())));
@@ -143,10 +144,11 @@ fn read_with(path: &Path, limit: u64, flags: i32) -> Result<Vec<u8>, FileError> 
         .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC | flags)
         .open(path)
         .map_err(|e| {
-            if flags & libc::O_NOFOLLOW != 0 && e.raw_os_error() == Some(libc::ELOOP) {
-                FileError::Symlink
-            } else {
+            // Only a no-follow open makes ELOOP mean "a symlink is here".
+            if flags & libc::O_NOFOLLOW == 0 {
                 FileError::Io(e)
+            } else {
+                FileError::from(e)
             }
         })?;
     let meta = file.metadata().map_err(FileError::Io)?;

@@ -679,6 +679,7 @@ fn parse_text(path: &Path, bytes: &[u8]) -> Result<Parsed, LockError> {
         filter: header.header.filter,
     };
     let mut index = Index::default();
+    let mut events = EventIndex::default();
     let mut offset = header_end + 1;
     let mut line_no = 1;
     // The first bad line, if any: a torn tail only if no good line follows it.
@@ -704,7 +705,7 @@ fn parse_text(path: &Path, bytes: &[u8]) -> Result<Parsed, LockError> {
                     apply_line(&mut lock, &mut index, record);
                 }
                 if let Some(event) = parsed.event {
-                    upsert_event(&mut lock.events, event);
+                    events.upsert(&mut lock.events, event);
                 }
             }
             Ok(_) => {
@@ -728,12 +729,39 @@ fn parse_text(path: &Path, bytes: &[u8]) -> Result<Parsed, LockError> {
     })
 }
 
-/// Upserts one event by id (events are few per step; their order is kept).
-fn upsert_event(events: &mut Vec<EventRecord>, event: EventRecord) {
-    if let Some(e) = events.iter_mut().rev().find(|e| e.id == event.id) {
-        *e = event;
-    } else {
-        events.push(event);
+/// Positions of notification events by id: finding one was a scan of them all, so a run with
+/// an event per step did quadratic work (reading its lockfile, recording each change).
+#[derive(Debug, Default)]
+struct EventIndex(HashMap<String, usize>);
+
+impl EventIndex {
+    /// The index of `events` (a later event of an id wins, as in the file).
+    fn of(events: &[EventRecord]) -> Self {
+        Self(
+            events
+                .iter()
+                .enumerate()
+                .map(|(i, e)| (e.id.clone(), i))
+                .collect(),
+        )
+    }
+
+    fn get<'a>(&self, events: &'a [EventRecord], id: &str) -> Option<&'a EventRecord> {
+        self.0.get(id).and_then(|&i| events.get(i))
+    }
+
+    fn get_mut<'a>(&self, events: &'a mut [EventRecord], id: &str) -> Option<&'a mut EventRecord> {
+        self.0.get(id).and_then(|&i| events.get_mut(i))
+    }
+
+    /// Upserts one event by id; their order is kept.
+    fn upsert(&mut self, events: &mut Vec<EventRecord>, event: EventRecord) {
+        if let Some(e) = self.get_mut(events, &event.id) {
+            *e = event;
+        } else {
+            self.0.insert(event.id.clone(), events.len());
+            events.push(event);
+        }
     }
 }
 
@@ -889,6 +917,8 @@ impl fmt::Debug for dyn Observer {
 struct Shared {
     data: Lockfile,
     index: Index,
+    /// Where each of `data.events` is (kept with every change of the events).
+    events: EventIndex,
     /// Records changed since the last append, by position in `data.steps`, each with the id
     /// of the event its change produced, if any (written on the same line).
     dirty: Vec<usize>,
@@ -942,7 +972,7 @@ impl Shared {
     }
 
     fn event(&self, id: &str) -> Option<&EventRecord> {
-        self.data.events.iter().rev().find(|e| e.id == id)
+        self.events.get(&self.data.events, id)
     }
 
     /// The lines of every record and event changed since the last append.
@@ -1005,6 +1035,7 @@ impl LockStore {
         Ok(Self {
             path: path.to_path_buf(),
             shared: Mutex::new(Shared {
+                events: EventIndex::of(&data.events),
                 data,
                 index,
                 dirty: Vec::new(),
@@ -1089,6 +1120,7 @@ impl LockStore {
         let mut next = shared.data.clone();
         next.reconcile(&self.path, plan)?;
         shared.index = Index::of(&next);
+        shared.events = EventIndex::of(&next.events);
         shared.data = next;
         self.compact_locked(&mut shared)
     }
@@ -1201,7 +1233,8 @@ impl LockStore {
         shared.mark(i);
         if let Some(e) = &event {
             shared.step_event.insert(i, e.id.clone());
-            upsert_event(&mut shared.data.events, e.clone());
+            let Shared { data, events, .. } = &mut *shared;
+            events.upsert(&mut data.events, e.clone());
         }
         shared.io.changes += 1;
         shared.seq += 1;
@@ -1231,7 +1264,8 @@ impl LockStore {
         let mut shared = self.lock();
         let recorded = event.clone();
         shared.dirty_events.push(event.id.clone());
-        upsert_event(&mut shared.data.events, event);
+        let Shared { data, events, .. } = &mut *shared;
+        events.upsert(&mut data.events, event);
         shared.seq += 1;
         let seq = shared.seq;
         self.commit(shared, seq)?;
@@ -1246,13 +1280,8 @@ impl LockStore {
     /// with the same id.
     pub fn note_delivery(&self, event_id: &str, target: &str, result: Result<(), &str>) {
         let mut shared = self.lock();
-        let Some(e) = shared
-            .data
-            .events
-            .iter_mut()
-            .rev()
-            .find(|e| e.id == event_id)
-        else {
+        let Shared { data, events, .. } = &mut *shared;
+        let Some(e) = events.get_mut(&mut data.events, event_id) else {
             return;
         };
         e.note(target, result);

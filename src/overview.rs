@@ -362,13 +362,40 @@ impl Inspected {
     /// state can outlive it). An invalid virtplan.toml leaves the state beside the plan.
     #[must_use]
     pub fn of(plan: &Path, config: Option<&Path>) -> Self {
+        Self::reading(plan, config, |_| ()).0
+    }
+
+    /// [`Inspected::of`], and the lockfile it names read ([`StatePaths::read_lock`]) while
+    /// the plan is validated: two files that do not depend on each other, each costing about
+    /// as much as the other for a large plan, so `status` waits for the longer, not the sum.
+    pub fn with_lock(
+        plan: &Path,
+        config: Option<&Path>,
+    ) -> (Self, Result<Option<crate::lockfile::Lockfile>, LockError>) {
+        Self::reading(plan, config, StatePaths::read_lock)
+    }
+
+    /// Validates the plan while `also` reads from its state paths on another thread.
+    fn reading<T: Send>(
+        plan: &Path,
+        config: Option<&Path>,
+        also: impl FnOnce(&StatePaths) -> T + Send,
+    ) -> (Self, T) {
         let config = crate::config::discover(config, Some(plan));
         let state_dir = config.as_ref().ok().and_then(|c| c.state_dir.clone());
         let paths = StatePaths::of(plan, state_dir.as_deref());
-        let loaded = config.and_then(|config| {
-            crate::plan_file::load(plan, &crate::plan_file::LoadContext::from(config))
+        let (loaded, also) = std::thread::scope(|scope| {
+            let also = scope.spawn(|| also(&paths));
+            let loaded = config.and_then(|config| {
+                crate::plan_file::load(plan, &crate::plan_file::LoadContext::from(config))
+            });
+            (loaded, also.join())
         });
-        match loaded {
+        let also = match also {
+            Ok(also) => also,
+            Err(panic) => std::panic::resume_unwind(panic),
+        };
+        let inspected = match loaded {
             Ok(file) => Self {
                 file: Some(file),
                 problems: None,
@@ -379,7 +406,8 @@ impl Inspected {
                 problems: Some(d),
                 paths,
             },
-        }
+        };
+        (inspected, also)
     }
 
     /// The plan's zone, for showing times.

@@ -143,6 +143,11 @@ pub fn is_secret_key(key: &str) -> bool {
 /// only its scheme when it has anything that could be a credential (`@`, `?`).
 #[must_use]
 pub fn redact(text: &str) -> String {
+    // Without `@` there is no userinfo (so no password), without `?` no query: nothing to
+    // mask, and no URL parse (JSON output serializes a URI per change).
+    if !text.contains('@') && !text.contains('?') {
+        return text.to_owned();
+    }
     let Ok(mut url) = url::Url::parse(text) else {
         return redact_unparsed(text);
     };

@@ -44,9 +44,9 @@ pub fn run(
     };
     // The plan gives the zone times are shown in, and the steps of a plan never applied; a
     // plan that no longer validates still has its recorded progress shown.
-    let inspected = overview::Inspected::of(&plan, config);
+    let (inspected, lock) = overview::Inspected::with_lock(&plan, config);
+    let lock = lock?;
     let (paths, zone, file) = (&inspected.paths, inspected.zone(), inspected.file.as_ref());
-    let lock = paths.read_lock()?;
     if !plan_exists {
         if lock.is_none() {
             anyhow::bail!(

@@ -330,7 +330,11 @@ impl Admission {
             r.failed.join(", "),
             r.max_errors,
             match r.on_failure {
-                OnFailure::SkipVm => format!("on_failure skip-vm: the {left} domains not started are skipped, with their later steps"),
+                OnFailure::SkipVm => format!(
+                    "on_failure skip-vm: the {left} {} not started {} skipped, with their later steps",
+                    if left == 1 { "domain" } else { "domains" },
+                    if left == 1 { "is" } else { "are" }
+                ),
                 OnFailure::Abort => "on_failure abort: the plan is aborted".to_owned(),
             }
         );

@@ -111,10 +111,11 @@ impl TryFrom<ChangeRepr> for Change {
 }
 
 impl Change {
-    /// `memory 128MiB → 3GiB`, or `memory 3GiB (no change)`.
+    /// `memory 128MiB → 3GiB`, or `memory 3GiB (no change)`. An action that leaves the figure
+    /// as it was (a reboot: `power running → running`) is a change, not "no change".
     #[must_use]
     pub fn describe(&self) -> String {
-        if self.before == self.after {
+        if self.before == self.after && self.action != ChangeAction::Change {
             format!("{} {} (no change)", self.attribute, self.after)
         } else {
             format!("{} {} → {}", self.attribute, self.before, self.after)
@@ -544,8 +545,9 @@ pub enum PlanError {
     },
 }
 
-/// Where lockfile progress comes from, so `plan` shows done steps as done.
-pub trait Progress {
+/// Where lockfile progress comes from, so `plan` shows done steps as done. `Sync`: the
+/// planner projects many domains on more than one thread.
+pub trait Progress: Sync {
     /// Whether step `step_id` is recorded done for the domain with `uuid`.
     fn is_done(&self, step_id: &str, uuid: &str) -> bool;
 

@@ -1,7 +1,7 @@
 //! Walks each domain's steps in time order over its observed state, so each step's
 //! before-state is what the previous steps leave, and records the operations and changes.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use chrono::{DateTime, Utc};
 
@@ -62,42 +62,33 @@ pub fn project_selected(
         None => None,
     };
 
-    // Group each domain's steps, in time order (steps without `at` run first).
-    let mut per_domain: BTreeMap<(Uri, String), Vec<&Step>> = BTreeMap::new();
-    let mut ids: BTreeMap<(Uri, String), DomainId> = BTreeMap::new();
+    // Group each domain's steps, in time order (steps without `at` run first). Keyed by
+    // borrowed connection and UUID: cloning them per step cost more than the projection.
+    let mut per_domain: PerDomain<'_> = BTreeMap::new();
     for (step, uri, id) in &resolved {
-        let key = (uri.clone(), id.uuid.clone());
-        per_domain.entry(key.clone()).or_default().push(step);
-        ids.insert(key, id.clone());
+        per_domain
+            .entry((uri, id.uuid.as_str()))
+            .or_insert_with(|| (id, Vec::new()))
+            .1
+            .push(step);
     }
-    for steps in per_domain.values_mut() {
+    for (_, steps) in per_domain.values_mut() {
         steps.sort_by_key(|s| (s.at.as_ref().map(|a| a.value), s.number));
     }
 
     let observed = observe(input.connections, &per_domain, read)?;
+    let parts = project_domains(input, &per_domain, &observed);
     let mut out = Output {
         warnings: pinned_warnings,
         ..Output::default()
     };
-    for (key, steps) in &per_domain {
-        let (uri, _) = key;
-        let Some(domain) = observed.get(key) else {
-            return Err(PlanError::Libvirt {
-                context: format!("reading {} on {}", ids[key].name, key.0),
-                source: crate::hypervisor::HvError::new(
-                    ErrorKind::NotFound,
-                    "the domain disappeared while its state was read",
-                ),
-            });
-        };
-        let ctx = DomainCtx {
-            file,
-            uri,
-            id: &ids[key],
-            input,
-            observed: domain,
-        };
-        ctx.project(steps, &mut out, &mut problems);
+    out.steps.reserve(resolved.len());
+    for part in parts {
+        let (part, part_problems) = part?;
+        out.changes.extend(part.changes);
+        out.steps.extend(part.steps);
+        out.warnings.extend(part.warnings);
+        problems.extend(part_problems);
     }
     if !problems.is_empty() {
         problems.sort_by_key(|p| (p.pos, p.vm.clone()));
@@ -106,12 +97,12 @@ pub fn project_selected(
     past_steps(input, &resolved, &mut out.warnings);
 
     let order = |at: Option<DateTime<Utc>>, step: usize| (at, step);
-    out.changes.sort_by(|a, b| {
+    sort_moving_once(&mut out.changes, |a, b| {
         order(a.at, a.step)
             .cmp(&order(b.at, b.step))
             .then(a.vm.cmp(&b.vm))
     });
-    out.steps.sort_by(|a, b| {
+    sort_moving_once(&mut out.steps, |a, b| {
         order(a.at, a.step)
             .cmp(&order(b.at, b.step))
             .then(a.domain.name.cmp(&b.domain.name))
@@ -203,7 +194,90 @@ fn select(
     })
 }
 
+/// Projects each domain's steps over its observed state, each domain on its own: many of
+/// them are split over two threads. Each part's changes, steps, warnings and problems come
+/// back in order; joined in that order they are what a single pass gives.
+fn project_domains(
+    input: &PlanInput<'_>,
+    per_domain: &PerDomain<'_>,
+    observed: &BTreeMap<(&Uri, &str), Observed>,
+) -> Vec<Result<(Output, Vec<PlanProblem>), PlanError>> {
+    let plan_file = input.file.path.display().to_string();
+    let project_part = |part: &[DomainSteps<'_, '_>]| {
+        let mut out = Output::default();
+        let mut problems = Vec::new();
+        for (key, (id, steps)) in part {
+            let (uri, _) = **key;
+            let Some(domain) = observed.get(*key) else {
+                return Err(PlanError::Libvirt {
+                    context: format!("reading {} on {uri}", id.name),
+                    source: crate::hypervisor::HvError::new(
+                        ErrorKind::NotFound,
+                        "the domain disappeared while its state was read",
+                    ),
+                });
+            };
+            let ctx = DomainCtx {
+                file: input.file,
+                plan_file: &plan_file,
+                uri,
+                id,
+                input,
+                observed: domain,
+            };
+            ctx.project(steps, &mut out, &mut problems);
+        }
+        Ok((out, problems))
+    };
+    let domains: Vec<DomainSteps<'_, '_>> = per_domain.iter().collect();
+    if domains.len() < PARALLEL_FROM {
+        return vec![project_part(&domains)];
+    }
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = domains
+            .chunks(domains.len().div_ceil(2))
+            .map(|part| scope.spawn(|| project_part(part)))
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join().unwrap_or_else(|_| {
+                    Err(PlanError::Libvirt {
+                        context: "projecting the plan".to_owned(),
+                        source: crate::hypervisor::HvError::new(
+                            ErrorKind::Other,
+                            "a projection thread panicked",
+                        ),
+                    })
+                })
+            })
+            .collect()
+    })
+}
+
 type Resolved<'a> = Vec<(&'a Step, Uri, DomainId)>;
+
+/// From this many domains on, they are projected on two threads.
+const PARALLEL_FROM: usize = 256;
+
+/// One entry of [`PerDomain`].
+type DomainSteps<'m, 'a> = (&'m (&'a Uri, &'a str), &'m (&'a DomainId, Vec<&'a Step>));
+
+/// Each domain's steps, by connection and UUID (borrowed from [`Resolved`]).
+type PerDomain<'a> = BTreeMap<(&'a Uri, &'a str), (&'a DomainId, Vec<&'a Step>)>;
+
+/// A stable sort of `items` by `compare` that moves each item once: it sorts their positions,
+/// then takes the items in that order. Changes and planned steps are hundreds of bytes each,
+/// and a sort that moves them `n log n` times spent more on copying than on comparing.
+fn sort_moving_once<T>(items: &mut Vec<T>, compare: impl Fn(&T, &T) -> std::cmp::Ordering) {
+    let mut order: Vec<usize> = (0..items.len()).collect();
+    order.sort_by(|&a, &b| compare(&items[a], &items[b]));
+    let mut slots: Vec<Option<T>> = std::mem::take(items).into_iter().map(Some).collect();
+    // Each position once, so every item is taken exactly once.
+    let mut sorted = Vec::with_capacity(order.len());
+    sorted.extend(order.into_iter().filter_map(|i| slots[i].take()));
+    *items = sorted;
+}
 
 /// Resolves each `rollout` over its step's domains, in the order they were selected (as
 /// written in `vms`, name order for a pattern), and gives each planned step its place.
@@ -273,7 +347,8 @@ fn resolve_targets<'a>(
         }
         steps.push((step, uri));
     }
-    let mut cache: BTreeMap<(Uri, String), Option<DomainId>> = BTreeMap::new();
+    // By connection, then name: looked up without cloning either.
+    let mut cache: BTreeMap<Uri, HashMap<String, Option<DomainId>>> = BTreeMap::new();
     let sets_vcpus: BTreeSet<&Uri> = steps
         .iter()
         .filter(|(s, _)| s.attributes.has(Attr::Vcpus) || s.attributes.has(Attr::MaxVcpus))
@@ -282,7 +357,7 @@ fn resolve_targets<'a>(
     for (uri, names) in wanted {
         let hv = input.connections[&uri].as_ref();
         for (name, id) in read_named(hv, &uri, names, sets_vcpus.contains(&uri), read)? {
-            cache.insert((uri.clone(), name), id);
+            cache.entry(uri.clone()).or_default().insert(name, id);
         }
     }
     // `vms: {match: GLOB}`: one listing per connection, matched by name, in name order.
@@ -303,7 +378,7 @@ fn resolve_targets<'a>(
                 )?;
                 continue;
             }
-            match cache.get(&(uri.clone(), target.name_or_uuid.clone())).and_then(Option::as_ref) {
+            match cache.get(&uri).and_then(|names| names.get(&target.name_or_uuid)).and_then(Option::as_ref) {
                 Some(id) => resolved.push((step, uri.clone(), id.clone())),
                 // A domain the run's filter leaves out is not looked for.
                 None if filter.is_some_and(|f| !f.selects(&target.name_or_uuid, &target.name_or_uuid)) => {}
@@ -506,29 +581,27 @@ fn read_named(
 /// Reads every targeted domain: one bulk read per connection, in which the persistent XML is
 /// read only where a step needs it (clock, reboot, agent check, title, description) or the domain runs (its
 /// configuration figures live only there), snapshot names only for domains with snapshot steps.
-fn observe(
+fn observe<'a>(
     connections: &Connections,
-    per_domain: &BTreeMap<(Uri, String), Vec<&Step>>,
+    per_domain: &PerDomain<'a>,
     mut read: ReadAlready,
-) -> Result<BTreeMap<(Uri, String), Observed>, PlanError> {
+) -> Result<BTreeMap<(&'a Uri, &'a str), Observed>, PlanError> {
     // Domains read while resolving their names are taken as read, when that read was as deep
     // as all their steps need (a domain a pattern also selects may need more).
     let mut by_uri: BTreeMap<&Uri, (Vec<Want>, Vec<Observation>)> = BTreeMap::new();
-    for ((uri, uuid), steps) in per_domain {
+    for ((uri, uuid), (_, steps)) in per_domain {
         let any = |f: fn(&Step) -> bool| steps.iter().any(|s| f(s));
-        let want = Want {
-            uuid: uuid.clone(),
-            clock: any(needs_xml),
-            metadata: any(needs_metadata),
-        };
+        let (clock, metadata) = (any(needs_xml), any(needs_metadata));
         let entry = by_uri.entry(uri).or_default();
-        match read.domains.remove(&(uri.clone(), uuid.clone())) {
-            Some((done, observation))
-                if (done.clock || !want.clock) && (done.metadata || !want.metadata) =>
-            {
+        match read.domains.remove(&((*uri).clone(), (*uuid).to_owned())) {
+            Some((done, observation)) if (done.clock || !clock) && (done.metadata || !metadata) => {
                 entry.1.push(observation);
             }
-            _ => entry.0.push(want),
+            _ => entry.0.push(Want {
+                uuid: (*uuid).to_owned(),
+                clock,
+                metadata,
+            }),
         }
     }
     let mut result = BTreeMap::new();
@@ -541,22 +614,22 @@ fn observe(
                     .map_err(libvirt(format!("reading domain state on {uri}")))?,
             );
         }
+        let steps_of_uri = || {
+            per_domain
+                .iter()
+                .filter(|((u, _), _)| *u == uri)
+                .flat_map(|(_, (_, steps))| steps.iter())
+        };
         // Asked of the driver only when a step changes a lifecycle action: nothing else
         // consults the rules (the `on_poweroff`/`on_reboot` phase of `project_step`).
-        let lifecycle_rules = if per_domain
-            .iter()
-            .filter(|((u, _), _)| u == uri)
-            .flat_map(|(_, steps)| steps.iter())
+        let lifecycle_rules = if steps_of_uri()
             .any(|s| s.attributes.has(Attr::OnPoweroff) || s.attributes.has(Attr::OnReboot))
         {
             hv.lifecycle_rules()
         } else {
             LifecycleRules::Any
         };
-        let needs_host_cpus = per_domain
-            .iter()
-            .filter(|((u, _), _)| u == uri)
-            .flat_map(|(_, steps)| steps.iter())
+        let needs_host_cpus = steps_of_uri()
             .any(|s| s.attributes.has(Attr::Vcpus) || s.attributes.has(Attr::MaxVcpus));
         let host_cpus = if let Some(cpus) = read.host_cpus.get(uri) {
             Some(*cpus)
@@ -568,9 +641,12 @@ fn observe(
         } else {
             None
         };
-        for Observation { state, definition } in observations {
-            let key = (uri.clone(), state.uuid.clone());
-            let Some(steps) = per_domain.get(&key) else {
+        let mut observations: std::collections::HashMap<String, Observation> = observations
+            .into_iter()
+            .map(|o| (o.state.uuid.clone(), o))
+            .collect();
+        for (key, (_, steps)) in per_domain.iter().filter(|((u, _), _)| *u == uri) {
+            let Some(Observation { state, definition }) = observations.remove(key.1) else {
                 continue;
             };
             let mut obs = Observed {
@@ -582,13 +658,13 @@ fn observe(
                 lifecycle_rules,
             };
             if steps.iter().any(|s| s.attributes.has(Attr::Snapshot)) {
-                obs.snapshots = snapshot_names(hv.as_ref(), &key.1)
+                obs.snapshots = snapshot_names(hv.as_ref(), key.1)
                     .map_err(libvirt(format!("listing snapshots of {}", obs.state.name)))?;
                 obs.snapshot_support = hv
-                    .snapshot_support(&key.1)
+                    .snapshot_support(key.1)
                     .map_err(libvirt(format!("reading the disks of {}", obs.state.name)))?;
             }
-            result.insert(key, obs);
+            result.insert(*key, obs);
         }
     }
     Ok(result)
@@ -689,6 +765,8 @@ fn past_steps(input: &PlanInput<'_>, resolved: &Resolved<'_>, warnings: &mut Vec
 
 struct DomainCtx<'a> {
     file: &'a PlanFile,
+    /// `file`'s path as shown, made once.
+    plan_file: &'a str,
     uri: &'a Uri,
     id: &'a DomainId,
     input: &'a PlanInput<'a>,
@@ -850,7 +928,7 @@ impl DomainCtx<'_> {
             }
             out.steps.push(PlannedStep {
                 step: step.number,
-                step_id: b.step_id.clone(),
+                step_id: b.step_id,
                 at: step.at.as_ref().map(|a| a.value),
                 domain: PlannedDomain::from(self.id.clone()),
                 connection: self.uri.clone(),
@@ -865,7 +943,7 @@ impl DomainCtx<'_> {
                     .is_some_and(|p| p.value == PowerTarget::Reboot),
                 check: step.check.as_ref().map(|c| c.value.clone()),
                 always: step.always,
-                plan_file: self.file.path.display().to_string(),
+                plan_file: self.plan_file.to_owned(),
                 rollout: None,
             });
             out.changes.extend(b.changes);

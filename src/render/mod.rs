@@ -65,9 +65,14 @@ pub fn json(plan: &Plan) -> String {
             .collect(),
         filter: plan.selection.as_ref(),
     };
-    let mut text = serde_json::to_string_pretty(&doc).unwrap_or_default();
-    text.push('\n');
-    text
+    // Sized for the usual few hundred bytes per change up front: growing a string of
+    // hundreds of kilobytes by doubling copied it several times.
+    let mut out = Vec::with_capacity(4096 + 640 * plan.changes.len());
+    if serde_json::to_writer_pretty(&mut out, &doc).is_err() {
+        return "\n".to_owned();
+    }
+    out.push(b'\n');
+    String::from_utf8(out).unwrap_or_default()
 }
 
 /// JSON Schema of [`json`]'s output.

@@ -5,10 +5,24 @@ use chrono::{DateTime, Utc};
 use chrono_tz::Tz;
 
 /// The plan's zone, or UTC: a time shown to people always says which zone it is in.
-fn zoned(t: DateTime<Utc>, zone: Option<Tz>, format: &str) -> String {
-    t.with_timezone(&zone.unwrap_or(Tz::UTC))
-        .format(format)
-        .to_string()
+fn zoned(t: DateTime<Utc>, zone: Option<Tz>, format: &'static str) -> String {
+    use chrono::format::{Item, StrftimeItems};
+    use std::sync::{Mutex, PoisonError};
+    // Each format parsed once: `status` of a large plan formats tens of thousands of times.
+    static PARSED: Mutex<Vec<(&str, Vec<Item<'static>>)>> = Mutex::new(Vec::new());
+    let local = t.with_timezone(&zone.unwrap_or(Tz::UTC));
+    let mut parsed = PARSED.lock().unwrap_or_else(PoisonError::into_inner);
+    let i = match parsed.iter().position(|(f, _)| *f == format) {
+        Some(i) => i,
+        None => match StrftimeItems::new(format).parse() {
+            Ok(items) => {
+                parsed.push((format, items));
+                parsed.len() - 1
+            }
+            Err(_) => return local.format(format).to_string(),
+        },
+    };
+    local.format_with_items(parsed[i].1.iter()).to_string()
 }
 
 /// `2026-12-01 04:05 EST` (seconds shown only when not zero).

@@ -57,7 +57,9 @@ fn two_applies_on_one_qemu_domain_never_act_at_once() {
     dom.start();
     let dir = tempfile::tempdir().unwrap();
     let t0 = SystemClock.now();
-    let when = at(t0, 3);
+    // 8 s ahead: both processes are started, planned and waiting before the second comes, even
+    // on a loaded CI machine (3 s once let one start 6 s late, after the other had finished).
+    let when = at(t0, 8);
     let a = write_plan(
         dir.path(),
         "a.yaml",

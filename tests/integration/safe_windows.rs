@@ -90,6 +90,8 @@ steps:
     );
     assert!(message.contains("forced off"), "{message}");
     assert!(message.contains("check passed on attempt 1"), "{message}");
+    // Regression: status said "power running (no change)" for a reboot.
+    assert_eq!(lock.steps[0].what, "power running → running");
 
     // Recorded done: a second apply does not reboot again.
     let out = apply(&plan, &[]);
