@@ -109,10 +109,11 @@ fn rollouts(plan: &Plan, printer: &Printer, out: &mut String) {
     for r in &rollouts {
         let _ = writeln!(
             out,
-            "  {}  step {}  {} domains on {}: {}",
+            "  {}  step {}  {} domain{} on {}: {}",
             step_time(r.at, zone),
             r.step,
             r.domains,
+            if r.domains == 1 { "" } else { "s" },
             escape(&r.connection.to_string()),
             escape(&r.description)
         );
