@@ -103,6 +103,9 @@ struct Parked {
     /// When it must be handed back even without a share (its start deadline), for steps
     /// without a rollout.
     deadline: Option<DateTime<Utc>>,
+    /// The scheduler has seen the turn that parked it end ([`Admission::confirm`]): only then
+    /// may `pump` hand it out, or it would run while its worker still holds it.
+    confirmed: bool,
 }
 
 #[derive(Default)]
@@ -274,6 +277,7 @@ impl Admission {
             position,
             seq,
             deadline: if position.is_some() { None } else { deadline },
+            confirmed: false,
         });
         Arrival::Parked
     }
@@ -342,7 +346,15 @@ impl Admission {
         (r.on_failure == OnFailure::Abort).then_some(reason)
     }
 
-    /// Hands parked domains back: those admitted now (with a ticket), those whose rollout
+    /// The scheduler saw the turn of `domain` end parked: it may be handed out from now on.
+    pub(super) fn confirm(&self, domain: usize) {
+        let mut state = self.lock();
+        for p in state.parked.iter_mut().filter(|p| p.domain == domain) {
+            p.confirmed = true;
+        }
+    }
+
+    /// Hands parked domains back (those whose parking the scheduler confirmed): those admitted now (with a ticket), those whose rollout
     /// stopped, those past their deadline, or all of them when `flush` (a signal or an abort).
     /// `stuck`: nothing else can free a share, so order is relaxed rather than waiting
     /// forever. Returns the domains to run and when to pump again at the latest.
@@ -372,6 +384,10 @@ impl Admission {
         let mut wake: Option<DateTime<Utc>> = None;
         let mut relaxed = false;
         for p in parked {
+            if !p.confirmed {
+                state.parked.push(p);
+                continue;
+            }
             let tripped = state
                 .rollouts
                 .get(&p.key.0)

@@ -581,7 +581,10 @@ impl Run<'_> {
                     in_flight -= 1;
                     match next {
                         Next::Due(due) => waiting.push(Reverse((due, i))),
-                        Next::Parked => parked += 1,
+                        Next::Parked => {
+                            parked += 1;
+                            self.admission.confirm(i);
+                        }
                         Next::Finished => {}
                     }
                 }

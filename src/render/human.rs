@@ -20,6 +20,13 @@ pub fn human(plan: &Plan, printer: &Printer) -> String {
         printer.paint(Tone::Heading, &escape(&plan.meta.name)),
         escape(&plan.meta.file)
     );
+    if let Some(selection) = &plan.selection {
+        let _ = writeln!(
+            out,
+            "{}",
+            printer.paint(Tone::Warning, &selection.describe())
+        );
+    }
     let mut heading = None;
     for c in &plan.changes {
         let this = (c.at, c.step, c.vm.clone());
@@ -102,10 +109,11 @@ fn rollouts(plan: &Plan, printer: &Printer, out: &mut String) {
     for r in &rollouts {
         let _ = writeln!(
             out,
-            "  {}  step {}  {} domains on {}: {}",
+            "  {}  step {}  {} domain{} on {}: {}",
             step_time(r.at, zone),
             r.step,
             r.domains,
+            if r.domains == 1 { "" } else { "s" },
             escape(&r.connection.to_string()),
             escape(&r.description)
         );

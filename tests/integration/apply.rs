@@ -8,21 +8,19 @@ use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use chrono::{DateTime, Utc};
 use virtplan::clock::{Clock, SystemClock};
 use virtplan::hypervisor::domain_xml;
 use virtplan::hypervisor::fleet::{write_fleet, FleetDomain};
 use virtplan::hypervisor::libvirt::Libvirt;
 use virtplan::hypervisor::Hypervisor;
-use virtplan::lockfile::{LockStore, StepStatus};
+use virtplan::lockfile::StepStatus;
 use virtplan::state::{Kib, PowerState};
 
-use crate::support::helpers::{at, lock_of, save_plan, text, virtplan, write_plan, BIN};
+use crate::support::helpers::{
+    apply, at, command, lock_of, now, save_plan, spawn_apply, text, virtplan, wait_for_lock,
+    write_plan,
+};
 use crate::support::qemu::{qemu_uri, TestDomain};
-
-fn now() -> DateTime<Utc> {
-    SystemClock.now()
-}
 
 /// Step ids by step number, from `plan --format json`.
 fn step_ids(plan: &Path) -> Vec<String> {
@@ -95,7 +93,7 @@ steps:
             at(t0, 17)
         ),
     );
-    let out = virtplan(&["apply", plan.to_str().unwrap(), "--auto-approve"], &[]);
+    let out = apply(&plan, &[]);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));
 
     let lock = lock_of(&plan);
@@ -163,10 +161,7 @@ fn a_second_executor_is_refused_and_sigterm_stops_the_first_cleanly() {
             at(now(), 60)
         ),
     );
-    let mut first = Command::new(BIN)
-        .args(["apply", plan.to_str().unwrap(), "--auto-approve"])
-        .env("NO_COLOR", "1")
-        .stdin(Stdio::null())
+    let mut first = command(&["apply", plan.to_str().unwrap(), "--auto-approve"])
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
@@ -194,7 +189,7 @@ fn a_second_executor_is_refused_and_sigterm_stops_the_first_cleanly() {
         SystemClock.sleep(Duration::from_millis(10));
     }
     let before = std::fs::read_to_string(plan.with_extension("lock")).unwrap();
-    let second = virtplan(&["apply", plan.to_str().unwrap(), "--auto-approve"], &[]);
+    let second = apply(&plan, &[]);
     assert_eq!(second.status.code(), Some(1), "{}", text(&second));
     let err = String::from_utf8_lossy(&second.stderr);
     assert!(err.contains(&format!("pid={}", first.id())), "{err}");
@@ -250,7 +245,7 @@ fn a_missed_step_never_runs() {
             dom.name
         ),
     );
-    let out = virtplan(&["apply", plan.to_str().unwrap(), "--auto-approve"], &[]);
+    let out = apply(&plan, &[]);
     assert_eq!(out.status.code(), Some(3), "{}", text(&out));
     let lock = lock_of(&plan);
     assert_eq!(lock.steps[0].status, StepStatus::Missed);
@@ -315,12 +310,7 @@ fn a_crash_at_each_step_boundary_then_resume_applies_nothing_twice() {
         ),
     );
     let ids = step_ids(&plan);
-    let apply = |failpoint: &str| {
-        virtplan(
-            &["apply", plan.to_str().unwrap(), "--auto-approve"],
-            &[("VIRTPLAN_FAILPOINT", failpoint)],
-        )
-    };
+    let apply = |failpoint: &str| apply(&plan, &[("VIRTPLAN_FAILPOINT", failpoint)]);
     let hv = Libvirt::connect(&uri).unwrap();
     let crash = |failpoint: String| {
         let out = apply(&failpoint);
@@ -380,35 +370,18 @@ fn a_crash_at_each_step_boundary_then_resume_applies_nothing_twice() {
     assert_eq!(state.vcpus, 2);
 }
 
-/// Starts `apply --auto-approve` in the background, output discarded.
-fn spawn_apply(plan: &Path) -> std::process::Child {
-    Command::new(BIN)
-        .args(["apply", plan.to_str().unwrap(), "--auto-approve"])
-        .env("NO_COLOR", "1")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap()
-}
-
 /// Waits until the plan's first step is recorded running.
 fn wait_until_running(plan: &Path) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let running = LockStore::read(&plan.with_extension("lock"))
-            .ok()
-            .is_some_and(|l| {
-                l.steps
-                    .first()
-                    .is_some_and(|r| r.status == StepStatus::Running)
-            });
-        if running {
-            return;
-        }
-        assert!(Instant::now() < deadline, "the step never started");
-        SystemClock.sleep(Duration::from_millis(20));
-    }
+    wait_for_lock(
+        plan,
+        Duration::from_secs(20),
+        "the step never started",
+        |l| {
+            l.steps
+                .first()
+                .is_some_and(|r| r.status == StepStatus::Running)
+        },
+    );
 }
 
 /// A running diskless guest and a plan that shuts it down gracefully with `timeout`.
@@ -473,7 +446,7 @@ fn kill_9_inside_a_graceful_shutdown_then_resume_finishes_the_step() {
     );
 
     // The kernel freed the lock with the process: the resume starts at once and finishes.
-    let out = virtplan(&["apply", plan.to_str().unwrap(), "--auto-approve"], &[]);
+    let out = apply(&plan, &[]);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));
     let lock = lock_of(&plan);
     assert_eq!(lock.steps[0].status, StepStatus::Done);
@@ -501,7 +474,7 @@ fn memory_of_a_running_guest_without_balloon_driver_is_done_with_a_warning() {
             dom.name
         ),
     );
-    let out = virtplan(&["apply", plan.to_str().unwrap(), "--auto-approve"], &[]);
+    let out = apply(&plan, &[]);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));
     let lock = lock_of(&plan);
     let r = &lock.steps[0];
@@ -612,7 +585,7 @@ fn a_step_repeated_later_in_the_plan_runs_in_its_turn() {
             step(256)
         ),
     );
-    let out = virtplan(&["apply", plan.to_str().unwrap(), "--auto-approve"], &[]);
+    let out = apply(&plan, &[]);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));
     let lock = lock_of(&plan);
     let steps: Vec<(usize, StepStatus, &str)> = lock

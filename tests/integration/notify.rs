@@ -11,12 +11,13 @@ use std::time::{Duration, Instant};
 
 use virtplan::clock::{Clock, SystemClock};
 use virtplan::hypervisor::fleet::{write_fleet, FleetDomain};
-use virtplan::lockfile::{Delivery, LockStore, StepStatus};
+use virtplan::lockfile::{Delivery, Lockfile, StepStatus};
 use virtplan::state::Kib;
 
-use crate::support::helpers::{lock_of, save_plan, text};
+use crate::support::helpers::{
+    at, command, lock_of, now, save_plan, spawn_apply, text, wait_for_lock,
+};
 
-const BIN: &str = env!("CARGO_BIN_EXE_virtplan");
 const TOKEN: &str = "T0KEN-s3cr3t";
 
 fn sleep_ms(ms: u64) {
@@ -227,10 +228,8 @@ fn write(dir: &Path, name: &str, body: &str) -> PathBuf {
 }
 
 fn virtplan(args: &[&str], env: &[(&str, &str)]) -> Output {
-    Command::new(BIN)
-        .args(args)
+    command(args)
         .envs(env.iter().copied())
-        .env("NO_COLOR", "1")
         .env(
             "HOME",
             std::env::temp_dir().join("virtplan-tests-empty-home"),
@@ -239,7 +238,6 @@ fn virtplan(args: &[&str], env: &[(&str, &str)]) -> Output {
             "XDG_CONFIG_HOME",
             std::env::temp_dir().join("virtplan-tests-empty-home"),
         )
-        .stdin(Stdio::null())
         .output()
         .expect("run virtplan")
 }
@@ -502,8 +500,7 @@ fn a_missed_step_pages_the_command_target() {
     let dir = tempfile::tempdir().unwrap();
     let uri = fleet(dir.path());
     let page = dir.path().join("paged.json");
-    let past = (SystemClock.now() - chrono::Duration::minutes(30))
-        .to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+    let past = at(now(), -30 * 60);
     let plan = write(
         dir.path(),
         "late.yaml",
@@ -559,29 +556,19 @@ steps:
             hooks.url(&format!("/hooks/{TOKEN}")),
         ),
     );
-    let mut child = Command::new(BIN)
-        .args(["apply", plan.to_str().unwrap(), "--auto-approve"])
-        .env("NO_COLOR", "1")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut child = spawn_apply(&plan);
     // Wait until the step is durably done and its event recorded, undelivered (the webhook
     // holds the first request, so nothing can be delivered).
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let done_id = loop {
-        assert!(Instant::now() < deadline, "the step never finished");
-        if let Ok(lock) = LockStore::read(&plan.with_extension("lock")) {
-            let done = lock.steps.iter().all(|s| s.status == StepStatus::Done);
-            let event = lock.events.iter().find(|e| e.event == "step-done");
-            if let (true, Some(e)) = (done, event) {
-                assert_eq!(e.delivery, Delivery::Pending);
-                break e.id.clone();
-            }
-        }
-        sleep_ms(20);
-    };
+    let step_done = |lock: &Lockfile| lock.events.iter().find(|e| e.event == "step-done").cloned();
+    let lock = wait_for_lock(
+        &plan,
+        Duration::from_secs(30),
+        "the step never finished",
+        |lock| lock.steps.iter().all(|s| s.status == StepStatus::Done) && step_done(lock).is_some(),
+    );
+    let event = step_done(&lock).expect("recorded");
+    assert_eq!(event.delivery, Delivery::Pending);
+    let done_id = event.id;
     assert!(Command::new("kill")
         .args(["-KILL", &child.id().to_string()])
         .status()
@@ -820,24 +807,18 @@ steps:
             hooks.url(&format!("/hooks/{TOKEN}"))
         )
     };
-    let later = |secs: i64| {
-        (SystemClock.now() + chrono::Duration::seconds(secs))
-            .to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
-    };
+    let later = |secs: i64| at(now(), secs);
     std::fs::write(&plan, body(&later(3600))).unwrap();
-    let mut watch = Command::new(BIN)
-        .args([
-            "watch",
-            dir.path().to_str().unwrap(),
-            "--log-format",
-            "json",
-        ])
-        .env("NO_COLOR", "1")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut watch = command(&[
+        "watch",
+        dir.path().to_str().unwrap(),
+        "--log-format",
+        "json",
+    ])
+    .stdout(Stdio::null())
+    .stderr(Stdio::null())
+    .spawn()
+    .unwrap();
     let wait_for = |what: &str, n: usize| {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {

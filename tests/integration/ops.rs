@@ -12,6 +12,7 @@ use virtplan::lockfile::{ExecutorLock, StepStatus};
 use virtplan::state::Kib;
 
 use crate::support::cli::Cli;
+use crate::support::helpers::{at, now, spawn_piped, wait_for_lock};
 
 /// A test-driver host with one shut-off domain `web-01` (1 GiB of 2 GiB) in a temporary folder.
 struct Rig {
@@ -42,6 +43,15 @@ impl Rig {
         }
         std::fs::write(&path, text).unwrap();
         path
+    }
+
+    /// A plan against the rig's host: `version: 1`, `connection:`, then `rest` (settings and
+    /// `steps:`).
+    fn connected(&self, name: &str, rest: &str) -> PathBuf {
+        self.write(
+            name,
+            &format!("version: 1\nconnection: {}\n{rest}", self.uri),
+        )
     }
 
     /// A plan whose one step (no `at`: it runs when apply starts) sets memory to 1 GiB.
@@ -314,12 +324,6 @@ fn lock_timeout_waits_for_the_holder_then_applies() {
         .run();
 }
 
-/// `now + secs` in RFC 3339, whole seconds.
-fn at(secs: i64) -> String {
-    (SystemClock.now() + chrono::Duration::seconds(secs))
-        .to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
-}
-
 fn status_json(plan: &Path) -> serde_json::Value {
     let ran = Cli::new()
         .args(["status", s(plan), "--format", "json"])
@@ -343,12 +347,9 @@ fn wait_for(what: &str, mut ready: impl FnMut() -> bool) {
 #[test]
 fn cancel_a_step_of_a_plan_never_applied_then_apply_skips_it() {
     let rig = Rig::new();
-    let plan = rig.write(
+    let plan = rig.connected(
         "web.yaml",
-        &format!(
-            "version: 1\nconnection: {}\nsteps:\n  - vm: web-01\n    memory: 1GiB\n  - vm: web-01\n    vcpus: 2\n",
-            rig.uri
-        ),
+        "steps:\n  - vm: web-01\n    memory: 1GiB\n  - vm: web-01\n    vcpus: 2\n",
     );
     Cli::new()
         .args(["cancel", s(&plan), "--step", "2"])
@@ -404,31 +405,20 @@ fn cancel_a_step_of_a_plan_never_applied_then_apply_skips_it() {
 #[test]
 fn cancel_while_apply_waits_stops_the_step_before_it_starts() {
     let rig = Rig::new();
-    let plan = rig.write(
+    // Far enough ahead that step 1 and the cancel finish first on a loaded machine.
+    let later = at(now(), 8);
+    let plan = rig.connected(
         "web.yaml",
         &format!(
-            "version: 1\nconnection: {}\ngrace: 1m\nsteps:\n  - vm: web-01\n    memory: 1GiB\n  - at: {}\n    vm: web-01\n    vcpus: 2\n  - at: {}\n    vm: web-01\n    autostart: true\n",
-            rig.uri,
-            // Far enough ahead that step 1 and the cancel finish first on a loaded machine.
-            at(8),
-            at(8)
+            "grace: 1m\nsteps:\n  - vm: web-01\n    memory: 1GiB\n  - at: {later}\n    vm: web-01\n    vcpus: 2\n  - at: {later}\n    vm: web-01\n    autostart: true\n"
         ),
     );
-    let apply = Command::new(env!("CARGO_BIN_EXE_virtplan"))
-        .args(["apply", s(&plan), "--auto-approve"])
-        .env("NO_COLOR", "1")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let apply = spawn_piped(&["apply", s(&plan), "--auto-approve"]);
     let lock_path = plan.with_extension("lock");
-    wait_for("step 1 done", || {
-        virtplan::lockfile::LockStore::read(&lock_path).is_ok_and(|l| {
-            l.steps
-                .iter()
-                .any(|r| r.step == 1 && r.status.as_str() == "done")
-        })
+    wait_for_lock(&plan, Duration::from_secs(20), "step 1 never done", |l| {
+        l.steps
+            .iter()
+            .any(|r| r.step == 1 && r.status.as_str() == "done")
     });
     // The executor holds the plan and sleeps towards steps 2 and 3.
     Cli::new()
@@ -633,13 +623,12 @@ fn state_dir_keeps_lockfiles_out_of_the_plan_folder() {
 #[test]
 fn on_a_terminal_apply_redraws_one_live_line() {
     let rig = Rig::new();
-    let plan = rig.write(
+    let plan = rig.connected(
         "web.yaml",
         &format!(
-            "version: 1\nconnection: {}\ntimezone: America/Toronto\ngrace: 1m\nsteps:\n  - at: {}\n    vm: web-01\n    vcpus: 2\n",
-            rig.uri,
+            "timezone: America/Toronto\ngrace: 1m\nsteps:\n  - at: {}\n    vm: web-01\n    vcpus: 2\n",
             // Far enough ahead that a loaded machine still shows a countdown ("in 4s"), not "now".
-            at(6)
+            at(now(), 6)
         ),
     );
     let command = format!(
@@ -748,21 +737,14 @@ fn ci_model_two_plans_merged_together_both_run_at_their_times() {
     // The host: its own checkout, and the watch service on it.
     sh(root, "git clone -q origin.git srv");
     let srv = root.join("srv");
-    let watch = Command::new(env!("CARGO_BIN_EXE_virtplan"))
-        .args(["watch", s(&srv.join("plans"))])
-        .env("NO_COLOR", "1")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let watch = spawn_piped(&["watch", s(&srv.join("plans"))]);
 
     // A pull request with two plans, merged in one commit. Its CI job: validate and plan.
     std::fs::write(
         work.join("plans/web.yaml"),
         format!(
             "version: 1\nsteps:\n  - at: {}\n    vm: web-01\n    vcpus: 2\n",
-            at(6)
+            at(now(), 6)
         ),
     )
     .unwrap();
@@ -770,7 +752,7 @@ fn ci_model_two_plans_merged_together_both_run_at_their_times() {
         work.join("plans/db.yaml"),
         format!(
             "version: 1\nsteps:\n  - at: {}\n    vm: db-01\n    memory: 2GiB\n",
-            at(7)
+            at(now(), 7)
         ),
     )
     .unwrap();

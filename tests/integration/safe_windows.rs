@@ -9,20 +9,33 @@
 //! agent's failure paths on a diskless domain with an agent channel but no agent.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use virtplan::clock::{Clock, SystemClock};
 use virtplan::hypervisor::libvirt::Libvirt;
 use virtplan::hypervisor::Hypervisor;
-use virtplan::lockfile::{LockStore, StepStatus};
+use virtplan::lockfile::{Lockfile, StepRecord, StepStatus};
 use virtplan::state::{Kib, PowerState};
 
-use crate::support::helpers::{lock_of, text, virtplan, write_plan, BIN};
+use crate::support::helpers::{
+    apply, lock_of, spawn_apply, text, virtplan, wait_for_lock, write_plan, write_steps,
+};
 use crate::support::qemu::{qemu_uri, TestDomain};
 
-fn apply(plan: &Path, env: &[(&str, &str)]) -> Output {
-    virtplan(&["apply", plan.to_str().unwrap(), "--auto-approve"], env)
+/// Applies `plan`, which must exit with `code`; returns its lockfile.
+fn apply_exits(plan: &Path, code: i32) -> Lockfile {
+    let out = apply(plan, &[]);
+    assert_eq!(out.status.code(), Some(code), "{}", text(&out));
+    lock_of(plan)
+}
+
+/// Applies the one-step `plan`, which must exit with `code` and leave its step `status`;
+/// returns the step's record.
+fn apply_one_step(plan: &Path, code: i32, status: StepStatus) -> StepRecord {
+    let mut lock = apply_exits(plan, code);
+    let step = lock.steps.swap_remove(0);
+    assert_eq!(step.status, status, "{}", step.message);
+    step
 }
 
 /// How many times QEMU was started for `name`: libvirt appends a "starting up" line to the
@@ -44,13 +57,11 @@ fn qemu_reboot_window_restarts_the_domain_and_its_check_passes() {
     let hv = Libvirt::connect(&uri).unwrap();
     let before = run_id(&hv, &dom.uuid).expect("running");
     let dir = tempfile::tempdir().unwrap();
-    let plan = write_plan(
+    let plan = write_steps(
         dir.path(),
+        &uri,
         &format!(
-            "version: 1
-connection: {uri}
-steps:
-  - vm: {vm}
+            "  - vm: {vm}
     power: reboot
     shutdown: {{ mode: graceful, timeout: 2s, force_after_timeout: true }}
     check: {{ state: running, command: 'test \"$VIRTPLAN_VM\" = {vm} && test \"$VIRTPLAN_UUID\" = {uuid}', timeout: 30s, interval: 1s }}
@@ -71,8 +82,7 @@ steps:
         "{stdout}"
     );
 
-    let out = apply(&plan, &[]);
-    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let step = apply_one_step(&plan, 0, StepStatus::Done);
     let after = run_id(&hv, &dom.uuid).expect("running after the reboot");
     assert_ne!(before, after, "a reboot gives the domain a new id");
     assert_eq!(
@@ -80,10 +90,8 @@ steps:
         2,
         "started once by the test, once by the reboot"
     );
-    let lock = lock_of(&plan);
-    let message = &lock.steps[0].message;
-    assert_eq!(lock.steps[0].status, StepStatus::Done, "{message}");
-    assert_eq!(lock.steps[0].reboot_from, Some(before));
+    let message = &step.message;
+    assert_eq!(step.reboot_from, Some(before));
     assert!(
         message.contains(&format!("rebooted: domain id {before} → {after}")),
         "{message}"
@@ -91,11 +99,10 @@ steps:
     assert!(message.contains("forced off"), "{message}");
     assert!(message.contains("check passed on attempt 1"), "{message}");
     // Regression: status said "power running (no change)" for a reboot.
-    assert_eq!(lock.steps[0].what, "power running → running");
+    assert_eq!(step.what, "power running → running");
 
     // Recorded done: a second apply does not reboot again.
-    let out = apply(&plan, &[]);
-    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    apply_exits(&plan, 0);
     assert_eq!(run_id(&hv, &dom.uuid), Some(after));
 }
 
@@ -107,13 +114,11 @@ fn qemu_failing_check_skips_the_next_step_and_always_power_on_leaves_it_running(
     let hv = Libvirt::connect(&uri).unwrap();
     let dir = tempfile::tempdir().unwrap();
     // The resize window of the issue: off, a gated change, more memory, and power back on.
-    let plan = write_plan(
+    let plan = write_steps(
         dir.path(),
+        &uri,
         &format!(
-            "version: 1
-connection: {uri}
-steps:
-  - vm: {vm}
+            "  - vm: {vm}
     power: shutoff
     shutdown: {{ mode: force }}
   - vm: {vm}
@@ -128,9 +133,7 @@ steps:
             vm = dom.name
         ),
     );
-    let out = apply(&plan, &[]);
-    assert_eq!(out.status.code(), Some(3), "{}", text(&out));
-    let lock = lock_of(&plan);
+    let lock = apply_exits(&plan, 3);
     let statuses: Vec<StepStatus> = lock.steps.iter().map(|r| r.status).collect();
     assert_eq!(
         statuses,
@@ -166,24 +169,13 @@ steps:
     );
 }
 
-/// Starts `apply --auto-approve` in the background.
-fn spawn_apply(plan: &Path) -> std::process::Child {
-    Command::new(BIN)
-        .args(["apply", plan.to_str().unwrap(), "--auto-approve"])
-        .env("NO_COLOR", "1")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap()
-}
-
 fn reboot_plan(uri: &str, dom: &TestDomain, timeout: &str) -> (tempfile::TempDir, PathBuf) {
     let dir = tempfile::tempdir().unwrap();
-    let plan = write_plan(
+    let plan = write_steps(
         dir.path(),
+        uri,
         &format!(
-            "version: 1\nconnection: {uri}\nsteps:\n  - vm: {}\n    power: reboot\n    shutdown: {{ mode: graceful, timeout: {timeout}, force_after_timeout: true }}\n",
+            "  - vm: {}\n    power: reboot\n    shutdown: {{ mode: graceful, timeout: {timeout}, force_after_timeout: true }}\n",
             dom.name
         ),
     );
@@ -201,14 +193,12 @@ fn qemu_kill_9_in_the_middle_of_a_reboot_then_resume_reboots_exactly_once() {
     let first_id = run_id(&hv, &dom.uuid).unwrap();
     let (_dir, plan) = reboot_plan(&uri, &dom, "3s");
     let mut child = spawn_apply(&plan);
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while LockStore::read(&plan.with_extension("lock"))
-        .ok()
-        .is_none_or(|l| l.steps[0].reboot_from.is_none())
-    {
-        assert!(Instant::now() < deadline, "the reboot never started");
-        SystemClock.sleep(Duration::from_millis(20));
-    }
+    wait_for_lock(
+        &plan,
+        Duration::from_secs(20),
+        "the reboot never started",
+        |l| l.steps[0].reboot_from.is_some(),
+    );
     SystemClock.sleep(Duration::from_millis(500));
     child.kill().unwrap();
     child.wait().unwrap();
@@ -219,9 +209,7 @@ fn qemu_kill_9_in_the_middle_of_a_reboot_then_resume_reboots_exactly_once() {
     );
     assert_eq!(lock_of(&plan).steps[0].status, StepStatus::Running);
 
-    let out = apply(&plan, &[]);
-    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
-    assert_eq!(lock_of(&plan).steps[0].status, StepStatus::Done);
+    apply_one_step(&plan, 0, StepStatus::Done);
     assert_ne!(run_id(&hv, &dom.uuid), Some(first_id));
     assert_eq!(starts(&dom.name), 2, "rebooted exactly once");
 
@@ -242,9 +230,7 @@ fn qemu_kill_9_in_the_middle_of_a_reboot_then_resume_reboots_exactly_once() {
         hv.observe(&dom.uuid, false).unwrap().power,
         PowerState::Shutoff
     );
-    let out = apply(&plan, &[]);
-    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
-    let lock = lock_of(&plan);
+    let lock = apply_exits(&plan, 0);
     assert_eq!(lock.steps[0].status, StepStatus::Done, "{lock:#?}");
     assert_eq!(
         hv.observe(&dom.uuid, false).unwrap().power,
@@ -265,9 +251,7 @@ fn plan_refuses_an_edited_done_step_with_applys_message() {
         format!("version: 1\nconnection: {uri}\nsteps:\n  - vm: web-01\n    title: {title}\n")
     };
     let plan = write_plan(dir.path(), &body("first"));
-    let out = apply(&plan, &[]);
-    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
-    assert_eq!(lock_of(&plan).steps[0].status, StepStatus::Done);
+    apply_one_step(&plan, 0, StepStatus::Done);
 
     std::fs::write(&plan, body("second")).unwrap();
     let planned = virtplan(&["plan", plan.to_str().unwrap()], &[]);
@@ -366,26 +350,26 @@ fn fleet(dir: &Path) -> String {
     .unwrap()
 }
 
-#[test]
-fn plan_shows_reboots_checks_and_always_steps() {
+/// `plan.yaml` with `steps` against [`fleet`], in a temporary folder.
+fn fleet_plan(steps: &str) -> (tempfile::TempDir, PathBuf) {
     let dir = tempfile::tempdir().unwrap();
     let uri = fleet(dir.path());
-    let plan = write_plan(
-        dir.path(),
-        &format!(
-            "version: 1
-connection: {uri}
-steps:
-  - at: 2030-01-01T04:00:00Z
+    let plan = write_steps(dir.path(), &uri, steps);
+    (dir, plan)
+}
+
+#[test]
+fn plan_shows_reboots_checks_and_always_steps() {
+    let (_dir, plan) = fleet_plan(
+        "  - at: 2030-01-01T04:00:00Z
     vms: [web-01, web-02]
     power: reboot
-    check: {{ state: running, command: 'true', timeout: 2m, interval: 10s }}
+    check: { state: running, command: 'true', timeout: 2m, interval: 10s }
   - at: 2030-01-01T04:30:00Z
     vm: web-01
     power: running
     always: true
-"
-        ),
+",
     );
     let human = virtplan(&["plan", plan.to_str().unwrap()], &[]);
     assert_eq!(human.status.code(), Some(0), "{}", text(&human));
@@ -411,27 +395,19 @@ steps:
 
 #[test]
 fn plan_refuses_checks_and_syncs_that_could_never_pass() {
-    let dir = tempfile::tempdir().unwrap();
-    let uri = fleet(dir.path());
-    let plan = write_plan(
-        dir.path(),
-        &format!(
-            "version: 1
-connection: {uri}
-steps:
-  - at: 2030-01-01T04:00:00Z
+    let (_dir, plan) = fleet_plan(
+        "  - at: 2030-01-01T04:00:00Z
     vm: web-01
     power: reboot
-    check: {{ guest_agent: true }}
+    check: { guest_agent: true }
   - at: 2030-01-01T04:10:00Z
     vm: web-01
     power: shutoff
-    check: {{ state: running }}
+    check: { state: running }
   - at: 2030-01-01T04:20:00Z
     vm: web-02
-    clock: {{ sync: true }}
-"
-        ),
+    clock: { sync: true }
+",
     );
     let out = virtplan(&["plan", plan.to_str().unwrap()], &[]);
     assert_eq!(out.status.code(), Some(1), "{}", text(&out));
@@ -460,13 +436,11 @@ fn qemu_agent_channel_without_an_agent_reboot_falls_back_to_acpi_and_sync_fails_
     let hv = Libvirt::connect(&uri).unwrap();
     let before = run_id(&hv, &dom.uuid).unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let plan = write_plan(
+    let plan = write_steps(
         dir.path(),
+        &uri,
         &format!(
-            "version: 1
-connection: {uri}
-steps:
-  - vm: {vm}
+            "  - vm: {vm}
     power: reboot
     shutdown: {{ mode: graceful, timeout: 1s, force_after_timeout: true }}
     clock: {{ sync: true }}
@@ -506,11 +480,7 @@ steps:
     // Nothing answers on the channel (no OS): the ladder falls back to ACPI, then force; the
     // sync waits for the agent up to the check's timeout and fails the step, with the reboot
     // itself done (a new domain id).
-    let out = apply(&plan, &[]);
-    assert_eq!(out.status.code(), Some(3), "{}", text(&out));
-    let lock = lock_of(&plan);
-    let message = &lock.steps[0].message;
-    assert_eq!(lock.steps[0].status, StepStatus::Failed, "{message}");
+    let message = apply_one_step(&plan, 3, StepStatus::Failed).message;
     assert!(
         message.contains("the guest agent did not take the shutdown request"),
         "{message}"
@@ -534,13 +504,11 @@ fn qemu_real_guest_reboot_through_its_agent_syncs_the_clock_and_passes_an_agent_
     let hv = Libvirt::connect(&uri).unwrap();
     let before = run_id(&hv, guest.uuid()).expect("running");
     let dir = tempfile::tempdir().unwrap();
-    let plan = write_plan(
+    let plan = write_steps(
         dir.path(),
+        &uri,
         &format!(
-            "version: 1
-connection: {uri}
-steps:
-  - vm: {vm}
+            "  - vm: {vm}
     power: reboot
     shutdown: {{ mode: graceful, timeout: 60s, force_after_timeout: false }}
     clock: {{ sync: true }}
@@ -549,11 +517,7 @@ steps:
             vm = guest.name()
         ),
     );
-    let out = apply(&plan, &[]);
-    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
-    let lock = lock_of(&plan);
-    let message = &lock.steps[0].message;
-    assert_eq!(lock.steps[0].status, StepStatus::Done, "{message}");
+    let message = apply_one_step(&plan, 0, StepStatus::Done).message;
     assert!(
         message.contains("shut down gracefully (through the guest agent)"),
         "{message}"

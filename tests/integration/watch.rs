@@ -7,30 +7,23 @@
 use std::fmt::Write as _;
 use std::io::{BufRead as _, BufReader, Read};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::sync::mpsc::{self, Receiver};
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 use serde_json::Value;
-use virtplan::clock::{Clock, SystemClock};
 use virtplan::hypervisor::fleet::{write_fleet, FleetDomain};
 use virtplan::hypervisor::libvirt::Libvirt;
 use virtplan::hypervisor::Hypervisor;
 use virtplan::lockfile::StepStatus;
 use virtplan::state::Kib;
 
-use crate::support::helpers::{at, lock_of};
+use crate::support::helpers::{at, lock_of, now, spawn_piped};
 use crate::support::qemu::{qemu_uri, TestDomain};
-
-const BIN: &str = env!("CARGO_BIN_EXE_virtplan");
 
 /// How long any one expected log line may take.
 const PATIENCE: Duration = Duration::from_secs(20);
-
-fn now() -> DateTime<Utc> {
-    SystemClock.now()
-}
 
 /// Saves like an editor: a temporary file beside the plan, renamed over it.
 fn save(path: &Path, body: &str) {
@@ -55,14 +48,7 @@ struct Proc {
 
 impl Proc {
     fn spawn(args: &[&str]) -> Self {
-        let mut child = Command::new(BIN)
-            .args(args)
-            .env("NO_COLOR", "1")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start virtplan");
+        let mut child = spawn_piped(args);
         let (tx, rx) = mpsc::channel();
         let out: Box<dyn Read + Send> = Box::new(child.stdout.take().unwrap());
         let err: Box<dyn Read + Send> = Box::new(child.stderr.take().unwrap());
