@@ -364,3 +364,32 @@ fn rollouts_on_four_hosts_hold_every_cap_through_apply() {
         }
     }
 }
+
+/// Percentages are rounded down, so a limit never lets more through than written; a
+/// `max_parallel` that rounds to 0 still lets one domain run.
+#[test]
+fn percentages_round_down_and_max_parallel_is_at_least_one() {
+    use virtplan::plan_file::{RolloutSpec, Share};
+    use virtplan::planner::Rollout;
+    let spec = |parallel: Share, errors: Share| RolloutSpec {
+        max_parallel: Some(parallel),
+        max_errors: errors,
+        pause: std::time::Duration::ZERO,
+    };
+    let r = Rollout::resolve(spec(Share::Percent(25), Share::Percent(10)), 6, 0);
+    assert_eq!(
+        (r.max_parallel, r.max_errors),
+        (Some(1), 0),
+        "25% of 6, 10% of 6"
+    );
+    let r = Rollout::resolve(spec(Share::Percent(1), Share::Percent(50)), 5, 0);
+    assert_eq!(
+        (r.max_parallel, r.max_errors),
+        (Some(1), 2),
+        "1% of 5, 50% of 5"
+    );
+    let r = Rollout::resolve(spec(Share::Percent(100), Share::Count(3)), 2000, 0);
+    assert_eq!((r.max_parallel, r.max_errors), (Some(2000), 3));
+    assert_eq!(r.width(50, Some(20)), 20, "bounded by the host cap");
+    assert_eq!(r.width(8, None), 8, "bounded by parallelism");
+}

@@ -249,6 +249,25 @@ fn the_config_beside_a_plan_is_found_from_its_own_folder() {
         .run();
 }
 
+/// Regression (issue 14): `validate` counted a `vms: {match:}` pattern as one domain
+/// ("2 steps on 2 domains" for one domain and a pattern that may select fifty).
+#[test]
+fn validate_counts_a_pattern_as_a_pattern_not_as_one_domain() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("fleet.yaml"),
+        "version: 1\nconnection: qemu:///system\nsteps:\n  - vms: { match: \"web-*\" }\n    autostart: true\n  - vm: db-01\n    autostart: true\n",
+    )
+    .unwrap();
+    Cli::new()
+        .current_dir(dir.path())
+        .args(["validate", "fleet.yaml"])
+        .stdout_contains(
+            "ok fleet.yaml: plan `fleet`, 2 steps on 1 domain and 1 pattern (`web-*`, resolved by `virtplan plan`)",
+        )
+        .run();
+}
+
 #[test]
 fn the_machine_time_zone_is_never_assumed() {
     Cli::new()
