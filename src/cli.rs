@@ -174,6 +174,13 @@ pub enum Command {
         /// Exit 0 when nothing changes, 2 when something does, 1 on error.
         #[arg(long)]
         detailed_exitcode: bool,
+        /// Plan only these domains: a name, a UUID or a glob ('web-*'); repeatable. Like
+        /// terraform's -target.
+        #[arg(long = "only", value_name = "VM")]
+        only: Vec<String>,
+        /// Leave these domains out: a name, a UUID or a glob ('db-*'); repeatable.
+        #[arg(long = "exclude", value_name = "VM")]
+        exclude: Vec<String>,
     },
     /// Run each step at its time, verify it and record progress in the lockfile.
     Apply {
@@ -193,6 +200,13 @@ pub enum Command {
         /// instead of failing at once.
         #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
         lock_timeout: Option<Duration>,
+        /// Apply only to these domains: a name, a UUID or a glob ('web-*'); repeatable. Like
+        /// terraform's -target.
+        #[arg(long = "only", value_name = "VM")]
+        only: Vec<String>,
+        /// Leave these domains out: a name, a UUID or a glob ('db-*'); repeatable.
+        #[arg(long = "exclude", value_name = "VM")]
+        exclude: Vec<String>,
     },
     /// Show each step's progress from the lockfile.
     Status {

@@ -17,6 +17,7 @@ pub mod clock;
 pub mod commands;
 pub mod config;
 pub mod executor;
+pub mod filter;
 pub mod fsutil;
 pub mod hypervisor;
 pub mod lease;

@@ -240,6 +240,10 @@ pub struct Lockfile {
     /// same atomic replacement as the step change they announce.
     #[serde(default, rename = "event", skip_serializing_if = "Vec::is_empty")]
     pub events: Vec<EventRecord>,
+    /// The `--only` / `--exclude` filter of the last apply (absent: none): records of the
+    /// domains it left out are kept as they were.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub filter: Option<crate::filter::Filter>,
 }
 
 /// Where a notification event is in its delivery.
@@ -343,6 +347,7 @@ impl Lockfile {
             plan_sha256: plan_sha256.into(),
             steps: Vec::new(),
             events: Vec::new(),
+            filter: None,
         }
     }
 
@@ -370,7 +375,7 @@ impl Lockfile {
     pub fn to_text(&self) -> Result<String, LockError> {
         let mut sorted = self.clone();
         sorted.sort();
-        let mut text = header_line(&sorted.plan_sha256)?;
+        let mut text = header_line(&sorted.plan_sha256, sorted.filter.as_ref())?;
         for r in &sorted.steps {
             text.push_str(&record_line(r)?);
         }
@@ -421,6 +426,9 @@ impl Lockfile {
                 }
             }
         }
+        // Records of the domains a `--only` / `--exclude` filter leaves out stay as they are.
+        let filter = plan.selection.as_ref().map(|s| s.filter.clone());
+        let outside = |r: &StepRecord| filter.as_ref().is_some_and(|f| !f.selects(&r.vm, &r.uuid));
         // Checked whatever the plan's hash: a virtplan.toml change (time zone, host alias) can
         // move or re-target steps, and so change their ids, without touching the plan file.
         let lost: Vec<&StepRecord> = self
@@ -428,6 +436,7 @@ impl Lockfile {
             .iter()
             .filter(|r| matches!(r.status, StepStatus::Done | StepStatus::Running))
             .filter(|r| !planned.contains(&(r.step_id.as_str(), r.uuid.as_str())))
+            .filter(|r| !outside(r))
             .collect();
         if let Some(r) = lost.first() {
             return Err(LockError::DoneStepChanged {
@@ -441,7 +450,8 @@ impl Lockfile {
         }
         self.plan_sha256.clone_from(&plan.meta.sha256);
         self.steps
-            .retain(|r| planned.contains(&(r.step_id.as_str(), r.uuid.as_str())));
+            .retain(|r| planned.contains(&(r.step_id.as_str(), r.uuid.as_str())) || outside(r));
+        self.filter = filter;
         let descriptions = describe_all(plan);
         let describe = |step_id: &str, uuid: &str| {
             descriptions
@@ -472,6 +482,29 @@ impl Lockfile {
                     s.at,
                     StepStatus::Pending,
                 )),
+            }
+        }
+        // The steps a filter left out are recorded `pending` (if they have no record yet), so
+        // the lockfile keeps the whole set a pattern resolved to, and `status` shows them.
+        if let Some(selection) = &plan.selection {
+            let index = Index::of(self);
+            for l in &selection.left_out_steps {
+                if index.position(&l.step_id, &l.uuid).is_none() {
+                    let mut r = StepRecord::new(
+                        l.step,
+                        &l.step_id,
+                        &l.vm,
+                        &l.uuid,
+                        "",
+                        l.at,
+                        StepStatus::Pending,
+                    );
+                    r.message = format!(
+                        "left out of a run by {}; not run yet",
+                        selection.filter.describe()
+                    );
+                    self.steps.push(r);
+                }
             }
         }
         self.steps.extend(added);
@@ -518,6 +551,8 @@ struct Header {
     plan_sha256: String,
     #[serde(default, skip_serializing_if = "String::is_empty")]
     about: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    filter: Option<crate::filter::Filter>,
 }
 
 /// The header line as read.
@@ -548,7 +583,10 @@ struct LineRef<'a> {
     event: Option<&'a EventRecord>,
 }
 
-fn header_line(plan_sha256: &str) -> Result<String, LockError> {
+fn header_line(
+    plan_sha256: &str,
+    filter: Option<&crate::filter::Filter>,
+) -> Result<String, LockError> {
     #[derive(Serialize)]
     struct HeaderLine {
         header: Header,
@@ -560,6 +598,7 @@ fn header_line(plan_sha256: &str) -> Result<String, LockError> {
                 one JSON object per line, later step lines supersede earlier ones; do not edit \
                 by hand, move it aside to start the plan over"
             .to_owned(),
+        filter: filter.cloned(),
     };
     let mut text = serde_json::to_string(&HeaderLine { header })
         .map_err(|e| LockError::Serialize(e.to_string()))?;
@@ -637,6 +676,7 @@ fn parse_text(path: &Path, bytes: &[u8]) -> Result<Parsed, LockError> {
         plan_sha256: header.header.plan_sha256,
         steps: Vec::new(),
         events: Vec::new(),
+        filter: header.header.filter,
     };
     let mut index = Index::default();
     let mut events = EventIndex::default();
@@ -1455,12 +1495,24 @@ impl Progress for LockStore {
     fn is_done(&self, step_id: &str, uuid: &str) -> bool {
         self.status(step_id, uuid) == Some(StepStatus::Done)
     }
+
+    fn recorded_domains(&self, step_id: &str) -> Vec<(String, String)> {
+        self.lock().data.recorded_domains(step_id)
+    }
 }
 
 impl Progress for Lockfile {
     fn is_done(&self, step_id: &str, uuid: &str) -> bool {
         self.get(step_id, uuid)
             .is_some_and(|r| r.status == StepStatus::Done)
+    }
+
+    fn recorded_domains(&self, step_id: &str) -> Vec<(String, String)> {
+        self.steps
+            .iter()
+            .filter(|r| r.step_id == step_id)
+            .map(|r| (r.uuid.clone(), r.vm.clone()))
+            .collect()
     }
 }
 
@@ -1827,6 +1879,7 @@ mod tests {
             warnings: Vec::new(),
             summary: crate::planner::Summary::default(),
             steps: Vec::new(),
+            selection: None,
         };
         let err = lock.reconcile(Path::new("p.lock"), &plan).unwrap_err();
         assert!(matches!(err, LockError::DoneStepChanged { .. }), "{err}");

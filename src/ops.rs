@@ -123,24 +123,29 @@ pub fn open_tolerant(
 }
 
 /// Projects `file` over the live state of `connections` at `now`, with `progress` marking
-/// the steps already done; `connect` (`--connect`) replaces every step's connection.
+/// the steps already done; `connect` (`--connect`) replaces every step's connection; `filter`
+/// (`--only` / `--exclude`) keeps the domains it selects.
 ///
 /// # Errors
-/// As [`planner::project`].
+/// As [`planner::project_selected`].
 pub fn project(
     file: &PlanFile,
     connections: &Connections,
     connect: Option<&Uri>,
     now: DateTime<Utc>,
     progress: &dyn Progress,
+    filter: Option<&crate::filter::Filter>,
 ) -> Result<Plan, PlanError> {
-    planner::project(&PlanInput {
-        file,
-        connections,
-        connect_override: connect,
-        now,
-        progress,
-    })
+    planner::project_selected(
+        &PlanInput {
+            file,
+            connections,
+            connect_override: connect,
+            now,
+            progress,
+        },
+        filter,
+    )
 }
 
 /// What apply would refuse before running anything (an edited or removed done step, a
@@ -365,10 +370,10 @@ pub enum ResumeError {
 /// Observe → project for a plan that may resume, the one sequence `apply`, `apply --watch`
 /// and `watch` plan with: wait for every domain an interrupted step was working on to settle
 /// ([`settle_interrupted`], `waiting` hears each wait), then project `file` with the
-/// lockfile's progress.
+/// lockfile's progress; `filter` (`--only` / `--exclude`) keeps the domains it selects.
 ///
 /// # Errors
-/// As [`settle_interrupted`] and [`planner::project`].
+/// As [`settle_interrupted`] and [`planner::project_selected`].
 pub fn project_resumed(
     file: &PlanFile,
     connections: &Connections,
@@ -376,8 +381,16 @@ pub fn project_resumed(
     clock: &dyn crate::clock::Clock,
     store: &crate::lockfile::LockStore,
     waiting: &mut dyn FnMut(&str),
+    filter: Option<&crate::filter::Filter>,
 ) -> Result<Plan, ResumeError> {
     settle_interrupted(&store.snapshot(), connections, clock, waiting)
         .map_err(ResumeError::Unsettled)?;
-    Ok(project(file, connections, connect, clock.now(), store)?)
+    Ok(project(
+        file,
+        connections,
+        connect,
+        clock.now(),
+        store,
+        filter,
+    )?)
 }

@@ -30,6 +30,8 @@ pub struct Args<'a> {
     pub watch: bool,
     /// How long to wait for another executor to release the plan.
     pub lock_timeout: Option<Duration>,
+    /// `--only` / `--exclude`.
+    pub filter: crate::filter::Filter,
 }
 
 // One linear procedure, each stage a few lines; splitting it would hide the order of checks.
@@ -41,6 +43,24 @@ pub fn run(args: &Args<'_>, clock: &dyn Clock, printer: &Printer) -> anyhow::Res
         anyhow::bail!(
             "{} is a saved plan, applied exactly as reviewed, so there are no edits to follow: drop --watch, or apply the plan file itself with --watch",
             args.plan.display()
+        );
+    }
+    if let (Some(saved), false) = (&saved, args.filter.is_empty()) {
+        let carried = saved.plan.selection.as_ref().map_or_else(
+            || crate::filter::Filter::default().describe(),
+            |s| s.filter.describe(),
+        );
+        anyhow::bail!(
+            "{} is a saved plan and runs exactly as reviewed, with the filter it was made with ({carried}); drop {}, or make a new saved plan with it (`virtplan plan PLAN {} --out FILE`)",
+            args.plan.display(),
+            args.filter.describe(),
+            args.filter.describe()
+        );
+    }
+    if args.watch && !args.filter.is_empty() {
+        anyhow::bail!(
+            "--watch follows every edit of the whole plan: drop {} (or apply with the filter without --watch)",
+            args.filter.describe()
         );
     }
     let interactive = std::io::stdin().is_terminal();
@@ -150,6 +170,7 @@ pub fn run(args: &Args<'_>, clock: &dyn Clock, printer: &Printer) -> anyhow::Res
             &mut |m| {
                 printer.info(m);
             },
+            Some(&args.filter),
         ) {
             Ok(plan) => (plan, connections, Some((config, file, connect))),
             Err(ops::ResumeError::Plan(e)) => {
@@ -162,6 +183,7 @@ pub fn run(args: &Args<'_>, clock: &dyn Clock, printer: &Printer) -> anyhow::Res
     // Refuse an edited done step or a recreated domain before asking anything (and write
     // nothing yet: a declined prompt leaves the lockfile as it was).
     store.snapshot().reconcile(store.path(), &plan)?;
+    filter_change(&store.snapshot(), &plan, args.plan, printer)?;
     printer.out(&render::human(&plan, printer));
     printer.out(&crate::notify::describe_targets(&targets));
     if !args.auto_approve && interactive && !confirm(&plan, printer)? {
@@ -301,6 +323,40 @@ fn unfinished(
         .map(|(.., label)| label.as_str())
         .collect();
     (!left.is_empty()).then(|| left.join(", "))
+}
+
+/// A run whose `--only` / `--exclude` differs from the last apply's (recorded in the
+/// lockfile): refused while a step that run started is recorded `running` (an interrupted
+/// run is resumed with its own filter, so its step is finished, never left half done);
+/// otherwise said, then run.
+fn filter_change(
+    recorded: &crate::lockfile::Lockfile,
+    plan: &Plan,
+    plan_path: &Path,
+    printer: &Printer,
+) -> anyhow::Result<()> {
+    let now = plan.selection.as_ref().map(|s| &s.filter);
+    let Some(note) = crate::filter::change_note(recorded.filter.as_ref(), now) else {
+        return Ok(());
+    };
+    let was = recorded.filter.clone().unwrap_or_default();
+    if let Some(r) = recorded
+        .steps
+        .iter()
+        .find(|r| r.status == crate::lockfile::StepStatus::Running)
+    {
+        anyhow::bail!(
+            "step {} on {} was interrupted in a run with {}; resume that run with the same filter first (`virtplan apply {} {}`), then change it (this run has {}); nothing was applied",
+            r.step,
+            crate::text::escape(&r.vm),
+            was.describe(),
+            plan_path.display(),
+            if was.is_empty() { String::new() } else { was.describe() },
+            now.map_or_else(|| crate::filter::Filter::default().describe(), crate::filter::Filter::describe)
+        );
+    }
+    printer.info(&format!("Note: {note}."));
+    Ok(())
 }
 
 /// `--watch`: the reconciler runs the plan and follows edits of its file.

@@ -91,6 +91,7 @@ pub fn report_plan_error(printer: &Printer, file: &PlanFile, error: &PlanError) 
                 printer.err_line("");
             }
         }
+        PlanError::Filter(message) => printer.error(message),
         PlanError::Libvirt { context, source } => {
             printer.error(&format!("{context}: {source}"));
         }

@@ -49,6 +49,8 @@ pub fn dispatch(cli: Cli, printer: &Printer) -> anyhow::Result<ExitStatus> {
             format,
             out,
             detailed_exitcode,
+            only,
+            exclude,
         } => plan::run(
             &plan::Args {
                 plans: &plan,
@@ -57,6 +59,7 @@ pub fn dispatch(cli: Cli, printer: &Printer) -> anyhow::Result<ExitStatus> {
                 format,
                 out: out.as_deref(),
                 detailed_exitcode,
+                filter: crate::filter::Filter::new(only, exclude)?,
             },
             &crate::clock::SystemClock,
             printer,
@@ -67,6 +70,8 @@ pub fn dispatch(cli: Cli, printer: &Printer) -> anyhow::Result<ExitStatus> {
             watch,
             connect,
             lock_timeout,
+            only,
+            exclude,
         } => apply::run(
             &apply::Args {
                 plan: &plan,
@@ -75,6 +80,7 @@ pub fn dispatch(cli: Cli, printer: &Printer) -> anyhow::Result<ExitStatus> {
                 auto_approve,
                 watch,
                 lock_timeout,
+                filter: crate::filter::Filter::new(only, exclude)?,
             },
             &crate::clock::SystemClock,
             printer,

@@ -23,6 +23,8 @@ pub struct Args<'a> {
     pub format: PlanFormat,
     pub out: Option<&'a Path>,
     pub detailed_exitcode: bool,
+    /// `--only` / `--exclude`.
+    pub filter: crate::filter::Filter,
 }
 
 /// One plan file, validated and projected.
@@ -34,6 +36,9 @@ struct Planned {
 }
 
 pub fn run(args: &Args<'_>, clock: &dyn Clock, printer: &Printer) -> anyhow::Result<ExitStatus> {
+    if args.plans.len() > 1 && !args.filter.is_empty() {
+        anyhow::bail!("--only and --exclude select domains of one plan: give one PLAN with them");
+    }
     if args.plans.len() > 1 && args.out.is_some() {
         anyhow::bail!("--out saves one plan: give one PLAN with --out, or leave --out away to review several plans together");
     }
@@ -124,7 +129,14 @@ fn project_one(
         None => &NoProgress,
     };
     let connections = common::open_connections(&file, connect.as_ref())?;
-    let plan = match ops::project(&file, &connections, connect.as_ref(), clock.now(), progress) {
+    let plan = match ops::project(
+        &file,
+        &connections,
+        connect.as_ref(),
+        clock.now(),
+        progress,
+        Some(&args.filter),
+    ) {
         Ok(plan) => plan,
         Err(e) => {
             common::report_plan_error(printer, &file, &e);
@@ -137,6 +149,10 @@ fn project_one(
         if let Err(e) = lock.clone().reconcile(&lock_path, &plan) {
             common::report_lock_refusal(printer, &file, &e);
             return Ok(None);
+        }
+        let filter = plan.selection.as_ref().map(|s| &s.filter);
+        if let Some(note) = crate::filter::change_note(lock.filter.as_ref(), filter) {
+            printer.info(&format!("Note: {note}."));
         }
     }
     let uris = file

@@ -40,18 +40,50 @@ pub fn run(
 fn check(path: &Path, config_path: Option<&Path>) -> Result<String, Diagnostics> {
     let config = config::discover(config_path, Some(path))?;
     let plan = plan_file::load(path, &LoadContext::from(config))?;
-    let domains: std::collections::BTreeSet<&str> = plan
-        .steps
-        .iter()
-        .flat_map(|s| s.targets.iter().map(|t| t.name_or_uuid.as_str()))
-        .collect();
     Ok(format!(
-        "{}: plan `{}`, {} steps on {} domains",
+        "{}: plan `{}`, {}",
         crate::printer::escape(&path.display().to_string()),
         crate::printer::escape(&plan.name),
-        plan.steps.len(),
-        domains.len()
+        targets_summary(&plan)
     ))
+}
+
+/// `3 steps on 2 domains`; a `vms: {match:}` pattern is counted as what it is, since how many
+/// domains it selects is known only when `plan` reads libvirt:
+/// `2 steps on 1 domain and 1 pattern (`web-*`, resolved by `virtplan plan`)`.
+fn targets_summary(plan: &crate::plan_file::PlanFile) -> String {
+    let mut domains = std::collections::BTreeSet::new();
+    let mut patterns = std::collections::BTreeSet::new();
+    for t in plan.steps.iter().flat_map(|s| s.targets.iter()) {
+        if t.pattern().is_some() {
+            patterns.insert(t.name_or_uuid.as_str());
+        } else {
+            domains.insert(t.name_or_uuid.as_str());
+        }
+    }
+    let count =
+        |n: usize, one: &str, many: &str| format!("{n} {}", if n == 1 { one } else { many });
+    let steps = count(plan.steps.len(), "step", "steps");
+    if patterns.is_empty() {
+        return format!("{steps} on {}", count(domains.len(), "domain", "domains"));
+    }
+    let listed = patterns
+        .iter()
+        .map(|p| format!("`{}`", crate::printer::escape(p)))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let patterns = format!(
+        "{} ({listed}, resolved by `virtplan plan`)",
+        count(patterns.len(), "pattern", "patterns")
+    );
+    if domains.is_empty() {
+        format!("{steps} on {patterns}")
+    } else {
+        format!(
+            "{steps} on {} and {patterns}",
+            count(domains.len(), "domain", "domains")
+        )
+    }
 }
 
 /// Prints every diagnostic of a file with its source line.

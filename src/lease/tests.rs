@@ -48,6 +48,28 @@ fn config() -> LeaseConfig {
     }
 }
 
+/// What most tests start from: the fake clock at 04:00, us (`admin1`, pid 10), [`config`].
+struct Us {
+    clock: FakeClock,
+    me: Holder,
+    config: LeaseConfig,
+}
+
+impl Us {
+    fn new() -> Self {
+        Self {
+            clock: FakeClock::new(t("2026-12-01T04:00:00Z")),
+            me: holder("admin1", 10, "a"),
+            config: config(),
+        }
+    }
+
+    /// Our leaser over `register`.
+    fn leaser<'a>(&'a self, register: &'a dyn Register) -> Leaser<'a> {
+        Leaser::new(register, &self.clock, &self.me, &self.config)
+    }
+}
+
 #[test]
 fn lease_xml_round_trips_with_awkward_text() {
     let lease = Lease {
@@ -65,11 +87,9 @@ fn lease_xml_round_trips_with_awkward_text() {
 #[test]
 fn lease_element_is_stored_in_the_domains_libvirt_metadata() {
     let (_dir, hv) = libvirt();
-    let clock = FakeClock::new(t("2026-12-01T04:00:00Z"));
-    let me = holder("admin1", 10, "a");
-    let config = config();
+    let us = Us::new();
     let register = Metadata(hv.as_ref());
-    let leaser = Leaser::new(&register, &clock, &me, &config);
+    let leaser = us.leaser(&register);
     assert_eq!(
         leaser.try_acquire(UUID).unwrap(),
         Attempt::Acquired {
@@ -81,7 +101,7 @@ fn lease_element_is_stored_in_the_domains_libvirt_metadata() {
     assert!(xml.contains(NAMESPACE), "{xml}");
     assert!(xml.contains("<virtplan:lease"), "{xml}");
     assert!(xml.contains("2026-12-01T04:00:30.000Z"), "{xml}");
-    assert_eq!(leaser.read(UUID).unwrap().unwrap().holder, me);
+    assert_eq!(leaser.read(UUID).unwrap().unwrap().holder, us.me);
     assert!(leaser.release(UUID).unwrap());
     assert_eq!(leaser.read(UUID).unwrap(), None);
     assert!(!hv.domain_xml(UUID, true).unwrap().contains(NAMESPACE));
@@ -194,22 +214,20 @@ fn eight_racing_contenders_on_the_system_clock_elect_exactly_one() {
 #[test]
 fn a_live_lease_of_another_holder_keeps_us_out_until_the_deadline() {
     let (_dir, hv) = libvirt();
-    let clock = FakeClock::new(t("2026-12-01T04:00:00Z"));
-    let config = config();
+    let us = Us::new();
     let rival = holder("admin2", 77, "r");
-    let me = holder("admin1", 10, "a");
     let register = Metadata(hv.as_ref());
-    Leaser::new(&register, &clock, &rival, &config)
+    Leaser::new(&register, &us.clock, &rival, &us.config)
         .try_acquire(UUID)
         .unwrap();
-    let leaser = Leaser::new(&register, &clock, &me, &config);
+    let leaser = us.leaser(&register);
     let deadline = t("2026-12-01T04:00:20Z");
     let outcome = leaser.acquire_until(UUID, deadline, &|| false).unwrap();
     let Acquisition::GaveUp(Some(rival_lease)) = outcome else {
         panic!("{outcome:?}")
     };
     assert_eq!(rival_lease.holder, rival);
-    assert!(clock.now() >= deadline);
+    assert!(us.clock.now() >= deadline);
     // Nothing of ours was written.
     assert_eq!(leaser.read(UUID).unwrap().unwrap().holder, rival);
 }
@@ -217,24 +235,22 @@ fn a_live_lease_of_another_holder_keeps_us_out_until_the_deadline() {
 #[test]
 fn an_expired_lease_is_taken_over_once_the_clock_skew_margin_passed() {
     let (_dir, hv) = libvirt();
-    let clock = FakeClock::new(t("2026-12-01T04:00:00Z"));
-    let config = config();
+    let us = Us::new();
     let register = Metadata(hv.as_ref());
     let dead = Lease {
         holder: holder("admin2", 77, "dead"),
         expires: t("2026-12-01T03:59:57Z"),
     };
     register.set(UUID, Some(&dead.to_xml())).unwrap();
-    let me = holder("admin1", 10, "a");
-    let leaser = Leaser::new(&register, &clock, &me, &config);
+    let leaser = us.leaser(&register);
     // Expired 3 s ago, but clocks may be 5 s apart: not yet.
     assert_eq!(leaser.try_acquire(UUID).unwrap(), Attempt::Busy(dead));
-    clock.advance(chrono::Duration::seconds(3));
+    us.clock.advance(chrono::Duration::seconds(3));
     assert!(matches!(
         leaser.try_acquire(UUID).unwrap(),
         Attempt::Acquired { .. }
     ));
-    assert_eq!(leaser.read(UUID).unwrap().unwrap().holder, me);
+    assert_eq!(leaser.read(UUID).unwrap().unwrap().holder, us.me);
 }
 
 #[test]
@@ -293,14 +309,12 @@ fn a_contender_whose_own_write_was_slow_backs_off_without_acting_or_erasing() {
         }
     }
     let (_dir, hv) = libvirt();
-    let clock = FakeClock::new(t("2026-12-01T04:00:00Z"));
-    let config = config();
-    let me = holder("admin1", 10, "a");
+    let us = Us::new();
     let register = Slow {
         inner: Metadata(hv.as_ref()),
-        clock: &clock,
+        clock: &us.clock,
     };
-    let leaser = Leaser::new(&register, &clock, &me, &config);
+    let leaser = us.leaser(&register);
     assert_eq!(
         leaser.try_acquire(UUID).unwrap(),
         Attempt::Slow {
@@ -313,16 +327,14 @@ fn a_contender_whose_own_write_was_slow_backs_off_without_acting_or_erasing() {
 #[test]
 fn renew_extends_our_lease_and_reports_a_lost_one() {
     let (_dir, hv) = libvirt();
-    let clock = FakeClock::new(t("2026-12-01T04:00:00Z"));
-    let config = config();
+    let us = Us::new();
     let register = Metadata(hv.as_ref());
-    let me = holder("admin1", 10, "a");
-    let leaser = Leaser::new(&register, &clock, &me, &config);
+    let leaser = us.leaser(&register);
     assert!(matches!(
         leaser.try_acquire(UUID).unwrap(),
         Attempt::Acquired { .. }
     ));
-    clock.advance(chrono::Duration::seconds(10));
+    us.clock.advance(chrono::Duration::seconds(10));
     assert_eq!(
         leaser.renew(UUID).unwrap(),
         Renewal::Renewed {
@@ -351,10 +363,8 @@ fn an_unreadable_lease_is_an_error_that_says_how_to_remove_it() {
     register
         .set(UUID, Some("<lease version='9'><future/></lease>"))
         .unwrap();
-    let clock = FakeClock::new(t("2026-12-01T04:00:00Z"));
-    let config = config();
-    let me = holder("admin1", 10, "a");
-    let leaser = Leaser::new(&register, &clock, &me, &config);
+    let us = Us::new();
+    let leaser = us.leaser(&register);
     let err = leaser.try_acquire(UUID).unwrap_err().to_string();
     assert!(err.contains("version 9"), "{err}");
     assert!(err.contains("virsh metadata"), "{err}");
@@ -364,17 +374,15 @@ fn an_unreadable_lease_is_an_error_that_says_how_to_remove_it() {
 #[test]
 fn leases_live_in_the_persistent_definition_across_power_changes() {
     let (_dir, hv) = libvirt();
-    let clock = FakeClock::new(t("2026-12-01T04:00:00Z"));
-    let config = config();
+    let us = Us::new();
     let register = Metadata(hv.as_ref());
-    let me = holder("admin1", 10, "a");
-    let leaser = Leaser::new(&register, &clock, &me, &config);
+    let leaser = us.leaser(&register);
     assert!(matches!(
         leaser.try_acquire(UUID).unwrap(),
         Attempt::Acquired { .. }
     ));
     hv.destroy(UUID).unwrap();
-    assert_eq!(leaser.read(UUID).unwrap().unwrap().holder, me);
+    assert_eq!(leaser.read(UUID).unwrap().unwrap().holder, us.me);
     hv.start(UUID).unwrap();
-    assert_eq!(leaser.read(UUID).unwrap().unwrap().holder, me);
+    assert_eq!(leaser.read(UUID).unwrap().unwrap().holder, us.me);
 }

@@ -24,7 +24,7 @@ use crate::plan_file::{
 use crate::state::{DomainState, Kib, LifecycleAction, LifecycleEvent};
 use crate::uri::Uri;
 
-pub use project::project;
+pub use project::{project, project_selected};
 
 /// Version of the JSON output and of saved plans.
 pub const FORMAT_VERSION: u32 = 1;
@@ -378,6 +378,10 @@ pub struct Plan {
     pub summary: Summary,
     /// The executor's view, ordered by time then step.
     pub steps: Vec<PlannedStep>,
+    /// `--only` / `--exclude`: the filter this plan was made with and the domains it left out
+    /// (absent without a filter).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub selection: Option<crate::filter::Selection>,
 }
 
 /// One rollout as `plan` shows it: the step, its resolved policy and the batches its
@@ -530,6 +534,9 @@ impl std::fmt::Display for PlanProblem {
 pub enum PlanError {
     #[error("{}", .0.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n"))]
     Problems(Vec<PlanProblem>),
+    /// `--only` / `--exclude` values that match none of the plan's domains.
+    #[error("{0}")]
+    Filter(String),
     #[error("{context}: {source}")]
     Libvirt {
         context: String,
@@ -543,6 +550,12 @@ pub enum PlanError {
 pub trait Progress: Sync {
     /// Whether step `step_id` is recorded done for the domain with `uuid`.
     fn is_done(&self, step_id: &str, uuid: &str) -> bool;
+
+    /// The domains (UUID, name) recorded for step `step_id`: for a `vms: {match:}` step, the
+    /// set it resolved to when it was first applied, which re-planning keeps.
+    fn recorded_domains(&self, _step_id: &str) -> Vec<(String, String)> {
+        Vec::new()
+    }
 }
 
 /// No lockfile: nothing is done yet.

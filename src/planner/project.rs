@@ -31,10 +31,36 @@ use crate::uri::Uri;
 /// [`PlanError::Problems`] for steps libvirt would refuse or domains that cannot be found,
 /// [`PlanError::Libvirt`] when reading state fails.
 pub fn project(input: &PlanInput<'_>) -> Result<Plan, PlanError> {
+    project_selected(input, None)
+}
+
+/// [`project`] for the domains `filter` selects (`--only` / `--exclude`): the others are not
+/// planned or checked (a named domain that does not exist is no problem once excluded),
+/// and the plan records the filter and the domains it left out.
+///
+/// # Errors
+/// As [`project`]; [`PlanError::Filter`] for a filter value that matches none of the plan's
+/// domains.
+pub fn project_selected(
+    input: &PlanInput<'_>,
+    filter: Option<&crate::filter::Filter>,
+) -> Result<Plan, PlanError> {
     let file = input.file;
+    let filter = filter.and_then(crate::filter::Filter::non_empty);
     let mut problems = Vec::new();
+    let mut pinned_warnings = Vec::new();
     let mut read = ReadAlready::default();
-    let resolved = resolve_targets(input, &mut problems, &mut read)?;
+    let mut resolved = resolve_targets(
+        input,
+        &mut problems,
+        &mut pinned_warnings,
+        filter,
+        &mut read,
+    )?;
+    let selection = match filter {
+        Some(filter) => Some(select(file, filter, &mut resolved)?),
+        None => None,
+    };
 
     // Group each domain's steps, in time order (steps without `at` run first). Keyed by
     // borrowed connection and UUID: cloning them per step cost more than the projection.
@@ -52,7 +78,10 @@ pub fn project(input: &PlanInput<'_>) -> Result<Plan, PlanError> {
 
     let observed = observe(input.connections, &per_domain, read)?;
     let parts = project_domains(input, &per_domain, &observed);
-    let mut out = Output::default();
+    let mut out = Output {
+        warnings: pinned_warnings,
+        ..Output::default()
+    };
     out.steps.reserve(resolved.len());
     for part in parts {
         let (part, part_problems) = part?;
@@ -109,6 +138,59 @@ pub fn project(input: &PlanInput<'_>) -> Result<Plan, PlanError> {
         warnings: out.warnings,
         summary,
         steps: out.steps,
+        selection,
+    })
+}
+
+/// Keeps the resolved domains `filter` selects; every filter value must match one of the
+/// plan's domains (resolved, or named by a step).
+fn select(
+    file: &PlanFile,
+    filter: &crate::filter::Filter,
+    resolved: &mut Resolved<'_>,
+) -> Result<crate::filter::Selection, PlanError> {
+    let mut known: Vec<(&str, &str)> = resolved
+        .iter()
+        .map(|(_, _, id)| (id.name.as_str(), id.uuid.as_str()))
+        .collect();
+    known.extend(
+        file.steps
+            .iter()
+            .flat_map(|s| s.targets.iter())
+            .filter(|t| t.kind == TargetKind::Domain)
+            .map(|t| (t.name_or_uuid.as_str(), "")),
+    );
+    let unknown = filter.unknown(&known);
+    if !unknown.is_empty() {
+        let domains = known.iter().map(|(n, _)| (*n).to_owned()).collect();
+        return Err(PlanError::Filter(
+            crate::filter::FilterError::Unknown {
+                unknown,
+                plan: file.path.display().to_string(),
+                domains,
+            }
+            .to_string(),
+        ));
+    }
+    let left_out_steps: Vec<crate::filter::LeftOut> = resolved
+        .iter()
+        .filter(|(_, _, id)| !filter.selects(&id.name, &id.uuid))
+        .map(|(step, _, id)| crate::filter::LeftOut {
+            step: step.number,
+            step_id: step.id(),
+            at: step.at.as_ref().map(|a| a.value),
+            vm: id.name.clone(),
+            uuid: id.uuid.clone(),
+        })
+        .collect();
+    let mut left_out: Vec<String> = left_out_steps.iter().map(|l| l.vm.clone()).collect();
+    left_out.sort();
+    left_out.dedup();
+    resolved.retain(|(_, _, id)| filter.selects(&id.name, &id.uuid));
+    Ok(crate::filter::Selection {
+        filter: filter.clone(),
+        left_out,
+        left_out_steps,
     })
 }
 
@@ -228,6 +310,8 @@ fn place_rollouts(resolved: &Resolved<'_>, steps: &mut [PlannedStep]) {
 fn resolve_targets<'a>(
     input: &PlanInput<'a>,
     problems: &mut Vec<PlanProblem>,
+    warnings: &mut Vec<String>,
+    filter: Option<&crate::filter::Filter>,
     read: &mut ReadAlready,
 ) -> Result<Resolved<'a>, PlanError> {
     let file = input.file;
@@ -281,42 +365,23 @@ fn resolve_targets<'a>(
     let mut resolved = Vec::new();
     for (step, uri) in steps {
         for target in &step.targets {
-            if let Some(pattern) = target.pattern() {
-                if !listings.contains_key(&uri) {
-                    let listed = input.connections[&uri].list_domains().map_err(|source| {
-                        PlanError::Libvirt {
-                            context: format!("listing the domains of {uri}"),
-                            source,
-                        }
-                    })?;
-                    listings.insert(uri.clone(), listed);
-                }
-                let matched: Vec<&DomainId> = listings[&uri]
-                    .iter()
-                    .filter(|d| pattern.matches(&d.name))
-                    .collect();
-                if matched.is_empty() {
-                    problems.push(problem(
-                        file,
-                        step,
-                        target.pos,
-                        &target.name_or_uuid,
-                        format!(
-                            "`vms: {{match: \"{}\"}}` matches no domain on {uri}",
-                            target.name_or_uuid
-                        ),
-                        &format!("a pattern must select at least one domain; see the names with `virsh -c {uri} list --all --name`"),
-                    ));
-                }
-                resolved.extend(
-                    matched
-                        .into_iter()
-                        .map(|id| (step, uri.clone(), id.clone())),
-                );
+            if target.pattern().is_some() {
+                resolve_pattern(
+                    input,
+                    step,
+                    target,
+                    &uri,
+                    &mut listings,
+                    problems,
+                    warnings,
+                    &mut resolved,
+                )?;
                 continue;
             }
             match cache.get(&uri).and_then(|names| names.get(&target.name_or_uuid)).and_then(Option::as_ref) {
                 Some(id) => resolved.push((step, uri.clone(), id.clone())),
+                // A domain the run's filter leaves out is not looked for.
+                None if filter.is_some_and(|f| !f.selects(&target.name_or_uuid, &target.name_or_uuid)) => {}
                 None => problems.push(problem(
                     file,
                     step,
@@ -329,6 +394,127 @@ fn resolve_targets<'a>(
         }
     }
     Ok(resolved)
+}
+
+/// Resolves one `vms: {match: GLOB}` target of `step` on `uri` (one listing per connection,
+/// kept in `listings`): the recorded set when the lockfile has one, else every match in name
+/// order; zero matches is a problem at the pattern.
+#[allow(clippy::too_many_arguments)] // the resolver's own state, handed down
+fn resolve_pattern<'a>(
+    input: &PlanInput<'a>,
+    step: &'a Step,
+    target: &crate::plan_file::Target,
+    uri: &Uri,
+    listings: &mut BTreeMap<Uri, Vec<DomainId>>,
+    problems: &mut Vec<PlanProblem>,
+    warnings: &mut Vec<String>,
+    resolved: &mut Resolved<'a>,
+) -> Result<(), PlanError> {
+    let file = input.file;
+    let Some(pattern) = target.pattern() else {
+        return Ok(());
+    };
+    if !listings.contains_key(uri) {
+        let listed =
+            input.connections[uri]
+                .list_domains()
+                .map_err(|source| PlanError::Libvirt {
+                    context: format!("listing the domains of {uri}"),
+                    source,
+                })?;
+        listings.insert(uri.clone(), listed);
+    }
+    // Once the lockfile recorded the set a pattern resolved to, that set is the
+    // reviewed one: re-planning (a resume, `apply PLAN`) never widens it.
+    let recorded: Vec<(String, String)> = input
+        .progress
+        .recorded_domains(&step.id())
+        .into_iter()
+        // A step of several targets: the recorded domains this pattern matched.
+        .filter(|(_, vm)| step.targets.len() == 1 || pattern.matches(vm))
+        .collect();
+    if !recorded.is_empty() {
+        pin_recorded(
+            file,
+            step,
+            target,
+            uri,
+            &listings[uri],
+            &recorded,
+            problems,
+            warnings,
+            resolved,
+        );
+        return Ok(());
+    }
+    let matched: Vec<&DomainId> = listings[uri]
+        .iter()
+        .filter(|d| pattern.matches(&d.name))
+        .collect();
+    if matched.is_empty() {
+        problems.push(problem(
+                file,
+                step,
+                target.pos,
+                &target.name_or_uuid,
+                format!(
+                    "`vms: {{match: \"{}\"}}` matches no domain on {uri}",
+                    target.name_or_uuid
+                ),
+                &format!("a pattern must select at least one domain; see the names with `virsh -c {uri} list --all --name`"),
+            ));
+    }
+    resolved.extend(
+        matched
+            .into_iter()
+            .map(|id| (step, uri.clone(), id.clone())),
+    );
+    Ok(())
+}
+
+/// Resolves a `vms: {match:}` target to the domains the lockfile `recorded` for its step
+/// (UUID, name when recorded), found by UUID in `listed` (renamed since is fine); one that no
+/// longer exists is a problem. A domain that matches now but was not recorded is a warning:
+/// it is not touched.
+#[allow(clippy::too_many_arguments)] // the resolver's own state, handed down
+fn pin_recorded<'a>(
+    file: &PlanFile,
+    step: &'a Step,
+    target: &crate::plan_file::Target,
+    uri: &Uri,
+    listed: &[DomainId],
+    recorded: &[(String, String)],
+    problems: &mut Vec<PlanProblem>,
+    warnings: &mut Vec<String>,
+    resolved: &mut Resolved<'a>,
+) {
+    let pattern_text = &target.name_or_uuid;
+    for (uuid, vm) in recorded {
+        match listed.iter().find(|d| d.uuid == *uuid) {
+            Some(id) => resolved.push((step, uri.clone(), id.clone())),
+            None => problems.push(problem(
+                file,
+                step,
+                target.pos,
+                vm,
+                format!(
+                    "{} ({uuid}) was matched by `vms: {{match: \"{pattern_text}\"}}` and recorded in the lockfile, but no longer exists on {uri}",
+                    crate::text::escape(vm)
+                ),
+                "the lockfile pins the set a pattern matched when the step was first applied; to start the plan over without it, move the lockfile aside (its progress is then forgotten)",
+            )),
+        }
+    }
+    for d in listed {
+        if target.pattern().is_some_and(|p| p.matches(&d.name))
+            && !recorded.iter().any(|(u, _)| *u == d.uuid)
+        {
+            warnings.push(format!(
+                "{} ({}) now matches `{pattern_text}` of step {} but is not in the set the lockfile recorded for it: it is not touched (to act on it, add a step for it)",
+                d.name, d.uuid, step.number
+            ));
+        }
+    }
 }
 
 /// Resolves `names` (each with what its steps read: clock, metadata) on `uri` and reads the

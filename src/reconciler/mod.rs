@@ -674,6 +674,7 @@ impl<'scope, 'env> Reconciler<'scope, 'env> {
                 self.env.clock,
                 store,
                 &mut |m| log.info(None, "settling", m),
+                None,
             ) {
                 Ok(plan) => return Ok((plan, connections)),
                 // A long-lived connection may have broken: open it again, once.

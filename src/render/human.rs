@@ -20,6 +20,13 @@ pub fn human(plan: &Plan, printer: &Printer) -> String {
         printer.paint(Tone::Heading, &escape(&plan.meta.name)),
         escape(&plan.meta.file)
     );
+    if let Some(selection) = &plan.selection {
+        let _ = writeln!(
+            out,
+            "{}",
+            printer.paint(Tone::Warning, &selection.describe())
+        );
+    }
     let mut heading = None;
     for c in &plan.changes {
         let this = (c.at, c.step, c.vm.clone());

@@ -19,6 +19,9 @@ pub fn markdown(plan: &Plan) -> String {
         s.noop,
         s.done
     );
+    if let Some(selection) = &plan.selection {
+        let _ = writeln!(out, "{}\n", cell(&selection.describe()));
+    }
     out.push_str("| When | Step | VM | Attribute | Before | After | Action | How / notes |\n");
     out.push_str("|---|---|---|---|---|---|---|---|\n");
     for c in &plan.changes {

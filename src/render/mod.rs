@@ -41,6 +41,9 @@ pub struct JsonPlan<'a> {
     /// connection (left out when none applies).
     #[serde(skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     pub host_limits: std::collections::BTreeMap<String, usize>,
+    /// `--only` / `--exclude`: the filter and the domains it left out (left out without one).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub filter: Option<&'a crate::filter::Selection>,
 }
 
 /// `plan --format json`.
@@ -60,6 +63,7 @@ pub fn json(plan: &Plan) -> String {
             .iter()
             .map(|(uri, n)| (uri.redacted(), *n))
             .collect(),
+        filter: plan.selection.as_ref(),
     };
     // Sized for the usual few hundred bytes per change up front: growing a string of
     // hundreds of kilobytes by doubling copied it several times.

@@ -181,3 +181,96 @@ fn connections_to_many_hosts_open_together_and_an_unreachable_one_is_named() {
     .to_string();
     assert!(err.contains(missing), "{err}");
 }
+
+/// Regression (issue 14): a re-planned `apply PLAN` (a resume, not a saved plan) re-resolved a
+/// pattern whose set its lockfile had already recorded, so a domain that started matching
+/// since was planned and acted on without ever being reviewed with the others.
+#[test]
+fn regression_a_replanned_apply_widened_the_set_its_lockfile_recorded() {
+    let dir = tempfile::tempdir().unwrap();
+    let uri = fleet(dir.path(), &["web-01", "web-02", "db-01"]);
+    let plan: PathBuf = dir.path().join("plan.yaml");
+    // The lockfile records each step's set, web-01 and web-02, before anything runs (here
+    // written as the first `apply` writes it, then nothing ran: an interrupted window).
+    std::fs::write(
+        &plan,
+        format!(
+            "version: 1\nconnection: {uri}\nsteps:\n  - vms: {{ match: \"web-*\" }}\n    autostart: true\n  - at: 2020-01-01T04:00:00Z\n    vms: {{ match: \"web-*\" }}\n    title: patched\n"
+        ),
+    )
+    .unwrap();
+    let lock_path = plan.with_extension("lock");
+    let recorded = |lock: &virtplan::lockfile::Lockfile, step: usize| -> Vec<String> {
+        lock.steps
+            .iter()
+            .filter(|r| r.step == step)
+            .map(|r| r.vm.clone())
+            .collect()
+    };
+    {
+        let store = LockStore::open(&lock_path, "").unwrap();
+        let file = plan_file::load(&plan, &LoadContext::from(Config::default())).unwrap();
+        let mut connections = Connections::new();
+        connections.insert(
+            uri.as_str().into(),
+            Arc::new(Libvirt::connect(uri.as_str()).unwrap()),
+        );
+        let reviewed = planner::project(&PlanInput {
+            file: &file,
+            connections: &connections,
+            connect_override: None,
+            now: now(),
+            progress: &store,
+        })
+        .unwrap();
+        // What the first `apply` writes before it runs anything.
+        store.reconcile(&reviewed).unwrap();
+        assert_eq!(recorded(&store.snapshot(), 2), ["web-01", "web-02"]);
+    }
+    // web-03 appears; nobody reviewed it.
+    fleet(dir.path(), &["web-01", "web-02", "web-03", "db-01"]);
+
+    let out = run(&["plan", plan.to_str().unwrap(), "--format", "json"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let vms: Vec<&str> = json["changes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|c| c["step"] == 2)
+        .map(|c| c["vm"].as_str().unwrap())
+        .collect();
+    assert_eq!(vms, ["web-01", "web-02"], "{json}");
+    let warnings = json["warnings"].to_string();
+    assert!(
+        warnings.contains("web-03 (")
+            && warnings.contains("now matches `web-*` of step 2 but is not in the set the lockfile recorded for it: it is not touched"),
+        "{warnings}"
+    );
+
+    // The resumed `apply PLAN` runs step 1 on the recorded web-01 and web-02 only (step 2's
+    // time is long past: missed), and records nothing for web-03.
+    let out = run(&["apply", plan.to_str().unwrap(), "--auto-approve"]);
+    let said = text(&out);
+    assert_eq!(out.status.code(), Some(3), "{said}");
+    assert!(
+        said.contains("now matches `web-*` of step 1 but is not in the set"),
+        "{said}"
+    );
+    let lock = LockStore::read(&lock_path).unwrap();
+    assert_eq!(recorded(&lock, 1), ["web-01", "web-02"], "{said}");
+    assert_eq!(recorded(&lock, 2), ["web-01", "web-02"], "{said}");
+
+    // A recorded domain that was deleted since is an error at the pattern, never dropped
+    // silently.
+    fleet(dir.path(), &["web-01", "web-03", "db-01"]);
+    let out = run(&["plan", plan.to_str().unwrap()]);
+    let said = text(&out);
+    assert_eq!(out.status.code(), Some(1), "{said}");
+    assert!(
+        said.contains("plan.yaml:4:")
+            && said.contains("web-02 (")
+            && said.contains("was matched by `vms: {match: \"web-*\"}` and recorded in the lockfile, but no longer exists on test:///"),
+        "{said}"
+    );
+}

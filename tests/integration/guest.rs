@@ -5,7 +5,7 @@
 //! apply`; the assertions read what an operator would look at: the step's status and message,
 //! libvirt, and the guest itself.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
 use virtplan::clock::{Clock, SystemClock};
@@ -13,22 +13,19 @@ use virtplan::lockfile::{StepRecord, StepStatus};
 
 use crate::support::cli::Cli;
 use crate::support::guest::{Disk, Guest, GuestSpec};
-use crate::support::helpers::lock_of;
+use crate::support::helpers::{lock_of, write_steps};
 use crate::support::qemu::qemu_uri;
 
-/// Writes `steps` (YAML list items, indented by two) as a plan on `uri` and applies it; returns
-/// the plan's path.
-fn apply(dir: &Path, uri: &str, steps: &str) -> PathBuf {
-    let plan = dir.join("plan.yaml");
-    std::fs::write(
-        &plan,
-        format!("version: 1\nconnection: {uri}\nsteps:\n{steps}"),
-    )
-    .expect("write plan");
+/// Writes `steps` (YAML list items, indented by two) as a plan on `uri` in `dir` and applies
+/// it; returns the first step's record, which must be done.
+fn apply(dir: &Path, uri: &str, steps: &str) -> StepRecord {
+    let plan = write_steps(dir, uri, steps);
     Cli::new()
         .args(["apply", plan.to_str().unwrap(), "--auto-approve"])
         .run();
-    plan
+    let step = lock_of(&plan).steps[0].clone();
+    assert_eq!(step.status, StepStatus::Done, "{}: {step:?}", dir.display());
+    step
 }
 
 /// How long the step took, from its record.
@@ -83,11 +80,7 @@ fn live_changes_and_snapshots_on_a_real_guest() {
     let apply = |name: &str, steps: &str| {
         let sub = dir.path().join(name);
         std::fs::create_dir(&sub).unwrap();
-        let plan = apply(&sub, &uri, steps);
-        let lock = lock_of(&plan);
-        let step = lock.steps[0].clone();
-        assert_eq!(step.status, StepStatus::Done, "{name}: {step:?}");
-        step
+        apply(&sub, &uri, steps)
     };
     // The guest's own MemTotal, from statistics it sent after the balloon settled (it sends
     // them every second).
@@ -158,7 +151,7 @@ fn live_changes_and_snapshots_on_a_real_guest() {
 /// A graceful shutdown of `guest` without force, through `virtplan apply`; returns the record.
 fn shut_down_gracefully(guest: &Guest, uri: &str) -> StepRecord {
     let dir = tempfile::tempdir().unwrap();
-    let plan = apply(
+    let step = apply(
         dir.path(),
         uri,
         &format!(
@@ -169,8 +162,6 @@ fn shut_down_gracefully(guest: &Guest, uri: &str) -> StepRecord {
             guest.name()
         ),
     );
-    let step = lock_of(&plan).steps[0].clone();
-    assert_eq!(step.status, StepStatus::Done, "{step:?}");
     assert!(!guest.is_active(), "the guest is still running");
     step
 }
@@ -220,12 +211,7 @@ fn a_failed_agent_shutdown_falls_back_to_acpi() {
 /// `virtplan plan` of `steps` on `uri` with `PATH` set to `path`; returns stdout and stderr.
 fn plan_with_path(uri: &str, steps: &str, path: &str, status: i32) -> (String, String) {
     let dir = tempfile::tempdir().unwrap();
-    let plan = dir.path().join("plan.yaml");
-    std::fs::write(
-        &plan,
-        format!("version: 1\nconnection: {uri}\nsteps:\n{steps}"),
-    )
-    .unwrap();
+    let plan = write_steps(dir.path(), uri, steps);
     let ran = Cli::new()
         .args(["plan", plan.to_str().unwrap()])
         .env("PATH", path)
@@ -337,7 +323,7 @@ fn reboot_through_the_agent_with_check_and_clock_sync() {
         skew(&guest)
     );
     let dir = tempfile::tempdir().unwrap();
-    let plan = apply(
+    let step = apply(
         dir.path(),
         &uri,
         &format!(
@@ -350,8 +336,6 @@ fn reboot_through_the_agent_with_check_and_clock_sync() {
             guest.name()
         ),
     );
-    let step = lock_of(&plan).steps[0].clone();
-    assert_eq!(step.status, StepStatus::Done, "{step:?}");
     for expected in [
         "shut down gracefully (through the guest agent)",
         "rebooted: domain id",

@@ -1,6 +1,7 @@
 //! The one integration test binary: every module shares the built CLI and the test rigs.
 
 mod apply;
+mod filter;
 mod fleet;
 mod guest;
 mod harden;

@@ -249,6 +249,25 @@ fn the_config_beside_a_plan_is_found_from_its_own_folder() {
         .run();
 }
 
+/// Regression (issue 14): `validate` counted a `vms: {match:}` pattern as one domain
+/// ("2 steps on 2 domains" for one domain and a pattern that may select fifty).
+#[test]
+fn validate_counts_a_pattern_as_a_pattern_not_as_one_domain() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("fleet.yaml"),
+        "version: 1\nconnection: qemu:///system\nsteps:\n  - vms: { match: \"web-*\" }\n    autostart: true\n  - vm: db-01\n    autostart: true\n",
+    )
+    .unwrap();
+    Cli::new()
+        .current_dir(dir.path())
+        .args(["validate", "fleet.yaml"])
+        .stdout_contains(
+            "ok fleet.yaml: plan `fleet`, 2 steps on 1 domain and 1 pattern (`web-*`, resolved by `virtplan plan`)",
+        )
+        .run();
+}
+
 #[test]
 fn the_machine_time_zone_is_never_assumed() {
     Cli::new()
@@ -315,52 +334,31 @@ fn validator_key_lists_match_the_schema_properties() {
     let defaults = property(&root, &root, "defaults");
     let step = resolve(&root, &property(&root, &root, "steps")["items"]);
     let notify = resolve(&root, &property(&root, &root, "notify")["items"]);
-    let objects = [
-        ("the plan", &root, keys::TOP_KEYS),
-        (
-            "window",
-            property(&root, &root, "window"),
-            keys::WINDOW_KEYS,
-        ),
-        ("defaults", defaults, keys::DEFAULTS_KEYS),
+    // Objects nested under another, by the key they stand at: (what, parent, key, keys).
+    let nested = [
+        ("window", &root, "window", keys::WINDOW_KEYS),
         (
             "defaults.shutdown",
-            property(&root, defaults, "shutdown"),
+            defaults,
+            "shutdown",
             keys::SHUTDOWN_KEYS,
         ),
+        ("step.shutdown", step, "shutdown", keys::SHUTDOWN_KEYS),
+        ("step.clock", step, "clock", keys::CLOCK_KEYS),
+        ("step.snapshot", step, "snapshot", keys::SNAPSHOT_KEYS),
+        ("notify.email", notify, "email", keys::NOTIFY_EMAIL_KEYS),
+        ("step.check", step, "check", keys::CHECK_KEYS),
+        ("step.rollout", step, "rollout", keys::ROLLOUT_KEYS),
+    ]
+    .map(|(what, parent, key, keys)| (what, property(&root, parent, key), keys));
+    let objects = [
+        ("the plan", &root, keys::TOP_KEYS),
+        ("defaults", defaults, keys::DEFAULTS_KEYS),
         ("step", step, &keys::STEP_KEYS),
-        (
-            "step.shutdown",
-            property(&root, step, "shutdown"),
-            keys::SHUTDOWN_KEYS,
-        ),
-        (
-            "step.clock",
-            property(&root, step, "clock"),
-            keys::CLOCK_KEYS,
-        ),
-        (
-            "step.snapshot",
-            property(&root, step, "snapshot"),
-            keys::SNAPSHOT_KEYS,
-        ),
         ("notify entry", notify, keys::NOTIFY_KEYS),
-        (
-            "notify.email",
-            property(&root, notify, "email"),
-            keys::NOTIFY_EMAIL_KEYS,
-        ),
-        (
-            "step.check",
-            property(&root, step, "check"),
-            keys::CHECK_KEYS,
-        ),
-        (
-            "step.rollout",
-            property(&root, step, "rollout"),
-            keys::ROLLOUT_KEYS,
-        ),
-    ];
+    ]
+    .into_iter()
+    .chain(nested);
     for (what, object, keys) in objects {
         assert_eq!(property_names(object), sorted(keys), "keys of {what}");
         assert_eq!(
