@@ -48,23 +48,6 @@ pub enum Attr {
 }
 
 impl Attr {
-    /// Every attribute a plan's `plan` output can show.
-    pub const ALL: [Self; 13] = [
-        Self::Power,
-        Self::Memory,
-        Self::MaxMemory,
-        Self::Vcpus,
-        Self::MaxVcpus,
-        Self::Clock,
-        Self::Autostart,
-        Self::Title,
-        Self::Description,
-        Self::Snapshot,
-        Self::OnPoweroff,
-        Self::OnReboot,
-        Self::GuestTime,
-    ];
-
     /// The attributes that are keys of a step, in the order the plan file documents them.
     pub const KEYS: [Self; 12] = [
         Self::Power,
@@ -80,6 +63,18 @@ impl Attr {
         Self::OnPoweroff,
         Self::OnReboot,
     ];
+
+    /// Every attribute a plan's `plan` output can show: the [`KEYS`](Self::KEYS), then
+    /// [`GuestTime`](Self::GuestTime).
+    pub const ALL: [Self; 13] = {
+        let mut all = [Self::GuestTime; 13];
+        let mut i = 0;
+        while i < Self::KEYS.len() {
+            all[i] = Self::KEYS[i];
+            i += 1;
+        }
+        all
+    };
 
     /// The key in the plan file and the `attribute` in `plan` output.
     #[must_use]

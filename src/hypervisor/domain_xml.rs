@@ -100,6 +100,20 @@ pub const AGENT_CHANNEL: &str = "org.qemu.guest_agent.0";
 ///
 /// Returns [`XmlError`] when the XML is not well-formed.
 pub fn has_agent_channel(xml: &str) -> Result<bool, XmlError> {
+    find_element(xml, |path, name, e| {
+        Ok(path == ["domain", "devices", "channel"]
+            && name == "target"
+            && attribute(e, "type")?.as_deref() == Some("virtio")
+            && attribute(e, "name")?.as_deref() == Some(AGENT_CHANNEL))
+    })
+}
+
+/// Calls `visit` with each element's ancestors (outermost first), its name and the element,
+/// in document order, until it returns `true`; says whether it did.
+fn find_element(
+    xml: &str,
+    mut visit: impl FnMut(&[String], &str, &BytesStart<'_>) -> Result<bool, XmlError>,
+) -> Result<bool, XmlError> {
     let mut reader = Reader::from_str(xml);
     let mut path: Vec<String> = Vec::new();
     loop {
@@ -107,15 +121,7 @@ pub fn has_agent_channel(xml: &str) -> Result<bool, XmlError> {
         match event {
             Event::Start(ref e) | Event::Empty(ref e) => {
                 let name = element_name(e);
-                let in_channel = path.len() == 3
-                    && path[0] == "domain"
-                    && path[1] == "devices"
-                    && path[2] == "channel";
-                if in_channel
-                    && name == "target"
-                    && attribute(e, "type")?.as_deref() == Some("virtio")
-                    && attribute(e, "name")?.as_deref() == Some(AGENT_CHANNEL)
-                {
+                if visit(&path, &name, e)? {
                     return Ok(true);
                 }
                 if matches!(event, Event::Start(_)) {
@@ -156,55 +162,38 @@ pub struct DiskDef {
 ///
 /// Returns [`XmlError`] when the XML is not well-formed.
 pub fn disks(xml: &str) -> Result<Vec<DiskDef>, XmlError> {
-    let mut reader = Reader::from_str(xml);
-    let mut path: Vec<String> = Vec::new();
-    let mut out = Vec::new();
-    loop {
-        let event = reader.read_event().map_err(|e| syntax(&reader, e))?;
-        match event {
-            Event::Start(ref e) | Event::Empty(ref e) => {
-                let name = element_name(e);
-                let at = |depth: usize, names: &[&str]| {
-                    path.len() == depth && path.iter().zip(names).all(|(p, n)| p == n)
-                };
-                if at(2, &["domain", "devices"]) && name == "disk" {
-                    out.push(DiskDef {
-                        target: String::new(),
-                        device: attribute(e, "device")?.unwrap_or_else(|| "disk".to_owned()),
-                        source_type: attribute(e, "type")?.unwrap_or_else(|| "file".to_owned()),
-                        format: None,
-                        readonly: false,
-                        empty: true,
-                        snapshot: attribute(e, "snapshot")?,
-                    });
-                } else if at(3, &["domain", "devices", "disk"]) {
-                    if let Some(disk) = out.last_mut() {
-                        match name.as_str() {
-                            "driver" => disk.format = attribute(e, "type")?,
-                            "readonly" => disk.readonly = true,
-                            "target" => disk.target = attribute(e, "dev")?.unwrap_or_default(),
-                            "source" => {
-                                for key in ["file", "dev", "volume", "name", "dir"] {
-                                    if attribute(e, key)?.is_some_and(|v| !v.is_empty()) {
-                                        disk.empty = false;
-                                    }
-                                }
+    let mut out: Vec<DiskDef> = Vec::new();
+    find_element(xml, |path, name, e| {
+        if path == ["domain", "devices"] && name == "disk" {
+            out.push(DiskDef {
+                target: String::new(),
+                device: attribute(e, "device")?.unwrap_or_else(|| "disk".to_owned()),
+                source_type: attribute(e, "type")?.unwrap_or_else(|| "file".to_owned()),
+                format: None,
+                readonly: false,
+                empty: true,
+                snapshot: attribute(e, "snapshot")?,
+            });
+        } else if path == ["domain", "devices", "disk"] {
+            if let Some(disk) = out.last_mut() {
+                match name {
+                    "driver" => disk.format = attribute(e, "type")?,
+                    "readonly" => disk.readonly = true,
+                    "target" => disk.target = attribute(e, "dev")?.unwrap_or_default(),
+                    "source" => {
+                        for key in ["file", "dev", "volume", "name", "dir"] {
+                            if attribute(e, key)?.is_some_and(|v| !v.is_empty()) {
+                                disk.empty = false;
                             }
-                            _ => {}
                         }
                     }
-                }
-                if matches!(event, Event::Start(_)) {
-                    path.push(name);
+                    _ => {}
                 }
             }
-            Event::End(_) => {
-                path.pop();
-            }
-            Event::Eof => return Ok(out),
-            _ => {}
         }
-    }
+        Ok(false)
+    })?;
+    Ok(out)
 }
 
 /// Reads everything [`DefinitionSummary`] holds in one pass over the XML.

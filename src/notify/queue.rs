@@ -595,24 +595,34 @@ mod tests {
         .unwrap()
     }
 
+    /// A new lockfile `p.lock` in `dir`, of the plan [`run_info`] names.
+    fn store(dir: &std::path::Path) -> Arc<LockStore> {
+        Arc::new(LockStore::open(&dir.join("p.lock"), "abc").unwrap())
+    }
+
+    /// A run of the plan `p` (`p.yaml`, sha256 `abc`) on `connections`.
+    fn run_info(connections: BTreeMap<(String, String), Uri>) -> RunInfo {
+        RunInfo {
+            plan: PlanRef {
+                name: "p".into(),
+                file: "p.yaml".into(),
+                sha256: "abc".into(),
+            },
+            connections,
+        }
+    }
+
     /// A target slower than the events it gets: its bounded queue overflows, the executor is
     /// not held up, and what did not fit stays pending in the lockfile for the next run.
     #[test]
     fn a_full_queue_leaves_the_event_pending_in_the_lockfile() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Arc::new(LockStore::open(&dir.path().join("p.lock"), "abc").unwrap());
+        let store = store(dir.path());
         let logged = Arc::new(Mutex::new(Vec::<String>::new()));
         let sink = Arc::clone(&logged);
         let notifier = Notifier::start(
             vec![command_target(&["sh", "-c", "cat >/dev/null; sleep 0.3"])],
-            RunInfo {
-                plan: PlanRef {
-                    name: "p".into(),
-                    file: "p.yaml".into(),
-                    sha256: "abc".into(),
-                },
-                connections: BTreeMap::new(),
-            },
+            run_info(BTreeMap::new()),
             &store,
             Box::new(move |m: &str| sink.lock().unwrap().push(m.to_owned())),
             Retry {
@@ -663,18 +673,11 @@ mod tests {
     fn an_events_connection_never_carries_a_password() {
         use crate::lockfile::{StepRecord, StepStatus};
         let dir = tempfile::tempdir().unwrap();
-        let store = Arc::new(LockStore::open(&dir.path().join("p.lock"), "abc").unwrap());
+        let store = store(dir.path());
         let uri = Uri::new("qemu+ssh://root:hunter2@hv1/system?password=hunter3");
         let notifier = Notifier::start(
             vec![command_target(&["true"])],
-            RunInfo {
-                plan: PlanRef {
-                    name: "p".into(),
-                    file: "p.yaml".into(),
-                    sha256: "abc".into(),
-                },
-                connections: [(("s1".to_owned(), "uuid-a".to_owned()), uri)].into(),
-            },
+            run_info([(("s1".to_owned(), "uuid-a".to_owned()), uri)].into()),
             &store,
             Box::new(|_: &str| {}),
             Retry::default(),
@@ -700,19 +703,12 @@ mod tests {
         use crate::clock::{Clock as _, SystemClock};
         use crate::lockfile::{StepRecord, StepStatus};
         let dir = tempfile::tempdir().unwrap();
-        let store = Arc::new(LockStore::open(&dir.path().join("p.lock"), "abc").unwrap());
+        let store = store(dir.path());
         let got = dir.path().join("got");
         let append = format!("echo $VIRTPLAN_EVENT_ID >> {}", got.display());
         let notifier = Notifier::start(
             vec![command_target(&["sh", "-c", &append])],
-            RunInfo {
-                plan: PlanRef {
-                    name: "p".into(),
-                    file: "p.yaml".into(),
-                    sha256: "abc".into(),
-                },
-                connections: BTreeMap::new(),
-            },
+            run_info(BTreeMap::new()),
             &store,
             Box::new(|_: &str| {}),
             Retry::default(),

@@ -533,7 +533,22 @@ mod tests {
     use std::path::Path;
     use std::time::Duration;
 
-    use crate::plan_file::{parse, LoadContext};
+    use crate::plan_file::{parse, LoadContext, PlanFile, Step};
+
+    /// `text` parsed as `pin.yaml`, which must be valid.
+    pub(super) fn pinned(text: &str) -> PlanFile {
+        parse(
+            Path::new("pin.yaml"),
+            text.to_owned(),
+            &LoadContext::default(),
+        )
+        .unwrap_or_else(|d| panic!("{d}"))
+    }
+
+    /// Each step's id, in plan order.
+    pub(super) fn ids(file: &PlanFile) -> Vec<String> {
+        file.steps.iter().map(Step::id).collect()
+    }
 
     const PLAN: &str = r#"version: 1
 connection: qemu:///system
@@ -591,12 +606,7 @@ steps:
 
     #[test]
     fn the_notation_names_every_field() {
-        let file = parse(
-            Path::new("pin.yaml"),
-            PLAN.to_owned(),
-            &LoadContext::default(),
-        )
-        .unwrap_or_else(|d| panic!("{d}"));
+        let file = pinned(PLAN);
         assert_eq!(
             super::notation(&super::StepIdentity::of(&file.steps[2])),
             "at=Some(\"2026-12-01T04:06:00+00:00\");targets=[\"web-01\"];conn=Some(\"qemu:///system\");\
@@ -610,15 +620,9 @@ steps:
 
     #[test]
     fn ids_of_format_1_are_pinned() {
-        let file = parse(
-            Path::new("pin.yaml"),
-            PLAN.to_owned(),
-            &LoadContext::default(),
-        )
-        .unwrap_or_else(|d| panic!("{d}"));
-        let ids: Vec<String> = file.steps.iter().map(super::super::Step::id).collect();
+        let file = pinned(PLAN);
         assert_eq!(
-            ids,
+            ids(&file),
             [
                 "safed153580",
                 "sa930857ef0",
@@ -641,12 +645,7 @@ steps:
     check: { state: running, guest_agent: true, command: \"curl -fsS http://$VIRTPLAN_VM/\", timeout: 2m, interval: 500ms }
     always: true
 ";
-        let file = parse(
-            Path::new("pin.yaml"),
-            text.to_owned(),
-            &LoadContext::default(),
-        )
-        .unwrap_or_else(|d| panic!("{d}"));
+        let file = pinned(text);
         assert_eq!(
             super::notation(&super::StepIdentity::of(&file.steps[0])),
             "at=Some(\"2026-12-01T04:00:00+00:00\");targets=[\"web-01\"];conn=Some(\"qemu:///system\");\
@@ -663,23 +662,15 @@ steps:
 
 #[cfg(test)]
 mod lifecycle_ids {
-    use std::path::Path;
-
-    use crate::plan_file::{parse, LoadContext};
+    use super::tests::{ids, pinned};
 
     /// `on_poweroff`/`on_reboot` join the notation only when set: the step without them keeps
     /// the id it had before they existed (`sb2d891d355`, pinned above).
     #[test]
     fn lifecycle_actions_are_pinned_and_leave_other_ids_alone() {
         let plan = "version: 1\nconnection: qemu:///system\nsteps:\n  - vm: db\n    connection: test:///default\n    power: running\n    shutdown: { mode: force }\n  - vm: db\n    on_poweroff: preserve\n    on_reboot: rename-restart\n";
-        let file = parse(
-            Path::new("pin.yaml"),
-            plan.to_owned(),
-            &LoadContext::default(),
-        )
-        .unwrap_or_else(|d| panic!("{d}"));
-        let ids: Vec<String> = file.steps.iter().map(crate::plan_file::Step::id).collect();
-        assert_eq!(ids, ["sb2d891d355", "sf2a4826c43"]);
+        let file = pinned(plan);
+        assert_eq!(ids(&file), ["sb2d891d355", "sf2a4826c43"]);
         assert!(super::notation(&super::StepIdentity::of(&file.steps[1]))
             .ends_with(";on_poweroff=Some(Preserve);on_reboot=Some(Rename-restart)"));
     }
@@ -687,9 +678,7 @@ mod lifecycle_ids {
 
 #[cfg(test)]
 mod repeat_ids {
-    use std::path::Path;
-
-    use crate::plan_file::{parse, LoadContext};
+    use super::tests::{ids, pinned};
 
     /// Regression: `autostart: true → false → true` gave steps 1 and 3 one id, so they shared
     /// one lockfile record: step 3 ran before step 2, step 1 stayed `pending`, and the domain
@@ -697,15 +686,9 @@ mod repeat_ids {
     #[test]
     fn identical_steps_get_their_own_ids_and_the_first_keeps_its_id() {
         let plan = "version: 1\nconnection: test:///default\nsteps:\n  - vm: test\n    autostart: true\n  - vm: test\n    autostart: false\n  - vm: test\n    autostart: true\n  - vm: test\n    autostart: true\n";
-        let file = parse(
-            Path::new("pin.yaml"),
-            plan.to_owned(),
-            &LoadContext::default(),
-        )
-        .unwrap_or_else(|d| panic!("{d}"));
-        let ids: Vec<String> = file.steps.iter().map(crate::plan_file::Step::id).collect();
+        let file = pinned(plan);
         assert_eq!(
-            ids,
+            ids(&file),
             ["s3484643050", "s87d0fcb66a", "s5c2fc24e51", "s87e0dd308d"]
         );
         let repeats: Vec<usize> = file.steps.iter().map(|s| s.repeat).collect();

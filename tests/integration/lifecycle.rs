@@ -7,10 +7,10 @@ use virtplan::hypervisor::domain_xml;
 use virtplan::hypervisor::fleet::{write_fleet, FleetDomain};
 use virtplan::hypervisor::libvirt::Libvirt;
 use virtplan::hypervisor::Hypervisor;
-use virtplan::lockfile::{LockStore, StepStatus};
+use virtplan::lockfile::StepStatus;
 use virtplan::state::{Kib, LifecycleAction};
 
-use crate::support::helpers::{text, virtplan};
+use crate::support::helpers::{apply, lock_of, text, virtplan, write_steps};
 use crate::support::qemu::{qemu_uri, TestDomain};
 
 fn lifecycle_of(uri: &str, uuid: &str) -> (LifecycleAction, LifecycleAction) {
@@ -30,14 +30,11 @@ fn plan_apply_replan(dir: &Path, uri: &str, vm: &str, uuid: &str, check_live: bo
     } else {
         LifecycleAction::Restart
     };
-    let plan = dir.join("plan.yaml");
-    std::fs::write(
-        &plan,
-        format!(
-            "version: 1\nconnection: {uri}\nsteps:\n  - vm: {vm}\n    on_poweroff: {poweroff}\n    on_reboot: {target}\n"
-        ),
-    )
-    .unwrap();
+    let plan = write_steps(
+        dir,
+        uri,
+        &format!("  - vm: {vm}\n    on_poweroff: {poweroff}\n    on_reboot: {target}\n"),
+    );
     let plan_arg = plan.to_str().unwrap();
 
     let out = virtplan(&["plan", plan_arg, "--format", "json"], &[]);
@@ -76,7 +73,7 @@ fn plan_apply_replan(dir: &Path, uri: &str, vm: &str, uuid: &str, check_live: bo
 
     let out = virtplan(&["apply", plan_arg, "--auto-approve"], &[]);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));
-    let lock = LockStore::read(&plan.with_extension("lock")).unwrap();
+    let lock = lock_of(&plan);
     assert_eq!(
         lock.steps[0].status,
         StepStatus::Done,
@@ -126,12 +123,11 @@ fn on_reboot_is_planned_applied_and_verified_on_a_real_qemu_domain() {
 #[test]
 fn an_unknown_lifecycle_action_is_refused_with_the_choices() {
     let dir = tempfile::tempdir().unwrap();
-    let plan = dir.path().join("plan.yaml");
-    std::fs::write(
-        &plan,
-        "version: 1\nconnection: test:///default\nsteps:\n  - vm: a\n    on_reboot: reboot\n",
-    )
-    .unwrap();
+    let plan = write_steps(
+        dir.path(),
+        "test:///default",
+        "  - vm: a\n    on_reboot: reboot\n",
+    );
     let out = virtplan(&["validate", plan.to_str().unwrap()], &[]);
     assert_eq!(out.status.code(), Some(1), "{}", text(&out));
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -149,7 +145,6 @@ fn qemu_refuses_unsupported_lifecycle_actions_at_plan_time() {
     let Some(uri) = qemu_uri() else { return };
     let dom = TestDomain::define(&uri, "lifecycle-refused");
     let dir = tempfile::tempdir().unwrap();
-    let plan = dir.path().join("plan.yaml");
     let before = lifecycle_of(&uri, &dom.uuid);
     for (attrs, line, column, says) in [
         (
@@ -171,14 +166,7 @@ fn qemu_refuses_unsupported_lifecycle_actions_at_plan_time() {
             "`on_reboot: destroy` with `on_poweroff: restart` is refused",
         ),
     ] {
-        std::fs::write(
-            &plan,
-            format!(
-                "version: 1\nconnection: {uri}\nsteps:\n  - vm: {}\n{attrs}",
-                dom.name
-            ),
-        )
-        .unwrap();
+        let plan = write_steps(dir.path(), &uri, &format!("  - vm: {}\n{attrs}", dom.name));
         let path = plan.to_str().unwrap();
         for args in [&["plan", path][..], &["apply", path, "--auto-approve"]] {
             let command = args[0];
@@ -202,18 +190,17 @@ fn qemu_lifecycle_changes_are_ordered_so_libvirt_never_sees_a_refused_pair() {
     let Some(uri) = qemu_uri() else { return };
     let dom = TestDomain::define(&uri, "lifecycle-order");
     let dir = tempfile::tempdir().unwrap();
-    let plan = dir.path().join("plan.yaml");
-    std::fs::write(
-        &plan,
-        format!(
-            "version: 1\nconnection: {uri}\nsteps:\n  - vm: {0}\n    on_poweroff: destroy\n    on_reboot: destroy\n  - vm: {0}\n    on_poweroff: restart\n    on_reboot: restart\n  - vm: {0}\n    on_poweroff: destroy\n    on_reboot: destroy\n",
+    let plan = write_steps(
+        dir.path(),
+        &uri,
+        &format!(
+            "  - vm: {0}\n    on_poweroff: destroy\n    on_reboot: destroy\n  - vm: {0}\n    on_poweroff: restart\n    on_reboot: restart\n  - vm: {0}\n    on_poweroff: destroy\n    on_reboot: destroy\n",
             dom.name
         ),
-    )
-    .unwrap();
-    let out = virtplan(&["apply", plan.to_str().unwrap(), "--auto-approve"], &[]);
+    );
+    let out = apply(&plan, &[]);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));
-    let lock = LockStore::read(&plan.with_extension("lock")).unwrap();
+    let lock = lock_of(&plan);
     assert!(
         lock.steps.iter().all(|s| s.status == StepStatus::Done),
         "{:?}",

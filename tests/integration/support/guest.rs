@@ -322,23 +322,15 @@ impl Guest {
     /// After [`BOOT_TIMEOUT`], with the tail of the serial console.
     pub fn wait_ready(&self) -> Duration {
         let started = Instant::now();
-        loop {
+        self.wait_for("the guest ready", BOOT_TIMEOUT, || {
             let ready = if self.spec.agent {
                 self.agent("guest-ping").is_ok()
             } else {
                 self.console().contains(UP_MARKER)
             };
-            if ready && self.memstat().get("actual") == Some(&self.spec.memory_kib) {
-                return started.elapsed();
-            }
-            assert!(
-                started.elapsed() < BOOT_TIMEOUT,
-                "guest {} not ready after {BOOT_TIMEOUT:?}; console:\n{}",
-                self.name(),
-                self.console_tail()
-            );
-            SystemClock.sleep(Duration::from_millis(200));
-        }
+            (ready && self.memstat().get("actual") == Some(&self.spec.memory_kib))
+                .then(|| started.elapsed())
+        })
     }
 
     /// Runs one guest agent command without arguments (`guest-ping`, `guest-get-vcpus`,
