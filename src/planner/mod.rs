@@ -545,9 +545,8 @@ pub enum PlanError {
     },
 }
 
-/// Where lockfile progress comes from, so `plan` shows done steps as done. `Sync`: the
-/// planner projects many domains on more than one thread.
-pub trait Progress: Sync {
+/// Where lockfile progress comes from, so `plan` shows done steps as done.
+pub trait Progress {
     /// Whether step `step_id` is recorded done for the domain with `uuid`.
     fn is_done(&self, step_id: &str, uuid: &str) -> bool;
 

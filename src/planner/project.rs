@@ -77,19 +77,11 @@ pub fn project_selected(
     }
 
     let observed = observe(input.connections, &per_domain, read)?;
-    let parts = project_domains(input, &per_domain, &observed);
-    let mut out = Output {
-        warnings: pinned_warnings,
-        ..Output::default()
-    };
-    out.steps.reserve(resolved.len());
-    for part in parts {
-        let (part, part_problems) = part?;
-        out.changes.extend(part.changes);
-        out.steps.extend(part.steps);
-        out.warnings.extend(part.warnings);
-        problems.extend(part_problems);
-    }
+    let (mut out, projected_problems) = project_domains(input, &per_domain, &observed)?;
+    problems.extend(projected_problems);
+    // Warnings about pinned sets first, as they were found first.
+    let projected_warnings = std::mem::replace(&mut out.warnings, pinned_warnings);
+    out.warnings.extend(projected_warnings);
     if !problems.is_empty() {
         problems.sort_by_key(|p| (p.pos, p.vm.clone()));
         return Err(PlanError::Problems(problems));
@@ -194,74 +186,40 @@ fn select(
     })
 }
 
-/// Projects each domain's steps over its observed state, each domain on its own: many of
-/// them are split over two threads. Each part's changes, steps, warnings and problems come
-/// back in order; joined in that order they are what a single pass gives.
+/// Projects each domain's steps over its observed state, in `per_domain`'s order.
 fn project_domains(
     input: &PlanInput<'_>,
     per_domain: &PerDomain<'_>,
     observed: &BTreeMap<(&Uri, &str), Observed>,
-) -> Vec<Result<(Output, Vec<PlanProblem>), PlanError>> {
+) -> Result<(Output, Vec<PlanProblem>), PlanError> {
     let plan_file = input.file.path.display().to_string();
-    let project_part = |part: &[DomainSteps<'_, '_>]| {
-        let mut out = Output::default();
-        let mut problems = Vec::new();
-        for (key, (id, steps)) in part {
-            let (uri, _) = **key;
-            let Some(domain) = observed.get(*key) else {
-                return Err(PlanError::Libvirt {
-                    context: format!("reading {} on {uri}", id.name),
-                    source: crate::hypervisor::HvError::new(
-                        ErrorKind::NotFound,
-                        "the domain disappeared while its state was read",
-                    ),
-                });
-            };
-            let ctx = DomainCtx {
-                file: input.file,
-                plan_file: &plan_file,
-                uri,
-                id,
-                input,
-                observed: domain,
-            };
-            ctx.project(steps, &mut out, &mut problems);
-        }
-        Ok((out, problems))
-    };
-    let domains: Vec<DomainSteps<'_, '_>> = per_domain.iter().collect();
-    if domains.len() < PARALLEL_FROM {
-        return vec![project_part(&domains)];
+    let mut out = Output::default();
+    let mut problems = Vec::new();
+    for (key, (id, steps)) in per_domain {
+        let (uri, _) = *key;
+        let Some(domain) = observed.get(key) else {
+            return Err(PlanError::Libvirt {
+                context: format!("reading {} on {uri}", id.name),
+                source: crate::hypervisor::HvError::new(
+                    ErrorKind::NotFound,
+                    "the domain disappeared while its state was read",
+                ),
+            });
+        };
+        let ctx = DomainCtx {
+            file: input.file,
+            plan_file: &plan_file,
+            uri,
+            id,
+            input,
+            observed: domain,
+        };
+        ctx.project(steps, &mut out, &mut problems);
     }
-    std::thread::scope(|scope| {
-        let handles: Vec<_> = domains
-            .chunks(domains.len().div_ceil(2))
-            .map(|part| scope.spawn(|| project_part(part)))
-            .collect();
-        handles
-            .into_iter()
-            .map(|h| {
-                h.join().unwrap_or_else(|_| {
-                    Err(PlanError::Libvirt {
-                        context: "projecting the plan".to_owned(),
-                        source: crate::hypervisor::HvError::new(
-                            ErrorKind::Other,
-                            "a projection thread panicked",
-                        ),
-                    })
-                })
-            })
-            .collect()
-    })
+    Ok((out, problems))
 }
 
 type Resolved<'a> = Vec<(&'a Step, Uri, DomainId)>;
-
-/// From this many domains on, they are projected on two threads.
-const PARALLEL_FROM: usize = 256;
-
-/// One entry of [`PerDomain`].
-type DomainSteps<'m, 'a> = (&'m (&'a Uri, &'a str), &'m (&'a DomainId, Vec<&'a Step>));
 
 /// Each domain's steps, by connection and UUID (borrowed from [`Resolved`]).
 type PerDomain<'a> = BTreeMap<(&'a Uri, &'a str), (&'a DomainId, Vec<&'a Step>)>;

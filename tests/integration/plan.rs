@@ -446,8 +446,8 @@ fn classic_window_against_a_real_qemu_domain() {
     assert_eq!(plan.steps[0].before.uuid, dom.uuid);
 }
 
-/// The libvirt procedures (remote protocol numbers) `virtplan plan PLAN` called, in order,
-/// read from libvirt's own client log.
+/// The libvirt procedures (remote protocol numbers) `virtplan plan PLAN` called, in the order
+/// sent, read from libvirt's own client log.
 fn rpc_calls(plan: &Path, log: &Path) -> Vec<String> {
     let out = crate::support::helpers::virtplan(
         &["plan", plan.to_str().unwrap(), "--format", "json"],
@@ -464,7 +464,8 @@ fn rpc_calls(plan: &Path, log: &Path) -> Vec<String> {
     let calls = std::fs::read_to_string(log)
         .unwrap()
         .lines()
-        .filter(|l| l.contains("RPC_CLIENT_MSG_TX_QUEUE"))
+        // The remote protocol's calls only (keepalive pings are another program).
+        .filter(|l| l.contains("RPC_CLIENT_MSG_TX_QUEUE") && l.contains("prog=536903814 "))
         .filter_map(|l| l.split_whitespace().find(|w| w.starts_with("proc=")))
         .map(str::to_owned)
         .collect();
