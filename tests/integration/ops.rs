@@ -143,19 +143,13 @@ fn schema_status_is_the_checked_in_file() {
     assert_eq!(json["title"], "StatusDoc");
 }
 
+/// Commands that completions and the man page must name.
+const COMMANDS: [&str; 6] = ["validate", "plan", "apply", "status", "watch", "schema"];
+
 #[test]
 fn completions_are_generated_for_every_command() {
     let bash = Cli::new().args(["completions", "bash"]).run();
-    for word in [
-        "validate",
-        "plan",
-        "apply",
-        "status",
-        "watch",
-        "schema",
-        "--lock-timeout",
-        "--no-color",
-    ] {
+    for word in COMMANDS.into_iter().chain(["--lock-timeout", "--no-color"]) {
         assert!(bash.stdout.contains(word), "bash completion lacks {word}");
     }
     // The script is valid bash.
@@ -190,16 +184,7 @@ fn man_page_lists_every_command_and_writes_one_page_each() {
     let ran = Cli::new().arg("man").run();
     assert!(ran.stdout.starts_with(".ie"), "{}", &ran.stdout[..40]);
     assert!(ran.stdout.contains(".TH virtplan 1"));
-    for sub in [
-        "validate",
-        "plan",
-        "apply",
-        "status",
-        "watch",
-        "schema",
-        "completions",
-        "man",
-    ] {
+    for sub in COMMANDS.into_iter().chain(["completions", "man"]) {
         assert!(ran.stdout.contains(sub), "man page lacks {sub}");
     }
     let dir = tempfile::tempdir().unwrap();
