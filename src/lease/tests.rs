@@ -70,6 +70,12 @@ impl Us {
     }
 }
 
+/// `leaser` acquires the lease on [`UUID`] now.
+fn assert_acquires(leaser: &Leaser<'_>) {
+    let attempt = leaser.try_acquire(UUID).unwrap();
+    assert!(matches!(attempt, Attempt::Acquired { .. }), "{attempt:?}");
+}
+
 #[test]
 fn lease_xml_round_trips_with_awkward_text() {
     let lease = Lease {
@@ -246,10 +252,7 @@ fn an_expired_lease_is_taken_over_once_the_clock_skew_margin_passed() {
     // Expired 3 s ago, but clocks may be 5 s apart: not yet.
     assert_eq!(leaser.try_acquire(UUID).unwrap(), Attempt::Busy(dead));
     us.clock.advance(chrono::Duration::seconds(3));
-    assert!(matches!(
-        leaser.try_acquire(UUID).unwrap(),
-        Attempt::Acquired { .. }
-    ));
+    assert_acquires(&leaser);
     assert_eq!(leaser.read(UUID).unwrap().unwrap().holder, us.me);
 }
 
@@ -274,10 +277,7 @@ fn a_lease_left_by_a_dead_executor_of_the_same_plan_on_this_host_is_taken_over_a
         own_plan_exclusive: true,
         ..plain
     };
-    assert!(matches!(
-        leaser(&exclusive).try_acquire(UUID).unwrap(),
-        Attempt::Acquired { .. }
-    ));
+    assert_acquires(&leaser(&exclusive));
     // Another plan's live lease on this host is still respected.
     let other_plan = Lease {
         holder: Holder {
@@ -330,10 +330,7 @@ fn renew_extends_our_lease_and_reports_a_lost_one() {
     let us = Us::new();
     let register = Metadata(hv.as_ref());
     let leaser = us.leaser(&register);
-    assert!(matches!(
-        leaser.try_acquire(UUID).unwrap(),
-        Attempt::Acquired { .. }
-    ));
+    assert_acquires(&leaser);
     us.clock.advance(chrono::Duration::seconds(10));
     assert_eq!(
         leaser.renew(UUID).unwrap(),
@@ -377,10 +374,7 @@ fn leases_live_in_the_persistent_definition_across_power_changes() {
     let us = Us::new();
     let register = Metadata(hv.as_ref());
     let leaser = us.leaser(&register);
-    assert!(matches!(
-        leaser.try_acquire(UUID).unwrap(),
-        Attempt::Acquired { .. }
-    ));
+    assert_acquires(&leaser);
     hv.destroy(UUID).unwrap();
     assert_eq!(leaser.read(UUID).unwrap().unwrap().holder, us.me);
     hv.start(UUID).unwrap();

@@ -740,22 +740,13 @@ fn ci_model_two_plans_merged_together_both_run_at_their_times() {
     let watch = spawn_piped(&["watch", s(&srv.join("plans"))]);
 
     // A pull request with two plans, merged in one commit. Its CI job: validate and plan.
-    std::fs::write(
-        work.join("plans/web.yaml"),
-        format!(
-            "version: 1\nsteps:\n  - at: {}\n    vm: web-01\n    vcpus: 2\n",
-            at(now(), 6)
-        ),
-    )
-    .unwrap();
-    std::fs::write(
-        work.join("plans/db.yaml"),
-        format!(
-            "version: 1\nsteps:\n  - at: {}\n    vm: db-01\n    memory: 2GiB\n",
-            at(now(), 7)
-        ),
-    )
-    .unwrap();
+    let one_step = |file: &str, secs: i64, vm: &str, change: &str| {
+        let at = at(now(), secs);
+        let body = format!("version: 1\nsteps:\n  - at: {at}\n    vm: {vm}\n    {change}\n");
+        std::fs::write(work.join("plans").join(file), body).unwrap();
+    };
+    one_step("web.yaml", 6, "web-01", "vcpus: 2");
+    one_step("db.yaml", 7, "db-01", "memory: 2GiB");
     Cli::new()
         .args(["validate", "plans/web.yaml", "plans/db.yaml"])
         .current_dir(&work)
