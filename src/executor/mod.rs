@@ -726,6 +726,38 @@ impl Run<'_> {
     // One match over what the lockfile and the domain's history say, then one epilogue;
     // splitting it would scatter the order the statuses are decided in.
     #[allow(clippy::too_many_lines)]
+    /// A step whose turn has come: waits for its time, then its host (a lost host first, so
+    /// its domain takes no rollout share while it waits), then its rollout share, and runs
+    /// (`after_failure`: an `always` step run after a failure or an abort). `Ok`: the status it
+    /// ended with and whether its domain is gone; `Err`: hand the domain back to the scheduler.
+    fn attempt(
+        &self,
+        step: &PlannedStep,
+        domain: usize,
+        recorded: StepStatus,
+        gated: bool,
+        after_failure: bool,
+    ) -> Result<(StepStatus, bool), Next> {
+        if let Some(due) = self.not_yet(step, recorded) {
+            return Err(Next::Due(due));
+        }
+        match self.host_gate(step) {
+            HostGate::Wait(until) => Err(Next::Due(until)),
+            HostGate::Lost(reason) => Ok((self.host_lost(step, recorded, &reason), false)),
+            HostGate::Up => match self.admit(step, domain, recorded, gated) {
+                Some(Arrival::Parked) => Err(Next::Parked),
+                Some(Arrival::Skip(reason)) => {
+                    self.finish(step, StepStatus::Skipped, reason);
+                    Ok((StepStatus::Skipped, false))
+                }
+                _ => {
+                    let ended = self.step(step, recorded, after_failure);
+                    Ok((ended.status, ended.gone))
+                }
+            },
+        }
+    }
+
     fn turn(&self, domain: usize, steps: &[&PlannedStep], cursor: &mut Cursor) -> Next {
         while let Some(&step) = steps.get(cursor.next) {
             let mut gone = false;
@@ -755,29 +787,14 @@ impl Run<'_> {
                 // An `always` step runs whatever happened before it (but never twice, and
                 // never after a signal).
                 _ if step.always && !self.ex.stop.load(Ordering::SeqCst) => {
-                    if let Some(due) = self.not_yet(step, recorded) {
-                        return Next::Due(due);
-                    }
-                    // A lost host first: its domain takes no rollout share while it waits.
-                    match self.host_gate(step) {
-                        HostGate::Wait(until) => return Next::Due(until),
-                        HostGate::Lost(reason) => (self.host_lost(step, recorded, &reason), true),
-                        HostGate::Up => match self.admit(step, domain, recorded, gated) {
-                            Some(Arrival::Parked) => return Next::Parked,
-                            Some(Arrival::Skip(reason)) => {
-                                self.finish(step, StepStatus::Skipped, reason);
-                                (StepStatus::Skipped, true)
-                            }
-                            _ => {
-                                let ended = self.step(
-                                    step,
-                                    recorded,
-                                    cursor.blocked.is_some() || self.abort.load(Ordering::SeqCst),
-                                );
-                                gone = ended.gone;
-                                (ended.status, true)
-                            }
-                        },
+                    let after_failure =
+                        cursor.blocked.is_some() || self.abort.load(Ordering::SeqCst);
+                    match self.attempt(step, domain, recorded, gated, after_failure) {
+                        Ok((status, ended_gone)) => {
+                            gone = ended_gone;
+                            (status, true)
+                        }
+                        Err(next) => return next,
                     }
                 }
                 (_, Some(b)) => {
@@ -799,27 +816,13 @@ impl Run<'_> {
                     self.cancel(step);
                     (StepStatus::Cancelled, false)
                 }
-                _ => {
-                    if let Some(due) = self.not_yet(step, recorded) {
-                        return Next::Due(due);
+                _ => match self.attempt(step, domain, recorded, gated, false) {
+                    Ok((status, ended_gone)) => {
+                        gone = ended_gone;
+                        (status, true)
                     }
-                    match self.host_gate(step) {
-                        HostGate::Wait(until) => return Next::Due(until),
-                        HostGate::Lost(reason) => (self.host_lost(step, recorded, &reason), true),
-                        HostGate::Up => match self.admit(step, domain, recorded, gated) {
-                            Some(Arrival::Parked) => return Next::Parked,
-                            Some(Arrival::Skip(reason)) => {
-                                self.finish(step, StepStatus::Skipped, reason);
-                                (StepStatus::Skipped, true)
-                            }
-                            _ => {
-                                let ended = self.step(step, recorded, false);
-                                gone = ended.gone;
-                                (ended.status, true)
-                            }
-                        },
-                    }
-                }
+                    Err(next) => return next,
+                },
             };
             if gated {
                 // The budget is spent under `on_failure: abort`: the plan stops.
