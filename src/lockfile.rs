@@ -51,6 +51,11 @@ use crate::state::{DomainState, Kib, PowerState};
 /// The lockfile format this build writes (JSON lines); version 1 (TOML) is still read.
 pub const LOCKFILE_VERSION: u32 = 2;
 
+/// The format of a lockfile whose header records a `--only`/`--exclude` filter: version 3, so
+/// a virtplan from before filters refuses it as newer ("upgrade virtplan") rather than as
+/// corrupt. The newest format this build reads.
+pub const LOCKFILE_VERSION_FILTERED: u32 = 3;
+
 /// Where a step is in its life.
 #[derive(
     Debug,
@@ -592,7 +597,11 @@ fn header_line(
         header: Header,
     }
     let header = Header {
-        version: LOCKFILE_VERSION,
+        version: if filter.is_some() {
+            LOCKFILE_VERSION_FILTERED
+        } else {
+            LOCKFILE_VERSION
+        },
         plan_sha256: plan_sha256.to_owned(),
         about: "virtplan progress file: written by `virtplan apply`, read by `virtplan status`; \
                 one JSON object per line, later step lines supersede earlier ones; do not edit \
@@ -657,7 +666,7 @@ fn parse_text(path: &Path, bytes: &[u8]) -> Result<Parsed, LockError> {
         .and_then(|h| h.get("version"))
         .and_then(serde_json::Value::as_u64)
         .ok_or_else(|| corrupt(path, "line 1 is not a virtplan header"))?;
-    if version > u64::from(LOCKFILE_VERSION) {
+    if version > u64::from(LOCKFILE_VERSION_FILTERED) {
         return Err(LockError::NewerVersion {
             path: path.to_path_buf(),
             version: u32::try_from(version).unwrap_or(u32::MAX),
@@ -841,7 +850,7 @@ pub enum LockError {
     },
     #[error("the lockfile {} is corrupt ({reason}); virtplan will not overwrite it: inspect it, and if the progress it recorded is known, move it aside (e.g. `mv {0} {0}.bad`) and run `virtplan plan` to see what still needs doing", path.display())]
     Corrupt { path: PathBuf, reason: String },
-    #[error("the lockfile {} has format version {version}, newer than this virtplan understands ({LOCKFILE_VERSION}); upgrade virtplan", path.display())]
+    #[error("the lockfile {} has format version {version}, newer than this virtplan understands ({LOCKFILE_VERSION_FILTERED}); upgrade virtplan", path.display())]
     NewerVersion { path: PathBuf, version: u32 },
     #[error("cannot serialize the lockfile: {0}")]
     Serialize(String),
@@ -1934,14 +1943,36 @@ mod tests {
     fn newer_lockfile_is_refused() {
         let err = Lockfile::parse(
             Path::new("p.lock"),
-            "{\"header\":{\"version\":3,\"plan_sha256\":\"x\",\"new\":1}}\n{\"whatever\":{}}\n",
+            "{\"header\":{\"version\":4,\"plan_sha256\":\"x\",\"new\":1}}\n{\"whatever\":{}}\n",
         )
         .unwrap_err();
         assert!(
-            matches!(err, LockError::NewerVersion { version: 3, .. }),
+            matches!(err, LockError::NewerVersion { version: 4, .. }),
             "{err}"
         );
         assert!(err.to_string().contains("upgrade virtplan"));
+    }
+
+    /// A header that records a filter is format 3, which a virtplan from before filters
+    /// (reading up to 2) refuses as newer, not as corrupt; without a filter it stays 2.
+    #[test]
+    fn a_lockfile_with_a_filter_is_format_3_and_without_one_format_2() {
+        let mut lock = Lockfile::new("x");
+        let plain = lock.to_text().unwrap();
+        assert!(plain.starts_with("{\"header\":{\"version\":2,"), "{plain}");
+        lock.filter =
+            Some(crate::filter::Filter::new(vec!["web-*".to_owned()], Vec::new()).unwrap());
+        let filtered = lock.to_text().unwrap();
+        assert!(
+            filtered.starts_with("{\"header\":{\"version\":3,"),
+            "{filtered}"
+        );
+        let back = Lockfile::parse(Path::new("p.lock"), &filtered).unwrap();
+        assert_eq!(back.filter, lock.filter);
+        assert_eq!(
+            Lockfile::parse(Path::new("p.lock"), &plain).unwrap().filter,
+            None
+        );
     }
 
     #[test]

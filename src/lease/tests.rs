@@ -70,6 +70,38 @@ impl Us {
     }
 }
 
+/// Each leaser tries to acquire [`UUID`] on a thread of its own, all together once `start` (if
+/// any) lets them go; returns their attempts, in order.
+fn race<'a>(leasers: impl Iterator<Item = Leaser<'a>>, start: Option<&Barrier>) -> Vec<Attempt> {
+    std::thread::scope(|s| {
+        let handles: Vec<_> = leasers
+            .map(|leaser| {
+                s.spawn(move || {
+                    if let Some(start) = start {
+                        start.wait();
+                    }
+                    leaser.try_acquire(UUID).unwrap()
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    })
+}
+
+/// How many of `attempts` acquired the lease.
+fn winners(attempts: &[Attempt]) -> usize {
+    attempts
+        .iter()
+        .filter(|r| matches!(r, Attempt::Acquired { .. }))
+        .count()
+}
+
+/// `leaser` acquires the lease on [`UUID`] now.
+fn assert_acquires(leaser: &Leaser<'_>) {
+    let attempt = leaser.try_acquire(UUID).unwrap();
+    assert!(matches!(attempt, Attempt::Acquired { .. }), "{attempt:?}");
+}
+
 #[test]
 fn lease_xml_round_trips_with_awkward_text() {
     let lease = Lease {
@@ -144,22 +176,12 @@ fn two_contenders_that_both_read_free_never_both_acquire() {
         let config = config();
         let a = holder("admin1", 10, "a");
         let b = holder("admin2", 10, "b");
-        let results: Vec<Attempt> = std::thread::scope(|s| {
-            let handles: Vec<_> = [&a, &b]
-                .into_iter()
-                .zip(&clocks)
-                .map(|(me, clock)| {
-                    let leaser = Leaser::new(&register, clock, me, &config);
-                    s.spawn(move || leaser.try_acquire(UUID).unwrap())
-                })
-                .collect();
-            handles.into_iter().map(|h| h.join().unwrap()).collect()
-        });
-        let won = results
-            .iter()
-            .filter(|r| matches!(r, Attempt::Acquired { .. }))
-            .count();
-        assert_eq!(won, 1, "round {round}: {results:?}");
+        let leasers = [&a, &b]
+            .into_iter()
+            .zip(&clocks)
+            .map(|(me, clock)| Leaser::new(&register, clock, me, &config));
+        let results = race(leasers, None);
+        assert_eq!(winners(&results), 1, "round {round}: {results:?}");
         let lost = results
             .iter()
             .find_map(|r| match r {
@@ -187,28 +209,14 @@ fn eight_racing_contenders_on_the_system_clock_elect_exactly_one() {
     let holders: Vec<Holder> = (0..8)
         .map(|i| holder("admin1", i, &i.to_string()))
         .collect();
-    let start = Arc::new(Barrier::new(holders.len()));
+    let start = Barrier::new(holders.len());
     let register = Metadata(hv.as_ref());
-    let results: Vec<Attempt> = std::thread::scope(|s| {
-        let handles: Vec<_> = holders
-            .iter()
-            .map(|me| {
-                let leaser = Leaser::new(&register, &clock, me, &config);
-                let start = Arc::clone(&start);
-                s.spawn(move || {
-                    start.wait();
-                    leaser.try_acquire(UUID).unwrap()
-                })
-            })
-            .collect();
-        handles.into_iter().map(|h| h.join().unwrap()).collect()
-    });
-    let won = results
+    let leasers = holders
         .iter()
-        .filter(|r| matches!(r, Attempt::Acquired { .. }))
-        .count();
+        .map(|me| Leaser::new(&register, &clock, me, &config));
+    let results = race(leasers, Some(&start));
     // A contender whose own write was slow backs off; it never acts.
-    assert_eq!(won, 1, "{results:?}");
+    assert_eq!(winners(&results), 1, "{results:?}");
 }
 
 #[test]
@@ -246,10 +254,7 @@ fn an_expired_lease_is_taken_over_once_the_clock_skew_margin_passed() {
     // Expired 3 s ago, but clocks may be 5 s apart: not yet.
     assert_eq!(leaser.try_acquire(UUID).unwrap(), Attempt::Busy(dead));
     us.clock.advance(chrono::Duration::seconds(3));
-    assert!(matches!(
-        leaser.try_acquire(UUID).unwrap(),
-        Attempt::Acquired { .. }
-    ));
+    assert_acquires(&leaser);
     assert_eq!(leaser.read(UUID).unwrap().unwrap().holder, us.me);
 }
 
@@ -274,10 +279,7 @@ fn a_lease_left_by_a_dead_executor_of_the_same_plan_on_this_host_is_taken_over_a
         own_plan_exclusive: true,
         ..plain
     };
-    assert!(matches!(
-        leaser(&exclusive).try_acquire(UUID).unwrap(),
-        Attempt::Acquired { .. }
-    ));
+    assert_acquires(&leaser(&exclusive));
     // Another plan's live lease on this host is still respected.
     let other_plan = Lease {
         holder: Holder {
@@ -330,10 +332,7 @@ fn renew_extends_our_lease_and_reports_a_lost_one() {
     let us = Us::new();
     let register = Metadata(hv.as_ref());
     let leaser = us.leaser(&register);
-    assert!(matches!(
-        leaser.try_acquire(UUID).unwrap(),
-        Attempt::Acquired { .. }
-    ));
+    assert_acquires(&leaser);
     us.clock.advance(chrono::Duration::seconds(10));
     assert_eq!(
         leaser.renew(UUID).unwrap(),
@@ -377,10 +376,7 @@ fn leases_live_in_the_persistent_definition_across_power_changes() {
     let us = Us::new();
     let register = Metadata(hv.as_ref());
     let leaser = us.leaser(&register);
-    assert!(matches!(
-        leaser.try_acquire(UUID).unwrap(),
-        Attempt::Acquired { .. }
-    ));
+    assert_acquires(&leaser);
     hv.destroy(UUID).unwrap();
     assert_eq!(leaser.read(UUID).unwrap().unwrap().holder, us.me);
     hv.start(UUID).unwrap();

@@ -143,19 +143,13 @@ fn schema_status_is_the_checked_in_file() {
     assert_eq!(json["title"], "StatusDoc");
 }
 
+/// Commands that completions and the man page must name.
+const COMMANDS: [&str; 6] = ["validate", "plan", "apply", "status", "watch", "schema"];
+
 #[test]
 fn completions_are_generated_for_every_command() {
     let bash = Cli::new().args(["completions", "bash"]).run();
-    for word in [
-        "validate",
-        "plan",
-        "apply",
-        "status",
-        "watch",
-        "schema",
-        "--lock-timeout",
-        "--no-color",
-    ] {
+    for word in COMMANDS.into_iter().chain(["--lock-timeout", "--no-color"]) {
         assert!(bash.stdout.contains(word), "bash completion lacks {word}");
     }
     // The script is valid bash.
@@ -190,16 +184,7 @@ fn man_page_lists_every_command_and_writes_one_page_each() {
     let ran = Cli::new().arg("man").run();
     assert!(ran.stdout.starts_with(".ie"), "{}", &ran.stdout[..40]);
     assert!(ran.stdout.contains(".TH virtplan 1"));
-    for sub in [
-        "validate",
-        "plan",
-        "apply",
-        "status",
-        "watch",
-        "schema",
-        "completions",
-        "man",
-    ] {
+    for sub in COMMANDS.into_iter().chain(["completions", "man"]) {
         assert!(ran.stdout.contains(sub), "man page lacks {sub}");
     }
     let dir = tempfile::tempdir().unwrap();
@@ -740,22 +725,13 @@ fn ci_model_two_plans_merged_together_both_run_at_their_times() {
     let watch = spawn_piped(&["watch", s(&srv.join("plans"))]);
 
     // A pull request with two plans, merged in one commit. Its CI job: validate and plan.
-    std::fs::write(
-        work.join("plans/web.yaml"),
-        format!(
-            "version: 1\nsteps:\n  - at: {}\n    vm: web-01\n    vcpus: 2\n",
-            at(now(), 6)
-        ),
-    )
-    .unwrap();
-    std::fs::write(
-        work.join("plans/db.yaml"),
-        format!(
-            "version: 1\nsteps:\n  - at: {}\n    vm: db-01\n    memory: 2GiB\n",
-            at(now(), 7)
-        ),
-    )
-    .unwrap();
+    let one_step = |file: &str, secs: i64, vm: &str, change: &str| {
+        let at = at(now(), secs);
+        let body = format!("version: 1\nsteps:\n  - at: {at}\n    vm: {vm}\n    {change}\n");
+        std::fs::write(work.join("plans").join(file), body).unwrap();
+    };
+    one_step("web.yaml", 6, "web-01", "vcpus: 2");
+    one_step("db.yaml", 7, "db-01", "memory: 2GiB");
     Cli::new()
         .args(["validate", "plans/web.yaml", "plans/db.yaml"])
         .current_dir(&work)

@@ -49,6 +49,18 @@ fn run_id(hv: &Libvirt, uuid: &str) -> Option<u32> {
     hv.run_id(uuid).expect("read the domain id")
 }
 
+/// A plan of one step in a temporary folder: reboot `vm` with `shutdown` (what goes inside its
+/// `{ }`), then `more` (further keys of the step, each line indented by four).
+fn reboot_plan(uri: &str, vm: &str, shutdown: &str, more: &str) -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let plan = write_steps(
+        dir.path(),
+        uri,
+        &format!("  - vm: {vm}\n    power: reboot\n    shutdown: {{ {shutdown} }}\n{more}"),
+    );
+    (dir, plan)
+}
+
 #[test]
 fn qemu_reboot_window_restarts_the_domain_and_its_check_passes() {
     let Some(uri) = qemu_uri() else { return };
@@ -56,16 +68,12 @@ fn qemu_reboot_window_restarts_the_domain_and_its_check_passes() {
     dom.start();
     let hv = Libvirt::connect(&uri).unwrap();
     let before = run_id(&hv, &dom.uuid).expect("running");
-    let dir = tempfile::tempdir().unwrap();
-    let plan = write_steps(
-        dir.path(),
+    let (_dir, plan) = reboot_plan(
         &uri,
+        &dom.name,
+        "mode: graceful, timeout: 2s, force_after_timeout: true",
         &format!(
-            "  - vm: {vm}
-    power: reboot
-    shutdown: {{ mode: graceful, timeout: 2s, force_after_timeout: true }}
-    check: {{ state: running, command: 'test \"$VIRTPLAN_VM\" = {vm} && test \"$VIRTPLAN_UUID\" = {uuid}', timeout: 30s, interval: 1s }}
-",
+            "    check: {{ state: running, command: 'test \"$VIRTPLAN_VM\" = {vm} && test \"$VIRTPLAN_UUID\" = {uuid}', timeout: 30s, interval: 1s }}\n",
             vm = dom.name,
             uuid = dom.uuid
         ),
@@ -169,19 +177,6 @@ fn qemu_failing_check_skips_the_next_step_and_always_power_on_leaves_it_running(
     );
 }
 
-fn reboot_plan(uri: &str, dom: &TestDomain, timeout: &str) -> (tempfile::TempDir, PathBuf) {
-    let dir = tempfile::tempdir().unwrap();
-    let plan = write_steps(
-        dir.path(),
-        uri,
-        &format!(
-            "  - vm: {}\n    power: reboot\n    shutdown: {{ mode: graceful, timeout: {timeout}, force_after_timeout: true }}\n",
-            dom.name
-        ),
-    );
-    (dir, plan)
-}
-
 #[test]
 fn qemu_kill_9_in_the_middle_of_a_reboot_then_resume_reboots_exactly_once() {
     let Some(uri) = qemu_uri() else { return };
@@ -191,7 +186,12 @@ fn qemu_kill_9_in_the_middle_of_a_reboot_then_resume_reboots_exactly_once() {
     let dom = TestDomain::define(&uri, "safe-kill-wait");
     dom.start();
     let first_id = run_id(&hv, &dom.uuid).unwrap();
-    let (_dir, plan) = reboot_plan(&uri, &dom, "3s");
+    let (_dir, plan) = reboot_plan(
+        &uri,
+        &dom.name,
+        "mode: graceful, timeout: 3s, force_after_timeout: true",
+        "",
+    );
     let mut child = spawn_apply(&plan);
     wait_for_lock(
         &plan,
@@ -217,7 +217,12 @@ fn qemu_kill_9_in_the_middle_of_a_reboot_then_resume_reboots_exactly_once() {
     //    the resume starts it, and does not shut it down again.
     let dom = TestDomain::define(&uri, "safe-kill-off");
     dom.start();
-    let (_dir, plan) = reboot_plan(&uri, &dom, "1s");
+    let (_dir, plan) = reboot_plan(
+        &uri,
+        &dom.name,
+        "mode: graceful, timeout: 1s, force_after_timeout: true",
+        "",
+    );
     let shown = virtplan(&["plan", plan.to_str().unwrap(), "--format", "json"], &[]);
     let json: serde_json::Value = serde_json::from_slice(&shown.stdout).expect("plan json");
     let id = json["changes"][0]["step_id"].as_str().unwrap().to_owned();
@@ -435,19 +440,11 @@ fn qemu_agent_channel_without_an_agent_reboot_falls_back_to_acpi_and_sync_fails_
     dom.start();
     let hv = Libvirt::connect(&uri).unwrap();
     let before = run_id(&hv, &dom.uuid).unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let plan = write_steps(
-        dir.path(),
+    let (dir, plan) = reboot_plan(
         &uri,
-        &format!(
-            "  - vm: {vm}
-    power: reboot
-    shutdown: {{ mode: graceful, timeout: 1s, force_after_timeout: true }}
-    clock: {{ sync: true }}
-    check: {{ state: running, timeout: 3s, interval: 1s }}
-",
-            vm = dom.name
-        ),
+        &dom.name,
+        "mode: graceful, timeout: 1s, force_after_timeout: true",
+        "    clock: { sync: true }\n    check: { state: running, timeout: 3s, interval: 1s }\n",
     );
     // The domain has an agent channel: plan accepts the sync and says the agent shuts it down.
     let shown = virtplan(&["plan", plan.to_str().unwrap()], &[]);
@@ -503,19 +500,11 @@ fn qemu_real_guest_reboot_through_its_agent_syncs_the_clock_and_passes_an_agent_
     let guest = crate::support::guest::Guest::boot(&uri, "safe-agent-reboot", &spec);
     let hv = Libvirt::connect(&uri).unwrap();
     let before = run_id(&hv, guest.uuid()).expect("running");
-    let dir = tempfile::tempdir().unwrap();
-    let plan = write_steps(
-        dir.path(),
+    let (_dir, plan) = reboot_plan(
         &uri,
-        &format!(
-            "  - vm: {vm}
-    power: reboot
-    shutdown: {{ mode: graceful, timeout: 60s, force_after_timeout: false }}
-    clock: {{ sync: true }}
-    check: {{ state: running, guest_agent: true, timeout: 2m, interval: 2s }}
-",
-            vm = guest.name()
-        ),
+        guest.name(),
+        "mode: graceful, timeout: 60s, force_after_timeout: false",
+        "    clock: { sync: true }\n    check: { state: running, guest_agent: true, timeout: 2m, interval: 2s }\n",
     );
     let message = apply_one_step(&plan, 0, StepStatus::Done).message;
     assert!(
