@@ -161,25 +161,38 @@ pub fn check(recorded: &Lockfile, lock_path: &Path, plan: &Plan) -> Result<(), L
 /// `plan`: one warning each (they are never touched; `virtplan plan` reviews them).
 #[must_use]
 pub fn unreviewed_matches(file: &PlanFile, plan: &Plan, connections: &Connections) -> Vec<String> {
+    // One pass over the plan and one listing per connection, not one per pattern step.
+    let mut by_id: std::collections::HashMap<&str, Vec<&crate::planner::PlannedStep>> =
+        std::collections::HashMap::new();
+    for s in &plan.steps {
+        by_id.entry(s.step_id.as_str()).or_default().push(s);
+    }
+    let mut listings: std::collections::HashMap<&Uri, Option<Vec<crate::hypervisor::DomainId>>> =
+        std::collections::HashMap::new();
     let mut warnings = Vec::new();
     for step in &file.steps {
+        if step.targets.iter().all(|t| t.pattern().is_none()) {
+            continue;
+        }
         let id = step.id();
-        let reviewed: Vec<&crate::planner::PlannedStep> =
-            plan.steps.iter().filter(|s| s.step_id == id).collect();
-        let Some(uri) = reviewed.first().map(|s| &s.connection) else {
+        let Some(reviewed) = by_id.get(id.as_str()) else {
             continue;
         };
+        let uri = &reviewed[0].connection;
         let Some(hv) = connections.get(uri) else {
+            continue;
+        };
+        let Some(listed) = listings
+            .entry(uri)
+            .or_insert_with(|| hv.list_domains().ok())
+        else {
             continue;
         };
         for target in &step.targets {
             let Some(pattern) = target.pattern() else {
                 continue;
             };
-            let Ok(listed) = hv.list_domains() else {
-                continue;
-            };
-            for d in listed {
+            for d in listed.iter() {
                 if pattern.matches(&d.name) && !reviewed.iter().any(|s| s.domain.uuid == d.uuid) {
                     warnings.push(format!(
                         "{} ({}) now matches `{}` of step {} but was not in the reviewed plan: it is not touched; run `virtplan plan` to review it",
