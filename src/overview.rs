@@ -21,6 +21,10 @@ pub struct StatusDoc {
     /// Notification events not delivered to every target yet (absent when there are none).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub notifications: Vec<StatusNotification>,
+    /// The `--only` / `--exclude` filter of the last apply (absent when it had none): the
+    /// steps of the domains it left out are still pending.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub filter: Option<crate::filter::Filter>,
 }
 
 /// A notification event that some target has not taken.
@@ -88,6 +92,7 @@ impl From<&Lockfile> for StatusDoc {
         Self {
             steps: rows(None, Some(lock), &[], None),
             notifications: undelivered(lock),
+            filter: lock.filter.clone(),
         }
     }
 }

@@ -75,6 +75,7 @@ pub fn run(
     let doc = StatusDoc {
         steps: overview::rows(file, lock.as_ref(), &cancels, zone),
         notifications: lock.as_ref().map(overview::undelivered).unwrap_or_default(),
+        filter: lock.as_ref().and_then(|l| l.filter.clone()),
     };
     let text = match format {
         StatusFormat::Json => {
@@ -96,6 +97,19 @@ fn time(t: Option<DateTime<Utc>>, zone: Option<Tz>) -> String {
 pub fn human(doc: &StatusDoc, zone: Option<Tz>, printer: &Printer) -> String {
     use std::fmt::Write as _;
     let mut out = String::new();
+    if let Some(filter) = &doc.filter {
+        let _ = writeln!(
+            out,
+            "{}",
+            printer.paint(
+                Tone::Dim,
+                &format!(
+                    "The last apply ran with {}: the steps of the domains it left out are pending.",
+                    escape(&filter.describe())
+                )
+            )
+        );
+    }
     for s in &doc.steps {
         let tone = match s.status {
             StepStatus::Done => Tone::Added,
@@ -235,6 +249,7 @@ mod tests {
         let doc = StatusDoc {
             steps: crate::overview::rows(None, Some(&sample()), &cancels, Some(zone)),
             notifications: Vec::new(),
+            filter: None,
         };
         insta::assert_snapshot!(super::human(&doc, Some(zone), &Printer::plain()));
     }

@@ -118,6 +118,7 @@ fn plan_shows_and_apply_runs_only_what_the_filter_selects() {
         "{lock:?}"
     );
     assert_eq!(lock.filter.unwrap().only, ["web-01"]);
+    status_names_the_filter(p, "--only web-01", &serde_json::json!({"only": ["web-01"]}));
 
     // A later apply with another filter is explained, keeps web-01's record, and runs the
     // rest; the pattern's set is not pinned to the one domain the first filter let through.
@@ -263,4 +264,21 @@ fn a_resume_with_another_filter_is_refused_while_a_step_is_interrupted() {
         "{said}"
     );
     assert!(records(&plan).contains(&("web-01".to_owned(), StepStatus::Running)));
+}
+
+/// `status` says which filter of the last apply left steps pending (it did not before), in
+/// human and JSON output.
+fn status_names_the_filter(p: &str, flags: &str, json_filter: &serde_json::Value) {
+    let out = virtplan(&["status", p], &[]);
+    let expected = format!(
+        "The last apply ran with {flags}: the steps of the domains it left out are pending.\n"
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stdout).starts_with(&expected),
+        "{}",
+        text(&out)
+    );
+    let out = virtplan(&["status", p, "--format", "json"], &[]);
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(&json["filter"], json_filter, "{json}");
 }
