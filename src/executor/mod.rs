@@ -432,6 +432,15 @@ impl Run<'_> {
             if host.reopening {
                 return false;
             }
+            // Another worker may have tried (and failed) since this one looked: its backoff
+            // stands, so two due steps on one lost host never make two attempts at once.
+            if host
+                .down
+                .as_ref()
+                .is_some_and(|d| self.ex.clock.now() < d.next_try)
+            {
+                return false;
+            }
             host.reopening = true;
         }
         let opened = open(uri);
