@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::sync::Arc;
 
+use crate::support::helpers::text;
 use chrono::{DateTime, TimeZone, Utc};
 use virtplan::config::Config;
 use virtplan::hypervisor::fleet::{write_fleet, FleetDomain};
@@ -97,15 +98,6 @@ fn run(args: &[&str]) -> Output {
         .stdin(Stdio::null())
         .output()
         .unwrap()
-}
-
-fn text(out: &Output) -> String {
-    format!(
-        "{:?}\n{}\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
 }
 
 /// A domain that starts matching after review (here: web-03 appears before `apply SAVED`) is

@@ -6,6 +6,7 @@ use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 
+use crate::support::helpers::text;
 use virtplan::hypervisor::fleet::{write_fleet, FleetDomain};
 use virtplan::lockfile::{LockStore, StepStatus};
 
@@ -34,15 +35,6 @@ fn run(dir: &Path, args: &[&str]) -> Output {
         .stdin(Stdio::null())
         .output()
         .unwrap()
-}
-
-fn text(out: &Output) -> String {
-    format!(
-        "{:?}\n{}\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
 }
 
 /// A plan over `names` with one autostart step under `rollout` (written as `rollout`).
