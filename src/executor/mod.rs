@@ -771,6 +771,12 @@ impl Run<'_> {
         while let Some(&step) = steps.get(cursor.next) {
             let mut gone = false;
             let gated = self.admission.gated(step);
+            // Read once: a rollout past its error budget stays so.
+            let tripped = if gated {
+                self.admission.tripped(step)
+            } else {
+                None
+            };
             let recorded = self
                 .ex
                 .store
@@ -816,8 +822,8 @@ impl Run<'_> {
                 }
                 // A rollout past its error budget: its domains not started are skipped, not
                 // cancelled, whatever `on_failure` did to the rest of the plan.
-                _ if gated && self.admission.tripped(step).is_some() => {
-                    let reason = self.admission.tripped(step).unwrap_or_default();
+                _ if tripped.is_some() => {
+                    let reason = tripped.clone().unwrap_or_default();
                     self.finish(step, StepStatus::Skipped, reason);
                     (StepStatus::Skipped, true)
                 }
