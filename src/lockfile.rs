@@ -365,6 +365,17 @@ impl Lockfile {
             .find(|r| r.step_id == step_id && r.uuid == uuid)
     }
 
+    /// What to tell an operator whose run's `--only`/`--exclude` filter differs from the one
+    /// the last apply recorded; `None` when it is the same, or when no apply has recorded
+    /// anything yet (a first run has no "last apply" to differ from).
+    #[must_use]
+    pub fn filter_change_note(&self, now: Option<&crate::filter::Filter>) -> Option<String> {
+        if self.steps.is_empty() {
+            return None;
+        }
+        crate::filter::change_note(self.filter.as_ref(), now)
+    }
+
     /// Sorts records deterministically, so the same progress always reads the same.
     pub fn sort(&mut self) {
         self.steps.sort_by(|a, b| {

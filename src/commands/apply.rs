@@ -336,7 +336,7 @@ fn filter_change(
     printer: &Printer,
 ) -> anyhow::Result<()> {
     let now = plan.selection.as_ref().map(|s| &s.filter);
-    let Some(note) = crate::filter::change_note(recorded.filter.as_ref(), now) else {
+    let Some(note) = recorded.filter_change_note(now) else {
         return Ok(());
     };
     let was = recorded.filter.clone().unwrap_or_default();

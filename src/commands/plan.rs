@@ -151,7 +151,7 @@ fn project_one(
             return Ok(None);
         }
         let filter = plan.selection.as_ref().map(|s| &s.filter);
-        if let Some(note) = crate::filter::change_note(lock.filter.as_ref(), filter) {
+        if let Some(note) = lock.filter_change_note(filter) {
             printer.info(&format!("Note: {note}."));
         }
     }

@@ -282,3 +282,26 @@ fn status_names_the_filter(p: &str, flags: &str, json_filter: &serde_json::Value
     let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(&json["filter"], json_filter, "{json}");
 }
+
+/// Regression: the first apply of a plan with `--only` said "Note: the last apply of this
+/// plan ran with no --only/--exclude filter", when no apply had run. Only a real change of
+/// filter between applies is noted.
+#[test]
+fn a_first_filtered_apply_notes_no_change_of_filter() {
+    let dir = tempfile::tempdir().unwrap();
+    let plan = rig(dir.path(), "");
+    let p = plan.to_str().unwrap();
+    let out = virtplan(&["apply", p, "--only", "web-01", "--auto-approve"], &[]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert!(
+        !text(&out).contains("Note: the last apply"),
+        "{}",
+        text(&out)
+    );
+    let out = virtplan(&["apply", p, "--auto-approve"], &[]);
+    assert!(
+        text(&out).contains("Note: the last apply of this plan ran with --only web-01"),
+        "{}",
+        text(&out)
+    );
+}
