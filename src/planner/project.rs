@@ -110,7 +110,9 @@ pub fn project_selected(
     let mut seen = BTreeSet::new();
     out.warnings.retain(|w| seen.insert(w.clone()));
     place_rollouts(&resolved, &mut out.steps);
-    let connections: BTreeSet<Uri> = out.steps.iter().map(|s| s.connection.clone()).collect();
+    // Each distinct connection cloned once, not once per planned step.
+    let connections: BTreeSet<&Uri> = out.steps.iter().map(|s| &s.connection).collect();
+    let connections: BTreeSet<Uri> = connections.into_iter().cloned().collect();
     let mut host_caps = file.host_caps.clone();
     host_caps.retain(|uri, _| connections.contains(uri));
     Ok(Plan {
@@ -193,7 +195,23 @@ fn project_domains(
     observed: &BTreeMap<(&Uri, &str), Observed>,
 ) -> Result<(Output, Vec<PlanProblem>), PlanError> {
     let plan_file = input.file.path.display().to_string();
-    let mut out = Output::default();
+    // Sized up front (a change per attribute a step sets): grown by doubling, these vectors of
+    // large values were copied several times over, into freshly faulted memory.
+    let planned = per_domain.values().flat_map(|(_, steps)| steps);
+    let mut out = Output {
+        steps: Vec::with_capacity(planned.clone().count()),
+        changes: Vec::with_capacity(
+            planned
+                .map(|s| {
+                    Attr::KEYS
+                        .into_iter()
+                        .filter(|a| s.attributes.has(*a))
+                        .count()
+                })
+                .sum(),
+        ),
+        warnings: Vec::new(),
+    };
     let mut problems = Vec::new();
     for (key, (id, steps)) in per_domain {
         let (uri, _) = *key;
@@ -645,7 +663,10 @@ fn needs_metadata(s: &Step) -> bool {
 /// Steps whose projection reads the persistent XML: clock edits, and whatever depends on a
 /// guest agent channel (a reboot's ladder, `clock.sync`, a `guest_agent` check).
 fn needs_xml(s: &Step) -> bool {
-    s.attributes.set().iter().any(|(a, _)| a.needs_xml())
+    // Asked per step twice; `Attributes::set` would build a list each time.
+    Attr::KEYS
+        .into_iter()
+        .any(|a| a.needs_xml() && s.attributes.has(a))
         || s.attributes
             .power
             .as_ref()
