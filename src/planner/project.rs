@@ -77,7 +77,7 @@ pub fn project_selected(
     }
 
     let observed = observe(input.connections, &per_domain, read)?;
-    let (mut out, projected_problems) = project_domains(input, &per_domain, &observed)?;
+    let (mut out, projected_problems) = project_domains(input, &per_domain, observed)?;
     problems.extend(projected_problems);
     // Warnings about pinned sets first, as they were found first.
     let projected_warnings = std::mem::replace(&mut out.warnings, pinned_warnings);
@@ -192,7 +192,7 @@ fn select(
 fn project_domains(
     input: &PlanInput<'_>,
     per_domain: &PerDomain<'_>,
-    observed: &BTreeMap<(&Uri, &str), Observed>,
+    observed: Vec<Option<Observed>>,
 ) -> Result<(Output, Vec<PlanProblem>), PlanError> {
     let plan_file = input.file.path.display().to_string();
     // Sized up front (a change per attribute a step sets): grown by doubling, these vectors of
@@ -213,9 +213,9 @@ fn project_domains(
         warnings: Vec::new(),
     };
     let mut problems = Vec::new();
-    for (key, (id, steps)) in per_domain {
+    for ((key, (id, steps)), domain) in per_domain.iter().zip(observed) {
         let (uri, _) = *key;
-        let Some(domain) = observed.get(key) else {
+        let Some(domain) = domain else {
             return Err(PlanError::Libvirt {
                 context: format!("reading {} on {uri}", id.name),
                 source: crate::hypervisor::HvError::new(
@@ -224,15 +224,29 @@ fn project_domains(
                 ),
             });
         };
+        let Observed {
+            state,
+            xml,
+            snapshots,
+            facts,
+        } = domain;
         let ctx = DomainCtx {
             file: input.file,
             plan_file: &plan_file,
             uri,
             id,
             input,
-            observed: domain,
+            facts: &facts,
         };
-        ctx.project(steps, &mut out, &mut problems);
+        // What was read is moved into the state carried from step to step, not copied.
+        let start = Carry {
+            state,
+            xml,
+            snapshots,
+            pending_clock: None,
+            clock_notes: Vec::new(),
+        };
+        ctx.project(start, steps, &mut out, &mut problems);
     }
     Ok((out, problems))
 }
@@ -557,20 +571,33 @@ fn read_named(
 /// Reads every targeted domain: one bulk read per connection, in which the persistent XML is
 /// read only where a step needs it (clock, reboot, agent check, title, description) or the domain runs (its
 /// configuration figures live only there), snapshot names only for domains with snapshot steps.
-fn observe<'a>(
+fn observe(
     connections: &Connections,
-    per_domain: &PerDomain<'a>,
-    mut read: ReadAlready,
-) -> Result<BTreeMap<(&'a Uri, &'a str), Observed>, PlanError> {
+    per_domain: &PerDomain<'_>,
+    read: ReadAlready,
+) -> Result<Vec<Option<Observed>>, PlanError> {
+    let ReadAlready {
+        domains: already,
+        host_cpus: read_host_cpus,
+    } = read;
     // Domains read while resolving their names are taken as read, when that read was as deep
-    // as all their steps need (a domain a pattern also selects may need more).
+    // as all their steps need (a domain a pattern also selects may need more). Both sides are
+    // ordered by connection, then UUID: walked side by side, no key is built to look one up.
+    let mut already = already.into_iter().peekable();
     let mut by_uri: BTreeMap<&Uri, (Vec<Want>, Vec<Observation>)> = BTreeMap::new();
     for ((uri, uuid), (_, steps)) in per_domain {
         let any = |f: fn(&Step) -> bool| steps.iter().any(|s| f(s));
         let (clock, metadata) = (any(needs_xml), any(needs_metadata));
         let entry = by_uri.entry(uri).or_default();
-        match read.domains.remove(&((*uri).clone(), (*uuid).to_owned())) {
-            Some((done, observation)) if (done.clock || !clock) && (done.metadata || !metadata) => {
+        let key = (*uri, *uuid);
+        while already
+            .next_if(|((u, id), _)| (u, id.as_str()) < key)
+            .is_some()
+        {}
+        match already.next_if(|((u, id), _)| (u, id.as_str()) == key) {
+            Some((_, (done, observation)))
+                if (done.clock || !clock) && (done.metadata || !metadata) =>
+            {
                 entry.1.push(observation);
             }
             _ => entry.0.push(Want {
@@ -580,7 +607,10 @@ fn observe<'a>(
             }),
         }
     }
-    let mut result = BTreeMap::new();
+    // One entry per domain of `per_domain`, in its order.
+    let mut result: Vec<Option<Observed>> = std::iter::repeat_with(|| None)
+        .take(per_domain.len())
+        .collect();
     for (uri, (wants, mut observations)) in by_uri {
         let hv = &connections[uri];
         let libvirt = |context: String| move |source| PlanError::Libvirt { context, source };
@@ -607,7 +637,7 @@ fn observe<'a>(
         };
         let needs_host_cpus = steps_of_uri()
             .any(|s| s.attributes.has(Attr::Vcpus) || s.attributes.has(Attr::MaxVcpus));
-        let host_cpus = if let Some(cpus) = read.host_cpus.get(uri) {
+        let host_cpus = if let Some(cpus) = read_host_cpus.get(uri) {
             Some(*cpus)
         } else if needs_host_cpus {
             Some(
@@ -621,7 +651,11 @@ fn observe<'a>(
             .into_iter()
             .map(|o| (o.state.uuid.clone(), o))
             .collect();
-        for (key, (_, steps)) in per_domain.iter().filter(|((u, _), _)| *u == uri) {
+        let of_uri = per_domain
+            .iter()
+            .zip(&mut result)
+            .filter(|(((u, _), _), _)| *u == uri);
+        for ((key, (_, steps)), slot) in of_uri {
             let Some(Observation { state, definition }) = observations.remove(key.1) else {
                 continue;
             };
@@ -629,18 +663,20 @@ fn observe<'a>(
                 state,
                 xml: definition,
                 snapshots: BTreeSet::new(),
-                snapshot_support: SnapshotSupport::default(),
-                host_cpus,
-                lifecycle_rules,
+                facts: Facts {
+                    snapshot_support: SnapshotSupport::default(),
+                    host_cpus,
+                    lifecycle_rules,
+                },
             };
             if steps.iter().any(|s| s.attributes.has(Attr::Snapshot)) {
                 obs.snapshots = snapshot_names(hv.as_ref(), key.1)
                     .map_err(libvirt(format!("listing snapshots of {}", obs.state.name)))?;
-                obs.snapshot_support = hv
+                obs.facts.snapshot_support = hv
                     .snapshot_support(key.1)
                     .map_err(libvirt(format!("reading the disks of {}", obs.state.name)))?;
             }
-            result.insert(*key, obs);
+            *slot = Some(obs);
         }
     }
     Ok(result)
@@ -685,6 +721,12 @@ struct Observed {
     state: DomainState,
     xml: Option<String>,
     snapshots: BTreeSet<String>,
+    facts: Facts,
+}
+
+/// What the projection consults about a domain and its host, besides the state it carries
+/// from step to step.
+struct Facts {
     /// Whether libvirt can snapshot the domain running / shut off (snapshot steps only).
     snapshot_support: SnapshotSupport,
     host_cpus: Option<u32>,
@@ -749,7 +791,7 @@ struct DomainCtx<'a> {
     uri: &'a Uri,
     id: &'a DomainId,
     input: &'a PlanInput<'a>,
-    observed: &'a Observed,
+    facts: &'a Facts,
 }
 
 /// Changes and actions of one step as they are worked out.
@@ -849,15 +891,15 @@ struct Carry {
 }
 
 impl DomainCtx<'_> {
-    fn project(&self, steps: &[&Step], out: &mut Output, problems: &mut Vec<PlanProblem>) {
+    /// Projects the domain's `steps` in order, from the state it was observed in (`carry`).
+    fn project(
+        &self,
+        mut carry: Carry,
+        steps: &[&Step],
+        out: &mut Output,
+        problems: &mut Vec<PlanProblem>,
+    ) {
         let first = out.changes.len();
-        let mut carry = Carry {
-            state: self.observed.state.clone(),
-            xml: self.observed.xml.clone(),
-            snapshots: self.observed.snapshots.clone(),
-            pending_clock: None,
-            clock_notes: Vec::new(),
-        };
         for step in steps {
             let before = carry.state.clone();
             let mut b = StepBuild {
@@ -1055,7 +1097,7 @@ impl DomainCtx<'_> {
                 notes.push(format!("a snapshot named `{name}` exists: nothing to do"));
             } else {
                 let running = carry.state.power.is_active();
-                match self.observed.snapshot_support.at(running) {
+                match self.facts.snapshot_support.at(running) {
                     Verdict::Possible => {}
                     Verdict::Unverified(note) => notes.push(note.clone()),
                     Verdict::Impossible { reason, help } => {
@@ -1173,7 +1215,7 @@ impl DomainCtx<'_> {
             }
         }
         if next != current {
-            if let Some(refusal) = self.observed.lifecycle_rules.refusal(next) {
+            if let Some(refusal) = self.facts.lifecycle_rules.refusal(next) {
                 return Err(lifecycle_problem(b, a, refusal));
             }
         }
@@ -1185,7 +1227,7 @@ impl DomainCtx<'_> {
         ];
         let mut halfway = current;
         halfway.set(LifecycleEvent::Poweroff, next.on_poweroff);
-        if self.observed.lifecycle_rules.refusal(halfway).is_some() {
+        if self.facts.lifecycle_rules.refusal(halfway).is_some() {
             order.reverse();
         }
         let mut shown = Vec::new();
@@ -1469,7 +1511,7 @@ impl DomainCtx<'_> {
         let active = state.power.is_active();
         let name = &self.id.name;
         let host_note = |n: u32| {
-            self.observed
+            self.facts
                 .host_cpus
                 .filter(|h| n > *h)
                 .map(|h| format!("{n} vCPUs is more than the {h} CPUs of the host"))
