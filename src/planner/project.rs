@@ -50,13 +50,15 @@ pub fn project_selected(
     let mut problems = Vec::new();
     let mut pinned_warnings = Vec::new();
     let mut read = ReadAlready::default();
+    let (steps, found) = look_up(input, &mut problems, &mut read)?;
     let mut resolved = resolve_targets(
         input,
+        steps,
+        &found,
         &mut problems,
         &mut pinned_warnings,
         filter,
-        &mut read,
-    )?;
+    );
     let selection = match filter {
         Some(filter) => Some(select(file, filter, &mut resolved)?),
         None => None,
@@ -251,7 +253,7 @@ fn project_domains(
     Ok((out, problems))
 }
 
-type Resolved<'a> = Vec<(&'a Step, Uri, DomainId)>;
+type Resolved<'a> = Vec<(&'a Step, &'a Uri, &'a DomainId)>;
 
 /// Each domain's steps, by connection and UUID (borrowed from [`Resolved`]).
 type PerDomain<'a> = BTreeMap<(&'a Uri, &'a str), (&'a DomainId, Vec<&'a Step>)>;
@@ -308,31 +310,36 @@ fn place_rollouts(resolved: &Resolved<'_>, steps: &mut [PlannedStep]) {
     }
 }
 
-/// Resolves every step's domains: each name once per connection, all of a connection's names
-/// in one bulk call.
-fn resolve_targets<'a>(
+/// The domains the plan's names and patterns were found to be, on each connection: what
+/// [`Resolved`] borrows, so a step's domain is not copied for each step that names it.
+#[derive(Default)]
+struct Found<'a> {
+    /// Each name, with the domain it names (`None`: there is none).
+    named: BTreeMap<&'a Uri, HashMap<String, Option<DomainId>>>,
+    /// Every domain, in name order, of the connections that `vms: {match: GLOB}` steps use.
+    listings: BTreeMap<&'a Uri, Vec<DomainId>>,
+}
+
+/// Each step with its connection, and what its names were found to be: each name once per
+/// connection, all of a connection's names in one bulk call, one listing per connection that
+/// patterns use.
+fn look_up<'a>(
     input: &PlanInput<'a>,
     problems: &mut Vec<PlanProblem>,
-    warnings: &mut Vec<String>,
-    filter: Option<&crate::filter::Filter>,
     read: &mut ReadAlready,
-) -> Result<Resolved<'a>, PlanError> {
+) -> Result<(Vec<(&'a Step, &'a Uri)>, Found<'a>), PlanError> {
     let file = input.file;
     // First every step's connection and names, so each connection resolves its names at once
     // (reading the domains they name in the same pass, as deeply as their steps need).
-    let mut steps: Vec<(&Step, Uri)> = Vec::with_capacity(file.steps.len());
-    let mut wanted: BTreeMap<Uri, BTreeMap<&str, (bool, bool)>> = BTreeMap::new();
+    let mut steps: Vec<(&Step, &Uri)> = Vec::with_capacity(file.steps.len());
+    let mut wanted: BTreeMap<&Uri, BTreeMap<&str, (bool, bool)>> = BTreeMap::new();
     for step in &file.steps {
-        let Some(uri) = input
-            .connect_override
-            .cloned()
-            .or_else(|| step.connection.clone())
-        else {
+        let Some(uri) = input.connect_override.or(step.connection.as_ref()) else {
             problems.push(problem(file, step, step.pos, "-", "the step has no libvirt connection".to_owned(),
                 "add `connection: qemu:///system` to the plan, set `connection` in virtplan.toml, or pass --connect URI"));
             continue;
         };
-        if !input.connections.contains_key(&uri) {
+        if !input.connections.contains_key(uri) {
             return Err(PlanError::Libvirt {
                 context: format!("step {}", step.number),
                 source: crate::hypervisor::HvError::new(
@@ -341,7 +348,7 @@ fn resolve_targets<'a>(
                 ),
             });
         }
-        let names = wanted.entry(uri.clone()).or_default();
+        let names = wanted.entry(uri).or_default();
         let (clock, metadata) = (needs_xml(step), needs_metadata(step));
         for t in step.targets.iter().filter(|t| t.kind == TargetKind::Domain) {
             let flags = names.entry(t.name_or_uuid.as_str()).or_default();
@@ -350,39 +357,63 @@ fn resolve_targets<'a>(
         }
         steps.push((step, uri));
     }
-    // By connection, then name: looked up without cloning either.
-    let mut cache: BTreeMap<Uri, HashMap<String, Option<DomainId>>> = BTreeMap::new();
+    let mut found = Found::default();
     let sets_vcpus: BTreeSet<&Uri> = steps
         .iter()
         .filter(|(s, _)| s.attributes.has(Attr::Vcpus) || s.attributes.has(Attr::MaxVcpus))
-        .map(|(_, uri)| uri)
+        .map(|(_, uri)| *uri)
         .collect();
     for (uri, names) in wanted {
-        let hv = input.connections[&uri].as_ref();
-        for (name, id) in read_named(hv, &uri, names, sets_vcpus.contains(&uri), read)? {
-            cache.entry(uri.clone()).or_default().insert(name, id);
-        }
+        let hv = input.connections[uri].as_ref();
+        let named = read_named(hv, uri, names, sets_vcpus.contains(uri), read)?;
+        found.named.insert(uri, named.into_iter().collect());
     }
-    // `vms: {match: GLOB}`: one listing per connection, matched by name, in name order.
-    let mut listings: BTreeMap<Uri, Vec<DomainId>> = BTreeMap::new();
-    let mut resolved = Vec::new();
+    // `vms: {match: GLOB}`: one listing per connection, in the steps' order.
+    for (step, uri) in &steps {
+        if found.listings.contains_key(uri) || !step.targets.iter().any(|t| t.pattern().is_some()) {
+            continue;
+        }
+        let listed =
+            input.connections[*uri]
+                .list_domains()
+                .map_err(|source| PlanError::Libvirt {
+                    context: format!("listing the domains of {uri}"),
+                    source,
+                })?;
+        found.listings.insert(uri, listed);
+    }
+    Ok((steps, found))
+}
+
+/// Resolves every step's domains from what [`look_up`] found.
+fn resolve_targets<'a>(
+    input: &PlanInput<'a>,
+    steps: Vec<(&'a Step, &'a Uri)>,
+    found: &'a Found<'a>,
+    problems: &mut Vec<PlanProblem>,
+    warnings: &mut Vec<String>,
+    filter: Option<&crate::filter::Filter>,
+) -> Resolved<'a> {
+    let file = input.file;
+    let mut resolved = Vec::with_capacity(steps.len());
     for (step, uri) in steps {
         for target in &step.targets {
             if target.pattern().is_some() {
+                let listed = found.listings.get(uri).map_or(&[][..], Vec::as_slice);
                 resolve_pattern(
                     input,
                     step,
                     target,
-                    &uri,
-                    &mut listings,
+                    uri,
+                    listed,
                     problems,
                     warnings,
                     &mut resolved,
-                )?;
+                );
                 continue;
             }
-            match cache.get(&uri).and_then(|names| names.get(&target.name_or_uuid)).and_then(Option::as_ref) {
-                Some(id) => resolved.push((step, uri.clone(), id.clone())),
+            match found.named.get(uri).and_then(|names| names.get(&target.name_or_uuid)).and_then(Option::as_ref) {
+                Some(id) => resolved.push((step, uri, id)),
                 // A domain the run's filter leaves out is not looked for.
                 None if filter.is_some_and(|f| !f.selects(&target.name_or_uuid, &target.name_or_uuid)) => {}
                 None => problems.push(problem(
@@ -396,37 +427,27 @@ fn resolve_targets<'a>(
             }
         }
     }
-    Ok(resolved)
+    resolved
 }
 
-/// Resolves one `vms: {match: GLOB}` target of `step` on `uri` (one listing per connection,
-/// kept in `listings`): the recorded set when the lockfile has one, else every match in name
-/// order; zero matches is a problem at the pattern.
+/// Resolves one `vms: {match: GLOB}` target of `step` on `uri` over `listed`, the domains of
+/// `uri`: the recorded set when the lockfile has one, else every match in name order; zero
+/// matches is a problem at the pattern.
 #[allow(clippy::too_many_arguments)] // the resolver's own state, handed down
 fn resolve_pattern<'a>(
     input: &PlanInput<'a>,
     step: &'a Step,
     target: &crate::plan_file::Target,
-    uri: &Uri,
-    listings: &mut BTreeMap<Uri, Vec<DomainId>>,
+    uri: &'a Uri,
+    listed: &'a [DomainId],
     problems: &mut Vec<PlanProblem>,
     warnings: &mut Vec<String>,
     resolved: &mut Resolved<'a>,
-) -> Result<(), PlanError> {
+) {
     let file = input.file;
     let Some(pattern) = target.pattern() else {
-        return Ok(());
+        return;
     };
-    if !listings.contains_key(uri) {
-        let listed =
-            input.connections[uri]
-                .list_domains()
-                .map_err(|source| PlanError::Libvirt {
-                    context: format!("listing the domains of {uri}"),
-                    source,
-                })?;
-        listings.insert(uri.clone(), listed);
-    }
     // Once the lockfile recorded the set a pattern resolved to, that set is the
     // reviewed one: re-planning (a resume, `apply PLAN`) never widens it.
     let recorded: Vec<(String, String)> = input
@@ -438,22 +459,11 @@ fn resolve_pattern<'a>(
         .collect();
     if !recorded.is_empty() {
         pin_recorded(
-            file,
-            step,
-            target,
-            uri,
-            &listings[uri],
-            &recorded,
-            problems,
-            warnings,
-            resolved,
+            file, step, target, uri, listed, &recorded, problems, warnings, resolved,
         );
-        return Ok(());
+        return;
     }
-    let matched: Vec<&DomainId> = listings[uri]
-        .iter()
-        .filter(|d| pattern.matches(&d.name))
-        .collect();
+    let matched: Vec<&DomainId> = listed.iter().filter(|d| pattern.matches(&d.name)).collect();
     if matched.is_empty() {
         problems.push(problem(
                 file,
@@ -467,12 +477,7 @@ fn resolve_pattern<'a>(
                 &format!("a pattern must select at least one domain; see the names with `virsh -c {uri} list --all --name`"),
             ));
     }
-    resolved.extend(
-        matched
-            .into_iter()
-            .map(|id| (step, uri.clone(), id.clone())),
-    );
-    Ok(())
+    resolved.extend(matched.into_iter().map(|id| (step, uri, id)));
 }
 
 /// Resolves a `vms: {match:}` target to the domains the lockfile `recorded` for its step
@@ -484,8 +489,8 @@ fn pin_recorded<'a>(
     file: &PlanFile,
     step: &'a Step,
     target: &crate::plan_file::Target,
-    uri: &Uri,
-    listed: &[DomainId],
+    uri: &'a Uri,
+    listed: &'a [DomainId],
     recorded: &[(String, String)],
     problems: &mut Vec<PlanProblem>,
     warnings: &mut Vec<String>,
@@ -494,7 +499,7 @@ fn pin_recorded<'a>(
     let pattern_text = &target.name_or_uuid;
     for (uuid, vm) in recorded {
         match listed.iter().find(|d| d.uuid == *uuid) {
-            Some(id) => resolved.push((step, uri.clone(), id.clone())),
+            Some(id) => resolved.push((step, uri, id)),
             None => problems.push(problem(
                 file,
                 step,
