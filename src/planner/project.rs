@@ -310,6 +310,9 @@ fn place_rollouts(resolved: &Resolved<'_>, steps: &mut [PlannedStep]) {
     }
 }
 
+/// Each step with the connection it uses.
+type Connected<'a> = Vec<(&'a Step, &'a Uri)>;
+
 /// The domains the plan's names and patterns were found to be, on each connection: what
 /// [`Resolved`] borrows, so a step's domain is not copied for each step that names it.
 #[derive(Default)]
@@ -327,7 +330,7 @@ fn look_up<'a>(
     input: &PlanInput<'a>,
     problems: &mut Vec<PlanProblem>,
     read: &mut ReadAlready,
-) -> Result<(Vec<(&'a Step, &'a Uri)>, Found<'a>), PlanError> {
+) -> Result<(Connected<'a>, Found<'a>), PlanError> {
     let file = input.file;
     // First every step's connection and names, so each connection resolves its names at once
     // (reading the domains they name in the same pass, as deeply as their steps need).
@@ -388,7 +391,7 @@ fn look_up<'a>(
 /// Resolves every step's domains from what [`look_up`] found.
 fn resolve_targets<'a>(
     input: &PlanInput<'a>,
-    steps: Vec<(&'a Step, &'a Uri)>,
+    steps: Connected<'a>,
     found: &'a Found<'a>,
     problems: &mut Vec<PlanProblem>,
     warnings: &mut Vec<String>,
