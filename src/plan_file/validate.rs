@@ -398,14 +398,17 @@ fn check_steps(
             "add at least one step, such as `- {vm: web-01, power: shutoff}`",
         );
     }
-    let mut steps: Vec<Step> = seq
-        .iter()
-        .enumerate()
-        .filter_map(|(i, n)| check_step(c, n, i + 1, settings, config))
-        .collect();
+    // Sized up front: steps are large, and growing the vector by doubling copied them over.
+    let mut steps: Vec<Step> = Vec::with_capacity(seq.len());
+    steps.extend(
+        seq.iter()
+            .enumerate()
+            .filter_map(|(i, n)| check_step(c, n, i + 1, settings, config)),
+    );
     // Identical steps (a toggle back, `true → false → true`) would share an id and one
     // lockfile record: number the repeats, so the first keeps the id it always had.
-    let mut seen: std::collections::HashMap<String, usize> = std::collections::HashMap::new();
+    let mut seen: std::collections::HashMap<String, usize> =
+        std::collections::HashMap::with_capacity(steps.len());
     for step in &mut steps {
         // Hashed here without keeping it: a repeat's id changes with its number.
         let id = super::step_id::StepIdentity::of(step).id();
