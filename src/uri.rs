@@ -109,7 +109,13 @@ impl fmt::Debug for Uri {
 /// A saved plan's connections are matched back to the plan file's real URIs when applied.
 impl Serialize for Uri {
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        serializer.serialize_str(&self.redacted())
+        // A URI with nothing to mask is written as it is, without the copy `redacted` makes
+        // (JSON output writes one per change).
+        if has_nothing_to_mask(&self.0) {
+            serializer.serialize_str(&self.0)
+        } else {
+            serializer.serialize_str(&self.redacted())
+        }
     }
 }
 
@@ -143,9 +149,7 @@ pub fn is_secret_key(key: &str) -> bool {
 /// only its scheme when it has anything that could be a credential (`@`, `?`).
 #[must_use]
 pub fn redact(text: &str) -> String {
-    // Without `@` there is no userinfo (so no password), without `?` no query: nothing to
-    // mask, and no URL parse (JSON output serializes a URI per change).
-    if !text.contains('@') && !text.contains('?') {
+    if has_nothing_to_mask(text) {
         return text.to_owned();
     }
     let Ok(mut url) = url::Url::parse(text) else {
@@ -186,6 +190,12 @@ pub fn redact(text: &str) -> String {
         // Unchanged URIs print exactly as written (the url crate may normalise spelling).
         text.to_owned()
     }
+}
+
+/// Without `@` there is no userinfo (so no password), without `?` no query: nothing to mask,
+/// and no URL parse (JSON output serializes a URI per change).
+fn has_nothing_to_mask(text: &str) -> bool {
+    !text.contains('@') && !text.contains('?')
 }
 
 fn redact_unparsed(text: &str) -> String {

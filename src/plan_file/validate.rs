@@ -463,10 +463,10 @@ fn check_step(
         "- {at: 2026-12-01 04:00, vm: web-01, power: shutoff}",
     )?;
     let errors_before = c.diags.len();
-    c.known_keys(map, &STEP_KEYS, &what);
+    let keys = StepNodes::read(c, map, &what);
     let has_unknown_keys = c.diags.len() > errors_before;
 
-    let at = map.get_node("at").and_then(|n| {
+    let at = keys.at.and_then(|n| {
         let text = c.text(n, "`at`", "at: 2026-12-01 04:00")?;
         if settings.window.is_none() && settings.window_written && text.trim().starts_with('+') {
             // The window's own error explains it; "needs a window" on every step would mislead.
@@ -504,25 +504,25 @@ fn check_step(
         })
     });
 
-    let targets = check_targets(c, map, node, &what);
-    let connection = map
-        .get_node("connection")
+    let targets = check_targets(c, keys.vm, keys.vms, node, &what);
+    let connection = keys
+        .connection
         .and_then(|n| connection(c, n, config))
         .or_else(|| settings.connection.clone());
-    let shutdown = map.get_node("shutdown").map_or(settings.shutdown, |n| {
+    let shutdown = keys.shutdown.map_or(settings.shutdown, |n| {
         check_shutdown(c, n, settings.shutdown)
     });
-    let attributes = check_attributes(c, map);
-    let check = map
-        .get_node("check")
+    let attributes = check_attributes(c, &keys.attributes);
+    let check = keys
+        .check
         .and_then(|n| check_gate(c, n).map(|v| located(n, v)));
-    let always = map
-        .get_node("always")
+    let always = keys
+        .always
         .and_then(|n| c.boolean(n, "`always`"))
         .unwrap_or(false);
-    let rollout = map.get_node("rollout").and_then(|n| {
+    let rollout = keys.rollout.and_then(|n| {
         let spec = rollout(c, n)?;
-        if map.get_node("vm").is_some() {
+        if keys.vm.is_some() {
             c.error(
                 pos(n),
                 format!("{what} has `rollout` but names one domain (`vm`)"),
@@ -533,7 +533,7 @@ fn check_step(
         Some(located(n, spec))
     });
 
-    if !has_unknown_keys && !ATTRIBUTE_KEYS.iter().any(|k| map.get_node(k).is_some()) {
+    if !has_unknown_keys && keys.attributes.iter().all(Option::is_none) {
         c.error(
             pos(node),
             format!("{what} changes nothing"),
@@ -554,6 +554,59 @@ fn check_step(
         repeat: 1,
         id: std::sync::OnceLock::new(),
     })
+}
+
+/// A step's mapping read in one pass: the value of each key a step allows (in the order of
+/// [`STEP_KEYS`]), unknown keys reported as they are met. Two dozen look-ups by key, each
+/// hashing the key, cost a step more than this pass.
+struct StepNodes<'n> {
+    at: Option<&'n Node>,
+    vm: Option<&'n Node>,
+    vms: Option<&'n Node>,
+    connection: Option<&'n Node>,
+    shutdown: Option<&'n Node>,
+    /// By [`Attr::KEYS`] (the order of [`ATTRIBUTE_KEYS`]).
+    attributes: [Option<&'n Node>; ATTRIBUTE_KEYS.len()],
+    check: Option<&'n Node>,
+    always: Option<&'n Node>,
+    rollout: Option<&'n Node>,
+}
+
+impl<'n> StepNodes<'n> {
+    fn read(c: &mut Checker<'_>, map: &'n MarkedMappingNode, what: &str) -> Self {
+        let mut nodes = Self {
+            at: None,
+            vm: None,
+            vms: None,
+            connection: None,
+            shutdown: None,
+            attributes: [None; ATTRIBUTE_KEYS.len()],
+            check: None,
+            always: None,
+            rollout: None,
+        };
+        for (key, value) in map.iter() {
+            let slot = match key.as_str() {
+                "at" => &mut nodes.at,
+                "vm" => &mut nodes.vm,
+                "vms" => &mut nodes.vms,
+                "connection" => &mut nodes.connection,
+                "shutdown" => &mut nodes.shutdown,
+                "check" => &mut nodes.check,
+                "always" => &mut nodes.always,
+                "rollout" => &mut nodes.rollout,
+                other => {
+                    let Some(i) = ATTRIBUTE_KEYS.iter().position(|k| *k == other) else {
+                        c.unknown_key(key, &STEP_KEYS, what);
+                        continue;
+                    };
+                    &mut nodes.attributes[i]
+                }
+            };
+            *slot = Some(value);
+        }
+        nodes
+    }
 }
 
 /// `rollout: {max_parallel, max_errors, pause}`.
@@ -708,14 +761,16 @@ fn check_match(c: &mut Checker<'_>, node: &Node) -> Option<Target> {
     })
 }
 
+/// A step's `vm` or `vms` (`node` is the step).
 fn check_targets(
     c: &mut Checker<'_>,
-    map: &MarkedMappingNode,
+    vm: Option<&Node>,
+    vms: Option<&Node>,
     node: &Node,
     what: &str,
 ) -> Vec<Target> {
     let mut targets = Vec::new();
-    match (map.get_node("vm"), map.get_node("vms")) {
+    match (vm, vms) {
         (Some(_), Some(vms)) => c.error(
             pos(vms),
             format!("{what} has both `vm` and `vms`"),
@@ -728,11 +783,12 @@ fn check_targets(
         ),
         (Some(vm), None) => {
             if let Some(name) = c.text(vm, "`vm`", "vm: web-01") {
-                targets.push(Target {
+                // Room for exactly one: a vector's first push makes room for four.
+                targets = vec![Target {
                     name_or_uuid: name.trim().to_owned(),
                     pos: pos(vm),
                     kind: TargetKind::Domain,
-                });
+                }];
             }
         }
         (None, Some(vms)) if vms.as_mapping().is_some() => {
@@ -772,17 +828,26 @@ fn check_targets(
     targets
 }
 
-fn check_attributes(c: &mut Checker<'_>, map: &MarkedMappingNode) -> Attributes {
+/// The attributes of a step, from their values by [`Attr::KEYS`].
+fn check_attributes(
+    c: &mut Checker<'_>,
+    nodes: &[Option<&Node>; ATTRIBUTE_KEYS.len()],
+) -> Attributes {
     let mut a = Attributes::default();
-    for attr in Attr::KEYS {
-        let Some(n) = map.get_node(attr.key()) else {
+    for (attr, node) in Attr::KEYS.into_iter().zip(nodes) {
+        let Some(n) = *node else {
             continue;
         };
         let key = attr.key();
         match attr {
             Attr::Power => a.power = power(c, n).map(|v| located(n, v)),
-            Attr::Memory => a.memory = size(c, n, key).map(|v| located(n, v)),
-            Attr::MaxMemory => a.max_memory = size(c, n, key).map(|v| located(n, v)),
+            Attr::Memory => {
+                a.memory = size(c, n, "`memory`", "memory: 3GiB").map(|v| located(n, v));
+            }
+            Attr::MaxMemory => {
+                a.max_memory =
+                    size(c, n, "`max_memory`", "max_memory: 3GiB").map(|v| located(n, v));
+            }
             Attr::Vcpus => a.vcpus = c.count(n, "`vcpus`", 1).map(|v| located(n, v)),
             Attr::MaxVcpus => a.max_vcpus = c.count(n, "`max_vcpus`", 1).map(|v| located(n, v)),
             Attr::Clock => a.clock = clock(c, n).map(|v| located(n, v)),
@@ -885,10 +950,12 @@ fn lifecycle(c: &mut Checker<'_>, node: &Node, key: &str) -> Option<LifecycleAct
     )
 }
 
-fn size(c: &mut Checker<'_>, node: &Node, key: &str) -> Option<crate::state::Kib> {
-    let text = c.text(node, &format!("`{key}`"), &format!("{key}: 3GiB"))?;
+/// A memory size; `what` is the key as messages show it (`` `memory` ``), `example` a value
+/// for it (spelled out by the callers: formatting them for each step cost more than parsing).
+fn size(c: &mut Checker<'_>, node: &Node, what: &str, example: &str) -> Option<crate::state::Kib> {
+    let text = c.text(node, what, example)?;
     parse_size(text)
-        .map_err(|e| c.error(pos(node), format!("`{key}`: {}", e.message), e.help))
+        .map_err(|e| c.error(pos(node), format!("{what}: {}", e.message), e.help))
         .ok()
 }
 

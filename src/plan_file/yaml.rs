@@ -217,17 +217,22 @@ impl<'a> Checker<'a> {
     pub fn known_keys(&mut self, map: &MarkedMappingNode, allowed: &[&str], context: &str) {
         for key in map.keys() {
             if !allowed.contains(&key.as_str()) {
-                let help = did_you_mean(key.as_str(), allowed).map_or_else(
-                    || format!("known keys here: {}", allowed.join(", ")),
-                    |close| format!("did you mean `{close}`?"),
-                );
-                self.error(
-                    span_pos(key.span()),
-                    format!("unknown key `{}` in {context}", key.as_str()),
-                    help,
-                );
+                self.unknown_key(key, allowed, context);
             }
         }
+    }
+
+    /// Reports `key`, which is not among `allowed`, with a likely fix.
+    pub fn unknown_key(&mut self, key: &MarkedScalarNode, allowed: &[&str], context: &str) {
+        let help = did_you_mean(key.as_str(), allowed).map_or_else(
+            || format!("known keys here: {}", allowed.join(", ")),
+            |close| format!("did you mean `{close}`?"),
+        );
+        self.error(
+            span_pos(key.span()),
+            format!("unknown key `{}` in {context}", key.as_str()),
+            help,
+        );
     }
 
     /// `node` as a mapping, or a diagnostic.
@@ -304,6 +309,11 @@ impl<'a> Checker<'a> {
         text: &'n str,
         allowed: &[char],
     ) -> Option<&'n str> {
+        // Printable ASCII, what nearly every value is, holds no control character: answered
+        // a byte at a time rather than decoding characters.
+        if text.bytes().all(|b| matches!(b, b' '..=b'~')) {
+            return Some(text);
+        }
         let multi_line = allowed.contains(&'\t');
         let bad = text
             .chars()

