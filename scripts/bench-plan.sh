@@ -68,7 +68,9 @@ write_plan() {
     } >"$WORK/bench-$n.yaml"
 }
 
-now_ms() { echo $(($(date +%s%N) / 1000000)); }
+# Milliseconds (one decimal) from $1 to $2, two readings of $EPOCHREALTIME: bash's own clock,
+# read in this shell right before and after the command, so no other process is timed.
+ms_between() { awk -v s="$1" -v e="$2" 'BEGIN { printf "%.1f", (e - s) * 1000 }'; }
 
 # Median of the numbers on stdin.
 median() { sort -n | awk '{ v[NR] = $1 } END { print v[int((NR + 1) / 2)] }'; }
@@ -78,18 +80,24 @@ prev_n=0 prev_plan=0
 for n in $SIZES; do
     define_up_to "$n"
     write_plan "$n"
+    # The outputs compared once, untimed: every timed run writes to /dev/null, as the floor's.
+    "$VIRTPLAN" plan "$WORK/bench-$n.yaml" --format json >"$WORK/new.json"
+    [[ -z $REFERENCE ]] || "$REFERENCE" plan "$WORK/bench-$n.yaml" --format json >"$WORK/ref.json"
     plan_t=() floor_t=() ref_t=()
     for _ in $(seq 1 "$RUNS"); do
-        s=$(now_ms)
-        "$VIRTPLAN" plan "$WORK/bench-$n.yaml" --format json >"$WORK/new.json"
-        plan_t+=($(($(now_ms) - s)))
-        s=$(now_ms)
+        s=$EPOCHREALTIME
+        "$VIRTPLAN" plan "$WORK/bench-$n.yaml" --format json >/dev/null
+        e=$EPOCHREALTIME
+        plan_t+=("$(ms_between "$s" "$e")")
+        s=$EPOCHREALTIME
         virsh -c "$URI" domstats --list-inactive --state --balloon --vcpu >/dev/null
-        floor_t+=($(($(now_ms) - s)))
+        e=$EPOCHREALTIME
+        floor_t+=("$(ms_between "$s" "$e")")
         if [[ -n $REFERENCE ]]; then
-            s=$(now_ms)
-            "$REFERENCE" plan "$WORK/bench-$n.yaml" --format json >"$WORK/ref.json"
-            ref_t+=($(($(now_ms) - s)))
+            s=$EPOCHREALTIME
+            "$REFERENCE" plan "$WORK/bench-$n.yaml" --format json >/dev/null
+            e=$EPOCHREALTIME
+            ref_t+=("$(ms_between "$s" "$e")")
         fi
     done
     plan_ms=$(printf '%s\n' "${plan_t[@]}" | median)

@@ -740,4 +740,35 @@ mod repeat_ids {
         assert_eq!(repeats, [1, 1, 2, 3]);
         assert!(super::notation(&super::StepIdentity::of(&file.steps[3])).ends_with(";repeat=3"));
     }
+
+    /// Validation hashes only steps that could be identical (same time, first domain and
+    /// connection); a repeat among other steps is still numbered, and steps that differ only
+    /// in their time or their other domains are not repeats.
+    #[test]
+    fn repeats_are_found_among_steps_of_other_times_and_domains() {
+        let head = "version: 1\nconnection: test:///default\ntimezone: UTC\nsteps:\n";
+        let steps = [
+            "  - {at: 2030-01-01 04:00, vm: a, autostart: true}\n",
+            "  - {at: 2030-01-01 04:00, vm: b, autostart: true}\n",
+            "  - {at: 2030-01-01 04:05, vm: a, autostart: true}\n",
+            "  - {at: 2030-01-01 04:00, vm: a, autostart: true}\n",
+            "  - {at: 2030-01-01 04:00, vms: [a, b], autostart: true}\n",
+            "  - {at: 2030-01-01 04:00, vm: a, autostart: false}\n",
+        ];
+        let file = pinned(&format!("{head}{}", steps.concat()));
+        let repeats: Vec<usize> = file.steps.iter().map(|s| s.repeat).collect();
+        assert_eq!(repeats, [1, 1, 1, 2, 1, 1]);
+        let all = ids(&file);
+        let distinct: std::collections::BTreeSet<&String> = all.iter().collect();
+        assert_eq!(distinct.len(), all.len(), "{all:?}");
+        // A first occurrence has the id the step has alone in a plan.
+        for (i, step) in steps.iter().enumerate().filter(|(i, _)| *i != 3) {
+            assert_eq!(
+                ids(&pinned(&format!("{head}{step}"))),
+                [all[i].clone()],
+                "step {}",
+                i + 1
+            );
+        }
+    }
 }

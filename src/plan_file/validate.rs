@@ -1,5 +1,6 @@
 //! From a positioned YAML tree to a [`PlanFile`], collecting every problem with its location.
 
+use std::collections::HashMap;
 use std::path::Path;
 use std::time::Duration;
 
@@ -406,21 +407,47 @@ fn check_steps(
             .enumerate()
             .filter_map(|(i, n)| check_step(c, n, i + 1, settings, config)),
     );
-    // Identical steps (a toggle back, `true → false → true`) would share an id and one
-    // lockfile record: number the repeats, so the first keeps the id it always had.
-    let mut seen: std::collections::HashMap<String, usize> =
-        std::collections::HashMap::with_capacity(steps.len());
-    for step in &mut steps {
-        // Hashed here without keeping it: a repeat's id changes with its number.
-        let id = super::step_id::StepIdentity::of(step).id();
-        let count = seen.entry(id.clone()).or_default();
-        *count += 1;
-        step.repeat = *count;
-        if step.repeat == 1 {
-            step.id = id.into();
+    number_repeats(&mut steps);
+    steps
+}
+
+/// Identical steps (a toggle back, `true → false → true`) would share an id and one lockfile
+/// record: numbers the repeats, so the first keeps the id it always had. Only steps due at the
+/// same time on the same first domain and connection can be identical, so only those are
+/// hashed here; every other step's id is hashed when first asked for (`plan` does it while
+/// libvirt answers its bulk read).
+fn number_repeats(steps: &mut [Step]) {
+    type Alike<'s> = (Option<DateTime<Utc>>, Option<&'s str>, Option<&'s str>);
+    let mut alike: HashMap<Alike<'_>, Vec<usize>> = HashMap::with_capacity(steps.len());
+    for (i, step) in steps.iter().enumerate() {
+        let key = (
+            step.at.as_ref().map(|a| a.value),
+            step.targets.first().map(|t| t.name_or_uuid.as_str()),
+            step.connection.as_ref().map(Uri::expose),
+        );
+        alike.entry(key).or_default().push(i);
+    }
+    // (step, its occurrence, the id of a first occurrence), hashed without the number: a
+    // repeat's id changes with it.
+    let mut numbered: Vec<(usize, usize, Option<String>)> = Vec::new();
+    for group in alike.values().filter(|g| g.len() > 1) {
+        let mut seen: HashMap<String, usize> = HashMap::with_capacity(group.len());
+        for &i in group {
+            let id = super::step_id::StepIdentity::of(&steps[i]).id();
+            let count = seen.entry(id.clone()).or_default();
+            *count += 1;
+            numbered.push((i, *count, (*count == 1).then_some(id)));
         }
     }
-    steps
+    for step in steps.iter_mut() {
+        step.repeat = 1;
+    }
+    for (i, repeat, id) in numbered {
+        steps[i].repeat = repeat;
+        if let Some(id) = id {
+            steps[i].id = id.into();
+        }
+    }
 }
 
 fn check_step(

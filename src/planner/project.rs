@@ -34,6 +34,9 @@ pub fn project(input: &PlanInput<'_>) -> Result<Plan, PlanError> {
     project_selected(input, None)
 }
 
+/// Fewer steps than this are hashed as the projection asks for them (a thread costs more).
+const HASH_AHEAD_FROM: usize = 64;
+
 /// [`project`] for the domains `filter` selects (`--only` / `--exclude`): the others are not
 /// planned or checked (a named domain that does not exist is no problem once excluded),
 /// and the plan records the filter and the domains it left out.
@@ -50,7 +53,14 @@ pub fn project_selected(
     let mut problems = Vec::new();
     let mut pinned_warnings = Vec::new();
     let mut read = ReadAlready::default();
-    let (steps, found) = look_up(input, &mut problems, &mut read)?;
+    // Each planned step's id is hashed on a second thread while this one waits for libvirt's
+    // bulk read (validation left most unhashed); the projection then finds them hashed.
+    let (steps, found) = std::thread::scope(|scope| {
+        if file.steps.len() >= HASH_AHEAD_FROM {
+            scope.spawn(|| file.steps.iter().for_each(|s| drop(s.id())));
+        }
+        look_up(input, &mut problems, &mut read)
+    })?;
     let mut resolved = resolve_targets(
         input,
         steps,
