@@ -556,10 +556,7 @@ pub fn load(path: &Path, ctx: &LoadContext) -> Result<PlanFile, Diagnostics> {
 /// Every problem found, each located at file:line:column with a hint.
 pub fn parse(path: &Path, text: String, ctx: &LoadContext) -> Result<PlanFile, Diagnostics> {
     match validate::validate(path, &text, ctx) {
-        Ok(plan) => Ok(PlanFile {
-            source: text,
-            ..plan
-        }),
+        Ok(plan) => Ok(plan),
         Err(mut items) => {
             items.sort_by_key(|d| d.pos);
             Err(Diagnostics {

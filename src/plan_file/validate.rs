@@ -187,8 +187,7 @@ pub fn validate(path: &Path, text: &str, ctx: &LoadContext) -> Result<PlanFile, 
         (Some(name), Some(grace)) if c.diags.is_empty() => Ok(PlanFile {
             path: path.to_path_buf(),
             sha256: super::sha256_hex(text.as_bytes()),
-            // Filled by the caller, which owns the text: not copied.
-            source: String::new(),
+            source: text.to_owned(),
             name,
             connection: settings.connection,
             timezone: zone,
