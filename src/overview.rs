@@ -367,23 +367,26 @@ impl Inspected {
     /// state can outlive it). An invalid virtplan.toml leaves the state beside the plan.
     #[must_use]
     pub fn of(plan: &Path, config: Option<&Path>) -> Self {
-        Self::reading(plan, config, |_| ()).0
+        Self::reading(plan, config, false, |_| ()).0
     }
 
     /// [`Inspected::of`], and the lockfile it names read ([`StatePaths::read_lock`]) while
     /// the plan is validated: two files that do not depend on each other, each costing about
     /// as much as the other for a large plan, so `status` waits for the longer, not the sum.
+    /// The steps' ids, by which `status` finds their records, are hashed on this side too.
     pub fn with_lock(
         plan: &Path,
         config: Option<&Path>,
     ) -> (Self, Result<Option<crate::lockfile::Lockfile>, LockError>) {
-        Self::reading(plan, config, StatePaths::read_lock)
+        Self::reading(plan, config, true, StatePaths::read_lock)
     }
 
-    /// Validates the plan while `also` reads from its state paths on another thread.
+    /// Validates the plan (and, with `hash_ids`, hashes its steps' ids: validation leaves most
+    /// unhashed) while `also` reads from its state paths on another thread.
     fn reading<T: Send>(
         plan: &Path,
         config: Option<&Path>,
+        hash_ids: bool,
         also: impl FnOnce(&StatePaths) -> T + Send,
     ) -> (Self, T) {
         let config = crate::config::discover(config, Some(plan));
@@ -394,6 +397,9 @@ impl Inspected {
             let loaded = config.and_then(|config| {
                 crate::plan_file::load(plan, &crate::plan_file::LoadContext::from(config))
             });
+            if let (Ok(file), true) = (&loaded, hash_ids) {
+                file.steps.iter().for_each(|s| drop(s.id()));
+            }
             (loaded, also.join())
         });
         let also = match also {
