@@ -14,16 +14,34 @@ fn uuid(i: usize) -> String {
 /// `n` running domains `d00`.. that ignore ACPI, so a graceful power-off with a 30s timeout
 /// takes 30 s of fake time before the forced one: every domain's share lasts a while.
 fn fleet(n: usize) -> (Vec<String>, Vec<FakeDomain>) {
+    let (names, domains) = instant_fleet(n);
+    (
+        names,
+        domains.into_iter().map(FakeDomain::stubborn).collect(),
+    )
+}
+
+/// `n` running domains `d00`.. whose steps take no fake time.
+fn instant_fleet(n: usize) -> (Vec<String>, Vec<FakeDomain>) {
     let names: Vec<String> = (0..n).map(|i| format!("d{i:02}")).collect();
     let domains = names
         .iter()
         .enumerate()
-        .map(|(i, name)| FakeDomain::new(name, &uuid(i)).running().stubborn())
+        .map(|(i, name)| FakeDomain::new(name, &uuid(i)).running())
         .collect();
     (names, domains)
 }
 
-/// One power-off step over `names` (in this order) with `rollout`.
+/// One instant step (autostart) over `names` with `rollout: { ROLLOUT }`: only pacing moves
+/// time, so every start is exact.
+fn autostart_rollout(names: &[String], rollout: &str) -> String {
+    format!(
+        "  - at: 2026-12-01T04:00:00Z\n    vms: [{}]\n    autostart: true\n    rollout: {{ {rollout} }}\n",
+        names.join(", ")
+    )
+}
+
+/// One power-off step over `names` (in this order) with `rollout` (a line, or nothing).
 fn rollout_step(names: &[String], rollout: &str) -> String {
     format!(
         "  - at: 2026-12-01T04:00:00Z\n    vms: [{}]\n    power: shutoff\n    shutdown: {{ mode: graceful, timeout: 30s, force_after_timeout: true }}\n{rollout}",
@@ -120,16 +138,8 @@ fn a_rollout_never_runs_more_than_max_parallel_domains_and_keeps_the_written_ord
 
 #[test]
 fn waiting_for_its_turn_in_a_rollout_is_not_being_late() {
-    let names: Vec<String> = (0..4).map(|i| format!("d{i:02}")).collect();
-    let domains = names
-        .iter()
-        .enumerate()
-        .map(|(i, n)| FakeDomain::new(n, &uuid(i)).running())
-        .collect();
-    let steps = format!(
-        "  - at: 2026-12-01T04:00:00Z\n    vms: [{}]\n    autostart: true\n    rollout: {{ max_parallel: 1, pause: 40s }}\n",
-        names.join(", ")
-    );
+    let (names, domains) = instant_fleet(4);
+    let steps = autostart_rollout(&names, "max_parallel: 1, pause: 40s");
     // One at a time, 40 s apart: the last starts 2 minutes after `at`, past the 1m grace.
     let rig = Rig::new(&steps, "grace: 1m\n", domains, "2026-12-01T04:00:00Z");
     let report = rig.run();
@@ -152,10 +162,7 @@ fn waiting_for_its_turn_in_a_rollout_is_not_being_late() {
 fn a_host_cap_bounds_every_step_on_that_connection() {
     let (names, domains) = fleet(8);
     // No rollout: eight ordinary domains due at once, on a host capped at 2.
-    let steps = format!(
-        "  - at: 2026-12-01T04:00:00Z\n    vms: [{}]\n    power: shutoff\n    shutdown: {{ mode: graceful, timeout: 30s, force_after_timeout: true }}\n",
-        names.join(", ")
-    );
+    let steps = rollout_step(&names, "");
     let rig = Rig::new(&steps, "", domains, "2026-12-01T04:00:00Z");
     let store = LockStore::open(&rig.lock_path, &rig.file.sha256).unwrap();
     let mut plan = rig.plan(&store);
@@ -176,10 +183,7 @@ fn a_host_cap_bounds_every_step_on_that_connection() {
 #[test]
 fn a_host_cap_that_keeps_a_step_past_its_grace_makes_it_missed_not_late() {
     let (names, domains) = fleet(2);
-    let steps = format!(
-        "  - at: 2026-12-01T04:00:00Z\n    vms: [{}]\n    power: shutoff\n    shutdown: {{ mode: graceful, timeout: 30s, force_after_timeout: true }}\n",
-        names.join(", ")
-    );
+    let steps = rollout_step(&names, "");
     // Each power-off takes 30 s; with one at a time the second would start 30 s late.
     let rig = Rig::new(&steps, "grace: 10s\n", domains, "2026-12-01T04:00:00Z");
     let store = LockStore::open(&rig.lock_path, &rig.file.sha256).unwrap();
@@ -322,17 +326,8 @@ fn failures_within_the_budget_do_not_abort_and_past_it_on_failure_abort_stops_th
 
 #[test]
 fn pause_keeps_a_freed_slot_empty_before_the_next_domain_starts() {
-    // Instant steps (autostart): only the pause moves time, so every start is exact.
-    let names: Vec<String> = (0..5).map(|i| format!("d{i:02}")).collect();
-    let domains = names
-        .iter()
-        .enumerate()
-        .map(|(i, n)| FakeDomain::new(n, &uuid(i)).running())
-        .collect();
-    let steps = format!(
-        "  - at: 2026-12-01T04:00:00Z\n    vms: [{}]\n    autostart: true\n    rollout: {{ max_parallel: 2, pause: 90s }}\n",
-        names.join(", ")
-    );
+    let (names, domains) = instant_fleet(5);
+    let steps = autostart_rollout(&names, "max_parallel: 2, pause: 90s");
     let rig = Rig::new(&steps, "", domains, "2026-12-01T04:00:00Z");
     let report = rig.run();
     assert!(report.outcomes.iter().all(|o| o.status == StepStatus::Done));
@@ -355,16 +350,8 @@ fn pause_keeps_a_freed_slot_empty_before_the_next_domain_starts() {
 
 #[test]
 fn a_rollout_still_waiting_when_the_window_closes_records_the_rest_missed() {
-    let names: Vec<String> = (0..4).map(|i| format!("d{i:02}")).collect();
-    let domains = names
-        .iter()
-        .enumerate()
-        .map(|(i, n)| FakeDomain::new(n, &uuid(i)).running())
-        .collect();
-    let steps = format!(
-        "  - at: 2026-12-01T04:00:00Z\n    vms: [{}]\n    autostart: true\n    rollout: {{ max_parallel: 1, pause: 30s }}\n",
-        names.join(", ")
-    );
+    let (names, domains) = instant_fleet(4);
+    let steps = autostart_rollout(&names, "max_parallel: 1, pause: 30s");
     let rig = Rig::new(
         &steps,
         "grace: 1h\nwindow: { start: 2026-12-01T04:00:00Z, end: 2026-12-01T04:01:10Z }\n",
