@@ -28,13 +28,16 @@ fn rig(dir: &Path, extra_step: &str) -> PathBuf {
     plan
 }
 
+/// Each recorded step's domain and status, sorted by domain.
 fn records(plan: &Path) -> Vec<(String, StepStatus)> {
-    LockStore::read(&plan.with_extension("lock"))
+    let mut got: Vec<_> = LockStore::read(&plan.with_extension("lock"))
         .unwrap()
         .steps
         .iter()
         .map(|r| (r.vm.clone(), r.status))
-        .collect()
+        .collect();
+    got.sort();
+    got
 }
 
 #[test]
@@ -100,10 +103,8 @@ fn plan_shows_and_apply_runs_only_what_the_filter_selects() {
     let out = virtplan(&["apply", p, "--only", "web-01", "--auto-approve"], &[]);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));
     // The domains it left out are recorded pending (not run), so the pattern's set stays whole.
-    let mut got = records(&plan);
-    got.sort();
     assert_eq!(
-        got,
+        records(&plan),
         [
             ("db-01".to_owned(), StepStatus::Pending),
             ("web-01".to_owned(), StepStatus::Done),
@@ -133,10 +134,8 @@ fn plan_shows_and_apply_runs_only_what_the_filter_selects() {
         !said.contains("not in the set the lockfile recorded"),
         "{said}"
     );
-    let mut got = records(&plan);
-    got.sort();
     assert_eq!(
-        got,
+        records(&plan),
         [
             ("db-01".to_owned(), StepStatus::Done),
             ("web-01".to_owned(), StepStatus::Done),
@@ -220,10 +219,8 @@ fn a_saved_plan_carries_its_filter_and_refuses_another() {
     );
     let out = virtplan(&["apply", s], &[]);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));
-    let mut got = records(&plan);
-    got.sort();
     assert_eq!(
-        got,
+        records(&plan),
         [
             ("db-01".to_owned(), StepStatus::Done),
             ("web-01".to_owned(), StepStatus::Pending),
