@@ -311,6 +311,16 @@ impl Libvirt {
             .eq_ignore_ascii_case(name)
     }
 
+    /// A `vm:` value no listing matched (defined since, or a form a listing cannot match):
+    /// libvirt's own lookup decides, and says "not found" (`None`) as it always does.
+    fn resolve_unlisted(&self, name_or_uuid: &str) -> HvResult<Option<DomainId>> {
+        match self.resolve(name_or_uuid) {
+            Ok(id) => Ok(Some(id)),
+            Err(e) if e.kind == ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
     fn lookup(&self, uuid: &str) -> HvResult<Domain> {
         self.conn
             .lookup_domain_by_uuid_string(uuid)
@@ -454,48 +464,20 @@ impl Hypervisor for Libvirt {
         } else {
             by_name()?
         };
-        let what = format!("domain {name_or_uuid:?}");
-        Ok(DomainId {
-            name: dom.name().map_err(|e| hv_error(&what, &e))?,
-            uuid: uuid_text(&dom).map_err(|e| hv_error(&what, &e))?,
-        })
+        domain_id(&dom, &format!("domain {name_or_uuid:?}"))
     }
 
     fn resolve_many(&self, names: &[String]) -> HvResult<Vec<Option<DomainId>>> {
         if names.is_empty() {
             return Ok(Vec::new());
         }
-        let domains = self
-            .conn
-            .list_all_domains(0)
-            .map_err(|e| hv_error("list domains", &e))?;
-        let mut by_name: HashMap<String, DomainId> = HashMap::with_capacity(domains.len());
-        let mut by_uuid: HashMap<String, DomainId> = HashMap::with_capacity(domains.len());
-        for dom in &domains {
-            // Both are read from the client's handle: no round trip.
-            let id = DomainId {
-                name: dom.name().map_err(|e| hv_error("list domains", &e))?,
-                uuid: uuid_text(dom).map_err(|e| hv_error("list domains", &e))?,
-            };
-            by_uuid.insert(id.uuid.clone(), id.clone());
-            by_name.insert(id.name.clone(), id);
-        }
+        let ids = self.list_domains()?;
+        let listing = Listing::new(ids.iter().map(|id| (id.name.as_str(), id.uuid.as_str())));
         names
             .iter()
-            .map(|name| {
-                let listed = canonical_uuid(name)
-                    .and_then(|u| by_uuid.get(&u))
-                    .or_else(|| by_name.get(name));
-                match listed {
-                    Some(id) => Ok(Some(id.clone())),
-                    // Not in the listing: defined since, or a form the listing cannot match.
-                    // libvirt's own lookup decides, and says "not found" as it always does.
-                    None => match self.resolve(name) {
-                        Ok(id) => Ok(Some(id)),
-                        Err(e) if e.kind == ErrorKind::NotFound => Ok(None),
-                        Err(e) => Err(e),
-                    },
-                }
+            .map(|name| match listing.find(name) {
+                Some(i) => Ok(Some(ids[i].clone())),
+                None => self.resolve_unlisted(name),
             })
             .collect()
     }
@@ -587,10 +569,7 @@ impl Hypervisor for Libvirt {
                 .list_all_domains(sys::VIR_CONNECT_LIST_DOMAINS_ACTIVE)
                 .map_err(|e| hv_error("list domains", &e))?;
             for dom in listed {
-                let id = DomainId {
-                    name: dom.name().map_err(|e| hv_error("list domains", &e))?,
-                    uuid: uuid_text(&dom).map_err(|e| hv_error("list domains", &e))?,
-                };
+                let id = domain_id(&dom, "list domains")?;
                 active.push((dom, id));
             }
             let running = Listing::new(
@@ -604,13 +583,7 @@ impl Hypervisor for Libvirt {
                 }
                 *slot = match running.find(&named.name) {
                     Some(i) => Some(active[i].1.clone()),
-                    // In neither listing: defined since, or a form the listings cannot match.
-                    // libvirt's own lookup decides, and says "not found" as it always does.
-                    None => match self.resolve(&named.name) {
-                        Ok(id) => Some(id),
-                        Err(e) if e.kind == ErrorKind::NotFound => None,
-                        Err(e) => return Err(e),
-                    },
+                    None => self.resolve_unlisted(&named.name)?,
                 };
             }
         }
@@ -887,12 +860,7 @@ impl Hypervisor for Libvirt {
             .map_err(|e| hv_error("list domains", &e))?;
         let mut ids = domains
             .iter()
-            .map(|d| {
-                Ok(DomainId {
-                    name: d.name().map_err(|e| hv_error("list domains", &e))?,
-                    uuid: uuid_text(d).map_err(|e| hv_error("list domains", &e))?,
-                })
-            })
+            .map(|d| domain_id(d, "list domains"))
             .collect::<HvResult<Vec<_>>>()?;
         ids.sort_by(|a, b| a.name.cmp(&b.name));
         Ok(ids)
@@ -1054,6 +1022,15 @@ fn classify(e: &VirtError) -> ErrorKind {
         }
         _ => ErrorKind::Other,
     }
+}
+
+/// A domain's name and UUID, both read from the client's handle (no round trip); `what` names
+/// the call in an error.
+fn domain_id(dom: &Domain, what: &str) -> HvResult<DomainId> {
+    Ok(DomainId {
+        name: dom.name().map_err(|e| hv_error(what, &e))?,
+        uuid: uuid_text(dom).map_err(|e| hv_error(what, &e))?,
+    })
 }
 
 /// A domain's UUID as libvirt writes it (lower-case, hyphenated), formatted here from its 16
