@@ -105,28 +105,32 @@ impl Filter {
         self.only.is_empty() && self.exclude.is_empty()
     }
 
-    fn matches(value: &str, name: &str, uuid: &str) -> bool {
-        value == name
-            || (!uuid.is_empty() && value.eq_ignore_ascii_case(uuid))
-            || glob::Pattern::new(value).is_ok_and(|p| p.matches(name))
+    /// The filter with each value's glob compiled once, to test many domains (the planner
+    /// tests every resolved domain of a plan).
+    #[must_use]
+    pub fn matcher(&self) -> Matcher<'_> {
+        Matcher {
+            only: self.only.iter().map(|v| Value::of(v)).collect(),
+            exclude: self.exclude.iter().map(|v| Value::of(v)).collect(),
+        }
     }
 
     /// Whether the domain `name` (with `uuid`, when known) is one this run acts on.
     #[must_use]
     pub fn selects(&self, name: &str, uuid: &str) -> bool {
-        (self.only.is_empty() || self.only.iter().any(|v| Self::matches(v, name, uuid)))
-            && !self.exclude.iter().any(|v| Self::matches(v, name, uuid))
+        self.matcher().selects(name, uuid)
     }
 
     /// The values that match none of `domains` (name, UUID), with their flags.
     #[must_use]
     pub fn unknown(&self, domains: &[(&str, &str)]) -> Vec<(&'static str, String)> {
-        let flags = [("only", &self.only), ("exclude", &self.exclude)];
+        let m = self.matcher();
+        let flags = [("only", &m.only), ("exclude", &m.exclude)];
         flags
             .into_iter()
             .flat_map(|(flag, values)| values.iter().map(move |v| (flag, v)))
-            .filter(|(_, v)| !domains.iter().any(|(n, u)| Self::matches(v, n, u)))
-            .map(|(flag, v)| (flag, v.clone()))
+            .filter(|(_, v)| !domains.iter().any(|(n, u)| v.matches(n, u)))
+            .map(|(flag, v)| (flag, v.text.to_owned()))
             .collect()
     }
 
@@ -148,6 +152,46 @@ impl Filter {
     #[must_use]
     pub fn non_empty(&self) -> Option<&Self> {
         (!self.is_empty()).then_some(self)
+    }
+}
+
+/// A [`Filter`] ready to test many domains ([`Filter::matcher`]).
+#[derive(Debug)]
+pub struct Matcher<'f> {
+    only: Vec<Value<'f>>,
+    exclude: Vec<Value<'f>>,
+}
+
+impl Matcher<'_> {
+    /// Whether the domain `name` (with `uuid`, when known) is one this run acts on.
+    #[must_use]
+    pub fn selects(&self, name: &str, uuid: &str) -> bool {
+        (self.only.is_empty() || self.only.iter().any(|v| v.matches(name, uuid)))
+            && !self.exclude.iter().any(|v| v.matches(name, uuid))
+    }
+}
+
+/// One `--only` / `--exclude` value: a domain's name, its UUID, or a glob over names.
+#[derive(Debug)]
+struct Value<'f> {
+    text: &'f str,
+    /// `None` when the text is no valid glob (refused by [`Filter::new`]; a deserialized
+    /// filter may still hold one).
+    glob: Option<glob::Pattern>,
+}
+
+impl<'f> Value<'f> {
+    fn of(text: &'f str) -> Self {
+        Self {
+            text,
+            glob: glob::Pattern::new(text).ok(),
+        }
+    }
+
+    fn matches(&self, name: &str, uuid: &str) -> bool {
+        self.text == name
+            || (!uuid.is_empty() && self.text.eq_ignore_ascii_case(uuid))
+            || self.glob.as_ref().is_some_and(|p| p.matches(name))
     }
 }
 

@@ -443,8 +443,8 @@ impl Lockfile {
             }
         }
         // Records of the domains a `--only` / `--exclude` filter leaves out stay as they are.
-        let filter = plan.selection.as_ref().map(|s| s.filter.clone());
-        let outside = |r: &StepRecord| filter.as_ref().is_some_and(|f| !f.selects(&r.vm, &r.uuid));
+        let matcher = plan.selection.as_ref().map(|s| s.filter.matcher());
+        let outside = |r: &StepRecord| matcher.as_ref().is_some_and(|m| !m.selects(&r.vm, &r.uuid));
         // Checked whatever the plan's hash: a virtplan.toml change (time zone, host alias) can
         // move or re-target steps, and so change their ids, without touching the plan file.
         let lost: Vec<&StepRecord> = self
@@ -467,7 +467,7 @@ impl Lockfile {
         self.plan_sha256.clone_from(&plan.meta.sha256);
         self.steps
             .retain(|r| planned.contains(&(r.step_id.as_str(), r.uuid.as_str())) || outside(r));
-        self.filter = filter;
+        self.filter = plan.selection.as_ref().map(|s| s.filter.clone());
         let descriptions = describe_all(plan);
         let describe = |step_id: &str, uuid: &str| {
             descriptions

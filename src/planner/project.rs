@@ -178,21 +178,26 @@ fn select(
             .to_string(),
         ));
     }
-    let left_out_steps: Vec<crate::filter::LeftOut> = resolved
-        .iter()
-        .filter(|(_, _, id)| !filter.selects(&id.name, &id.uuid))
-        .map(|(step, _, id)| crate::filter::LeftOut {
-            step: step.number,
-            step_id: step.id(),
-            at: step.at.as_ref().map(|a| a.value),
-            vm: id.name.clone(),
-            uuid: id.uuid.clone(),
-        })
-        .collect();
+    // Each resolved domain tested once (the filter's globs compiled once): the ones left out
+    // are recorded, the others kept.
+    let matcher = filter.matcher();
+    let mut left_out_steps: Vec<crate::filter::LeftOut> = Vec::new();
+    resolved.retain(|(step, _, id)| {
+        let keep = matcher.selects(&id.name, &id.uuid);
+        if !keep {
+            left_out_steps.push(crate::filter::LeftOut {
+                step: step.number,
+                step_id: step.id(),
+                at: step.at.as_ref().map(|a| a.value),
+                vm: id.name.clone(),
+                uuid: id.uuid.clone(),
+            });
+        }
+        keep
+    });
     let mut left_out: Vec<String> = left_out_steps.iter().map(|l| l.vm.clone()).collect();
     left_out.sort();
     left_out.dedup();
-    resolved.retain(|(_, _, id)| filter.selects(&id.name, &id.uuid));
     Ok(crate::filter::Selection {
         filter: filter.clone(),
         left_out,
@@ -414,6 +419,7 @@ fn resolve_targets<'a>(
     filter: Option<&crate::filter::Filter>,
 ) -> Resolved<'a> {
     let file = input.file;
+    let matcher = filter.map(crate::filter::Filter::matcher);
     let mut resolved = Vec::with_capacity(steps.len());
     for (step, uri) in steps {
         for target in &step.targets {
@@ -434,7 +440,7 @@ fn resolve_targets<'a>(
             match found.named.get(uri).and_then(|names| names.get(&target.name_or_uuid)).and_then(Option::as_ref) {
                 Some(id) => resolved.push((step, uri, id)),
                 // A domain the run's filter leaves out is not looked for.
-                None if filter.is_some_and(|f| !f.selects(&target.name_or_uuid, &target.name_or_uuid)) => {}
+                None if matcher.as_ref().is_some_and(|m| !m.selects(&target.name_or_uuid, &target.name_or_uuid)) => {}
                 None => problems.push(problem(
                     file,
                     step,
