@@ -772,11 +772,7 @@ impl Run<'_> {
             let mut gone = false;
             let gated = self.admission.gated(step);
             // Read once: a rollout past its error budget stays so.
-            let tripped = if gated {
-                self.admission.tripped(step)
-            } else {
-                None
-            };
+            let tripped = gated.then(|| self.admission.tripped(step)).flatten();
             let recorded = self
                 .ex
                 .store
@@ -784,8 +780,8 @@ impl Run<'_> {
                 .unwrap_or(StepStatus::Pending);
             // The status it ended with, and whether a failure blocks the domain's later steps
             // (`false` when it was only a consequence of an earlier block or a stop).
-            let (status, blocks) = match (recorded, &cursor.blocked) {
-                (StepStatus::Done, _) => {
+            let (status, blocks) = match (recorded, &cursor.blocked, tripped) {
+                (StepStatus::Done, _, _) => {
                     self.report(
                         step,
                         StepStatus::Done,
@@ -794,7 +790,7 @@ impl Run<'_> {
                     );
                     (StepStatus::Done, false)
                 }
-                (StepStatus::Missed, _) => {
+                (StepStatus::Missed, _, _) => {
                     let message = "missed in an earlier run; a missed step never runs".to_owned();
                     self.report(step, StepStatus::Missed, message, true);
                     (StepStatus::Missed, true)
@@ -812,7 +808,7 @@ impl Run<'_> {
                         Err(next) => return next,
                     }
                 }
-                (_, Some(b)) => {
+                (_, Some(b), _) => {
                     let (status, message) = match b {
                         Blocked::Gone(m) => (StepStatus::Failed, m.clone()),
                         Blocked::Earlier(m) => (StepStatus::Skipped, m.clone()),
@@ -822,8 +818,7 @@ impl Run<'_> {
                 }
                 // A rollout past its error budget: its domains not started are skipped, not
                 // cancelled, whatever `on_failure` did to the rest of the plan.
-                _ if tripped.is_some() => {
-                    let reason = tripped.clone().unwrap_or_default();
+                (_, None, Some(reason)) => {
                     self.finish(step, StepStatus::Skipped, reason);
                     (StepStatus::Skipped, true)
                 }
