@@ -120,7 +120,14 @@ impl TestDomain {
                 }
             })
             .collect();
-        let name = format!("vpt-{slug}-{}-{n}", std::process::id());
+        // The random tail keeps a name unique across runs too: libvirt keeps each domain's
+        // QEMU log (`/var/log/libvirt/qemu/NAME.log`) after it is undefined, and a process id
+        // reused by a later run appended to an earlier run's log (tests count its lines).
+        let name = format!(
+            "vpt-{slug}-{}-{n}-{:04x}",
+            std::process::id(),
+            fastrand::u16(..)
+        );
         let conn = Connect::open(Some(uri)).expect("connect for TestDomain");
         let xml = xml(&name);
         let dom = conn
