@@ -14,6 +14,16 @@ pub trait Clock: Send + Sync {
     /// Sleeps for at most `duration`; callers re-read [`Clock::now`] after every wake-up.
     fn sleep(&self, duration: Duration);
 
+    /// A reading that moves only forward, at the pace of real time, for measuring a wait
+    /// that a stepped wall clock must neither shorten nor lengthen (a lease's settle delay).
+    /// Differences between two readings are durations; the value itself is not the time of
+    /// day. By default real time ([`SystemClock`]'s): a clock that does not say otherwise
+    /// cannot make a safety delay pass sooner than it does. [`FakeClock`] answers its own
+    /// time, which its test moves.
+    fn monotonic(&self) -> DateTime<Utc> {
+        SystemClock.monotonic()
+    }
+
     /// Waits until [`Clock::now`] reaches `at` or `wake` is set, without moving time itself:
     /// for background threads (lease renewal) that must follow a fake clock, not drive it.
     /// Polls every few milliseconds of real time.
@@ -39,6 +49,15 @@ impl Clock for SystemClock {
     #[allow(clippy::disallowed_methods)] // the one sanctioned place
     fn sleep(&self, duration: Duration) {
         std::thread::sleep(duration);
+    }
+
+    /// The wall clock at the first reading, advanced by `Instant` since then.
+    #[allow(clippy::disallowed_methods)] // the one sanctioned place
+    fn monotonic(&self) -> DateTime<Utc> {
+        static ORIGIN: std::sync::OnceLock<(std::time::Instant, DateTime<Utc>)> =
+            std::sync::OnceLock::new();
+        let (instant, wall) = *ORIGIN.get_or_init(|| (std::time::Instant::now(), Utc::now()));
+        wall + chrono::Duration::from_std(instant.elapsed()).unwrap_or(chrono::Duration::MAX)
     }
 }
 
@@ -83,5 +102,9 @@ impl Clock for FakeClock {
 
     fn sleep(&self, duration: Duration) {
         self.advance(chrono::Duration::from_std(duration).unwrap_or(chrono::Duration::MAX));
+    }
+
+    fn monotonic(&self) -> DateTime<Utc> {
+        self.now()
     }
 }

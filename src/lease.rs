@@ -17,6 +17,26 @@
 //! - the hosts' clocks agree within [`LeaseConfig::max_skew`] (expiry is an absolute time);
 //! - no holder stalls longer than its lease's remaining time between renewals.
 //!
+//! A round comes in two halves, [`Leaser::begin`] (read, write) and [`Leaser::confirm`] (read
+//! back), so a caller can wait out the settle delay without holding a thread (the executor
+//! hands the domain back to its scheduler; [`Leaser::try_acquire`] just sleeps). The argument
+//! above needs the read-back to come *at least* `settle` after our write, never earlier, and
+//! a later one is as good provided our record is still alive when it is read: once it has
+//! expired (plus the skew margin) a third contender may take it over legitimately. So
+//! `confirm`
+//! - refuses to read before `settle` has passed since the write, measured on the clock's
+//!   monotonic reading ([`Clock::monotonic`]): a wall clock stepped forward cannot shorten the
+//!   wait, one stepped back does not lengthen it;
+//! - takes the lease only while our record is at most one renewal period old
+//!   ([`LeaseConfig::renew_every`], a third of `ttl`) by that reading, and has at least
+//!   `ttl - renew_every` to live by the wall clock: the holder's renewals, counted from the
+//!   write, then keep it alive exactly as for a lease read back on time. A later read-back
+//!   (the caller's workers were busy) begins again, which rewrites the record and waits
+//!   `settle` once more.
+//!
+//! Hence one more bound: `settle` must be well below a third of `ttl` (the configuration
+//! checks it), or no read-back would ever be young enough.
+//!
 //! The README states these assumptions and the consensus store to use when they cannot hold.
 
 use std::fmt;
@@ -154,6 +174,46 @@ pub enum Attempt {
     Slow { took: Duration },
 }
 
+/// Our record, written by [`Leaser::begin`]: what [`Leaser::confirm`] checks it against.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Written {
+    /// When the write returned (wall clock).
+    pub at: DateTime<Utc>,
+    /// The same moment by the clock's monotonic reading ([`Clock::monotonic`]).
+    pub ticks: DateTime<Utc>,
+    /// The expiry our record carries.
+    pub expires: DateTime<Utc>,
+}
+
+/// How [`Leaser::begin`] ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Begun {
+    /// Our record is written: read it back with [`Leaser::confirm`] `settle` after `at`.
+    Written(Written),
+    /// Another holder's live lease: nothing was written.
+    Busy(Lease),
+    /// Our own read-to-write took longer than the protocol allows: we back off without acting
+    /// (our record is left to expire).
+    Slow { took: Duration },
+}
+
+/// What [`Leaser::confirm`] read back.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Confirmed {
+    /// Ours until `expires` (renew, counting from the write, before then).
+    Acquired { expires: DateTime<Utc> },
+    /// A rival's record replaced ours: it won; we back off.
+    Busy(Lease),
+    /// The record is gone (its previous holder removed it, racing us): begin again.
+    Gone,
+    /// Called before `settle` had passed since the write: nothing was read; call again at
+    /// `until` (a monotonic reading).
+    Early { until: DateTime<Utc> },
+    /// Read back `age` after the write: too late to trust our record to outlive the renewal
+    /// schedule. Not taken; begin again (which renews it before the next read-back).
+    Stale { age: Duration },
+}
+
 /// How [`Leaser::acquire_until`] ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Acquisition {
@@ -274,35 +334,102 @@ impl<'a> Leaser<'a> {
         }
     }
 
-    /// One round of Fischer's protocol: read, write if free, settle, read back.
+    /// One round of Fischer's protocol: read, write if free, settle, read back
+    /// ([`Leaser::begin`], a sleep of `settle`, [`Leaser::confirm`]).
     pub fn try_acquire(&self, uuid: &str) -> Result<Attempt, LeaseError> {
-        let started = self.clock.now();
+        let written = match self.begin(uuid)? {
+            Begun::Written(written) => written,
+            Begun::Busy(rival) => return Ok(Attempt::Busy(rival)),
+            Begun::Slow { took } => return Ok(Attempt::Slow { took }),
+        };
+        self.clock.sleep(self.config.settle);
+        loop {
+            match self.confirm(uuid, &written)? {
+                Confirmed::Acquired { expires } => return Ok(Attempt::Acquired { expires }),
+                Confirmed::Busy(rival) => return Ok(Attempt::Busy(rival)),
+                Confirmed::Gone => {
+                    return Ok(Attempt::Slow {
+                        took: self.config.settle,
+                    })
+                }
+                Confirmed::Stale { age } => return Ok(Attempt::Slow { took: age }),
+                // The clock says the delay has not passed yet (a stepped clock): wait the rest.
+                Confirmed::Early { until } => self.clock.sleep(
+                    (until - self.clock.monotonic())
+                        .to_std()
+                        .unwrap_or(Duration::ZERO)
+                        .max(Duration::from_millis(1)),
+                ),
+            }
+        }
+    }
+
+    /// The first half of a round: read; if free, write our record and say when it was
+    /// written. The caller waits `settle` (without holding anything: an executor hands the
+    /// domain back to its scheduler) and then calls [`Leaser::confirm`].
+    pub fn begin(&self, uuid: &str) -> Result<Begun, LeaseError> {
+        let started = self.clock.monotonic();
         if let Some(current) = self.read(uuid)? {
             if !self.is_free(&current, self.clock.now()) {
-                return Ok(Attempt::Busy(current));
+                return Ok(Begun::Busy(current));
             }
         }
         let mine = self.fresh_lease(self.clock.now());
         self.write(uuid, Some(&mine))?;
-        let took = (self.clock.now() - started)
-            .to_std()
-            .unwrap_or(Duration::ZERO);
+        let done = self.clock.monotonic();
+        let took = (done - started).to_std().unwrap_or(Duration::ZERO);
         if took > self.config.max_write_delay {
             // Our write may have landed after a rival's settle delay ran out: it may already
             // act. Leave the record (removing it could free the domain for a third party
             // while that rival acts); it expires, or the rival's renewal overwrites it.
-            return Ok(Attempt::Slow { took });
+            return Ok(Begun::Slow { took });
         }
-        self.clock.sleep(self.config.settle);
-        match self.read(uuid)? {
-            Some(lease) if lease.holder == *self.me => Ok(Attempt::Acquired {
-                expires: lease.expires,
-            }),
-            Some(rival) => Ok(Attempt::Busy(rival)),
+        Ok(Begun::Written(Written {
+            at: self.clock.now(),
+            ticks: done,
+            expires: mine.expires,
+        }))
+    }
+
+    /// The second half: once `settle` has passed since `written` (by the clock's monotonic
+    /// reading, so a wall clock stepped forward cannot shorten it), read the record back and
+    /// take the lease only if it is still ours and young enough that the holder's renewals
+    /// (every [`LeaseConfig::renew_every`], counted from the write) keep it alive: a
+    /// read-back that comes later than that (the caller was held up) begins again rather than
+    /// trust a record another executor may soon see expire.
+    pub fn confirm(&self, uuid: &str, written: &Written) -> Result<Confirmed, LeaseError> {
+        let settled = written
+            .ticks
+            .checked_add_signed(
+                chrono::Duration::from_std(self.config.settle).unwrap_or(chrono::Duration::MAX),
+            )
+            .unwrap_or(DateTime::<Utc>::MAX_UTC);
+        if self.clock.monotonic() < settled {
+            return Ok(Confirmed::Early { until: settled });
+        }
+        let lease = self.read(uuid)?;
+        let age = (self.clock.monotonic() - written.ticks)
+            .to_std()
+            .unwrap_or(Duration::ZERO);
+        match lease {
+            Some(lease) if lease.holder == *self.me => {
+                // Our record must have at least the life left that a renewal leaves it, by
+                // both clocks (rivals judge its expiry by their wall clocks).
+                let left = lease.expires - self.clock.now();
+                let floor = chrono::Duration::from_std(
+                    self.config.ttl.saturating_sub(self.config.renew_every()),
+                )
+                .unwrap_or(chrono::Duration::MAX);
+                if age > self.config.renew_every() || left < floor {
+                    return Ok(Confirmed::Stale { age });
+                }
+                Ok(Confirmed::Acquired {
+                    expires: lease.expires,
+                })
+            }
+            Some(rival) => Ok(Confirmed::Busy(rival)),
             // Removed meanwhile by its previous holder, racing us: go round again.
-            None => Ok(Attempt::Slow {
-                took: self.config.settle,
-            }),
+            None => Ok(Confirmed::Gone),
         }
     }
 

@@ -1,16 +1,25 @@
 //! The executor's side of domain leases ([`crate::lease`]): a step takes its domain's lease
 //! before it acts (waiting within its grace while another executor holds it), a background
 //! thread renews it while the step runs, and it is released when the step has been recorded.
+//!
+//! Taking a lease holds no worker: a turn writes the record ([`Leaser::begin`]) and hands the
+//! domain back to the scheduler until the settle delay has passed; the domain's next turn
+//! reads it back ([`Leaser::confirm`]) and acts. Its [`Taking`] (in the domain's cursor)
+//! carries what the turns share. A domain waiting for a rival's lease is handed back the same
+//! way until its next try.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, PoisonError};
+use std::time::Duration;
 
 use chrono::{DateTime, SecondsFormat, Utc};
 
 use super::step::Ended;
-use super::Run;
+use super::{Next, Run};
 use crate::hypervisor::HvError;
-use crate::lease::{self, Acquisition, Holder, Lease, LeaseConfig, Leaser, Register, Renewal};
+use crate::lease::{
+    self, Begun, Confirmed, Holder, Lease, LeaseConfig, Leaser, Register, Renewal, Written,
+};
 use crate::lockfile::StepStatus;
 use crate::planner::PlannedStep;
 use crate::uri::Uri;
@@ -20,6 +29,39 @@ use crate::uri::Uri;
 pub struct Leasing {
     pub holder: Holder,
     pub config: LeaseConfig,
+}
+
+/// A lease being taken for a domain's current step, kept in its cursor between turns.
+#[derive(Debug)]
+pub(super) struct Taking {
+    /// When the step was dispatched: its record starts then (unless waiting made it late).
+    now: DateTime<Utc>,
+    /// The last moment the step may start.
+    deadline: DateTime<Utc>,
+    /// An `always` step after a failure or an abort (decided when it was dispatched).
+    after_failure: bool,
+    /// Our record, written and waiting to be read back.
+    written: Option<Written>,
+    /// The first rival that made us wait (named in the step's record).
+    first_rival: Option<Lease>,
+    /// The last rival seen (named if the step is missed).
+    last_rival: Option<Lease>,
+}
+
+impl Taking {
+    fn saw(&mut self, rival: Lease) {
+        self.first_rival.get_or_insert_with(|| rival.clone());
+        self.last_rival = Some(rival);
+    }
+}
+
+/// How one turn of taking a lease ended.
+enum Take {
+    Acquired(Written),
+    /// Not yet: hand the domain back until then.
+    Wait(Next),
+    /// Stopped, or the deadline passed.
+    GaveUp,
 }
 
 /// Lease records through the run's connections: transient failures are retried and a lost
@@ -61,17 +103,37 @@ impl Run<'_> {
         settings.window.map_or(by_grace, |w| by_grace.min(w.end))
     }
 
-    /// Runs `act` (given the time the lease was taken) while holding the domain's lease.
-    /// Without leasing it runs at once. When another executor holds the domain past the
-    /// step's deadline the step is recorded `missed`, naming the holder.
-    pub(super) fn leased(
+    /// The lease `step`, dispatched at `now`, is about to take (its first turn's state).
+    pub(super) fn taking(
         &self,
         step: &PlannedStep,
         now: DateTime<Utc>,
-        act: impl FnOnce(DateTime<Utc>) -> Ended,
-    ) -> Ended {
+        after_failure: bool,
+    ) -> Taking {
+        Taking {
+            now,
+            deadline: self.start_deadline(step, now),
+            after_failure,
+            written: None,
+            first_rival: None,
+            last_rival: None,
+        }
+    }
+
+    /// Runs `act` (given the time the step starts and `after_failure`) while holding the
+    /// domain's lease. Without leasing it runs at once. Taking the lease spans several turns
+    /// of the domain: `Err` hands it back to the scheduler until then, with the state to
+    /// carry on from, so the settle delay (and a wait for a rival) holds no worker. When
+    /// another executor holds the domain past the step's deadline the step is recorded
+    /// `missed`, naming the holder.
+    pub(super) fn leased(
+        &self,
+        step: &PlannedStep,
+        mut taking: Taking,
+        act: impl FnOnce(DateTime<Utc>, bool) -> Ended,
+    ) -> Result<Ended, (Next, Taking)> {
         let Some(leasing) = &self.ex.settings.lease else {
-            return act(now);
+            return Ok(act(taking.now, taking.after_failure));
         };
         let register = Retrying {
             run: self,
@@ -84,25 +146,30 @@ impl Run<'_> {
             config: &leasing.config,
         };
         let uuid = step.domain.uuid.as_str();
-        let deadline = self.start_deadline(step, now);
-        let waited_for = match leaser.acquire_until(uuid, deadline, &|| self.stopping_for(step)) {
-            Ok(Acquisition::Acquired { waited_for, .. }) => waited_for,
-            Ok(Acquisition::GaveUp(_)) if self.stopping_for(step) => {
+        let now = taking.now;
+        let written = match self.take(&leaser, step, &mut taking) {
+            Ok(Take::Acquired(written)) => written,
+            Ok(Take::Wait(next)) => return Err((next, taking)),
+            Ok(Take::GaveUp) if self.stopping_for(step) => {
                 self.cancel(step);
-                return Ended::with(StepStatus::Cancelled);
+                return Ok(Ended::with(StepStatus::Cancelled));
             }
-            Ok(Acquisition::GaveUp(rival)) => {
-                let message = missed_message(&step.domain.name, rival.as_ref(), deadline);
-                return self.end(step, StepStatus::Missed, message, None, None);
+            Ok(Take::GaveUp) => {
+                let message = missed_message(
+                    &step.domain.name,
+                    taking.last_rival.as_ref(),
+                    taking.deadline,
+                );
+                return Ok(self.end(step, StepStatus::Missed, message, None, None));
             }
             // The host went away while the lease was taken: nothing was changed.
             Err(e) if self.host_down(&step.connection).is_some() => {
                 let message = format!("missed, nothing was changed: {e}");
-                return self.end(step, StepStatus::Missed, message, None, None);
+                return Ok(self.end(step, StepStatus::Missed, message, None, None));
             }
             Err(e) => {
                 let message = format!("not started: {e}");
-                return self.end(step, StepStatus::Failed, message, None, None);
+                return Ok(self.end(step, StepStatus::Failed, message, None, None));
             }
         };
         // The step's record starts when it was dispatched (before the lease), unless waiting
@@ -115,15 +182,19 @@ impl Run<'_> {
         };
         let done = AtomicBool::new(false);
         let lost: Mutex<Option<String>> = Mutex::new(None);
-        let ended = std::thread::scope(|scope| {
-            scope.spawn(|| self.keep(&leaser, uuid, &done, &lost));
-            let ended = act(start);
-            done.store(true, Ordering::SeqCst);
-            ended
-        });
+        let ended = {
+            let _permit = self.permits.acquire();
+            std::thread::scope(|scope| {
+                scope.spawn(|| self.keep(&leaser, uuid, written.at, &done, &lost));
+                let ended = act(start, taking.after_failure);
+                done.store(true, Ordering::SeqCst);
+                ended
+            })
+        };
         // A failed release leaves the record to expire on its own.
         let _ = leaser.release(uuid);
-        let mut notes: Vec<String> = waited_for
+        let mut notes: Vec<String> = taking
+            .first_rival
             .map(|rival| {
                 format!(
                     "waited {} for the lease held by {}",
@@ -149,22 +220,100 @@ impl Run<'_> {
                 self.fail_hard(&e);
             }
         }
-        ended
+        Ok(ended)
+    }
+
+    /// One turn of taking the lease: read our record back once the settle delay has passed,
+    /// or write it, or wait for a rival, or give up (stopped, or past the deadline). A stop
+    /// that comes while our record waits to be read back removes it.
+    fn take(
+        &self,
+        leaser: &Leaser<'_>,
+        step: &PlannedStep,
+        taking: &mut Taking,
+    ) -> Result<Take, lease::LeaseError> {
+        let uuid = step.domain.uuid.as_str();
+        let clock = self.ex.clock;
+        if self.stopping_for(step) {
+            if taking.written.take().is_some() {
+                // Nothing acts under it: a failed removal leaves it to expire.
+                let _ = leaser.release(uuid);
+            }
+            return Ok(Take::GaveUp);
+        }
+        if let Some(written) = taking.written.take() {
+            match leaser.confirm(uuid, &written)? {
+                Confirmed::Acquired { .. } => return Ok(Take::Acquired(written)),
+                // Handed back before the delay passed by the clock's own measure.
+                Confirmed::Early { until } => {
+                    taking.written = Some(written);
+                    return Ok(Take::Wait(Next::Settle(until)));
+                }
+                Confirmed::Busy(rival) => {
+                    taking.saw(rival);
+                    return Ok(self.retry_lease(leaser, taking));
+                }
+                Confirmed::Gone => return Ok(self.retry_lease(leaser, taking)),
+                // Read back too late (no worker was free for a long time): write it again,
+                // unless the step's time is up; then nothing acts under our record.
+                Confirmed::Stale { .. } => {
+                    if clock.now() >= taking.deadline {
+                        let _ = leaser.release(uuid);
+                        return Ok(Take::GaveUp);
+                    }
+                }
+            }
+        }
+        match leaser.begin(uuid)? {
+            Begun::Written(written) => {
+                let settle = chrono::Duration::from_std(leaser.config.settle)
+                    .unwrap_or(chrono::Duration::MAX);
+                let due = written
+                    .ticks
+                    .checked_add_signed(settle)
+                    .unwrap_or(DateTime::<Utc>::MAX_UTC);
+                taking.written = Some(written);
+                Ok(Take::Wait(Next::Settle(due)))
+            }
+            Begun::Busy(rival) => {
+                taking.saw(rival);
+                Ok(self.retry_lease(leaser, taking))
+            }
+            Begun::Slow { .. } => Ok(self.retry_lease(leaser, taking)),
+        }
+    }
+
+    /// After a try that did not take the lease: give up at the deadline, else try again after
+    /// `retry` (jittered, so two losers do not meet again in lockstep), never after the
+    /// deadline, so the last try comes at it.
+    fn retry_lease(&self, leaser: &Leaser<'_>, taking: &Taking) -> Take {
+        let now = self.ex.clock.now();
+        if now >= taking.deadline {
+            return Take::GaveUp;
+        }
+        let retry = leaser.config.retry;
+        let wait = (retry + retry.mul_f64(fastrand::f64() * 0.5))
+            .min((taking.deadline - now).to_std().unwrap_or(Duration::ZERO));
+        Take::Wait(Next::Due(
+            now + chrono::Duration::from_std(wait).unwrap_or(chrono::Duration::MAX),
+        ))
     }
 
     /// Renews the lease every third of its lifetime until `done`; records a lost lease.
+    /// The first renewal counts from `written`, when the record was written, however late
+    /// it was read back.
     fn keep(
         &self,
         leaser: &Leaser<'_>,
         uuid: &str,
+        written: DateTime<Utc>,
         done: &AtomicBool,
         lost: &Mutex<Option<String>>,
     ) {
         let every = chrono::Duration::from_std(leaser.config.renew_every())
             .unwrap_or(chrono::Duration::MAX);
         let clock = self.ex.clock;
-        let mut next = clock
-            .now()
+        let mut next = written
             .checked_add_signed(every)
             .unwrap_or(DateTime::<Utc>::MAX_UTC);
         loop {

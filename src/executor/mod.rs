@@ -216,6 +216,11 @@ struct Run<'a> {
 enum Next {
     /// Its next step is due then.
     Due(DateTime<Utc>),
+    /// Its step's lease record is written, to be read back once the clock's monotonic
+    /// reading ([`Clock::monotonic`]) reaches this: a settle delay is a duration, which a
+    /// stepped wall clock must not shorten. Handed to a worker before any other due domain,
+    /// as a record read back late must be written again ([`crate::lease::Leaser::confirm`]).
+    Settle(DateTime<Utc>),
     /// Its next step waits for a share of a rollout or of its host's cap.
     Parked,
     /// No steps left.
@@ -263,6 +268,8 @@ struct Cursor {
     next: usize,
     /// Why its later steps do not run, once one failed.
     blocked: Option<Blocked>,
+    /// The lease its next step is taking, between turns.
+    taking: Option<leasing::Taking>,
 }
 
 /// The scheduler's hand-off to the workers.
@@ -277,6 +284,8 @@ struct Pool {
 struct PoolState {
     /// Domains due now, by index.
     jobs: VecDeque<usize>,
+    /// Domains whose lease record is to be read back now: taken before `jobs`.
+    settling: VecDeque<usize>,
     /// Turns ended: the domain and where it stopped.
     finished: Vec<(usize, Next)>,
     /// A share of a rollout or host was freed: the scheduler hands parked domains out.
@@ -575,6 +584,8 @@ impl Run<'_> {
                 scope.spawn(|| self.work(pool, domains, &cursors));
             }
             let mut waiting: BinaryHeap<Reverse<(DateTime<Utc>, usize)>> = BinaryHeap::new();
+            // Domains with a lease record to read back, by when (the clock's monotonic reading).
+            let mut settling: BinaryHeap<Reverse<(DateTime<Utc>, usize)>> = BinaryHeap::new();
             let mut in_flight = domains.len();
             let mut parked = 0usize;
             pool.lock().jobs.extend(0..domains.len());
@@ -590,6 +601,7 @@ impl Run<'_> {
                     in_flight -= 1;
                     match next {
                         Next::Due(due) => waiting.push(Reverse((due, i))),
+                        Next::Settle(due) => settling.push(Reverse((due, i))),
                         Next::Parked => {
                             parked += 1;
                             self.admission.confirm(i);
@@ -603,7 +615,17 @@ impl Run<'_> {
                 let flush = now_signals != signals;
                 signals = now_signals;
                 let now = self.ex.clock.now();
+                let ticks = self.ex.clock.monotonic();
                 let mut dispatched = false;
+                while let Some(Reverse((due, i))) = settling.peek().copied() {
+                    if due > ticks && !flush {
+                        break;
+                    }
+                    settling.pop();
+                    state.settling.push_back(i);
+                    in_flight += 1;
+                    dispatched = true;
+                }
                 while let Some(Reverse((due, i))) = waiting.peek().copied() {
                     if due > now && !flush {
                         break;
@@ -617,7 +639,7 @@ impl Run<'_> {
                 if parked > 0 {
                     // Nothing running and nothing due that could free a share: relax the
                     // rollout order rather than wait forever (never its caps).
-                    let stuck = in_flight == 0 && waiting.is_empty();
+                    let stuck = in_flight == 0 && waiting.is_empty() && settling.is_empty();
                     let (go, next) = self.admission.pump(now, flush, stuck);
                     parked -= go.len();
                     in_flight += go.len();
@@ -628,7 +650,7 @@ impl Run<'_> {
                 if dispatched {
                     pool.wake.notify_all();
                 }
-                if in_flight == 0 && waiting.is_empty() && parked == 0 {
+                if in_flight == 0 && waiting.is_empty() && settling.is_empty() && parked == 0 {
                     state.closed = true;
                     pool.wake.notify_all();
                     break;
@@ -638,9 +660,12 @@ impl Run<'_> {
                     (Some(Reverse((due, _))), None) => Some(*due),
                     (None, w) => w,
                 };
-                let left = next.map_or(SLICE, |due| {
+                let mut left = next.map_or(SLICE, |due| {
                     (due - now).to_std().unwrap_or(Duration::ZERO).min(SLICE)
                 });
+                if let Some(Reverse((due, _))) = settling.peek() {
+                    left = left.min((*due - ticks).to_std().unwrap_or(Duration::ZERO));
+                }
                 if in_flight > 0 {
                     // Woken by a finished turn, a freed share, or when the next domain is due.
                     if !state.kicked && state.finished.is_empty() {
@@ -686,7 +711,11 @@ impl Run<'_> {
             let i = {
                 let mut state = pool.lock();
                 loop {
-                    if let Some(i) = state.jobs.pop_front() {
+                    if let Some(i) = state
+                        .settling
+                        .pop_front()
+                        .or_else(|| state.jobs.pop_front())
+                    {
                         break i;
                     }
                     if state.closed {
@@ -746,6 +775,7 @@ impl Run<'_> {
         recorded: StepStatus,
         gated: bool,
         after_failure: bool,
+        taking: &mut Option<leasing::Taking>,
     ) -> Result<(StepStatus, bool), Next> {
         if let Some(due) = self.not_yet(step, recorded) {
             return Err(Next::Due(due));
@@ -760,7 +790,7 @@ impl Run<'_> {
                     Ok((StepStatus::Skipped, false))
                 }
                 _ => {
-                    let ended = self.step(step, recorded, after_failure);
+                    let ended = self.step(step, recorded, after_failure, taking)?;
                     Ok((ended.status, ended.gone))
                 }
             },
@@ -781,6 +811,19 @@ impl Run<'_> {
             // The status it ended with, and whether a failure blocks the domain's later steps
             // (`false` when it was only a consequence of an earlier block or a stop).
             let (status, blocks) = match (recorded, &cursor.blocked, tripped) {
+                // Its lease is being taken: it passed its time, host and share checks on the
+                // turn that began it (a rollout share is held, not asked for again); a stop
+                // is handled there, as the record we wrote must go.
+                _ if cursor.taking.is_some() => {
+                    // (`after_failure` was decided on that turn and is kept with the lease.)
+                    match self.step(step, recorded, false, &mut cursor.taking) {
+                        Ok(ended) => {
+                            gone = ended.gone;
+                            (ended.status, true)
+                        }
+                        Err(next) => return next,
+                    }
+                }
                 (StepStatus::Done, _, _) => {
                     self.report(
                         step,
@@ -800,7 +843,14 @@ impl Run<'_> {
                 _ if step.always && !self.ex.stop.load(Ordering::SeqCst) => {
                     let after_failure =
                         cursor.blocked.is_some() || self.abort.load(Ordering::SeqCst);
-                    match self.attempt(step, domain, recorded, gated, after_failure) {
+                    match self.attempt(
+                        step,
+                        domain,
+                        recorded,
+                        gated,
+                        after_failure,
+                        &mut cursor.taking,
+                    ) {
                         Ok((status, ended_gone)) => {
                             gone = ended_gone;
                             (status, true)
@@ -826,7 +876,7 @@ impl Run<'_> {
                     self.cancel(step);
                     (StepStatus::Cancelled, false)
                 }
-                _ => match self.attempt(step, domain, recorded, gated, false) {
+                _ => match self.attempt(step, domain, recorded, gated, false, &mut cursor.taking) {
                     Ok((status, ended_gone)) => {
                         gone = ended_gone;
                         (status, true)

@@ -6,7 +6,8 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 
-use super::{Permit, Run};
+use super::leasing::Taking;
+use super::{Next, Permit, Run};
 use crate::attr::Attr;
 use crate::cancel::Gate;
 use crate::hypervisor::SETTLE_LIMIT;
@@ -119,27 +120,43 @@ struct Mode {
 impl Run<'_> {
     /// Runs `step`, whose lockfile status is `recorded`, and records how it ended.
     /// `after_failure`: an `always` step that runs although an earlier step did not succeed.
+    /// `Err`: its domain's lease is being taken (`taking` says how far); hand the domain back
+    /// to the scheduler, and call again with the same `taking` when it comes back.
     pub(super) fn step(
         &self,
         step: &PlannedStep,
         recorded: StepStatus,
         after_failure: bool,
-    ) -> Ended {
+        taking: &mut Option<Taking>,
+    ) -> Result<Ended, Next> {
         let resuming = recorded == StepStatus::Running;
-        if !self.ex.connections.contains_key(&step.connection) {
-            let message = format!("no open connection to {}", step.connection);
-            return self.end(step, StepStatus::Failed, message, None, None);
-        }
-        let Some((now, _permit)) = self.start_time(step, resuming) else {
-            self.cancel(step);
-            return Ended::with(StepStatus::Cancelled);
+        let pending = match taking.take() {
+            Some(pending) => pending,
+            None => {
+                if !self.ex.connections.contains_key(&step.connection) {
+                    let message = format!("no open connection to {}", step.connection);
+                    return Ok(self.end(step, StepStatus::Failed, message, None, None));
+                }
+                let Some((now, permit)) = self.start_time(step, resuming) else {
+                    self.cancel(step);
+                    return Ok(Ended::with(StepStatus::Cancelled));
+                };
+                if self.ex.settings.lease.is_none() || !(resuming || self.late(step, now).is_none())
+                {
+                    return Ok(self.act(step, now, resuming, after_failure));
+                }
+                // The lease is taken over the domain's next turns; a slot is taken again to act.
+                drop(permit);
+                self.taking(step, now, after_failure)
+            }
         };
-        if resuming || self.late(step, now).is_none() {
-            return self.leased(step, now, |now| {
-                self.act(step, now, resuming, after_failure)
-            });
-        }
-        self.act(step, now, resuming, after_failure)
+        self.leased(step, pending, |now, after_failure| {
+            self.act(step, now, resuming, after_failure)
+        })
+        .map_err(|(next, pending)| {
+            *taking = Some(pending);
+            next
+        })
     }
 
     /// Resumes, records missed, or applies `step` at `now`.
