@@ -66,6 +66,11 @@ impl Clock for GatedClock {
         self.inner.sleep(duration);
         (self.on_sleep.lock().unwrap())(&self.inner);
     }
+
+    /// Settle delays pass on fake time too (the lease tests).
+    fn monotonic(&self) -> DateTime<Utc> {
+        self.inner.now()
+    }
 }
 
 struct Rig {
@@ -1751,3 +1756,6 @@ fn a_domain_that_never_settles_fails_its_resumed_step_without_a_call() {
 
 /// Rollouts and per-host caps on the fake clock.
 mod rollout;
+
+/// Domain leases on the fake clock.
+mod leases;
