@@ -331,6 +331,13 @@ fn lease_config(
                 }
             }
         };
+    // Where a settle delay too long for the lease's lifetime is reported: the settle value,
+    // or the ttl when only that was given.
+    let pair_pos = raw
+        .settle
+        .as_ref()
+        .or(raw.ttl.as_ref())
+        .map(|v| Pos::of_offset(text, v.span().start));
     let settle = read(
         raw.settle,
         Duration::from_millis(30),
@@ -357,6 +364,27 @@ fn lease_config(
     }
     if let Some(skew) = skew {
         lease.max_skew = skew;
+    }
+    // A record is read back `settle` after its write, and taken only while it is younger than
+    // one renewal period (a third of ttl; see `lease::Leaser::confirm`): leave a read-back as
+    // long again to come late.
+    if let Some(pos) = pair_pos {
+        if lease.settle.saturating_mul(6) > lease.ttl {
+            diags.push(
+                Diagnostic::new(
+                    path,
+                    pos,
+                    format!(
+                        "lease settle {} is too long for ttl {}: ttl must be at least 6 times settle",
+                        humantime::format_duration(lease.settle),
+                        humantime::format_duration(lease.ttl)
+                    ),
+                )
+                .with_help(
+                    "a lease is renewed every third of its ttl, and its record must be read back well within that; raise ttl (such as 60s) or shorten settle (such as 300ms)",
+                ),
+            );
+        }
     }
 }
 
@@ -761,5 +789,22 @@ mod lease_tests {
         assert!(item.message.contains("out of range"), "{}", item.message);
         let err = load_text("[lease]\nsetle = \"1s\"\n").unwrap_err();
         assert!(err.items[0].message.contains("setle"), "{err:?}");
+    }
+
+    #[test]
+    fn a_lease_settle_too_long_for_its_ttl_is_a_located_error() {
+        let err = load_text("[lease]\nttl = \"5s\"\nsettle = \"1s\"\n").unwrap_err();
+        let item = &err.items[0];
+        assert_eq!((item.pos.line, item.pos.column), (3, 10));
+        assert!(
+            item.message.contains(
+                "lease settle 1s is too long for ttl 5s: ttl must be at least 6 times settle"
+            ),
+            "{}",
+            item.message
+        );
+        // A ttl alone is checked against the default settle (300ms).
+        assert!(load_text("[lease]\nttl = \"5s\"\n").is_ok());
+        assert!(load_text("[lease]\nttl = \"5s\"\nsettle = \"800ms\"\n").is_ok());
     }
 }

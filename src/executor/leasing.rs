@@ -129,9 +129,9 @@ impl Run<'_> {
     pub(super) fn leased(
         &self,
         step: &PlannedStep,
-        mut taking: Taking,
+        taking: &mut Taking,
         act: impl FnOnce(DateTime<Utc>, bool) -> Ended,
-    ) -> Result<Ended, (Next, Taking)> {
+    ) -> Result<Ended, Next> {
         let Some(leasing) = &self.ex.settings.lease else {
             return Ok(act(taking.now, taking.after_failure));
         };
@@ -147,9 +147,9 @@ impl Run<'_> {
         };
         let uuid = step.domain.uuid.as_str();
         let now = taking.now;
-        let written = match self.take(&leaser, step, &mut taking) {
+        let written = match self.take(&leaser, step, taking) {
             Ok(Take::Acquired(written)) => written,
-            Ok(Take::Wait(next)) => return Err((next, taking)),
+            Ok(Take::Wait(next)) => return Err(next),
             Ok(Take::GaveUp) if self.stopping_for(step) => {
                 self.cancel(step);
                 return Ok(Ended::with(StepStatus::Cancelled));
@@ -195,6 +195,7 @@ impl Run<'_> {
         let _ = leaser.release(uuid);
         let mut notes: Vec<String> = taking
             .first_rival
+            .take()
             .map(|rival| {
                 format!(
                     "waited {} for the lease held by {}",
@@ -357,7 +358,7 @@ fn missed_message(vm: &str, rival: Option<&Lease>, deadline: DateTime<Utc>) -> S
         ),
         None => format!(
             "missed, not run: the lease on {vm} could not be taken by {} (this executor's own \
-             writes were too slow for the lease protocol)",
+             writes, or its read-backs of them, came too late for the lease protocol)",
             show(deadline)
         ),
     }

@@ -302,6 +302,28 @@ impl Pool {
     }
 }
 
+/// Domains waiting in the scheduler, by when they are due.
+type Waiting = BinaryHeap<Reverse<(DateTime<Utc>, usize)>>;
+
+/// Moves the domains of `heap` due by `now` (all of them on `flush`) to `into`; how many.
+fn pop_due(
+    heap: &mut Waiting,
+    now: DateTime<Utc>,
+    flush: bool,
+    into: &mut VecDeque<usize>,
+) -> usize {
+    let mut n = 0;
+    while let Some(Reverse((due, i))) = heap.peek().copied() {
+        if due > now && !flush {
+            break;
+        }
+        heap.pop();
+        into.push_back(i);
+        n += 1;
+    }
+    n
+}
+
 /// Why a step ended the way it did, for the domain's later steps.
 enum Blocked {
     /// The domain is gone: its later steps fail.
@@ -583,9 +605,9 @@ impl Run<'_> {
             for _ in 0..workers {
                 scope.spawn(|| self.work(pool, domains, &cursors));
             }
-            let mut waiting: BinaryHeap<Reverse<(DateTime<Utc>, usize)>> = BinaryHeap::new();
+            let mut waiting = Waiting::new();
             // Domains with a lease record to read back, by when (the clock's monotonic reading).
-            let mut settling: BinaryHeap<Reverse<(DateTime<Utc>, usize)>> = BinaryHeap::new();
+            let mut settling = Waiting::new();
             let mut in_flight = domains.len();
             let mut parked = 0usize;
             pool.lock().jobs.extend(0..domains.len());
@@ -616,25 +638,10 @@ impl Run<'_> {
                 signals = now_signals;
                 let now = self.ex.clock.now();
                 let ticks = self.ex.clock.monotonic();
-                let mut dispatched = false;
-                while let Some(Reverse((due, i))) = settling.peek().copied() {
-                    if due > ticks && !flush {
-                        break;
-                    }
-                    settling.pop();
-                    state.settling.push_back(i);
-                    in_flight += 1;
-                    dispatched = true;
-                }
-                while let Some(Reverse((due, i))) = waiting.peek().copied() {
-                    if due > now && !flush {
-                        break;
-                    }
-                    waiting.pop();
-                    state.jobs.push_back(i);
-                    in_flight += 1;
-                    dispatched = true;
-                }
+                let out = pop_due(&mut settling, ticks, flush, &mut state.settling)
+                    + pop_due(&mut waiting, now, flush, &mut state.jobs);
+                in_flight += out;
+                let mut dispatched = out > 0;
                 let mut wake = None;
                 if parked > 0 {
                     // Nothing running and nothing due that could free a share: relax the
@@ -759,11 +766,6 @@ impl Run<'_> {
         (self.ex.clock.now() < due).then_some(due)
     }
 
-    /// Runs one domain's steps in order from its cursor, while they are due (and, when paced,
-    /// admitted); says where it stopped.
-    // One match over what the lockfile and the domain's history say, then one epilogue;
-    // splitting it would scatter the order the statuses are decided in.
-    #[allow(clippy::too_many_lines)]
     /// A step whose turn has come: waits for its time, then its host (a lost host first, so
     /// its domain takes no rollout share while it waits), then its rollout share, and runs
     /// (`after_failure`: an `always` step run after a failure or an abort). `Ok`: the status it
@@ -797,6 +799,11 @@ impl Run<'_> {
         }
     }
 
+    /// Runs one domain's steps in order from its cursor, while they are due (and, when paced,
+    /// admitted); says where it stopped.
+    // One match over what the lockfile and the domain's history say, then one epilogue;
+    // splitting it would scatter the order the statuses are decided in.
+    #[allow(clippy::too_many_lines)]
     fn turn(&self, domain: usize, steps: &[&PlannedStep], cursor: &mut Cursor) -> Next {
         while let Some(&step) = steps.get(cursor.next) {
             let mut gone = false;

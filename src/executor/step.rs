@@ -130,33 +130,31 @@ impl Run<'_> {
         taking: &mut Option<Taking>,
     ) -> Result<Ended, Next> {
         let resuming = recorded == StepStatus::Running;
-        let pending = match taking.take() {
-            Some(pending) => pending,
-            None => {
-                if !self.ex.connections.contains_key(&step.connection) {
-                    let message = format!("no open connection to {}", step.connection);
-                    return Ok(self.end(step, StepStatus::Failed, message, None, None));
-                }
-                let Some((now, permit)) = self.start_time(step, resuming) else {
-                    self.cancel(step);
-                    return Ok(Ended::with(StepStatus::Cancelled));
-                };
-                if self.ex.settings.lease.is_none() || !(resuming || self.late(step, now).is_none())
-                {
-                    return Ok(self.act(step, now, resuming, after_failure));
-                }
-                // The lease is taken over the domain's next turns; a slot is taken again to act.
-                drop(permit);
-                self.taking(step, now, after_failure)
+        let mut pending = if let Some(pending) = taking.take() {
+            pending
+        } else {
+            if !self.ex.connections.contains_key(&step.connection) {
+                let message = format!("no open connection to {}", step.connection);
+                return Ok(self.end(step, StepStatus::Failed, message, None, None));
             }
+            let Some((now, permit)) = self.start_time(step, resuming) else {
+                self.cancel(step);
+                return Ok(Ended::with(StepStatus::Cancelled));
+            };
+            if self.ex.settings.lease.is_none() || !(resuming || self.late(step, now).is_none()) {
+                return Ok(self.act(step, now, resuming, after_failure));
+            }
+            // The lease is taken over the domain's next turns; a slot is taken again to act.
+            drop(permit);
+            self.taking(step, now, after_failure)
         };
-        self.leased(step, pending, |now, after_failure| {
+        let ended = self.leased(step, &mut pending, |now, after_failure| {
             self.act(step, now, resuming, after_failure)
-        })
-        .map_err(|(next, pending)| {
+        });
+        if ended.is_err() {
             *taking = Some(pending);
-            next
-        })
+        }
+        ended
     }
 
     /// Resumes, records missed, or applies `step` at `now`.

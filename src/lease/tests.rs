@@ -382,3 +382,146 @@ fn leases_live_in_the_persistent_definition_across_power_changes() {
     hv.start(UUID).unwrap();
     assert_eq!(leaser.read(UUID).unwrap().unwrap().holder, us.me);
 }
+
+/// The two halves of a round, as the executor uses them (the settle delay waited by its
+/// scheduler): a read-back before the delay passed reads nothing and says when to come back;
+/// one on time takes the lease; the expiry is the record's.
+#[test]
+fn confirm_reads_back_only_once_the_settle_delay_has_passed() {
+    let (_dir, hv) = libvirt();
+    let us = Us::new();
+    let register = Metadata(hv.as_ref());
+    let leaser = us.leaser(&register);
+    let Begun::Written(written) = leaser.begin(UUID).unwrap() else {
+        panic!("not written")
+    };
+    assert_eq!(leaser.read(UUID).unwrap().unwrap().holder, us.me);
+    us.clock.advance(chrono::Duration::milliseconds(1999));
+    assert_eq!(
+        leaser.confirm(UUID, &written).unwrap(),
+        Confirmed::Early {
+            until: t("2026-12-01T04:00:02Z")
+        }
+    );
+    us.clock.advance(chrono::Duration::milliseconds(1));
+    assert_eq!(
+        leaser.confirm(UUID, &written).unwrap(),
+        Confirmed::Acquired {
+            expires: t("2026-12-01T04:00:30Z")
+        }
+    );
+}
+
+/// A clock stepped back a minute while the record settles cannot make the read-back early,
+/// and the delay still ends `settle` after the write by the clock's monotonic reading.
+#[test]
+fn a_clock_stepped_back_during_the_settle_delay_does_not_shorten_it() {
+    let (_dir, hv) = libvirt();
+    let us = Us::new();
+    let register = Metadata(hv.as_ref());
+    let leaser = us.leaser(&register);
+    let Begun::Written(written) = leaser.begin(UUID).unwrap() else {
+        panic!("not written")
+    };
+    us.clock.advance(chrono::Duration::seconds(-60));
+    assert!(matches!(
+        leaser.confirm(UUID, &written).unwrap(),
+        Confirmed::Early { .. }
+    ));
+}
+
+/// A read-back later than one renewal period after the write (the caller's workers were all
+/// busy) does not trust the record: another executor may soon see it expire. Beginning again
+/// rewrites it, and a read-back on time takes it.
+#[test]
+fn a_read_back_later_than_a_renewal_period_is_stale_and_a_new_round_takes_the_lease() {
+    let (_dir, hv) = libvirt();
+    let us = Us::new();
+    let register = Metadata(hv.as_ref());
+    let leaser = us.leaser(&register);
+    let Begun::Written(written) = leaser.begin(UUID).unwrap() else {
+        panic!("not written")
+    };
+    // ttl 30 s: renewed every 10 s.
+    us.clock.advance(chrono::Duration::milliseconds(10_001));
+    assert_eq!(
+        leaser.confirm(UUID, &written).unwrap(),
+        Confirmed::Stale {
+            age: Duration::from_millis(10_001)
+        }
+    );
+    // Still ours: a new round may take it (nobody else could while it lived).
+    let Begun::Written(again) = leaser.begin(UUID).unwrap() else {
+        panic!("not written again")
+    };
+    us.clock.advance(chrono::Duration::seconds(2));
+    assert_eq!(
+        leaser.confirm(UUID, &again).unwrap(),
+        Confirmed::Acquired {
+            expires: t("2026-12-01T04:00:40.001Z")
+        }
+    );
+}
+
+/// Two contenders that both read "free" and both write, read back in either order and as
+/// late as a renewal period allows: exactly one takes the lease.
+#[test]
+fn two_contenders_read_back_late_and_in_either_order_never_both_acquire() {
+    /// The first `blind` reads see no record: both contenders read before either wrote.
+    struct Blind<'a> {
+        inner: Metadata<'a>,
+        blind: std::sync::atomic::AtomicUsize,
+    }
+    impl Register for Blind<'_> {
+        fn get(&self, uuid: &str) -> Result<Option<String>, HvError> {
+            use std::sync::atomic::Ordering::SeqCst;
+            if self
+                .blind
+                .fetch_update(SeqCst, SeqCst, |n| n.checked_sub(1))
+                .is_ok()
+            {
+                return Ok(None);
+            }
+            self.inner.get(uuid)
+        }
+        fn set(&self, uuid: &str, xml: Option<&str>) -> Result<(), HvError> {
+            self.inner.set(uuid, xml)
+        }
+    }
+    let (_dir, hv) = libvirt();
+    let config = config();
+    for a_first in [true, false] {
+        let register = Blind {
+            inner: Metadata(hv.as_ref()),
+            blind: 2.into(),
+        };
+        let clock = FakeClock::new(t("2026-12-01T04:00:00Z"));
+        let a = holder("admin1", 10, "a");
+        let b = holder("admin2", 10, "b");
+        let la = Leaser::new(&register, &clock, &a, &config);
+        let lb = Leaser::new(&register, &clock, &b, &config);
+        let (Begun::Written(wa), Begun::Written(wb)) =
+            (la.begin(UUID).unwrap(), lb.begin(UUID).unwrap())
+        else {
+            panic!("both write")
+        };
+        clock.advance(chrono::Duration::seconds(9));
+        let (first, second) = if a_first {
+            (
+                la.confirm(UUID, &wa).unwrap(),
+                lb.confirm(UUID, &wb).unwrap(),
+            )
+        } else {
+            (
+                lb.confirm(UUID, &wb).unwrap(),
+                la.confirm(UUID, &wa).unwrap(),
+            )
+        };
+        let won = [&first, &second]
+            .iter()
+            .filter(|c| matches!(c, Confirmed::Acquired { .. }))
+            .count();
+        assert_eq!(won, 1, "{first:?} {second:?}");
+        Metadata(hv.as_ref()).set(UUID, None).unwrap();
+    }
+}

@@ -4,6 +4,8 @@
 //! (or the step is missed, naming it) without holding up other domains; a stop while a record
 //! waits to be read back removes it.
 
+use std::fmt::Write as _;
+
 use chrono::{DateTime, Utc};
 
 use super::super::{Leasing, Settings};
@@ -25,9 +27,7 @@ fn titles(n: usize) -> (String, Vec<FakeDomain>) {
     let mut domains = Vec::new();
     for i in 0..n {
         let name = format!("d{i:02}");
-        steps.push_str(&format!(
-            "  - at: {AT}\n    vm: {name}\n    title: leased\n"
-        ));
+        let _ = write!(steps, "  - at: {AT}\n    vm: {name}\n    title: leased\n");
         domains.push(FakeDomain::new(&name, &uuid(i)).running());
     }
     (steps, domains)
