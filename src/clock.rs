@@ -26,12 +26,12 @@ pub trait Clock: Send + Sync {
 
     /// Waits until [`Clock::now`] reaches `at` or `wake` is set, without moving time itself:
     /// for background threads (lease renewal) that must follow a fake clock, not drive it.
-    /// Polls every few milliseconds of real time.
-    #[allow(clippy::disallowed_methods)] // the one sanctioned place
+    /// Polls every few milliseconds of real time; whoever sets `wake` should also unpark the
+    /// waiting thread, which then returns at once (a poll's wait is parked, not slept).
     fn wait_until(&self, at: DateTime<Utc>, wake: &AtomicBool) {
         const POLL: Duration = Duration::from_millis(10);
         while !wake.load(Ordering::SeqCst) && self.now() < at {
-            std::thread::sleep(POLL);
+            std::thread::park_timeout(POLL);
         }
     }
 }

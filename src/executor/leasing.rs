@@ -185,9 +185,11 @@ impl Run<'_> {
         let ended = {
             let _permit = self.permits.acquire();
             std::thread::scope(|scope| {
-                scope.spawn(|| self.keep(&leaser, uuid, written.at, &done, &lost));
+                let keeper = scope.spawn(|| self.keep(&leaser, uuid, written.at, &done, &lost));
                 let ended = act(start, taking.after_failure);
                 done.store(true, Ordering::SeqCst);
+                // Ends its wait now: the worker is not held until its next poll.
+                keeper.thread().unpark();
                 ended
             })
         };
