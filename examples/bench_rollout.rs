@@ -11,7 +11,8 @@
 //! fleet. Every domain's step sets a title and waits for a `check` command (`sleep
 //! CHECK_SECONDS`): its share of the cap lasts through the check, as SPEC §7 says, so each
 //! domain takes a known, non-trivial time. Domain leases are on (the default), as in
-//! production.
+//! production: a domain's lease is taken after its dispatch, without a worker, and its record
+//! starts once the lease is taken.
 //!
 //! Reported, all from the lockfile's `started_at`/`finished_at` of each domain:
 //! - peak in flight, fleet-wide and per step (must be <= CAP);
@@ -205,7 +206,7 @@ fn run(exe: &Path, n: usize, hosts: usize, cap: usize, check: f64) -> anyhow::Re
             "  ** CAP EXCEEDED **"
         }
     );
-    println!("  step time (mean started→finished, lease + title + check): {step_time:.3} s");
+    println!("  step time (mean started→finished: title + check; the lease is taken, without a worker, before the record starts): {step_time:.3} s");
     println!(
         "  total (first start → last end): {total:.2} s; ideal ceil({n}/{cap}) × step time = {waves} × {step_time:.3} = {ideal:.2} s; ratio {:.3}",
         total / ideal

@@ -172,21 +172,18 @@ impl Run<'_> {
                 return Ok(self.end(step, StepStatus::Failed, message, None, None));
             }
         };
-        // The step's record starts when it was dispatched (before the lease), unless waiting
-        // for the lease made it late: then it is judged, and recorded, at the time it is now.
+        // The step starts now, holding its lease and a worker: its record starts, and it is
+        // judged, at this time. (Starting it from its dispatch, before the settle delay, would
+        // let more than `parallelism` records be open at once: domains settle without a
+        // worker.)
         let taken = self.ex.clock.now();
-        let start = if self.late(step, taken).is_some() {
-            taken
-        } else {
-            now
-        };
         let done = AtomicBool::new(false);
         let lost: Mutex<Option<String>> = Mutex::new(None);
         let ended = {
             let _permit = self.permits.acquire();
             std::thread::scope(|scope| {
                 let keeper = scope.spawn(|| self.keep(&leaser, uuid, written.at, &done, &lost));
-                let ended = act(start, taking.after_failure);
+                let ended = act(taken, taking.after_failure);
                 done.store(true, Ordering::SeqCst);
                 // Ends its wait now: the worker is not held until its next poll.
                 keeper.thread().unpark();
