@@ -4,8 +4,8 @@
 //!
 //! 1. **apply**: N running test-driver domains, one step each (a title), all due in the same
 //!    second. Runs the real `virtplan apply --auto-approve -v` binary and reads the lockfile:
-//!    start lateness (`started_at - at`, the step's dispatch) p50/p99/max, when each step was
-//!    done (`finished_at - at`: after its lease's settle delay, its change and its check)
+//!    start lateness (`started_at - at`: the step started, its domain's lease taken, which
+//!    costs one settle delay) p50/p99/max, when each step was done (`finished_at - at`)
 //!    p50/p99, and the lockfile's own count of appends
 //!    (one `fdatasync` each), bytes appended and compactions. Baselines: the same N libvirt
 //!    calls made one after another in-process (the floor), and the previous lockfile design,
@@ -202,7 +202,7 @@ fn apply(exe: &Path, n: usize, parallelism: usize) -> anyhow::Result<()> {
         ms(all_done)
     );
     println!(
-        "done (`finished_at - at`, the change made and verified, the domain's lease taken first): p50 {}, p99 {}",
+        "done (`finished_at - at`, the change made and verified): p50 {}, p99 {}",
         ms(done_pct(50)),
         ms(done_pct(99)),
     );
