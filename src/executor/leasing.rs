@@ -185,6 +185,7 @@ impl Run<'_> {
                 let keeper = scope.spawn(|| self.keep(&leaser, uuid, written.at, &done, &lost));
                 let ended = act(taken, taking.after_failure);
                 done.store(true, Ordering::SeqCst);
+                self.acted(self.ex.clock.now() - taken);
                 // Ends its wait now: the worker is not held until its next poll.
                 keeper.thread().unpark();
                 ended
@@ -254,13 +255,15 @@ impl Run<'_> {
                     return Ok(self.retry_lease(leaser, taking));
                 }
                 Confirmed::Gone => return Ok(self.retry_lease(leaser, taking)),
-                // Read back too late (no worker was free for a long time): write it again,
-                // unless the step's time is up; then nothing acts under our record.
+                // Read back too late (no worker was free for a long time): nothing acts under
+                // our record, so it goes; the domain waits its turn to write it again, when
+                // the workers can take it up (`Run::lease_room`), or gives up at the deadline.
                 Confirmed::Stale { .. } => {
+                    let _ = leaser.release(uuid);
                     if clock.now() >= taking.deadline {
-                        let _ = leaser.release(uuid);
                         return Ok(Take::GaveUp);
                     }
+                    return Ok(Take::Wait(Next::Due(clock.now())));
                 }
             }
         }

@@ -209,6 +209,9 @@ struct Run<'a> {
     admission: admission::Admission,
     /// The scheduler's hand-off to the workers.
     pool: Pool,
+    /// How long a leased step has been acting, on average (an exponential moving average of
+    /// the latest ones; `None` before the first): how many lease records may wait at once.
+    acting: Mutex<Option<chrono::Duration>>,
 }
 
 /// Where a domain's turn stopped.
@@ -305,16 +308,18 @@ impl Pool {
 /// Domains waiting in the scheduler, by when they are due.
 type Waiting = BinaryHeap<Reverse<(DateTime<Utc>, usize)>>;
 
-/// Moves the domains of `heap` due by `now` (all of them on `flush`) to `into`; how many.
+/// Moves the domains of `heap` due by `now` (all of them on `flush`), at most `most` (unless
+/// `flush`), to `into`; how many.
 fn pop_due(
     heap: &mut Waiting,
     now: DateTime<Utc>,
     flush: bool,
+    most: usize,
     into: &mut VecDeque<usize>,
 ) -> usize {
     let mut n = 0;
     while let Some(Reverse((due, i))) = heap.peek().copied() {
-        if due > now && !flush {
+        if (due > now || n >= most) && !flush {
             break;
         }
         heap.pop();
@@ -385,6 +390,7 @@ impl Executor<'_> {
             touched,
             admission: admission::Admission::new(self.plan, self.settings.on_failure),
             pool: Pool::default(),
+            acting: Mutex::new(None),
         };
         // Each domain's steps in plan (time) order, grouped in one pass.
         let mut slots: HashMap<(&Uri, &str), usize> = HashMap::new();
@@ -638,8 +644,14 @@ impl Run<'_> {
                 signals = now_signals;
                 let now = self.ex.clock.now();
                 let ticks = self.ex.clock.monotonic();
-                let out = pop_due(&mut settling, ticks, flush, &mut state.settling)
-                    + pop_due(&mut waiting, now, flush, &mut state.jobs);
+                let mut out = pop_due(&mut settling, ticks, flush, usize::MAX, &mut state.settling);
+                // Domains that may write a lease record: no more than the workers can act on
+                // while the records are young (see `lease_room`).
+                let room = self
+                    .lease_room(workers)
+                    .saturating_sub(settling.len() + state.settling.len());
+                let held_back = !flush && room == 0;
+                out += pop_due(&mut waiting, now, flush, room, &mut state.jobs);
                 in_flight += out;
                 let mut dispatched = out > 0;
                 let mut wake = None;
@@ -662,7 +674,9 @@ impl Run<'_> {
                     pool.wake.notify_all();
                     break;
                 }
-                let next = match (waiting.peek(), wake) {
+                // Due domains held back wait for a finished turn, not for their (past) time.
+                let waiting_due = if held_back { None } else { waiting.peek() };
+                let next = match (waiting_due, wake) {
                     (Some(Reverse((due, _))), Some(w)) => Some((*due).min(w)),
                     (Some(Reverse((due, _))), None) => Some(*due),
                     (None, w) => w,
@@ -696,6 +710,38 @@ impl Run<'_> {
         if let Some(panic) = panic {
             std::panic::resume_unwind(panic);
         }
+    }
+
+    /// How many domains may hold a lease record waiting to be read back (or be handed out to
+    /// write one) at once. A record is trusted only while young (a third of the lease's
+    /// lifetime, [`crate::lease::Leaser::confirm`]); one that waited longer for a worker is
+    /// removed and written again later. So, once the run knows how long a leased step acts,
+    /// no more records wait than the workers can take up in half that time (at least one per
+    /// worker); before, and for quick steps, there is no limit: a batch due at once settles
+    /// together.
+    fn lease_room(&self, workers: usize) -> usize {
+        let Some(leasing) = &self.ex.settings.lease else {
+            return usize::MAX;
+        };
+        let acting = *self.acting.lock().unwrap_or_else(PoisonError::into_inner);
+        let Some(acting) = acting.and_then(|d| d.to_std().ok()) else {
+            return usize::MAX;
+        };
+        let budget = leasing.config.renew_every() / 2;
+        let per_worker = budget.as_secs_f64() / acting.as_secs_f64().max(1e-6);
+        #[allow(
+            clippy::cast_possible_truncation,
+            clippy::cast_sign_loss,
+            clippy::cast_precision_loss
+        )]
+        let room = (per_worker * workers as f64).min(usize::MAX as f64) as usize;
+        room.max(workers)
+    }
+
+    /// Counts how long a leased step acted, for [`Run::lease_room`].
+    fn acted(&self, took: chrono::Duration) {
+        let mut acting = self.acting.lock().unwrap_or_else(PoisonError::into_inner);
+        *acting = Some(acting.map_or(took, |avg| (avg * 4 + took) / 5));
     }
 
     /// Tells the scheduler a share was freed, so parked domains are handed out at once.

@@ -247,3 +247,34 @@ fn a_rollout_with_leases_admits_each_domain_once_and_keeps_its_cap() {
     calls.sort();
     assert!(*calls.last().unwrap() - t(AT) <= settle() * 3, "{calls:?}");
 }
+
+/// Twenty slow steps (a graceful power-off that times out after 30 s of fake time) due at
+/// once on one worker: the records written at once cannot all be acted on while they are
+/// young. Each too old to be trusted is removed and written again only when the worker can
+/// take it up soon, not rewritten over and over while the worker is busy.
+#[test]
+fn slow_steps_due_at_once_do_not_keep_rewriting_their_lease_records() {
+    let mut steps = String::new();
+    let mut domains = Vec::new();
+    for i in 0..20 {
+        let name = format!("d{i:02}");
+        let _ = write!(
+            steps,
+            "  - at: {AT}\n    vm: {name}\n    power: shutoff\n    shutdown: {{ mode: graceful, timeout: 30s, force_after_timeout: true }}\n"
+        );
+        domains.push(FakeDomain::new(&name, &uuid(i)).running().stubborn());
+    }
+    let rig = Rig::new(&steps, "grace: 1h\n", domains, "2026-12-01T03:59:59Z");
+    let report = rig.run_with(&leased(&rig, 1), &|_| {});
+    assert!(
+        report.outcomes.iter().all(|o| o.status == StepStatus::Done),
+        "{:#?}",
+        report.outcomes
+    );
+    // 20 first writes, the 19 that got too old removed, written again one at a time when the
+    // worker could take them up, 20 removals after the steps, and a few renewals: not one
+    // rewrite per record per worker turn (232 writes when every stale record was rewritten at
+    // once).
+    let writes = rig.hv.count("set_metadata_element");
+    assert!(writes <= 100, "{writes} lease writes for 20 steps");
+}
