@@ -7,7 +7,9 @@
 //! worker runs that domain's steps while they are due (or need no waiting: skipped, cancelled,
 //! done before) and gives the domain back with its next due time. Nothing sleeps per domain:
 //! only the scheduler waits, for the earliest due time or a finished turn, and re-reads the
-//! clock after every wake-up. Time comes only from the [`Clock`], so tests run on a fake one.
+//! clock after every wake-up. A step's domain lease is taken the same way: a turn writes the
+//! record and gives the domain back for the settle delay; the next turn reads it back and
+//! acts (`leasing.rs`), so a batch due at once waits one settle delay, not one per worker. Time comes only from the [`Clock`], so tests run on a fake one.
 
 mod admission;
 mod gate;
