@@ -7,6 +7,9 @@
 #
 #   scripts/bench-plan.sh [SIZES="50 500 2000"] [RUNS=7] [REFERENCE_BINARY]
 #
+# Besides the slope between consecutive sizes it prints the least-squares line through all of
+# them (ms per domain and fixed ms), for plan and for the floor.
+#
 # With REFERENCE_BINARY (another build of virtplan, e.g. main's), its `plan --format json` is
 # timed too and its output compared with this build's (planned_at aside): they must be
 # byte-identical. Domains are named vpbench-<pid>-NNNN, defined in growing batches, and removed
@@ -76,7 +79,7 @@ ms_between() { awk -v s="$1" -v e="$2" 'BEGIN { printf "%.1f", (e - s) * 1000 }'
 median() { sort -n | awk '{ v[NR] = $1 } END { print v[int((NR + 1) / 2)] }'; }
 
 printf '%-8s %-10s %-12s %-8s %-10s %s\n' domains plan_ms floor_ms ratio ms/domain reference_ms
-prev_n=0 prev_plan=0
+prev_n=0 prev_plan=0 fit=""
 for n in $SIZES; do
     define_up_to "$n"
     write_plan "$n"
@@ -119,7 +122,19 @@ for n in $SIZES; do
     ratio=$(awk -v p="$plan_ms" -v f="$floor_ms" 'BEGIN { printf "%.2fx", p / (f > 0 ? f : 1) }')
     printf '%-8s %-10s %-12s %-8s %-10s %s\n' "$n" "$plan_ms" "$floor_ms" "$ratio" "$slope" "$ref_ms"
     prev_n=$n prev_plan=$plan_ms
+    fit+="$n $plan_ms $floor_ms"$'\n'
 done
+# Cost per domain over every size at once: the least-squares line through (domains, median ms),
+# for plan and for the floor (one size gives no line).
+if (($(wc -w <<<"$SIZES") > 1)); then
+    awk 'NF == 3 { k++; n[k] = $1; p[k] = $2; f[k] = $3; sn += $1; sp += $2; sf += $3 }
+        END {
+            mn = sn / k; mp = sp / k; mf = sf / k
+            for (i = 1; i <= k; i++) { d = n[i] - mn; v += d * d; cp += d * (p[i] - mp); cf += d * (f[i] - mf) }
+            printf "least-squares ms/domain over all sizes: plan %.4f (+ %.1f ms fixed), floor %.4f (+ %.1f ms fixed)\n",
+                cp / v, mp - cp / v * mn, cf / v, mf - cf / v * mn
+        }' <<<"$fit"
+fi
 echo "plan: virtplan plan --format json (${RUNS} runs, median); floor: virsh domstats --list-inactive --state --balloon --vcpu (no names)"
 echo "ms/domain: slope of plan time since the previous size; target: plan <= 1.5x floor at 500 domains"
 [[ -n $REFERENCE ]] && echo "JSON output identical to $REFERENCE at every size (planned_at aside)"
