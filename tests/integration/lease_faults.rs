@@ -16,8 +16,11 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
 
+use virtplan::clock::{Clock, SystemClock};
+use virtplan::hypervisor::fleet::{write_fleet, FleetDomain};
 use virtplan::hypervisor::libvirt::Libvirt;
 use virtplan::hypervisor::Hypervisor;
 use virtplan::lease::{Lease, Metadata, Register};
@@ -54,6 +57,23 @@ fn lease_on(hv: &Libvirt, uuid: &str) -> Option<Lease> {
         .get(uuid)
         .unwrap()
         .map(|xml| Lease::parse(&xml).unwrap())
+}
+
+/// Waits (real time, at most `limit`) until `ready` holds.
+fn wait_until(limit: Duration, what: &str, mut ready: impl FnMut() -> bool) {
+    let deadline = Instant::now() + limit;
+    while !ready() {
+        assert!(Instant::now() < deadline, "{what} (waited {limit:?})");
+        SystemClock.sleep(Duration::from_millis(10));
+    }
+}
+
+fn kill(child: &Child, signal: &str) {
+    let sent = Command::new("kill")
+        .args([signal, &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(sent.success(), "kill {signal} {}", child.id());
 }
 
 /// Each `(vm, plan)`'s `in`/`out` lines of the check commands' log, in order.
@@ -205,4 +225,321 @@ fn two_plans_due_at_once_on_three_qemu_domains_take_turns_on_each() {
 #[test]
 fn two_plans_named_alike_in_two_folders_never_act_at_once() {
     two_plans_on_shared_domains("lease-alike", "plan.yaml", "plan.yaml");
+}
+
+/// `[lease]` timing short enough for a test: a dead executor's records expire 6 s after they
+/// were written (no clock-skew margin on one host), and a 1 s settle delay leaves room to
+/// kill the executor while its records wait to be read back.
+const SHORT_LEASES: &str = "[lease]\nsettle = \"1s\"\nttl = \"6s\"\nmax_clock_skew = \"0s\"\n";
+
+/// `n` shut-off QEMU domains and a plan in a fresh folder (with `toml` as its
+/// virtplan.toml) retitling all of them `at`, within `grace`.
+struct Rig {
+    doms: Vec<TestDomain>,
+    dir: tempfile::TempDir,
+    hv: Libvirt,
+    uri: String,
+}
+
+impl Rig {
+    fn new(uri: &str, test: &str, n: usize, toml: &str) -> Self {
+        let doms: Vec<TestDomain> = (0..n).map(|_| TestDomain::define(uri, test)).collect();
+        let dir = tempfile::tempdir().unwrap();
+        write(&dir.path().join("virtplan.toml"), toml);
+        Self {
+            doms,
+            dir,
+            hv: Libvirt::connect(uri).unwrap(),
+            uri: uri.to_owned(),
+        }
+    }
+
+    /// Writes `name` in the rig's folder: one step on every domain, `attr: value`.
+    fn plan(&self, name: &str, at: Option<&str>, grace: &str, attr: &str, value: &str) -> PathBuf {
+        let vms = self
+            .doms
+            .iter()
+            .map(|d| d.name.as_str())
+            .collect::<Vec<_>>()
+            .join(", ");
+        let at = at.map_or_else(String::new, |t| format!("at: {t}\n    "));
+        write(
+            &self.dir.path().join(name),
+            &format!(
+                "version: 1\nconnection: {}\ngrace: {grace}\nsteps:\n  - {at}vms: [{vms}]\n    {attr}: {value}\n",
+                self.uri
+            ),
+        )
+    }
+
+    /// Waits until every domain carries a lease record of `pid`; returns them.
+    fn records_of(&self, pid: u32) -> Vec<Lease> {
+        wait_until(
+            Duration::from_secs(20),
+            "the records were never written",
+            || {
+                self.doms
+                    .iter()
+                    .all(|d| lease_on(&self.hv, &d.uuid).is_some_and(|l| l.holder.pid == pid))
+            },
+        );
+        self.doms
+            .iter()
+            .map(|d| lease_on(&self.hv, &d.uuid).unwrap())
+            .collect()
+    }
+
+    fn no_records_left(&self) {
+        for d in &self.doms {
+            assert_eq!(
+                lease_on(&self.hv, &d.uuid),
+                None,
+                "{} keeps a lease",
+                d.name
+            );
+        }
+    }
+}
+
+/// Starts `apply` on `plan` (its output discarded), waits until every domain carries its
+/// record, and kills it with SIGKILL before any is read back (settle 1 s): nothing started.
+/// Returns the dead records.
+fn kill_9_while_records_wait(rig: &Rig, plan: &Path) -> Vec<Lease> {
+    let mut child = apply_in(rig.dir.path(), plan.file_name().unwrap().to_str().unwrap())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let records = rig.records_of(child.id());
+    kill(&child, "-KILL");
+    child.wait().unwrap();
+    // Killed between begin and confirm: no step started, every record is still there.
+    let lock = lock_of(plan);
+    for r in &lock.steps {
+        assert_eq!(r.status, StepStatus::Pending, "killed too late: {r:?}");
+        assert_eq!(r.started_at, None, "{r:?}");
+    }
+    for (d, dead) in rig.doms.iter().zip(&records) {
+        assert_eq!(
+            lease_on(&rig.hv, &d.uuid).as_ref(),
+            Some(dead),
+            "{}",
+            d.name
+        );
+    }
+    records
+}
+
+/// `kill -9` of apply while four domains' records wait to be read back; the plan is resumed
+/// through another name of its file (absolute, from another folder). Its own dead records do
+/// not hold it up: every step starts before they would have expired, runs once, and leaves
+/// no record behind.
+#[test]
+fn a_resume_after_kill_9_in_the_settle_delay_takes_its_own_records_over_at_once() {
+    let Some(uri) = qemu_uri() else { return };
+    let rig = Rig::new(&uri, "lease-kill9-resume", 4, SHORT_LEASES);
+    let plan = rig.plan("plan.yaml", Some(&at(now(), 3)), "30s", "title", "resumed");
+    let dead = kill_9_while_records_wait(&rig, &plan);
+    let absolute = plan.canonicalize().unwrap();
+    let out = apply_in(Path::new("/"), absolute.to_str().unwrap())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let lock = lock_of(&plan);
+    for (d, dead) in rig.doms.iter().zip(&dead) {
+        let r = lock.steps.iter().find(|r| r.uuid == d.uuid).unwrap();
+        assert_eq!(r.status, StepStatus::Done, "{r:?}");
+        assert!(
+            r.started_at.unwrap() < dead.expires,
+            "{}: held up by its own dead record until it expired at {}: {r:?}",
+            d.name,
+            dead.expires
+        );
+        assert!(!r.message.contains("waited"), "{r:?}");
+        assert_eq!(rig.hv.observe(&d.uuid, false).unwrap().title, "resumed");
+        eprintln!(
+            "{}: started {} before its dead record's expiry",
+            d.name,
+            dead.expires - r.started_at.unwrap()
+        );
+    }
+    rig.no_records_left();
+}
+
+/// `kill -9` of one plan's apply while its records wait; another plan on the same domains is
+/// held up by the dead records until they expire (never earlier), then acts and says whom it
+/// waited for; the killed plan, resumed after it, runs each of its steps once.
+#[test]
+fn another_plan_waits_for_the_records_of_a_killed_apply_to_expire() {
+    let Some(uri) = qemu_uri() else { return };
+    let rig = Rig::new(&uri, "lease-kill9-other", 3, SHORT_LEASES);
+    let killed = rig.plan(
+        "killed.yaml",
+        Some(&at(now(), 3)),
+        "30s",
+        "title",
+        "from killed",
+    );
+    let dead = kill_9_while_records_wait(&rig, &killed);
+    let other = rig.plan("other.yaml", None, "30s", "description", "from other");
+    let out = apply_in(rig.dir.path(), "other.yaml").output().unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let lock = lock_of(&other);
+    for (d, dead) in rig.doms.iter().zip(&dead) {
+        let r = lock.steps.iter().find(|r| r.uuid == d.uuid).unwrap();
+        assert_eq!(r.status, StepStatus::Done, "{r:?}");
+        let started = r.started_at.unwrap();
+        assert!(
+            started > dead.expires,
+            "{}: took a live lease over: {r:?}",
+            d.name
+        );
+        eprintln!(
+            "{}: started {} after the dead record expired",
+            d.name,
+            started - dead.expires
+        );
+        // Held up only until then: one retry (1-1.5 s) and one settle delay (1 s) later.
+        assert!(
+            started - dead.expires < chrono::Duration::seconds(4),
+            "{}: held up {} past the expiry",
+            d.name,
+            started - dead.expires
+        );
+        assert!(
+            r.message.contains(&format!(
+                "for the lease held by pid {} on ",
+                dead.holder.pid
+            )),
+            "{r:?}"
+        );
+    }
+    rig.no_records_left();
+    let out = apply_in(rig.dir.path(), "killed.yaml").output().unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    for d in &rig.doms {
+        let state = rig.hv.observe(&d.uuid, false).unwrap();
+        assert_eq!(
+            (state.title.as_str(), state.description.as_str()),
+            ("from killed", "from other")
+        );
+    }
+    assert!(lock_of(&killed)
+        .steps
+        .iter()
+        .all(|r| r.status == StepStatus::Done));
+    rig.no_records_left();
+}
+
+/// A signal while the records wait to be read back (settle 5 s): apply stops at once,
+/// without waiting the delay out, removes every record it wrote, records the steps cancelled
+/// and exits 1; nothing was changed.
+fn signal_in_the_settle_delay(signal: &str) {
+    let Some(uri) = qemu_uri() else { return };
+    let rig = Rig::new(
+        &uri,
+        "lease-signal",
+        4,
+        "[lease]\nsettle = \"5s\"\nttl = \"30s\"\n",
+    );
+    let plan = rig.plan("plan.yaml", Some(&at(now(), 3)), "1m", "title", "never");
+    let child = apply_in(rig.dir.path(), "plan.yaml").spawn().unwrap();
+    rig.records_of(child.id());
+    let sent = Instant::now();
+    kill(&child, signal);
+    let out = child.wait_with_output().unwrap();
+    let took = sent.elapsed();
+    eprintln!("stopped {took:?} after {signal}");
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(
+        took < Duration::from_secs(3),
+        "stopping took {took:?}: it waited the settle delay out"
+    );
+    rig.no_records_left();
+    for r in &lock_of(&plan).steps {
+        assert_eq!(r.status, StepStatus::Cancelled, "{r:?}");
+        assert!(r.message.contains("interrupted by a signal"), "{r:?}");
+        assert_eq!(r.started_at, None, "{r:?}");
+    }
+    for d in &rig.doms {
+        assert_eq!(rig.hv.observe(&d.uuid, false).unwrap().title, "");
+    }
+}
+
+#[test]
+fn sigint_in_the_settle_delay_removes_every_record_and_cancels() {
+    signal_in_the_settle_delay("-INT");
+}
+
+#[test]
+fn sigterm_in_the_settle_delay_removes_every_record_and_cancels() {
+    signal_in_the_settle_delay("-TERM");
+}
+
+/// A test-driver fleet of `n` shut-off domains `vm-0`... and a folder with `toml` as its
+/// virtplan.toml; the plan `body` (after `version` and `connection`) is written there.
+fn fleet_plan(n: usize, toml: &str, body: &str) -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let doms: Vec<FleetDomain> = (0..n)
+        .map(|i| FleetDomain::new(format!("vm-{i}")))
+        .collect();
+    let uri = write_fleet(dir.path(), &doms).unwrap();
+    write(&dir.path().join("virtplan.toml"), toml);
+    let plan = write(
+        &dir.path().join("plan.yaml"),
+        &format!("version: 1\nconnection: {uri}\n{body}"),
+    );
+    (dir, plan)
+}
+
+/// Runs `apply` on `plan`; asserts every step was missed (never started) for `why`, the
+/// miss recorded once the settle delay had passed.
+fn assert_missed_in_the_settle_delay(plan: &Path, why: &str) {
+    let out = apply_in(plan.parent().unwrap(), "plan.yaml")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(3), "{}", text(&out));
+    for r in &lock_of(plan).steps {
+        assert_eq!(r.status, StepStatus::Missed, "{r:?}");
+        assert!(r.message.contains(why), "{r:?}");
+        assert_eq!(r.started_at, None, "started late: {r:?}");
+        assert_eq!(r.after, None, "{r:?}");
+        // Judged when the record was read back, 3 s after it was written at `at`.
+        let judged = r.finished_at.unwrap() - r.at.unwrap();
+        assert!(judged >= chrono::Duration::milliseconds(2900), "{r:?}");
+    }
+}
+
+/// A step's grace (1 s) ends while its records wait out a 3 s settle delay: it is recorded
+/// missed at the read-back, never started late.
+#[test]
+fn a_grace_that_ends_in_the_settle_delay_makes_the_step_missed() {
+    let due = now() + chrono::Duration::seconds(4);
+    let (_dir, plan) = fleet_plan(
+        3,
+        "[lease]\nsettle = \"3s\"\nttl = \"20s\"\n",
+        &format!(
+            "grace: 1s\nsteps:\n  - at: {}\n    vms: [vm-0, vm-1, vm-2]\n    title: late\n",
+            at(due, 0)
+        ),
+    );
+    assert_missed_in_the_settle_delay(&plan, "could not start by");
+}
+
+/// The window closes while the records wait out a 3 s settle delay: missed, never started.
+#[test]
+fn a_window_that_closes_in_the_settle_delay_makes_the_step_missed() {
+    let t0 = now();
+    let due = t0 + chrono::Duration::seconds(4);
+    let (_dir, plan) = fleet_plan(
+        3,
+        "[lease]\nsettle = \"3s\"\nttl = \"20s\"\n",
+        &format!(
+            "window: {{start: {}, end: {}}}\nsteps:\n  - at: {}\n    vms: [vm-0, vm-1, vm-2]\n    title: late\n",
+            at(t0, 1),
+            at(t0, 6),
+            at(due, 0)
+        ),
+    );
+    assert_missed_in_the_settle_delay(&plan, "window closed");
 }
