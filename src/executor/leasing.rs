@@ -199,9 +199,10 @@ impl Run<'_> {
             .map(|rival| {
                 format!(
                     "waited {} for the lease held by {}",
-                    crate::plan_file::units::format_duration(
-                        (taken - now).to_std().unwrap_or_default()
-                    ),
+                    // In whole milliseconds: "3s 122ms", not "3s 122ms 552us 941ns".
+                    crate::plan_file::units::format_duration(Duration::from_millis(
+                        u64::try_from((taken - now).num_milliseconds()).unwrap_or_default()
+                    )),
                     rival.holder
                 )
             })

@@ -9,6 +9,7 @@ mod harden_daemon;
 mod hosts;
 mod layers;
 mod lease;
+mod lease_faults;
 mod libvirt_adapter;
 mod lifecycle;
 mod notify;
