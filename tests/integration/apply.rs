@@ -13,6 +13,7 @@ use virtplan::hypervisor::domain_xml;
 use virtplan::hypervisor::fleet::{write_fleet, FleetDomain};
 use virtplan::hypervisor::libvirt::Libvirt;
 use virtplan::hypervisor::Hypervisor;
+use virtplan::lease::LeaseConfig;
 use virtplan::lockfile::StepStatus;
 use virtplan::state::{Kib, PowerState};
 
@@ -98,12 +99,15 @@ steps:
 
     let lock = lock_of(&plan);
     assert_eq!(lock.steps.len(), 5);
+    // A step's record starts once it holds its domain's lease, one settle delay after it was
+    // dispatched: within a second of its time, plus that delay.
+    let settle = chrono::Duration::from_std(LeaseConfig::default().settle).unwrap();
     for r in &lock.steps {
         assert_eq!(r.status, StepStatus::Done, "{r:?}");
         let (due, started) = (r.at.unwrap(), r.started_at.unwrap());
         assert!(started >= due, "step {} started early: {r:?}", r.step);
         assert!(
-            started - due < chrono::Duration::seconds(1),
+            started - due < chrono::Duration::seconds(1) + settle,
             "step {} started {} after its time",
             r.step,
             started - due
