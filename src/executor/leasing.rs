@@ -40,6 +40,10 @@ pub(super) struct Taking {
     deadline: DateTime<Utc>,
     /// An `always` step after a failure or an abort (decided when it was dispatched).
     after_failure: bool,
+    /// The step's time by the wall clock (`None` for a resumed step, re-checked at once): the
+    /// settle delay is measured on the monotonic clock, so a wall clock stepped back meanwhile
+    /// is checked again before the step acts.
+    not_before: Option<DateTime<Utc>>,
     /// Our record, written and waiting to be read back.
     written: Option<Written>,
     /// The first rival that made us wait (named in the step's record).
@@ -103,17 +107,20 @@ impl Run<'_> {
         settings.window.map_or(by_grace, |w| by_grace.min(w.end))
     }
 
-    /// The lease `step`, dispatched at `now`, is about to take (its first turn's state).
+    /// The lease `step`, dispatched at `now` once its time `not_before` had come, is about to
+    /// take (its first turn's state).
     pub(super) fn taking(
         &self,
         step: &PlannedStep,
         now: DateTime<Utc>,
+        not_before: Option<DateTime<Utc>>,
         after_failure: bool,
     ) -> Taking {
         Taking {
             now,
             deadline: self.start_deadline(step, now),
             after_failure,
+            not_before,
             written: None,
             first_rival: None,
             last_rival: None,
@@ -177,6 +184,13 @@ impl Run<'_> {
         // let more than `parallelism` records be open at once: domains settle without a
         // worker.)
         let taken = self.ex.clock.now();
+        // The wall clock was stepped back during the settle delay (NTP, an operator): a step
+        // never starts before its time. Nothing acts under the record, so it goes; the domain
+        // comes back at its time and takes the lease again.
+        if let Some(due) = taking.not_before.filter(|due| taken < *due) {
+            let _ = leaser.release(uuid);
+            return Err(Next::Due(due));
+        }
         let done = AtomicBool::new(false);
         let lost: Mutex<Option<String>> = Mutex::new(None);
         let ended = {

@@ -146,7 +146,8 @@ impl Run<'_> {
             }
             // The lease is taken over the domain's next turns; a slot is taken again to act.
             drop(permit);
-            self.taking(step, now, after_failure)
+            let due = self.due(step).filter(|_| !resuming);
+            self.taking(step, now, due, after_failure)
         };
         let ended = self.leased(step, &mut pending, |now, after_failure| {
             self.act(step, now, resuming, after_failure)
@@ -218,13 +219,18 @@ impl Run<'_> {
     /// Waits until the step is due and a slot is free; `None` when stopped meanwhile.
     /// The time returned is read after both, and is never before the step's `at` (or, for a
     /// step without one, the window's start).
+    /// When `step` may start: its `at`; a step without one runs when apply starts, but never
+    /// before the window opens.
+    fn due(&self, step: &PlannedStep) -> Option<DateTime<Utc>> {
+        step.at.or_else(|| self.ex.settings.window.map(|w| w.start))
+    }
+
     fn start_time(
         &self,
         step: &PlannedStep,
         resuming: bool,
     ) -> Option<(DateTime<Utc>, Permit<'_>)> {
-        // A step without `at` runs when apply starts, but never before the window opens.
-        let due = step.at.or_else(|| self.ex.settings.window.map(|w| w.start));
+        let due = self.due(step);
         loop {
             if let (Some(due), false) = (due, resuming) {
                 self.wait_until(step, due)?;

@@ -34,6 +34,9 @@ struct GatedClock {
     cond: Condvar,
     /// Called with the time after each sleep (to model clock jumps).
     on_sleep: Mutex<SleepHook>,
+    /// How far the wall clock ([`Clock::now`]) is set off the monotonic one: a wall clock
+    /// stepped by NTP or an operator, which a settle delay must not follow.
+    wall_shift: Arc<Mutex<chrono::Duration>>,
 }
 
 impl GatedClock {
@@ -43,6 +46,7 @@ impl GatedClock {
             open: Mutex::new(true),
             cond: Condvar::new(),
             on_sleep: Mutex::new(Box::new(|_| {})),
+            wall_shift: Arc::new(Mutex::new(chrono::Duration::zero())),
         })
     }
 
@@ -54,7 +58,7 @@ impl GatedClock {
 
 impl Clock for GatedClock {
     fn now(&self) -> DateTime<Utc> {
-        self.inner.now()
+        self.inner.now() + *self.wall_shift.lock().unwrap()
     }
 
     fn sleep(&self, duration: Duration) {

@@ -8,6 +8,8 @@ use std::fmt::Write as _;
 
 use chrono::{DateTime, Utc};
 
+use crate::clock::Clock as _;
+
 use super::super::{Leasing, Settings};
 use super::{t, Rig, A};
 use crate::hypervisor::fake::FakeDomain;
@@ -277,4 +279,42 @@ fn slow_steps_due_at_once_do_not_keep_rewriting_their_lease_records() {
     // once).
     let writes = rig.hv.count("set_metadata_element");
     assert!(writes <= 100, "{writes} lease writes for 20 steps");
+}
+
+/// The wall clock is stepped back 2 s during the settle delay (which runs on the monotonic
+/// clock): when the record is read back the wall clock says 1.7 s before the step's time. The
+/// step must not start early: its record goes, the domain comes back at its time, takes the
+/// lease again and starts then (before, it acted at once and recorded a start 1.7 s early).
+#[test]
+fn a_wall_clock_stepped_back_during_the_settle_delay_never_starts_a_step_early() {
+    let (steps, domains) = titles(1);
+    let rig = Rig::new(&steps, "", domains, "2026-12-01T03:59:59Z");
+    let at = t(AT);
+    let shift = std::sync::Arc::clone(&rig.clock.wall_shift);
+    let mut stepped = false;
+    *rig.clock.on_sleep.lock().unwrap() = Box::new(move |c| {
+        // The first sleep that ends after the step's time is the settle delay's.
+        if !stepped && c.now() > at {
+            *shift.lock().unwrap() = chrono::Duration::seconds(-2);
+            stepped = true;
+        }
+    });
+    let report = rig.run_with(&leased(&rig, 1), &|_| {});
+    assert_eq!(report.outcomes.len(), 1, "{:#?}", report.outcomes);
+    assert_eq!(
+        report.outcomes[0].status,
+        StepStatus::Done,
+        "{:#?}",
+        report.outcomes
+    );
+    let record = &rig.lock().steps[0];
+    let started = record.started_at.unwrap();
+    assert!(
+        started >= at,
+        "started {started}, before its time {at}: {record:?}"
+    );
+    let calls = titled_at(&rig);
+    assert_eq!(calls.len(), 1, "{calls:?}");
+    assert!(calls[0].1 >= at, "titled at {}, before {at}", calls[0].1);
+    assert_eq!(lease_of(&rig, &uuid(0)), None, "still leased");
 }
