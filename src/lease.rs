@@ -109,7 +109,9 @@ pub struct LeaseConfig {
     /// How long a loser waits before trying again.
     pub retry: Duration,
     /// This executor holds its plan's executor lock on this host, so a lease of the same plan
-    /// and host held by another pid was left by a dead executor and may be taken over at once.
+    /// and host held by another pid whose process is gone was left by a dead executor and may
+    /// be taken over at once. (A live one is another executor of the plan, which a second
+    /// `state_dir` gives a lock of its own: it is waited for like any rival.)
     pub own_plan_exclusive: bool,
 }
 
@@ -256,6 +258,12 @@ impl Register for Metadata<'_> {
     }
 }
 
+/// Whether a process with this id runs on this host (its `/proc` entry exists). A reused id
+/// reads as alive, which only makes a takeover wait for the lease to expire.
+fn process_exists(pid: u32) -> bool {
+    std::path::Path::new(&format!("/proc/{pid}")).exists()
+}
+
 /// The lease protocol on one connection.
 pub struct Leaser<'a> {
     pub register: &'a dyn Register,
@@ -320,7 +328,8 @@ impl<'a> Leaser<'a> {
         let left_by_dead_self = self.config.own_plan_exclusive
             && lease.holder.host == self.me.host
             && lease.holder.plan == self.me.plan
-            && lease.holder.pid != self.me.pid;
+            && lease.holder.pid != self.me.pid
+            && !process_exists(lease.holder.pid);
         ours || expired || left_by_dead_self
     }
 

@@ -258,13 +258,16 @@ fn an_expired_lease_is_taken_over_once_the_clock_skew_margin_passed() {
     assert_eq!(leaser.read(UUID).unwrap().unwrap().holder, us.me);
 }
 
+/// A process id no host ever gives out (Linux's ceiling is 2^22): its executor is gone.
+const DEAD_PID: u32 = u32::MAX - 1;
+
 #[test]
 fn a_lease_left_by_a_dead_executor_of_the_same_plan_on_this_host_is_taken_over_at_once() {
     let (_dir, hv) = libvirt();
     let clock = FakeClock::new(t("2026-12-01T04:00:00Z"));
     let register = Metadata(hv.as_ref());
     let left = Lease {
-        holder: holder("admin1", 9, "old"),
+        holder: holder("admin1", DEAD_PID, "old"),
         expires: t("2026-12-01T04:00:50Z"),
     };
     register.set(UUID, Some(&left.to_xml())).unwrap();
@@ -293,6 +296,34 @@ fn a_lease_left_by_a_dead_executor_of_the_same_plan_on_this_host_is_taken_over_a
         leaser(&exclusive).try_acquire(UUID).unwrap(),
         Attempt::Busy(other_plan)
     );
+}
+
+/// The same plan on this host, held by a process that is alive: another executor of the plan
+/// (run with another `state_dir`, so with an executor lock of its own), not a dead one. Its
+/// lease is waited for; taking it over let both act on the domain at once.
+#[test]
+fn a_live_executor_of_the_same_plan_on_this_host_keeps_its_lease() {
+    let (_dir, hv) = libvirt();
+    let clock = FakeClock::new(t("2026-12-01T04:00:00Z"));
+    let register = Metadata(hv.as_ref());
+    let alive = Lease {
+        holder: holder("admin1", std::process::id(), "other-state-dir"),
+        expires: t("2026-12-01T04:00:50Z"),
+    };
+    register.set(UUID, Some(&alive.to_xml())).unwrap();
+    let me = holder("admin1", DEAD_PID - 1, "new");
+    let exclusive = LeaseConfig {
+        own_plan_exclusive: true,
+        ..config()
+    };
+    let leaser = Leaser::new(&register, &clock, &me, &exclusive);
+    assert_eq!(
+        leaser.try_acquire(UUID).unwrap(),
+        Attempt::Busy(alive.clone())
+    );
+    // Once it has expired (with the skew margin) it is taken over, as any rival's.
+    clock.advance(chrono::Duration::seconds(56));
+    assert_acquires(&leaser);
 }
 
 #[test]
