@@ -25,6 +25,14 @@ fn holder(host: &str, pid: u32, token: &str) -> Holder {
     }
 }
 
+/// Begins a round on [`UUID`], which must write our record.
+fn begin_written(leaser: &Leaser<'_>) -> Written {
+    match leaser.begin(UUID).unwrap() {
+        Begun::Written(written) => written,
+        other => panic!("not written: {other:?}"),
+    }
+}
+
 /// A test-driver host with one running domain (the tempdir must outlive the connection).
 fn libvirt() -> (tempfile::TempDir, Arc<dyn Hypervisor>) {
     let dir = tempfile::tempdir().unwrap();
@@ -423,9 +431,7 @@ fn confirm_reads_back_only_once_the_settle_delay_has_passed() {
     let us = Us::new();
     let register = Metadata(hv.as_ref());
     let leaser = us.leaser(&register);
-    let Begun::Written(written) = leaser.begin(UUID).unwrap() else {
-        panic!("not written")
-    };
+    let written = begin_written(&leaser);
     assert_eq!(leaser.read(UUID).unwrap().unwrap().holder, us.me);
     us.clock.advance(chrono::Duration::milliseconds(1999));
     assert_eq!(
@@ -451,9 +457,7 @@ fn a_clock_stepped_back_during_the_settle_delay_does_not_shorten_it() {
     let us = Us::new();
     let register = Metadata(hv.as_ref());
     let leaser = us.leaser(&register);
-    let Begun::Written(written) = leaser.begin(UUID).unwrap() else {
-        panic!("not written")
-    };
+    let written = begin_written(&leaser);
     us.clock.advance(chrono::Duration::seconds(-60));
     assert!(matches!(
         leaser.confirm(UUID, &written).unwrap(),
@@ -470,9 +474,7 @@ fn a_read_back_later_than_a_renewal_period_is_stale_and_a_new_round_takes_the_le
     let us = Us::new();
     let register = Metadata(hv.as_ref());
     let leaser = us.leaser(&register);
-    let Begun::Written(written) = leaser.begin(UUID).unwrap() else {
-        panic!("not written")
-    };
+    let written = begin_written(&leaser);
     // ttl 30 s: renewed every 10 s.
     us.clock.advance(chrono::Duration::milliseconds(10_001));
     assert_eq!(
@@ -482,9 +484,7 @@ fn a_read_back_later_than_a_renewal_period_is_stale_and_a_new_round_takes_the_le
         }
     );
     // Still ours: a new round may take it (nobody else could while it lived).
-    let Begun::Written(again) = leaser.begin(UUID).unwrap() else {
-        panic!("not written again")
-    };
+    let again = begin_written(&leaser);
     us.clock.advance(chrono::Duration::seconds(2));
     assert_eq!(
         leaser.confirm(UUID, &again).unwrap(),
