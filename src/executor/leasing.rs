@@ -194,7 +194,6 @@ impl Run<'_> {
         let done = AtomicBool::new(false);
         let lost: Mutex<Option<String>> = Mutex::new(None);
         let ended = {
-            let _permit = self.permits.acquire();
             std::thread::scope(|scope| {
                 let keeper = scope.spawn(|| self.keep(&leaser, uuid, written.at, &done, &lost));
                 let ended = act(taken, taking.after_failure);

@@ -151,39 +151,6 @@ impl Report {
     }
 }
 
-/// A counting semaphore: at most `n` steps in flight.
-struct Permits {
-    free: Mutex<usize>,
-    cond: Condvar,
-}
-
-struct Permit<'a>(&'a Permits);
-
-impl Permits {
-    fn new(n: usize) -> Self {
-        Self {
-            free: Mutex::new(n),
-            cond: Condvar::new(),
-        }
-    }
-
-    fn acquire(&self) -> Permit<'_> {
-        let mut free = self.free.lock().unwrap_or_else(PoisonError::into_inner);
-        while *free == 0 {
-            free = self.cond.wait(free).unwrap_or_else(PoisonError::into_inner);
-        }
-        *free -= 1;
-        Permit(self)
-    }
-}
-
-impl Drop for Permit<'_> {
-    fn drop(&mut self) {
-        *self.0.free.lock().unwrap_or_else(PoisonError::into_inner) += 1;
-        self.0.cond.notify_one();
-    }
-}
-
 /// Everything a run needs.
 pub struct Executor<'a> {
     pub plan: &'a Plan,
@@ -205,7 +172,6 @@ pub type Reconnect<'a> = dyn Fn(&Uri) -> HvResult<Arc<dyn Hypervisor>> + Sync + 
 /// Shared state of one run.
 struct Run<'a> {
     ex: &'a Executor<'a>,
-    permits: Permits,
     abort: AtomicBool,
     fatal: Mutex<Option<String>>,
     outcomes: Mutex<Vec<Outcome>>,
@@ -390,7 +356,6 @@ impl Executor<'_> {
         }
         let run = Run {
             ex: self,
-            permits: Permits::new(self.settings.parallelism.max(1)),
             abort: AtomicBool::new(false),
             fatal: Mutex::new(None),
             outcomes: Mutex::new(Vec::new()),
@@ -814,9 +779,7 @@ impl Run<'_> {
         if recorded == StepStatus::Running {
             return None;
         }
-        let due = step
-            .at
-            .or_else(|| self.ex.settings.window.map(|w| w.start))?;
+        let due = self.due(step)?;
         (self.ex.clock.now() < due).then_some(due)
     }
 

@@ -7,7 +7,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 
 use super::leasing::Taking;
-use super::{Next, Permit, Run};
+use super::{Next, Run};
 use crate::attr::Attr;
 use crate::cancel::Gate;
 use crate::hypervisor::SETTLE_LIMIT;
@@ -137,15 +137,16 @@ impl Run<'_> {
                 let message = format!("no open connection to {}", step.connection);
                 return Ok(self.end(step, StepStatus::Failed, message, None, None));
             }
-            let Some((now, permit)) = self.start_time(step, resuming) else {
+            let Some(now) = self.start_time(step, resuming) else {
                 self.cancel(step);
                 return Ok(Ended::with(StepStatus::Cancelled));
             };
-            if self.ex.settings.lease.is_none() || !(resuming || self.late(step, now).is_none()) {
+            // A step too late to start is recorded missed without its lease; one that may
+            // start takes it over the domain's next turns.
+            let leased = resuming || self.late(step, now).is_none();
+            if self.ex.settings.lease.is_none() || !leased {
                 return Ok(self.act(step, now, resuming, after_failure));
             }
-            // The lease is taken over the domain's next turns; a slot is taken again to act.
-            drop(permit);
             let due = self.due(step).filter(|_| !resuming);
             self.taking(step, now, due, after_failure)
         };
@@ -216,33 +217,28 @@ impl Run<'_> {
         }
     }
 
-    /// Waits until the step is due and a slot is free; `None` when stopped meanwhile.
-    /// The time returned is read after both, and is never before the step's `at` (or, for a
-    /// step without one, the window's start).
     /// When `step` may start: its `at`; a step without one runs when apply starts, but never
     /// before the window opens.
-    fn due(&self, step: &PlannedStep) -> Option<DateTime<Utc>> {
+    pub(super) fn due(&self, step: &PlannedStep) -> Option<DateTime<Utc>> {
         step.at.or_else(|| self.ex.settings.window.map(|w| w.start))
     }
 
-    fn start_time(
-        &self,
-        step: &PlannedStep,
-        resuming: bool,
-    ) -> Option<(DateTime<Utc>, Permit<'_>)> {
+    /// Waits until the step is due; `None` when stopped meanwhile. The time returned is read
+    /// after the wait, and is never before the step's [`Run::due`] time. (A worker runs one
+    /// step at a time and there are at most `parallelism` workers, so no slot is waited for.)
+    fn start_time(&self, step: &PlannedStep, resuming: bool) -> Option<DateTime<Utc>> {
         let due = self.due(step);
         loop {
             if let (Some(due), false) = (due, resuming) {
                 self.wait_until(step, due)?;
             }
-            let permit = self.permits.acquire();
             if self.stopping_for(step) {
                 return None;
             }
             let now = self.ex.clock.now();
-            // The wall clock may have been stepped back while we waited for a slot.
+            // The wall clock may have been stepped back since the wait ended.
             if resuming || due.is_none_or(|due| now >= due) {
-                return Some((now, permit));
+                return Some(now);
             }
         }
     }
