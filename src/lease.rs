@@ -183,8 +183,16 @@ pub struct Written {
     pub at: DateTime<Utc>,
     /// The same moment by the clock's monotonic reading ([`Clock::monotonic`]).
     pub ticks: DateTime<Utc>,
-    /// The expiry our record carries.
-    pub expires: DateTime<Utc>,
+}
+
+impl Written {
+    /// When the record may be read back: `settle` after the write, by the monotonic reading.
+    #[must_use]
+    pub fn settled(&self, settle: Duration) -> DateTime<Utc> {
+        self.ticks
+            .checked_add_signed(chrono::Duration::from_std(settle).unwrap_or(chrono::Duration::MAX))
+            .unwrap_or(DateTime::<Utc>::MAX_UTC)
+    }
 }
 
 /// How [`Leaser::begin`] ended.
@@ -396,7 +404,6 @@ impl<'a> Leaser<'a> {
         Ok(Begun::Written(Written {
             at: self.clock.now(),
             ticks: done,
-            expires: mine.expires,
         }))
     }
 
@@ -407,12 +414,7 @@ impl<'a> Leaser<'a> {
     /// read-back that comes later than that (the caller was held up) begins again rather than
     /// trust a record another executor may soon see expire.
     pub fn confirm(&self, uuid: &str, written: &Written) -> Result<Confirmed, LeaseError> {
-        let settled = written
-            .ticks
-            .checked_add_signed(
-                chrono::Duration::from_std(self.config.settle).unwrap_or(chrono::Duration::MAX),
-            )
-            .unwrap_or(DateTime::<Utc>::MAX_UTC);
+        let settled = written.settled(self.config.settle);
         if self.clock.monotonic() < settled {
             return Ok(Confirmed::Early { until: settled });
         }

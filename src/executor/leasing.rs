@@ -283,12 +283,7 @@ impl Run<'_> {
         }
         match leaser.begin(uuid)? {
             Begun::Written(written) => {
-                let settle = chrono::Duration::from_std(leaser.config.settle)
-                    .unwrap_or(chrono::Duration::MAX);
-                let due = written
-                    .ticks
-                    .checked_add_signed(settle)
-                    .unwrap_or(DateTime::<Utc>::MAX_UTC);
+                let due = written.settled(leaser.config.settle);
                 taking.written = Some(written);
                 Ok(Take::Wait(Next::Settle(due)))
             }
