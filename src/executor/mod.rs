@@ -9,7 +9,8 @@
 //! only the scheduler waits, for the earliest due time or a finished turn, and re-reads the
 //! clock after every wake-up. A step's domain lease is taken the same way: a turn writes the
 //! record and gives the domain back for the settle delay; the next turn reads it back and
-//! acts (`leasing.rs`), so a batch due at once waits one settle delay, not one per worker. Time comes only from the [`Clock`], so tests run on a fake one.
+//! acts (`leasing.rs`), so a batch due at once waits one settle delay, not one per worker.
+//! Time comes only from the [`Clock`], so tests run on a fake one.
 
 mod admission;
 mod gate;
