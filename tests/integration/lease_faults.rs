@@ -16,28 +16,24 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use virtplan::clock::{Clock, SystemClock};
 use virtplan::hypervisor::fleet::{write_fleet, FleetDomain};
 use virtplan::hypervisor::libvirt::Libvirt;
 use virtplan::hypervisor::Hypervisor;
 use virtplan::lease::{Lease, Metadata, Register};
 use virtplan::lockfile::{StepRecord, StepStatus};
 
-use crate::support::helpers::{at, lock_of, now, text, BIN};
+use crate::support::helpers::{at, command, lock_of, now, send_signal, text, wait_until};
 use crate::support::qemu::{qemu_uri, TestDomain};
 
 /// `apply plan --auto-approve` run from `cwd` with the plan named as `plan` (relative to
 /// `cwd` or absolute), output piped.
 fn apply_in(cwd: &Path, plan: &str) -> Command {
-    let mut command = Command::new(BIN);
+    let mut command = command(&["apply", plan, "--auto-approve"]);
     command
-        .args(["apply", plan, "--auto-approve"])
         .current_dir(cwd)
-        .env("NO_COLOR", "1")
-        .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
     command
@@ -57,23 +53,6 @@ fn lease_on(hv: &Libvirt, uuid: &str) -> Option<Lease> {
         .get(uuid)
         .unwrap()
         .map(|xml| Lease::parse(&xml).unwrap())
-}
-
-/// Waits (real time, at most `limit`) until `ready` holds.
-fn wait_until(limit: Duration, what: &str, mut ready: impl FnMut() -> bool) {
-    let deadline = Instant::now() + limit;
-    while !ready() {
-        assert!(Instant::now() < deadline, "{what} (waited {limit:?})");
-        SystemClock.sleep(Duration::from_millis(10));
-    }
-}
-
-fn kill(child: &Child, signal: &str) {
-    let sent = Command::new("kill")
-        .args([signal, &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(sent.success(), "kill {signal} {}", child.id());
 }
 
 /// Each `(vm, plan)`'s `in`/`out` lines of the check commands' log, in order.
@@ -380,7 +359,7 @@ fn kill_9_while_records_wait(rig: &Rig, plan: &Path) -> Vec<Lease> {
         .spawn()
         .unwrap();
     let records = rig.records_of(child.id());
-    kill(&child, "-KILL");
+    send_signal(child.id(), "-KILL");
     child.wait().unwrap();
     // Killed between begin and confirm: no step started, every record is still there.
     let lock = lock_of(plan);
@@ -515,7 +494,7 @@ fn signal_in_the_settle_delay(signal: &str) {
     let child = apply_in(rig.dir.path(), "plan.yaml").spawn().unwrap();
     rig.records_of(child.id());
     let sent = Instant::now();
-    kill(&child, signal);
+    send_signal(child.id(), signal);
     let out = child.wait_with_output().unwrap();
     let took = sent.elapsed();
     eprintln!("stopped {took:?} after {signal}");

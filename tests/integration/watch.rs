@@ -7,7 +7,7 @@
 use std::fmt::Write as _;
 use std::io::{BufRead as _, BufReader, Read};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command};
+use std::process::Child;
 use std::sync::mpsc::{self, Receiver};
 use std::time::{Duration, Instant};
 
@@ -19,7 +19,7 @@ use virtplan::hypervisor::Hypervisor;
 use virtplan::lockfile::StepStatus;
 use virtplan::state::Kib;
 
-use crate::support::helpers::{at, lock_of, now, spawn_piped};
+use crate::support::helpers::{at, lock_of, now, send_signal, spawn_piped};
 use crate::support::qemu::{qemu_uri, TestDomain};
 
 /// How long any one expected log line may take.
@@ -112,11 +112,7 @@ impl Proc {
     }
 
     fn signal(&self, signal: &str) {
-        let sent = Command::new("kill")
-            .args([signal, &self.child.id().to_string()])
-            .status()
-            .unwrap();
-        assert!(sent.success());
+        send_signal(self.child.id(), signal);
     }
 
     /// Waits for the process to exit; returns its exit code and every line it printed.

@@ -90,25 +90,42 @@ pub fn spawn_piped(args: &[&str]) -> Child {
         .expect("start virtplan")
 }
 
-/// Waits (in real time, at most `limit`) until the lockfile next to `plan` can be read and
-/// `ready` holds of it; returns that lockfile. Panics with `what` (say, "the step never
-/// started") when time runs out.
+/// Waits (in real time, at most `limit`, polling every 10 ms) until `ready` holds. Panics
+/// with `what` (say, "the step never started") when time runs out.
+#[track_caller]
+pub fn wait_until(limit: Duration, what: &str, mut ready: impl FnMut() -> bool) {
+    let deadline = Instant::now() + limit;
+    while !ready() {
+        assert!(Instant::now() < deadline, "{what} (waited {limit:?})");
+        SystemClock.sleep(Duration::from_millis(10));
+    }
+}
+
+/// Waits (as [`wait_until`]) until the lockfile next to `plan` can be read and `ready` holds
+/// of it; returns that lockfile.
+#[track_caller]
 pub fn wait_for_lock(
     plan: &Path,
     limit: Duration,
     what: &str,
     mut ready: impl FnMut(&Lockfile) -> bool,
 ) -> Lockfile {
-    let deadline = Instant::now() + limit;
-    loop {
-        if let Ok(lock) = LockStore::read(&plan.with_extension("lock")) {
-            if ready(&lock) {
-                return lock;
-            }
-        }
-        assert!(Instant::now() < deadline, "{what} (waited {limit:?})");
-        SystemClock.sleep(Duration::from_millis(20));
-    }
+    let path = plan.with_extension("lock");
+    let mut found = None;
+    wait_until(limit, what, || {
+        found = LockStore::read(&path).ok().filter(|lock| ready(lock));
+        found.is_some()
+    });
+    found.expect("the lockfile was ready")
+}
+
+/// Sends `signal` (`-TERM`, `-KILL`, ...) to the process `pid`, which must exist.
+pub fn send_signal(pid: u32, signal: &str) {
+    let sent = Command::new("kill")
+        .args([signal, &pid.to_string()])
+        .status()
+        .expect("run kill");
+    assert!(sent.success(), "kill {signal} {pid}");
 }
 
 /// `plan PLAN --out SAVED`, which must succeed: the reviewed plan a test then applies.
