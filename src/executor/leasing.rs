@@ -193,17 +193,15 @@ impl Run<'_> {
         }
         let done = AtomicBool::new(false);
         let lost: Mutex<Option<String>> = Mutex::new(None);
-        let ended = {
-            std::thread::scope(|scope| {
-                let keeper = scope.spawn(|| self.keep(&leaser, uuid, written.at, &done, &lost));
-                let ended = act(taken, taking.after_failure);
-                done.store(true, Ordering::SeqCst);
-                self.acted(self.ex.clock.now() - taken);
-                // Ends its wait now: the worker is not held until its next poll.
-                keeper.thread().unpark();
-                ended
-            })
-        };
+        let ended = std::thread::scope(|scope| {
+            let keeper = scope.spawn(|| self.keep(&leaser, uuid, written.at, &done, &lost));
+            let ended = act(taken, taking.after_failure);
+            done.store(true, Ordering::SeqCst);
+            self.acted(self.ex.clock.now() - taken);
+            // Ends its wait now: the worker is not held until its next poll.
+            keeper.thread().unpark();
+            ended
+        });
         // A failed release leaves the record to expire on its own.
         let _ = leaser.release(uuid);
         let mut notes: Vec<String> = taking
