@@ -824,7 +824,6 @@ impl Run<'_> {
     #[allow(clippy::too_many_lines)]
     fn turn(&self, domain: usize, steps: &[&PlannedStep], cursor: &mut Cursor) -> Next {
         while let Some(&step) = steps.get(cursor.next) {
-            let mut gone = false;
             let gated = self.admission.gated(step);
             // Read once: a rollout past its error budget stays so.
             let tripped = gated.then(|| self.admission.tripped(step)).flatten();
@@ -833,22 +832,17 @@ impl Run<'_> {
                 .store
                 .status(&step.step_id, &step.domain.uuid)
                 .unwrap_or(StepStatus::Pending);
-            // The status it ended with, and whether a failure blocks the domain's later steps
-            // (`false` when it was only a consequence of an earlier block or a stop).
-            let (status, blocks) = match (recorded, &cursor.blocked, tripped) {
+            // The status it ended with, whether a failure blocks the domain's later steps
+            // (`false` when it was only a consequence of an earlier block or a stop), and
+            // whether the domain is gone; `Err`: hand the domain back to the scheduler.
+            let decided = match (recorded, &cursor.blocked, tripped) {
                 // Its lease is being taken: it passed its time, host and share checks on the
                 // turn that began it (a rollout share is held, not asked for again); a stop
-                // is handled there, as the record we wrote must go.
-                _ if cursor.taking.is_some() => {
-                    // (`after_failure` was decided on that turn and is kept with the lease.)
-                    match self.step(step, recorded, false, &mut cursor.taking) {
-                        Ok(ended) => {
-                            gone = ended.gone;
-                            (ended.status, true)
-                        }
-                        Err(next) => return next,
-                    }
-                }
+                // is handled there, as the record we wrote must go. (`after_failure` was
+                // decided on that turn and is kept with the lease.)
+                _ if cursor.taking.is_some() => self
+                    .step(step, recorded, false, &mut cursor.taking)
+                    .map(|ended| (ended.status, true, ended.gone)),
                 (StepStatus::Done, _, _) => {
                     self.report(
                         step,
@@ -856,32 +850,27 @@ impl Run<'_> {
                         "done in an earlier run".to_owned(),
                         true,
                     );
-                    (StepStatus::Done, false)
+                    Ok((StepStatus::Done, false, false))
                 }
                 (StepStatus::Missed, _, _) => {
                     let message = "missed in an earlier run; a missed step never runs".to_owned();
                     self.report(step, StepStatus::Missed, message, true);
-                    (StepStatus::Missed, true)
+                    Ok((StepStatus::Missed, true, false))
                 }
                 // An `always` step runs whatever happened before it (but never twice, and
                 // never after a signal).
                 _ if step.always && !self.ex.stop.load(Ordering::SeqCst) => {
                     let after_failure =
                         cursor.blocked.is_some() || self.abort.load(Ordering::SeqCst);
-                    match self.attempt(
+                    self.attempt(
                         step,
                         domain,
                         recorded,
                         gated,
                         after_failure,
                         &mut cursor.taking,
-                    ) {
-                        Ok((status, ended_gone)) => {
-                            gone = ended_gone;
-                            (status, true)
-                        }
-                        Err(next) => return next,
-                    }
+                    )
+                    .map(|(status, gone)| (status, true, gone))
                 }
                 (_, Some(b), _) => {
                     let (status, message) = match b {
@@ -889,25 +878,25 @@ impl Run<'_> {
                         Blocked::Earlier(m) => (StepStatus::Skipped, m.clone()),
                     };
                     self.finish(step, status, message);
-                    (status, false)
+                    Ok((status, false, false))
                 }
                 // A rollout past its error budget: its domains not started are skipped, not
                 // cancelled, whatever `on_failure` did to the rest of the plan.
                 (_, None, Some(reason)) => {
                     self.finish(step, StepStatus::Skipped, reason);
-                    (StepStatus::Skipped, true)
+                    Ok((StepStatus::Skipped, true, false))
                 }
                 _ if self.stopping() => {
                     self.cancel(step);
-                    (StepStatus::Cancelled, false)
+                    Ok((StepStatus::Cancelled, false, false))
                 }
-                _ => match self.attempt(step, domain, recorded, gated, false, &mut cursor.taking) {
-                    Ok((status, ended_gone)) => {
-                        gone = ended_gone;
-                        (status, true)
-                    }
-                    Err(next) => return next,
-                },
+                _ => self
+                    .attempt(step, domain, recorded, gated, false, &mut cursor.taking)
+                    .map(|(status, gone)| (status, true, gone)),
+            };
+            let (status, blocks, gone) = match decided {
+                Ok(decided) => decided,
+                Err(next) => return next,
             };
             if gated {
                 // The budget is spent under `on_failure: abort`: the plan stops.
