@@ -9,6 +9,7 @@ mod notify;
 pub mod schema;
 pub mod step_id;
 pub mod time;
+mod tree;
 pub mod units;
 mod validate;
 mod yaml;
