@@ -15,7 +15,7 @@ pub fn parse(
     file: &Path,
     text: &str,
     listener: Option<&mut dyn StepListener>,
-) -> Result<Node, Diagnostic> {
+) -> Result<super::tree::Tree, Diagnostic> {
     if let Some((offset, c)) = text
         .char_indices()
         .find(|(_, c)| c.is_control() && !matches!(c, '\n' | '\r' | '\t'))
