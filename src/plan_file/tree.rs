@@ -64,17 +64,22 @@ impl Drop for Tree {
 /// The first problem `marked-yaml` would report: a scanner error anywhere in the text, else the
 /// first anchor, alias, tag, non-scalar key, duplicate key or top level that is not a mapping.
 pub fn parse(text: &str, listener: Option<&mut dyn StepListener>) -> Result<Tree, LoadError> {
+    parse_on(text, listener, text.len() >= THREAD_FROM_BYTES)
+}
+
+/// [`parse`], with the parser on a thread of its own when `beside` (and a thread starts).
+fn parse_on(
+    text: &str,
+    listener: Option<&mut dyn StepListener>,
+    beside: bool,
+) -> Result<Tree, LoadError> {
     let mut builder = Builder {
         open: Vec::new(),
         done: None,
         error: None,
         listener,
     };
-    let beside = if text.len() < THREAD_FROM_BYTES {
-        None
-    } else {
-        Parsing::start(text)
-    };
+    let beside = if beside { Parsing::start(text) } else { None };
     let (scanned, home) = match beside {
         Some(parsing) => parsing.feed(&mut builder),
         None => (Parser::new_from_str(text).load(&mut builder, false), None),
@@ -378,5 +383,148 @@ impl Builder<'_> {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What `marked-yaml` makes of `text`, with the options plans are read with.
+    fn marked(text: &str) -> String {
+        let options = marked_yaml::LoaderOptions::default()
+            .error_on_duplicate_keys(true)
+            .prevent_coercion(true);
+        format!(
+            "{:?}",
+            marked_yaml::parse_yaml_with_options(0, text, options)
+        )
+    }
+
+    /// What [`parse`] makes of it, on this thread or beside it.
+    fn ours(text: &str, beside: bool) -> String {
+        format!("{:?}", parse_on(text, None, beside).map(|tree| tree.clone()))
+    }
+
+    /// Every plan of the repository (examples and the invalid corpus) and forms that plans
+    /// must not use.
+    fn texts() -> Vec<(String, String)> {
+        let mut texts: Vec<(String, String)> = [
+            "",
+            "# only a comment\n",
+            "---\n",
+            "version: 1\n",
+            "- a\n- b\n",
+            "just text\n",
+            "a: 1\na: 2\n",
+            "a: {b: 1, b: 2}\n",
+            "a: [1, 2]\na: x\n",
+            "steps:\n  - {vm: a}\n  - vm: b\n    vm: c\n",
+            "a: &x 1\nb: *x\n",
+            "a: &x {b: 1}\n",
+            "a: &x [1]\n",
+            "a: !!str 1\n",
+            "a: !custom {b: 1}\n",
+            "a: !t [1]\n",
+            "? [a, b]\n: 1\n",
+            "? {a: 1}\n: 1\n",
+            "{[a]: 1}\n",
+            "a: 'quoted'\nb: \"double\"\nc: plain\nd: |\n  block\ne: >\n  folded\n",
+            "a:\n\tb: 1\n",
+            "a: [1, 2\n",
+            "a: 1\n b: 2\n",
+            "a: x\n---\nb: y\n",
+            "steps: []\nsteps: []\n",
+            "a: ~\nb: null\nc:\nd: ''\n",
+            "a: [{b: [c, {d: e}]}, [f, [g]]]\n",
+            "a: 1 # comment\n# end\n",
+            "\u{feff}a: 1\n",
+        ]
+        .iter()
+        .map(|t| (format!("{t:?}"), (*t).to_owned()))
+        .collect();
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+        let mut folders = vec![root.join("examples"), root.join("tests/corpus")];
+        while let Some(folder) = folders.pop() {
+            for entry in std::fs::read_dir(&folder).unwrap() {
+                let path = entry.unwrap().path();
+                if path.is_dir() {
+                    folders.push(path);
+                } else if path.extension().is_some_and(|e| e == "yaml") {
+                    let text = std::fs::read(&path).unwrap();
+                    texts.push((
+                        path.display().to_string(),
+                        String::from_utf8_lossy(&text).into_owned(),
+                    ));
+                }
+            }
+        }
+        texts
+    }
+
+    #[test]
+    fn every_plan_reads_as_marked_yaml_reads_it_on_either_thread() {
+        let texts = texts();
+        assert!(texts.len() > 100, "only {} texts", texts.len());
+        let mut refused = 0;
+        for (name, text) in &texts {
+            let expected = marked(text);
+            refused += usize::from(expected.starts_with("Err"));
+            assert_eq!(ours(text, false), expected, "{name}");
+            assert_eq!(ours(text, true), expected, "{name}, parsed beside");
+        }
+        // Both kinds were compared: trees and errors.
+        assert!(refused > 15 && refused < texts.len() - 15, "{refused} refused");
+    }
+
+    /// A plan large enough to be parsed beside, with an error near its end: the same tree, or
+    /// the same first error.
+    #[test]
+    fn a_large_plan_reads_the_same_and_fails_at_the_same_place() {
+        let mut text = "version: 1\ntimezone: UTC\nsteps:\n".to_owned();
+        for i in 0..2000 {
+            text.push_str(&format!(
+                "  - {{at: 2030-01-01 04:00, vm: 'web-{i}', memory: 1GiB, description: \"d\"}}\n"
+            ));
+        }
+        assert!(text.len() >= THREAD_FROM_BYTES);
+        assert_eq!(ours(&text, true), marked(&text));
+        assert!(marked(&text).starts_with("Ok"));
+        for broken in ["  - {vm: a, vm: b}\n", "  - &x {vm: a}\n", "  - {vm: [a\n"] {
+            let text = format!("{text}{broken}");
+            assert!(marked(&text).starts_with("Err"), "{broken}");
+            assert_eq!(ours(&text, true), marked(&text), "{broken}");
+        }
+    }
+
+    struct Heard {
+        before: Vec<String>,
+        steps: Vec<String>,
+    }
+
+    impl StepListener for Heard {
+        fn steps_start(&mut self, before: &MarkedMappingNode) {
+            self.before = before.keys().map(|k| k.as_str().to_owned()).collect();
+            self.steps.clear();
+        }
+
+        fn step(&mut self, item: &Node) {
+            let vm = item.as_mapping().and_then(|m| m.get_scalar("vm"));
+            self.steps.push(vm.map_or("?", |v| v.as_str()).to_owned());
+        }
+    }
+
+    #[test]
+    fn the_listener_hears_the_top_level_steps_in_order_with_what_came_before() {
+        let text = "version: 1\ntimezone: UTC\nother: {steps: [{vm: x}]}\nsteps:\n  - vm: a\n  - {vm: b, nested: {steps: [{vm: y}]}}\n  - [c]\nafter: 1\n";
+        for beside in [false, true] {
+            let mut heard = Heard {
+                before: Vec::new(),
+                steps: Vec::new(),
+            };
+            parse_on(text, Some(&mut heard), beside).unwrap();
+            assert_eq!(heard.before, ["version", "timezone", "other"]);
+            assert_eq!(heard.steps, ["a", "b", "?"]);
+        }
     }
 }
