@@ -1,204 +1,47 @@
-//! Builds `marked-yaml`'s positioned tree from `yaml-rust2`'s parser events, the tree and the
+//! Builds `marked-yaml`'s positioned tree from `yaml-rust2`'s parser events: the tree and the
 //! errors `marked_yaml::parse_yaml_with_options` gives (duplicate keys refused, no anchors,
-//! aliases or tags, scalars marked plain or quoted, a mapping at the top), with two additions:
-//!
-//! - a [`StepListener`] hears each item of the top-level `steps` list as soon as it is complete,
-//!   so the validator checks steps while the rest of the file is still being parsed;
-//! - a large plan is parsed on a thread of its own, the tree built (and its steps checked) on the
-//!   caller's: parsing is the larger part of loading a plan (2000 domains x 2 steps: 5.4 ms of
-//!   `marked-yaml`'s 7.3 ms, checking the steps 1.7 ms more), and a second core takes the rest.
-
-use std::sync::mpsc;
+//! aliases or tags, scalars marked plain or quoted, a mapping at the top), except that a
+//! [`StepListener`] can take each item of the top-level `steps` list as soon as it is complete.
+//! The validator checks the step and drops its nodes, so a plan's tree is never held whole:
+//! 2000 domains x 2 steps made a 10.6 MB tree for 264 KB of YAML, memory the process first had
+//! to fault in (in this test rig's virtual machine 0.06-2.3 ms per MiB, as the host pleases).
 
 use hashlink::LinkedHashMap;
 use marked_yaml::types::{MarkedMappingNode, MarkedScalarNode, MarkedSequenceNode};
 use marked_yaml::{LoadError, Marker, Node, Span};
 use yaml_rust2::parser::{Event, MarkedEventReceiver, Parser};
-use yaml_rust2::scanner::{Marker as YamlMarker, ScanError, TScalarStyle};
+use yaml_rust2::scanner::{Marker as YamlMarker, TScalarStyle};
 
-/// Hears the top-level `steps` list while the tree is built.
+/// Takes the items of the top-level `steps` list while the tree is built.
 pub trait StepListener {
     /// `steps` starts; `before` holds the plan's entries written above it.
     fn steps_start(&mut self, before: &MarkedMappingNode);
-    /// The next item of `steps`, complete.
-    fn step(&mut self, item: &Node);
+    /// The next item of `steps`, complete. It is not put in the tree: the list there stays
+    /// empty.
+    fn step(&mut self, item: Node);
 }
 
-/// Texts shorter than this are parsed on the caller's thread: a thread and its channel cost
-/// more than they save on a plan of a few dozen steps.
-const THREAD_FROM_BYTES: usize = 32 * 1024;
-
-/// Events handed from the parser's thread to the builder at a time.
-const BATCH: usize = 256;
-
-/// A parsed plan: the tree, which goes back to the thread that parsed it to be freed. Its
-/// strings were allocated there, and the allocator frees a block fastest on its own thread
-/// (2000 domains: about 4 ms from this thread, after that thread has ended).
-pub struct Tree {
-    root: Node,
-    home: Option<mpsc::Sender<Node>>,
-}
-
-impl std::ops::Deref for Tree {
-    type Target = Node;
-
-    fn deref(&self) -> &Node {
-        &self.root
-    }
-}
-
-impl Drop for Tree {
-    fn drop(&mut self) {
-        if let Some(home) = self.home.take() {
-            let blank = Node::from(MarkedScalarNode::new_empty(Span::new_blank()));
-            // If that thread is gone, the tree comes back in the error and is freed here.
-            drop(home.send(std::mem::replace(&mut self.root, blank)));
-        }
-    }
-}
-
-/// Parses `text` into a positioned tree whose top level is a mapping; `listener` hears the
-/// top-level `steps` list as it is built.
+/// Parses `text` into a positioned tree whose top level is a mapping; `listener` takes the
+/// items of the top-level `steps` list.
 ///
 /// # Errors
 /// The first problem `marked-yaml` would report: a scanner error anywhere in the text, else the
 /// first anchor, alias, tag, non-scalar key, duplicate key or top level that is not a mapping.
-pub fn parse(text: &str, listener: Option<&mut dyn StepListener>) -> Result<Tree, LoadError> {
-    parse_on(text, listener, text.len() >= THREAD_FROM_BYTES)
-}
-
-/// [`parse`], with the parser on a thread of its own when `beside` (and a thread starts).
-fn parse_on(
-    text: &str,
-    listener: Option<&mut dyn StepListener>,
-    beside: bool,
-) -> Result<Tree, LoadError> {
+pub fn parse(text: &str, listener: Option<&mut dyn StepListener>) -> Result<Node, LoadError> {
     let mut builder = Builder {
         open: Vec::new(),
         done: None,
         error: None,
         listener,
     };
-    let beside = if beside { Parsing::start(text) } else { None };
-    let (scanned, home) = match beside {
-        Some(parsing) => parsing.feed(&mut builder),
-        None => (Parser::new_from_str(text).load(&mut builder, false), None),
-    };
-    scanned.map_err(|e| LoadError::ScanError(marker(*e.marker()), e))?;
+    Parser::new_from_str(text)
+        .load(&mut builder, false)
+        .map_err(|e| LoadError::ScanError(marker(*e.marker()), e))?;
     match (builder.error, builder.done) {
         (Some(error), _) => Err(error),
-        (None, Some(root)) => Ok(Tree { root, home }),
+        (None, Some(root)) => Ok(root),
         // The parser ends every stream, so this is not reached.
         (None, None) => Err(LoadError::TopLevelMustBeMapping(Marker::new(0, 0, 1, 1))),
-    }
-}
-
-type Batch = Vec<(Event, YamlMarker)>;
-
-/// What the parser's thread sends: events, then how parsing ended.
-enum Message {
-    Events(Batch),
-    Ended(Result<(), ScanError>),
-}
-
-/// Batches in flight from the parser to the builder.
-const BATCHES: usize = 8;
-
-/// A parser running on a thread of its own over a copy of the text. After parsing, the thread
-/// waits for the tree to free it (see [`Tree`]).
-struct Parsing {
-    messages: mpsc::Receiver<Message>,
-    /// Emptied batches go back to the parser: fresh ones, a few megabytes over a large plan,
-    /// cost more in page faults than the parsing they carry.
-    give_back: mpsc::SyncSender<Batch>,
-    home: mpsc::Sender<Node>,
-    thread: std::thread::JoinHandle<()>,
-}
-
-impl Parsing {
-    /// `None` when no thread can be started (the caller parses on its own).
-    fn start(text: &str) -> Option<Self> {
-        let (sender, messages) = mpsc::sync_channel(BATCHES);
-        let (give_back, emptied) = mpsc::sync_channel(BATCHES + 2);
-        let (home, trees) = mpsc::channel::<Node>();
-        let text = text.to_owned();
-        let thread = std::thread::Builder::new()
-            .name("yaml parser".to_owned())
-            .spawn(move || {
-                let mut batcher = Batcher {
-                    batch: Vec::with_capacity(BATCH),
-                    sender,
-                    emptied,
-                };
-                let scanned = Parser::new_from_str(&text).load(&mut batcher, false);
-                batcher.flush();
-                // The builder is gone only if it stopped early; nothing then waits for this.
-                let _ = batcher.sender.send(Message::Ended(scanned));
-                drop(batcher);
-                // Freed here, where it was allocated (the sender's end closes the channel
-                // when no tree comes).
-                drop(trees.recv());
-            })
-            .ok()?;
-        Some(Self {
-            messages,
-            give_back,
-            home,
-            thread,
-        })
-    }
-
-    /// Hands every event to `builder`; how parsing ended, and where the tree goes to be freed.
-    fn feed(
-        self,
-        builder: &mut Builder<'_>,
-    ) -> (Result<(), ScanError>, Option<mpsc::Sender<Node>>) {
-        for message in &self.messages {
-            match message {
-                Message::Events(mut batch) => {
-                    for (event, mark) in batch.drain(..) {
-                        builder.on_event(event, mark);
-                    }
-                    // The parser may be done with batches: then this one is not needed.
-                    let _ = self.give_back.try_send(batch);
-                }
-                Message::Ended(scanned) => return (scanned, Some(self.home)),
-            }
-        }
-        // The parser's thread ended without saying how: it panicked. The panic is this
-        // thread's, as it would have been parsing here.
-        match self.thread.join() {
-            Err(panic) => std::panic::resume_unwind(panic),
-            Ok(()) => (Ok(()), None),
-        }
-    }
-}
-
-/// The parser's side of [`Parsing`].
-struct Batcher {
-    batch: Batch,
-    sender: mpsc::SyncSender<Message>,
-    emptied: mpsc::Receiver<Batch>,
-}
-
-impl Batcher {
-    fn flush(&mut self) {
-        let next = self
-            .emptied
-            .try_recv()
-            .unwrap_or_else(|_| Vec::with_capacity(BATCH));
-        let batch = std::mem::replace(&mut self.batch, next);
-        // The builder only goes away after the parser is done, so a send cannot fail.
-        let _ = self.sender.send(Message::Events(batch));
-    }
-}
-
-impl MarkedEventReceiver for Batcher {
-    fn on_event(&mut self, event: Event, mark: YamlMarker) {
-        self.batch.push((event, mark));
-        if self.batch.len() == BATCH {
-            self.flush();
-        }
     }
 }
 
@@ -213,7 +56,7 @@ enum Open {
     List {
         start: Marker,
         items: Vec<Node>,
-        /// The top-level `steps` list, whose items the listener hears.
+        /// The top-level `steps` list, whose items go to the listener.
         steps: bool,
     },
 }
@@ -371,16 +214,10 @@ impl Builder<'_> {
                 }
                 entries.insert(key, node);
             }
-            Some(Open::List { items, steps, .. }) => {
-                items.push(node);
-                if *steps {
-                    if let (Some(listener), Some(item)) =
-                        (self.listener.as_deref_mut(), items.last())
-                    {
-                        listener.step(item);
-                    }
-                }
-            }
+            Some(Open::List { items, steps, .. }) => match self.listener.as_deref_mut() {
+                Some(listener) if *steps => listener.step(node),
+                _ => items.push(node),
+            },
         }
         Ok(())
     }
@@ -401,9 +238,9 @@ mod tests {
         )
     }
 
-    /// What [`parse`] makes of it, on this thread or beside it.
-    fn ours(text: &str, beside: bool) -> String {
-        format!("{:?}", parse_on(text, None, beside).map(|tree| tree.clone()))
+    /// What [`parse`] makes of it.
+    fn ours(text: &str) -> String {
+        format!("{:?}", parse(text, None))
     }
 
     /// Every plan of the repository (examples and the invalid corpus) and forms that plans
@@ -463,22 +300,21 @@ mod tests {
     }
 
     #[test]
-    fn every_plan_reads_as_marked_yaml_reads_it_on_either_thread() {
+    fn every_plan_reads_as_marked_yaml_reads_it() {
         let texts = texts();
         assert!(texts.len() > 100, "only {} texts", texts.len());
         let mut refused = 0;
         for (name, text) in &texts {
             let expected = marked(text);
             refused += usize::from(expected.starts_with("Err"));
-            assert_eq!(ours(text, false), expected, "{name}");
-            assert_eq!(ours(text, true), expected, "{name}, parsed beside");
+            assert_eq!(ours(text), expected, "{name}");
         }
         // Both kinds were compared: trees and errors.
         assert!(refused > 15 && refused < texts.len() - 15, "{refused} refused");
     }
 
-    /// A plan large enough to be parsed beside, with an error near its end: the same tree, or
-    /// the same first error.
+    /// A plan of many steps, with an error near its end: the same tree, or the same first
+    /// error.
     #[test]
     fn a_large_plan_reads_the_same_and_fails_at_the_same_place() {
         let mut text = "version: 1\ntimezone: UTC\nsteps:\n".to_owned();
@@ -487,44 +323,45 @@ mod tests {
                 "  - {{at: 2030-01-01 04:00, vm: 'web-{i}', memory: 1GiB, description: \"d\"}}\n"
             ));
         }
-        assert!(text.len() >= THREAD_FROM_BYTES);
-        assert_eq!(ours(&text, true), marked(&text));
+        assert_eq!(ours(&text), marked(&text));
         assert!(marked(&text).starts_with("Ok"));
         for broken in ["  - {vm: a, vm: b}\n", "  - &x {vm: a}\n", "  - {vm: [a\n"] {
             let text = format!("{text}{broken}");
             assert!(marked(&text).starts_with("Err"), "{broken}");
-            assert_eq!(ours(&text, true), marked(&text), "{broken}");
+            assert_eq!(ours(&text), marked(&text), "{broken}");
         }
     }
 
-    struct Heard {
+    #[derive(Default)]
+    struct Taken {
         before: Vec<String>,
-        steps: Vec<String>,
+        steps: Vec<Node>,
     }
 
-    impl StepListener for Heard {
+    impl StepListener for Taken {
         fn steps_start(&mut self, before: &MarkedMappingNode) {
             self.before = before.keys().map(|k| k.as_str().to_owned()).collect();
             self.steps.clear();
         }
 
-        fn step(&mut self, item: &Node) {
-            let vm = item.as_mapping().and_then(|m| m.get_scalar("vm"));
-            self.steps.push(vm.map_or("?", |v| v.as_str()).to_owned());
+        fn step(&mut self, item: Node) {
+            self.steps.push(item);
         }
     }
 
     #[test]
-    fn the_listener_hears_the_top_level_steps_in_order_with_what_came_before() {
+    fn the_listener_takes_the_top_level_steps_in_order_with_what_came_before() {
         let text = "version: 1\ntimezone: UTC\nother: {steps: [{vm: x}]}\nsteps:\n  - vm: a\n  - {vm: b, nested: {steps: [{vm: y}]}}\n  - [c]\nafter: 1\n";
-        for beside in [false, true] {
-            let mut heard = Heard {
-                before: Vec::new(),
-                steps: Vec::new(),
-            };
-            parse_on(text, Some(&mut heard), beside).unwrap();
-            assert_eq!(heard.before, ["version", "timezone", "other"]);
-            assert_eq!(heard.steps, ["a", "b", "?"]);
-        }
+        let mut taken = Taken::default();
+        let root = parse(text, Some(&mut taken)).unwrap();
+        assert_eq!(taken.before, ["version", "timezone", "other"]);
+        // Each item as the whole tree has it; none of them left in the tree.
+        let whole = parse(text, None).unwrap();
+        let whole = whole.as_mapping().unwrap();
+        let items = whole.get_sequence("steps").unwrap();
+        assert_eq!(format!("{:?}", taken.steps), format!("{:?}", **items));
+        let root = root.as_mapping().unwrap();
+        assert!(root.get_sequence("steps").unwrap().is_empty());
+        assert_eq!(format!("{:?}", root.get_node("other")), format!("{:?}", whole.get_node("other")));
     }
 }

@@ -159,7 +159,9 @@ pub fn validate(path: &Path, text: &str, ctx: &LoadContext) -> Result<PlanFile, 
             );
             Vec::new()
         }
-        Some(node) => check_steps(&mut c, node, &settings, early),
+        Some(node) => plan_steps(&mut c, node, &settings, early, || {
+            yaml::parse(path, yaml_text, None).map_err(|d| vec![d])
+        })?,
     };
     let zone = settings.zone;
     let window = settings.window;
@@ -406,15 +408,15 @@ fn settings(
 }
 
 /// Checks each step of the top-level `steps` list as the parser reaches it, against the
-/// settings written above the list, while the parser reads on.
+/// settings written above the list, and drops its nodes (see `tree`).
 struct EarlySteps<'a> {
     /// The steps' own problems.
     checker: Checker<'a>,
     config: &'a LoadContext,
-    /// What the entries above `steps` set.
+    /// What the entries above `steps` set, once the list starts.
     settings: Option<Settings>,
     steps: Vec<Step>,
-    /// Items heard, checked or not.
+    /// Items taken, checked or not.
     seen: usize,
 }
 
@@ -428,12 +430,12 @@ impl yaml::StepListener for EarlySteps<'_> {
         self.seen = 0;
     }
 
-    fn step(&mut self, item: &Node) {
+    fn step(&mut self, item: Node) {
         self.seen += 1;
         if let Some(settings) = &self.settings {
             self.steps.extend(check_step(
                 &mut self.checker,
-                item,
+                &item,
                 self.seen,
                 settings,
                 self.config,
@@ -442,36 +444,67 @@ impl yaml::StepListener for EarlySteps<'_> {
     }
 }
 
-fn check_steps(
+/// The plan's steps: checked as the file was parsed when the plan's settings are the ones
+/// written above `steps` (as plans are written), else checked here.
+fn plan_steps(
     c: &mut Checker<'_>,
     node: &Node,
     settings: &Settings,
     early: EarlySteps<'_>,
+    reread: impl FnOnce() -> Result<Node, Vec<Diagnostic>>,
+) -> Result<Vec<Step>, Vec<Diagnostic>> {
+    let mut steps = match &early.settings {
+        // `steps` is not a list: the tree holds it whole, and says what it is.
+        None => return Ok(check_steps(c, node, settings, early.config)),
+        Some(heard) if heard == settings => {
+            if early.seen == 0 {
+                steps_empty(c, node);
+            }
+            c.diags.extend(early.checker.diags);
+            early.steps
+        }
+        // A setting written below `steps` changes what the steps mean. Their nodes are gone
+        // from the tree: they are checked again from a second reading of the file.
+        Some(_) => {
+            let whole = reread()?;
+            let node = whole
+                .as_mapping()
+                .and_then(|map| map.get_node("steps"))
+                .unwrap_or(node);
+            return Ok(check_steps(c, node, settings, early.config));
+        }
+    };
+    number_repeats(&mut steps);
+    Ok(steps)
+}
+
+fn steps_empty(c: &mut Checker<'_>, node: &Node) {
+    c.error(
+        pos(node),
+        "`steps` is empty",
+        "add at least one step, such as `- {vm: web-01, power: shutoff}`",
+    );
+}
+
+fn check_steps(
+    c: &mut Checker<'_>,
+    node: &Node,
+    settings: &Settings,
+    config: &LoadContext,
 ) -> Vec<Step> {
     let Some(seq) = c.sequence(node, "`steps`", "steps: [{vm: web-01, power: shutoff}]") else {
         return Vec::new();
     };
     if seq.is_empty() {
-        c.error(
-            pos(node),
-            "`steps` is empty",
-            "add at least one step, such as `- {vm: web-01, power: shutoff}`",
-        );
+        steps_empty(c, node);
     }
-    let mut steps = if early.seen == seq.len() && early.settings.as_ref() == Some(settings) {
-        c.diags.extend(early.checker.diags);
-        early.steps
-    } else {
-        // A setting written below `steps` (or one that differs for another reason): checked
-        // again with the plan's settings.
-        let mut steps: Vec<Step> = Vec::with_capacity(seq.len());
-        steps.extend(
-            seq.iter()
-                .enumerate()
-                .filter_map(|(i, n)| check_step(c, n, i + 1, settings, early.config)),
-        );
-        steps
-    };
+    // Sized up front: steps are large, and growing the vector by doubling copied them over.
+    let mut steps: Vec<Step> = Vec::with_capacity(seq.len());
+    steps.extend(
+        seq.iter()
+            .enumerate()
+            .filter_map(|(i, n)| check_step(c, n, i + 1, settings, config)),
+    );
     number_repeats(&mut steps);
     steps
 }

@@ -10,12 +10,12 @@ use super::diag::{did_you_mean, Diagnostic, Pos};
 pub use super::tree::StepListener;
 
 /// Parses text into a positioned tree: one mapping, no anchors, aliases, tags or duplicate keys.
-/// `listener` hears the top-level `steps` list while the tree is built.
+/// `listener` takes the items of the top-level `steps` list (see `tree`).
 pub fn parse(
     file: &Path,
     text: &str,
     listener: Option<&mut dyn StepListener>,
-) -> Result<super::tree::Tree, Diagnostic> {
+) -> Result<Node, Diagnostic> {
     if let Some((offset, c)) = text
         .char_indices()
         .find(|(_, c)| c.is_control() && !matches!(c, '\n' | '\r' | '\t'))
