@@ -675,25 +675,29 @@ mod tests {
     use super::*;
 
     /// Steps are checked while the file is parsed, against the settings written above
-    /// `steps`; settings written below it must still apply to every step, and each step's
-    /// problems must be reported once, as when the settings come first.
+    /// `steps`, and dropped from the tree; settings written below it must still apply to every
+    /// step, and each step's problems must be reported once, as when the settings come first.
     #[test]
     fn settings_written_after_the_steps_apply_to_them_as_if_written_before() {
         let settings = "timezone: Europe/Paris\nconnection: qemu:///session\nwindow: {start: 2030-01-01 03:00, end: 2030-01-01 06:00}\ndefaults: {shutdown: {mode: graceful, timeout: 7m}}\n";
-        // Enough steps to be parsed on a thread of its own, then one with a problem and one
-        // relative to the window.
-        let mut steps = "steps:\n".to_owned();
-        for i in 0..600 {
-            steps.push_str(&format!(
-                "  - {{at: 2030-01-01 04:00, vm: web-{i}, memory: 1GiB, power: shutoff}}\n"
-            ));
-        }
-        steps.push_str("  - {at: +10m, vm: db, memory: lots}\n  - {at: +20m, vm: db, power: running}\n");
+        // Many steps, then one with a problem and one relative to the window.
+        let many = (0..600)
+            .map(|i| {
+                format!("  - {{at: 2030-01-01 04:00, vm: web-{i}, memory: 1GiB, power: shutoff}}\n")
+            })
+            .collect::<Vec<_>>()
+            .concat();
+        let steps = format!("steps:\n{many}  - {{at: +10m, vm: db, memory: lots}}\n  - {{at: +20m, vm: db, power: running}}\n");
         let blank = "#\n".repeat(settings.lines().count());
         let before = format!("version: 1\n{settings}{steps}{blank}");
         let after = format!("version: 1\n{blank}{steps}{settings}");
-        assert!(before.len() > 32 * 1024);
-        let read = |text: &str| parse(Path::new("p.yaml"), text.to_owned(), &LoadContext::default());
+        let read = |text: &str| {
+            parse(
+                Path::new("p.yaml"),
+                text.to_owned(),
+                &LoadContext::default(),
+            )
+        };
         let (Err(before), Err(after)) = (read(&before), read(&after)) else {
             panic!("the step with `memory: lots` must be refused");
         };
@@ -718,7 +722,10 @@ mod tests {
             Some("2030-01-01T03:00:00+00:00".to_owned())
         );
         assert_eq!(first.shutdown.timeout, std::time::Duration::from_secs(420));
-        assert_eq!(first.connection.as_ref().map(Uri::expose), Some("qemu:///session"));
+        assert_eq!(
+            first.connection.as_ref().map(Uri::expose),
+            Some("qemu:///session")
+        );
         let last = &after.steps[601];
         assert_eq!(
             last.at.as_ref().map(|a| a.value.to_rfc3339()),

@@ -142,10 +142,8 @@ impl Builder<'_> {
             }) if self.open.len() == 1 && !mapping && key.as_str() == "steps" => {
                 steps = true;
                 if let Some(listener) = self.listener.as_deref_mut() {
-                    let before = MarkedMappingNode::new(
-                        Span::new_with_marks(*start, mark),
-                        entries.clone(),
-                    );
+                    let before =
+                        MarkedMappingNode::new(Span::new_with_marks(*start, mark), entries.clone());
                     listener.steps_start(&before);
                 }
             }
@@ -186,7 +184,9 @@ impl Builder<'_> {
     fn scalar(&mut self, mark: Marker, scalar: MarkedScalarNode) -> Result<(), LoadError> {
         match self.open.last_mut() {
             None => Err(LoadError::TopLevelMustBeMapping(mark)),
-            Some(Open::Mapping { key: key @ None, .. }) => {
+            Some(Open::Mapping {
+                key: key @ None, ..
+            }) => {
                 *key = Some(scalar);
                 Ok(())
             }
@@ -310,19 +310,21 @@ mod tests {
             assert_eq!(ours(text), expected, "{name}");
         }
         // Both kinds were compared: trees and errors.
-        assert!(refused > 15 && refused < texts.len() - 15, "{refused} refused");
+        assert!(
+            refused > 15 && refused < texts.len() - 15,
+            "{refused} refused"
+        );
     }
 
     /// A plan of many steps, with an error near its end: the same tree, or the same first
     /// error.
     #[test]
     fn a_large_plan_reads_the_same_and_fails_at_the_same_place() {
-        let mut text = "version: 1\ntimezone: UTC\nsteps:\n".to_owned();
-        for i in 0..2000 {
-            text.push_str(&format!(
-                "  - {{at: 2030-01-01 04:00, vm: 'web-{i}', memory: 1GiB, description: \"d\"}}\n"
-            ));
-        }
+        let steps = (0..2000)
+            .map(|i| format!("  - {{at: 2030-01-01 04:00, vm: 'web-{i}', memory: 1GiB, description: \"d\"}}\n"))
+            .collect::<Vec<_>>()
+            .concat();
+        let text = format!("version: 1\ntimezone: UTC\nsteps:\n{steps}");
         assert_eq!(ours(&text), marked(&text));
         assert!(marked(&text).starts_with("Ok"));
         for broken in ["  - {vm: a, vm: b}\n", "  - &x {vm: a}\n", "  - {vm: [a\n"] {
@@ -362,6 +364,9 @@ mod tests {
         assert_eq!(format!("{:?}", taken.steps), format!("{:?}", **items));
         let root = root.as_mapping().unwrap();
         assert!(root.get_sequence("steps").unwrap().is_empty());
-        assert_eq!(format!("{:?}", root.get_node("other")), format!("{:?}", whole.get_node("other")));
+        assert_eq!(
+            format!("{:?}", root.get_node("other")),
+            format!("{:?}", whole.get_node("other"))
+        );
     }
 }
