@@ -9,6 +9,7 @@ mod notify;
 pub mod schema;
 pub mod step_id;
 pub mod time;
+mod tree;
 pub mod units;
 mod validate;
 mod yaml;
@@ -672,6 +673,65 @@ impl Step {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Steps are checked while the file is parsed, against the settings written above
+    /// `steps`, and dropped from the tree; settings written below it must still apply to every
+    /// step, and each step's problems must be reported once, as when the settings come first.
+    #[test]
+    fn settings_written_after_the_steps_apply_to_them_as_if_written_before() {
+        let settings = "timezone: Europe/Paris\nconnection: qemu:///session\nwindow: {start: 2030-01-01 03:00, end: 2030-01-01 06:00}\ndefaults: {shutdown: {mode: graceful, timeout: 7m}}\n";
+        // Many steps, then one with a problem and one relative to the window.
+        let many = (0..600)
+            .map(|i| {
+                format!("  - {{at: 2030-01-01 04:00, vm: web-{i}, memory: 1GiB, power: shutoff}}\n")
+            })
+            .collect::<Vec<_>>()
+            .concat();
+        let steps = format!("steps:\n{many}  - {{at: +10m, vm: db, memory: lots}}\n  - {{at: +20m, vm: db, power: running}}\n");
+        let blank = "#\n".repeat(settings.lines().count());
+        let before = format!("version: 1\n{settings}{steps}{blank}");
+        let after = format!("version: 1\n{blank}{steps}{settings}");
+        let read = |text: &str| {
+            parse(
+                Path::new("p.yaml"),
+                text.to_owned(),
+                &LoadContext::default(),
+            )
+        };
+        let (Err(before), Err(after)) = (read(&before), read(&after)) else {
+            panic!("the step with `memory: lots` must be refused");
+        };
+        let step_problems = |d: &Diagnostics| -> Vec<String> {
+            d.items
+                .iter()
+                .filter(|i| i.pos.line > 5 && i.pos.line < 610)
+                .map(|i| format!("{}:{} {}", i.pos.line, i.pos.column, i.message))
+                .collect()
+        };
+        assert_eq!(step_problems(&after), step_problems(&before));
+        assert_eq!(step_problems(&before).len(), 1, "{:?}", before.items);
+
+        let fixed = |text: String| text.replace("memory: lots", "memory: 2GiB");
+        let before = read(&fixed(format!("version: 1\n{settings}{steps}{blank}"))).unwrap();
+        let after = read(&fixed(format!("version: 1\n{blank}{steps}{settings}"))).unwrap();
+        assert_eq!(format!("{:?}", after.steps), format!("{:?}", before.steps));
+        // And the settings did reach them: 04:00 in Paris, graceful with 7 minutes, the session.
+        let first = &after.steps[0];
+        assert_eq!(
+            first.at.as_ref().map(|a| a.value.to_rfc3339()),
+            Some("2030-01-01T03:00:00+00:00".to_owned())
+        );
+        assert_eq!(first.shutdown.timeout, std::time::Duration::from_secs(420));
+        assert_eq!(
+            first.connection.as_ref().map(Uri::expose),
+            Some("qemu:///session")
+        );
+        let last = &after.steps[601];
+        assert_eq!(
+            last.at.as_ref().map(|a| a.value.to_rfc3339()),
+            Some("2030-01-01T02:20:00+00:00".to_owned())
+        );
+    }
 
     /// `has` answers from the fields directly; it must agree with `set` for every attribute.
     #[test]

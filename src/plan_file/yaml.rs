@@ -4,12 +4,18 @@
 use std::path::Path;
 
 use marked_yaml::types::{MarkedMappingNode, MarkedScalarNode, MarkedSequenceNode};
-use marked_yaml::{LoadError, LoaderOptions, Node, Span};
+use marked_yaml::{LoadError, Node, Span};
 
 use super::diag::{did_you_mean, Diagnostic, Pos};
+pub use super::tree::StepListener;
 
 /// Parses text into a positioned tree: one mapping, no anchors, aliases, tags or duplicate keys.
-pub fn parse(file: &Path, text: &str) -> Result<Node, Diagnostic> {
+/// `listener` takes the items of the top-level `steps` list (see `tree`).
+pub fn parse(
+    file: &Path,
+    text: &str,
+    listener: Option<&mut dyn StepListener>,
+) -> Result<Node, Diagnostic> {
     if let Some((offset, c)) = text
         .char_indices()
         .find(|(_, c)| c.is_control() && !matches!(c, '\n' | '\r' | '\t'))
@@ -32,10 +38,7 @@ pub fn parse(file: &Path, text: &str) -> Result<Node, Diagnostic> {
         )
         .with_help("put each plan in its own file, or remove the `---` line"));
     }
-    let options = LoaderOptions::default()
-        .error_on_duplicate_keys(true)
-        .prevent_coercion(true);
-    marked_yaml::parse_yaml_with_options(0, text, options).map_err(|e| load_error(file, text, &e))
+    super::tree::parse(text, listener).map_err(|e| load_error(file, text, &e))
 }
 
 /// The byte offset of a `---` that starts a second document, if any.
