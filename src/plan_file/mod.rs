@@ -1,8 +1,10 @@
 //! The YAML plan file (format version 1): its validated model, and loading with located errors.
 //!
 //! [`load`] reads a file, refuses oversized or non-text input, parses YAML with positions
-//! (`marked-yaml`, which also refuses anchors, aliases and tags, so no YAML bomb gets through),
-//! and validates every key, collecting all problems with file:line:column before giving up.
+//! (`yaml-rust2`'s events built into `marked-yaml`'s tree by `tree`, which refuses anchors,
+//! aliases and tags as `marked-yaml` does, so no YAML bomb gets through), and validates every
+//! key, collecting all problems with file:line:column before giving up. Each step is checked as
+//! soon as it is parsed, and its nodes dropped.
 
 pub mod diag;
 mod notify;
