@@ -161,7 +161,10 @@ fn read_with(path: &Path, limit: u64, flags: i32) -> Result<Vec<u8>, FileError> 
             size: Some(meta.len()),
         });
     }
-    let mut bytes = Vec::new();
+    // Sized from the metadata: grown from nothing by doubling, a 264 KB plan took five fresh
+    // buffers, each faulted in.
+    let size = usize::try_from(meta.len()).unwrap_or(0);
+    let mut bytes = Vec::with_capacity(size.saturating_add(1));
     file.take(limit + 1)
         .read_to_end(&mut bytes)
         .map_err(FileError::Io)?;

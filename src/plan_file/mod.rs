@@ -557,7 +557,10 @@ pub fn load(path: &Path, ctx: &LoadContext) -> Result<PlanFile, Diagnostics> {
 /// Every problem found, each located at file:line:column with a hint.
 pub fn parse(path: &Path, text: String, ctx: &LoadContext) -> Result<PlanFile, Diagnostics> {
     match validate::validate(path, &text, ctx) {
-        Ok(plan) => Ok(plan),
+        Ok(mut plan) => {
+            plan.source = text;
+            Ok(plan)
+        }
         Err(mut items) => {
             items.sort_by_key(|d| d.pos);
             Err(Diagnostics {

@@ -103,7 +103,14 @@ pub fn validate(path: &Path, text: &str, ctx: &LoadContext) -> Result<PlanFile, 
         checker: Checker::new(path),
         config,
         settings: None,
-        steps: Vec::new(),
+        // Room for about as many steps as lines start a list item (grown from nothing by
+        // doubling, the steps of a large plan were copied over several times).
+        steps: Vec::with_capacity(
+            yaml_text
+                .lines()
+                .filter(|line| line.trim_start().starts_with('-'))
+                .count(),
+        ),
         seen: 0,
     };
     let root = yaml::parse(path, yaml_text, Some(&mut early)).map_err(|d| vec![d])?;
@@ -172,7 +179,8 @@ pub fn validate(path: &Path, text: &str, ctx: &LoadContext) -> Result<PlanFile, 
         (Some(name), Some(grace)) if c.diags.is_empty() => Ok(PlanFile {
             path: path.to_path_buf(),
             sha256: super::sha256_hex(text.as_bytes()),
-            source: text.to_owned(),
+            // `parse` moves the text in (a copy of a large plan is memory to fault in).
+            source: String::new(),
             name,
             connection: settings.connection,
             timezone: zone,
