@@ -172,16 +172,17 @@ impl Libvirt {
         if let Some((record, figures)) = record.and_then(|r| Some((r, r.figures?))) {
             let power = power_state(DomainStateEnum::from_raw(record.state.unwrap_or(0)));
             if !needs_xml && !power.is_active() {
+                let autostart = autostart.contains(&key);
                 return Ok(Observation {
                     state: DomainState {
                         name: record.name.clone(),
-                        uuid: key.clone(),
+                        uuid: key,
                         power,
                         memory: Kib(figures.memory),
                         max_memory: Kib(figures.max_memory),
                         vcpus: figures.vcpus,
                         max_vcpus: figures.max_vcpus,
-                        autostart: autostart.contains(&key),
+                        autostart,
                         persistent: true,
                         clock: None,
                         lifecycle: None,
