@@ -172,16 +172,17 @@ impl Libvirt {
         if let Some((record, figures)) = record.and_then(|r| Some((r, r.figures?))) {
             let power = power_state(DomainStateEnum::from_raw(record.state.unwrap_or(0)));
             if !needs_xml && !power.is_active() {
+                let autostart = autostart.contains(&key);
                 return Ok(Observation {
                     state: DomainState {
                         name: record.name.clone(),
-                        uuid: key.clone(),
+                        uuid: key,
                         power,
                         memory: Kib(figures.memory),
                         max_memory: Kib(figures.max_memory),
                         vcpus: figures.vcpus,
                         max_vcpus: figures.max_vcpus,
-                        autostart: autostart.contains(&key),
+                        autostart,
                         persistent: true,
                         clock: None,
                         lifecycle: None,
@@ -1178,10 +1179,11 @@ struct Listing<'a> {
 
 impl<'a> Listing<'a> {
     /// `domains`: (name, lower-case UUID) pairs; `find` answers with their position.
-    fn new(domains: impl Iterator<Item = (&'a str, &'a str)>) -> Self {
+    fn new(domains: impl ExactSizeIterator<Item = (&'a str, &'a str)>) -> Self {
+        // Sized up front: grown by doubling, the maps were rehashed a dozen times over.
         let mut listing = Self {
-            by_name: HashMap::new(),
-            by_uuid: HashMap::new(),
+            by_name: HashMap::with_capacity(domains.len()),
+            by_uuid: HashMap::with_capacity(domains.len()),
         };
         for (i, (name, uuid)) in domains.enumerate() {
             listing.by_name.insert(name, i);

@@ -57,8 +57,9 @@ pub struct NamedRead {
 /// found), asking for everything any of its names asked for.
 #[must_use]
 pub fn merge_wants(names: &[NamedWant], ids: &[Option<DomainId>]) -> Vec<Want> {
-    let mut wants: Vec<Want> = Vec::new();
-    let mut index: std::collections::HashMap<&str, usize> = std::collections::HashMap::new();
+    let mut wants: Vec<Want> = Vec::with_capacity(names.len());
+    let mut index: std::collections::HashMap<&str, usize> =
+        std::collections::HashMap::with_capacity(names.len());
     for (named, id) in names.iter().zip(ids) {
         let Some(id) = id else { continue };
         let i = *index.entry(id.uuid.as_str()).or_insert_with(|| {

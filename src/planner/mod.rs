@@ -75,7 +75,10 @@ pub struct Change {
 /// a character at a time, each through serde_json's escaper: that was a quarter of
 /// `plan --format json`'s instructions per change.
 #[allow(clippy::ref_option)] // serde's serialize_with passes the field by reference
-fn rfc3339<S: serde::Serializer>(at: &Option<DateTime<Utc>>, s: S) -> Result<S::Ok, S::Error> {
+pub(crate) fn rfc3339<S: serde::Serializer>(
+    at: &Option<DateTime<Utc>>,
+    s: S,
+) -> Result<S::Ok, S::Error> {
     match at {
         Some(at) => s.serialize_some(&at.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true)),
         None => s.serialize_none(),

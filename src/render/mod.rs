@@ -1,5 +1,6 @@
 //! Renderings of a [`crate::planner::Plan`] (human, JSON, Markdown) and of lockfile status.
 
+mod changes_json;
 mod human;
 mod markdown;
 pub mod when;
@@ -54,7 +55,8 @@ pub fn json(plan: &Plan) -> String {
         format_version: FORMAT_VERSION,
         plan: &plan.meta,
         planned_at: plan.planned_at,
-        changes: &plan.changes,
+        // Written apart, then put in place (see [`changes_json`]).
+        changes: &[],
         warnings: &plan.warnings,
         summary: plan.summary,
         rollouts: plan.rollouts(),
@@ -70,10 +72,23 @@ pub fn json(plan: &Plan) -> String {
     // times, and room far beyond what is written still made the process touch memory it never
     // used (2000 domains: a fit estimate keeps 3 MB less resident than 640 bytes per change).
     let warnings: usize = plan.warnings.iter().map(|w| w.len() + 8).sum();
-    let mut out = Vec::with_capacity(4096 + warnings + json_size(&plan.changes));
-    if serde_json::to_writer_pretty(&mut out, &doc).is_err() {
+    let mut rest = Vec::with_capacity(4096 + warnings);
+    if serde_json::to_writer_pretty(&mut rest, &doc).is_err() {
         return "\n".to_owned();
     }
+    // The document's own `"changes": []`, on its line at the first level (no string holds a
+    // line break unescaped): its elements go between the brackets.
+    let empty = b"\n  \"changes\": []";
+    let Some(at) = rest.windows(empty.len()).position(|w| w == empty) else {
+        return "\n".to_owned();
+    };
+    let split = at + empty.len() - 1;
+    let mut out = Vec::with_capacity(rest.len() + 1 + json_size(&plan.changes));
+    out.extend_from_slice(&rest[..split]);
+    if changes_json::write(&mut out, &plan.changes).is_err() {
+        return "\n".to_owned();
+    }
+    out.extend_from_slice(&rest[split..]);
     out.push(b'\n');
     String::from_utf8(out).unwrap_or_default()
 }
