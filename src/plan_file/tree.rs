@@ -334,6 +334,104 @@ mod tests {
         }
     }
 
+    /// Steps a plan might hold, and forms it must not.
+    const ITEMS: &[&str] = &[
+        "  - {vm: a, memory: 1GiB}\n",
+        "  - vm: b\n    power: shutoff\n",
+        "  - &x {vm: c}\n",
+        "  - *x\n",
+        "  - !tag {vm: d}\n",
+        "  - {vm: !!str e}\n",
+        "  - {vm: e, vm: f}\n",
+        "  - [g, h]\n",
+        "  - 'quoted'\n",
+        "  - {vm: [a, {b: c}]}\n",
+        "  - {[k]: v}\n",
+        "  - {vm: [unclosed}\n",
+    ];
+
+    /// Top-level entries, written above or below `steps`.
+    const ENTRIES: &[&str] = &[
+        "version: 1\n",
+        "name: x\n",
+        "name: y\n",
+        "window: {start: 04:00, end: 05:00}\n",
+        "&t top: 1\n",
+        "tagged: !t 2\n",
+        "description: |\n  block\n",
+        "# comment\n",
+        "\n",
+    ];
+
+    /// A plan of `items` with `entries` above and below its steps, or a top level that is not
+    /// a mapping.
+    fn document(above: &[usize], items: &[usize], below: &[usize], top: u8) -> String {
+        let pick = |list: &[&str], at: &[usize]| at.iter().map(|&i| list[i]).collect::<String>();
+        match top {
+            0 => "- a list\n".to_owned(),
+            1 => "just text\n".to_owned(),
+            _ => format!(
+                "{}steps:\n{}{}",
+                pick(ENTRIES, above),
+                pick(ITEMS, items),
+                pick(ENTRIES, below)
+            ),
+        }
+    }
+
+    fn documents() -> impl proptest::strategy::Strategy<Value = String> {
+        use proptest::collection::vec;
+        use proptest::strategy::Strategy;
+        (
+            vec(0..ENTRIES.len(), 0..4),
+            vec(0..ITEMS.len(), 0..6),
+            vec(0..ENTRIES.len(), 0..3),
+            0..12_u8,
+        )
+            .prop_map(|(above, items, below, top)| document(&above, &items, &below, top))
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig { cases: 512, failure_persistence: None, ..Default::default() })]
+
+        #[test]
+        fn plan_like_documents_read_as_marked_yaml_reads_them(text in documents()) {
+            proptest::prop_assert_eq!(ours(&text), marked(&text), "{:?}", text);
+        }
+    }
+
+    /// The property above is not vacuous: of 512 documents drawn as it draws them, 52 give a
+    /// tree and the others every kind of error (from 21 to 144 of each).
+    #[test]
+    fn plan_like_documents_give_trees_and_every_kind_of_error() {
+        use proptest::strategy::{Strategy, ValueTree};
+        let mut runner = proptest::test_runner::TestRunner::deterministic();
+        let mut kinds = std::collections::BTreeMap::new();
+        for _ in 0..512 {
+            let text = documents().new_tree(&mut runner).unwrap().current();
+            let kind = marked(&text)
+                .split(['(', ' '])
+                .take(2)
+                .collect::<Vec<_>>()
+                .join(" ");
+            *kinds.entry(kind).or_insert(0) += 1;
+        }
+        for kind in [
+            "Ok Mapping",
+            "Err ScanError",
+            "Err DuplicateKey",
+            "Err UnexpectedAnchor",
+            "Err UnexpectedTag",
+            "Err TopLevelMustBeMapping",
+            "Err MappingKeyMustBeScalar",
+        ] {
+            assert!(
+                kinds.get(kind).copied().unwrap_or(0) >= 5,
+                "{kind}: {kinds:?}"
+            );
+        }
+    }
+
     #[derive(Default)]
     struct Taken {
         before: Vec<String>,
