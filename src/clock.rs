@@ -8,6 +8,20 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 
+/// `duration` as chrono's, saturating at the longest span it holds (a grace or timeout of
+/// centuries is "never", not an overflow).
+#[must_use]
+pub fn span(duration: Duration) -> chrono::Duration {
+    chrono::Duration::from_std(duration).unwrap_or(chrono::Duration::MAX)
+}
+
+/// `at` plus `duration`, saturating at the latest time chrono holds.
+#[must_use]
+pub fn later(at: DateTime<Utc>, duration: Duration) -> DateTime<Utc> {
+    at.checked_add_signed(span(duration))
+        .unwrap_or(DateTime::<Utc>::MAX_UTC)
+}
+
 /// A source of "now" and a way to wait.
 pub trait Clock: Send + Sync {
     fn now(&self) -> DateTime<Utc>;
@@ -57,7 +71,7 @@ impl Clock for SystemClock {
         static ORIGIN: std::sync::OnceLock<(std::time::Instant, DateTime<Utc>)> =
             std::sync::OnceLock::new();
         let (instant, wall) = *ORIGIN.get_or_init(|| (std::time::Instant::now(), Utc::now()));
-        wall + chrono::Duration::from_std(instant.elapsed()).unwrap_or(chrono::Duration::MAX)
+        later(wall, instant.elapsed())
     }
 }
 
@@ -101,7 +115,7 @@ impl Clock for FakeClock {
     }
 
     fn sleep(&self, duration: Duration) {
-        self.advance(chrono::Duration::from_std(duration).unwrap_or(chrono::Duration::MAX));
+        self.advance(span(duration));
     }
 
     fn monotonic(&self) -> DateTime<Utc> {

@@ -189,9 +189,7 @@ impl Written {
     /// When the record may be read back: `settle` after the write, by the monotonic reading.
     #[must_use]
     pub fn settled(&self, settle: Duration) -> DateTime<Utc> {
-        self.ticks
-            .checked_add_signed(chrono::Duration::from_std(settle).unwrap_or(chrono::Duration::MAX))
-            .unwrap_or(DateTime::<Utc>::MAX_UTC)
+        crate::clock::later(self.ticks, settle)
     }
 }
 
@@ -327,8 +325,7 @@ impl<'a> Leaser<'a> {
     /// Whether `lease` no longer keeps us out at `now`.
     fn is_free(&self, lease: &Lease, now: DateTime<Utc>) -> bool {
         let ours = lease.holder == *self.me;
-        let skew =
-            chrono::Duration::from_std(self.config.max_skew).unwrap_or(chrono::Duration::MAX);
+        let skew = crate::clock::span(self.config.max_skew);
         let expired = lease
             .expires
             .checked_add_signed(skew)
@@ -342,12 +339,9 @@ impl<'a> Leaser<'a> {
     }
 
     fn fresh_lease(&self, now: DateTime<Utc>) -> Lease {
-        let ttl = chrono::Duration::from_std(self.config.ttl).unwrap_or(chrono::Duration::MAX);
         Lease {
             holder: self.me.clone(),
-            expires: now
-                .checked_add_signed(ttl)
-                .unwrap_or(DateTime::<Utc>::MAX_UTC),
+            expires: crate::clock::later(now, self.config.ttl),
         }
     }
 
@@ -427,10 +421,8 @@ impl<'a> Leaser<'a> {
                 // Our record must have at least the life left that a renewal leaves it, by
                 // both clocks (rivals judge its expiry by their wall clocks).
                 let left = lease.expires - self.clock.now();
-                let floor = chrono::Duration::from_std(
-                    self.config.ttl.saturating_sub(self.config.renew_every()),
-                )
-                .unwrap_or(chrono::Duration::MAX);
+                let floor =
+                    crate::clock::span(self.config.ttl.saturating_sub(self.config.renew_every()));
                 if age > self.config.renew_every() || left < floor {
                     return Ok(Confirmed::Stale { age });
                 }

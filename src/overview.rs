@@ -608,7 +608,7 @@ fn next_step(
         .filter(|r| r.id == first.id && r.status == StepStatus::Pending)
         .map(|r| r.vm.clone())
         .collect();
-    let grace = chrono::Duration::from_std(grace).unwrap_or(chrono::Duration::MAX);
+    let grace = crate::clock::span(grace);
     Some(NextStep {
         step: first.step,
         vms,

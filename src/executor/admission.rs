@@ -311,11 +311,7 @@ impl Admission {
         }
         r.in_flight = r.in_flight.saturating_sub(1);
         if !r.pause.is_zero() {
-            let until = now
-                .checked_add_signed(
-                    chrono::Duration::from_std(r.pause).unwrap_or(chrono::Duration::MAX),
-                )
-                .unwrap_or(DateTime::<Utc>::MAX_UTC);
+            let until = crate::clock::later(now, r.pause);
             r.cooling.push(until);
         }
         if status != StepStatus::Failed {

@@ -67,11 +67,7 @@ impl Gate<'_> {
     /// Polls until every condition holds, the timeout passes, or the run is stopped.
     pub fn run(&self, hv: &dyn Fn() -> Option<std::sync::Arc<dyn Hypervisor>>) -> Verdict {
         let start = self.clock.now();
-        let timeout =
-            chrono::Duration::from_std(self.check.timeout).unwrap_or(chrono::Duration::MAX);
-        let deadline = start
-            .checked_add_signed(timeout)
-            .unwrap_or(DateTime::<Utc>::MAX_UTC);
+        let deadline = crate::clock::later(start, self.check.timeout);
         let mut lines = Vec::new();
         for n in 1.. {
             let outcome = match hv() {

@@ -98,12 +98,7 @@ impl Run<'_> {
     /// rollout dispatched it), and never after the window closes.
     pub(super) fn start_deadline(&self, step: &PlannedStep, now: DateTime<Utc>) -> DateTime<Utc> {
         let settings = self.ex.settings;
-        let grace = chrono::Duration::from_std(settings.grace).unwrap_or(chrono::Duration::MAX);
-        let by_grace = self
-            .effective_at(step)
-            .unwrap_or(now)
-            .checked_add_signed(grace)
-            .unwrap_or(DateTime::<Utc>::MAX_UTC);
+        let by_grace = crate::clock::later(self.effective_at(step).unwrap_or(now), settings.grace);
         settings.window.map_or(by_grace, |w| by_grace.min(w.end))
     }
 
@@ -304,9 +299,7 @@ impl Run<'_> {
         let retry = leaser.config.retry;
         let wait = (retry + retry.mul_f64(fastrand::f64() * 0.5))
             .min((taking.deadline - now).to_std().unwrap_or(Duration::ZERO));
-        Take::Wait(Next::Due(
-            now + chrono::Duration::from_std(wait).unwrap_or(chrono::Duration::MAX),
-        ))
+        Take::Wait(Next::Due(crate::clock::later(now, wait)))
     }
 
     /// Renews the lease every third of its lifetime until `done`; records a lost lease.
@@ -320,12 +313,9 @@ impl Run<'_> {
         done: &AtomicBool,
         lost: &Mutex<Option<String>>,
     ) {
-        let every = chrono::Duration::from_std(leaser.config.renew_every())
-            .unwrap_or(chrono::Duration::MAX);
+        let every = leaser.config.renew_every();
         let clock = self.ex.clock;
-        let mut next = written
-            .checked_add_signed(every)
-            .unwrap_or(DateTime::<Utc>::MAX_UTC);
+        let mut next = crate::clock::later(written, every);
         loop {
             clock.wait_until(next, done);
             if done.load(Ordering::SeqCst) {
@@ -334,9 +324,7 @@ impl Run<'_> {
             let now = clock.now();
             match leaser.renew(uuid) {
                 Ok(Renewal::Renewed { .. }) => {
-                    next = now
-                        .checked_add_signed(every)
-                        .unwrap_or(DateTime::<Utc>::MAX_UTC);
+                    next = crate::clock::later(now, every);
                 }
                 Ok(Renewal::Lost(by)) => {
                     let by = by.map_or_else(|| "nobody".to_owned(), |l| l.holder.to_string());
@@ -347,9 +335,7 @@ impl Run<'_> {
                 }
                 // libvirt is unreachable: try again soon; the lease lives two more periods.
                 Err(_) => {
-                    next = now
-                        .checked_add_signed(every / 4)
-                        .unwrap_or(DateTime::<Utc>::MAX_UTC);
+                    next = crate::clock::later(now, every / 4);
                 }
             }
         }

@@ -482,8 +482,7 @@ impl Run<'_> {
                     since,
                     error: e.message,
                     attempts,
-                    next_try: now
-                        + chrono::Duration::from_std(backoff).unwrap_or(chrono::Duration::MAX),
+                    next_try: crate::clock::later(now, backoff),
                 });
                 false
             }

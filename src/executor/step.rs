@@ -284,10 +284,7 @@ impl Run<'_> {
             }
         }
         let at = self.effective_at(step)?;
-        let grace = chrono::Duration::from_std(settings.grace).unwrap_or(chrono::Duration::MAX);
-        let deadline = at
-            .checked_add_signed(grace)
-            .unwrap_or(DateTime::<Utc>::MAX_UTC);
+        let deadline = crate::clock::later(at, settings.grace);
         (now > deadline).then(|| {
             format!(
                 "due at {}, it could not start by {} (grace {}; now {})",
@@ -904,10 +901,7 @@ impl Run<'_> {
             .check
             .as_ref()
             .map_or(Duration::from_secs(120), |c| c.timeout);
-        let deadline = clock
-            .now()
-            .checked_add_signed(chrono::Duration::from_std(limit).unwrap_or(chrono::Duration::MAX))
-            .unwrap_or(DateTime::<Utc>::MAX_UTC);
+        let deadline = crate::clock::later(clock.now(), limit);
         loop {
             let hv = self.connection(&step.connection)?;
             let answered = hv.agent_ping(uuid, Duration::from_secs(2));
@@ -948,12 +942,8 @@ impl Run<'_> {
             return self.call(step, &action, false, |hv| hv.destroy(uuid));
         }
         let clock = self.ex.clock;
-        let timeout = chrono::Duration::from_std(policy.timeout).unwrap_or(chrono::Duration::MAX);
         // The timeout counts from the request, however long libvirt takes to deliver it.
-        let deadline = clock
-            .now()
-            .checked_add_signed(timeout)
-            .unwrap_or(DateTime::<Utc>::MAX_UTC);
+        let deadline = crate::clock::later(clock.now(), policy.timeout);
         // The ladder: the guest agent when the domain has a channel, else (or when the agent
         // does not take the request) ACPI.
         let agent = self.retry(&step.connection, |hv| hv.has_agent_channel(uuid))?;
