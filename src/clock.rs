@@ -122,3 +122,31 @@ impl Clock for FakeClock {
         self.now()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_time_plus_a_duration_saturates_rather_than_overflowing() {
+        let at = DateTime::parse_from_rfc3339("2030-01-01T04:00:00Z")
+            .unwrap()
+            .with_timezone(&Utc);
+        assert_eq!(
+            later(at, Duration::from_secs(90)).to_rfc3339(),
+            "2030-01-01T04:01:30+00:00"
+        );
+        // A grace of a billion years is never: not a panic, not a time in the past.
+        let eon = Duration::from_secs(31_557_600 * 1_000_000_000);
+        assert_eq!(later(at, eon), DateTime::<Utc>::MAX_UTC);
+        assert_eq!(
+            later(DateTime::<Utc>::MAX_UTC, Duration::from_secs(1)),
+            DateTime::<Utc>::MAX_UTC
+        );
+        assert_eq!(span(Duration::MAX), chrono::Duration::MAX);
+        assert_eq!(
+            span(Duration::from_millis(1500)),
+            chrono::Duration::milliseconds(1500)
+        );
+    }
+}
