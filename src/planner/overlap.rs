@@ -57,10 +57,7 @@ fn span(
 ) -> (DateTime<Utc>, DateTime<Utc>) {
     match at {
         Some(at) => {
-            let end = chrono::Duration::from_std(grace)
-                .ok()
-                .and_then(|g| at.checked_add_signed(g))
-                .unwrap_or(DateTime::<Utc>::MAX_UTC);
+            let end = crate::clock::later(at, grace);
             (at, window.map_or(end, |w| end.min(w.end)))
         }
         None => window.map_or((DateTime::<Utc>::MIN_UTC, DateTime::<Utc>::MAX_UTC), |w| {

@@ -884,10 +884,8 @@ fn past_steps(input: &PlanInput<'_>, resolved: &Resolved<'_>, warnings: &mut Vec
     let mut seen = BTreeSet::new();
     for (step, _, id) in resolved {
         let Some(at) = &step.at else { continue };
-        let deadline = chrono::Duration::from_std(file.grace)
-            .ok()
-            .and_then(|g| at.value.checked_add_signed(g))
-            .unwrap_or(at.value);
+        // As the executor reckons it (a grace beyond the calendar never passes).
+        let deadline = crate::clock::later(at.value, file.grace);
         let deadline = file.window.map_or(deadline, |w| deadline.min(w.end));
         if deadline < input.now
             && seen.insert(step.number)
