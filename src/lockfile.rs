@@ -897,7 +897,8 @@ pub const MAX_LOCKFILE_BYTES: u64 = 64 << 20;
 /// The plan's real path: every name of one file (a symlink, `./`, `..`) gives the same lock
 /// and lockfile, so two `apply`s through two names cannot both run it. A file that does not
 /// exist (yet) keeps the path as given.
-fn canonical(plan: &Path) -> PathBuf {
+#[must_use]
+pub fn canonical(plan: &Path) -> PathBuf {
     std::fs::canonicalize(plan).unwrap_or_else(|_| plan.to_path_buf())
 }
 

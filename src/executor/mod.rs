@@ -67,13 +67,14 @@ impl Settings {
     /// Domain leases are on, held as this process running `plan`'s file: every caller holds
     /// the plan's executor lock (apply, watch), so a lease of this plan from this host with
     /// another pid was left by a dead executor of it. The plan is named by its file's real
-    /// path, as its executor lock is ([`crate::lockfile::pid_path`]): named as given, two
+    /// path, as its executor lock is ([`crate::lockfile::canonical`]): named as given, two
     /// plans called `plan.yaml` in two folders would each take the other's live lease for a
     /// dead executor's and act at once, and a resume through another name of the same file
     /// would wait a whole ttl for its own dead records.
     pub fn for_plan(plan: &Plan) -> Self {
-        let file = std::fs::canonicalize(&plan.meta.file)
-            .map_or_else(|_| plan.meta.file.clone(), |p| p.display().to_string());
+        let file = crate::lockfile::canonical(std::path::Path::new(&plan.meta.file))
+            .display()
+            .to_string();
         Self {
             lease: Some(Leasing {
                 holder: crate::lease::Holder::this_process(file),
