@@ -57,23 +57,35 @@ pub struct NamedRead {
 /// found), asking for everything any of its names asked for.
 #[must_use]
 pub fn merge_wants(names: &[NamedWant], ids: &[Option<DomainId>]) -> Vec<Want> {
-    let mut wants: Vec<Want> = Vec::with_capacity(names.len());
+    merged_depths(names, ids)
+        .into_iter()
+        .map(|(uuid, clock, metadata)| Want {
+            uuid: uuid.to_owned(),
+            clock,
+            metadata,
+        })
+        .collect()
+}
+
+/// [`merge_wants`] with the UUIDs borrowed: each domain once, as (UUID, clock, metadata).
+#[must_use]
+pub fn merged_depths<'a>(
+    names: &[NamedWant],
+    ids: &'a [Option<DomainId>],
+) -> Vec<(&'a str, bool, bool)> {
+    let mut depths: Vec<(&str, bool, bool)> = Vec::with_capacity(names.len());
     let mut index: std::collections::HashMap<&str, usize> =
         std::collections::HashMap::with_capacity(names.len());
     for (named, id) in names.iter().zip(ids) {
         let Some(id) = id else { continue };
         let i = *index.entry(id.uuid.as_str()).or_insert_with(|| {
-            wants.push(Want {
-                uuid: id.uuid.clone(),
-                clock: false,
-                metadata: false,
-            });
-            wants.len() - 1
+            depths.push((id.uuid.as_str(), false, false));
+            depths.len() - 1
         });
-        wants[i].clock |= named.clock;
-        wants[i].metadata |= named.metadata;
+        depths[i].1 |= named.clock;
+        depths[i].2 |= named.metadata;
     }
-    wants
+    depths
 }
 
 /// One domain from a bulk read.

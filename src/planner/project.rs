@@ -10,7 +10,7 @@ use super::{
 use crate::attr::{Attr, Figure};
 use crate::hypervisor::snapshot::{SnapshotSupport, Verdict};
 use crate::hypervisor::{
-    domain_xml, DomainId, ErrorKind, Hypervisor, NamedWant, Observation, Want,
+    domain_xml, merged_depths, DomainId, ErrorKind, Hypervisor, NamedWant, Observation, Want,
 };
 use crate::plan_file::units::format_duration;
 use crate::plan_file::{
@@ -642,16 +642,11 @@ fn read_named<'a>(
         })?;
         read.host_cpus.insert(uri, host_cpus);
     }
-    // Each domain was read as deeply as all of its names asked (as `merge_wants` asked for
-    // it, without copying each UUID into a want).
-    let mut depth: HashMap<&str, (bool, bool)> = HashMap::with_capacity(wanted.len());
-    for (named, id) in wanted.iter().zip(&found.ids) {
-        if let Some(id) = id {
-            let (clock, metadata) = depth.entry(id.uuid.as_str()).or_default();
-            *clock |= named.clock;
-            *metadata |= named.metadata;
-        }
-    }
+    // Each domain was read as deeply as all of its names asked (as the adapter's wants ask).
+    let depth: HashMap<&str, (bool, bool)> = merged_depths(wanted, &found.ids)
+        .into_iter()
+        .map(|(uuid, clock, metadata)| (uuid, (clock, metadata)))
+        .collect();
     let domains = read.domains.entry(uri).or_default();
     for observation in found.observations {
         if let Some(&(clock, metadata)) = depth.get(observation.state.uuid.as_str()) {
