@@ -20,6 +20,15 @@ const URI: &str = "test:///fake";
 const A: &str = "00000000-0000-0000-0000-00000000000a";
 const B: &str = "00000000-0000-0000-0000-00000000000b";
 
+/// Every step of the run ended done (the outcomes are shown when not).
+fn assert_all_done(report: &Report) {
+    assert!(
+        report.outcomes.iter().all(|o| o.status == StepStatus::Done),
+        "{:#?}",
+        report.outcomes
+    );
+}
+
 fn t(s: &str) -> DateTime<Utc> {
     DateTime::parse_from_rfc3339(s).unwrap().with_timezone(&Utc)
 }
@@ -1669,7 +1678,7 @@ fn many_domains_run_on_a_pool_of_parallelism_workers() {
         );
     });
     assert_eq!(report.outcomes.len(), 80);
-    assert!(report.outcomes.iter().all(|o| o.status == StepStatus::Done));
+    assert_all_done(&report);
     let used = threads.lock().unwrap().len();
     assert!(used <= 4, "{used} threads ran steps with parallelism 4");
 }

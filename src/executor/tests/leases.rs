@@ -11,7 +11,7 @@ use chrono::{DateTime, Utc};
 use crate::clock::Clock as _;
 
 use super::super::{Leasing, Settings};
-use super::{t, Rig, A};
+use super::{assert_all_done, t, Rig, A};
 use crate::hypervisor::fake::FakeDomain;
 use crate::hypervisor::ErrorKind;
 use crate::lease::{Holder, Lease, LeaseConfig, Metadata, Register};
@@ -85,11 +85,7 @@ fn twenty_steps_due_at_once_on_one_worker_all_start_within_one_settle_delay() {
     let (steps, domains) = titles(20);
     let rig = Rig::new(&steps, "", domains, "2026-12-01T03:59:59Z");
     let report = rig.run_with(&leased(&rig, 1), &|_| {});
-    assert!(
-        report.outcomes.iter().all(|o| o.status == StepStatus::Done),
-        "{:#?}",
-        report.outcomes
-    );
+    assert_all_done(&report);
     let at = t(AT);
     for r in &rig.lock().steps {
         let started = r.started_at.unwrap();
@@ -134,11 +130,7 @@ fn a_rival_lease_is_waited_for_without_holding_the_worker_from_other_domains() {
         .set(&uuid(0), Some(&rival.to_xml()))
         .unwrap();
     let report = rig.run_with(&leased(&rig, 1), &|_| {});
-    assert!(
-        report.outcomes.iter().all(|o| o.status == StepStatus::Done),
-        "{:#?}",
-        report.outcomes
-    );
+    assert_all_done(&report);
     let calls = titled_at(&rig);
     let when = |u: &str| calls.iter().find(|(uuid, _)| uuid == u).unwrap().1;
     // Expired at 04:00:10, free for us 5 s (max_skew) later.
@@ -237,11 +229,7 @@ fn a_rollout_with_leases_admits_each_domain_once_and_keeps_its_cap() {
     );
     let rig = Rig::new(&steps, "", domains, "2026-12-01T03:59:59Z");
     let report = rig.run_with(&leased(&rig, 4), &|_| {});
-    assert!(
-        report.outcomes.iter().all(|o| o.status == StepStatus::Done),
-        "{:#?}",
-        report.outcomes
-    );
+    assert_all_done(&report);
     assert_eq!(report.peaks.rollouts.get(&1), Some(&2));
     assert_eq!(rig.hv.count("set_title"), 6);
     // Three pairs, each one settle delay after the last.
@@ -268,11 +256,7 @@ fn slow_steps_due_at_once_do_not_keep_rewriting_their_lease_records() {
     }
     let rig = Rig::new(&steps, "grace: 1h\n", domains, "2026-12-01T03:59:59Z");
     let report = rig.run_with(&leased(&rig, 1), &|_| {});
-    assert!(
-        report.outcomes.iter().all(|o| o.status == StepStatus::Done),
-        "{:#?}",
-        report.outcomes
-    );
+    assert_all_done(&report);
     // 20 first writes, the 19 that got too old removed, written again one at a time when the
     // worker could take them up, 20 removals after the steps, and a few renewals: not one
     // rewrite per record per worker turn (232 writes when every stale record was rewritten at

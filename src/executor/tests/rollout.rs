@@ -2,7 +2,7 @@
 //! the lockfile's start and end times, not only by the pacing itself), the reviewed order is
 //! kept, `pause` spaces the domains, and a spent error budget skips the rest.
 
-use super::{t, Rig};
+use super::{assert_all_done, t, Rig};
 use crate::hypervisor::fake::FakeDomain;
 use crate::hypervisor::ErrorKind;
 use crate::lockfile::{LockStore, StepRecord, StepStatus};
@@ -114,11 +114,7 @@ fn a_rollout_never_runs_more_than_max_parallel_domains_and_keeps_the_written_ord
     let opener = open_after_calls(&rig, "shutdown", 3);
     let report = rig.run_with(&settings, &|_| {});
     opener.join().unwrap();
-    assert!(
-        report.outcomes.iter().all(|o| o.status == StepStatus::Done),
-        "{:#?}",
-        report.outcomes
-    );
+    assert_all_done(&report);
     let records = records(&rig, 1);
     assert_eq!(peak_overlap(&records), 3, "{records:#?}");
     assert_eq!(report.peaks.rollouts.get(&1), Some(&3));
@@ -143,11 +139,7 @@ fn waiting_for_its_turn_in_a_rollout_is_not_being_late() {
     // One at a time, 40 s apart: the last starts 2 minutes after `at`, past the 1m grace.
     let rig = Rig::new(&steps, "grace: 1m\n", domains, "2026-12-01T04:00:00Z");
     let report = rig.run();
-    assert!(
-        report.outcomes.iter().all(|o| o.status == StepStatus::Done),
-        "{:#?}",
-        report.outcomes
-    );
+    assert_all_done(&report);
     let starts = start_order(&records(&rig, 1));
     assert_eq!(starts, names);
     let last = records(&rig, 1)
@@ -175,7 +167,7 @@ fn a_host_cap_bounds_every_step_on_that_connection() {
     let opener = open_after_calls(&rig, "shutdown", 2);
     let report = rig.run_plan(&plan, &settings, &|_| {}).unwrap();
     opener.join().unwrap();
-    assert!(report.outcomes.iter().all(|o| o.status == StepStatus::Done));
+    assert_all_done(&report);
     assert_eq!(peak_overlap(&records(&rig, 1)), 2);
     assert_eq!(report.peaks.hosts.get(super::URI), Some(&2));
 }
@@ -330,7 +322,7 @@ fn pause_keeps_a_freed_slot_empty_before_the_next_domain_starts() {
     let steps = autostart_rollout(&names, "max_parallel: 2, pause: 90s");
     let rig = Rig::new(&steps, "", domains, "2026-12-01T04:00:00Z");
     let report = rig.run();
-    assert!(report.outcomes.iter().all(|o| o.status == StepStatus::Done));
+    assert_all_done(&report);
     let records = records(&rig, 1);
     let mut starts: Vec<_> = records.iter().filter_map(|r| r.started_at).collect();
     starts.sort();
